@@ -1,0 +1,62 @@
+"""Frontends bring a source model to ONNX plus what the passes and verification need."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx as onnx_lib
+
+from exporter.layers import LayerInfo
+
+
+@dataclass
+class Reference:
+    """The source's own answer on a probe batch, for verification."""
+
+    logits: np.ndarray  # what the source outputs (probabilities if it ends in softmax)
+    activations: np.ndarray | None = None  # gradient-capable sources (Keras) fill these
+    gradients: np.ndarray | None = None
+    linear: bool = False  # True when ``logits`` are already pre-activation scores
+
+
+# (preprocessed float NHWC images, targets with -1 resolved) -> Reference
+ReferenceFn = Callable[[np.ndarray, np.ndarray], Reference]
+
+
+@dataclass
+class SourceModel:
+    """A classifier in ONNX form with its target layer chosen.
+
+    ``model`` has one float input in ``layout`` and the classifier's output as its
+    first graph output; ``activation`` names the target layer's output tensor.
+    """
+
+    model: onnx_lib.ModelProto
+    activation: str
+    layer: str
+    layout: str
+    activation_layout: str
+    height: int
+    width: int
+    channels: int
+    source_format: str
+    source_sha256: str
+    layers: list[LayerInfo]
+    reference: ReferenceFn
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(item.relative_to(path)).encode())
+            digest.update(item.read_bytes())
+    else:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

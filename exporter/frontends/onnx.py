@@ -1,0 +1,191 @@
+"""The ONNX frontend: any single-input image classifier, from any framework."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from exporter.frontends import Reference, SourceModel, sha256_of
+from exporter.graph import backward_reachable, opset_version, producers, real_inputs, toposort
+from exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, default_layer, find_layer
+from exporter.shapes import run_with_outputs
+from worker.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+ROLES = {
+    "Conv": CONV, "ConvTranspose": CONV, "ConvInteger": CONV, "QLinearConv": CONV,
+    "Add": MERGE, "Sum": MERGE, "Concat": MERGE, "Mul": MERGE, "Max": MERGE,
+    "Relu": ACTIVATION, "Clip": ACTIVATION, "LeakyRelu": ACTIVATION, "PRelu": ACTIVATION,
+    "Elu": ACTIVATION, "Selu": ACTIVATION, "Sigmoid": ACTIVATION, "Tanh": ACTIVATION,
+    "HardSwish": ACTIVATION, "HardSigmoid": ACTIVATION, "Gelu": ACTIVATION,
+}
+# Ops whose 4-D output is always NCHW, whatever the model's input layout.
+NCHW_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "BatchNormalization",
+            "GlobalAveragePool", "GlobalMaxPool", "LRN", "InstanceNormalization"}
+
+
+def load_proto(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise UnsupportedModelError(f"{path}: not a readable ONNX model ({exc})") from exc
+    return model
+
+
+def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Bring the default domain up to ``opset``; the gradient rules assume >= 17."""
+    if opset_version(model) >= opset:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as exc:
+        raise UnsupportedModelError(f"cannot convert the model to opset {opset}: {exc}") from exc
+
+
+def infer_layout(dims: list[int | str], layout: str | None) -> str:
+    """nhwc or nchw from a rank-4 input shape; ``layout`` decides when both fit."""
+    if layout:
+        return layout
+    looks_nchw = dims[1] in (1, 3, 4)
+    looks_nhwc = dims[3] in (1, 3, 4)
+    if looks_nchw and not looks_nhwc:
+        return "nchw"
+    if looks_nhwc and not looks_nchw:
+        return "nhwc"
+    raise UnsupportedModelError(f"cannot tell the layout of input shape {dims}; pass --layout")
+
+
+def fix_input(
+    model: onnx.ModelProto, layout: str | None, input_size: tuple[int, int] | None
+) -> tuple[str, int, int, int]:
+    """Check the single rank-4 input and pin its spatial size. Returns layout, H, W, C."""
+    graph = model.graph
+    inputs = real_inputs(graph)
+    if len(inputs) != 1:
+        raise UnsupportedModelError(
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+            "onnxcam needs one image input"
+        )
+    dims_proto = inputs[0].type.tensor_type.shape.dim
+    if len(dims_proto) != 4:
+        raise UnsupportedModelError(f"the input has rank {len(dims_proto)}; onnxcam needs rank 4")
+    dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+                             for d in dims_proto]
+    layout = infer_layout(dims, layout)
+    hw_axes, c_axis = ((1, 2), 3) if layout == "nhwc" else ((2, 3), 1)
+    channels = dims[c_axis]
+    if not isinstance(channels, int) or channels < 1:
+        raise UnsupportedModelError(f"the input's channel count is not fixed: {dims}")
+    static = [dims[a] for a in hw_axes]
+    if input_size is not None:
+        if all(isinstance(s, int) and s > 0 for s in static) and tuple(static) != input_size:
+            raise UnsupportedModelError(
+                f"--input-size {input_size[0]} {input_size[1]} does not match the model's "
+                f"fixed size {static[0]}x{static[1]}"
+            )
+        height, width = input_size
+    elif all(isinstance(s, int) and s > 0 for s in static):
+        height, width = int(static[0]), int(static[1])
+    else:
+        raise UnsupportedModelError("the input's size is dynamic; pass --input-size H W")
+    for axis, value in zip(hw_axes, (height, width)):
+        dims_proto[axis].Clear()
+        dims_proto[axis].dim_value = value
+    dims_proto[0].Clear()
+    dims_proto[0].dim_param = "N"
+    return layout, height, width, int(channels)
+
+
+def tensor_layout(graph: onnx.GraphProto, name: str, input_layout: str) -> str:
+    """The layout of a 4-D tensor: NCHW after ONNX's spatial ops, else traced back."""
+    made_by = producers(graph)
+    seen = set()
+    while name in made_by and name not in seen:
+        seen.add(name)
+        node = made_by[name]
+        if node.op_type in NCHW_OPS:
+            return "nchw"
+        if node.op_type == "Transpose":
+            perm = list(helper.get_attribute_value(node.attribute[0])) if node.attribute else []
+            if perm == [0, 2, 3, 1]:
+                return "nhwc"
+            if perm == [0, 3, 1, 2]:
+                return "nchw"
+        name = node.input[0]
+    return input_layout
+
+
+def list_layers(
+    model: onnx.ModelProto, input_name: str, sample: np.ndarray
+) -> list[LayerInfo]:
+    """Every node output feeding the classifier, with its shape at batch 1."""
+    graph = model.graph
+    feeding = backward_reachable(graph, [graph.output[0].name])
+    nodes = [n for n in graph.node if n.output and n.output[0] in feeding
+             and n.op_type not in ("Constant", "Shape")]
+    values = run_with_outputs(model, [n.output[0] for n in nodes], {input_name: sample})
+    made_by = producers(graph)
+    layers = []
+    for node in nodes:
+        data = node.input[0] if node.input else ""
+        source = made_by.get(data)
+        layers.append(LayerInfo(
+            name=node.name or node.output[0],
+            op=node.op_type,
+            shape=tuple(int(d) for d in values[node.output[0]].shape),
+            role=ROLES.get(node.op_type, OTHER),
+            source=(source.name or source.output[0]) if source is not None else None,
+            tensor=node.output[0],
+        ))
+    return layers
+
+
+def load(
+    path: Path,
+    layer: str | None = None,
+    layout: str | None = None,
+    input_size: tuple[int, int] | None = None,
+    opset: int = 17,
+) -> SourceModel:
+    model = upgrade_opset(load_proto(path), max(opset, 17))
+    toposort(model.graph)
+    layout, height, width, channels = fix_input(model, layout, input_size)
+    input_name = real_inputs(model.graph)[0].name
+    sample_nhwc = np.random.default_rng(0).uniform(0, 1, (1, height, width, channels))
+    sample = to_layout(sample_nhwc.astype(np.float32), layout)
+    layers = list_layers(model, input_name, sample)
+    chosen = find_layer(layers, layer) if layer else default_layer(layers)
+    log.info("target layer: %s (%s, %s)", chosen.name, chosen.op, chosen.tensor)
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+
+    def reference(images: np.ndarray, targets: np.ndarray) -> Reference:
+        feeds = {input_name: to_layout(images, layout)}
+        output = original.graph.output[0].name
+        return Reference(logits=run_with_outputs(original, [output], feeds)[output])
+
+    return SourceModel(
+        model=model,
+        activation=chosen.tensor,
+        layer=chosen.name,
+        layout=layout,
+        activation_layout=tensor_layout(model.graph, chosen.tensor, layout),
+        height=height,
+        width=width,
+        channels=channels,
+        source_format="onnx",
+        source_sha256=sha256_of(path),
+        layers=layers,
+        reference=reference,
+    )
+
+
+def to_layout(images_nhwc: np.ndarray, layout: str) -> np.ndarray:
+    return np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)) if layout == "nchw" \
+        else images_nhwc

@@ -1,0 +1,264 @@
+"""Small helpers for reading and growing an ONNX graph in place."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FLOAT = TensorProto.FLOAT
+INT64 = TensorProto.INT64
+
+
+class GraphBuilder:
+    """Appends nodes and constants to a graph with collision-free names.
+
+    New nodes go to ``self.nodes``; call ``commit()`` to append them to the graph.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, prefix: str) -> None:
+        self.graph = graph
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self._taken = tensor_names(graph) | {n.name for n in graph.node}
+        self._counter = itertools.count()
+
+    def fresh(self, hint: str) -> str:
+        while True:
+            name = f"{self.prefix}/{hint}_{next(self._counter)}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs: object) -> str:
+        """Add one node; return its (first) output name."""
+        return self.op_multi(op_type, inputs, n_out, **attrs)[0]
+
+    def op_multi(
+        self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs: object
+    ) -> list[str]:
+        outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(
+            helper.make_node(
+                op_type, list(inputs), outputs, name=self.fresh(op_type), **attrs
+            )
+        )
+        return outputs
+
+    def const(self, value: np.ndarray | float | int | Sequence[int], hint: str = "c") -> str:
+        """Add an initializer; ints become int64 and floats float32 unless already typed."""
+        array = np.asarray(value)
+        if array.dtype.kind in "iu" and not isinstance(value, np.ndarray):
+            array = array.astype(np.int64)
+        elif array.dtype == np.float64:
+            array = array.astype(np.float32)
+        name = self.fresh(hint)
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def scalar(self, value: float) -> str:
+        """A float32 scalar constant."""
+        return self.const(np.asarray(value, np.float32), "k")
+
+    def commit(self) -> None:
+        self.graph.node.extend(self.nodes)
+        self.nodes = []
+
+
+def reduce(
+    b: GraphBuilder, op_type: str, x: str, axes: Sequence[int], keepdims: bool, opset: int
+) -> str:
+    """A Reduce* node in the form the opset wants (axes moved to an input in 18)."""
+    axes = [int(a) for a in axes]
+    if op_type != "ReduceSum" and opset < 18:
+        return b.op(op_type, [x], axes=axes, keepdims=int(keepdims))
+    return b.op(op_type, [x, b.const(axes, "axes")], keepdims=int(keepdims))
+
+
+def tensor_names(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for node in graph.node:
+        names.update(node.output)
+    return names
+
+
+def initializer_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Constant tensors: initializers and the outputs of Constant nodes."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+                elif attr.name in ("value_ints", "value_int"):
+                    values[node.output[0]] = np.asarray(helper.get_attribute_value(attr), np.int64)
+                elif attr.name in ("value_floats", "value_float"):
+                    values[node.output[0]] = np.asarray(
+                        helper.get_attribute_value(attr), np.float32
+                    )
+    return values
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    result: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                result.setdefault(name, []).append(node)
+    return result
+
+
+def attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are not initializers (older exporters list weights as inputs)."""
+    init = {i.name for i in graph.initializer}
+    return [i for i in graph.input if i.name not in init]
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+# Ops whose outputs carry no gradient: shapes, indices, booleans, rounding.
+NON_DIFFERENTIABLE = frozenset({
+    "Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "Less",
+    "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "Sign", "Floor", "Ceil",
+    "Round", "IsNaN", "IsInf", "ConstantOfShape", "EyeLike", "RandomNormalLike",
+    "RandomUniformLike",
+})
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,
+                         TensorProto.BFLOAT16})
+
+
+def carries_gradient(node: onnx.NodeProto) -> bool:
+    if node.op_type in NON_DIFFERENTIABLE:
+        return False
+    if node.op_type == "Cast":
+        return int(attrs(node)["to"]) in FLOAT_TYPES  # type: ignore[call-overload]
+    return True
+
+
+def forward_reachable(
+    graph: onnx.GraphProto, start: str, differentiable_only: bool = True
+) -> set[str]:
+    """Tensors computed from ``start`` (inclusive).
+
+    Graph must be topologically sorted. With ``differentiable_only``, paths through
+    shape or index computations are cut, since no gradient flows along them.
+    """
+    reached = {start}
+    for node in graph.node:
+        if not differentiable_only and any(i in reached for i in node.input if i):
+            reached.update(o for o in node.output if o)
+        elif carries_gradient(node) and any(i in reached for i in node.input if i):
+            reached.update(o for o in node.output[:1] if o)
+            if node.op_type == "Split":
+                reached.update(o for o in node.output if o)
+    return reached
+
+
+def backward_reachable(graph: onnx.GraphProto, targets: Iterable[str]) -> set[str]:
+    """Tensors that ``targets`` depend on (inclusive). Graph must be topologically sorted."""
+    needed = set(targets)
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            needed.update(i for i in node.input if i)
+    return needed
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Sort ``graph.node`` topologically in place (stable for already sorted graphs)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    produced = {o for node in pending for o in node.output}
+    deps = {id(n): set(n.input) | (outer_references(n) & produced) for n in pending}
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        remaining = []
+        for node in pending:
+            if deps[id(node)] <= available:
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                remaining.append(node)
+        if len(remaining) == len(pending):
+            missing = {i for n in remaining for i in deps[id(n)] if i not in available}
+            raise ValueError(f"graph is not a DAG or misses inputs: {sorted(missing)[:5]}")
+        pending = remaining
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def prune_unused(graph: onnx.GraphProto) -> int:
+    """Drop nodes and initializers no graph output depends on; return how many nodes went.
+
+    Tensors that subgraphs (Loop bodies) read from the outer scope count as used.
+    """
+    needed = {o.name for o in graph.output}
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            needed.update(outer_references(node))
+    removed = len(graph.node) - len(kept)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    unused = [init for init in graph.initializer if init.name not in needed]
+    for init in unused:
+        graph.initializer.remove(init)
+    return removed
+
+
+def outer_references(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read but do not define themselves."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        if attr.type != onnx.AttributeProto.GRAPH:
+            continue
+        body = attr.g
+        defined = {i.name for i in body.input} | {i.name for i in body.initializer}
+        for inner in body.node:
+            defined.update(inner.output)
+        for inner in body.node:
+            names.update(i for i in inner.input if i and i not in defined)
+            names.update(outer_references(inner) - defined)
+        names.update(o.name for o in body.output if o.name not in defined)
+    return names
+
+
+def rename_tensors(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    """Rename tensors everywhere they appear, subgraphs included."""
+    if not mapping:
+        return
+    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+        info.name = mapping.get(info.name, info.name)
+    for init in graph.initializer:
+        init.name = mapping.get(init.name, init.name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = mapping.get(name, name)
+        for i, name in enumerate(node.output):
+            node.output[i] = mapping.get(name, name)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                rename_tensors(attr.g, mapping)
+
+
+def float_output(name: str, rank: int) -> onnx.ValueInfoProto:
+    """A float value-info with batch axis ``N`` and the other axes left symbolic."""
+    dims: list[str | int] = ["N"] + [f"{name}_{i}" for i in range(1, rank)]
+    return helper.make_tensor_value_info(name, FLOAT, dims)

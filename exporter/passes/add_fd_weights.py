@@ -1,0 +1,167 @@
+"""Grad-CAM channel weights by finite differences, for heads without gradient rules.
+
+Grad-CAM's weight for channel k is the spatial mean of d score / d A[..., k], which
+is the directional derivative of the score along "add 1 to every pixel of channel
+k", divided by h*w. One forward difference per channel gives it, exactly so for
+piecewise-linear heads when the step crosses no kink. The head is copied into a
+``Loop`` that perturbs a chunk of channels per iteration, so memory stays bounded
+however many channels there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from exporter.graph import GraphBuilder, float_output, opset_version, reduce
+from exporter.passes import PassResult
+from exporter.passes.add_gradients import add_target_input, chosen_class, head_nodes, source_of
+from exporter.vjp.context import TensorShape
+from worker.bundle import OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, OUTPUT_WEIGHTS
+
+# Perturbed activation copies held at once, in bytes.
+CHUNK_BYTES = 64 * 2**20
+RELATIVE_STEP = 1e-2
+
+
+def chunk_samples(activation: TensorShape) -> int:
+    """How many perturbed samples (batch x channels) one Loop iteration may hold."""
+    per_sample = 4 * int(np.prod(activation.dims[1:]))
+    return max(1, CHUNK_BYTES // per_sample)
+
+
+def _perturbed(
+    b: GraphBuilder, start: str, step: str, chunk: str, index: str, channels: int, layout: str,
+    spatial: tuple[int, int],
+) -> str:
+    """[N*B, ...]: the activations with channel index+j raised by ``step`` for j < B."""
+    rng = b.op("Range", [b.const(0, "zero_i"), chunk, b.const(1, "one_i")])
+    first = b.op("Mul", [index, chunk])
+    picked = b.op("Min", [b.op("Add", [rng, first]), b.const(channels - 1, "last")])
+    directions = b.op("OneHot", [picked, b.const(channels, "depth"), b.const([0.0, 1.0], "v")],
+                      axis=-1)
+    h, w = spatial
+    if layout == "nhwc":
+        direction_shape, act_shape = [1, -1, 1, 1, channels], [0, 1, h, w, channels]
+    else:
+        direction_shape, act_shape = [1, -1, channels, 1, 1], [0, 1, channels, h, w]
+    d5 = b.op("Reshape", [directions, b.const(direction_shape, "shape")])
+    a5 = b.op("Reshape", [start, b.const(act_shape, "shape")])
+    s5 = b.op("Reshape", [step, b.const([-1, 1, 1, 1, 1], "shape")])
+    moved = b.op("Add", [a5, b.op("Mul", [s5, d5])])
+    tail = act_shape[2:]
+    return b.op("Reshape", [moved, b.const([-1, *tail], "shape")])
+
+
+def _repeat_per_chunk(b: GraphBuilder, name: str, chunk: str) -> str:
+    """[N, ...] -> [N*B, ...], each sample repeated B times in a row."""
+    shape = b.op("Shape", [name])
+    batch = b.op("Slice", [shape, b.const([0], "s"), b.const([1], "e")])
+    rest = b.op("Slice", [shape, b.const([1], "s"), b.const([2**62], "e")])
+    chunk_1d = b.op("Reshape", [chunk, b.const([1], "shape")])
+    expanded = b.op(
+        "Expand",
+        [b.op("Unsqueeze", [name, b.const([1], "axes")]),
+         b.op("Concat", [batch, chunk_1d, rest], axis=0)],
+    )
+    return b.op("Reshape", [expanded, b.op("Concat", [b.const([-1], "m1"), rest], axis=0)])
+
+
+def add_fd_weights(
+    model: onnx.ModelProto, shapes: Mapping[str, TensorShape], layout: str
+) -> tuple[PassResult, float, int]:
+    """Add the ``target`` input and a ``weights`` output [N, C] computed by a Loop.
+
+    Returns the result, the relative step and the chunk size (perturbed samples
+    per iteration), which the bundle metadata records.
+    """
+    graph = model.graph
+    start = source_of(graph, OUTPUT_ACTIVATIONS)
+    end = source_of(graph, OUTPUT_LOGITS)
+    act = shapes[start]
+    if act.rank != 4:
+        raise ValueError("the target layer must be a 4-D map")
+    channels = act.dims[3] if layout == "nhwc" else act.dims[1]
+    spatial = (act.dims[1], act.dims[2]) if layout == "nhwc" else (act.dims[2], act.dims[3])
+    samples = chunk_samples(act)
+    add_target_input(graph)
+    outer = GraphBuilder(graph, "onnxcam/fd")
+
+    target = chosen_class(outer, end)
+    target_col = outer.op("Unsqueeze", [target, outer.const([1], "axes")])
+    base = outer.op("GatherElements", [end, target_col], axis=1)
+    magnitude = reduce(outer, "ReduceMean", outer.op("Abs", [start]), [1, 2, 3], False,
+                       opset_version(model))
+    step = outer.op("Add", [outer.op("Mul", [magnitude, outer.scalar(RELATIVE_STEP)]),
+                            outer.scalar(1e-6)])
+    batch = outer.op("Gather", [outer.op("Shape", [start]), outer.const(0, "zero")], axis=0)
+    chunk = outer.op("Max", [outer.op("Div", [outer.const(samples, "samples"), batch]),
+                             outer.const(1, "one")])
+    trips = outer.op("Div", [outer.op("Add", [outer.const(channels, "c"),
+                                              outer.op("Sub", [chunk, outer.const(1, "one")])]),
+                             chunk])
+
+    body = helper.make_graph([], "fd_body", [], [])
+    inner = GraphBuilder(body, "onnxcam/fd_body")
+    inner._taken |= outer._taken
+    index = inner.fresh("iter")
+    cond_in, cond_out = inner.fresh("cond_in"), inner.fresh("cond_out")
+    moved = _perturbed(inner, start, step, chunk, index, channels, layout, spatial)
+    renamed = {start: moved}
+    for node in head_nodes(graph, start, end, differentiable_only=False):
+        for name in node.input:
+            if name and name not in renamed and name in shapes and shapes[name].batched[:1] == (
+                True,
+            ):
+                renamed[name] = _repeat_per_chunk(inner, name, chunk)
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = inner.fresh("head")
+        for i, name in enumerate(copy.input):
+            copy.input[i] = renamed.get(name, name)
+        for i, name in enumerate(copy.output):
+            if name:
+                renamed[name] = copy.output[i] = inner.fresh("head_out")
+        inner.nodes.append(copy)
+    scores = inner.op("Reshape", [renamed[end], inner.op("Concat", [
+        inner.const([-1], "m1"), inner.op("Reshape", [chunk, inner.const([1], "shape")]),
+        inner.op("Slice", [inner.op("Shape", [end]), inner.const([1], "s"), inner.const([2], "e")]),
+    ], axis=0)])
+    index_3d = inner.op("Expand", [
+        inner.op("Unsqueeze", [target, inner.const([1, 2], "axes")]),
+        inner.op("Concat", [
+            inner.op("Shape", [target]), inner.op("Reshape", [chunk, inner.const([1], "shape")]),
+            inner.const([1], "one_1d")], axis=0),
+    ])
+    moved_scores = inner.op("Squeeze", [inner.op("GatherElements", [scores, index_3d], axis=2),
+                                        inner.const([2], "axes")])
+    slopes = inner.op("Div", [inner.op("Sub", [moved_scores, base]),
+                              inner.op("Unsqueeze", [step, inner.const([1], "axes")])])
+    inner.nodes.append(helper.make_node("Identity", [cond_in], [cond_out], name=inner.fresh("c")))
+    inner.commit()
+    body.input.extend([
+        helper.make_tensor_value_info(index, onnx.TensorProto.INT64, []),
+        helper.make_tensor_value_info(cond_in, onnx.TensorProto.BOOL, []),
+    ])
+    body.output.extend([
+        helper.make_tensor_value_info(cond_out, onnx.TensorProto.BOOL, []),
+        float_output(slopes, 2),
+    ])
+    outer._taken |= inner._taken
+    stacked = outer.fresh("fd_scan")
+    outer.nodes.append(helper.make_node("Loop", [trips, ""], [stacked], name=outer.fresh("Loop"),
+                                        body=body))
+    # [trips, N, B] -> [N, trips*B] -> first C channels, then the spatial mean.
+    per_sample = outer.op("Reshape", [outer.op("Transpose", [stacked], perm=[1, 0, 2]),
+                                      outer.const([0, -1], "shape")])
+    first_c = outer.op("Slice", [per_sample, outer.const([0], "s"), outer.const([channels], "e"),
+                                 outer.const([1], "axes")])
+    outer.nodes.append(helper.make_node(
+        "Mul", [first_c, outer.scalar(1.0 / (spatial[0] * spatial[1]))], [OUTPUT_WEIGHTS],
+        name="onnxcam/weights"))
+    outer.commit()
+    graph.output.append(float_output(OUTPUT_WEIGHTS, 2))
+    return PassResult(model, True), RELATIVE_STEP, samples

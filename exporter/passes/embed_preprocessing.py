@@ -1,0 +1,46 @@
+"""Replace the model's float input with the bundle's uint8 NHWC ``image`` input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from exporter.graph import GraphBuilder, real_inputs
+from exporter.passes import PassResult
+from exporter.preprocess import affine_for
+from worker.bundle import INPUT_IMAGE
+
+
+def embed_preprocessing(
+    model: onnx.ModelProto, mode: str, layout: str, height: int, width: int, channels: int
+) -> PassResult:
+    """Feed the model from ``image`` through cast, channel order, scale/offset and layout.
+
+    Precondition: the model has exactly one real input, shaped as ``layout`` says.
+    """
+    graph = model.graph
+    (original,) = real_inputs(graph)
+    b = GraphBuilder(graph, "onnxcam/preprocess")
+    affine = affine_for(mode, channels)
+    x = b.op("Cast", [INPUT_IMAGE], to=onnx.TensorProto.FLOAT)
+    if affine.flip_rgb:
+        x = b.op("Gather", [x, b.const(np.array([2, 1, 0], np.int64), "bgr")], axis=3)
+    if mode != "none":
+        x = b.op("Mul", [x, b.const(affine.scale.astype(np.float32), "scale")])
+        x = b.op("Add", [x, b.const(affine.offset.astype(np.float32), "offset")])
+    if layout == "nchw":
+        x = b.op("Transpose", [x], perm=[0, 3, 1, 2])
+    b.nodes.append(helper.make_node("Identity", [x], [original.name], name=b.fresh("input")))
+    graph.input.remove(original)
+    graph.input.insert(
+        0,
+        helper.make_tensor_value_info(
+            INPUT_IMAGE, onnx.TensorProto.UINT8, ["N", height, width, channels]
+        ),
+    )
+    # The new nodes must run first.
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(b.nodes + existing)
+    return PassResult(model, True)

@@ -1,0 +1,255 @@
+"""Check a finished bundle against its source before anything is written.
+
+Logits are held against the source's own outputs. Gradients are held against TF
+GradientTape when the source can give them, else against central differences
+of the bundle's own forward graph along channel-uniform directions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from exporter.frontends import SourceModel
+from exporter.passes.add_gradients import head_nodes, source_of
+from exporter.preprocess import preprocess_numpy
+from exporter.shapes import random_images, run_with_outputs
+from worker.bundle import (
+    INPUT_IMAGE,
+    INPUT_TARGET,
+    OUTPUT_ACTIVATIONS,
+    OUTPUT_CAM,
+    OUTPUT_GRADIENTS,
+    OUTPUT_LOGITS,
+    OUTPUT_WEIGHTS,
+    BundleInfo,
+)
+from worker.errors import VerificationError
+from worker.runtime import cpu_session
+
+log = logging.getLogger(__name__)
+
+# Relative error allowed against an independent float32 computation, and against
+# finite differences (which carry their own rounding).
+EXACT_TOLERANCE = 1e-4
+FD_TOLERANCE = 1e-2  # an fd bundle's float32 differences against float64 ones
+FD_CHANNELS = 8  # channel directions checked per image by finite differences
+FD_RANDOM_DIRECTIONS = 4  # sparse random directions checked per image
+FD_STEP = 1e-6  # relative to the mean |activation|; float64 keeps it exact
+FD64_TOLERANCE = 1e-3
+PROBE_BATCH = 2
+
+
+@dataclass
+class Report:
+    errors: dict[str, float] = field(default_factory=dict)
+    tolerances: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, actual: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
+        self.errors[name] = relative_error(actual, expected)
+        self.tolerances[name] = tolerance
+
+    @property
+    def worst(self) -> tuple[str, float, float]:
+        name = max(self.errors, key=lambda n: self.errors[n] / self.tolerances[n])
+        return name, self.errors[name], self.tolerances[name]
+
+    @property
+    def ok(self) -> bool:
+        return all(self.errors[n] <= self.tolerances[n] for n in self.errors)
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """max |a - e| over max |e|: scale-free and robust to tiny entries."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    if actual.shape != expected.shape:
+        return float("inf")
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-12)
+    return float(np.abs(actual - expected).max(initial=0.0)) / scale
+
+
+def squash(logits: np.ndarray, removed: str) -> np.ndarray:
+    """Re-apply the activation the linearize pass removed, to compare with the source."""
+    if removed == "Softmax":
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+    if removed == "LogSoftmax":
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    if removed == "Sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    return logits
+
+
+def cam_from(activations: np.ndarray, weights: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "nhwc":
+        return np.maximum(np.einsum("nhwc,nc->nhw", activations, weights), 0)
+    return np.maximum(np.einsum("nchw,nc->nhw", activations, weights), 0)
+
+
+def channel_mean(gradients: np.ndarray, layout: str) -> np.ndarray:
+    return gradients.mean(axis=(1, 2) if layout == "nhwc" else (2, 3))
+
+
+def probe_targets(logits_count: int) -> np.ndarray:
+    return np.array([-1, logits_count - 1] + [-1] * (PROBE_BATCH - 2), np.int64)[:PROBE_BATCH]
+
+
+def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel) -> Report:
+    """Run the bundle on a probe batch and compare it with the source; raise on mismatch."""
+    images = random_images(PROBE_BATCH, info.height, info.width, info.channels, seed=7)
+    session = cpu_session(bundle.SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+    targets = probe_targets(info.num_classes)
+    out = dict(zip(names, session.run(names, {INPUT_IMAGE: images, INPUT_TARGET: targets})))
+    chosen = np.where(targets < 0, out[OUTPUT_LOGITS].argmax(axis=1), targets)
+    reference = source.reference(preprocess_numpy(images, info.preprocess), chosen)
+
+    report = Report()
+    logits = out[OUTPUT_LOGITS]
+    compared = logits if reference.linear else squash(logits, info.removed_activation)
+    report.add("logits", compared, reference.logits, EXACT_TOLERANCE)
+    layout = info.activation_layout
+    if reference.gradients is not None and reference.activations is not None:
+        report.add("activations", out[OUTPUT_ACTIVATIONS], reference.activations, EXACT_TOLERANCE)
+        expected_weights = channel_mean(reference.gradients, layout)
+        tolerance = EXACT_TOLERANCE if info.has_gradients else FD_TOLERANCE
+        if info.has_gradients:
+            report.add("gradients", out[OUTPUT_GRADIENTS], reference.gradients, tolerance)
+        report.add("weights", out[OUTPUT_WEIGHTS], expected_weights, tolerance)
+        report.add("cam", out[OUTPUT_CAM],
+                   cam_from(reference.activations, expected_weights, layout), tolerance)
+    else:
+        finite_difference_check(bundle, images, chosen, out, layout, report)
+        report.add("cam", out[OUTPUT_CAM],
+                   cam_from(out[OUTPUT_ACTIVATIONS], out[OUTPUT_WEIGHTS], layout),
+                   EXACT_TOLERANCE)
+    name, error, tolerance = report.worst
+    log.info("verification: worst %s relative error %.2e (tolerance %.0e)", name, error,
+             tolerance)
+    if not report.ok:
+        raise VerificationError(
+            f"bundle disagrees with its source: worst tensor {name!r}, relative error "
+            f"{error:.3e} > {tolerance:.0e}"
+        )
+    return report
+
+
+def head_in_float64(bundle: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The head alone (target layer -> logits) as a float64 model.
+
+    Its inputs are the activation tensor first, then any other computed tensor the
+    head reads (a residual branch, say). Returns the model and those input names.
+    """
+    graph = bundle.graph
+    start = source_of(graph, OUTPUT_ACTIVATIONS)
+    end = source_of(graph, OUTPUT_LOGITS)
+    nodes = head_nodes(graph, start, end, differentiable_only=False)
+    made_inside = {o for n in nodes for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    externals = [start] + sorted({i for n in nodes for i in n.input
+                                  if i and i not in made_inside and i not in inits
+                                  and i != start})
+    used = {i for n in nodes for i in n.input}
+    head = helper.make_graph(
+        [_to_float64(n) for n in nodes], "head",
+        [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)
+         for name in externals],
+        [helper.make_tensor_value_info(end, onnx.TensorProto.DOUBLE, None)],
+        [_array_to_float64(inits[name]) for name in used if name in inits],
+    )
+    model = helper.make_model(head, opset_imports=list(bundle.opset_import))
+    return model, externals
+
+
+def _array_to_float64(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    array = numpy_helper.to_array(tensor)
+    if array.dtype == np.float32:
+        array = array.astype(np.float64)
+    return numpy_helper.from_array(array, tensor.name)
+
+
+def _to_float64(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for attr in copy.attribute:
+        if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+            attr.i = onnx.TensorProto.DOUBLE
+        elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == onnx.TensorProto.FLOAT:
+            attr.t.CopyFrom(_array_to_float64(attr.t))
+    return copy
+
+
+def directional_derivatives(
+    head: onnx.ModelProto, inputs: dict[str, np.ndarray], target: int, directions: np.ndarray
+) -> np.ndarray:
+    """d score / d activations along each direction: central differences in float64.
+
+    In float64 a tiny step is both exact for piecewise-linear heads (it crosses no
+    kink) and free of rounding, so the comparison is as tight as float32 allows.
+    """
+    start, *others = list(inputs)
+    activation = inputs[start].astype(np.float64)
+    step = FD_STEP * (float(np.abs(activation).mean()) + 1e-12)
+    moved = np.concatenate([activation + step * directions, activation - step * directions])
+    feeds = {start: moved}
+    for name in others:
+        feeds[name] = np.repeat(inputs[name].astype(np.float64), len(moved), axis=0)
+    (scores,) = ReferenceEvaluator(head).run(None, feeds)
+    score = np.asarray(scores, np.float64)[:, target]
+    half = len(directions)
+    return (score[:half] - score[half:]) / (2 * step)
+
+
+def sparse_directions(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random directions that each move a few elements, so they test where the
+    gradient sits in the map, which channel sums alone would not catch."""
+    directions = np.zeros((FD_RANDOM_DIRECTIONS, int(np.prod(shape))), np.float64)
+    for direction in directions:
+        spots = rng.choice(direction.size, size=min(16, direction.size), replace=False)
+        direction[spots] = rng.standard_normal(len(spots))
+    return directions.reshape((FD_RANDOM_DIRECTIONS, *shape))
+
+
+def finite_difference_check(
+    bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray,
+    out: dict[str, np.ndarray], layout: str, report: Report,
+) -> None:
+    """Hold weights (and full gradients, where present) against float64 differences."""
+    head, externals = head_in_float64(bundle)
+    values = run_with_outputs(bundle, externals, {INPUT_IMAGE: images,
+                                                  INPUT_TARGET: chosen.astype(np.int64)})
+    activations = values[externals[0]]
+    channel_axis = 3 if layout == "nhwc" else 1
+    channels = activations.shape[channel_axis]
+    spatial = activations[0].size // channels
+    rng = np.random.default_rng(3)
+    picked = np.sort(rng.choice(channels, size=min(FD_CHANNELS, channels), replace=False))
+    tolerance = FD64_TOLERANCE if OUTPUT_GRADIENTS in out else FD_TOLERANCE
+    got_w, want_w, got_g, want_g = [], [], [], []
+    for n in range(len(images)):
+        directions = np.zeros((len(picked),) + activations.shape[1:], np.float64)
+        for j, k in enumerate(picked):
+            index: list[slice | int] = [slice(None)] * 3
+            index[channel_axis - 1] = int(k)
+            directions[j][tuple(index)] = 1.0
+        if OUTPUT_GRADIENTS in out:
+            directions = np.concatenate([directions,
+                                         sparse_directions(rng, activations.shape[1:])])
+        inputs = {name: values[name][n : n + 1] for name in externals}
+        slopes = directional_derivatives(head, inputs, int(chosen[n]), directions)
+        got_w.append(out[OUTPUT_WEIGHTS][n, picked])
+        want_w.append(slopes[: len(picked)] / spatial)
+        if OUTPUT_GRADIENTS in out:
+            grads = out[OUTPUT_GRADIENTS][n].astype(np.float64)
+            got_g.append([(grads * d).sum() for d in directions[len(picked):]])
+            want_g.append(slopes[len(picked):])
+    report.add("weights", np.array(got_w), np.array(want_w), tolerance)
+    if got_g:
+        report.add("gradients", np.array(got_g), np.array(want_g), tolerance)

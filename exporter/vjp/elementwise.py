@@ -1,0 +1,191 @@
+"""Rules for broadcasting arithmetic and pointwise activations."""
+
+from __future__ import annotations
+
+import onnx
+
+from exporter.graph import attrs
+from exporter.vjp import rule
+from exporter.vjp.context import VjpContext
+
+Grads = list[str | None]
+
+
+@rule("Add", "Sub")
+def add_sub(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    y = node.output[0]
+    a, b = node.input
+    ga = ctx.unbroadcast(gy, y, a) if ctx.needs(a) else None
+    if not ctx.needs(b):
+        return [ga, None]
+    gb = gy if node.op_type == "Add" else ctx.b.op("Neg", [gy])
+    return [ga, ctx.unbroadcast(gb, y, b)]
+
+
+@rule("Mul")
+def mul(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    a, b = node.input
+    y = node.output[0]
+    return [
+        ctx.unbroadcast(ctx.b.op("Mul", [gy, b]), y, a) if ctx.needs(a) else None,
+        ctx.unbroadcast(ctx.b.op("Mul", [gy, a]), y, b) if ctx.needs(b) else None,
+    ]
+
+
+@rule("Div")
+def div(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    a, b = node.input
+    y = node.output[0]
+    ga = ctx.b.op("Div", [gy, b])
+    if not ctx.needs(b):
+        return [ctx.unbroadcast(ga, y, a), None]
+    # d(a/b)/db = -(dY/b) * y
+    gb = ctx.b.op("Neg", [ctx.b.op("Mul", [ga, y])])
+    return [ctx.unbroadcast(ga, y, a) if ctx.needs(a) else None, ctx.unbroadcast(gb, y, b)]
+
+
+@rule("Neg")
+def neg(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    assert g[0] is not None
+    return [ctx.b.op("Neg", [g[0]])]
+
+
+@rule("Relu")
+def relu(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    if ctx.guided:
+        # Guided backprop: pass only positive gradients, and only where the input was positive.
+        gy = ctx.b.op("Relu", [gy])
+    return [ctx.mask(ctx.b.op("Greater", [node.input[0], ctx.zero()]), gy)]
+
+
+@rule("LeakyRelu")
+def leaky_relu(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    alpha = float(attrs(node).get("alpha", 0.01))  # type: ignore[arg-type]
+    positive = ctx.b.op("Greater", [node.input[0], ctx.zero()])
+    scaled = ctx.b.op("Mul", [gy, ctx.scalar(alpha)])
+    return [ctx.b.op("Where", [positive, gy, scaled])]
+
+
+@rule("Clip")
+def clip(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    x = node.input[0]
+    bounds = list(node.input[1:]) + ["", ""]
+    conditions = []
+    if bounds[0]:
+        conditions.append(ctx.b.op("Greater", [x, bounds[0]]))
+    if bounds[1]:
+        conditions.append(ctx.b.op("Less", [x, bounds[1]]))
+    # Opset < 11 keeps the bounds as attributes.
+    a = attrs(node)
+    if "min" in a:
+        conditions.append(ctx.b.op("Greater", [x, ctx.scalar(float(a["min"]))]))  # type: ignore[arg-type]
+    if "max" in a:
+        conditions.append(ctx.b.op("Less", [x, ctx.scalar(float(a["max"]))]))  # type: ignore[arg-type]
+    if not conditions:
+        return [gy]
+    inside = conditions[0]
+    for extra in conditions[1:]:
+        inside = ctx.b.op("And", [inside, extra])
+    return [ctx.mask(inside, gy)] + [None] * (len(node.input) - 1)
+
+
+@rule("Sigmoid")
+def sigmoid(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    y = node.output[0]
+    slope = ctx.b.op("Mul", [y, ctx.b.op("Sub", [ctx.scalar(1.0), y])])
+    return [ctx.b.op("Mul", [gy, slope])]
+
+
+@rule("Tanh")
+def tanh(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    y = node.output[0]
+    slope = ctx.b.op("Sub", [ctx.scalar(1.0), ctx.b.op("Mul", [y, y])])
+    return [ctx.b.op("Mul", [gy, slope])]
+
+
+@rule("HardSigmoid")
+def hard_sigmoid(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    a = attrs(node)
+    alpha = float(a.get("alpha", 0.2))  # type: ignore[arg-type]
+    beta = float(a.get("beta", 0.5))  # type: ignore[arg-type]
+    pre = ctx.b.op("Add", [ctx.b.op("Mul", [node.input[0], ctx.scalar(alpha)]), ctx.scalar(beta)])
+    inside = ctx.b.op(
+        "And",
+        [ctx.b.op("Greater", [pre, ctx.zero()]), ctx.b.op("Less", [pre, ctx.scalar(1.0)])],
+    )
+    return [ctx.mask(inside, ctx.b.op("Mul", [gy, ctx.scalar(alpha)]))]
+
+
+@rule("HardSwish")
+def hard_swish(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    x = node.input[0]
+    # y = x * clip(x/6 + 1/2, 0, 1): slope (2x+3)/6 inside (-3, 3), 1 above, 0 below.
+    inner = ctx.b.op(
+        "Add", [ctx.b.op("Mul", [x, ctx.scalar(1.0 / 3.0)]), ctx.scalar(0.5)]
+    )
+    above = ctx.b.op("Where", [ctx.b.op("Less", [x, ctx.scalar(3.0)]), inner, ctx.scalar(1.0)])
+    slope = ctx.b.op("Where", [ctx.b.op("Greater", [x, ctx.scalar(-3.0)]), above, ctx.zero()])
+    return [ctx.b.op("Mul", [gy, slope])]
+
+
+@rule("Softmax")
+def softmax(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    y = node.output[0]
+    axis = int(attrs(node).get("axis", -1))  # type: ignore[call-overload]
+    if ctx.opset < 13:
+        raise NotImplementedError("Softmax before opset 13 flattens its input")
+    inner = ctx.reduce("ReduceSum", ctx.b.op("Mul", [gy, y]), [axis], keepdims=True)
+    return [ctx.b.op("Mul", [y, ctx.b.op("Sub", [gy, inner])])]
+
+
+@rule("Identity", "Dropout")
+def identity(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    return [g[0]] + [None] * (len(node.input) - 1)
+
+
+@rule("Cast")
+def cast(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    # Gradients stay float32; a cast to an integer type has no gradient at all.
+    if int(attrs(node)["to"]) not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,  # type: ignore[call-overload]
+                                      onnx.TensorProto.FLOAT16):
+        raise NotImplementedError("Cast to a non-float type is not differentiable")
+    return [gy]
+
+
+@rule("Max", "Min")
+def max_min(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    y = node.output[0]
+    grads: Grads = []
+    for x in node.input:
+        if not ctx.needs(x):
+            grads.append(None)
+            continue
+        picked = ctx.b.op("Equal", [x, y])
+        grads.append(ctx.unbroadcast(ctx.mask(picked, gy), y, x))
+    return grads

@@ -1,0 +1,139 @@
+"""Rules for the ops that carry weights: Conv, Gemm, MatMul, BatchNormalization.
+
+Weights are treated as constants: only the data input gets a gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from exporter.graph import attrs
+from exporter.vjp import rule
+from exporter.vjp.context import VjpContext
+
+Grads = list[str | None]
+
+
+def explicit_pads(
+    node_attrs: dict[str, object],
+    in_sizes: tuple[int, ...],
+    out_sizes: tuple[int, ...],
+    kernel: tuple[int, ...],
+    strides: list[int],
+    dilations: list[int],
+) -> list[int]:
+    """Resolve ``auto_pad`` into explicit begin/end pads (ONNX order: all begins, then ends)."""
+    auto_pad = node_attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    n = len(kernel)
+    if auto_pad in ("NOTSET", ""):
+        pads = node_attrs.get("pads")
+        return [int(p) for p in pads] if pads else [0] * (2 * n)  # type: ignore[union-attr]
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    begins, ends = [], []
+    for i in range(n):
+        total = max((out_sizes[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+                    - in_sizes[i], 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
+
+
+@rule("Conv")
+def conv(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """dX = ConvTranspose(dY, W): the same geometry run backwards, grouped convs included."""
+    (gy,) = g
+    assert gy is not None
+    x, w = node.input[0], node.input[1]
+    a = attrs(node)
+    x_dims = ctx.shape(x).dims
+    y_dims = ctx.shape(node.output[0]).dims
+    kernel = ctx.shape(w).dims[2:]
+    n = len(kernel)
+    strides = [int(s) for s in a.get("strides", [1] * n)]  # type: ignore[union-attr]
+    dilations = [int(d) for d in a.get("dilations", [1] * n)]  # type: ignore[union-attr]
+    pads = explicit_pads(a, x_dims[2:], y_dims[2:], kernel, strides, dilations)
+    covered = [
+        strides[i] * (y_dims[2 + i] - 1) + (kernel[i] - 1) * dilations[i] + 1
+        - pads[i] - pads[n + i]
+        for i in range(n)
+    ]
+    output_padding = [x_dims[2 + i] - covered[i] for i in range(n)]
+    if any(p < 0 for p in output_padding):
+        raise NotImplementedError("Conv geometry could not be inverted")
+    gx = ctx.b.op(
+        "ConvTranspose",
+        [gy, w],
+        strides=strides,
+        dilations=dilations,
+        pads=pads,
+        group=int(a.get("group", 1)),  # type: ignore[call-overload]
+        output_padding=output_padding,
+    )
+    return [gx] + [None] * (len(node.input) - 1)
+
+
+@rule("Gemm")
+def gemm(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """Y = alpha * A' B' + beta * C, where A' = A or A^T as transA says (likewise B)."""
+    (gy,) = g
+    assert gy is not None
+    a = attrs(node)
+    alpha = float(a.get("alpha", 1.0))  # type: ignore[arg-type]
+    trans_a = int(a.get("transA", 0))  # type: ignore[call-overload]
+    trans_b = int(a.get("transB", 0))  # type: ignore[call-overload]
+    in_b = node.input[1]
+    if trans_a:
+        # dA = (alpha * dY B'^T)^T = alpha * B' dY^T
+        ga = ctx.b.op("Gemm", [in_b, gy], alpha=alpha, transA=trans_b, transB=1)
+    else:
+        ga = ctx.b.op("Gemm", [gy, in_b], alpha=alpha, transB=1 - trans_b)
+    return [ga] + [None] * (len(node.input) - 1)
+
+
+def _swap_last_two(ctx: VjpContext, name: str) -> str:
+    rank = ctx.shape(name).rank
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    return ctx.b.op("Transpose", [name], perm=perm)
+
+
+@rule("MatMul")
+def matmul(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    in_a, in_b = node.input
+    y = node.output[0]
+    if ctx.shape(in_a).rank < 2 or ctx.shape(in_b).rank < 2:
+        raise NotImplementedError("MatMul with a vector operand")
+    ga = gb = None
+    if ctx.needs(in_a):
+        ga = ctx.unbroadcast(ctx.b.op("MatMul", [gy, _swap_last_two(ctx, in_b)]), y, in_a)
+    if ctx.needs(in_b):
+        gb = ctx.unbroadcast(ctx.b.op("MatMul", [_swap_last_two(ctx, in_a), gy]), y, in_b)
+    return [ga, gb]
+
+
+@rule("BatchNormalization")
+def batch_norm(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """Inference-mode BN is a per-channel scale: dX = dY * gamma / sqrt(var + eps)."""
+    (gy,) = g[:1]
+    assert gy is not None
+    a = attrs(node)
+    if int(a.get("training_mode", 0)):  # type: ignore[call-overload]
+        raise NotImplementedError("BatchNormalization in training mode")
+    eps = float(a.get("epsilon", 1e-5))  # type: ignore[arg-type]
+    x, scale, _bias, _mean, var = node.input[:5]
+    trailing = [1] * (ctx.shape(x).rank - 2)
+    scale_value, var_value = ctx.const(scale), ctx.const(var)
+    if scale_value is not None and var_value is not None:
+        factor = (scale_value / np.sqrt(var_value.astype(np.float64) + eps)).astype(np.float32)
+        factor_name = ctx.b.const(factor.reshape([-1] + trailing), "bn_factor")
+    else:
+        std = ctx.b.op("Sqrt", [ctx.b.op("Add", [var, ctx.scalar(eps)])])
+        flat = ctx.b.op("Div", [scale, std])
+        factor_name = ctx.b.op("Reshape", [flat, ctx.b.const([-1] + trailing, "shape")])
+    return [ctx.b.op("Mul", [gy, factor_name])] + [None] * (len(node.input) - 1)

@@ -1,0 +1,81 @@
+"""Shared pytest setup: quiet CPU-only TensorFlow, the ``tf`` marker, saved Keras models."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)  # so tests can ``import models`` under any import mode
+
+_TF_ERROR: list[str] = []
+
+
+def _tf_missing() -> str | None:
+    """Why ``import tensorflow`` fails, or None when it works (tried once)."""
+    if not _TF_ERROR:
+        try:
+            importlib.import_module("tensorflow")
+            _TF_ERROR.append("")
+        except Exception as exc:  # ImportError, or a broken install
+            _TF_ERROR.append(f"tensorflow not importable: {exc}")
+    return _TF_ERROR[0] or None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tf_items = [item for item in items if item.get_closest_marker("tf")]
+    if not tf_items:
+        return
+    reason = _tf_missing()
+    if reason:
+        for item in tf_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _save(factory: pytest.TempPathFactory, build: Callable[[], Any], name: str) -> Path:
+    pytest.importorskip("tensorflow")
+    path = factory.mktemp("keras_models") / f"{name}.keras"
+    build().save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``models.mnist_cnn`` (Sequential, 28x28x1, 10 classes) saved as .keras."""
+    from models import mnist_cnn
+
+    return _save(tmp_path_factory, mnist_cnn, "mnist_cnn")
+
+
+@pytest.fixture(scope="session")
+def vgg_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``models.vgg_like`` (functional, 32x32x3, 6 classes) saved as .keras."""
+    from models import vgg_like
+
+    return _save(tmp_path_factory, vgg_like, "vgg_like")
+
+
+@pytest.fixture(scope="session")
+def residual_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``models.residual_bn`` (functional with BN, 32x32x3, 5 classes) saved as .keras."""
+    from models import residual_bn
+
+    return _save(tmp_path_factory, residual_bn, "residual_bn")
+
+
+@pytest.fixture(scope="session")
+def nested_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``models.nested_transfer`` (functional ``base`` inside a functional head) as .keras."""
+    from models import nested_transfer
+
+    return _save(tmp_path_factory, nested_transfer, "nested_transfer")

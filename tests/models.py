@@ -1,0 +1,371 @@
+"""Small deterministic Keras and ONNX image classifiers shared by the tests."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    import keras
+
+OPSET = 17
+IR_VERSION = 8
+
+
+# -- Keras helpers --------------------------------------------------------------------------
+
+
+def _keras() -> Any:
+    import keras
+
+    return keras
+
+
+def _sublayers(model: Any) -> list[Any]:
+    """Every layer of ``model``, descending into nested models."""
+    layers = []
+    for layer in model.layers:
+        layers.append(layer)
+        if hasattr(layer, "layers"):
+            layers.extend(_sublayers(layer))
+    return layers
+
+
+def randomize_batchnorm(model: keras.Model, seed: int = 0) -> keras.Model:
+    """Give every BatchNormalization layer (nested ones too) non-identity statistics."""
+    keras = _keras()
+    rng = np.random.default_rng(seed)
+    for layer in _sublayers(model):
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        shape = tuple(layer.moving_mean.shape)
+        layer.moving_mean.assign(rng.normal(0.0, 0.5, shape).astype("float32"))
+        layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+        if layer.gamma is not None:
+            layer.gamma.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+        if layer.beta is not None:
+            layer.beta.assign(rng.normal(0.0, 0.2, shape).astype("float32"))
+    return model
+
+
+def logits(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """Pre-activation outputs of the model's last Dense layer on ``x``."""
+    keras = _keras()
+    head = model.layers[-1]
+    activation = head.activation
+    head.activation = keras.activations.linear
+    try:
+        return np.asarray(model(x, training=False))
+    finally:
+        head.activation = activation
+
+
+def random_input(model: keras.Model, batch: int = 8, seed: int = 0) -> np.ndarray:
+    """Uniform [0, 1) float32 images shaped like the model's input."""
+    shape = tuple(model.inputs[0].shape[1:])
+    return np.random.default_rng(seed).uniform(0.0, 1.0, (batch, *shape)).astype("float32")
+
+
+def spread_logits(model: keras.Model, target: float = 1.5, seed: int = 0) -> keras.Model:
+    """Scale the last Dense kernel so logits on random [0, 1] inputs have RMS ~``target``."""
+    head = model.layers[-1]
+    z = logits(model, random_input(model, seed=seed)) - np.asarray(head.bias)
+    rms = float(np.sqrt(np.mean(z**2)))
+    if rms > 0:
+        head.kernel.assign(np.asarray(head.kernel) * (target / rms))
+    return model
+
+
+def _finish(model: keras.Model, seed: int) -> keras.Model:
+    randomize_batchnorm(model, seed)
+    return spread_logits(model, seed=seed)
+
+
+# -- Keras builders -------------------------------------------------------------------------
+
+
+def mnist_cnn(seed: int = 0) -> keras.Model:
+    """The classic Keras MNIST CNN as a Sequential on 28x28x1 grey images, 10 classes."""
+    keras = _keras()
+    L = keras.layers
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            L.Conv2D(8, 3, activation="relu", name="conv1"),
+            L.MaxPooling2D(2),
+            L.Dropout(0.25),
+            L.Conv2D(16, 3, activation="relu", name="conv2"),
+            L.MaxPooling2D(2),
+            L.Dropout(0.25),
+            L.Flatten(),
+            L.Dense(32, activation="relu"),
+            L.Dense(10, activation="softmax", name="predictions"),
+        ],
+        name="mnist_cnn",
+    )
+    return _finish(model, seed)
+
+
+def vgg_like(seed: int = 0) -> keras.Model:
+    """Two VGG blocks on 32x32x3, 6 classes; last conv is ``block2_conv2``."""
+    keras = _keras()
+    L = keras.layers
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((32, 32, 3), name="input")
+    x = inp
+    for block, filters in ((1, 8), (2, 16)):
+        for i in (1, 2):
+            x = L.Conv2D(
+                filters, 3, padding="same", activation="relu", name=f"block{block}_conv{i}"
+            )(x)
+        x = L.MaxPooling2D(2, name=f"block{block}_pool")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(32, activation="relu", name="fc1")(x)
+    out = L.Dense(6, activation="softmax", name="predictions")(x)
+    return _finish(keras.Model(inp, out, name="vgg_like"), seed)
+
+
+def _conv_bn(x: Any, filters: int, kernel: int, strides: int, name: str) -> Any:
+    L = _keras().layers
+    x = L.Conv2D(
+        filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv"
+    )(x)
+    return L.BatchNormalization(name=f"{name}_bn")(x)
+
+
+def residual_bn(seed: int = 0) -> keras.Model:
+    """Small ResNet with BN on 32x32x3, 5 classes; ends in ``block2_add`` -> ``block2_out``."""
+    keras = _keras()
+    L = keras.layers
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((32, 32, 3), name="input")
+    x = L.ReLU(name="stem_relu")(_conv_bn(inp, 8, 3, 2, "stem"))
+    for block, filters, strides in ((1, 8, 1), (2, 16, 2)):
+        name = f"block{block}"
+        y = L.ReLU(name=f"{name}_relu1")(_conv_bn(x, filters, 3, strides, f"{name}_1"))
+        y = _conv_bn(y, filters, 3, 1, f"{name}_2")
+        shortcut = x if strides == 1 else _conv_bn(x, filters, 1, strides, f"{name}_short")
+        x = L.Add(name=f"{name}_add")([y, shortcut])
+        x = L.ReLU(name=f"{name}_out")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(5, activation="softmax", name="predictions")(x)
+    return _finish(keras.Model(inp, out, name="residual_bn"), seed)
+
+
+def mobilenet_v2_small(seed: int = 0) -> keras.Model:
+    """Keras MobileNetV2 (alpha 0.35, untrained) on 64x64x3, 7 classes."""
+    keras = _keras()
+    keras.utils.set_random_seed(seed)
+    model = keras.applications.MobileNetV2(
+        alpha=0.35, weights=None, input_shape=(64, 64, 3), classes=7
+    )
+    return _finish(model, seed)
+
+
+def densenet121_small(seed: int = 0) -> keras.Model:
+    """Keras DenseNet121 (untrained) on 32x32x3, 4 classes."""
+    keras = _keras()
+    keras.utils.set_random_seed(seed)
+    model = keras.applications.DenseNet121(weights=None, input_shape=(32, 32, 3), classes=4)
+    return _finish(model, seed)
+
+
+def nested_transfer(seed: int = 0) -> keras.Model:
+    """Functional base model ``base`` (last conv ``base_conv2``) inside a functional head."""
+    keras = _keras()
+    L = keras.layers
+    keras.utils.set_random_seed(seed)
+    base_in = keras.Input((32, 32, 3), name="base_input")
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="base_conv1")(base_in)
+    x = L.MaxPooling2D(2, name="base_pool")(x)
+    x = L.Conv2D(16, 3, padding="same", activation="relu", name="base_conv2")(x)
+    base = keras.Model(base_in, x, name="base")
+    inp = keras.Input((32, 32, 3), name="input")
+    x = L.GlobalAveragePooling2D(name="gap")(base(inp))
+    x = L.Dropout(0.2, name="dropout")(x)
+    out = L.Dense(3, activation="softmax", name="predictions")(x)
+    return _finish(keras.Model(inp, out, name="nested_transfer"), seed)
+
+
+def nested_sequential(seed: int = 0) -> keras.Model:
+    """Sequential base ``features`` (last conv ``features_conv2``) inside an outer Sequential."""
+    keras = _keras()
+    L = keras.layers
+    keras.utils.set_random_seed(seed)
+    features = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            L.Conv2D(8, 3, padding="same", activation="relu", name="features_conv1"),
+            L.MaxPooling2D(2, name="features_pool"),
+            L.Conv2D(16, 3, padding="same", activation="relu", name="features_conv2"),
+        ],
+        name="features",
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            features,
+            L.GlobalAveragePooling2D(name="gap"),
+            L.Dropout(0.2, name="dropout"),
+            L.Dense(3, activation="softmax", name="predictions"),
+        ],
+        name="nested_sequential",
+    )
+    return _finish(model, seed)
+
+
+def binary_sigmoid(seed: int = 0) -> keras.Model:
+    """Small CNN on 24x24x3 with a single sigmoid output."""
+    keras = _keras()
+    L = keras.layers
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((24, 24, 3), name="input")
+    x = L.Conv2D(8, 3, activation="relu", name="conv1")(inp)
+    x = L.MaxPooling2D(2, name="pool1")(x)
+    x = L.Conv2D(16, 3, activation="relu", name="conv2")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(1, activation="sigmoid", name="predictions")(x)
+    return _finish(keras.Model(inp, out, name="binary_sigmoid"), seed)
+
+
+KERAS_BUILDERS = {
+    "mnist_cnn": mnist_cnn,
+    "vgg_like": vgg_like,
+    "residual_bn": residual_bn,
+    "mobilenet_v2_small": mobilenet_v2_small,
+    "densenet121_small": densenet121_small,
+    "nested_transfer": nested_transfer,
+    "nested_sequential": nested_sequential,
+    "binary_sigmoid": binary_sigmoid,
+}
+
+
+# -- ONNX builders --------------------------------------------------------------------------
+
+
+class _Graph:
+    """Collects nodes and seeded He-normal initializers for one ONNX graph."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value: Any) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def he(self, name: str, shape: tuple[int, ...], fan_in: int) -> str:
+        return self.const(name, self.rng.normal(0.0, np.sqrt(2.0 / fan_in), shape))
+
+    def bias(self, name: str, size: int) -> str:
+        return self.const(name, self.rng.normal(0.0, 0.05, (size,)))
+
+    def node(
+        self, op: str, inputs: list[str], output: str, name: str | None = None, **attrs: Any
+    ) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=name or output, **attrs))
+        return output
+
+    def conv(self, x: str, cin: int, cout: int, name: str, group: int = 1) -> str:
+        w = self.he(f"{name}.weight", (cout, cin // group, 3, 3), 9 * cin // group)
+        b = self.bias(f"{name}.bias", cout)
+        return self.node(
+            "Conv",
+            [x, w, b],
+            name,
+            name,
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            group=group,
+        )
+
+    def gemm(self, x: str, cin: int, cout: int, output: str) -> str:
+        w = self.he("fc.weight", (cout, cin), cin)
+        b = self.bias("fc.bias", cout)
+        return self.node("Gemm", [x, w, b], output, "fc", transB=1)
+
+    def model(self, name: str, output: str, classes: int) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", classes])],
+            self.inits,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            ir_version=IR_VERSION,
+            producer_name="onnxcam-tests",
+        )
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def _cnn_trunk(g: _Graph) -> str:
+    """Conv-Relu-MaxPool-Conv-Relu on ``input``; returns ``feat`` (node ``last_relu``)."""
+    x = g.node("Relu", [g.conv("input", 3, 8, "conv1")], "relu1")
+    x = g.node("MaxPool", [x], "pool1", kernel_shape=[2, 2], strides=[2, 2])
+    return g.node("Relu", [g.conv(x, 8, 16, "conv2")], "feat", "last_relu")
+
+
+def onnx_cnn(seed: int = 0) -> onnx.ModelProto:
+    """NCHW [N,3,16,16] CNN: ``last_relu`` -> ``feat`` -> GAP, Gemm, Softmax -> 5 ``probs``."""
+    g = _Graph(seed)
+    x = g.node("GlobalAveragePool", [_cnn_trunk(g)], "gap")
+    x = g.node("Flatten", [x], "flat", axis=1)
+    x = g.gemm(x, 16, 5, "logits")
+    g.node("Softmax", [x], "probs", axis=-1)
+    return g.model("onnx_cnn", "probs", 5)
+
+
+def onnx_unsupported_head(seed: int = 0, op: str = "LRN") -> onnx.ModelProto:
+    """``onnx_cnn`` with an op that has no gradient rule in its head, after ``feat``.
+
+    ``op="LRN"`` (default): LRN(size 3, alpha 1) on the ``feat`` map, before GAP.
+    ``op="Erf"``: Erf elementwise on the pooled features, after GAP.
+    Output is ``probs`` as in ``onnx_cnn``.
+    """
+    g = _Graph(seed)
+    x = _cnn_trunk(g)
+    if op == "LRN":
+        x = g.node("LRN", [x], "lrn", size=3, alpha=1.0, beta=0.75, bias=1.0)
+    x = g.node("GlobalAveragePool", [x], "gap")
+    if op == "Erf":
+        x = g.node("Erf", [x], "erf")
+    elif op != "LRN":
+        raise ValueError(f"op must be 'LRN' or 'Erf', not {op!r}")
+    x = g.node("Flatten", [x], "flat", axis=1)
+    x = g.gemm(x, 16, 5, "logits")
+    g.node("Softmax", [x], "probs", axis=-1)
+    return g.model("onnx_unsupported_head", "probs", 5)
+
+
+def onnx_residual_nchw(seed: int = 0) -> onnx.ModelProto:
+    """NCHW residual block (``block_out``), depthwise Conv + Clip(0, 6) (``dw_out``),
+    AveragePool, ReduceMean over H,W, Gemm to 4 raw ``logits`` (no softmax)."""
+    g = _Graph(seed)
+    stem = g.node("Relu", [g.conv("input", 3, 8, "stem")], "stem_relu")
+    y = g.node("Relu", [g.conv(stem, 8, 8, "block_conv1")], "block_relu1")
+    y = g.conv(y, 8, 8, "block_conv2")
+    x = g.node("Add", [y, stem], "block_add")
+    x = g.node("Relu", [x], "block_out", "block_relu")
+    x = g.conv(x, 8, 8, "dw", group=8)
+    lo, hi = g.const("clip_min", np.float32(0.0)), g.const("clip_max", np.float32(6.0))
+    x = g.node("Clip", [x, lo, hi], "dw_out", "relu6")
+    x = g.node("AveragePool", [x], "avgpool", kernel_shape=[2, 2], strides=[2, 2])
+    x = g.node("ReduceMean", [x], "pooled", axes=[2, 3], keepdims=0)
+    g.gemm(x, 8, 4, "logits")
+    return g.model("onnx_residual_nchw", "logits", 4)
+
+
+ONNX_BUILDERS = {
+    "onnx_cnn": onnx_cnn,
+    "onnx_unsupported_head": onnx_unsupported_head,
+    "onnx_residual_nchw": onnx_residual_nchw,
+}

@@ -1,0 +1,179 @@
+"""The bundle format: the one contract between the exporter and the worker.
+
+A bundle is a single ONNX file. Its graph takes ``image`` (uint8, NHWC) and
+``target`` (int64, -1 = top-1) and returns the outputs named below. Everything a
+worker needs to run it is stored in ``metadata_props`` under ``onnxcam.*`` keys.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.errors import BundleError
+
+FORMAT_VERSION = 1
+
+# Graph inputs.
+INPUT_IMAGE = "image"
+INPUT_TARGET = "target"
+
+# Graph outputs.
+OUTPUT_LOGITS = "logits"
+OUTPUT_ACTIVATIONS = "activations"
+OUTPUT_GRADIENTS = "gradients"
+OUTPUT_CAM = "cam"
+OUTPUT_WEIGHTS = "weights"  # Grad-CAM channel weights [N, C]; the only gradient an fd bundle has
+OUTPUT_INPUT_GRADIENTS = "input_gradients"
+RESERVED_NAMES = (
+    INPUT_IMAGE, INPUT_TARGET, OUTPUT_LOGITS, OUTPUT_ACTIVATIONS, OUTPUT_GRADIENTS, OUTPUT_CAM,
+    OUTPUT_WEIGHTS, OUTPUT_INPUT_GRADIENTS,
+)
+
+# Metadata keys.
+PREFIX = "onnxcam."
+KEY_FORMAT = PREFIX + "format_version"
+KEY_VERSION = PREFIX + "version"
+KEY_HEIGHT = PREFIX + "input_height"
+KEY_WIDTH = PREFIX + "input_width"
+KEY_CHANNELS = PREFIX + "input_channels"
+KEY_PREPROCESS = PREFIX + "preprocess"
+KEY_LAYOUT = PREFIX + "layout"
+KEY_ACTIVATION_LAYOUT = PREFIX + "activation_layout"
+KEY_LAYER = PREFIX + "target_layer"
+KEY_LABELS = PREFIX + "labels"
+KEY_NUM_CLASSES = PREFIX + "num_classes"
+KEY_SOURCE_FORMAT = PREFIX + "source_format"
+KEY_SOURCE_SHA256 = PREFIX + "source_sha256"
+KEY_GRADIENT = PREFIX + "gradient"
+KEY_FD_EPSILON = PREFIX + "fd_epsilon"
+KEY_FD_CHUNK = PREFIX + "fd_chunk"
+KEY_RESIZE = PREFIX + "resize"
+KEY_REMOVED_HEAD = PREFIX + "removed_activation"
+
+PREPROCESS_MODES = ("unit", "none", "caffe", "tf", "torch")
+LAYOUTS = ("nhwc", "nchw")
+GRADIENT_MODES = ("analytic", "fd")
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What a bundle's metadata says about it."""
+
+    height: int
+    width: int
+    channels: int
+    preprocess: str
+    layout: str
+    activation_layout: str
+    target_layer: str
+    num_classes: int
+    labels: list[str]
+    gradient: str
+    source_format: str = ""
+    source_sha256: str = ""
+    version: str = ""
+    resize: str = "bilinear"
+    removed_activation: str = ""
+    fd_epsilon: float = 0.0
+    fd_chunk: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_gradients(self) -> bool:
+        """True when the bundle exposes full gradient maps, not just fd channel weights."""
+        return self.gradient == "analytic"
+
+    @property
+    def grey(self) -> bool:
+        return self.channels == 1
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if 0 <= index < len(self.labels) else str(index)
+
+    def to_metadata(self) -> dict[str, str]:
+        """The ``metadata_props`` entries that describe this bundle."""
+        props = {
+            KEY_FORMAT: str(FORMAT_VERSION),
+            KEY_VERSION: self.version,
+            KEY_HEIGHT: str(self.height),
+            KEY_WIDTH: str(self.width),
+            KEY_CHANNELS: str(self.channels),
+            KEY_PREPROCESS: self.preprocess,
+            KEY_LAYOUT: self.layout,
+            KEY_ACTIVATION_LAYOUT: self.activation_layout,
+            KEY_LAYER: self.target_layer,
+            KEY_NUM_CLASSES: str(self.num_classes),
+            KEY_LABELS: json.dumps(self.labels),
+            KEY_GRADIENT: self.gradient,
+            KEY_SOURCE_FORMAT: self.source_format,
+            KEY_SOURCE_SHA256: self.source_sha256,
+            KEY_RESIZE: self.resize,
+            KEY_REMOVED_HEAD: self.removed_activation,
+        }
+        if self.gradient == "fd":
+            props[KEY_FD_EPSILON] = repr(self.fd_epsilon)
+            props[KEY_FD_CHUNK] = str(self.fd_chunk)
+        props.update(self.extra)
+        return props
+
+    @classmethod
+    def from_metadata(cls, props: Mapping[str, str]) -> BundleInfo:
+        """Parse ``metadata_props``; raise BundleError if this is no onnxcam bundle."""
+        if KEY_FORMAT not in props:
+            raise BundleError("not an onnxcam bundle: no onnxcam.format_version metadata")
+        if int(props[KEY_FORMAT]) > FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format {props[KEY_FORMAT]} is newer than this onnxcam "
+                f"understands ({FORMAT_VERSION})"
+            )
+        try:
+            known = {
+                KEY_FORMAT, KEY_VERSION, KEY_HEIGHT, KEY_WIDTH, KEY_CHANNELS, KEY_PREPROCESS,
+                KEY_LAYOUT, KEY_ACTIVATION_LAYOUT, KEY_LAYER, KEY_NUM_CLASSES, KEY_LABELS,
+                KEY_GRADIENT, KEY_SOURCE_FORMAT, KEY_SOURCE_SHA256, KEY_RESIZE,
+                KEY_REMOVED_HEAD, KEY_FD_EPSILON, KEY_FD_CHUNK,
+            }
+            return cls(
+                height=int(props[KEY_HEIGHT]),
+                width=int(props[KEY_WIDTH]),
+                channels=int(props[KEY_CHANNELS]),
+                preprocess=props[KEY_PREPROCESS],
+                layout=props[KEY_LAYOUT],
+                activation_layout=props[KEY_ACTIVATION_LAYOUT],
+                target_layer=props[KEY_LAYER],
+                num_classes=int(props[KEY_NUM_CLASSES]),
+                labels=list(json.loads(props.get(KEY_LABELS, "[]"))),
+                gradient=props[KEY_GRADIENT],
+                source_format=props.get(KEY_SOURCE_FORMAT, ""),
+                source_sha256=props.get(KEY_SOURCE_SHA256, ""),
+                version=props.get(KEY_VERSION, ""),
+                resize=props.get(KEY_RESIZE, "bilinear"),
+                removed_activation=props.get(KEY_REMOVED_HEAD, ""),
+                fd_epsilon=float(props.get(KEY_FD_EPSILON, "0")),
+                fd_chunk=int(props.get(KEY_FD_CHUNK, "0")),
+                extra={k: v for k, v in props.items() if k.startswith(PREFIX) and k not in known},
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise BundleError(f"onnxcam bundle metadata is incomplete or malformed: {exc}") from exc
+
+
+def read_bundle_info(source: str | Path | Any) -> BundleInfo:
+    """Read a bundle's metadata from a path, an ``onnx.ModelProto`` or an ORT session."""
+    if hasattr(source, "get_modelmeta"):
+        return BundleInfo.from_metadata(source.get_modelmeta().custom_metadata_map)
+    if hasattr(source, "metadata_props"):
+        return BundleInfo.from_metadata({p.key: p.value for p in source.metadata_props})
+    import onnx
+
+    path = Path(source)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise BundleError(f"{path}: not an ONNX file ({exc.__class__.__name__})") from exc
+    return BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})

@@ -1,0 +1,75 @@
+"""The error tree shared by every onnxcam package.
+
+    OnnxcamError
+    ├── ExportError                 the exporter cannot build a bundle
+    │   ├── UnsupportedModelError   unreadable file, several inputs, rank != 4, ...
+    │   ├── LayerNotFoundError      --layer names nothing; carries the candidates
+    │   ├── UnsupportedOpError      no gradient rule for an op (analytic mode)
+    │   └── VerificationError       the bundle disagrees with its source
+    ├── BundleError                 a file is not a usable onnxcam bundle
+    ├── BadImageError               not an image, truncated, too large, ...
+    ├── BadTargetError              a class index outside [0, K)
+    ├── BadMethodError              unknown method, or one the bundle cannot run
+    └── JobError                    a queued job failed or is malformed
+
+Every error has a short ``code`` used in job records and a one-line ``str``.
+"""
+
+from __future__ import annotations
+
+
+class OnnxcamError(Exception):
+    """Root of every error onnxcam raises on purpose."""
+
+    code = "error"
+
+
+class ExportError(OnnxcamError):
+    code = "export_error"
+
+
+class UnsupportedModelError(ExportError):
+    code = "unsupported_model"
+
+
+class LayerNotFoundError(ExportError):
+    code = "layer_not_found"
+
+    def __init__(self, name: str, candidates: list[str]) -> None:
+        self.name = name
+        self.candidates = candidates
+        super().__init__(f"no layer named {name!r}; candidates: {', '.join(candidates)}")
+
+
+class UnsupportedOpError(ExportError):
+    code = "unsupported_op"
+
+    def __init__(self, op_type: str, node_name: str = "") -> None:
+        self.op_type = op_type
+        self.node_name = node_name
+        where = f" (node {node_name!r})" if node_name else ""
+        super().__init__(f"no gradient rule for op {op_type}{where}")
+
+
+class VerificationError(ExportError):
+    code = "verification_failed"
+
+
+class BundleError(OnnxcamError):
+    code = "bad_bundle"
+
+
+class BadImageError(OnnxcamError):
+    code = "bad_image"
+
+
+class BadTargetError(OnnxcamError):
+    code = "bad_target"
+
+
+class BadMethodError(OnnxcamError):
+    code = "bad_method"
+
+
+class JobError(OnnxcamError):
+    code = "job_error"
