@@ -104,7 +104,7 @@ def build_bundle(
         activation_layout=source.activation_layout, target_layer=source.layer,
         num_classes=num_classes, labels=labels, gradient=mode,
         source_format=source.source_format, source_sha256=source.source_sha256,
-        version=__version__, removed_activation=removed, fd_epsilon=fd_step,
+        version=__version__, removed_activation=removed or source.removed_activation, fd_epsilon=fd_step,
         fd_chunk=fd_chunk,
     )
     del model.metadata_props[:]

@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 # Relative error allowed against an independent float32 computation, and against
 # finite differences (which carry their own rounding).
 EXACT_TOLERANCE = 1e-4
-FD_TOLERANCE = 1e-2  # an fd bundle's float32 differences against float64 ones
+# An fd bundle's float32 differences are exact only for piecewise-linear heads
+# whose kinks the step does not cross; this bounds what is left.
+FD_TOLERANCE = 3e-2
 FD_CHANNELS = 8  # channel directions checked per image by finite differences
 FD_RANDOM_DIRECTIONS = 4  # sparse random directions checked per image
 FD_STEP = 1e-6  # relative to the mean |activation|; float64 keeps it exact

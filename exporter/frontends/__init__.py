@@ -47,6 +47,7 @@ class SourceModel:
     source_sha256: str
     layers: list[LayerInfo]
     reference: ReferenceFn
+    removed_activation: str = ""  # a squashing activation the frontend already dropped
 
 
 def sha256_of(path: Path) -> str:

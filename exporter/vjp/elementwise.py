@@ -94,7 +94,7 @@ def clip(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     if "max" in a:
         conditions.append(ctx.b.op("Less", [x, ctx.scalar(float(a["max"]))]))  # type: ignore[arg-type]
     if not conditions:
-        return [gy]
+        return [gy] + [None] * (len(node.input) - 1)
     inside = conditions[0]
     for extra in conditions[1:]:
         inside = ctx.b.op("And", [inside, extra])
@@ -178,14 +178,15 @@ def cast(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
 
 @rule("Max", "Min")
 def max_min(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """The picked input gets the gradient; on a tie the first one does, as in TF."""
     (gy,) = g
     assert gy is not None
     y = node.output[0]
     grads: Grads = []
+    taken: str | None = None
     for x in node.input:
-        if not ctx.needs(x):
-            grads.append(None)
-            continue
         picked = ctx.b.op("Equal", [x, y])
-        grads.append(ctx.unbroadcast(ctx.mask(picked, gy), y, x))
+        first = picked if taken is None else ctx.b.op("And", [picked, ctx.b.op("Not", [taken])])
+        taken = picked if taken is None else ctx.b.op("Or", [taken, picked])
+        grads.append(ctx.unbroadcast(ctx.mask(first, gy), y, x) if ctx.needs(x) else None)
     return grads

@@ -1,0 +1,285 @@
+"""The Keras frontend: .keras, .h5 and SavedModel folders, via tf2onnx.
+
+A Keras 3 ``Sequential`` has no symbolic output, and a pretrained base nested in
+a ``Model`` hides its layers from the outer graph. Both are handled the same way:
+the model is re-run layer by layer on a fresh ``keras.Input``, descending into
+nested models, which yields one flat graph where every layer's output can be
+tapped. TensorFlow is imported here only, and only when this module is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.frontends import Reference, SourceModel, sha256_of
+from exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, default_layer, find_layer
+from worker.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+ROLES = {
+    "Conv1D": CONV, "Conv2D": CONV, "Conv3D": CONV, "SeparableConv2D": CONV,
+    "DepthwiseConv2D": CONV, "Conv2DTranspose": CONV,
+    "Add": MERGE, "Concatenate": MERGE, "Multiply": MERGE, "Subtract": MERGE,
+    "Average": MERGE, "Maximum": MERGE, "Minimum": MERGE,
+    "Activation": ACTIVATION, "ReLU": ACTIVATION, "LeakyReLU": ACTIVATION,
+    "PReLU": ACTIVATION, "ELU": ACTIVATION,
+}
+SQUASHING = {"softmax": "Softmax", "sigmoid": "Sigmoid"}
+
+
+def _import_tf() -> tuple[Any, Any]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import keras
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            "Keras models need the export extra: pip install 'onnxcam[export]'"
+        ) from exc
+    return tf, keras
+
+
+@dataclass
+class FlatGraph:
+    """A model re-run on a fresh input: every layer's output, in call order."""
+
+    input: Any
+    output: Any = None
+    tensors: dict[str, Any] = field(default_factory=dict)
+    layers: list[LayerInfo] = field(default_factory=list)
+    made_by: dict[int, str] = field(default_factory=dict)
+
+
+def _is_functional(layer: Any) -> bool:
+    return hasattr(layer, "_run_through_graph") and hasattr(layer, "_nodes_by_depth")
+
+
+def _squash_name(layer: Any) -> str:
+    activation = getattr(getattr(layer, "activation", None), "__name__", "")
+    if type(layer).__name__ == "Softmax":
+        return "Softmax"
+    return SQUASHING.get(activation, "")
+
+
+class Flattener:
+    """Calls layers on new tensors, recursing into Sequential and functional models."""
+
+    def __init__(self, keras: Any, final_layer: Any) -> None:
+        self.keras = keras
+        self.final_layer = final_layer
+        self.removed = ""
+
+    def run(self, model: Any) -> FlatGraph:
+        shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
+        if shape is None or len(model.inputs) != 1:
+            raise UnsupportedModelError("onnxcam needs a model with exactly one image input")
+        if len(shape) != 3:
+            raise UnsupportedModelError(
+                f"the input has rank {len(shape) + 1}; onnxcam needs rank 4 (N, H, W, C)"
+            )
+        if any(d is None for d in shape):
+            raise UnsupportedModelError(f"the model's input size {shape} is not fixed")
+        if len(getattr(model, "outputs", [None])) != 1:
+            raise UnsupportedModelError("onnxcam needs a classifier with one output")
+        flat = FlatGraph(input=self.keras.Input(shape=shape, name="input"))
+        flat.output = self.call(model, (flat.input,), {}, flat)
+        return flat
+
+    def call(self, layer: Any, args: tuple, kwargs: dict, flat: FlatGraph) -> Any:
+        if isinstance(layer, self.keras.Sequential):
+            x = args[0]
+            for sub in layer.layers:
+                x = self.call(sub, (x,), {}, flat)
+            return x
+        if _is_functional(layer):
+            inputs = args[0] if len(args) == 1 else list(args)
+            return layer._run_through_graph(
+                inputs, operation_fn=lambda op: lambda *a, **k: self.call(op, a, k, flat)
+            )
+        if type(layer).__name__ == "InputLayer":
+            return args[0]
+        if layer is self.final_layer:
+            return self.call_final(layer, args, kwargs, flat)
+        return self.record(layer, layer(*args, **kwargs), args, flat)
+
+    def call_final(self, layer: Any, args: tuple, kwargs: dict, flat: FlatGraph) -> Any:
+        """Call the output layer without its softmax/sigmoid ("swap softmax for linear")."""
+        self.removed = _squash_name(layer)
+        if type(layer).__name__ in ("Softmax", "Activation") and self.removed:
+            return args[0]
+        if self.removed:
+            layer.activation = self.keras.activations.linear
+        return self.record(layer, layer(*args, **kwargs), args, flat)
+
+    def record(self, layer: Any, output: Any, args: tuple, flat: FlatGraph) -> Any:
+        name = layer.name
+        if name in flat.tensors:
+            name = f"{name}_{len(flat.tensors)}"
+        first = args[0] if args else None
+        if isinstance(first, (list, tuple)):
+            first = first[0] if first else None
+        flat.tensors[name] = output
+        shape = tuple(output.shape) if hasattr(output, "shape") else ()
+        flat.layers.append(LayerInfo(
+            name=name,
+            op=type(layer).__name__,
+            shape=shape,
+            role=ROLES.get(type(layer).__name__, OTHER),
+            source=flat.made_by.get(id(first)),
+        ))
+        flat.made_by[id(output)] = name
+        return output
+
+
+def final_layer(model: Any, keras: Any) -> Any:
+    """The layer that produces the model's output, looking inside nested models."""
+    if isinstance(model, keras.Sequential):
+        return final_layer(model.layers[-1], keras)
+    if _is_functional(model):
+        return final_layer(model.outputs[0]._keras_history.operation, keras)
+    return model
+
+
+def load_keras_model(path: Path) -> Any:
+    _, keras = _import_tf()
+    try:
+        return keras.saving.load_model(str(path), compile=False)
+    except Exception as exc:
+        raise UnsupportedModelError(f"{path}: cannot load the Keras model ({exc})") from exc
+
+
+def flatten(model: Any) -> tuple[FlatGraph, str]:
+    """The flat graph and the name of the squashing activation removed ("" if none)."""
+    _, keras = _import_tf()
+    flattener = Flattener(keras, final_layer(model, keras))
+    flat = flattener.run(model)
+    return flat, flattener.removed
+
+
+def list_layers(path: Path) -> list[LayerInfo]:
+    flat, _ = flatten(load_keras_model(path))
+    return feeding_output(flat)
+
+
+def feeding_output(flat: FlatGraph) -> list[LayerInfo]:
+    """Layers that the output depends on, in call order."""
+    needed = {flat.made_by.get(id(flat.output))}
+    for layer in reversed(flat.layers):
+        if layer.name in needed:
+            needed.add(layer.source)
+    # Merges have several inputs; only the first is tracked, so keep every earlier
+    # layer unless it is clearly off the path (a dead branch after the output).
+    last = max((i for i, layer in enumerate(flat.layers) if layer.name in needed), default=-1)
+    return flat.layers[: last + 1]
+
+
+def convert(tap_model: Any, shape: tuple[int, ...], opset: int) -> Any:
+    tf, _ = _import_tf()
+    import tf2onnx
+
+    spec = [tf.TensorSpec((None, *shape), tf.float32, name="input")]
+    try:
+        model_proto, _ = tf2onnx.convert.from_keras(tap_model, input_signature=spec, opset=opset)
+    except Exception as exc:
+        raise UnsupportedModelError(f"tf2onnx could not convert the model: {exc}") from exc
+    return model_proto
+
+
+def gradient_tape_reference(tap_model: Any) -> Any:
+    """Logits, activations and d logit[target] / d activations, by TF GradientTape."""
+    tf, _ = _import_tf()
+
+    @tf.function(reduce_retracing=True)
+    def run(images: Any, targets: Any) -> Any:
+        with tf.GradientTape() as tape:
+            logits, activations = tap_model(images, training=False)
+            score = tf.gather(logits, targets, batch_dims=1)
+        return logits, activations, tape.gradient(score, activations)
+
+    def reference(images: np.ndarray, targets: np.ndarray) -> Reference:
+        logits, activations, gradients = run(tf.constant(images), tf.constant(targets))
+        return Reference(logits=logits.numpy(), activations=activations.numpy(),
+                         gradients=gradients.numpy(), linear=True)
+
+    return reference
+
+
+def load(path: Path, layer: str | None = None, opset: int = 17) -> SourceModel:
+    if path.is_dir():
+        return load_saved_model(path, layer, opset)
+    _, keras = _import_tf()
+    flat, removed = flatten(load_keras_model(path))
+    layers = feeding_output(flat)
+    chosen = find_layer(layers, layer) if layer else default_layer(layers)
+    log.info("target layer: %s (%s)", chosen.name, chosen.op)
+    tap_model = keras.Model(flat.input, [flat.output, flat.tensors[chosen.name]])
+    height, width, channels = (int(d) for d in flat.input.shape[1:])
+    model_proto = convert(tap_model, (height, width, channels), opset)
+    activation_name = model_proto.graph.output[1].name
+    return SourceModel(
+        model=model_proto,
+        activation=activation_name,
+        layer=chosen.name,
+        layout="nhwc",
+        activation_layout="nhwc",
+        height=height,
+        width=width,
+        channels=channels,
+        source_format="h5" if path.suffix.lower() in (".h5", ".hdf5") else "keras",
+        source_sha256=sha256_of(path),
+        layers=layers,
+        reference=gradient_tape_reference(tap_model),
+        removed_activation=removed,
+    )
+
+
+def load_saved_model(path: Path, layer: str | None, opset: int) -> SourceModel:
+    """A SavedModel folder: its serving signature goes through tf2onnx, then the ONNX
+    frontend picks the layer; logits are verified against the signature itself."""
+    tf, _ = _import_tf()
+    import tf2onnx
+
+    from exporter.frontends import onnx as onnx_frontend
+
+    try:
+        loaded = tf.saved_model.load(str(path))
+        signature = loaded.signatures["serving_default"]
+    except Exception as exc:
+        raise UnsupportedModelError(f"{path}: not a loadable SavedModel ({exc})") from exc
+    specs = signature.structured_input_signature[1]
+    if len(specs) != 1:
+        raise UnsupportedModelError(f"the SavedModel's signature has {len(specs)} inputs")
+    (key, spec), = specs.items()
+    output_key = sorted(signature.structured_outputs)[0]
+    spec = tf.TensorSpec(spec.shape, tf.float32, name="input")
+
+    @tf.function(input_signature=[spec])
+    def serve(images: Any) -> Any:
+        return signature(**{key: images})[output_key]
+
+    try:
+        model_proto, _ = tf2onnx.convert.from_function(serve, input_signature=[spec], opset=opset)
+    except Exception as exc:
+        raise UnsupportedModelError(f"tf2onnx could not convert the SavedModel: {exc}") from exc
+    with tempfile.TemporaryDirectory() as folder:
+        converted = Path(folder) / "model.onnx"
+        converted.write_bytes(model_proto.SerializeToString())
+        source = onnx_frontend.load(converted, layer, "nhwc", None, opset)
+
+    def reference(images: np.ndarray, targets: np.ndarray) -> Reference:
+        return Reference(logits=serve(tf.constant(images)).numpy())
+
+    source.reference = reference
+    source.source_format = "savedmodel"
+    source.source_sha256 = sha256_of(path)
+    return source

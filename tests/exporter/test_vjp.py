@@ -1,0 +1,610 @@
+"""Every VJP rule against float64 central differences, at float32 tolerance.
+
+Each case is a tiny forward graph whose inputs carry the batch axis first. The
+analytic side runs the rules (``exporter.vjp``) on a float32 copy in onnxruntime;
+the numeric side runs a float64 copy in ``onnx.reference.ReferenceEvaluator`` on a
+batch of perturbed copies of one sample at a time, so the reference is, by
+construction, per-sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from exporter.graph import GraphBuilder, forward_reachable, initializer_values
+from exporter.shapes import run_with_outputs
+from exporter.vjp import load_rules
+from exporter.vjp.context import TensorShape, VjpContext
+from worker.runtime import cpu_session
+
+OPSET = 17
+STEP = 1e-6  # central-difference step in float64
+BIG = 2**62  # "to the end" in Slice
+RULES = load_rules()  # the live registry, so tests can patch it
+
+
+# --------------------------------------------------------------------------- harness
+
+
+@dataclass
+class Case:
+    nodes: list[onnx.NodeProto]
+    inputs: dict[str, np.ndarray]  # graph inputs, batch axis first (float32)
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+    seeds: tuple[str, ...] = ("y",)  # outputs that receive an upstream gradient
+    frozen: tuple[str, ...] = ()  # inputs fed but not differentiated
+    opset: int = OPSET
+
+
+def node(op: str, inputs: list[str], outputs: tuple[str, ...] = ("y",), **attrs) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, list(outputs), **attrs)
+
+
+def forward_model(case: Case, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """The forward graph; with DOUBLE, float constants and float Casts become float64."""
+    wide = dtype == TensorProto.DOUBLE
+    inits = []
+    for name, value in case.consts.items():
+        if wide and value.dtype == np.float32:
+            value = value.astype(np.float64)
+        inits.append(numpy_helper.from_array(value, name))
+    nodes = []
+    for n in case.nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        if wide and n.op_type == "Cast":
+            for a in copy.attribute:
+                if a.name == "to" and a.i == TensorProto.FLOAT:
+                    a.i = TensorProto.DOUBLE
+        nodes.append(copy)
+    graph = helper.make_graph(
+        nodes,
+        "case",
+        [helper.make_tensor_value_info(k, dtype, ["N", *v.shape[1:]])
+         for k, v in case.inputs.items()],
+        [helper.make_tensor_value_info(s, dtype, None) for s in case.seeds],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)],
+                             ir_version=8)
+
+
+def probe(case: Case) -> dict[str, TensorShape]:
+    """Shapes at batch 1, with the axes that grow at batch 2 marked (as the exporter does)."""
+    model = forward_model(case)
+    names = list(dict.fromkeys(o for n in case.nodes for o in n.output if o))
+    runs = [run_with_outputs(model, names, {k: v[:b] for k, v in case.inputs.items()})
+            for b in (1, 2)]
+    values = {k: (v[:1], v[:2]) for k, v in case.inputs.items()}
+    values.update({k: (runs[0][k], runs[1][k]) for k in names})
+    values.update({k: (v, v) for k, v in case.consts.items()})
+    return {k: TensorShape(tuple(int(d) for d in one.shape),
+                           tuple(a != b for a, b in zip(one.shape, two.shape)))
+            for k, (one, two) in values.items()}
+
+
+def gradient_model(case: Case, guided: bool = False) -> tuple[bytes, list[str]]:
+    """Forward graph plus the rules run backwards from ``gy:<seed>`` inputs.
+
+    Returns the serialized model (outputs ``grad:<input>``) and the differentiated inputs.
+    """
+    shapes = probe(case)
+    model = forward_model(case)
+    graph = model.graph
+    wrt = [k for k in case.inputs if k not in case.frozen]
+    needed: set[str] = set()
+    for name in wrt:
+        needed |= forward_reachable(graph, name)
+    b = GraphBuilder(graph, "grad")
+    ctx = VjpContext(b, shapes, initializer_values(graph), case.opset, needed, guided)
+    grads: dict[str, str] = {}
+    for seed in case.seeds:
+        grads[seed] = f"gy:{seed}"
+        graph.input.append(helper.make_tensor_value_info(
+            f"gy:{seed}", TensorProto.FLOAT, ["N", *shapes[seed].dims[1:]]))
+    for n in reversed(list(graph.node)):
+        upstream = [grads.get(o) for o in n.output]
+        if all(g is None for g in upstream):
+            continue
+        result = RULES[n.op_type](ctx, n, upstream)
+        assert len(result) == len(n.input), f"{n.op_type} rule returned {len(result)} grads"
+        for name, g in zip(n.input, result):
+            if g is not None and ctx.needs(name):
+                grads[name] = b.op("Add", [grads[name], g]) if name in grads else g
+    del graph.output[:]
+    for name in wrt:
+        b.nodes.append(helper.make_node("Identity", [grads[name]], [f"grad:{name}"]))
+        graph.output.append(helper.make_tensor_value_info(
+            f"grad:{name}", TensorProto.FLOAT, ["N", *case.inputs[name].shape[1:]]))
+    b.commit()
+    onnx.checker.check_model(model)
+    return model.SerializeToString(), wrt
+
+
+def analytic(case: Case, gys: dict[str, np.ndarray], guided: bool = False,
+             batch: int = 2) -> dict[str, np.ndarray]:
+    model, wrt = gradient_model(case, guided)
+    feeds = {k: v[:batch] for k, v in case.inputs.items()}
+    feeds.update({f"gy:{k}": v[:batch] for k, v in gys.items()})
+    outs = cpu_session(model).run([f"grad:{k}" for k in wrt], feeds)
+    return dict(zip(wrt, outs))
+
+
+def numeric(case: Case, gys: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """d sum(gy * f(x)) / dx per sample, by float64 central differences."""
+    session = ReferenceEvaluator(forward_model(case, TensorProto.DOUBLE))
+    values = {k: v.astype(np.float64) for k, v in case.inputs.items()}
+    result = {}
+    for name in case.inputs:
+        if name in case.frozen:
+            continue
+        x = values[name]
+        size = x[0].size
+        grad = np.zeros_like(x)
+        for n in range(x.shape[0]):
+            feeds = {k: np.repeat(v[n:n + 1], 2 * size, axis=0) for k, v in values.items()}
+            flat = feeds[name].reshape(2 * size, size).copy()
+            flat[np.arange(size), np.arange(size)] += STEP
+            flat[size + np.arange(size), np.arange(size)] -= STEP
+            feeds[name] = flat.reshape(feeds[name].shape)
+            outs = session.run(list(case.seeds), feeds)
+            total = sum((o.reshape(2 * size, -1) * gys[s][n].reshape(1, -1)).sum(1)
+                        for s, o in zip(case.seeds, outs))
+            grad[n] = ((total[:size] - total[size:]) / (2 * STEP)).reshape(x.shape[1:])
+        result[name] = grad
+    return result
+
+
+def upstream(case: Case, seed: int = 1) -> dict[str, np.ndarray]:
+    out = ReferenceEvaluator(forward_model(case)).run(list(case.seeds), case.inputs)
+    rng = np.random.default_rng(seed)
+    return {s: rng.standard_normal(o.shape).astype(np.float32) for s, o in zip(case.seeds, out)}
+
+
+def check(case: Case) -> None:
+    gys = upstream(case)
+    got = analytic(case, gys)
+    want = numeric(case, gys)
+    assert set(got) == set(want)
+    for name, ref in want.items():
+        scale = float(np.abs(ref).max())
+        assert scale > 0, f"degenerate case: d/d{name} is zero"
+        assert got[name].dtype == np.float32 and got[name].shape == ref.shape, name
+        np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-5 * scale,
+                                   err_msg=f"d/d{name}")
+    # Sample 0's gradient must not depend on sample 1: compare with a batch-1 run.
+    alone = analytic(case, gys, batch=1)
+    for name, g in alone.items():
+        np.testing.assert_allclose(g[0], got[name][0], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"d/d{name} at batch 1")
+
+
+# --------------------------------------------------------------------------- inputs
+
+_rng = np.random.default_rng(2024)
+
+
+def rand(*shape: int, lo: float = -1.0, hi: float = 1.0, away: tuple[float, ...] = (),
+         gap: float = 0.05) -> np.ndarray:
+    """Uniform float32 on (lo, hi), redrawn wherever a value falls within ``gap`` of a kink."""
+    x = _rng.uniform(lo, hi, shape)
+    for _ in range(100):
+        bad = np.zeros(shape, bool)
+        for k in away:
+            bad |= np.abs(x - k) < gap
+        if not bad.any():
+            break
+        x[bad] = _rng.uniform(lo, hi, int(bad.sum()))
+    return x.astype(np.float32)
+
+
+def distinct(*shape: int, scale: float = 2.0) -> np.ndarray:
+    """Values with no ties (spaced by scale/size, far more than the finite-difference step)."""
+    size = int(np.prod(shape))
+    return ((_rng.permutation(size) / size - 0.5) * scale).reshape(shape).astype(np.float32)
+
+
+def nonzero(*shape: int) -> np.ndarray:
+    """Magnitudes in (0.5, 1.5) with random signs: safe divisors."""
+    return (rand(*shape, lo=0.5, hi=1.5) * _rng.choice([-1, 1], shape)).astype(np.float32)
+
+
+def ints(*values: int) -> np.ndarray:
+    return np.asarray(values, np.int64)
+
+
+def unary(op: str, x: np.ndarray, consts: dict | None = None, extra: tuple[str, ...] = (),
+          **attrs) -> Case:
+    return Case([node(op, ["x", *extra], **attrs)], {"x": x}, consts or {})
+
+
+def binary(op: str, x: np.ndarray, c: np.ndarray, const_first: bool = False) -> Case:
+    ins = ["c", "x"] if const_first else ["x", "c"]
+    return Case([node(op, ins)], {"x": x}, {"c": c})
+
+
+def two_inputs(op: str, x: np.ndarray, z: np.ndarray) -> Case:
+    return Case([node(op, ["x", "z"])], {"x": x, "z": z})
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def conv(x: np.ndarray, w_shape: tuple[int, ...], bias: bool = False, **attrs) -> Case:
+    consts = {"w": rand(*w_shape)}
+    ins = ["x", "w"]
+    if bias:
+        consts["b"] = rand(w_shape[0])
+        ins.append("b")
+    return Case([node("Conv", ins, **attrs)], {"x": x}, consts)
+
+
+def gemm(trans_a: int, trans_b: int, alpha: float = 1.0) -> Case:
+    """x [N, K] fed as A (through a Transpose when transA, so the batch stays first)."""
+    k, m = 4, 3
+    nodes = []
+    a = "x"
+    if trans_a:
+        nodes.append(node("Transpose", ["x"], ("xt",), perm=[1, 0]))
+        a = "xt"
+    nodes.append(node("Gemm", [a, "w", "c"], alpha=alpha, beta=1.3, transA=trans_a,
+                      transB=trans_b))
+    w = rand(m, k) if trans_b else rand(k, m)
+    return Case(nodes, {"x": rand(2, k)}, {"w": w, "c": rand(m)})
+
+
+CASES: dict[str, Case] = {
+    # Conv
+    "conv_3x3_pad1": conv(rand(2, 3, 6, 6), (4, 3, 3, 3), pads=[1, 1, 1, 1]),
+    # 7 + 1 - 3 = 5 -> 3 outputs, covering 6 of 7 rows: output_padding 1, asymmetric pads.
+    "conv_stride2_odd": conv(rand(2, 3, 7, 7), (4, 3, 3, 3), strides=[2, 2], pads=[0, 0, 1, 1]),
+    # 2x2 stride 2 on 7x7 drops the last row and column: output_padding 1.
+    "conv_k2_stride2_odd": conv(rand(2, 2, 7, 7), (3, 2, 2, 2), strides=[2, 2]),
+    "conv_stride2_pad1_even": conv(rand(2, 3, 8, 8), (4, 3, 3, 3), strides=[2, 2],
+                                   pads=[1, 1, 1, 1]),
+    "conv_dilation2": conv(rand(2, 2, 7, 7), (3, 2, 3, 3), dilations=[2, 2], pads=[2, 2, 2, 2]),
+    # Dilated and strided: 8 + 4 - 5 = 7 -> 4 outputs covering 7 of 8 rows.
+    "conv_dilation2_stride2": conv(rand(2, 2, 8, 8), (3, 2, 3, 3), dilations=[2, 2],
+                                   strides=[2, 2], pads=[2, 2, 2, 2]),
+    "conv_valid": conv(rand(2, 2, 6, 5), (3, 2, 3, 3), auto_pad="VALID", strides=[2, 2]),
+    "conv_dilation2_valid": conv(rand(2, 2, 8, 7), (3, 2, 3, 2), dilations=[2, 3]),
+    # SAME_UPPER stride 2 on 8x7: H pads (0, 1), W pads (1, 1).
+    "conv_same_upper_stride2": conv(rand(2, 3, 8, 7), (4, 3, 3, 3), auto_pad="SAME_UPPER",
+                                    strides=[2, 2]),
+    "conv_same_lower_stride2": conv(rand(2, 3, 8, 7), (4, 3, 3, 3), auto_pad="SAME_LOWER",
+                                    strides=[2, 2]),
+    "conv_same_upper_stride1_k2": conv(rand(2, 2, 5, 5), (3, 2, 2, 2), auto_pad="SAME_UPPER"),
+    "conv_group2": conv(rand(2, 4, 5, 5), (6, 2, 3, 3), group=2, pads=[1, 1, 1, 1]),
+    "conv_depthwise": conv(rand(2, 3, 5, 5), (3, 1, 3, 3), group=3, pads=[1, 1, 1, 1]),
+    "conv_depthwise_mult2_stride2": conv(rand(2, 3, 6, 6), (6, 1, 3, 3), group=3,
+                                         strides=[2, 2], pads=[1, 1, 1, 1]),
+    "conv_1x1": conv(rand(2, 3, 4, 4), (5, 3, 1, 1)),
+    "conv_1x1_stride2": conv(rand(2, 3, 6, 6), (5, 3, 1, 1), strides=[2, 2]),
+    "conv_bias": conv(rand(2, 3, 5, 5), (4, 3, 3, 3), bias=True, pads=[1, 1, 1, 1]),
+    "conv_rect_kernel": conv(rand(2, 2, 6, 5), (3, 2, 3, 1), strides=[2, 1], pads=[1, 0, 0, 0]),
+    "conv_3d": conv(rand(2, 2, 4, 5, 3), (3, 2, 2, 3, 2), strides=[2, 1, 1],
+                    pads=[0, 1, 1, 0, 1, 0]),
+    "conv_1d": conv(rand(2, 3, 9), (4, 3, 3), strides=[2], pads=[1, 0]),
+    # Gemm
+    "gemm_nn": gemm(0, 0),
+    "gemm_nt": gemm(0, 1),
+    "gemm_tn": gemm(1, 0, alpha=0.7),
+    "gemm_tt": gemm(1, 1, alpha=0.7),
+    "gemm_alpha": gemm(0, 1, alpha=-1.7),
+    # MatMul
+    "matmul_2d": binary("MatMul", rand(2, 4), rand(4, 3)),
+    "matmul_3d": binary("MatMul", rand(2, 3, 4), rand(4, 5)),
+    "matmul_const_first": binary("MatMul", rand(2, 4, 3), rand(5, 4), const_first=True),
+    "matmul_both_inputs": two_inputs("MatMul", rand(2, 3, 4), rand(2, 4, 2)),
+    # Broadcasting arithmetic with a constant operand
+    "add_c11": binary("Add", rand(2, 3, 2, 2), rand(3, 1, 1)),
+    "sub_c11": binary("Sub", rand(2, 3, 2, 2), rand(3, 1, 1)),
+    "mul_c11": binary("Mul", rand(2, 3, 2, 2), rand(3, 1, 1)),
+    "div_c11": binary("Div", rand(2, 3, 2, 2), nonzero(3, 1, 1)),
+    "add_row": binary("Add", rand(2, 4), rand(1, 4)),
+    "add_vec": binary("Add", rand(2, 4), rand(4)),
+    "sub_vec": binary("Sub", rand(2, 4), rand(4)),
+    "mul_vec": binary("Mul", rand(2, 4), rand(4)),
+    "div_vec": binary("Div", rand(2, 4), nonzero(4)),
+    "sub_const_first": binary("Sub", rand(2, 4), rand(4), const_first=True),
+    "div_const_first": binary("Div", nonzero(2, 3, 2), rand(3, 1), const_first=True),
+    # x itself is the broadcast operand: its gradient is summed over the channel axis.
+    "add_x_broadcast": binary("Add", rand(2, 1, 3, 2), rand(4, 1, 1)),
+    "mul_x_broadcast": binary("Mul", rand(2, 1, 3, 2), rand(4, 1, 1)),
+    "div_x_broadcast": binary("Div", rand(2, 1, 3, 2), nonzero(4, 1, 1)),
+    # Both operands are graph tensors that need gradients.
+    "add_two": two_inputs("Add", rand(2, 3, 2, 2), rand(2, 3, 1, 1)),
+    "sub_two": two_inputs("Sub", rand(2, 3, 2, 2), rand(2, 1, 2, 2)),
+    "mul_two": two_inputs("Mul", rand(2, 3, 2, 2), rand(2, 3, 1, 1)),
+    "div_two": two_inputs("Div", rand(2, 3, 2, 2), nonzero(2, 1, 2, 2)),
+    "div_two_numerator_broadcast": two_inputs("Div", rand(2, 1, 2, 2), nonzero(2, 3, 2, 2)),
+    # The same tensor on both sides: the two gradients must add up.
+    "mul_x_x": Case([node("Mul", ["x", "x"])], {"x": rand(2, 3, 4)}),
+    "sub_x_x_relu": Case([node("Relu", ["x"], ("r",)), node("Sub", ["r", "x"])],
+                         {"x": rand(2, 5, away=(0.0,))}),
+    # Two rules chained, with the gradients of x accumulated: y = x * relu(x).
+    "mul_x_relu_x": Case([node("Relu", ["x"], ("r",)), node("Mul", ["x", "r"])],
+                         {"x": rand(2, 3, 4, away=(0.0,))}),
+    # Activations
+    "neg": unary("Neg", rand(2, 3, 4)),
+    "relu": unary("Relu", rand(2, 3, 4, 4, away=(0.0,))),
+    "leaky_relu_default": unary("LeakyRelu", rand(2, 3, 4, away=(0.0,))),
+    "leaky_relu": unary("LeakyRelu", rand(2, 3, 4, 4, away=(0.0,)), alpha=0.1),
+    "clip_relu6": unary("Clip", rand(2, 3, 4, 4, lo=-3, hi=9, away=(0.0, 6.0)),
+                        {"lo": np.float32(0.0), "hi": np.float32(6.0)}, ("lo", "hi")),
+    "clip_max_only": Case([node("Clip", ["x", "", "hi"])],
+                          {"x": rand(2, 3, 5, lo=-3, hi=3, away=(0.5,))},
+                          {"hi": np.float32(0.5)}),
+    "clip_no_bounds": unary("Clip", rand(2, 3, 4)),
+    "sigmoid": unary("Sigmoid", rand(2, 3, 4, lo=-4, hi=4)),
+    "tanh": unary("Tanh", rand(2, 3, 4, lo=-3, hi=3)),
+    "hard_sigmoid": unary("HardSigmoid", rand(2, 3, 4, 4, lo=-5, hi=5, away=(-2.5, 2.5))),
+    "hard_sigmoid_attrs": unary("HardSigmoid", rand(2, 3, 4, 4, lo=-4, hi=4, away=(-1.6, 2.4)),
+                                alpha=0.25, beta=0.4),
+    "hard_swish": unary("HardSwish", rand(2, 3, 4, 4, lo=-5, hi=5, away=(-3.0, 3.0))),
+    "softmax_last": unary("Softmax", rand(2, 5, lo=-2, hi=2), axis=-1),
+    "softmax_3d_last": unary("Softmax", rand(2, 3, 4, lo=-2, hi=2), axis=-1),
+    "softmax_axis1": unary("Softmax", rand(2, 3, 4, lo=-2, hi=2), axis=1),
+    "max_two": two_inputs("Max", *np.split(distinct(2, 2, 3, 4), 2, axis=1)),
+    "max_const_broadcast": binary("Max", distinct(2, 3, 4), np.float32([-0.31, 0.07, 0.52, 0.9])),
+    "max_same_tensor": Case([node("Max", ["x", "x"])], {"x": rand(2, 3, 4)}),
+    "min_two": two_inputs("Min", *np.split(distinct(2, 2, 3, 4), 2, axis=1)),
+    # Shape ops
+    "flatten": unary("Flatten", rand(2, 3, 2, 2), axis=1),
+    "reshape": unary("Reshape", rand(2, 3, 4), {"s": ints(-1, 2, 6)}, ("s",)),
+    "reshape_zero": unary("Reshape", rand(2, 3, 4), {"s": ints(0, 12)}, ("s",)),
+    "transpose_nhwc": unary("Transpose", rand(2, 3, 4, 5), perm=[0, 2, 3, 1]),
+    "transpose_default_perm": Case(
+        [node("Transpose", ["x"], ("t",)), node("Transpose", ["t"], ("y",), perm=[2, 1, 0])],
+        {"x": rand(2, 3, 4)}),
+    "squeeze": unary("Squeeze", rand(2, 3, 1, 4), {"a": ints(2)}, ("a",)),
+    "unsqueeze": unary("Unsqueeze", rand(2, 3, 4), {"a": ints(1, 3)}, ("a",)),
+    "concat": Case([node("Concat", ["x", "f", "z"], axis=1)],
+                   {"x": rand(2, 2, 3, 3), "f": rand(2, 1, 3, 3), "z": rand(2, 3, 3, 3)},
+                   frozen=("f",)),
+    "concat_negative_axis": Case([node("Concat", ["x", "z"], axis=-1)],
+                                 {"x": rand(2, 3, 2), "z": rand(2, 3, 4)}),
+    "split_one_used": Case([node("Split", ["x", "s"], ("y0", "y1"), axis=1)],
+                           {"x": rand(2, 5, 3)}, {"s": ints(2, 3)}, seeds=("y1",)),
+    "split_first_used": Case([node("Split", ["x", "s"], ("y0", "y1"), axis=1)],
+                             {"x": rand(2, 5, 3)}, {"s": ints(2, 3)}, seeds=("y0",)),
+    "split_both_used": Case([node("Split", ["x", "s"], ("y0", "y1"), axis=-1)],
+                            {"x": rand(2, 3, 5)}, {"s": ints(2, 3)}, seeds=("y0", "y1")),
+    "slice_negative": unary("Slice", rand(2, 3, 6, 7),
+                            {"st": ints(1, -5), "en": ints(-1, 6), "ax": ints(2, 3),
+                             "sp": ints(1, 1)}, ("st", "en", "ax", "sp")),
+    "slice_batch_and_clamped": unary("Slice", rand(2, 5, 4),
+                                     {"st": ints(0, 1, -3), "en": ints(BIG, 100, -1),
+                                      "ax": ints(0, 1, -1)}, ("st", "en", "ax")),
+    "slice_no_axes": unary("Slice", rand(2, 4, 5), {"st": ints(0, 1, 2), "en": ints(BIG, 3, 4)},
+                           ("st", "en")),
+    # Slice bounds from Constant nodes rather than initializers.
+    "slice_constant_nodes": Case(
+        [helper.make_node("Constant", [], ["st"], value=numpy_helper.from_array(ints(1, -4))),
+         helper.make_node("Constant", [], ["en"], value_ints=[3, -1]),
+         helper.make_node("Constant", [], ["ax"], value_ints=[1, 2]),
+         node("Slice", ["x", "st", "en", "ax"])],
+        {"x": rand(2, 4, 6)}),
+    "pad": unary("Pad", rand(2, 3, 4, 5), {"p": ints(0, 0, 1, 2, 0, 0, 2, 1)}, ("p",)),
+    "pad_value": unary("Pad", rand(2, 3, 4, 5), {"p": ints(0, 0, 0, 3, 0, 0, 2, 0),
+                                                 "v": np.float32(0.7)}, ("p", "v")),
+    "expand": unary("Expand", rand(2, 3, 1, 1), {"s": ints(1, 3, 4, 5)}, ("s",)),
+    "expand_middle": unary("Expand", rand(2, 1, 4), {"s": ints(3, 4)}, ("s",)),
+    # Pooling and reductions
+    "global_average_pool": unary("GlobalAveragePool", rand(2, 3, 4, 5)),
+    "global_max_pool": unary("GlobalMaxPool", distinct(2, 3, 4, 5)),
+    "reduce_mean_attr": unary("ReduceMean", rand(2, 3, 4, 5), axes=[2, 3], keepdims=0),
+    "reduce_mean_keep": unary("ReduceMean", rand(2, 3, 4, 5), axes=[1], keepdims=1),
+    "reduce_sum_input": unary("ReduceSum", rand(2, 3, 4, 5), {"a": ints(1)}, ("a",), keepdims=1),
+    "reduce_sum_negative_axes": unary("ReduceSum", rand(2, 3, 4, 5), {"a": ints(-1, 1)}, ("a",),
+                                      keepdims=0),
+    "reduce_max": unary("ReduceMax", distinct(2, 3, 4, 5), axes=[2, 3], keepdims=0),
+    "reduce_max_keep": unary("ReduceMax", distinct(2, 3, 4, 5), axes=[1, 3], keepdims=1),
+    "average_pool_2x2": unary("AveragePool", rand(2, 3, 6, 6), kernel_shape=[2, 2],
+                              strides=[2, 2]),
+    "average_pool_2x2_odd": unary("AveragePool", rand(2, 2, 7, 5), kernel_shape=[2, 2],
+                                  strides=[2, 2]),
+    "average_pool_3x3_pad_exclude": unary("AveragePool", rand(2, 3, 5, 6), kernel_shape=[3, 3],
+                                          pads=[1, 1, 1, 1], count_include_pad=0),
+    "average_pool_3x3_pad_include": unary("AveragePool", rand(2, 3, 5, 6), kernel_shape=[3, 3],
+                                          pads=[1, 1, 1, 1], count_include_pad=1),
+    "average_pool_3x3_stride2_pad": unary("AveragePool", rand(2, 2, 7, 7), kernel_shape=[3, 3],
+                                          strides=[2, 2], pads=[1, 1, 1, 1]),
+    "average_pool_same_upper": unary("AveragePool", rand(2, 2, 5, 6), kernel_shape=[2, 2],
+                                     strides=[2, 2], auto_pad="SAME_UPPER"),
+    "average_pool_3x3_stride2_pad_include": unary(
+        "AveragePool", rand(2, 2, 7, 7), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+        count_include_pad=1),
+    "average_pool_asymmetric": unary("AveragePool", rand(2, 2, 7, 6), kernel_shape=[3, 2],
+                                     strides=[2, 1], pads=[0, 1, 2, 0]),
+    "average_pool_same_upper_include": unary(
+        "AveragePool", rand(2, 2, 5, 6), kernel_shape=[3, 3], strides=[2, 2],
+        auto_pad="SAME_UPPER", count_include_pad=1),
+    "average_pool_1d": unary("AveragePool", rand(2, 3, 9), kernel_shape=[3], strides=[2],
+                             pads=[1, 1]),
+    "max_pool_2x2": unary("MaxPool", distinct(2, 3, 6, 6), kernel_shape=[2, 2], strides=[2, 2]),
+    "max_pool_3x3_stride2_pad1": unary("MaxPool", distinct(2, 3, 7, 7), kernel_shape=[3, 3],
+                                       strides=[2, 2], pads=[1, 1, 1, 1]),
+    "max_pool_3x3_stride1": unary("MaxPool", distinct(2, 2, 5, 5), kernel_shape=[3, 3]),
+    "max_pool_ceil": unary("MaxPool", distinct(2, 2, 7, 7), kernel_shape=[2, 2], strides=[2, 2],
+                           ceil_mode=1),
+    "max_pool_dilated": unary("MaxPool", distinct(2, 2, 7, 7), kernel_shape=[2, 2],
+                              dilations=[2, 2]),
+    "max_pool_same_upper": unary("MaxPool", distinct(2, 2, 7, 6), kernel_shape=[3, 3],
+                                 strides=[2, 2], auto_pad="SAME_UPPER"),
+    # BatchNormalization and pass-through ops
+    "batch_norm": unary("BatchNormalization", rand(2, 3, 4, 4),
+                        {"s": np.float32([0.5, -1.2, 2.0]), "b": rand(3), "m": rand(3),
+                         "v": np.float32([0.3, 1.7, 0.02])}, ("s", "b", "m", "v"),
+                        epsilon=1e-2),
+    "batch_norm_2d": unary("BatchNormalization", rand(2, 3),
+                           {"s": np.float32([0.5, -1.2, 2.0]), "b": rand(3), "m": rand(3),
+                            "v": np.float32([0.3, 1.7, 0.02])}, ("s", "b", "m", "v")),
+    # Parameters computed in the graph (not initializers): the rule builds the factor in ONNX.
+    "batch_norm_computed_params": Case(
+        [node("Identity", ["s0"], ("s",)), node("Identity", ["v0"], ("v",)),
+         node("BatchNormalization", ["x", "s", "b", "m", "v"], epsilon=1e-3)],
+        {"x": rand(2, 3, 2, 2)},
+        {"s0": np.float32([0.5, -1.2, 2.0]), "b": rand(3), "m": rand(3),
+         "v0": np.float32([0.3, 1.7, 0.02])}),
+    "identity": unary("Identity", rand(2, 3, 4)),
+    "dropout": unary("Dropout", rand(2, 3, 4), {"r": np.float32(0.5)}, ("r",)),
+    "cast_float": unary("Cast", rand(2, 3, 4), to=TensorProto.FLOAT),
+}
+
+
+def at_opset(opset: int, case: Case) -> Case:
+    case.opset = opset
+    return case
+
+
+# Models already past opset 17 stay there: reductions take axes as inputs, Pad takes axes.
+CASES.update({
+    "reduce_mean_axes_input_op18": at_opset(18, unary(
+        "ReduceMean", rand(2, 3, 4, 5), {"a": ints(2, 3)}, ("a",), keepdims=0)),
+    "reduce_max_axes_input_op18": at_opset(18, unary(
+        "ReduceMax", distinct(2, 3, 4, 5), {"a": ints(-1)}, ("a",), keepdims=0)),
+    "global_max_pool_op18": at_opset(18, unary("GlobalMaxPool", distinct(2, 3, 4, 5))),
+    "softmax_op18": at_opset(18, unary("Softmax", rand(2, 3, 4, lo=-2, hi=2), axis=1)),
+    "add_x_broadcast_op18": at_opset(18, binary("Add", rand(2, 1, 3, 2), rand(4, 1, 1))),
+    "pad_axes_op18": at_opset(18, unary(
+        "Pad", rand(2, 3, 4, 5), {"p": ints(1, 2, 0, 1), "ax": ints(2, -1)}, ("p", "", "ax"))),
+    "split_num_outputs_op18": at_opset(18, Case(
+        [node("Split", ["x"], ("y0", "y1", "y2"), axis=1, num_outputs=3)],
+        {"x": rand(2, 6, 2)}, seeds=("y0", "y2"))),
+})
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rule_matches_numerical_vjp(name: str) -> None:
+    check(CASES[name])
+
+
+def test_every_rule_is_exercised() -> None:
+    tested = {n.op_type for case in CASES.values() for n in case.nodes}
+    assert set(RULES) <= tested, sorted(set(RULES) - tested)
+
+
+# --------------------------------------------------------------------------- guided ReLU
+
+
+def test_guided_relu_passes_only_positive_gradients_at_positive_inputs() -> None:
+    case = CASES["relu"]
+    gys = upstream(case)
+    got = analytic(case, gys, guided=True)["x"]
+    want = np.maximum(gys["y"], 0) * (case.inputs["x"] > 0)
+    np.testing.assert_array_equal(got, want)
+    assert (got != analytic(case, gys)["x"]).any()  # differs from the plain rule
+
+
+# --------------------------------------------------------------------------- unbroadcast
+
+
+@pytest.mark.parametrize(
+    "small, reduced",
+    [((4,), (0, 1, 2)), ((3, 1, 4), (0, 2)), ((1, 5, 4), (0, 1))],
+    ids=["vector", "middle_and_leading", "leading_one"],
+)
+def test_unbroadcast_sums_leading_and_unit_axes(small: tuple[int, ...],
+                                                reduced: tuple[int, ...]) -> None:
+    """A constant shaped ``small`` broadcast into [N, 3, 5, 4]: sum the gradient back."""
+    rng = np.random.default_rng(7)
+    grad = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [], "u", [helper.make_tensor_value_info("g", TensorProto.FLOAT, ["N", 3, 5, 4])], [],
+        [numpy_helper.from_array(np.zeros(small, np.float32), "c")])
+    shapes = {"y": TensorShape((1, 3, 5, 4), (True, False, False, False)),
+              "c": TensorShape(small, (False,) * len(small))}
+    b = GraphBuilder(graph, "grad")
+    ctx = VjpContext(b, shapes, initializer_values(graph), OPSET)
+    out = ctx.unbroadcast("g", "y", "c")
+    b.nodes.append(helper.make_node("Identity", [out], ["out"]))
+    b.commit()
+    graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, None))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              ir_version=8)
+    (got,) = cpu_session(model.SerializeToString()).run(["out"], {"g": grad})
+    want = grad.sum(axis=reduced).reshape(small)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unbroadcast_same_shape_is_a_no_op() -> None:
+    shape = TensorShape((1, 3), (True, False))
+    ctx = VjpContext(GraphBuilder(helper.make_graph([], "u", [], []), "g"),
+                     {"y": shape, "x": shape}, {}, OPSET)
+    assert ctx.unbroadcast("gy", "y", "x") == "gy"
+    assert ctx.b.nodes == []
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def test_harness_catches_a_wrong_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sigmoid's gradient replaced by the identity's must fail the check."""
+    monkeypatch.setitem(RULES, "Sigmoid", RULES["Identity"])
+    with pytest.raises(AssertionError):
+        check(CASES["sigmoid"])
+
+
+def test_harness_catches_batch_mixing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule that leaks gradient across samples must fail the check."""
+    def leaky(ctx: VjpContext, n: onnx.NodeProto, g: list[str | None]) -> list[str | None]:
+        total = ctx.reduce("ReduceSum", g[0], [0], keepdims=True)  # type: ignore[arg-type]
+        return [ctx.b.op("Add", [g[0], ctx.b.op("Mul", [total, ctx.scalar(1e-3)])])]
+
+    monkeypatch.setitem(RULES, "Identity", leaky)
+    with pytest.raises(AssertionError):
+        check(CASES["identity"])
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+REFUSED = {
+    "slice_step2": unary("Slice", rand(2, 3, 6), {"st": ints(0), "en": ints(6), "ax": ints(2),
+                                                 "sp": ints(2)}, ("st", "en", "ax", "sp")),
+    "slice_batch_axis": unary("Slice", rand(2, 3), {"st": ints(1), "en": ints(2), "ax": ints(0)},
+                              ("st", "en", "ax")),
+    "pad_reflect": unary("Pad", rand(2, 3, 4), {"p": ints(0, 0, 1, 0, 0, 1)}, ("p",),
+                         mode="reflect"),
+    "pad_batch_axis": unary("Pad", rand(2, 3), {"p": ints(1, 0, 0, 0)}, ("p",)),
+    "average_pool_ceil_overhang": unary("AveragePool", rand(2, 2, 7, 7), kernel_shape=[2, 2],
+                                        strides=[2, 2], ceil_mode=1),
+    "reduce_mean_over_batch": unary("ReduceMean", rand(2, 3), axes=[0, 1], keepdims=1),
+    "reduce_max_over_batch": unary("ReduceMax", distinct(2, 3), axes=[0], keepdims=1),
+    "concat_batch_axis": Case([node("Concat", ["x", "z"], axis=0)],
+                              {"x": rand(2, 3), "z": rand(2, 3)}),
+    "max_pool_column_major": unary("MaxPool", distinct(2, 1, 4, 4), kernel_shape=[2, 2],
+                                   strides=[2, 2], storage_order=1),
+    "matmul_vector": binary("MatMul", rand(2, 4), rand(4)),
+    "softmax_opset12": at_opset(12, unary("Softmax", rand(2, 5), axis=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_rule_refuses_what_it_cannot_differentiate(name: str) -> None:
+    with pytest.raises(NotImplementedError):
+        gradient_model(REFUSED[name])
+
+
+# --------------------------------------------------------------------------- max ties
+
+
+@pytest.mark.parametrize("op, attrs", [("GlobalMaxPool", {}),
+                                       ("ReduceMax", {"axes": [2, 3], "keepdims": 1})])
+def test_max_reductions_share_tied_gradients_equally(op: str, attrs: dict) -> None:
+    x = distinct(2, 2, 3, 3)
+    x[0, 0, 0, 0] = x[0, 0, 2, 1] = x[0, 0, 1, 2] = x.max() + 1  # a three-way tie
+    x[1, 1, 1, 1] = x[1, 1, 0, 0] = x.max() + 1  # a two-way tie
+    case = unary(op, x, **attrs)
+    gys = upstream(case)
+    got = analytic(case, gys)["x"]
+    peak = x == x.max(axis=(2, 3), keepdims=True)
+    want = peak * gys["y"].reshape(2, 2, 1, 1) / peak.sum(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
