@@ -5,6 +5,15 @@ TensorFlow and tf2onnx are imported only when a Keras model is converted.
 
 from __future__ import annotations
 
-from exporter.pipeline import ExportResult, build_bundle, export, load_source
+from exporter.layers import LayerInfo, describe
+from exporter.pipeline import ExportResult, build_bundle, export, list_layers, load_source
 
-__all__ = ["ExportResult", "build_bundle", "export", "load_source"]
+__all__ = [
+    "ExportResult",
+    "LayerInfo",
+    "build_bundle",
+    "describe",
+    "export",
+    "list_layers",
+    "load_source",
+]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from worker.errors import LayerNotFoundError, UnsupportedModelError
 
 CONV, MERGE, ACTIVATION, OTHER = "conv", "merge", "activation", "other"
+GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalAveragePooling2D",
+                          "GlobalMaxPooling2D"})
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,8 @@ class LayerInfo:
 
     @property
     def spatial(self) -> bool:
-        return len(self.shape) == 4
+        """A 4-D map; global pooling's 4-D output (kept dims) collapses space, so it is not."""
+        return len(self.shape) == 4 and self.op not in GLOBAL_POOLS
 
 
 def default_layer(layers: list[LayerInfo]) -> LayerInfo:

@@ -11,6 +11,7 @@ from pathlib import Path
 import onnx
 
 from exporter.frontends import SourceModel
+from exporter.layers import LayerInfo
 from exporter.graph import prune_unused, rename_tensors, tensor_names, toposort
 from exporter.passes.add_cam import add_cam
 from exporter.passes.add_fd_weights import add_fd_weights
@@ -56,6 +57,26 @@ def load_source(
     raise UnsupportedModelError(
         f"{path}: unsupported model type; expected .onnx, .keras, .h5 or a SavedModel folder"
     )
+
+
+def list_layers(
+    src: str | Path,
+    layout: str | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> list[LayerInfo]:
+    """Candidate target layers of a model, in order, for ``onnxcam layers``."""
+    path = Path(src)
+    if not path.exists():
+        raise UnsupportedModelError(f"{path}: no such file or folder")
+    if path.suffix.lower() == ".onnx":
+        from exporter.frontends import onnx as onnx_frontend
+
+        return onnx_frontend.prepare(path, layout, input_size, 17).layers
+    if path.is_dir():
+        return load_source(path).layers
+    from exporter.frontends import keras as keras_frontend
+
+    return keras_frontend.list_layers(path)
 
 
 def read_labels(path: str | Path | None) -> list[str]:
@@ -104,8 +125,8 @@ def build_bundle(
         activation_layout=source.activation_layout, target_layer=source.layer,
         num_classes=num_classes, labels=labels, gradient=mode,
         source_format=source.source_format, source_sha256=source.source_sha256,
-        version=__version__, removed_activation=removed or source.removed_activation, fd_epsilon=fd_step,
-        fd_chunk=fd_chunk,
+        version=__version__, removed_activation=removed or source.removed_activation,
+        fd_epsilon=fd_step, fd_chunk=fd_chunk,
     )
     del model.metadata_props[:]
     for key, value in info.to_metadata().items():

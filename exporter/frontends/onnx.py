@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,34 @@ def list_layers(
     return layers
 
 
+@dataclass
+class Prepared:
+    model: onnx.ModelProto
+    input_name: str
+    layout: str
+    height: int
+    width: int
+    channels: int
+    layers: list[LayerInfo]
+
+
+def prepare(
+    path: Path, layout: str | None, input_size: tuple[int, int] | None, opset: int
+) -> Prepared:
+    """Load, upgrade, check the input and list the candidate layers."""
+    model = upgrade_opset(load_proto(path), max(opset, 17))
+    toposort(model.graph)
+    layout, height, width, channels = fix_input(model, layout, input_size)
+    input_name = real_inputs(model.graph)[0].name
+    sample_nhwc = np.random.default_rng(0).uniform(0, 1, (1, height, width, channels))
+    sample = to_layout(sample_nhwc.astype(np.float32), layout)
+    try:
+        layers = list_layers(model, input_name, sample)
+    except Exception as exc:
+        raise UnsupportedModelError(f"{path}: onnxruntime cannot run the model ({exc})") from exc
+    return Prepared(model, input_name, layout, height, width, channels, layers)
+
+
 def load(
     path: Path,
     layer: str | None = None,
@@ -153,35 +182,29 @@ def load(
     input_size: tuple[int, int] | None = None,
     opset: int = 17,
 ) -> SourceModel:
-    model = upgrade_opset(load_proto(path), max(opset, 17))
-    toposort(model.graph)
-    layout, height, width, channels = fix_input(model, layout, input_size)
-    input_name = real_inputs(model.graph)[0].name
-    sample_nhwc = np.random.default_rng(0).uniform(0, 1, (1, height, width, channels))
-    sample = to_layout(sample_nhwc.astype(np.float32), layout)
-    layers = list_layers(model, input_name, sample)
-    chosen = find_layer(layers, layer) if layer else default_layer(layers)
+    ready = prepare(path, layout, input_size, opset)
+    chosen = find_layer(ready.layers, layer) if layer else default_layer(ready.layers)
     log.info("target layer: %s (%s, %s)", chosen.name, chosen.op, chosen.tensor)
     original = onnx.ModelProto()
-    original.CopyFrom(model)
+    original.CopyFrom(ready.model)
+    output = original.graph.output[0].name
 
     def reference(images: np.ndarray, targets: np.ndarray) -> Reference:
-        feeds = {input_name: to_layout(images, layout)}
-        output = original.graph.output[0].name
+        feeds = {ready.input_name: to_layout(images, ready.layout)}
         return Reference(logits=run_with_outputs(original, [output], feeds)[output])
 
     return SourceModel(
-        model=model,
+        model=ready.model,
         activation=chosen.tensor,
         layer=chosen.name,
-        layout=layout,
-        activation_layout=tensor_layout(model.graph, chosen.tensor, layout),
-        height=height,
-        width=width,
-        channels=channels,
+        layout=ready.layout,
+        activation_layout=tensor_layout(ready.model.graph, chosen.tensor, ready.layout),
+        height=ready.height,
+        width=ready.width,
+        channels=ready.channels,
         source_format="onnx",
         source_sha256=sha256_of(path),
-        layers=layers,
+        layers=ready.layers,
         reference=reference,
     )
 

@@ -1,0 +1,113 @@
+"""The ``onnxcam`` command line. Each command parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from worker.bundle import GRADIENT_MODES, LAYOUTS, PREPROCESS_MODES
+from worker.errors import OnnxcamError
+
+EXIT_BAD_INPUT = 2
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn onnxcam's errors into one line on stderr and exit status 2."""
+    try:
+        yield
+    except OnnxcamError as exc:
+        click.echo(f"onnxcam: error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def with_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with reported_errors():
+            return fn(*args, **kwargs)
+
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress, not just warnings.")
+@click.version_option(package_name="onnxcam")
+def main(verbose: bool) -> None:
+    """onnxcam: Grad-CAM bundles on ONNX Runtime, and the workers that run them."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="onnxcam: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+input_size_option = click.option(
+    "--input-size", nargs=2, type=int, default=None, metavar="H W",
+    help="Input size, for ONNX files whose size is dynamic.",
+)
+layout_option = click.option(
+    "--layout", type=click.Choice(LAYOUTS), default=None,
+    help="Input layout, only where it cannot be inferred.",
+)
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@input_size_option
+@layout_option
+@with_errors
+def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None) -> None:
+    """List candidate target layers of SRC; the default is marked with '*'."""
+    from exporter import describe, list_layers
+
+    for line in describe(list_layers(src, layout, input_size)):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Where to write the bundle (.onnx).")
+@click.option("--layer", default=None, help="Target layer: Keras layer, ONNX node or tensor.")
+@click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default="unit",
+              show_default=True, help="Preprocessing embedded in the bundle.")
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="Text file with one class label per line.")
+@click.option("--gradient", type=click.Choice(("auto", *GRADIENT_MODES)), default="auto",
+              show_default=True, help="Exact gradient subgraph, finite differences, or auto.")
+@input_size_option
+@layout_option
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
+@click.option("--no-verify", is_flag=True, help="Skip checking the bundle against the source.")
+@with_errors
+def export(
+    src: Path, out: Path, layer: str | None, preprocess: str, labels: Path | None,
+    gradient: str, input_size: tuple[int, int] | None, layout: str | None, opset: int,
+    no_verify: bool,
+) -> None:
+    """Turn the classifier SRC (.keras, .h5, SavedModel folder or .onnx) into a bundle."""
+    from exporter import export as run_export
+
+    result = run_export(
+        src, out, layer=layer, preprocess=preprocess, labels=labels, gradient=gradient,
+        input_size=input_size, layout=layout, opset=opset, verify=not no_verify,
+    )
+    info = result.info
+    check = "not verified"
+    if result.report is not None:
+        name, error, _ = result.report.worst
+        check = f"verified, worst relative error {error:.1e} ({name})"
+    click.echo(f"wrote {result.path}: layer {info.target_layer}, {info.num_classes} classes, "
+               f"{info.gradient} gradients, {check}")
+
+
+if __name__ == "__main__":
+    main()
