@@ -11,8 +11,8 @@ from pathlib import Path
 import onnx
 
 from exporter.frontends import SourceModel
+from exporter.graph import prune_unused, real_inputs, rename_tensors, tensor_names, toposort
 from exporter.layers import LayerInfo
-from exporter.graph import prune_unused, rename_tensors, tensor_names, toposort
 from exporter.passes.add_cam import add_cam
 from exporter.passes.add_fd_weights import add_fd_weights
 from exporter.passes.add_gradients import add_gradients, head_tensors, source_of, unsupported_ops
@@ -100,6 +100,7 @@ def build_bundle(
     activation = free_reserved_names(model.graph).get(source.activation, source.activation)
     expose_activation(model, activation)
     _, removed = linearize_logits(model)
+    model_input = real_inputs(model.graph)[0].name
     embed_preprocessing(model, preprocess, source.layout, source.height, source.width,
                         source.channels)
     prune_unused(model.graph)
@@ -126,7 +127,7 @@ def build_bundle(
         num_classes=num_classes, labels=labels, gradient=mode,
         source_format=source.source_format, source_sha256=source.source_sha256,
         version=__version__, removed_activation=removed or source.removed_activation,
-        fd_epsilon=fd_step, fd_chunk=fd_chunk,
+        fd_epsilon=fd_step, fd_chunk=fd_chunk, model_input=model_input,
     )
     del model.metadata_props[:]
     for key, value in info.to_metadata().items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from worker.bundle import BundleInfo, read_bundle_info
+from worker.engine import Explainer, Explanation
 from worker.errors import (
     BadImageError,
     BadMethodError,
@@ -21,6 +22,8 @@ __all__ = [
     "BadTargetError",
     "BundleError",
     "BundleInfo",
+    "Explainer",
+    "Explanation",
     "ExportError",
     "JobError",
     "OnnxcamError",

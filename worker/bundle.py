@@ -53,6 +53,7 @@ KEY_FD_EPSILON = PREFIX + "fd_epsilon"
 KEY_FD_CHUNK = PREFIX + "fd_chunk"
 KEY_RESIZE = PREFIX + "resize"
 KEY_REMOVED_HEAD = PREFIX + "removed_activation"
+KEY_MODEL_INPUT = PREFIX + "model_input"  # the preprocessed tensor the model itself reads
 
 PREPROCESS_MODES = ("unit", "none", "caffe", "tf", "torch")
 LAYOUTS = ("nhwc", "nchw")
@@ -80,6 +81,7 @@ class BundleInfo:
     removed_activation: str = ""
     fd_epsilon: float = 0.0
     fd_chunk: int = 0
+    model_input: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -113,6 +115,7 @@ class BundleInfo:
             KEY_SOURCE_SHA256: self.source_sha256,
             KEY_RESIZE: self.resize,
             KEY_REMOVED_HEAD: self.removed_activation,
+            KEY_MODEL_INPUT: self.model_input,
         }
         if self.gradient == "fd":
             props[KEY_FD_EPSILON] = repr(self.fd_epsilon)
@@ -135,7 +138,7 @@ class BundleInfo:
                 KEY_FORMAT, KEY_VERSION, KEY_HEIGHT, KEY_WIDTH, KEY_CHANNELS, KEY_PREPROCESS,
                 KEY_LAYOUT, KEY_ACTIVATION_LAYOUT, KEY_LAYER, KEY_NUM_CLASSES, KEY_LABELS,
                 KEY_GRADIENT, KEY_SOURCE_FORMAT, KEY_SOURCE_SHA256, KEY_RESIZE,
-                KEY_REMOVED_HEAD, KEY_FD_EPSILON, KEY_FD_CHUNK,
+                KEY_REMOVED_HEAD, KEY_FD_EPSILON, KEY_FD_CHUNK, KEY_MODEL_INPUT,
             }
             return cls(
                 height=int(props[KEY_HEIGHT]),
@@ -155,6 +158,7 @@ class BundleInfo:
                 removed_activation=props.get(KEY_REMOVED_HEAD, ""),
                 fd_epsilon=float(props.get(KEY_FD_EPSILON, "0")),
                 fd_chunk=int(props.get(KEY_FD_CHUNK, "0")),
+                model_input=props.get(KEY_MODEL_INPUT, ""),
                 extra={k: v for k, v in props.items() if k.startswith(PREFIX) and k not in known},
             )
         except (KeyError, ValueError, TypeError) as exc:
@@ -177,3 +181,20 @@ def read_bundle_info(source: str | Path | Any) -> BundleInfo:
     except Exception as exc:
         raise BundleError(f"{path}: not an ONNX file ({exc.__class__.__name__})") from exc
     return BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
+
+
+def split_at_model_input(model: Any, info: BundleInfo) -> tuple[Any, Any]:
+    """Two models cut from a bundle at its preprocessed model input.
+
+    The first maps ``image`` to that float tensor; the second maps the float tensor
+    to ``logits``. Score-CAM masks the model's own input, so it needs both.
+    """
+    import onnx.utils
+
+    if not info.model_input:
+        raise BundleError("this bundle does not record its model input (re-export it)")
+    model = onnx.shape_inference.infer_shapes(model)
+    extractor = onnx.utils.Extractor(model)
+    front = extractor.extract_model([INPUT_IMAGE], [info.model_input])
+    back = extractor.extract_model([info.model_input], [OUTPUT_LOGITS])
+    return front, back

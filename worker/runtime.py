@@ -1,30 +1,125 @@
-"""onnxruntime sessions: provider choice, CUDA probing and thread settings."""
+"""onnxruntime sessions: device choice, a quiet CUDA probe, and thread settings."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import importlib.util
 import logging
 import os
 
+import numpy as np
 import onnxruntime as ort
 
 log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+# Libraries the CUDA provider loads; if one is missing, asking ORT for CUDA only
+# fills the log with loader errors, so the probe looks for them first.
+CUDA_LIBRARIES = (
+    ("libcudart.so.13", "libcudart.so.12"),
+    ("libcublasLt.so.13", "libcublasLt.so.12"),
+    ("libcudnn.so.9",),
+)
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or cpu_threads()
+    options.inter_op_num_threads = 1
     return options
 
 
 def cpu_session(model: bytes | str, threads: int | None = None) -> ort.InferenceSession:
     """A plain CPU session, as the exporter uses for probing and verification."""
-    return ort.InferenceSession(
-        model, session_options(threads), providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(model, session_options(threads), providers=[CPU])
 
 
 def cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _loadable(names: tuple[str, ...]) -> bool:
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _preload_quietly() -> None:
+    """Let onnxruntime load CUDA libraries shipped as pip wheels, without its chatter."""
+    if not hasattr(ort, "preload_dlls") or importlib.util.find_spec("nvidia") is None:
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), \
+            contextlib.redirect_stderr(sink):
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - a failed preload just means no CUDA
+            pass
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_usable() -> bool:
+    """True when a CUDA session really runs here; probed once per process, quietly."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    _preload_quietly()
+    if not all(_loadable(names) for names in CUDA_LIBRARIES):
+        return False
+    try:
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])], "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        options = session_options(1)
+        options.log_severity_level = 4
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=[CUDA, CPU])
+        session.run(None, {"x": np.ones(1, np.float32)})
+        return session.get_providers()[0] == CUDA
+    except Exception:  # noqa: BLE001 - any failure means CUDA is not usable
+        return False
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when usable, else 'cpu'; 'cuda' falls back with one log line."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if device == "cpu":
+        return "cpu"
+    if cuda_usable():
+        return "cuda"
+    if device == "cuda":
+        log.warning("CUDA was asked for but is not usable here; running on the CPU")
+    else:
+        log.info("no usable CUDA device; running on the CPU")
+    return "cpu"
+
+
+def make_session(
+    model: bytes | str, device: str = "auto", threads: int | None = None
+) -> tuple[ort.InferenceSession, str]:
+    """A session on the chosen device, and the device it really runs on."""
+    chosen = resolve_device(device)
+    providers = [CUDA, CPU] if chosen == "cuda" else [CPU]
+    session = ort.InferenceSession(model, session_options(threads), providers=providers)
+    if chosen == "cuda" and session.get_providers()[0] != CUDA:
+        log.warning("CUDA session could not be created; running on the CPU")
+        chosen = "cpu"
+    return session, chosen

@@ -1,0 +1,48 @@
+"""Score-CAM (Wang et al.): weights are the softmax over channels of the target's
+score when the input is masked by each upsampled, min-max scaled activation map.
+
+The masked inputs are the model's preprocessed input times the mask, as in
+pytorch-grad-cam, and run in batches through the bundle's own model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.bundle import OUTPUT_ACTIVATIONS
+from worker.errors import BadMethodError
+from worker.methods.base import CamMethod, LayerMaps, weighted_sum
+
+
+def align_corners_matrix(size_out: int, size_in: int) -> np.ndarray:
+    """Bilinear weights with align_corners=True (torch's UpsamplingBilinear2d)."""
+    if size_in == 1:
+        return np.ones((size_out, 1), np.float32)
+    position = np.arange(size_out) * (size_in - 1) / max(size_out - 1, 1)
+    low = np.minimum(np.floor(position).astype(int), size_in - 2)
+    frac = position - low
+    matrix = np.zeros((size_out, size_in), np.float32)
+    matrix[np.arange(size_out), low] = 1 - frac
+    matrix[np.arange(size_out), low + 1] += frac
+    return matrix
+
+
+class ScoreCAM(CamMethod):
+    name = "scorecam"
+    outputs = (OUTPUT_ACTIVATIONS,)
+    needs_gradient_map = False
+
+    def weigh(self, maps: LayerMaps) -> np.ndarray:
+        if maps.score_masked is None:
+            raise BadMethodError("scorecam needs a bundle that records its model input")
+        acts = maps.activations.astype(np.float32)
+        rows = align_corners_matrix(maps.info.height, acts.shape[2])
+        cols = align_corners_matrix(maps.info.width, acts.shape[3])
+        upsampled = np.einsum("hi,nkij,wj->nkhw", rows, acts, cols, optimize=True)
+        low = upsampled.min(axis=(2, 3), keepdims=True)
+        high = upsampled.max(axis=(2, 3), keepdims=True)
+        masks = (upsampled - low) / (high - low + 1e-8)
+        scores = maps.score_masked(masks).astype(np.float64)
+        scores -= scores.max(axis=1, keepdims=True)
+        weights = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+        return weighted_sum(weights.astype(np.float32), acts)
