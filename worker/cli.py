@@ -109,5 +109,56 @@ def export(
                f"{info.gradient} gradients, {check}")
 
 
+def parse_formats(value: str) -> list[str]:
+    from worker.outputs import FORMATS
+
+    formats = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise click.BadParameter(f"choose from {', '.join(FORMATS)}, comma separated")
+    return formats
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for heatmaps and overlays.")
+@click.option("--method", default="gradcam", show_default=True, help="CAM method.")
+@click.option("--target", type=int, default=None, help="Class to explain (default: top-1).")
+@click.option("--raw", "with_raw", is_flag=True, help="Also write the raw layer-resolution map.")
+@click.option("--format", "formats", default="npy,png", show_default=True,
+              help="Outputs to write: npy, png or both.")
+@click.option("--batch-size", type=int, default=None, help="Images per session run.")
+@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+@with_errors
+def explain(
+    bundle: Path, images: tuple[str, ...], out: Path, method: str, target: int | None,
+    with_raw: bool, formats: str, batch_size: int | None, device: str, as_json: bool,
+) -> None:
+    """Explain IMAGE files with BUNDLE; write DIR/<stem>.npy and DIR/<stem>.png."""
+    import json
+
+    from worker.engine import Explainer
+    from worker.outputs import explain_files
+
+    explainer = Explainer(bundle, device=device)
+    failures = 0
+    for result in explain_files(explainer, list(images), out, method, target,
+                                parse_formats(formats), with_raw, batch_size):
+        if result.error is not None:
+            failures += 1
+            click.echo(f"onnxcam: error: {result.error}", err=True)
+            if as_json:
+                click.echo(json.dumps({"image": result.image, "error": result.error.code,
+                                       "message": str(result.error)}))
+        elif as_json:
+            click.echo(json.dumps(result.record))
+    if failures:
+        sys.exit(EXIT_BAD_INPUT)
+
+
 if __name__ == "__main__":
     main()

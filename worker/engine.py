@@ -25,7 +25,7 @@ from worker.bundle import (
     split_at_model_input,
 )
 from worker.errors import BadImageError, BadMethodError, BadTargetError, BundleError
-from worker.images import Limits, load_image, resize
+from worker.images import DEFAULT_LIMITS, Limits, load_image, resize
 from worker.maps import heatmaps as to_heatmaps
 from worker.methods import CamMethod, LayerMaps, get_method
 from worker.runtime import make_session
@@ -74,7 +74,7 @@ class Explainer:
         bundle: str | Path | bytes,
         device: str = "auto",
         threads: int | None = None,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.model_bytes = _read_bundle(bundle)
         self.info: BundleInfo = _info_of(self.model_bytes, bundle)

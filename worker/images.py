@@ -38,6 +38,9 @@ class Limits:
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
+DEFAULT_LIMITS = Limits()
+
+
 def _name(source: Any) -> str:
     return str(source) if isinstance(source, (str, Path)) else type(source).__name__
 
@@ -59,7 +62,7 @@ def read_bytes(path: str | Path, limits: Limits) -> bytes:
         raise BadImageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
-def decode(data: bytes, limits: Limits = Limits(), name: str = "image") -> Image.Image:
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, name: str = "image") -> Image.Image:
     """Decode encoded bytes fully, refusing truncated files and decompression bombs."""
     if not data:
         raise BadImageError(f"{name}: empty file")
@@ -96,7 +99,7 @@ def to_array(image: Image.Image, channels: int) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def load_image(source: Any, channels: int = 3, limits: Limits = Limits()) -> np.ndarray:
+def load_image(source: Any, channels: int = 3, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """A path, encoded bytes, PIL image or array -> uint8 [H, W, C]."""
     if isinstance(source, (str, Path)):
         return to_array(decode(read_bytes(source, limits), limits, str(source)), channels)

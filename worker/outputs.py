@@ -1,0 +1,166 @@
+"""Writing explanations to disk: heatmaps (.npy), overlays (.png) and JSON records.
+
+Files are written under a temporary name and renamed, so a reader never sees a
+half-written heatmap.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from worker.engine import Explainer, Explanation
+from worker.errors import OnnxcamError
+from worker.images import load_image
+from worker.maps import heatmaps, overlay
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("npy", "png")
+
+
+@dataclass
+class ImageResult:
+    """One image's outcome: its record for --json, or its error."""
+
+    image: str
+    record: dict[str, Any] = field(default_factory=dict)
+    error: OnnxcamError | None = None
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def render(
+    image: np.ndarray, raw: np.ndarray, formats: Sequence[str], with_raw: bool
+) -> dict[str, bytes]:
+    """The files for one image, by suffix: heatmap at the image's own size, overlay, raw."""
+    height, width = image.shape[:2]
+    heatmap = heatmaps(raw[None], height, width)[0]
+    files: dict[str, bytes] = {}
+    if "npy" in formats:
+        files[".npy"] = npy_bytes(heatmap.astype(np.float32))
+    if "png" in formats:
+        files[".png"] = png_bytes(overlay(image, heatmap))
+    if with_raw:
+        files[".raw.npy"] = npy_bytes(raw.astype(np.float32))
+    return files
+
+
+def record(image: str, explanation: Explanation, index: int, files: list[str]) -> dict[str, Any]:
+    return {
+        "image": image,
+        "target": int(explanation.targets[index]),
+        "logits": [float(v) for v in explanation.logits[index]],
+        "top": explanation.top(5)[index],
+        "files": files,
+    }
+
+
+def unique_stems(paths: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = Path(path).stem
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        stems.append(stem if count == 0 else f"{stem}-{count}")
+    return stems
+
+
+def explain_files(
+    explainer: Explainer,
+    paths: Sequence[str],
+    out: Path,
+    method: str = "gradcam",
+    target: int | None = None,
+    formats: Sequence[str] = FORMATS,
+    with_raw: bool = False,
+    batch_size: int | None = None,
+) -> Iterator[ImageResult]:
+    """Explain image files in batches and write their outputs under ``out``.
+
+    A bad image yields its error and the rest carry on. Decoding of the next
+    batch overlaps the current one.
+    """
+    explainer.method(method)  # fail early on a bad method, before any decoding
+    stems = unique_stems(paths)
+    size = batch_size or 8
+    channels = explainer.info.channels
+
+    def decode(chunk: Sequence[str]) -> list[np.ndarray | OnnxcamError]:
+        decoded: list[np.ndarray | OnnxcamError] = []
+        for path in chunk:
+            try:
+                decoded.append(load_image(path, channels, explainer.limits))
+            except OnnxcamError as exc:
+                decoded.append(exc)
+        return decoded
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(decode, paths[:size])
+        for start in range(0, len(paths), size):
+            decoded = pending.result()
+            if start + size < len(paths):
+                pending = pool.submit(decode, paths[start + size : start + 2 * size])
+            yield from _explain_chunk(explainer, paths[start : start + size],
+                                      stems[start : start + size], decoded, out, method,
+                                      target, formats, with_raw)
+
+
+def _explain_chunk(
+    explainer: Explainer, paths: Sequence[str], stems: Sequence[str],
+    decoded: list[np.ndarray | OnnxcamError], out: Path, method: str, target: int | None,
+    formats: Sequence[str], with_raw: bool,
+) -> Iterator[ImageResult]:
+    good = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
+    explanation = None
+    if good:
+        arrays = [decoded[i] for i in good]
+        explanation = explainer.explain(arrays, targets=target, method=method,
+                                        batch_size=len(arrays))
+    row = {index: position for position, index in enumerate(good)}
+    for i, path in enumerate(paths):
+        item = decoded[i]
+        if isinstance(item, OnnxcamError):
+            yield ImageResult(path, error=item)
+            continue
+        assert explanation is not None
+        position = row[i]
+        written = []
+        for suffix, data in render(item, explanation.raw[position], formats, with_raw).items():
+            target_path = out / f"{stems[i]}{suffix}"
+            atomic_write(target_path, data)
+            written.append(str(target_path))
+        yield ImageResult(path, record(path, explanation, position, written))
