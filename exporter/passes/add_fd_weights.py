@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from exporter.graph import GraphBuilder, float_output, opset_version, reduce
+from exporter.graph import GraphBuilder, attrs, consumers, float_output, opset_version, reduce
 from exporter.passes import PassResult
 from exporter.passes.add_gradients import add_target_input, chosen_class, head_nodes, source_of
 from exporter.vjp.context import TensorShape
@@ -29,6 +29,64 @@ CHUNK_BYTES = 64 * 2**20
 RELATIVE_STEP = 1e-3
 
 
+# Ops through which a channel-uniform shift of the input is the same shift of one
+# channel of the output, so the perturbation can start after them.
+UNIFORM_SHIFT_OPS = frozenset({
+    "Identity", "Dropout", "Transpose", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
+    "ReduceMax", "Squeeze", "Flatten", "Reshape",
+})
+
+
+def _channel_after(node: onnx.NodeProto, axis: int, shapes: Mapping[str, TensorShape],
+                   channels: int) -> int | None:
+    """Where the perturbed channel axis lands after ``node``, or None if it is mixed."""
+    out = shapes.get(node.output[0])
+    if out is None:
+        return None
+    if node.op_type == "Transpose":
+        perm = attrs(node).get("perm")
+        return None if perm is None else list(perm).index(axis)  # type: ignore[arg-type]
+    # Every other op must leave one non-batch axis of size C and only 1s beside it
+    # (global pooling), or keep the shape (Identity, Dropout).
+    if node.op_type in ("Identity", "Dropout"):
+        return axis
+    in_shape = shapes[node.input[0]]
+    if node.op_type not in ("GlobalAveragePool", "GlobalMaxPool"):
+        others = [d for i, d in enumerate(in_shape.dims) if i not in (0, axis)]
+        if node.op_type in ("Squeeze", "Flatten", "Reshape") and any(d != 1 for d in others):
+            return None
+        if node.op_type in ("ReduceMean", "ReduceMax"):
+            kept = out.dims[1:]
+            if sorted(kept) != sorted([channels] + [1] * (len(kept) - 1)):
+                return None
+    matches = [i for i, d in enumerate(out.dims) if i > 0 and d == channels]
+    return matches[0] if len(matches) == 1 else None
+
+
+def perturbation_point(
+    graph: onnx.GraphProto, start: str, axis: int, channels: int,
+    shapes: Mapping[str, TensorShape],
+) -> tuple[str, int]:
+    """The furthest tensor that a channel-uniform shift of ``start`` reaches unchanged.
+
+    Shifting channel k of the target layer by e everywhere shifts channel k of a
+    global pool's output by e (mean or max alike), so differences taken there are
+    the same, and far cheaper: the Loop then perturbs a [N, C] vector, not a map.
+    """
+    readers = consumers(graph)
+    current = start
+    while True:
+        following = readers.get(current, [])
+        head = [n for n in following if n.name != "onnxcam/activations"]
+        if len(head) != 1 or head[0].op_type not in UNIFORM_SHIFT_OPS:
+            return current, axis
+        node = head[0]
+        moved = _channel_after(node, axis, shapes, channels)
+        if moved is None or node.output[0] not in shapes:
+            return current, axis
+        current, axis = node.output[0], moved
+
+
 def chunk_samples(activation: TensorShape) -> int:
     """How many perturbed samples (batch x channels) one Loop iteration may hold."""
     per_sample = 4 * int(np.prod(activation.dims[1:]))
@@ -36,25 +94,22 @@ def chunk_samples(activation: TensorShape) -> int:
 
 
 def _perturbed(
-    b: GraphBuilder, start: str, step: str, chunk: str, index: str, channels: int, layout: str,
-    spatial: tuple[int, int],
+    b: GraphBuilder, point: str, step: str, chunk: str, index: str, shape: TensorShape,
+    axis: int,
 ) -> str:
-    """[N*B, ...]: the activations with channel index+j raised by ``step`` for j < B."""
+    """[N*B, ...]: ``point`` with channel index*B+j raised by ``step``, for j < B."""
+    channels = shape.dims[axis]
     rng = b.op("Range", [b.const(0, "zero_i"), chunk, b.const(1, "one_i")])
     first = b.op("Mul", [index, chunk])
     picked = b.op("Min", [b.op("Add", [rng, first]), b.const(channels - 1, "last")])
     directions = b.op("OneHot", [picked, b.const(channels, "depth"), b.const([0.0, 1.0], "v")],
                       axis=-1)
-    h, w = spatial
-    if layout == "nhwc":
-        direction_shape, act_shape = [1, -1, 1, 1, channels], [0, 1, h, w, channels]
-    else:
-        direction_shape, act_shape = [1, -1, channels, 1, 1], [0, 1, channels, h, w]
-    d5 = b.op("Reshape", [directions, b.const(direction_shape, "shape")])
-    a5 = b.op("Reshape", [start, b.const(act_shape, "shape")])
-    s5 = b.op("Reshape", [step, b.const([-1, 1, 1, 1, 1], "shape")])
-    moved = b.op("Add", [a5, b.op("Mul", [s5, d5])])
-    tail = act_shape[2:]
+    tail = list(shape.dims[1:])
+    direction_shape = [1, -1] + [channels if i == axis else 1 for i in range(1, shape.rank)]
+    d = b.op("Reshape", [directions, b.const(direction_shape, "shape")])
+    widened = b.op("Unsqueeze", [point, b.const([1], "axes")])
+    s = b.op("Reshape", [step, b.const([-1] + [1] * shape.rank, "shape")])
+    moved = b.op("Add", [widened, b.op("Mul", [s, d])])
     return b.op("Reshape", [moved, b.const([-1, *tail], "shape")])
 
 
@@ -88,7 +143,9 @@ def add_fd_weights(
         raise ValueError("the target layer must be a 4-D map")
     channels = act.dims[3] if layout == "nhwc" else act.dims[1]
     spatial = (act.dims[1], act.dims[2]) if layout == "nhwc" else (act.dims[2], act.dims[3])
-    samples = chunk_samples(act)
+    point, axis = perturbation_point(graph, start, 3 if layout == "nhwc" else 1, channels,
+                                     shapes)
+    samples = chunk_samples(shapes[point])
     add_target_input(graph)
     outer = GraphBuilder(graph, "onnxcam/fd")
 
@@ -111,9 +168,9 @@ def add_fd_weights(
     inner._taken |= outer._taken
     index = inner.fresh("iter")
     cond_in, cond_out = inner.fresh("cond_in"), inner.fresh("cond_out")
-    moved = _perturbed(inner, start, step, chunk, index, channels, layout, spatial)
-    renamed = {start: moved}
-    for node in head_nodes(graph, start, end, differentiable_only=False):
+    moved = _perturbed(inner, point, step, chunk, index, shapes[point], axis)
+    renamed = {point: moved}
+    for node in head_nodes(graph, point, end, differentiable_only=False):
         for name in node.input:
             if name and name not in renamed and name in shapes and shapes[name].batched[:1] == (
                 True,

@@ -1,0 +1,251 @@
+"""``onnxcam explain`` through click's CliRunner: files written, JSON lines, exit statuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import models
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from exporter import export
+from worker import Explainer
+from worker.cli import main
+from worker.images import load_image
+from worker.maps import heatmaps
+
+LABELS = ["cat", "dog", "fox", "owl", "yak"]
+SIZES = {"wide": (21, 40), "tall": (50, 19), "grey": (33, 33)}  # H, W; the bundle is 16x16
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("explain_cli")
+
+
+@pytest.fixture(scope="module")
+def bundle(folder: Path) -> Path:
+    source = folder / "onnx_cnn.onnx"
+    onnx.save(models.onnx_cnn(), str(source))
+    labels = folder / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    out = folder / "cnn.bundle.onnx"
+    export(source, out, labels=labels)
+    return out
+
+
+@pytest.fixture(scope="module")
+def explainer(bundle: Path) -> Explainer:
+    return Explainer(bundle, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(folder: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, (h, w) in SIZES.items():
+        if name == "grey":
+            path = folder / f"{name}.jpg"
+            Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(path, quality=95)
+        else:
+            path = folder / f"{name}.png"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths[name] = path
+    return paths
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, ["explain", *map(str, args)])
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def expected(explainer: Explainer, path: Path, method: str = "gradcam",
+             target: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image at its own size, raw map, heatmap at the image's size) via the library."""
+    image = load_image(path, explainer.info.channels)
+    raw = explainer.explain([path], targets=target, method=method).raw[0]
+    h, w = image.shape[:2]
+    return image, raw, heatmaps(raw[None], h, w)[0]
+
+
+def test_writes_heatmap_and_overlay_at_each_images_own_size(
+    tmp_path: Path, bundle: Path, images: dict[str, Path], explainer: Explainer
+) -> None:
+    out = tmp_path / "out"
+    result = run(bundle, *images.values(), "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{p.stem}{suffix}" for p in images.values() for suffix in (".npy", ".png"))
+    for name, path in images.items():
+        h, w = SIZES[name]
+        heat = np.load(out / f"{path.stem}.npy")
+        assert heat.shape == (h, w) and heat.dtype == np.float32
+        assert heat.min() >= 0 and heat.max() <= 1
+        _, _, want = expected(explainer, path)
+        np.testing.assert_allclose(heat, want, atol=1e-6)
+        with Image.open(out / f"{path.stem}.png") as overlay:
+            assert overlay.format == "PNG" and overlay.mode == "RGB"
+            assert overlay.size == (w, h)
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_raw_method_target_and_batch_size(
+    tmp_path: Path, bundle: Path, images: dict[str, Path], explainer: Explainer
+) -> None:
+    paths = list(images.values())
+    outputs = {}
+    for size in ("1", "3"):
+        out = tmp_path / f"out{size}"
+        result = run(bundle, *paths, "--out", out, "--method", "layercam", "--target", "3",
+                     "--raw", "--batch-size", size)
+        assert result.exit_code == 0, result.output
+        outputs[size] = out
+        for path in paths:
+            assert (out / f"{path.stem}.raw.npy").is_file()
+            _, raw, heat = expected(explainer, path, "layercam", 3)
+            got_raw = np.load(out / f"{path.stem}.raw.npy")
+            assert got_raw.dtype == np.float32
+            np.testing.assert_allclose(got_raw, raw, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(np.load(out / f"{path.stem}.npy"), heat, atol=1e-5)
+    for path in paths:
+        for suffix in (".npy", ".raw.npy"):
+            np.testing.assert_allclose(np.load(outputs["1"] / f"{path.stem}{suffix}"),
+                                       np.load(outputs["3"] / f"{path.stem}{suffix}"),
+                                       rtol=1e-5, atol=1e-7)
+
+
+def test_format_npy_writes_no_png(tmp_path: Path, bundle: Path, images: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    result = run(bundle, images["wide"], "--out", out, "--format", "npy")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.iterdir()] == ["wide.npy"]
+
+
+def test_format_png_writes_no_npy(tmp_path: Path, bundle: Path, images: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    result = run(bundle, images["wide"], "--out", out, "--format", "png")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.iterdir()] == ["wide.png"]
+
+
+def test_bad_format_is_a_usage_error(tmp_path: Path, bundle: Path,
+                                     images: dict[str, Path]) -> None:
+    result = run(bundle, images["wide"], "--out", tmp_path / "out", "--format", "jpg")
+    assert result.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_prints_one_line_per_image(
+    tmp_path: Path, bundle: Path, images: dict[str, Path], explainer: Explainer
+) -> None:
+    out = tmp_path / "out"
+    result = run(bundle, *images.values(), "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in lines(result.stdout)]
+    assert len(records) == len(images)
+    for record, path in zip(records, images.values()):
+        assert set(record) == {"image", "target", "logits", "top", "files"}
+        assert record["image"] == str(path)
+        want = explainer.explain([path])
+        assert record["target"] == int(want.targets[0])
+        np.testing.assert_allclose(record["logits"], want.logits[0], rtol=1e-5, atol=1e-6)
+        assert len(record["top"]) == 5
+        for entry in record["top"]:
+            assert set(entry) == {"class", "label", "score"}
+            assert entry["label"] == LABELS[entry["class"]]
+        assert record["top"][0]["class"] == record["target"]
+        assert sum(e["score"] for e in record["top"]) == pytest.approx(1.0, abs=1e-5)
+        assert sorted(record["files"]) == sorted(
+            str(out / f"{path.stem}{suffix}") for suffix in (".npy", ".png"))
+        assert all(Path(f).is_file() for f in record["files"])
+
+
+def test_json_with_target_and_raw(tmp_path: Path, bundle: Path, images: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    result = run(bundle, images["tall"], "--out", out, "--json", "--target", "1", "--raw",
+                 "--format", "npy")
+    assert result.exit_code == 0, result.output
+    (line,) = lines(result.stdout)
+    record = json.loads(line)
+    assert record["target"] == 1
+    assert sorted(record["files"]) == [str(out / "tall.npy"), str(out / "tall.raw.npy")]
+
+
+def test_one_bad_image_among_good_ones(
+    tmp_path: Path, bundle: Path, images: dict[str, Path], explainer: Explainer
+) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_text("not a png")
+    out = tmp_path / "out"
+    paths = [images["wide"], bad, images["grey"]]
+    result = run(bundle, *paths, "--out", out, "--json", "--batch-size", "2")
+    assert result.exit_code == 2
+    errors = lines(result.stderr)
+    assert len(errors) == 1 and str(bad) in errors[0] and "error" in errors[0]
+    for good in (images["wide"], images["grey"]):
+        _, _, want = expected(explainer, good)
+        np.testing.assert_allclose(np.load(out / f"{good.stem}.npy"), want, atol=1e-6)
+        assert (out / f"{good.stem}.png").is_file()
+    assert not list(out.glob("broken*"))
+    records = [json.loads(line) for line in lines(result.stdout)]
+    assert [r["image"] for r in records] == [str(p) for p in paths]
+    assert records[1]["error"] == "bad_image" and str(bad) in records[1]["message"]
+    assert "files" in records[0] and "files" in records[2]
+
+
+def test_missing_image_exits_2(tmp_path: Path, bundle: Path, images: dict[str, Path]) -> None:
+    missing = tmp_path / "missing.png"
+    out = tmp_path / "out"
+    result = run(bundle, missing, images["tall"], "--out", out)
+    assert result.exit_code == 2
+    assert str(missing) in result.stderr
+    assert (out / "tall.npy").is_file()
+
+
+@pytest.mark.parametrize("method", ["gradcam+", "nope"])
+def test_unknown_method_exits_2_with_one_line(tmp_path: Path, bundle: Path,
+                                              images: dict[str, Path], method: str) -> None:
+    out = tmp_path / "out"
+    result = run(bundle, images["wide"], "--out", out, "--method", method)
+    assert result.exit_code == 2
+    errors = lines(result.stderr)
+    assert len(errors) == 1 and repr(method) in errors[0] and "gradcam++" in errors[0]
+    assert "Traceback" not in result.output
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_target_out_of_range_exits_2(tmp_path: Path, bundle: Path,
+                                     images: dict[str, Path]) -> None:
+    result = run(bundle, images["wide"], "--out", tmp_path / "out", "--target", "7")
+    assert result.exit_code == 2
+    errors = lines(result.stderr)
+    assert len(errors) == 1 and "7" in errors[0]
+
+
+def test_not_a_bundle_exits_2(tmp_path: Path, images: dict[str, Path]) -> None:
+    fake = tmp_path / "fake.onnx"
+    fake.write_text("hello")
+    result = run(fake, images["wide"], "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    errors = lines(result.stderr)
+    assert len(errors) == 1 and str(fake) in errors[0]
+
+
+def test_same_stem_images_do_not_overwrite_each_other(tmp_path: Path, bundle: Path,
+                                                      images: dict[str, Path]) -> None:
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    twin = other / images["wide"].name
+    Image.open(images["tall"]).save(twin)
+    out = tmp_path / "out"
+    result = run(bundle, images["wide"], twin, "--out", out, "--format", "npy", "--json")
+    assert result.exit_code == 0, result.output
+    shapes = sorted(np.load(p).shape for p in out.glob("*.npy"))
+    assert shapes == sorted([SIZES["wide"], SIZES["tall"]])
