@@ -24,7 +24,7 @@ from worker.bundle import (
     read_bundle_info,
     split_at_model_input,
 )
-from worker.errors import BadImageError, BadMethodError, BadTargetError, BundleError
+from worker.errors import BadMethodError, BadTargetError, BundleError
 from worker.images import DEFAULT_LIMITS, Limits, load_image, resize
 from worker.maps import heatmaps as to_heatmaps
 from worker.methods import CamMethod, LayerMaps, get_method
@@ -105,14 +105,13 @@ class Explainer:
         return resize(array, info.height, info.width, info.resize)
 
     def _check_batch(self, batch: np.ndarray) -> np.ndarray:
+        """A 4-D batch as is when it fits the bundle, else converted image by image."""
         info = self.info
-        expected = (info.height, info.width, info.channels)
-        if batch.dtype != np.uint8 or batch.shape[1:] != expected:
-            if batch.shape[1:3] != expected[:2] or batch.dtype != np.uint8:
-                return np.stack([self.prepare_one(image) for image in batch])
-            raise BadImageError(f"image batch has shape {batch.shape}; the bundle wants "
-                                f"[N, {info.height}, {info.width}, {info.channels}] uint8")
-        return batch
+        if batch.dtype == np.uint8 and batch.shape[1:] == (info.height, info.width,
+                                                          info.channels):
+            return batch
+        return np.stack([self.prepare_one(image) for image in batch]) if len(batch) else \
+            np.zeros((0, info.height, info.width, info.channels), np.uint8)
 
     def _targets(self, targets: Any, count: int) -> np.ndarray:
         if targets is None:
@@ -149,6 +148,7 @@ class Explainer:
         cam = self.method(method)
         size = batch_size or DEFAULT_BATCH[self.device]
         raws, logits, chosen = [], [], []
+        images = as_image_list(images)
         count = len(images)
         wanted = self._targets(targets, count)
         for start, batch in self._batches(images, size):
@@ -237,6 +237,15 @@ class Explainer:
         return self._scoring
 
 
+def as_image_list(images: Any) -> Any:
+    """A 4-D array or a sequence of images as is; one image becomes a list of one."""
+    if isinstance(images, np.ndarray):
+        return images if images.ndim == 4 else [images]
+    if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
+        return [images]
+    return images
+
+
 def _read_bundle(bundle: str | Path | bytes) -> bytes:
     if isinstance(bundle, bytes):
         return bundle
@@ -249,9 +258,12 @@ def _read_bundle(bundle: str | Path | bytes) -> bytes:
 def _info_of(model_bytes: bytes, name: Any) -> BundleInfo:
     import onnx
 
+    label = "bundle" if isinstance(name, bytes) else str(name)
     try:
         model = onnx.load_from_string(model_bytes)
     except Exception as exc:
-        raise BundleError(f"{name if not isinstance(name, bytes) else 'bundle'}: "
-                          "not an ONNX file") from exc
-    return read_bundle_info(model)
+        raise BundleError(f"{label}: not an ONNX file") from exc
+    try:
+        return read_bundle_info(model)
+    except BundleError as exc:
+        raise BundleError(f"{label}: {exc}") from exc

@@ -20,8 +20,9 @@ from worker.errors import BadImageError
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 64 * 2**20
 
-# Pillow raises on > 2x this and warns above it; onnxcam checks the limit itself.
-Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+# Pillow's own guard is switched off on purpose: decode() checks the caller's limit
+# from the header, before any pixel is decoded, so that limit is the one that holds.
+Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 RESAMPLING = {
@@ -91,7 +92,12 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, name: str = "image") ->
 
 
 def to_array(image: Image.Image, channels: int) -> np.ndarray:
-    """uint8 [H, W, C] in RGB (C=3) or grey (C=1); alpha is dropped, palettes expanded."""
+    """uint8 [H, W, C] in RGB (C=3) or grey (C=1); alpha is dropped, palettes expanded,
+    16-bit grey scaled down rather than clipped."""
+    if image.mode.startswith("I"):
+        wide = np.asarray(image, dtype=np.float64)
+        scaled = np.clip(np.rint(wide * 255.0 / 65535.0), 0, 255).astype(np.uint8)
+        return array_image(scaled, channels)
     mode = "L" if channels == 1 else "RGB"
     if image.mode != mode:
         image = image.convert(mode)

@@ -436,7 +436,6 @@ def to_nhwc(array: np.ndarray, layout: str) -> np.ndarray:
     return array.transpose(0, 2, 3, 1) if layout == "nchw" else array
 
 
-@pytest.mark.slow
 def test_savedmodel_source(workspace: Workspace, tmp_path: Path) -> None:
     folder = tmp_path / "saved"
     workspace.model("residual_bn").export(str(folder), verbose=False)
@@ -463,7 +462,6 @@ def test_savedmodel_source(workspace: Workspace, tmp_path: Path) -> None:
     assert_close(got["cam"], ref.cam, EXACT, "cam")
 
 
-@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     raises=VerificationError,
@@ -477,7 +475,6 @@ def test_savedmodel_with_maxpool_head(workspace: Workspace, tmp_path: Path) -> N
     export(folder, tmp_path / "bundle.onnx")
 
 
-@pytest.mark.slow
 def test_savedmodel_with_maxpool_head_is_right_unverified(
     workspace: Workspace, tmp_path: Path
 ) -> None:

@@ -253,20 +253,12 @@ def test_float_batch_at_the_bundle_size_is_rounded(rgb: Explainer) -> None:
     assert_same(rgb.explain(batch), want)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: a uint8 grey batch [N, H, W, 1] at the bundle's size is refused with "
-    "BadImageError for an RGB bundle, while the same batch at any other size (or as a list) "
-    "is converted; Explainer._check_batch only converts when H, W or dtype differ"))
 def test_grey_batch_at_the_bundle_size_is_converted(rgb: Explainer) -> None:
     batch = np.random.default_rng(5).integers(0, 256, (2, 16, 16, 1), dtype=np.uint8)
     assert_same(rgb.explain(batch), rgb.explain(list(batch)))
 
 
 @pytest.mark.parametrize("form", ["path", "pil", "array"])
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: explain() takes len() of a single image: a lone path is iterated by "
-    "character ('/: is a folder'), a lone PIL image raises TypeError (not an OnnxcamError), "
-    "and a lone [H, W, C] array is silently explained as H images of its rows"))
 def test_a_single_image_is_one_image_or_a_clear_error(rgb: Explainer, image_files: list[Path],
                                                       form: str) -> None:
     path = image_files[0]
@@ -515,16 +507,9 @@ def test_unknown_method(rgb: Explainer, image_files: list[Path], method: str) ->
     check_shapes(rgb.explain(image_files[:2], method="gradcam"), rgb, 2)
 
 
-NAMES_NO_FILE = pytest.mark.xfail(strict=True, reason=(
-    "library bug: for a file that parses as ONNX but has no onnxcam metadata (a plain "
-    "ONNX model, or an empty file) Explainer raises BundleError('not an onnxcam bundle: "
-    "no onnxcam.format_version metadata') without naming the file: _info_of() calls "
-    "read_bundle_info(model) on the parsed model and never adds the path"))
-
-
 @pytest.mark.parametrize("kind", [
-    pytest.param("plain_onnx", marks=NAMES_NO_FILE),
-    pytest.param("empty", marks=NAMES_NO_FILE),
+    "plain_onnx",
+    "empty",
     "text", "png", "missing", "folder",
 ])
 def test_not_a_bundle(folder: Path, cnn_source: Path, image_files: list[Path],

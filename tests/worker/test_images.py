@@ -165,12 +165,6 @@ def test_image_exactly_at_the_pixel_limit_is_accepted() -> None:
         load_image(data, 3, Limits(max_pixels=999))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: Pillow's global guard (Image.MAX_IMAGE_PIXELS = 64M, warnings turned into "
-    "errors, hard error above 128M) fires inside Image.open before onnxcam's own check, so "
-    "the configured Limits.max_pixels does not govern: a 20000x20000 header under "
-    "max_pixels=1_000_000 is refused with Pillow's '... exceeds limit of 128000000 pixels' "
-    "(not the configured limit), and max_pixels above 64M can never admit a larger image"))
 @pytest.mark.parametrize("size,limit", [((20000, 20000), 1_000_000),
                                         ((10000, 8000), 100_000_000)])
 def test_the_configured_pixel_limit_governs(size: tuple[int, int], limit: int) -> None:
@@ -226,10 +220,6 @@ def test_sixteen_bit_grey_loads() -> None:
     np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: 16-bit grey PNGs (mode I;16) go through Pillow's convert('L'), which "
-    "clips at 255 instead of scaling, so every value above 255 of 65535 turns white; "
-    "expected value * 255 / 65535"))
 def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
     values, data = sixteen_bit_grey()
     want = values.astype(np.float64) * 255 / 65535
