@@ -21,7 +21,24 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).parent))
 SIDES = ("plain", "gradcam", "fd", "tf")
+
+
+def build_torch(workdir: Path, quick: bool) -> dict:
+    """A torchvision-shaped ResNet50 exported by torch.onnx, and its two bundles."""
+    from torch_resnet import export_onnx
+
+    from exporter import export
+
+    size = 64 if quick else 224
+    export_onnx(workdir / "plain.onnx", size)
+    started = time.perf_counter()
+    export(workdir / "plain.onnx", workdir / "bundle.onnx", preprocess="torch")
+    export_seconds = time.perf_counter() - started
+    export(workdir / "plain.onnx", workdir / "fd.onnx", preprocess="torch", gradient="fd")
+    return {"size": size, "preprocess": "torch", "export_seconds": export_seconds,
+            "layout": "nchw"}
 
 
 def build(workdir: Path, quick: bool) -> dict:
@@ -55,7 +72,8 @@ def build(workdir: Path, quick: bool) -> dict:
     export(keras_path, workdir / "bundle.onnx", preprocess=preprocess)
     export_seconds = time.perf_counter() - started
     export(keras_path, workdir / "fd.onnx", preprocess=preprocess, gradient="fd", verify=False)
-    return {"size": size, "preprocess": preprocess, "export_seconds": export_seconds}
+    return {"size": size, "preprocess": preprocess, "export_seconds": export_seconds,
+            "layout": "nhwc"}
 
 
 def images(count: int, size: int) -> "object":
@@ -74,7 +92,7 @@ def timed(run, batches: list, warmup: int = 2) -> float:
 
 
 def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, batch: int,
-             device: str) -> dict:
+             device: str, layout: str = "nhwc") -> dict:
     data = images(count, size)
     batches = [data[i : i + batch] for i in range(0, count, batch)]
     used = "cpu"
@@ -84,8 +102,11 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
 
         session, used = make_session(str(workdir / "plain.onnx"), device)
         name = session.get_inputs()[0].name
-        rate = timed(lambda b: session.run(None, {name: preprocess_numpy(b, preprocess)}),
-                     batches)
+        def infer(b: "object") -> None:
+            x = preprocess_numpy(b, preprocess)
+            session.run(None, {name: x.transpose(0, 3, 1, 2).copy() if layout == "nchw" else x})
+
+        rate = timed(infer, batches)
     elif side in ("gradcam", "fd"):
         from worker import Explainer
 
@@ -135,7 +156,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--sides", default=None, help="default: all that apply")
+    parser.add_argument("--source", default="keras", choices=("keras", "torch"),
+                        help="Keras ResNet50, or a torch ResNet50 exported to ONNX")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -144,24 +167,27 @@ def main() -> None:
         config = json.loads(args.config)
         print(json.dumps(run_side(args.side, Path(config["workdir"]), config["size"],
                                   config["preprocess"], config["images"], config["batch"],
-                                  config["device"])))
+                                  config["device"], config["layout"])))
         return
     count = args.images or (32 if args.quick else 96)
     with tempfile.TemporaryDirectory() as scratch:
         workdir = args.workdir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
-        built = build(workdir, args.quick)
+        built = (build_torch if args.source == "torch" else build)(workdir, args.quick)
         config = {"workdir": str(workdir), "size": built["size"], "images": count,
                   "batch": args.batch, "preprocess": built["preprocess"],
-                  "device": args.device}
+                  "device": args.device, "layout": built["layout"]}
         results = {}
-        for side in args.sides.split(","):
+        sides = args.sides or ",".join(s for s in SIDES if s != "tf" or args.source == "keras")
+        for side in sides.split(","):
             output = subprocess.run(
                 [sys.executable, __file__, "--side", side, "--config", json.dumps(config)],
                 check=True, capture_output=True, text=True,
             ).stdout
             results[side] = json.loads(output.strip().splitlines()[-1])
-    model = "tiny CNN 32x32" if args.quick else "Keras ResNet50 224x224"
+    model = {("keras", True): "tiny Keras CNN 32x32", ("keras", False): "Keras ResNet50 224x224",
+             ("torch", True): "torch ResNet50 64x64",
+             ("torch", False): "torch ResNet50 224x224"}[(args.source, args.quick)]
     print(f"{model}, batch {args.batch}, {count} images, {os.cpu_count()} cores; "
           f"bundle export with verification took {built['export_seconds']:.1f} s")
     plain = results.get("plain", {}).get("images_per_s")

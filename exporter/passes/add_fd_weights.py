@@ -27,6 +27,12 @@ CHUNK_BYTES = 64 * 2**20
 # Step relative to the mean |activation|: smaller crosses fewer ReLU kinks, larger
 # loses less to float32 rounding; 1e-3 balances the two on the test models.
 RELATIVE_STEP = 1e-3
+# When every op after the perturbation point is linear there is no kink to cross,
+# so a large step is exact and leaves rounding far behind.
+LINEAR_STEP = 1e-1
+LINEAR_OPS = frozenset({"Gemm", "MatMul", "Add", "Sub", "Flatten", "Reshape", "Squeeze",
+                        "Unsqueeze", "Transpose", "Identity", "Dropout", "Concat", "Split",
+                        "Slice", "Neg"})
 
 
 # Ops through which a channel-uniform shift of the input is the same shift of one
@@ -146,6 +152,8 @@ def add_fd_weights(
     point, axis = perturbation_point(graph, start, 3 if layout == "nhwc" else 1, channels,
                                      shapes)
     samples = chunk_samples(shapes[point])
+    rest = head_nodes(graph, point, end, differentiable_only=True)
+    relative_step = LINEAR_STEP if all(n.op_type in LINEAR_OPS for n in rest) else RELATIVE_STEP
     add_target_input(graph)
     outer = GraphBuilder(graph, "onnxcam/fd")
 
@@ -154,7 +162,7 @@ def add_fd_weights(
     base = outer.op("GatherElements", [end, target_col], axis=1)
     magnitude = reduce(outer, "ReduceMean", outer.op("Abs", [start]), [1, 2, 3], False,
                        opset_version(model))
-    step = outer.op("Add", [outer.op("Mul", [magnitude, outer.scalar(RELATIVE_STEP)]),
+    step = outer.op("Add", [outer.op("Mul", [magnitude, outer.scalar(relative_step)]),
                             outer.scalar(1e-6)])
     batch = outer.op("Gather", [outer.op("Shape", [start]), outer.const(0, "zero")], axis=0)
     chunk = outer.op("Max", [outer.op("Div", [outer.const(samples, "samples"), batch]),
@@ -223,4 +231,4 @@ def add_fd_weights(
         name="onnxcam/weights"))
     outer.commit()
     graph.output.append(float_output(OUTPUT_WEIGHTS, 2))
-    return PassResult(model, True), RELATIVE_STEP, samples
+    return PassResult(model, True), relative_step, samples
