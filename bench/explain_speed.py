@@ -76,7 +76,7 @@ def build(workdir: Path, quick: bool) -> dict:
             "layout": "nhwc"}
 
 
-def images(count: int, size: int) -> "object":
+def images(count: int, size: int) -> object:
     import numpy as np
 
     return np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
@@ -102,7 +102,7 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
 
         session, used = make_session(str(workdir / "plain.onnx"), device)
         name = session.get_inputs()[0].name
-        def infer(b: "object") -> None:
+        def infer(b: object) -> None:
             x = preprocess_numpy(b, preprocess)
             session.run(None, {name: x.transpose(0, 3, 1, 2).copy() if layout == "nchw" else x})
 
