@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 
 from exporter.frontends import SourceModel
 from exporter.passes.add_gradients import head_nodes, source_of
@@ -58,7 +59,7 @@ class Report:
 
     @property
     def worst(self) -> tuple[str, float, float]:
-        name = max(self.errors, key=lambda n: self.errors[n] / self.tolerances[n])
+        name = max(self.errors, key=lambda n: self.errors[n] / max(self.tolerances[n], 1e-300))
         return name, self.errors[name], self.tolerances[name]
 
     @property
@@ -143,6 +144,28 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
     return report
 
 
+class ChannelLRN(OpRun):
+    """LRN across channels, as the ONNX spec defines it (onnx 1.23's reference
+    implementation windows over the batch axis instead)."""
+
+    op_domain = ""
+
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):  # type: ignore[no-untyped-def]
+        alpha = 1e-4 if alpha is None else alpha
+        beta = 0.75 if beta is None else beta
+        bias = 1.0 if bias is None else bias
+        channels = x.shape[1]
+        below, above = (size - 1) // 2, size - 1 - (size - 1) // 2
+        squares = x**2
+        sums = np.zeros_like(x)
+        for c in range(channels):
+            sums[:, c] = squares[:, max(0, c - below) : min(channels, c + above + 1)].sum(axis=1)
+        return ((x / (bias + alpha / size * sums) ** beta).astype(x.dtype),)
+
+
+ChannelLRN.__name__ = "LRN"
+
+
 def head_in_float64(bundle: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """The head alone (target layer -> logits) as a float64 model.
 
@@ -203,20 +226,26 @@ def directional_derivatives(
     feeds = {start: moved}
     for name in others:
         feeds[name] = np.repeat(inputs[name].astype(np.float64), len(moved), axis=0)
-    (scores,) = ReferenceEvaluator(head).run(None, feeds)
+    (scores,) = ReferenceEvaluator(head, new_ops=[ChannelLRN]).run(None, feeds)
     score = np.asarray(scores, np.float64)[:, target]
     half = len(directions)
     return (score[:half] - score[half:]) / (2 * step)
 
 
-def sparse_directions(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+def sparse_directions(rng: np.random.Generator, activation: np.ndarray) -> np.ndarray:
     """Random directions that each move a few elements, so they test where the
-    gradient sits in the map, which channel sums alone would not catch."""
-    directions = np.zeros((FD_RANDOM_DIRECTIONS, int(np.prod(shape))), np.float64)
-    for direction in directions:
-        spots = rng.choice(direction.size, size=min(16, direction.size), replace=False)
-        direction[spots] = rng.standard_normal(len(spots))
-    return directions.reshape((FD_RANDOM_DIRECTIONS, *shape))
+    gradient sits in the map, which channel sums alone would not catch.
+
+    Only non-zero elements move: zeros left by a ReLU tie with each other in a
+    following max-pool window, where no one-sided derivative is the gradient.
+    """
+    live = np.flatnonzero(activation.reshape(-1))
+    directions = np.zeros((FD_RANDOM_DIRECTIONS, activation.size), np.float64)
+    if live.size:
+        for direction in directions:
+            spots = rng.choice(live, size=min(16, live.size), replace=False)
+            direction[spots] = rng.standard_normal(len(spots))
+    return directions.reshape((FD_RANDOM_DIRECTIONS, *activation.shape))
 
 
 def finite_difference_check(
@@ -242,8 +271,7 @@ def finite_difference_check(
             index[channel_axis - 1] = int(k)
             directions[j][tuple(index)] = 1.0
         if OUTPUT_GRADIENTS in out:
-            directions = np.concatenate([directions,
-                                         sparse_directions(rng, activations.shape[1:])])
+            directions = np.concatenate([directions, sparse_directions(rng, activations[n])])
         inputs = {name: values[name][n : n + 1] for name in externals}
         slopes = directional_derivatives(head, inputs, int(chosen[n]), directions)
         got_w.append(out[OUTPUT_WEIGHTS][n, picked])

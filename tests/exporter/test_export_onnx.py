@@ -412,13 +412,6 @@ def test_non_spatial_layer_is_refused(tmp_path: Path, cnn) -> None:
         export(src, tmp_path / "bundle.onnx", layer="flat")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=VerificationError,
-    reason="library bug: verify.finite_difference_check's sparse central differences are "
-    "wrong at MaxPool ties (all-zero 2x2 windows after ReLU), so a correct bundle whose "
-    "head has MaxPool after the target ReLU fails verification",
-)
 def test_layer_before_maxpool_exports(tmp_path: Path, cnn) -> None:
     _, src, _ = cnn
     export(src, tmp_path / "bundle.onnx", layer="relu1")
@@ -465,7 +458,7 @@ def test_auto_falls_back_to_fd(unsupported) -> None:
 
 
 def test_fd_bundle_for_wider_lrn_head_is_right(tmp_path: Path) -> None:
-    """Unverified, the fd bundle of a 24-channel LRN head is correct (see the xfail below)."""
+    """Unverified, the fd bundle of a 24-channel LRN head is correct (independent check)."""
     model = lrn_cnn(24)
     out = tmp_path / "bundle.onnx"
     assert export(save(tmp_path, model, "lrn24"), out, verify=False).info.gradient == "fd"
@@ -474,14 +467,6 @@ def test_fd_bundle_for_wider_lrn_head_is_right(tmp_path: Path) -> None:
     check_fd_weights(model, got, chosen_targets(got, target))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=VerificationError,
-    reason="library bug: verify's fd check runs the head with onnx.reference, whose LRN "
-    "(onnx 1.23) loops over the batch axis instead of channels; unless the probe batch "
-    "(2 * FD_CHANNELS = 16) equals the channel count the reference is wrong, so a correct "
-    "fd bundle fails verification",
-)
 def test_fd_bundle_for_wider_lrn_head_verifies(tmp_path: Path) -> None:
     export(save(tmp_path, lrn_cnn(24), "lrn24"), tmp_path / "bundle.onnx")
 
