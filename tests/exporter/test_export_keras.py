@@ -26,7 +26,6 @@ from models import KERAS_BUILDERS
 from exporter import export
 from worker import __version__
 from worker.bundle import BundleInfo, read_bundle_info
-from worker.errors import VerificationError
 
 pytestmark = pytest.mark.tf
 
