@@ -58,5 +58,7 @@ class CamMethod:
 
 
 def weighted_sum(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
-    """sum_k weights[n, k] * activations[n, k]: the CAM of per-channel weights."""
-    return np.einsum("nk,nkhw->nhw", weights, activations, optimize=True)
+    """sum_k weights[n, k] * activations[n, k]: the CAM of per-channel weights.
+
+    Plain einsum loops, not BLAS (see ``worker.maps.resize_maps``)."""
+    return np.einsum("nk,nkhw->nhw", weights, activations)
