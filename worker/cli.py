@@ -14,17 +14,27 @@ import click
 from worker.bundle import GRADIENT_MODES, LAYOUTS, PREPROCESS_MODES
 from worker.errors import OnnxcamError
 
+EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 
 
 @contextmanager
 def reported_errors() -> Iterator[None]:
-    """Turn onnxcam's errors into one line on stderr and exit status 2."""
+    """onnxcam's errors: one line on stderr, exit 2. Anything else is a bug: one line
+    and exit 1, with the traceback under --verbose."""
     try:
         yield
     except OnnxcamError as exc:
         click.echo(f"onnxcam: error: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
+    except (click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if logging.getLogger().isEnabledFor(logging.INFO):
+            raise
+        click.echo(f"onnxcam: internal error: {exc.__class__.__name__}: {exc} "
+                   "(run with -v for the traceback)", err=True)
+        sys.exit(EXIT_INTERNAL)
 
 
 def with_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

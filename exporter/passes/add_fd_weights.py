@@ -133,13 +133,131 @@ def _repeat_per_chunk(b: GraphBuilder, name: str, chunk: str) -> str:
     return b.op("Reshape", [expanded, b.op("Concat", [b.const([-1], "m1"), rest], axis=0)])
 
 
+def copy_nodes(
+    b: GraphBuilder, nodes: list[onnx.NodeProto], renamed: dict[str, str]
+) -> None:
+    """Append copies of ``nodes`` reading ``renamed`` inputs; record their new outputs."""
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = b.fresh("head")
+        for i, name in enumerate(copy.input):
+            copy.input[i] = renamed.get(name, name)
+        for i, name in enumerate(copy.output):
+            if name:
+                renamed[name] = copy.output[i] = b.fresh("head_out")
+        b.nodes.append(copy)
+
+
+def affine_tail(
+    graph: onnx.GraphProto, point: str, end: str, shapes: Mapping[str, TensorShape], axis: int,
+) -> bool:
+    """Whether the head after ``point`` is affine in it and reads nothing else per sample.
+
+    Then slope k is f(e_k) - f(0) for every image alike, computable once from
+    constants (onnxruntime folds it at load), and exact.
+    """
+    shape = shapes[point]
+    channels = shape.dims[axis]
+    if int(np.prod(shape.dims[1:])) != channels:
+        return False
+    classes = int(np.prod(shapes[end].dims[1:]))
+    if 4 * channels * (channels + classes) > 4 * CHUNK_BYTES:
+        return False
+    nodes = head_nodes(graph, point, end, differentiable_only=False)
+    made = {o for n in nodes for o in n.output}
+    differentiable = head_nodes(graph, point, end, differentiable_only=True)
+    if any(n.op_type not in LINEAR_OPS for n in differentiable):
+        return False
+    outside = {i for n in nodes for i in n.input if i and i not in made and i != point}
+    return not any(shapes[name].batched[:1] == (True,) for name in outside if name in shapes)
+
+
+def _affine_slopes(
+    graph: onnx.GraphProto, b: GraphBuilder, point: str, end: str, target: str,
+    shape: TensorShape, axis: int,
+) -> str:
+    """[N, C]: d score / d point_k from the tail evaluated on the unit basis and 0."""
+    channels = shape.dims[axis]
+    per_sample = [channels if i == axis else 1 for i in range(1, shape.rank)]
+    basis = np.concatenate([np.eye(channels, dtype=np.float32),
+                            np.zeros((1, channels), np.float32)])
+    renamed = {point: b.const(basis.reshape([channels + 1, *per_sample]), "basis")}
+    copy_nodes(b, head_nodes(graph, point, end, differentiable_only=False), renamed)
+    scores = renamed[end]
+    units = b.op("Slice", [scores, b.const([0], "s"), b.const([channels], "e")])
+    origin = b.op("Slice", [scores, b.const([channels], "s"), b.const([channels + 1], "e")])
+    slopes = b.op("Sub", [units, origin])  # [C, K]
+    return b.op("Transpose", [b.op("Gather", [slopes, target], axis=1)], perm=[1, 0])
+
+
+def _loop_slopes(
+    graph: onnx.GraphProto, outer: GraphBuilder, point: str, end: str, target: str,
+    step: str, shapes: Mapping[str, TensorShape], axis: int, samples: int,
+) -> str:
+    """[N, C]: forward differences of the score along each channel, in a Loop over
+    chunks of channels, at most ``samples`` perturbed samples per iteration."""
+    channels = shapes[point].dims[axis]
+    target_col = outer.op("Unsqueeze", [target, outer.const([1], "axes")])
+    base = outer.op("GatherElements", [end, target_col], axis=1)
+    batch = outer.op("Gather", [outer.op("Shape", [point]), outer.const(0, "zero")], axis=0)
+    chunk = outer.op("Max", [outer.op("Div", [outer.const(samples, "samples"), batch]),
+                             outer.const(1, "one")])
+    trips = outer.op("Div", [outer.op("Add", [outer.const(channels, "c"),
+                                              outer.op("Sub", [chunk, outer.const(1, "one")])]),
+                             chunk])
+    body = helper.make_graph([], "fd_body", [], [])
+    inner = GraphBuilder(body, "onnxcam/fd_body")
+    inner._taken |= outer._taken
+    index = inner.fresh("iter")
+    cond_in, cond_out = inner.fresh("cond_in"), inner.fresh("cond_out")
+    renamed = {point: _perturbed(inner, point, step, chunk, index, shapes[point], axis)}
+    nodes = head_nodes(graph, point, end, differentiable_only=False)
+    for node in nodes:
+        for name in node.input:
+            batched = name in shapes and shapes[name].batched[:1] == (True,)
+            if name and name not in renamed and batched:
+                renamed[name] = _repeat_per_chunk(inner, name, chunk)
+        copy_nodes(inner, [node], renamed)
+    chunk_1d = inner.op("Reshape", [chunk, inner.const([1], "shape")])
+    classes = inner.op("Slice", [inner.op("Shape", [end]), inner.const([1], "s"),
+                                 inner.const([2], "e")])
+    scores = inner.op("Reshape", [renamed[end], inner.op(
+        "Concat", [inner.const([-1], "m1"), chunk_1d, classes], axis=0)])
+    index_3d = inner.op("Expand", [
+        inner.op("Unsqueeze", [target, inner.const([1, 2], "axes")]),
+        inner.op("Concat", [inner.op("Shape", [target]), chunk_1d, inner.const([1], "one_1d")],
+                 axis=0),
+    ])
+    moved_scores = inner.op("Squeeze", [inner.op("GatherElements", [scores, index_3d], axis=2),
+                                        inner.const([2], "axes")])
+    slopes = inner.op("Div", [inner.op("Sub", [moved_scores, base]),
+                              inner.op("Unsqueeze", [step, inner.const([1], "axes")])])
+    inner.nodes.append(helper.make_node("Identity", [cond_in], [cond_out], name=inner.fresh("c")))
+    inner.commit()
+    body.input.extend([helper.make_tensor_value_info(index, onnx.TensorProto.INT64, []),
+                       helper.make_tensor_value_info(cond_in, onnx.TensorProto.BOOL, [])])
+    body.output.extend([helper.make_tensor_value_info(cond_out, onnx.TensorProto.BOOL, []),
+                        float_output(slopes, 2)])
+    outer._taken |= inner._taken
+    stacked = outer.fresh("fd_scan")
+    outer.nodes.append(helper.make_node("Loop", [trips, ""], [stacked],
+                                        name=outer.fresh("Loop"), body=body))
+    # [trips, N, B] -> [N, trips*B] -> the first C channels.
+    per_sample = outer.op("Reshape", [outer.op("Transpose", [stacked], perm=[1, 0, 2]),
+                                      outer.const([0, -1], "shape")])
+    return outer.op("Slice", [per_sample, outer.const([0], "s"), outer.const([channels], "e"),
+                              outer.const([1], "axes")])
+
+
 def add_fd_weights(
     model: onnx.ModelProto, shapes: Mapping[str, TensorShape], layout: str
 ) -> tuple[PassResult, float, int]:
-    """Add the ``target`` input and a ``weights`` output [N, C] computed by a Loop.
+    """Add the ``target`` input and a ``weights`` output [N, C] by finite differences.
 
-    Returns the result, the relative step and the chunk size (perturbed samples
-    per iteration), which the bundle metadata records.
+    Returns the result, the step (relative to the mean |activation|; 1.0 marks the
+    exact affine-tail case) and the perturbed samples per Loop iteration (0 when
+    no Loop is needed), which the bundle metadata records.
     """
     graph = model.graph
     start = source_of(graph, OUTPUT_ACTIVATIONS)
@@ -151,84 +269,24 @@ def add_fd_weights(
     spatial = (act.dims[1], act.dims[2]) if layout == "nhwc" else (act.dims[2], act.dims[3])
     point, axis = perturbation_point(graph, start, 3 if layout == "nhwc" else 1, channels,
                                      shapes)
-    samples = chunk_samples(shapes[point])
-    rest = head_nodes(graph, point, end, differentiable_only=True)
-    relative_step = LINEAR_STEP if all(n.op_type in LINEAR_OPS for n in rest) else RELATIVE_STEP
     add_target_input(graph)
-    outer = GraphBuilder(graph, "onnxcam/fd")
-
-    target = chosen_class(outer, end)
-    target_col = outer.op("Unsqueeze", [target, outer.const([1], "axes")])
-    base = outer.op("GatherElements", [end, target_col], axis=1)
-    magnitude = reduce(outer, "ReduceMean", outer.op("Abs", [start]), [1, 2, 3], False,
-                       opset_version(model))
-    step = outer.op("Add", [outer.op("Mul", [magnitude, outer.scalar(relative_step)]),
-                            outer.scalar(1e-6)])
-    batch = outer.op("Gather", [outer.op("Shape", [start]), outer.const(0, "zero")], axis=0)
-    chunk = outer.op("Max", [outer.op("Div", [outer.const(samples, "samples"), batch]),
-                             outer.const(1, "one")])
-    trips = outer.op("Div", [outer.op("Add", [outer.const(channels, "c"),
-                                              outer.op("Sub", [chunk, outer.const(1, "one")])]),
-                             chunk])
-
-    body = helper.make_graph([], "fd_body", [], [])
-    inner = GraphBuilder(body, "onnxcam/fd_body")
-    inner._taken |= outer._taken
-    index = inner.fresh("iter")
-    cond_in, cond_out = inner.fresh("cond_in"), inner.fresh("cond_out")
-    moved = _perturbed(inner, point, step, chunk, index, shapes[point], axis)
-    renamed = {point: moved}
-    for node in head_nodes(graph, point, end, differentiable_only=False):
-        for name in node.input:
-            if name and name not in renamed and name in shapes and shapes[name].batched[:1] == (
-                True,
-            ):
-                renamed[name] = _repeat_per_chunk(inner, name, chunk)
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = inner.fresh("head")
-        for i, name in enumerate(copy.input):
-            copy.input[i] = renamed.get(name, name)
-        for i, name in enumerate(copy.output):
-            if name:
-                renamed[name] = copy.output[i] = inner.fresh("head_out")
-        inner.nodes.append(copy)
-    scores = inner.op("Reshape", [renamed[end], inner.op("Concat", [
-        inner.const([-1], "m1"), inner.op("Reshape", [chunk, inner.const([1], "shape")]),
-        inner.op("Slice", [inner.op("Shape", [end]), inner.const([1], "s"), inner.const([2], "e")]),
-    ], axis=0)])
-    index_3d = inner.op("Expand", [
-        inner.op("Unsqueeze", [target, inner.const([1, 2], "axes")]),
-        inner.op("Concat", [
-            inner.op("Shape", [target]), inner.op("Reshape", [chunk, inner.const([1], "shape")]),
-            inner.const([1], "one_1d")], axis=0),
-    ])
-    moved_scores = inner.op("Squeeze", [inner.op("GatherElements", [scores, index_3d], axis=2),
-                                        inner.const([2], "axes")])
-    slopes = inner.op("Div", [inner.op("Sub", [moved_scores, base]),
-                              inner.op("Unsqueeze", [step, inner.const([1], "axes")])])
-    inner.nodes.append(helper.make_node("Identity", [cond_in], [cond_out], name=inner.fresh("c")))
-    inner.commit()
-    body.input.extend([
-        helper.make_tensor_value_info(index, onnx.TensorProto.INT64, []),
-        helper.make_tensor_value_info(cond_in, onnx.TensorProto.BOOL, []),
-    ])
-    body.output.extend([
-        helper.make_tensor_value_info(cond_out, onnx.TensorProto.BOOL, []),
-        float_output(slopes, 2),
-    ])
-    outer._taken |= inner._taken
-    stacked = outer.fresh("fd_scan")
-    outer.nodes.append(helper.make_node("Loop", [trips, ""], [stacked], name=outer.fresh("Loop"),
-                                        body=body))
-    # [trips, N, B] -> [N, trips*B] -> first C channels, then the spatial mean.
-    per_sample = outer.op("Reshape", [outer.op("Transpose", [stacked], perm=[1, 0, 2]),
-                                      outer.const([0, -1], "shape")])
-    first_c = outer.op("Slice", [per_sample, outer.const([0], "s"), outer.const([channels], "e"),
-                                 outer.const([1], "axes")])
-    outer.nodes.append(helper.make_node(
-        "Mul", [first_c, outer.scalar(1.0 / (spatial[0] * spatial[1]))], [OUTPUT_WEIGHTS],
+    b = GraphBuilder(graph, "onnxcam/fd")
+    target = chosen_class(b, end)
+    if affine_tail(graph, point, end, shapes, axis):
+        slopes = _affine_slopes(graph, b, point, end, target, shapes[point], axis)
+        relative_step, samples = 1.0, 0
+    else:
+        samples = chunk_samples(shapes[point])
+        rest = head_nodes(graph, point, end, differentiable_only=True)
+        linear = all(n.op_type in LINEAR_OPS for n in rest)
+        relative_step = LINEAR_STEP if linear else RELATIVE_STEP
+        magnitude = reduce(b, "ReduceMean", b.op("Abs", [start]), [1, 2, 3], False,
+                           opset_version(model))
+        step = b.op("Add", [b.op("Mul", [magnitude, b.scalar(relative_step)]), b.scalar(1e-6)])
+        slopes = _loop_slopes(graph, b, point, end, target, step, shapes, axis, samples)
+    b.nodes.append(helper.make_node(
+        "Mul", [slopes, b.scalar(1.0 / (spatial[0] * spatial[1]))], [OUTPUT_WEIGHTS],
         name="onnxcam/weights"))
-    outer.commit()
+    b.commit()
     graph.output.append(float_output(OUTPUT_WEIGHTS, 2))
     return PassResult(model, True), relative_step, samples

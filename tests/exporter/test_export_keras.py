@@ -418,6 +418,31 @@ def test_fd_gradient_mode(workspace: Workspace) -> None:
     workspace.check(exported, "block2_out", seed=5, rtol=FD32)
 
 
+@pytest.mark.parametrize("name,layer,affine", [
+    ("residual_bn", "block2_out", True),  # GAP then Dense: slopes from the unit basis
+    ("mnist_cnn", "conv2", False),  # MaxPool, Flatten, Dense-ReLU: the chunked Loop
+    ("mobilenet_v2_small", "Conv_1", False),  # BN and ReLU6 before the pooling
+])
+def test_fd_paths(workspace: Workspace, name: str, layer: str, affine: bool) -> None:
+    """Affine tails take the exact unit-basis path (no Loop, fd_chunk 0); others
+    run the Loop with a chunk that bounds the perturbed samples held at once."""
+    exported = workspace.export(name, gradient="fd")
+    props = metadata(exported.bundle)
+    assert (int(props["onnxcam.fd_chunk"]) == 0) == affine
+    if affine:
+        assert float(props["onnxcam.fd_epsilon"]) == 1.0
+    else:
+        import onnx
+
+        from exporter.passes.add_fd_weights import CHUNK_BYTES
+
+        graph = onnx.load(str(exported.bundle)).graph
+        assert any(node.op_type == "Loop" for node in graph.node)
+        assert int(props["onnxcam.fd_chunk"]) <= CHUNK_BYTES // 4
+    # Through kinks (ReLU6 after BN) fd is approximate: errors to 5e-2 were seen.
+    workspace.check(exported, layer, seed=6, rtol=EXACT if affine else 1e-1)
+
+
 def test_h5_source(workspace: Workspace, tmp_path: Path) -> None:
     h5 = tmp_path / "residual_bn.h5"
     workspace.model("residual_bn").save(h5)
