@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -33,22 +34,24 @@ class GraphBuilder:
                 self._taken.add(name)
                 return name
 
-    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attributes: Any) -> str:
         """Add one node; return its (first) output name."""
-        return self.op_multi(op_type, inputs, n_out, **attrs)[0]
+        return self.op_multi(op_type, inputs, n_out, **attributes)[0]
 
     def op_multi(
-        self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs: object
+        self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attributes: Any
     ) -> list[str]:
         outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
         self.nodes.append(
             helper.make_node(
-                op_type, list(inputs), outputs, name=self.fresh(op_type), **attrs
+                op_type, list(inputs), outputs, name=self.fresh(op_type), **attributes
             )
         )
         return outputs
 
-    def const(self, value: np.ndarray | float | int | Sequence[int], hint: str = "c") -> str:
+    def const(
+        self, value: np.ndarray | float | int | Sequence[int] | Sequence[float], hint: str = "c"
+    ) -> str:
         """Add an initializer; ints become int64 and floats float32 unless already typed."""
         array = np.asarray(value)
         if array.dtype.kind in "iu" and not isinstance(value, np.ndarray):
@@ -115,7 +118,7 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return result
 
 
-def attrs(node: onnx.NodeProto) -> dict[str, object]:
+def attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -147,7 +150,7 @@ def carries_gradient(node: onnx.NodeProto) -> bool:
     if node.op_type in NON_DIFFERENTIABLE:
         return False
     if node.op_type == "Cast":
-        return int(attrs(node)["to"]) in FLOAT_TYPES  # type: ignore[call-overload]
+        return int(attrs(node)["to"]) in FLOAT_TYPES
     return True
 
 
@@ -260,5 +263,5 @@ def rename_tensors(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
 
 def float_output(name: str, rank: int) -> onnx.ValueInfoProto:
     """A float value-info with batch axis ``N`` and the other axes left symbolic."""
-    dims: list[str | int] = ["N"] + [f"{name}_{i}" for i in range(1, rank)]
+    dims: list[str | int] = ["N", *(f"{name}_{i}" for i in range(1, rank))]
     return helper.make_tensor_value_info(name, FLOAT, dims)

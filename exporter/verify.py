@@ -152,7 +152,7 @@ class ChannelLRN(OpRun):
 
     op_domain = ""
 
-    def _run(self, x, alpha=None, beta=None, bias=None, size=None):  # type: ignore[no-untyped-def]
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):
         alpha = 1e-4 if alpha is None else alpha
         beta = 0.75 if beta is None else beta
         bias = 1.0 if bias is None else bias

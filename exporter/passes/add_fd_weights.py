@@ -51,7 +51,7 @@ def _channel_after(node: onnx.NodeProto, axis: int, shapes: Mapping[str, TensorS
         return None
     if node.op_type == "Transpose":
         perm = attrs(node).get("perm")
-        return None if perm is None else list(perm).index(axis)  # type: ignore[arg-type]
+        return None if perm is None else list(perm).index(axis)
     # Every other op must leave one non-batch axis of size C and only 1s beside it
     # (global pooling), or keep the shape (Identity, Dropout).
     if node.op_type in ("Identity", "Dropout"):

@@ -51,7 +51,7 @@ def reroute_through_view(graph: onnx.GraphProto, tensor: str) -> bool:
         perm = attrs(node).get("perm")
         if perm is None:
             return False
-        inverse = [int(i) for i in np.argsort(perm)]  # type: ignore[arg-type]
+        inverse = [int(i) for i in np.argsort(perm)]
         new_nodes = [helper.make_node("Transpose", [tensor], [restored],
                                       name="onnxcam/restore_layout", perm=inverse)]
     elif node.op_type == "Reshape":

@@ -70,7 +70,7 @@ def relu(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
 def leaky_relu(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     (gy,) = g
     assert gy is not None
-    alpha = float(attrs(node).get("alpha", 0.01))  # type: ignore[arg-type]
+    alpha = float(attrs(node).get("alpha", 0.01))
     positive = ctx.b.op("Greater", [node.input[0], ctx.zero()])
     scaled = ctx.b.op("Mul", [gy, ctx.scalar(alpha)])
     return [ctx.b.op("Where", [positive, gy, scaled])]
@@ -90,9 +90,9 @@ def clip(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     # Opset < 11 keeps the bounds as attributes.
     a = attrs(node)
     if "min" in a:
-        conditions.append(ctx.b.op("Greater", [x, ctx.scalar(float(a["min"]))]))  # type: ignore[arg-type]
+        conditions.append(ctx.b.op("Greater", [x, ctx.scalar(float(a["min"]))]))
     if "max" in a:
-        conditions.append(ctx.b.op("Less", [x, ctx.scalar(float(a["max"]))]))  # type: ignore[arg-type]
+        conditions.append(ctx.b.op("Less", [x, ctx.scalar(float(a["max"]))]))
     if not conditions:
         return [gy] + [None] * (len(node.input) - 1)
     inside = conditions[0]
@@ -124,8 +124,8 @@ def hard_sigmoid(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     (gy,) = g
     assert gy is not None
     a = attrs(node)
-    alpha = float(a.get("alpha", 0.2))  # type: ignore[arg-type]
-    beta = float(a.get("beta", 0.5))  # type: ignore[arg-type]
+    alpha = float(a.get("alpha", 0.2))
+    beta = float(a.get("beta", 0.5))
     pre = ctx.b.op("Add", [ctx.b.op("Mul", [node.input[0], ctx.scalar(alpha)]), ctx.scalar(beta)])
     inside = ctx.b.op(
         "And",
@@ -153,7 +153,7 @@ def softmax(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     (gy,) = g
     assert gy is not None
     y = node.output[0]
-    axis = int(attrs(node).get("axis", -1))  # type: ignore[call-overload]
+    axis = int(attrs(node).get("axis", -1))
     if ctx.opset < 13:
         raise NotImplementedError("Softmax before opset 13 flattens its input")
     inner = ctx.reduce("ReduceSum", ctx.b.op("Mul", [gy, y]), [axis], keepdims=True)
@@ -170,7 +170,7 @@ def cast(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     (gy,) = g
     assert gy is not None
     # Gradients stay float32; a cast to an integer type has no gradient at all.
-    if int(attrs(node)["to"]) not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,  # type: ignore[call-overload]
+    if int(attrs(node)["to"]) not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                                       onnx.TensorProto.FLOAT16):
         raise NotImplementedError("Cast to a non-float type is not differentiable")
     return [gy]

@@ -5,6 +5,8 @@ Weights are treated as constants: only the data input gets a gradient.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 
@@ -16,7 +18,7 @@ Grads = list[str | None]
 
 
 def explicit_pads(
-    node_attrs: dict[str, object],
+    node_attrs: dict[str, Any],
     in_sizes: tuple[int, ...],
     out_sizes: tuple[int, ...],
     kernel: tuple[int, ...],
@@ -29,7 +31,7 @@ def explicit_pads(
     n = len(kernel)
     if auto_pad in ("NOTSET", ""):
         pads = node_attrs.get("pads")
-        return [int(p) for p in pads] if pads else [0] * (2 * n)  # type: ignore[union-attr]
+        return [int(p) for p in pads] if pads else [0] * (2 * n)
     if auto_pad == "VALID":
         return [0] * (2 * n)
     begins, ends = [], []
@@ -53,8 +55,8 @@ def conv(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     y_dims = ctx.shape(node.output[0]).dims
     kernel = ctx.shape(w).dims[2:]
     n = len(kernel)
-    strides = [int(s) for s in a.get("strides", [1] * n)]  # type: ignore[union-attr]
-    dilations = [int(d) for d in a.get("dilations", [1] * n)]  # type: ignore[union-attr]
+    strides = [int(s) for s in a.get("strides", [1] * n)]
+    dilations = [int(d) for d in a.get("dilations", [1] * n)]
     pads = explicit_pads(a, x_dims[2:], y_dims[2:], kernel, strides, dilations)
     covered = [
         strides[i] * (y_dims[2 + i] - 1) + (kernel[i] - 1) * dilations[i] + 1
@@ -70,7 +72,7 @@ def conv(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
         strides=strides,
         dilations=dilations,
         pads=pads,
-        group=int(a.get("group", 1)),  # type: ignore[call-overload]
+        group=int(a.get("group", 1)),
         output_padding=output_padding,
     )
     return [gx] + [None] * (len(node.input) - 1)
@@ -82,9 +84,9 @@ def gemm(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     (gy,) = g
     assert gy is not None
     a = attrs(node)
-    alpha = float(a.get("alpha", 1.0))  # type: ignore[arg-type]
-    trans_a = int(a.get("transA", 0))  # type: ignore[call-overload]
-    trans_b = int(a.get("transB", 0))  # type: ignore[call-overload]
+    alpha = float(a.get("alpha", 1.0))
+    trans_a = int(a.get("transA", 0))
+    trans_b = int(a.get("transB", 0))
     in_b = node.input[1]
     if trans_a:
         # dA = (alpha * dY B'^T)^T = alpha * B' dY^T
@@ -123,9 +125,9 @@ def batch_norm(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     (gy,) = g[:1]
     assert gy is not None
     a = attrs(node)
-    if int(a.get("training_mode", 0)):  # type: ignore[call-overload]
+    if int(a.get("training_mode", 0)):
         raise NotImplementedError("BatchNormalization in training mode")
-    eps = float(a.get("epsilon", 1e-5))  # type: ignore[arg-type]
+    eps = float(a.get("epsilon", 1e-5))
     x, scale, _bias, _mean, var = node.input[:5]
     trailing = [1] * (ctx.shape(x).rank - 2)
     scale_value, var_value = ctx.const(scale), ctx.const(var)

@@ -47,14 +47,14 @@ def _reduce_axes(ctx: VjpContext, node: onnx.NodeProto) -> list[int]:
     rank = ctx.shape(node.input[0]).rank
     axes: list[int] | None = None
     if "axes" in a:
-        axes = [int(v) for v in a["axes"]]  # type: ignore[union-attr]
+        axes = [int(v) for v in a["axes"]]
     elif len(node.input) > 1 and node.input[1]:
         value = ctx.const(node.input[1])
         if value is None:
             raise NotImplementedError(f"{node.op_type} with computed axes")
         axes = [int(v) for v in value.reshape(-1)]
     if not axes:
-        if int(a.get("noop_with_empty_axes", 0)):  # type: ignore[call-overload]
+        if int(a.get("noop_with_empty_axes", 0)):
             return []
         axes = list(range(rank))
     return sorted(v % rank for v in axes)
@@ -62,7 +62,7 @@ def _reduce_axes(ctx: VjpContext, node: onnx.NodeProto) -> list[int]:
 
 def _kept(ctx: VjpContext, node: onnx.NodeProto, name: str, axes: list[int]) -> str:
     """View a reduction's output (or its gradient) with the reduced axes kept as size 1."""
-    if int(attrs(node).get("keepdims", 1)) or not axes:  # type: ignore[call-overload]
+    if int(attrs(node).get("keepdims", 1)) or not axes:
         return name
     return ctx.b.op("Unsqueeze", [name, ctx.b.const(axes, "axes")])
 
@@ -100,10 +100,10 @@ def reduce_max(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
 
 def _window(ctx: VjpContext, node: onnx.NodeProto) -> tuple[list[int], list[int], list[int]]:
     a = attrs(node)
-    kernel = [int(k) for k in a["kernel_shape"]]  # type: ignore[union-attr]
+    kernel = [int(k) for k in a["kernel_shape"]]
     n = len(kernel)
-    strides = [int(s) for s in a.get("strides", [1] * n)]  # type: ignore[union-attr]
-    dilations = [int(d) for d in a.get("dilations", [1] * n)]  # type: ignore[union-attr]
+    strides = [int(s) for s in a.get("strides", [1] * n)]
+    dilations = [int(d) for d in a.get("dilations", [1] * n)]
     x_dims = ctx.shape(node.input[0]).dims
     y_dims = ctx.shape(node.output[0]).dims
     pads = explicit_pads(a, x_dims[2:], y_dims[2:], tuple(kernel), strides, dilations)
@@ -130,10 +130,10 @@ def average_pool(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
                for i in range(n)]
     output_padding = [x_dims[2 + i] - covered[i] for i in range(n)]
     if any(p < 0 for p in output_padding) or any(
-        int(d) != 1 for d in a.get("dilations", [1] * n)  # type: ignore[union-attr]
+        int(d) != 1 for d in a.get("dilations", [1] * n)
     ):
         raise NotImplementedError("AveragePool windows that overhang the input (ceil_mode)")
-    if int(a.get("count_include_pad", 0)):  # type: ignore[call-overload]
+    if int(a.get("count_include_pad", 0)):
         divisor = np.full(y_dims[2:], float(np.prod(kernel)), np.float32)
     else:
         per_axis = [
@@ -163,7 +163,7 @@ def max_pool(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     gy = g[0]
     assert gy is not None
     x = node.input[0]
-    if int(attrs(node).get("storage_order", 0)):  # type: ignore[call-overload]
+    if int(attrs(node).get("storage_order", 0)):
         raise NotImplementedError("MaxPool with column-major indices")
     if len(node.output) < 2 or not node.output[1]:
         del node.output[1:]

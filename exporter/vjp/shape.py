@@ -26,7 +26,7 @@ def transpose(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     perm = attrs(node).get("perm")
     if perm is None:
         perm = list(reversed(range(ctx.shape(node.input[0]).rank)))
-    inverse = [int(i) for i in np.argsort(perm)]  # type: ignore[arg-type]
+    inverse = [int(i) for i in np.argsort(perm)]
     return [ctx.b.op("Transpose", [gy], perm=inverse)]
 
 
@@ -52,7 +52,7 @@ def concat(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     (gy,) = g
     assert gy is not None
     rank = ctx.shape(node.output[0]).rank
-    axis = int(attrs(node)["axis"]) % rank  # type: ignore[call-overload]
+    axis = int(attrs(node)["axis"]) % rank
     sizes = _static_axis_sizes(ctx, list(node.input), axis)
     parts = ctx.b.op_multi(
         "Split", [gy, ctx.b.const(sizes, "split")], n_out=len(sizes), axis=axis
@@ -63,7 +63,7 @@ def concat(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
 @rule("Split")
 def split(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     rank = ctx.shape(node.input[0]).rank
-    axis = int(attrs(node).get("axis", 0)) % rank  # type: ignore[call-overload]
+    axis = int(attrs(node).get("axis", 0)) % rank
     _static_axis_sizes(ctx, list(node.output), axis)
     pieces = [gi if gi is not None else ctx.zeros_like(out) for gi, out in zip(g, node.output)]
     return [ctx.b.op("Concat", pieces, axis=axis)] + [None] * (len(node.input) - 1)
@@ -72,8 +72,8 @@ def split(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
 def _slice_params(ctx: VjpContext, node: onnx.NodeProto) -> tuple[list[int], ...]:
     a = attrs(node)
     if "starts" in a:  # opset < 10
-        starts, ends = list(a["starts"]), list(a["ends"])  # type: ignore[call-overload]
-        axes = list(a.get("axes", range(len(starts))))  # type: ignore[call-overload]
+        starts, ends = list(a["starts"]), list(a["ends"])
+        axes = list(a.get("axes", range(len(starts))))
         steps = [1] * len(starts)
     else:
         values = [ctx.const(n) if n else None for n in list(node.input[1:]) + ["", "", ""]][:4]
@@ -121,7 +121,7 @@ def pad(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
         raise NotImplementedError(f"Pad mode {mode!r}")
     if "pads" in a:
-        pads = [int(p) for p in a["pads"]]  # type: ignore[union-attr]
+        pads = [int(p) for p in a["pads"]]
         axes = None
     else:
         value = ctx.const(node.input[1])
