@@ -214,7 +214,8 @@ def _to_float64(node: onnx.NodeProto) -> onnx.NodeProto:
 
 
 def directional_derivatives(
-    head: onnx.ModelProto, inputs: dict[str, np.ndarray], target: int, directions: np.ndarray
+    head: ReferenceEvaluator, inputs: dict[str, np.ndarray], target: int,
+    directions: np.ndarray,
 ) -> np.ndarray:
     """d score / d activations along each direction: central differences in float64.
 
@@ -228,7 +229,7 @@ def directional_derivatives(
     feeds = {start: moved}
     for name in others:
         feeds[name] = np.repeat(inputs[name].astype(np.float64), len(moved), axis=0)
-    (scores,) = ReferenceEvaluator(head, new_ops=[ChannelLRN]).run(None, feeds)
+    (scores,) = head.run(None, feeds)
     score = np.asarray(scores, np.float64)[:, target]
     half = len(directions)
     return (score[:half] - score[half:]) / (2 * step)
@@ -255,7 +256,8 @@ def finite_difference_check(
     out: dict[str, np.ndarray], layout: str, report: Report,
 ) -> None:
     """Hold weights (and full gradients, where present) against float64 differences."""
-    head, externals = head_in_float64(bundle)
+    head_model, externals = head_in_float64(bundle)
+    head = ReferenceEvaluator(head_model, new_ops=[ChannelLRN])
     values = run_with_outputs(bundle, externals, {INPUT_IMAGE: images,
                                                   INPUT_TARGET: chosen.astype(np.int64)})
     activations = values[externals[0]]

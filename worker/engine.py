@@ -76,9 +76,21 @@ class Explainer:
         threads: int | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        self.model_bytes = _read_bundle(bundle)
-        self.info: BundleInfo = _info_of(self.model_bytes, bundle)
-        self.session, self.device = make_session(self.model_bytes, device, threads)
+        label = "bundle" if isinstance(bundle, bytes) else str(bundle)
+        # Kept for Score-CAM, which re-reads the file lazily; bytes stay the caller's.
+        self._bundle = bundle
+        try:
+            self.session, self.device = make_session(_read_bundle(bundle), device, threads)
+        except BundleError:
+            raise
+        except Exception as exc:
+            raise BundleError(f"{label}: not an onnxcam bundle (onnxruntime cannot load it: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                              ) from exc
+        try:
+            self.info: BundleInfo = read_bundle_info(self.session)
+        except BundleError as exc:
+            raise BundleError(f"{label}: {exc}") from exc
         names = {i.name for i in self.session.get_inputs()}
         if names != {INPUT_IMAGE, INPUT_TARGET}:
             raise BundleError(f"bundle inputs are {sorted(names)}, expected image and target")
@@ -93,10 +105,9 @@ class Explainer:
 
     def prepare(self, images: Any) -> np.ndarray:
         """Anything ``explain`` accepts -> uint8 [N, H, W, C] at the bundle's size."""
-        if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = as_image_list(images)
+        if isinstance(images, np.ndarray):
             return self._check_batch(images)
-        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
-            images = [images]
         return np.stack([self.prepare_one(image) for image in images]) if len(images) else \
             np.zeros((0, self.info.height, self.info.width, self.info.channels), np.uint8)
 
@@ -244,8 +255,8 @@ class Explainer:
         if self._scoring is None:
             import onnx
 
-            front, back = split_at_model_input(onnx.load_from_string(self.model_bytes),
-                                               self.info)
+            front, back = split_at_model_input(
+                onnx.load_from_string(_read_bundle(self._bundle)), self.info)
             self._scoring = (
                 make_session(front.SerializeToString(), self.device, self.threads)[0],
                 make_session(back.SerializeToString(), self.device, self.threads)[0],
@@ -269,17 +280,3 @@ def _read_bundle(bundle: str | Path | bytes) -> bytes:
         return Path(bundle).read_bytes()
     except OSError as exc:
         raise BundleError(f"{bundle}: cannot read the bundle ({exc.strerror or exc})") from exc
-
-
-def _info_of(model_bytes: bytes, name: Any) -> BundleInfo:
-    import onnx
-
-    label = "bundle" if isinstance(name, bytes) else str(name)
-    try:
-        model = onnx.load_from_string(model_bytes)
-    except Exception as exc:
-        raise BundleError(f"{label}: not an ONNX file") from exc
-    try:
-        return read_bundle_info(model)
-    except BundleError as exc:
-        raise BundleError(f"{label}: {exc}") from exc
