@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from checks import assert_close
 from models import KERAS_BUILDERS
 
 from exporter import export
@@ -170,15 +171,6 @@ def tape_reference(linear: Any, layer: str, x: np.ndarray, targets: np.ndarray) 
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def assert_close(actual: Any, expected: Any, rtol: float, what: str) -> None:
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = max(float(np.abs(expected).max()), 1e-12)
-    error = float(np.abs(actual - expected).max()) / scale
-    assert error <= rtol, f"{what}: relative error {error:.2e} > {rtol:.0e}"
 
 
 def run_bundle(path: Path, image: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from checks import assert_close
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -80,15 +81,6 @@ def unit_nchw(image: np.ndarray) -> np.ndarray:
 def softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
-
-
-def assert_close(actual, expected, rtol: float, what: str) -> None:
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = max(float(np.abs(expected).max()), 1e-12)
-    error = float(np.abs(actual - expected).max()) / scale
-    assert error <= rtol, f"{what}: relative error {error:.2e} > {rtol:.0e}"
 
 
 def float64_head(model: onnx.ModelProto, start: str, end: str) -> onnx.ModelProto:
@@ -253,32 +245,28 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("onnx_export")
 
 
+def exported(folder: Path, name: str) -> tuple[onnx.ModelProto, Path, Path]:
+    """(source model, source path, bundle path) for a ``models`` builder, defaults only."""
+    model = getattr(models, name)()
+    src = save(folder, model, name)
+    out = folder / f"{name}.bundle.onnx"
+    export(src, out)  # gradient="auto"
+    return model, src, out
+
+
 @pytest.fixture(scope="module")
 def cnn(folder: Path) -> tuple[onnx.ModelProto, Path, Path]:
-    """(source model, source path, bundle path) for ``onnx_cnn`` with defaults."""
-    model = models.onnx_cnn()
-    src = save(folder, model, "onnx_cnn")
-    out = folder / "onnx_cnn.bundle.onnx"
-    export(src, out)
-    return model, src, out
+    return exported(folder, "onnx_cnn")
 
 
 @pytest.fixture(scope="module")
 def residual(folder: Path) -> tuple[onnx.ModelProto, Path, Path]:
-    model = models.onnx_residual_nchw()
-    src = save(folder, model, "onnx_residual_nchw")
-    out = folder / "onnx_residual_nchw.bundle.onnx"
-    export(src, out)
-    return model, src, out
+    return exported(folder, "onnx_residual_nchw")
 
 
 @pytest.fixture(scope="module")
 def unsupported(folder: Path) -> tuple[onnx.ModelProto, Path, Path]:
-    model = models.onnx_unsupported_head()
-    src = save(folder, model, "onnx_unsupported_head")
-    out = folder / "onnx_unsupported_head.bundle.onnx"
-    export(src, out)  # gradient="auto"
-    return model, src, out
+    return exported(folder, "onnx_unsupported_head")
 
 
 # Per model: fixture, target tensor of the default layer, pre-softmax score tensor.
