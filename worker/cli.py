@@ -170,5 +170,111 @@ def explain(
         sys.exit(EXIT_BAD_INPUT)
 
 
+# -- the worker service --------------------------------------------------------------------
+
+EXIT_NOT_DONE = 3
+
+
+def _settings_help() -> str:
+    from worker.settings import describe_settings
+
+    return "\b\nSettings (environment variables):\n" + describe_settings()
+
+
+@main.command(epilog=_settings_help())
+@click.option("--concurrency", type=int, default=None,
+              help="Worker processes (default: the number of CPUs).")
+@click.option("--loglevel", default="INFO", show_default=True,
+              type=click.Choice(("DEBUG", "INFO", "WARNING", "ERROR")))
+@click.option("--hostname", default=None, help="Node name, e.g. gpu1@%h.")
+@click.option("--events", is_flag=True, help="Send task events (for Flower).")
+@with_errors
+def worker(concurrency: int | None, loglevel: str, hostname: str | None, events: bool) -> None:
+    """Run a Celery worker that explains queued jobs (ONNXCAM_* settings below)."""
+    logging.getLogger().setLevel(loglevel)
+    from worker.app import QUEUE, app
+
+    argv = ["worker", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    if events:
+        argv.append("--events")
+    app.worker_main(argv)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--method", default="gradcam", show_default=True, help="CAM method.")
+@click.option("--target", type=int, default=None, help="Class to explain (default: top-1).")
+@click.option("--chunk-size", type=int, default=None,
+              help="Images per job (default: ONNXCAM_CHUNK_SIZE).")
+@with_errors
+def submit(bundle: Path, images: tuple[str, ...], method: str, target: int | None,
+           chunk_size: int | None) -> None:
+    """Queue explain jobs; print their ids, one per line."""
+    from worker.client import submit as submit_jobs
+
+    job = submit_jobs(bundle, list(images), method, target, chunk_size=chunk_size)
+    for job_id in job.ids:
+        click.echo(job_id)
+
+
+@main.command()
+@click.argument("job_id")
+@with_errors
+def status(job_id: str) -> None:
+    """Print a job's status: pending, started, done or failed."""
+    from worker.client import job_status
+    from worker.settings import load_settings
+
+    click.echo(job_status(job_id, load_settings()))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for the heatmaps, overlays and JSON records.")
+@click.option("--wait", "wait_seconds", type=float, default=0.0,
+              help="Wait up to this many seconds for the job to end.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record per image.")
+@with_errors
+def result(job_id: str, out: Path, wait_seconds: float, as_json: bool) -> None:
+    """Write a done job's heatmaps, overlays and records to --out."""
+    import json
+    import time
+
+    from worker.client import download, job_error, job_status
+    from worker.errors import JobError
+    from worker.settings import load_settings
+    from worker.store import Store
+
+    settings = load_settings()
+    deadline = time.monotonic() + wait_seconds
+    state = job_status(job_id, settings)
+    while state in ("pending", "started") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        state = job_status(job_id, settings)
+    if state == "failed":
+        error = job_error(job_id, Store(settings.store_url)) or {"code": "job_error",
+                                                                 "message": "job failed"}
+        raise JobError(f"job {job_id} failed: {error['code']}: {error['message']}")
+    if state != "done":
+        click.echo(f"onnxcam: job {job_id} is not done yet ({state})", err=True)
+        sys.exit(EXIT_NOT_DONE)
+    failures = 0
+    for record in download(job_id, out, settings):
+        if record["status"] != "ok":
+            failures += 1
+            click.echo(f"onnxcam: error: {record['image']}: {record['error']['code']}: "
+                       f"{record['error']['message']}", err=True)
+        if as_json:
+            click.echo(json.dumps(record, sort_keys=True))
+    if failures:
+        sys.exit(EXIT_BAD_INPUT)
+
+
 if __name__ == "__main__":
     main()

@@ -8,9 +8,18 @@
     │   └── VerificationError       the bundle disagrees with its source
     ├── BundleError                 a file is not a usable onnxcam bundle
     ├── BadImageError               not an image, truncated, too large, ...
+    │   ├── MissingImageError       no file at that path or URI
+    │   └── ForbiddenPathError      a path outside the allowed roots, or a URI outside them
     ├── BadTargetError              a class index outside [0, K)
     ├── BadMethodError              unknown method, or one the bundle cannot run
-    └── JobError                    a queued job failed or is malformed
+    ├── JobError                    a queued job failed or is malformed
+    │   ├── MalformedJobError       the message is not a valid onnxcam job
+    │   ├── UnknownBundleError      no bundle with that sha256 in the store
+    │   ├── UnknownJobError         no job with that id was ever submitted
+    │   └── JobTimeoutError         the job ran past its soft time limit
+    ├── StoreError                  the result store failed
+    │   └── StoreUnavailableError   a transient failure (network, 5xx): retried
+    └── SettingsError               an ONNXCAM_* variable has a bad value
 
 Every error has a short ``code`` used in job records and a one-line ``str``.
 """
@@ -71,5 +80,41 @@ class BadMethodError(OnnxcamError):
     code = "bad_method"
 
 
+class MissingImageError(BadImageError):
+    code = "missing_image"
+
+
+class ForbiddenPathError(BadImageError):
+    code = "forbidden_path"
+
+
 class JobError(OnnxcamError):
     code = "job_error"
+
+
+class MalformedJobError(JobError):
+    code = "malformed_job"
+
+
+class UnknownBundleError(JobError):
+    code = "unknown_bundle"
+
+
+class UnknownJobError(JobError):
+    code = "unknown_job"
+
+
+class JobTimeoutError(JobError):
+    code = "time_limit"
+
+
+class StoreError(OnnxcamError):
+    code = "store_error"
+
+
+class StoreUnavailableError(StoreError):
+    code = "store_unavailable"
+
+
+class SettingsError(OnnxcamError):
+    code = "bad_settings"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from worker.errors import BadImageError
+from worker.errors import BadImageError, MissingImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 64 * 2**20
@@ -56,7 +56,7 @@ def read_bytes(path: str | Path, limits: Limits) -> bytes:
             raise BadImageError(f"{path}: empty file")
         return path.read_bytes()
     except FileNotFoundError as exc:
-        raise BadImageError(f"{path}: no such file") from exc
+        raise MissingImageError(f"{path}: no such file") from exc
     except IsADirectoryError as exc:
         raise BadImageError(f"{path}: is a folder, not an image") from exc
     except OSError as exc:

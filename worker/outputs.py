@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from worker.engine import Explainer, Explanation
 from worker.errors import OnnxcamError
 from worker.images import load_image
 from worker.maps import heatmaps, overlay
+from worker.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +37,6 @@ class ImageResult:
     error: OnnxcamError | None = None
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -63,14 +50,15 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def render(
-    image: np.ndarray, raw: np.ndarray, formats: Sequence[str], with_raw: bool
+    image: np.ndarray, raw: np.ndarray, formats: Sequence[str], with_raw: bool,
+    heatmap_dtype: type = np.float32,
 ) -> dict[str, bytes]:
     """The files for one image, by suffix: heatmap at the image's own size, overlay, raw."""
     height, width = image.shape[:2]
     heatmap = heatmaps(raw[None], height, width)[0]
     files: dict[str, bytes] = {}
     if "npy" in formats:
-        files[".npy"] = npy_bytes(heatmap.astype(np.float32))
+        files[".npy"] = npy_bytes(heatmap.astype(heatmap_dtype))
     if "png" in formats:
         files[".png"] = png_bytes(overlay(image, heatmap))
     if with_raw:

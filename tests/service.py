@@ -1,0 +1,152 @@
+"""Real parts for the service tests: a Redis database, `onnxcam worker` processes,
+moto's S3 server. Nothing here is mocked; each helper starts or talks to a real
+process on loopback and cleans up after itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((REDIS_HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_url(db: int, port: int = REDIS_PORT) -> str:
+    """A Redis database for one test module, emptied; skips when no Redis answers."""
+    import redis
+
+    client = redis.Redis(host=REDIS_HOST, port=port, db=db, socket_connect_timeout=1)
+    try:
+        client.flushdb()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis server at {REDIS_HOST}:{port}")
+    return f"redis://{REDIS_HOST}:{port}/{db}"
+
+
+def console() -> list[str]:
+    """The installed ``onnxcam`` console script, or the module when it is not installed."""
+    path = shutil.which("onnxcam")
+    return [path] if path else [sys.executable, "-m", "worker.cli"]
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class WorkerProcess:
+    """An ``onnxcam worker`` in its own process group, logging to a file."""
+
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited early:\n{self.text()}")
+            return " ready." in self.text()
+
+        wait_for(ready, timeout, f"worker {self.name} to be ready")
+
+    def kill_group(self) -> None:
+        """SIGKILL the worker and every child it forked, as a crash or an OOM kill would."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+
+
+def start_worker(name: str, env: Mapping[str, str], folder: Path, concurrency: int = 1,
+                 extra: tuple[str, ...] = ()) -> WorkerProcess:
+    log = folder / f"{name}.log"
+    stream = log.open("wb")
+    process = subprocess.Popen(
+        [*console(), "worker", "--concurrency", str(concurrency), "--hostname",
+         f"{name}@%h", *extra],
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=stream,
+        stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
+    )
+    stream.close()
+    return WorkerProcess(name, process, log)
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port: int
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_redis(folder: Path, port: int) -> ServerProcess:
+    """A private redis-server with AOF on (fsync always), keeping its files in ``folder``."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", REDIS_HOST, "--dir", str(folder),
+         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    server = ServerProcess(process, port)
+    wait_for(lambda: _answers(port), 10, f"redis-server on port {port}")
+    return server
+
+
+def start_moto(port: int) -> ServerProcess:
+    """moto's standalone S3 server on loopback."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", REDIS_HOST, "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    server = ServerProcess(process, port)
+    wait_for(lambda: _answers(port), 30, f"moto server on port {port}")
+    return server
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection((REDIS_HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False

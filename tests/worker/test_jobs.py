@@ -1,0 +1,321 @@
+"""Job functions and the task body, without a broker: parsing, fetching, running, storing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import models
+import numpy as np
+import onnx
+import pytest
+from checks import assert_close
+from PIL import Image
+
+from exporter import export
+from worker import Explainer
+from worker.errors import (
+    BadMethodError,
+    ForbiddenPathError,
+    MalformedJobError,
+    MissingImageError,
+    SettingsError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownBundleError,
+)
+from worker.jobs import ImageRef, JobSpec, ModelCache, allowed_path, fetch, parse_job, run_job
+from worker.maps import heatmaps
+from worker.settings import load_settings
+from worker.store import Store, sha256_hex
+
+LABELS = ["cat", "dog", "bus", "car", "snow"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("jobs")
+
+
+@pytest.fixture(scope="module")
+def bundle(folder: Path) -> bytes:
+    source = folder / "cnn.onnx"
+    onnx.save(models.onnx_cnn(), str(source))
+    export(source, folder / "cnn.cam.onnx", labels=LABELS)
+    return (folder / "cnn.cam.onnx").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def images(folder: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(1)
+    paths = {}
+    for name, size in (("a.png", (20, 30)), ("b.jpg", (16, 16)), ("c.png", (41, 17))):
+        path = folder / "images" / name
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+        paths[name] = path
+    paths["text"] = folder / "images" / "notes.txt"
+    paths["text"].write_text("not an image\n")
+    paths["empty"] = folder / "images" / "empty.png"
+    paths["empty"].write_bytes(b"")
+    paths["truncated"] = folder / "images" / "truncated.png"
+    paths["truncated"].write_bytes(paths["a.png"].read_bytes()[:60])
+    bomb = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(bomb, format="PNG")  # 81 Mpx, a few KB compressed
+    paths["bomb"] = folder / "images" / "bomb.png"
+    paths["bomb"].write_bytes(bomb.getvalue())
+    return paths
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    return Store(str(tmp_path / "store"))
+
+
+@pytest.fixture()
+def settings(folder: Path, store: Store):  # noqa: ANN201 - Settings
+    return load_settings(store_url=store.url, allowed_roots=str(folder / "images"))
+
+
+def spec_for(sha: str, refs: list[ImageRef], method: str = "gradcam",
+             targets: list | None = None) -> JobSpec:
+    return JobSpec("job-1", sha, refs, method, targets or [None] * len(refs))
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+def test_message_round_trip(images: dict[str, Path]) -> None:
+    refs = [ImageRef("a.png", path=str(images["a.png"])), ImageRef("u", uri="s3://b/k.png"),
+            ImageRef("i", data=b"\x89PNG")]
+    spec = JobSpec("id-7", "f" * 64, refs, "layercam", [None, 3, 0])
+    message = json.loads(json.dumps(spec.to_message()))  # JSON only, as on the wire
+    assert parse_job(message, "id-7") == spec
+    assert "data" not in json.dumps(spec.request_record())
+
+
+@pytest.mark.parametrize("message, match", [
+    ("hello", "JSON object"),
+    ([1, 2], "JSON object"),
+    ({"v": 99, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}]}, "version"),
+    ({"v": 1, "bundle": 5, "method": "gradcam", "images": [{"path": "a"}]}, "strings"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": []}, "non-empty"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": ["a.png"]}, "not an object"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a", "uri": "b"}]},
+     "exactly one"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"data": "%%%"}]}, "base64"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
+      "targets": ["1"]}, "targets"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
+      "targets": [1, 2]}, "targets"),
+])
+def test_malformed_messages(message: object, match: str) -> None:
+    with pytest.raises(MalformedJobError, match=match):
+        parse_job(message, "id")
+
+
+# ---------------------------------------------------------------------------- fetching
+
+
+def test_allowed_roots_follow_links(tmp_path: Path, images: dict[str, Path]) -> None:
+    root = images["a.png"].parent
+    assert allowed_path(str(images["a.png"]), [str(root)]) == images["a.png"].resolve()
+    link = root / "escape.png"
+    link.unlink(missing_ok=True)
+    link.symlink_to("/etc/hostname")
+    with pytest.raises(ForbiddenPathError):
+        allowed_path(str(link), [str(root)])
+    with pytest.raises(ForbiddenPathError):
+        allowed_path(f"{root}/../../etc/passwd", [str(root)])
+    with pytest.raises(ForbiddenPathError):  # a sibling whose name merely starts the same
+        allowed_path(str(root) + "-other/x.png", [str(root)])
+    link.unlink()
+
+
+def test_fetch_sources(store: Store, images: dict[str, Path]) -> None:
+    roots = [str(images["a.png"].parent)]
+    data = images["a.png"].read_bytes()
+    limits = load_settings().limits
+    assert fetch(ImageRef("a", path=str(images["a.png"])), store, roots, limits) == data
+    assert fetch(ImageRef("a", data=data), store, roots, limits) == data
+    uri = store.put("images/a.png", data)
+    assert fetch(ImageRef("a", uri=uri), store, roots, limits) == data
+    with pytest.raises(MissingImageError):
+        fetch(ImageRef("a", uri=store.uri("images/nope.png")), store, roots, limits)
+    with pytest.raises(ForbiddenPathError):
+        fetch(ImageRef("a", uri="file:///etc/passwd"), store, roots, limits)
+    with pytest.raises(ForbiddenPathError):
+        fetch(ImageRef("a", uri="s3://elsewhere/x.png"), store, roots, limits)
+    with pytest.raises(MissingImageError):
+        fetch(ImageRef("a", path=roots[0] + "/missing.png"), store, roots, limits)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def test_run_job_matches_the_engine(bundle: bytes, store: Store, settings,
+                                    images: dict[str, Path]) -> None:
+    sha = store.put_bundle(bundle)
+    names = ["a.png", "b.jpg", "c.png"]
+    refs = [ImageRef(n, path=str(images[n])) for n in names]
+    summary = run_job(spec_for(sha, refs, targets=[None, 2, None]), store,
+                      ModelCache(store, 2, "cpu"), settings)
+    assert (summary["n"], summary["ok"], summary["errors"]) == (3, 3, 0)
+
+    explainer = Explainer(bundle, device="cpu")
+    for index, name in enumerate(names):
+        record = json.loads(store.get(f"jobs/job-1/{index:05d}.json"))
+        target = 2 if index == 1 else None
+        expected = explainer.explain(str(images[name]), targets=target)
+        assert record["target"] == int(expected.targets[0])
+        assert record["label"] == LABELS[record["target"]]
+        assert record["bundle"] == sha and record["method"] == "gradcam"
+        assert_close(record["logits"], expected.logits[0], 1e-6, "logits")
+        raw = np.load(io.BytesIO(store.get(f"jobs/job-1/{index:05d}.raw.npy")))
+        assert_close(raw, expected.raw[0], 1e-6, "raw map")
+        heatmap = np.load(io.BytesIO(store.get(f"jobs/job-1/{index:05d}.npy")))
+        height, width = Image.open(images[name]).size[::-1]
+        assert heatmap.dtype == np.float16 and heatmap.shape == (height, width)
+        assert record["image_size"] == [height, width]
+        assert_close(heatmap, heatmaps(expected.raw, height, width)[0], 1e-3, "heatmap")
+        overlay = Image.open(io.BytesIO(store.get(f"jobs/job-1/{index:05d}.png")))
+        assert overlay.size == (width, height)
+        assert set(record["timings"]) == {"decode_ms", "explain_ms"}
+
+
+def test_bad_images_and_targets_end_only_their_image(bundle: bytes, store: Store, settings,
+                                                      images: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    sha = store.put_bundle(bundle)
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    cases = {
+        "text": ImageRef("notes.txt", path=str(images["text"])),
+        "empty": ImageRef("empty.png", path=str(images["empty"])),
+        "truncated": ImageRef("truncated.png", path=str(images["truncated"])),
+        "bomb": ImageRef("bomb.png", path=str(images["bomb"])),
+        "missing": ImageRef("missing.png", path=str(images["a.png"].parent / "missing.png")),
+        "outside": ImageRef("outside.png", path=str(outside)),
+        "inline junk": ImageRef("junk", data=b"\x00" * 50),
+        "good": ImageRef("a.png", path=str(images["a.png"])),
+        "bad target": ImageRef("b.jpg", path=str(images["b.jpg"])),
+    }
+    targets: list = [None] * len(cases)
+    targets[-1] = 99
+    small = load_settings(store_url=store.url, allowed_roots=settings.allowed_roots,
+                          max_image_pixels=50_000_000)
+    summary = run_job(spec_for(sha, list(cases.values()), targets=targets), store,
+                      ModelCache(store, 1, "cpu", small.limits), small)
+    codes = {name: (s.get("error") or {}).get("code", "ok")
+             for name, s in zip(cases, summary["images"])}
+    assert codes == {
+        "text": "bad_image", "empty": "bad_image", "truncated": "bad_image",
+        "bomb": "bad_image", "missing": "missing_image", "outside": "forbidden_path",
+        "inline junk": "bad_image", "good": "ok", "bad target": "bad_target",
+    }
+    for s in summary["images"]:
+        record = json.loads(store.get(f"jobs/job-1/{s['index']:05d}.json"))
+        assert record["status"] == s["status"]
+        if s["status"] == "error":
+            assert record["error"]["message"]
+            assert not store.exists(f"jobs/job-1/{s['index']:05d}.npy")
+    assert "decompression bomb" in summary["images"][3]["error"]["message"]
+
+
+def test_run_job_twice_writes_the_same(bundle: bytes, store: Store, settings,
+                                       images: dict[str, Path]) -> None:
+    sha = store.put_bundle(bundle)
+    refs = [ImageRef(n, path=str(images[n])) for n in ("a.png", "b.jpg", "c.png")]
+    cache = ModelCache(store, 1, "cpu")
+    run_job(spec_for(sha, refs), store, cache, settings)
+    root = Path(store.root) / "jobs" / "job-1"
+    first = {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+    assert len(first) == 12
+    run_job(spec_for(sha, refs), store, cache, settings)  # a redelivery: all done already
+    assert {p.name: p.read_bytes() for p in sorted(root.iterdir())} == first
+    # A worker that died after image 0: the rerun computes 1 and 2 again, identically.
+    for name in ("00001.json", "00002.json", "00002.npy", "00002.png"):
+        (root / name).unlink()
+    run_job(spec_for(sha, refs), store, cache, settings)
+    again = {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+    assert set(again) == set(first)
+    for name, data in first.items():
+        if name.endswith(".json"):  # the same record, but for the time it took
+            old, new = json.loads(data), json.loads(again[name])
+            old.pop("timings"), new.pop("timings")
+            assert old == new
+        else:
+            assert again[name] == data, name
+
+
+def test_job_wide_errors(bundle: bytes, store: Store, settings,
+                         images: dict[str, Path]) -> None:
+    refs = [ImageRef("a.png", path=str(images["a.png"]))]
+    cache = ModelCache(store, 1, "cpu")
+    with pytest.raises(UnknownBundleError, match="no bundle"):
+        run_job(spec_for("0" * 64, refs), store, cache, settings)
+    with pytest.raises(UnknownBundleError, match="not a bundle hash"):
+        run_job(spec_for("../../etc/passwd", refs), store, cache, settings)
+    sha = store.put_bundle(bundle)
+    with pytest.raises(BadMethodError, match="unknown method"):
+        run_job(spec_for(sha, refs, method="nonsense"), store, cache, settings)
+
+
+def test_model_cache_is_bounded_and_checks_hashes(bundle: bytes, store: Store) -> None:
+    other = onnx.load_from_string(bundle)
+    other.doc_string = "another bundle"
+    first, second = store.put_bundle(bundle), store.put_bundle(other.SerializeToString())
+    cache = ModelCache(store, 1, "cpu")
+    explainer = cache.get(first)
+    assert cache.get(first) is explainer
+    cache.get(second)
+    assert cache.get(first) is not explainer  # evicted, then loaded again
+    (Path(store.root) / "bundles" / f"{second}.onnx").write_bytes(bundle)  # tampered
+    with pytest.raises(StoreError, match="does not match"):
+        ModelCache(store, 1, "cpu").get(second)
+
+
+# ---------------------------------------------------------------------------- store, settings
+
+
+def test_local_store(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    uri = store.put("jobs/x/1.json", b"{}")
+    assert Path(uri).read_bytes() == b"{}" and store.exists("jobs/x/1.json")
+    assert store.owns(uri) == "jobs/x/1.json" and store.owns("/etc/passwd") is None
+    assert [p.name for p in (tmp_path / "s" / "jobs" / "x").iterdir()] == ["1.json"]
+    with pytest.raises(StoreError):
+        store.put("../escape", b"")
+    assert store.put_bundle(b"bytes") == sha256_hex(b"bytes")
+
+
+def test_unreachable_s3_is_transient() -> None:
+    pytest.importorskip("s3fs")
+    from service import free_port
+
+    store = Store("s3://bucket/prefix", anon=True,
+                  client_kwargs={"endpoint_url": f"http://127.0.0.1:{free_port()}"},
+                  config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1})
+    with pytest.raises(StoreUnavailableError, match="unavailable"):
+        store.get("bundles/x.onnx")
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONNXCAM_ALLOWED_ROOTS", "/data:/srv/images:s3://bucket/in")
+    monkeypatch.setenv("ONNXCAM_VISIBILITY_TIMEOUT", "42")
+    monkeypatch.setenv("ONNXCAM_BROKER_URL", "rediss://:secret@redis.example:6380/1")
+    settings = load_settings()
+    assert settings.roots == ["/data", "/srv/images", "s3://bucket/in"]
+    assert settings.visibility_timeout == 42
+    assert settings.backend_url == settings.broker_url
+    monkeypatch.setenv("ONNXCAM_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(SettingsError, match="ONNXCAM_MAX_IMAGE_PIXELS"):
+        load_settings()
+
+
+def test_inline_data_is_base64_on_the_wire(images: dict[str, Path]) -> None:
+    data = images["a.png"].read_bytes()
+    message = JobSpec("j", "f" * 64, [ImageRef("a.png", data=data)]).to_message()
+    assert base64.b64decode(message["images"][0]["data"]) == data

@@ -1,0 +1,48 @@
+"""The Celery application: JSON on the wire, late acks, one message per worker at a time.
+
+``make_app`` builds it from ``Settings``; ``app`` is the one the ``onnxcam worker``
+command and ``celery -A worker.app`` run.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker.settings import Settings, load_settings
+
+QUEUE = "onnxcam"
+EXPLAIN_TASK = "onnxcam.explain"
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("onnxcam", broker=settings.broker_url, backend=settings.backend_url,
+                 include=["worker.tasks"])
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        # Never pickle: a message is data, not code.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # A job is acknowledged only when it has finished; a worker that dies
+        # mid-job leaves it to be redelivered (jobs are idempotent).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        task_track_started=True,
+        task_soft_time_limit=settings.soft_time_limit,
+        task_time_limit=settings.time_limit,
+        task_default_queue=QUEUE,
+        result_extended=True,
+        worker_max_memory_per_child=settings.max_memory_per_child or None,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app
+
+
+app = make_app(load_settings())

@@ -1,0 +1,242 @@
+"""Submitting explain jobs and collecting their results, from any process.
+
+``submit`` publishes the bundle to the store under its sha256, splits the images
+into chunks (one job each, so a worker sees whole batches) and queues them; it
+needs no worker to be up. ``Job`` follows them by id.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.bundle import BundleInfo
+from worker.errors import BundleError, JobError, UnknownJobError
+from worker.jobs import ERROR, REQUEST, ImageRef, JobSpec, image_key
+from worker.methods import get_method
+from worker.settings import Settings, load_settings
+from worker.store import NotInStoreError, Store, job_key
+
+STATUSES = ("pending", "started", "done", "failed")
+_CELERY_STATES = {
+    "PENDING": "pending", "RECEIVED": "pending", "STARTED": "started", "RETRY": "started",
+    "SUCCESS": "done", "FAILURE": "failed", "REVOKED": "failed",
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _app(settings: Settings) -> Any:
+    from worker.app import make_app
+
+    return make_app(settings)
+
+
+def image_ref(image: str | Path | bytes, inline_max_bytes: int, index: int) -> ImageRef:
+    """A store URI stays a URI; a small local file travels inline; a larger one by path."""
+    if isinstance(image, bytes):
+        return ImageRef(f"image-{index}", data=image)
+    text = str(image)
+    if "://" in text:
+        return ImageRef(text.rsplit("/", 1)[-1], uri=text)
+    path = Path(text).absolute()
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = None  # the worker reports a missing file as that image's error
+    if size is not None and 0 < size <= inline_max_bytes:
+        return ImageRef(path.name, data=path.read_bytes())
+    return ImageRef(path.name, path=str(path))
+
+
+@dataclass
+class Job:
+    """Queued explain jobs, one per chunk of images, followed through the store and
+    Celery's result backend."""
+
+    ids: list[str]
+    settings: Settings
+
+    @property
+    def store(self) -> Store:
+        return Store(self.settings.store_url)
+
+    def statuses(self) -> list[str]:
+        return [job_status(job_id, self.settings) for job_id in self.ids]
+
+    def status(self) -> str:
+        """One word for all chunks: failed, pending or started until all are done."""
+        states = set(self.statuses())
+        if "failed" in states:
+            return "failed"
+        if states == {"done"}:
+            return "done"
+        return "started" if states & {"started", "done"} else "pending"
+
+    def wait(self, timeout: float | None = None, interval: float = 0.2) -> list[dict[str, Any]]:
+        """Block until every chunk has ended; return every image's record, in order.
+
+        A chunk that failed as a whole gives each of its images an error record.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(self.ids)
+        while pending:
+            pending = [j for j in pending if job_status(j, self.settings) not in ("done",
+                                                                                 "failed")]
+            if pending and deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} of {len(self.ids)} jobs not done after "
+                                   f"{timeout} s")
+            if pending:
+                time.sleep(interval)
+        return [record for job_id in self.ids for record in job_records(job_id, self.store)]
+
+
+def submit(
+    bundle: str | Path | bytes,
+    images: Iterable[str | Path | bytes],
+    method: str = "gradcam",
+    targets: int | Sequence[int | None] | None = None,
+    *,
+    chunk_size: int | None = None,
+    settings: Settings | None = None,
+) -> Job:
+    """Queue explain jobs for ``images`` with ``bundle`` (a path, bytes or published hash)."""
+    settings = settings or load_settings()
+    get_method(method)  # an unknown name fails here, before anything is queued
+    store = Store(settings.store_url)
+    sha = publish(bundle, store)
+    refs = [image_ref(image, settings.inline_max_bytes, i) for i, image in enumerate(images)]
+    if not refs:
+        raise JobError("no images to explain")
+    wanted = _per_image(targets, len(refs))
+    size = chunk_size or settings.chunk_size
+    app = _app(settings)
+    ids = []
+    for start in range(0, len(refs), size):
+        spec = JobSpec(str(uuid.uuid4()), sha, refs[start:start + size], method,
+                       wanted[start:start + size])
+        send(app, spec, store)
+        ids.append(spec.job_id)
+    return Job(ids, settings)
+
+
+def send(app: Any, spec: JobSpec, store: Store) -> None:
+    """Record the request in the store, then queue the message."""
+    from worker.app import EXPLAIN_TASK
+
+    store.put(job_key(spec.job_id, REQUEST), json.dumps(spec.request_record()).encode())
+    app.send_task(EXPLAIN_TASK, args=[spec.to_message()], task_id=spec.job_id)
+
+
+def publish(bundle: str | Path | bytes, store: Store) -> str:
+    """Put a bundle in the store (a no-op when it is there); return its hash."""
+    if isinstance(bundle, bytes):
+        return store.put_bundle(bundle)
+    text = str(bundle)
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text) and not Path(text).exists():
+        store.get_bundle(text)  # must already be published
+        return text
+    try:
+        data = Path(text).read_bytes()
+    except OSError as exc:
+        raise JobError(f"{text}: cannot read the bundle ({exc.strerror or exc})") from None
+    _check_bundle(data, text)
+    return store.put_bundle(data)
+
+
+def _check_bundle(data: bytes, name: str) -> None:
+    """Refuse a file that is not an onnxcam bundle before it reaches any worker."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(data)
+    except Exception:  # noqa: BLE001 - any parse failure: not an ONNX file
+        raise BundleError(f"{name}: not an ONNX file") from None
+    try:
+        BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
+    except BundleError as exc:
+        raise BundleError(f"{name}: {exc}") from None
+
+
+def _per_image(targets: int | Sequence[int | None] | None, count: int) -> list[int | None]:
+    if targets is None:
+        return [None] * count
+    if isinstance(targets, int):
+        return [targets] * count
+    wanted = list(targets)
+    if len(wanted) != count:
+        raise JobError(f"{len(wanted)} targets for {count} images")
+    return wanted
+
+
+def job_status(job_id: str, settings: Settings) -> str:
+    """pending, started, done or failed; UnknownJobError for an id never submitted."""
+    state = _app(settings).AsyncResult(job_id).state
+    word = _CELERY_STATES.get(state, "pending")
+    if word == "pending":
+        store = Store(settings.store_url)
+        if not store.exists(job_key(job_id, REQUEST)):
+            raise UnknownJobError(f"no job {job_id}")
+        if store.exists(job_key(job_id, ERROR)):
+            return "failed"
+    return word
+
+
+def job_error(job_id: str, store: Store) -> dict[str, str] | None:
+    try:
+        return dict(json.loads(store.get(job_key(job_id, ERROR))))
+    except NotInStoreError:
+        return None
+
+
+def job_records(job_id: str, store: Store) -> list[dict[str, Any]]:
+    """Every image's record of a finished job, in order (error records included)."""
+    try:
+        request = json.loads(store.get(job_key(job_id, REQUEST)))
+    except NotInStoreError:
+        raise UnknownJobError(f"no job {job_id}") from None
+    failure = job_error(job_id, store)
+    records = []
+    for index, image in enumerate(request["images"]):
+        try:
+            records.append(json.loads(store.get(image_key(job_id, index, ".json"))))
+        except NotInStoreError:
+            error = failure or {"code": "missing_result", "message": "no result stored"}
+            records.append({"job": job_id, "index": index, "image": image["name"],
+                            "status": "error", "error": error})
+    return records
+
+
+def download(job_id: str, out: Path, settings: Settings) -> list[dict[str, Any]]:
+    """Copy a finished job's files to ``out`` as ``onnxcam explain`` names them:
+    ``<stem>.npy`` (float32 heatmap), ``<stem>.png``, ``<stem>.raw.npy`` and
+    ``<stem>.json``. Returns the records, error records included."""
+    import io
+
+    import numpy as np
+
+    from worker.outputs import npy_bytes, unique_stems
+    from worker.store import atomic_write
+
+    store = Store(settings.store_url)
+    records = job_records(job_id, store)
+    stems = unique_stems([record["image"] for record in records])
+    for stem, record in zip(stems, records):
+        if record["status"] != "ok":
+            continue
+        local: dict[str, str] = {}
+        for kind, suffix in (("heatmap", ".npy"), ("overlay", ".png"), ("raw", ".raw.npy")):
+            key = image_key(job_id, record["index"], suffix)
+            data = store.get(key)
+            if kind == "heatmap":  # stored as float16; handed out as explain writes it
+                data = npy_bytes(np.load(io.BytesIO(data)).astype(np.float32))
+            atomic_write(out / f"{stem}{suffix}", data)
+            local[kind] = str(out / f"{stem}{suffix}")
+        record = {**record, "files": local}
+        atomic_write(out / f"{stem}.json", json.dumps(record, sort_keys=True).encode())
+    return records

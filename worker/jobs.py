@@ -1,0 +1,354 @@
+"""Explain jobs as plain functions: parse a message, fetch, explain, store.
+
+Celery's task (``worker.tasks``) is a thin shell around ``run_job``; everything
+here runs and is tested without a broker.
+
+A job explains a chunk of images with one bundle. Its outputs live in the store
+under ``jobs/<job id>/``: per image ``NNNNN.npy`` (float16 heatmap at the image's
+own size), ``NNNNN.png`` (overlay), ``NNNNN.raw.npy`` (float32 map at layer
+resolution) and ``NNNNN.json`` (the record, written last). A record that exists
+is final, so a redelivered job skips the images already done: running a job
+twice writes the same keys with the same content.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.engine import DEFAULT_BATCH, Explainer, Explanation
+from worker.errors import (
+    BadImageError,
+    BadTargetError,
+    ForbiddenPathError,
+    MalformedJobError,
+    MissingImageError,
+    OnnxcamError,
+)
+from worker.images import Limits, decode, to_array
+from worker.outputs import render
+from worker.settings import Settings
+from worker.store import NotInStoreError, Store, bundle_key, job_key
+
+log = logging.getLogger(__name__)
+
+MESSAGE_VERSION = 1
+TOP_K = 5
+REQUEST = "request.json"
+ERROR = "error.json"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one image of a job comes from: exactly one of path, uri and data."""
+
+    name: str
+    path: str | None = None
+    uri: str | None = None
+    data: bytes | None = None
+
+    def to_message(self) -> dict[str, str]:
+        if self.data is not None:
+            return {"name": self.name, "data": base64.b64encode(self.data).decode("ascii")}
+        if self.uri is not None:
+            return {"name": self.name, "uri": self.uri}
+        return {"name": self.name, "path": str(self.path)}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A parsed, validated job message."""
+
+    job_id: str
+    bundle: str
+    images: list[ImageRef]
+    method: str = "gradcam"
+    targets: list[int | None] = field(default_factory=list)  # per image; None: top-1
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "v": MESSAGE_VERSION,
+            "job": self.job_id,
+            "bundle": self.bundle,
+            "method": self.method,
+            "images": [ref.to_message() for ref in self.images],
+            "targets": list(self.targets),
+        }
+
+    def request_record(self) -> dict[str, Any]:
+        """What the client stores at submit time: the job without inline pixels."""
+        message = self.to_message()
+        message["images"] = [{"name": ref.name} for ref in self.images]
+        return message
+
+
+def parse_job(message: Any, job_id: str) -> JobSpec:
+    """Validate a message from the wire; anything off is a MalformedJobError."""
+    if not isinstance(message, Mapping):
+        raise MalformedJobError(f"a job message is a JSON object, not {type(message).__name__}")
+    if message.get("v") != MESSAGE_VERSION:
+        raise MalformedJobError(f"unsupported job message version {message.get('v')!r}")
+    bundle, method, images = message.get("bundle"), message.get("method"), message.get("images")
+    if not isinstance(bundle, str) or not isinstance(method, str):
+        raise MalformedJobError("a job names its bundle and method as strings")
+    if not isinstance(images, list) or not images:
+        raise MalformedJobError("a job carries a non-empty list of images")
+    refs = [_parse_ref(item, index) for index, item in enumerate(images)]
+    targets = message.get("targets") or [None] * len(refs)
+    if not isinstance(targets, list) or len(targets) != len(refs) or not all(
+            t is None or (isinstance(t, int) and not isinstance(t, bool)) for t in targets):
+        raise MalformedJobError("targets must be a list of ints or nulls, one per image")
+    return JobSpec(job_id, bundle, refs, method, targets)
+
+
+def _parse_ref(item: Any, index: int) -> ImageRef:
+    if not isinstance(item, Mapping):
+        raise MalformedJobError(f"image {index} is not an object")
+    sources = [key for key in ("path", "uri", "data") if key in item]
+    if len(sources) != 1 or not all(isinstance(item[k], str) for k in sources):
+        raise MalformedJobError(f"image {index} needs exactly one of path, uri or data")
+    source = sources[0]
+    name = item.get("name") if isinstance(item.get("name"), str) else item[source]
+    if source == "data":
+        try:
+            return ImageRef(name or f"image-{index}", data=base64.b64decode(item["data"],
+                                                                            validate=True))
+        except (binascii.Error, ValueError):
+            raise MalformedJobError(f"image {index}: inline data is not base64") from None
+    return ImageRef(name, **{source: item[source]})
+
+
+# -- fetching images --------------------------------------------------------------------
+
+
+def allowed_path(path: str, roots: Sequence[str]) -> Path:
+    """``path`` resolved (links followed) if it lies under one of the local ``roots``."""
+    resolved = Path(os.path.realpath(path))
+    for root in roots:
+        if "://" in root:
+            continue
+        base = Path(os.path.realpath(root))
+        if resolved == base or base in resolved.parents:
+            return resolved
+    raise ForbiddenPathError(f"{path}: outside the allowed roots (ONNXCAM_ALLOWED_ROOTS)")
+
+
+def fetch(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits) -> bytes:
+    """The encoded bytes of one image, refusing what the worker may not read."""
+    if ref.data is not None:
+        return ref.data
+    if ref.path is not None:
+        return _read_local(allowed_path(ref.path, roots), ref.path, limits)
+    assert ref.uri is not None
+    key = store.owns(ref.uri)
+    if key is not None:
+        try:
+            return store.get(key)
+        except NotInStoreError:
+            raise MissingImageError(f"{ref.uri}: no such object") from None
+    if ref.uri.startswith("file://"):
+        local = ref.uri[len("file://"):]
+        return _read_local(allowed_path(local, roots), ref.uri, limits)
+    if not any("://" in root and ref.uri.startswith(root.rstrip("/") + "/") for root in roots):
+        raise ForbiddenPathError(f"{ref.uri}: outside the store and the allowed roots")
+    return Store(ref.uri.rsplit("/", 1)[0]).get(ref.uri.rsplit("/", 1)[1])
+
+
+def _read_local(path: Path, name: str, limits: Limits) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise BadImageError(f"{name}: file is {size} bytes, over the {limits.max_bytes} limit")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise MissingImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise BadImageError(f"{name}: is a folder, not an image") from None
+    except OSError as exc:
+        raise BadImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
+
+
+def load(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits,
+         channels: int) -> np.ndarray:
+    """uint8 [H, W, C] of one image at its own size."""
+    data = fetch(ref, store, roots, limits)
+    return to_array(decode(data, limits, ref.name), channels)
+
+
+# -- sessions ---------------------------------------------------------------------------
+
+
+class ModelCache:
+    """A bounded, least-recently-used cache of Explainers, keyed by bundle hash."""
+
+    def __init__(self, store: Store, size: int, device: str = "auto",
+                 limits: Limits | None = None) -> None:
+        self.store = store
+        self.size = size
+        self.device = device
+        self.limits = limits or Limits()
+        self._explainers: OrderedDict[str, Explainer] = OrderedDict()
+
+    def get(self, sha: str) -> Explainer:
+        bundle_key(sha)  # refuses anything that is not a hash before touching the store
+        if sha in self._explainers:
+            self._explainers.move_to_end(sha)
+            return self._explainers[sha]
+        explainer = Explainer(self.store.get_bundle(sha), device=self.device, limits=self.limits)
+        self._explainers[sha] = explainer
+        while len(self._explainers) > self.size:
+            evicted, _ = self._explainers.popitem(last=False)
+            log.info("dropped bundle %s from the session cache", evicted)
+        return explainer
+
+
+# -- running ----------------------------------------------------------------------------
+
+
+def image_key(job_id: str, index: int, suffix: str) -> str:
+    return job_key(job_id, f"{index:05d}{suffix}")
+
+
+def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
+            worker: str = "") -> dict[str, Any]:
+    """Explain every image of ``spec`` and store the outputs; return a small summary.
+
+    Job-wide problems (unknown bundle or method) raise; a bad image or target
+    becomes that image's error record and the others carry on.
+    """
+    started = time.perf_counter()
+    explainer = models.get(spec.bundle)
+    explainer.method(spec.method)
+    batch = DEFAULT_BATCH[explainer.device]
+    summaries: list[dict[str, Any] | None] = [None] * len(spec.images)
+    todo = []
+    for index in range(len(spec.images)):
+        done = _existing_record(store, spec.job_id, index)
+        if done is not None:
+            summaries[index] = _summary(done, store.uri(image_key(spec.job_id, index, ".json")))
+        else:
+            todo.append(index)
+    if len(todo) < len(spec.images):
+        log.info("job %s: %d of %d images already done", spec.job_id,
+                 len(spec.images) - len(todo), len(spec.images))
+    for start in range(0, len(todo), batch):
+        for index, record in _run_batch(spec, todo[start:start + batch], store, explainer,
+                                        settings):
+            summaries[index] = _summary(record, store.uri(image_key(spec.job_id, index,
+                                                                    ".json")))
+    images = [s for s in summaries if s is not None]
+    failed = sum(1 for s in images if s["status"] == "error")
+    return {
+        "job": spec.job_id, "bundle": spec.bundle, "method": spec.method, "worker": worker,
+        "n": len(images), "ok": len(images) - failed, "errors": failed,
+        "seconds": round(time.perf_counter() - started, 4), "images": images,
+    }
+
+
+def _existing_record(store: Store, job_id: str, index: int) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(store.get(image_key(job_id, index, ".json"))))
+    except NotInStoreError:
+        return None
+
+
+def _summary(record: Mapping[str, Any], uri: str) -> dict[str, Any]:
+    summary = {"index": record["index"], "image": record["image"], "status": record["status"],
+               "record": uri}
+    if record["status"] == "error":
+        summary["error"] = record["error"]
+    return summary
+
+
+def _run_batch(spec: JobSpec, indices: list[int], store: Store, explainer: Explainer,
+               settings: Settings) -> list[tuple[int, dict[str, Any]]]:
+    """Explain one batch of a job's images and store each image's files and record."""
+    clock = time.perf_counter()
+    info = explainer.info
+    arrays: dict[int, np.ndarray] = {}
+    results: list[tuple[int, dict[str, Any]]] = []
+    for index in indices:
+        ref = spec.images[index]
+        try:
+            target = spec.targets[index]
+            if target is not None and not 0 <= target < info.num_classes:
+                raise BadTargetError(f"target {target} is outside [0, {info.num_classes})")
+            arrays[index] = load(ref, store, settings.roots, explainer.limits, info.channels)
+        except (BadImageError, BadTargetError) as exc:
+            results.append((index, _error_record(spec, index, exc)))
+    decoded = time.perf_counter()
+    explained = _explain(explainer, spec, list(arrays), arrays)
+    timings = {"decode_ms": _ms(clock, decoded), "explain_ms": _ms(decoded, time.perf_counter())}
+    for index, (explanation, position) in explained.items():
+        record = _store_image(spec, index, arrays[index], explanation, position, store, timings)
+        results.append((index, record))
+    for index, record in results:
+        if record["status"] == "error":
+            store.put(image_key(spec.job_id, index, ".json"), _json_bytes(record))
+    return results
+
+
+def _explain(explainer: Explainer, spec: JobSpec, indices: list[int],
+             arrays: Mapping[int, np.ndarray]) -> dict[int, tuple[Explanation, int]]:
+    """Explain the decoded images: one engine call for the top-1 ones, one for the rest."""
+    found: dict[int, tuple[Explanation, int]] = {}
+    top1 = [i for i in indices if spec.targets[i] is None]
+    chosen = [i for i in indices if spec.targets[i] is not None]
+    for group, targets in ((top1, None), (chosen, [spec.targets[i] for i in chosen])):
+        if group:
+            explanation = explainer.explain([arrays[i] for i in group], targets=targets,
+                                            method=spec.method, batch_size=len(group))
+            found.update((index, (explanation, position)) for position, index in
+                         enumerate(group))
+    return found
+
+
+def _store_image(spec: JobSpec, index: int, image: np.ndarray, explanation: Explanation,
+                 position: int, store: Store, timings: dict[str, float]) -> dict[str, Any]:
+    files = render(image, explanation.raw[position], ("npy", "png"), with_raw=True,
+                   heatmap_dtype=np.float16)
+    names = {".npy": "heatmap", ".png": "overlay", ".raw.npy": "raw"}
+    uris = {names[suffix]: store.put(image_key(spec.job_id, index, suffix), data)
+            for suffix, data in files.items()}
+    record = {
+        "job": spec.job_id, "index": index, "image": spec.images[index].name, "status": "ok",
+        "bundle": spec.bundle, "method": spec.method,
+        "target": int(explanation.targets[position]),
+        "label": explanation.label(int(explanation.targets[position])),
+        "logits": [float(v) for v in explanation.logits[position]],
+        "top": explanation.top(TOP_K)[position],
+        "image_size": [int(image.shape[0]), int(image.shape[1])],
+        "files": uris, "timings": timings,
+    }
+    store.put(image_key(spec.job_id, index, ".json"), _json_bytes(record))
+    return record
+
+
+def _error_record(spec: JobSpec, index: int, exc: OnnxcamError) -> dict[str, Any]:
+    return {"job": spec.job_id, "index": index, "image": spec.images[index].name,
+            "status": "error", "bundle": spec.bundle, "method": spec.method,
+            "error": {"code": exc.code, "message": str(exc)}}
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True).encode("utf-8")
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000.0, 3)
+
+
+def write_job_error(store: Store, job_id: str, exc: OnnxcamError) -> None:
+    """Record why a whole job failed, for ``onnxcam result``."""
+    store.put(job_key(job_id, ERROR), _json_bytes({"code": exc.code, "message": str(exc)}))

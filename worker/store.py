@@ -1,0 +1,158 @@
+"""The result store: bundles by sha256 and job outputs, on any fsspec filesystem.
+
+Keys are relative paths under the store's URL. Writes are atomic: on a local
+folder through a temporary name and a rename, on object stores because a PUT
+appears whole or not at all. Failures are sorted into "not there" (final) and
+"unavailable" (transient, worth a retry).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from worker.errors import StoreError, StoreUnavailableError, UnknownBundleError
+
+log = logging.getLogger(__name__)
+
+BUNDLE_PREFIX = "bundles"
+JOB_PREFIX = "jobs"
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def bundle_key(sha: str) -> str:
+    if not SHA256.match(sha):
+        raise UnknownBundleError(f"{sha!r} is not a bundle hash (64 lowercase hex digits)")
+    return f"{BUNDLE_PREFIX}/{sha}.onnx"
+
+
+def job_key(job_id: str, name: str) -> str:
+    return f"{JOB_PREFIX}/{job_id}/{name}"
+
+
+class NotInStoreError(StoreError):
+    code = "not_in_store"
+
+
+@contextmanager
+def classified(what: str) -> Iterator[None]:
+    """Turn a filesystem failure into NotInStoreError (final) or StoreUnavailableError."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except FileNotFoundError as exc:
+        raise NotInStoreError(f"{what}: not in the store") from exc
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        raise StoreError(f"{what}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - network, 5xx, throttling: all worth a retry
+        raise StoreUnavailableError(f"{what}: store unavailable ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
+class Store:
+    """Bytes under keys, below one fsspec URL (a local folder or ``s3://bucket/prefix``)."""
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        self.root = root.rstrip("/")
+        self.local = "file" in _protocols(self.fs)
+        if self.local:
+            self.root = os.path.abspath(self.root)
+
+    def path(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"{key!r} is not a store key")
+        return f"{self.root}/{key}"
+
+    def uri(self, key: str) -> str:
+        """Where a key lives, as a URI a user or another tool can open."""
+        path = self.path(key)
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    def put(self, key: str, data: bytes) -> str:
+        """Write ``data`` atomically under ``key``; return its URI."""
+        path = self.path(key)
+        with classified(key):
+            if self.local:
+                atomic_write(Path(path), data)
+            else:
+                self.fs.pipe_file(path, data)
+        return self.uri(key)
+
+    def get(self, key: str) -> bytes:
+        with classified(key):
+            return bytes(self.fs.cat_file(self.path(key)))
+
+    def exists(self, key: str) -> bool:
+        with classified(key):
+            return bool(self.fs.exists(self.path(key)))
+
+    def delete(self, key: str) -> None:
+        with classified(key):
+            if self.fs.exists(self.path(key)):
+                self.fs.rm(self.path(key))
+
+    def owns(self, uri: str) -> str | None:
+        """The key of ``uri`` when it lies inside this store, else None."""
+        fs, path = fsspec.core.url_to_fs(uri)
+        if _protocols(fs) != _protocols(self.fs):
+            return None
+        if self.local:
+            path = os.path.abspath(path)
+        prefix = self.root + "/"
+        return path[len(prefix):] if path.startswith(prefix) else None
+
+    # -- bundles --
+
+    def put_bundle(self, data: bytes) -> str:
+        """Publish a bundle under its sha256 (once); return the hash."""
+        sha = sha256_hex(data)
+        key = bundle_key(sha)
+        if not self.exists(key):
+            self.put(key, data)
+            log.info("published bundle %s", sha)
+        return sha
+
+    def get_bundle(self, sha: str) -> bytes:
+        """The bundle stored under ``sha``, checked against it."""
+        key = bundle_key(sha)
+        try:
+            data = self.get(key)
+        except NotInStoreError:
+            raise UnknownBundleError(f"no bundle {sha} in the store (publish it first)") from None
+        if sha256_hex(data) != sha:
+            raise StoreError(f"bundle {sha} in the store does not match its hash")
+        return data
+
+
+def _protocols(fs: Any) -> set[str]:
+    protocol = fs.protocol
+    return {protocol} if isinstance(protocol, str) else set(protocol)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write under a temporary name beside ``path`` and rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,50 @@
+"""The Celery task: decode the message, run the job, report; retries declared here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from worker.app import EXPLAIN_TASK, app
+from worker.errors import JobTimeoutError, OnnxcamError, StoreUnavailableError
+from worker.jobs import ModelCache, parse_job, run_job, write_job_error
+from worker.settings import Settings, load_settings
+from worker.store import Store
+
+log = logging.getLogger(__name__)
+
+# Transient: worth a retry with backoff. Everything else, bad input above all, is final.
+RETRY_FOR = (StoreUnavailableError, ConnectionError, TimeoutError)
+
+
+@functools.lru_cache(maxsize=1)
+def process_state() -> tuple[Settings, Store, ModelCache]:
+    """Settings, store and session cache, made once per worker process (after fork)."""
+    settings = load_settings()
+    store = Store(settings.store_url)
+    return settings, store, ModelCache(store, settings.model_cache, settings.device,
+                                       settings.limits)
+
+
+@app.task(bind=True, name=EXPLAIN_TASK, autoretry_for=RETRY_FOR, retry_backoff=2,
+          retry_backoff_max=60, retry_jitter=True, max_retries=6)
+def explain(self: Any, message: Any) -> dict[str, Any]:
+    job_id = self.request.id
+    settings, store, models = process_state()
+    try:
+        spec = parse_job(message, job_id)
+        log.info("job %s: %d images, method %s", job_id, len(spec.images), spec.method)
+        return run_job(spec, store, models, settings, worker=self.request.hostname or "")
+    except SoftTimeLimitExceeded:
+        error: OnnxcamError = JobTimeoutError(
+            f"job ran past ONNXCAM_SOFT_TIME_LIMIT ({settings.soft_time_limit:g} s)")
+    except RETRY_FOR:
+        raise
+    except OnnxcamError as exc:
+        error = exc
+    log.warning("job %s failed: %s: %s", job_id, error.code, error)
+    write_job_error(store, job_id, error)
+    raise error
