@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from worker import broker
 from worker.settings import Settings, load_settings
 
 QUEUE = "onnxcam"
@@ -15,6 +16,7 @@ EXPLAIN_TASK = "onnxcam.explain"
 
 
 def make_app(settings: Settings) -> Celery:
+    broker.install()
     app = Celery("onnxcam", broker=settings.broker_url, backend=settings.backend_url,
                  include=["worker.tasks"])
     transport = {"visibility_timeout": settings.visibility_timeout}

@@ -30,7 +30,8 @@ def process_state() -> tuple[Settings, Store, ModelCache]:
 
 
 @app.task(bind=True, name=EXPLAIN_TASK, autoretry_for=RETRY_FOR, retry_backoff=2,
-          retry_backoff_max=60, retry_jitter=True, max_retries=6)
+          retry_backoff_max=60, retry_jitter=True, max_retries=6,
+          throws=(OnnxcamError,))  # expected failures: logged in one line, no traceback
 def explain(self: Any, message: Any) -> dict[str, Any]:
     job_id = self.request.id
     settings, store, models = process_state()

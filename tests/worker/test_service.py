@@ -1,0 +1,269 @@
+"""The worker service end to end: a real Redis, real ``onnxcam worker`` processes.
+
+No eager mode: jobs cross the broker as JSON and run in separate processes, and
+the tests read what the workers stored.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import models
+import numpy as np
+import onnx
+import pytest
+from checks import assert_close
+from PIL import Image
+from service import console, redis_url, start_worker, wait_for
+
+from exporter import export
+from worker import Explainer
+from worker.client import Job, job_status, send, submit
+from worker.jobs import ImageRef, JobSpec
+from worker.maps import heatmaps
+from worker.settings import load_settings
+from worker.store import Store
+
+pytestmark = pytest.mark.slow
+LABELS = ["cat", "dog", "bus", "car", "snow"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("service")
+
+
+@pytest.fixture(scope="module")
+def bundle(folder: Path) -> Path:
+    source = folder / "cnn.onnx"
+    onnx.save(models.onnx_cnn(), str(source))
+    return export(source, folder / "cnn.cam.onnx", labels=LABELS).path
+
+
+@pytest.fixture(scope="module")
+def images(folder: Path) -> dict[str, Path]:
+    root = folder / "images"
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    paths = {}
+    for index in range(6):
+        path = root / f"img{index}.png"
+        size = (20 + 7 * index, 30 - 2 * index)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+        paths[path.name] = path
+    for name, data in (("notes.txt", b"plain text\n"), ("empty.jpg", b""),
+                       ("truncated.png", paths["img0.png"].read_bytes()[:70])):
+        (root / name).write_bytes(data)
+        paths[name] = root / name
+    bomb = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(bomb, format="PNG")
+    paths["bomb.png"] = root / "bomb.png"
+    paths["bomb.png"].write_bytes(bomb.getvalue())
+    return paths
+
+
+@pytest.fixture(scope="module")
+def env(folder: Path, images: dict[str, Path]) -> dict[str, str]:
+    return {
+        "ONNXCAM_BROKER_URL": redis_url(9),
+        "ONNXCAM_STORE_URL": str(folder / "store"),
+        "ONNXCAM_ALLOWED_ROOTS": str(images["img0.png"].parent),
+        "ONNXCAM_INLINE_MAX_BYTES": "0",  # by path, so the worker checks the roots
+        "ONNXCAM_DEVICE": "cpu",
+    }
+
+
+@pytest.fixture(scope="module")
+def settings(env: dict[str, str]):  # noqa: ANN201 - Settings
+    return load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()})
+
+
+@pytest.fixture(scope="module")
+def worker(env: dict[str, str], folder: Path):  # noqa: ANN201 - WorkerProcess
+    process = start_worker("w1", env, folder, concurrency=2)
+    process.wait_ready()
+    yield process
+    process.stop()
+
+
+def check_against_engine(record: dict, path: Path, explainer: Explainer, store: Store) -> None:
+    expected = explainer.explain(str(path))
+    assert record["status"] == "ok", record
+    assert record["target"] == int(expected.targets[0])
+    assert_close(record["logits"], expected.logits[0], 1e-5, "logits")
+    heatmap = np.load(io.BytesIO(store.get(store.owns(record["files"]["heatmap"]))))
+    height, width = record["image_size"]
+    assert_close(heatmap, heatmaps(expected.raw, height, width)[0], 1e-3, "heatmap")
+
+
+def test_submit_and_wait(worker, bundle: Path, images: dict[str, Path], settings) -> None:
+    names = [f"img{i}.png" for i in range(6)]
+    job = submit(bundle, [images[n] for n in names], chunk_size=4, settings=settings)
+    assert len(job.ids) == 2
+    records = job.wait(timeout=60)
+    assert job.status() == "done" and job.statuses() == ["done", "done"]
+    assert [r["image"] for r in records] == names
+    store, explainer = Store(settings.store_url), Explainer(bundle, device="cpu")
+    for name, record in zip(names, records):
+        check_against_engine(record, images[name], explainer, store)
+    assert {r["bundle"] for r in records} == {job_sha(store)}
+
+
+def job_sha(store: Store) -> str:
+    (path,) = (Path(store.root) / "bundles").iterdir()
+    return path.stem
+
+
+def test_command_line(worker, bundle: Path, images: dict[str, Path], env: dict[str, str],
+                      tmp_path: Path) -> None:
+    def onnxcam(*args: object) -> subprocess.CompletedProcess:
+        import os
+
+        return subprocess.run([*console(), *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=120, check=False)
+
+    queued = onnxcam("submit", bundle, images["img1.png"], images["img2.png"],
+                     "--method", "layercam", "--chunk-size", "1")
+    assert queued.returncode == 0, queued.stderr
+    ids = queued.stdout.splitlines()
+    assert len(ids) == 2 and all(len(i) == 36 for i in ids), queued.stdout
+    assert queued.stdout == "".join(f"{i}\n" for i in ids)  # ids, one per line, nothing else
+
+    def done(job_id: str) -> bool:
+        shown = onnxcam("status", job_id)
+        assert shown.returncode == 0 and shown.stdout.strip() in ("pending", "started", "done")
+        return shown.stdout == "done\n"
+
+    wait_for(lambda: all(done(i) for i in ids), 60, "the jobs to finish", interval=0.5)
+    fetched = onnxcam("result", ids[0], "--out", tmp_path, "--json")
+    assert fetched.returncode == 0, fetched.stderr
+    record = json.loads(fetched.stdout)
+    assert record["method"] == "layercam" and record["image"] == "img1.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "img1.json", "img1.npy", "img1.png", "img1.raw.npy"]
+    heatmap = np.load(tmp_path / "img1.npy")
+    assert heatmap.dtype == np.float32 and heatmap.shape == tuple(record["image_size"])
+    unknown = onnxcam("status", "00000000-0000-0000-0000-000000000000")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("onnxcam: error: no job")
+
+
+def test_bad_input_never_stops_the_worker(worker, bundle: Path, images: dict[str, Path],
+                                          settings, tmp_path: Path) -> None:
+    from worker.client import _app
+
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    bad = ["notes.txt", "empty.jpg", "truncated.png", "bomb.png"]
+    refs = [str(images[n]) for n in bad] + [str(images["img0.png"].parent / "missing.png"),
+                                          str(outside), str(images["img3.png"])]
+    job = submit(bundle, refs, settings=settings)
+    records = job.wait(timeout=60)
+    assert [(r.get("error") or {}).get("code", "ok") for r in records] == [
+        "bad_image", "bad_image", "bad_image", "bad_image", "missing_image",
+        "forbidden_path", "ok"]
+
+    store, app = Store(settings.store_url), _app(settings)
+    sha = job_sha(store)
+    cases = {
+        "unknown_bundle": JobSpec("job-unknown-bundle", "ab" * 32,
+                                  [ImageRef("a", path=str(images["img0.png"]))]),
+        "bad_method": JobSpec("job-bad-method", sha,
+                              [ImageRef("a", path=str(images["img0.png"]))], "nonsense"),
+        "bad_target": JobSpec("job-bad-target", sha,
+                              [ImageRef("a", path=str(images["img0.png"]))], "gradcam", [17]),
+    }
+    for spec in cases.values():
+        send(app, spec, store)
+    # A malformed message: the right task, a body that is no onnxcam job.
+    store.put("jobs/job-malformed/request.json", b'{"images": []}')
+    app.send_task("onnxcam.explain", args=[{"v": 1, "bundle": sha, "method": "gradcam",
+                                                  "images": "everything"}],
+                  task_id="job-malformed")
+    # Not even Celery's envelope: raw bytes pushed onto the queue.
+    import redis
+
+    for junk in (b"\x00 not json at all", b"[1, 2]", b"{}", b'{"body": 5, "headers": 1}'):
+        redis.Redis.from_url(settings.broker_url).lpush("onnxcam", junk)
+
+    def ended(job_id: str) -> bool:
+        return job_status(job_id, settings) in ("done", "failed")
+
+    for job_id in [*(s.job_id for s in cases.values()), "job-malformed"]:
+        wait_for(lambda: ended(job_id), 60, f"{job_id} to end")
+    for code, spec in cases.items():
+        (record,) = Job([spec.job_id], settings).wait(timeout=5)
+        if code == "bad_target":
+            assert job_status(spec.job_id, settings) == "done"
+        else:
+            assert job_status(spec.job_id, settings) == "failed"
+        assert record["status"] == "error" and record["error"]["code"] == code, record
+    assert job_status("job-malformed", settings) == "failed"
+    error = json.loads(store.get("jobs/job-malformed/error.json"))
+    assert error["code"] == "malformed_job" and "list of images" in error["message"]
+
+    # The same worker process serves on, and nothing else was lost.
+    assert worker.process.poll() is None
+    after = submit(bundle, [images["img4.png"]], settings=settings).wait(timeout=60)
+    assert after[0]["status"] == "ok"
+    assert "Traceback" not in worker.text()  # bad input is expected, not a crash
+    assert worker.text().count("dropped a broker message") == 4
+
+
+def test_status_words(worker, bundle: Path, images: dict[str, Path], settings) -> None:
+    job = submit(bundle, [images["img5.png"]], settings=settings)
+    assert job.status() in ("pending", "started", "done")
+    job.wait(timeout=60)
+    assert job.status() == "done"
+    with pytest.raises(Exception, match="no job"):
+        job_status("not-a-job", settings)
+
+
+def test_redelivery_after_sigkill(bundle: Path, folder: Path, tmp_path: Path) -> None:
+    """kill -9 a worker's whole process group mid-job: the job finishes on another."""
+    root = tmp_path / "big"
+    root.mkdir()
+    gradient = np.linspace(0, 255, 1500 * 1500, dtype=np.float32).reshape(1500, 1500)
+    paths = []
+    for index in range(24):  # large images: storing their maps takes seconds in all
+        path = root / f"big{index:02d}.png"
+        Image.fromarray(np.roll(gradient, 50 * index, axis=1).astype(np.uint8)).convert(
+            "RGB").save(path, compress_level=1)
+        paths.append(path)
+    env = {
+        "ONNXCAM_BROKER_URL": redis_url(10),
+        "ONNXCAM_STORE_URL": str(tmp_path / "store"),
+        "ONNXCAM_ALLOWED_ROOTS": str(root),
+        "ONNXCAM_INLINE_MAX_BYTES": "0",
+        "ONNXCAM_VISIBILITY_TIMEOUT": "4",
+        "ONNXCAM_DEVICE": "cpu",
+    }
+    settings = load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()})
+    doomed = start_worker("doomed", env, tmp_path)
+    doomed.wait_ready()
+    job = submit(bundle, paths, chunk_size=len(paths), settings=settings)
+    (job_id,) = job.ids
+    store = Store(settings.store_url)
+    wait_for(lambda: store.exists(f"jobs/{job_id}/00002.json"), 60, "the job to be under way")
+    doomed.kill_group()
+    written_before = len(list((Path(store.root) / "jobs" / job_id).glob("*.json")))
+    assert job_status(job_id, settings) == "started"
+    assert written_before < len(paths) + 1, "the job finished before the kill; use more images"
+
+    rescuer = start_worker("rescuer", env, tmp_path)
+    try:
+        rescuer.wait_ready()
+        records = job.wait(timeout=120)
+    finally:
+        rescuer.stop()
+    assert [r["status"] for r in records] == ["ok"] * len(paths)
+    assert job_id in rescuer.text()
+    meta = json.loads(__import__("redis").Redis.from_url(settings.broker_url).get(
+        f"celery-task-meta-{job_id}"))
+    assert meta["status"] == "SUCCESS" and meta["result"]["worker"].startswith("rescuer@")
+    explainer = Explainer(bundle, device="cpu")
+    for index in (0, 5, len(paths) - 1):
+        check_against_engine(records[index], paths[index], explainer, store)
