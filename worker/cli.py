@@ -191,7 +191,8 @@ def _settings_help() -> str:
 @with_errors
 def worker(concurrency: int | None, loglevel: str, hostname: str | None, events: bool) -> None:
     """Run a Celery worker that explains queued jobs (ONNXCAM_* settings below)."""
-    logging.getLogger().setLevel(loglevel)
+    logging.basicConfig(level=loglevel, force=True, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     from worker.app import QUEUE, app
 
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={QUEUE}"]

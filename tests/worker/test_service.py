@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -267,3 +268,79 @@ def test_redelivery_after_sigkill(bundle: Path, folder: Path, tmp_path: Path) ->
     explainer = Explainer(bundle, device="cpu")
     for index in (0, 5, len(paths) - 1):
         check_against_engine(records[index], paths[index], explainer, store)
+
+
+def test_queued_jobs_survive_a_redis_restart(bundle: Path, images: dict[str, Path],
+                                             tmp_path: Path) -> None:
+    """Jobs queued with no worker up outlive a killed Redis, through its append-only file."""
+    from service import free_port, start_redis
+
+    port = free_port()
+    server = start_redis(tmp_path, port)
+    env = {
+        "ONNXCAM_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+        "ONNXCAM_STORE_URL": str(tmp_path / "store"),
+        "ONNXCAM_ALLOWED_ROOTS": str(images["img0.png"].parent),
+        "ONNXCAM_DEVICE": "cpu",
+    }
+    settings = load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()})
+    job = submit(bundle, [images[f"img{i}.png"] for i in range(3)], chunk_size=1,
+                 settings=settings)
+    server.stop(signal.SIGKILL)  # no clean shutdown: only the AOF keeps the queue
+    server = start_redis(tmp_path, port)
+    worker = start_worker("after-restart", env, tmp_path)
+    try:
+        worker.wait_ready()
+        records = job.wait(timeout=60)
+    finally:
+        worker.stop()
+        server.stop()
+    assert [r["status"] for r in records] == ["ok"] * 3
+
+
+def test_s3_store_through_moto(bundle: Path, images: dict[str, Path], tmp_path: Path) -> None:
+    """Bundles, images and results on S3 (moto's standalone server on loopback)."""
+    pytest.importorskip("s3fs")
+    from service import free_port, start_moto
+
+    port = free_port()
+    moto = start_moto(port)
+    env = {
+        "ONNXCAM_BROKER_URL": redis_url(11),
+        "ONNXCAM_STORE_URL": "s3://onnxcam-test/store",
+        "ONNXCAM_DEVICE": "cpu",
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    worker = None
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        import fsspec.config
+
+        fsspec.config.set_conf_env(fsspec.config.conf)  # read FSSPEC_S3_* now
+        try:
+            import s3fs
+
+            s3fs.S3FileSystem.clear_instance_cache()
+            s3fs.S3FileSystem().mkdir("onnxcam-test")
+            settings = load_settings()
+            store = Store(settings.store_url)
+            uri = store.put("inputs/img1.png", images["img1.png"].read_bytes())
+            assert uri == "s3://onnxcam-test/store/inputs/img1.png"
+            worker = start_worker("s3", env, tmp_path)
+            worker.wait_ready()
+            job = submit(bundle, [uri, images["img2.png"]], settings=settings)
+            records = job.wait(timeout=60)
+            assert [r["status"] for r in records] == ["ok", "ok"], records
+            assert records[0]["files"]["heatmap"].startswith("s3://onnxcam-test/store/jobs/")
+            explainer = Explainer(bundle, device="cpu")
+            check_against_engine(records[0], images["img1.png"], explainer, store)
+            outside = submit(bundle, ["s3://other-bucket/x.png"], settings=settings).wait(60)
+            assert outside[0]["error"]["code"] == "forbidden_path"
+        finally:
+            if worker is not None:
+                worker.stop()
+            moto.stop()
+            fsspec.config.conf.pop("s3", None)
