@@ -20,7 +20,8 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,11 +243,9 @@ def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
     if len(todo) < len(spec.images):
         log.info("job %s: %d of %d images already done", spec.job_id,
                  len(spec.images) - len(todo), len(spec.images))
-    for start in range(0, len(todo), batch):
-        for index, record in _run_batch(spec, todo[start:start + batch], store, explainer,
-                                        settings):
-            summaries[index] = _summary(record, store.uri(image_key(spec.job_id, index,
-                                                                    ".json")))
+    batches = [todo[start:start + batch] for start in range(0, len(todo), batch)]
+    for index, record in _pipeline(spec, batches, store, explainer, settings):
+        summaries[index] = _summary(record, store.uri(image_key(spec.job_id, index, ".json")))
     images = [s for s in summaries if s is not None]
     failed = sum(1 for s in images if s["status"] == "error")
     return {
@@ -271,31 +270,68 @@ def _summary(record: Mapping[str, Any], uri: str) -> dict[str, Any]:
     return summary
 
 
-def _run_batch(spec: JobSpec, indices: list[int], store: Store, explainer: Explainer,
-               settings: Settings) -> list[tuple[int, dict[str, Any]]]:
-    """Explain one batch of a job's images and store each image's files and record."""
+@dataclass
+class _Decoded:
+    """One batch after fetching and decoding: good images, and bad ones' error records."""
+
+    arrays: dict[int, np.ndarray]
+    errors: list[tuple[int, dict[str, Any]]]
+    decode_ms: float
+
+
+def _pipeline(spec: JobSpec, batches: list[list[int]], store: Store, explainer: Explainer,
+              settings: Settings) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Decode batch i+1 and store batch i-1 in threads while batch i is explained."""
+    if not batches:
+        return
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        decoding = pool.submit(_decode, spec, batches[0], store, explainer, settings)
+        storing: Future[list[tuple[int, dict[str, Any]]]] | None = None
+        for number in range(len(batches)):
+            decoded = decoding.result()
+            if number + 1 < len(batches):
+                decoding = pool.submit(_decode, spec, batches[number + 1], store, explainer,
+                                       settings)
+            clock = time.perf_counter()
+            explained = _explain(explainer, spec, list(decoded.arrays), decoded.arrays)
+            timings = {"decode_ms": decoded.decode_ms, "explain_ms": _ms(clock,
+                                                                          time.perf_counter())}
+            if storing is not None:
+                yield from storing.result()
+            storing = pool.submit(_store_batch, spec, decoded, explained, store, timings)
+        assert storing is not None
+        yield from storing.result()
+
+
+def _decode(spec: JobSpec, indices: list[int], store: Store, explainer: Explainer,
+            settings: Settings) -> _Decoded:
     clock = time.perf_counter()
     info = explainer.info
     arrays: dict[int, np.ndarray] = {}
-    results: list[tuple[int, dict[str, Any]]] = []
+    errors: list[tuple[int, dict[str, Any]]] = []
     for index in indices:
-        ref = spec.images[index]
         try:
             target = spec.targets[index]
             if target is not None and not 0 <= target < info.num_classes:
                 raise BadTargetError(f"target {target} is outside [0, {info.num_classes})")
-            arrays[index] = load(ref, store, settings.roots, explainer.limits, info.channels)
+            arrays[index] = load(spec.images[index], store, settings.roots, explainer.limits,
+                                 info.channels)
         except (BadImageError, BadTargetError) as exc:
-            results.append((index, _error_record(spec, index, exc)))
-    decoded = time.perf_counter()
-    explained = _explain(explainer, spec, list(arrays), arrays)
-    timings = {"decode_ms": _ms(clock, decoded), "explain_ms": _ms(decoded, time.perf_counter())}
+            errors.append((index, _error_record(spec, index, exc)))
+    return _Decoded(arrays, errors, _ms(clock, time.perf_counter()))
+
+
+def _store_batch(spec: JobSpec, decoded: _Decoded,
+                 explained: Mapping[int, tuple[Explanation, int]], store: Store,
+                 timings: dict[str, float]) -> list[tuple[int, dict[str, Any]]]:
+    """Write each image's files and record (the record last); bad images' records too."""
+    results = []
     for index, (explanation, position) in explained.items():
-        record = _store_image(spec, index, arrays[index], explanation, position, store, timings)
+        results.append((index, _store_image(spec, index, decoded.arrays[index], explanation,
+                                            position, store, timings)))
+    for index, record in decoded.errors:
+        store.put(image_key(spec.job_id, index, ".json"), _json_bytes(record))
         results.append((index, record))
-    for index, record in results:
-        if record["status"] == "error":
-            store.put(image_key(spec.job_id, index, ".json"), _json_bytes(record))
     return results
 
 
