@@ -269,8 +269,8 @@ def result(job_id: str, out: Path, wait_seconds: float, as_json: bool) -> None:
     for record in download(job_id, out, settings):
         if record["status"] != "ok":
             failures += 1
-            click.echo(f"onnxcam: error: {record['image']}: {record['error']['code']}: "
-                       f"{record['error']['message']}", err=True)
+            click.echo(f"onnxcam: error: {record['error']['message']} "
+                       f"({record['error']['code']})", err=True)
         if as_json:
             click.echo(json.dumps(record, sort_keys=True))
     if failures:
