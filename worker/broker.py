@@ -29,7 +29,7 @@ class Channel(kombu_redis.Channel):
             _dropped(exc)
             raise Empty() from None
 
-    def _get(self, queue: str) -> Any:
+    def _get(self, queue: Any, timeout: Any = None) -> Any:
         try:
             return super()._get(queue)
         except UNDECODABLE as exc:

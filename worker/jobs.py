@@ -120,11 +120,11 @@ def _parse_ref(item: Any, index: int) -> ImageRef:
     if len(sources) != 1 or not all(isinstance(item[k], str) for k in sources):
         raise MalformedJobError(f"image {index} needs exactly one of path, uri or data")
     source = sources[0]
-    name = item.get("name") if isinstance(item.get("name"), str) else item[source]
+    default = f"image-{index}" if source == "data" else str(item[source])
+    name = item["name"] if isinstance(item.get("name"), str) and item["name"] else default
     if source == "data":
         try:
-            return ImageRef(name or f"image-{index}", data=base64.b64decode(item["data"],
-                                                                            validate=True))
+            return ImageRef(name, data=base64.b64decode(item["data"], validate=True))
         except (binascii.Error, ValueError):
             raise MalformedJobError(f"image {index}: inline data is not base64") from None
     return ImageRef(name, **{source: item[source]})

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from worker.engine import Explainer, Explanation
 from worker.errors import OnnxcamError

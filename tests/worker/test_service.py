@@ -10,7 +10,6 @@ import io
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import models
@@ -194,7 +193,7 @@ def test_bad_input_never_stops_the_worker(worker, bundle: Path, images: dict[str
         return job_status(job_id, settings) in ("done", "failed")
 
     for job_id in [*(s.job_id for s in cases.values()), "job-malformed"]:
-        wait_for(lambda: ended(job_id), 60, f"{job_id} to end")
+        wait_for(lambda job_id=job_id: ended(job_id), 60, f"{job_id} to end")
     for code, spec in cases.items():
         (record,) = Job([spec.job_id], settings).wait(timeout=5)
         if code == "bad_target":
