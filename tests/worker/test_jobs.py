@@ -319,3 +319,55 @@ def test_inline_data_is_base64_on_the_wire(images: dict[str, Path]) -> None:
     data = images["a.png"].read_bytes()
     message = JobSpec("j", "f" * 64, [ImageRef("a.png", data=data)]).to_message()
     assert base64.b64decode(message["images"][0]["data"]) == data
+
+
+# ---------------------------------------------------------------------------- the task body
+
+
+class FlakyStore(Store):
+    """A real local store whose reads fail the first ``failures`` times, as a network would."""
+
+    def __init__(self, url: str, failures: int) -> None:
+        super().__init__(url)
+        self.failures = failures
+        self.reads = 0
+
+    def get(self, key: str) -> bytes:
+        self.reads += 1
+        if self.reads <= self.failures:
+            raise StoreUnavailableError(f"{key}: store unavailable (connection reset)")
+        return super().get(key)
+
+
+def run_task(monkeypatch: pytest.MonkeyPatch, store: Store, settings, message: dict,
+             job_id: str):  # noqa: ANN201 - EagerResult
+    import worker.tasks
+
+    cache = ModelCache(store, 1, "cpu")
+    monkeypatch.setattr(worker.tasks, "process_state", lambda: (settings, store, cache))
+    return worker.tasks.explain.apply(args=[message], task_id=job_id, throw=False)
+
+
+def test_task_retries_transient_store_failures(monkeypatch: pytest.MonkeyPatch, bundle: bytes,
+                                               settings, images: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    flaky = FlakyStore(str(tmp_path / "flaky"), failures=2)
+    sha = flaky.put_bundle(bundle)
+    message = spec_for(sha, [ImageRef("a.png", path=str(images["a.png"]))]).to_message()
+    result = run_task(monkeypatch, flaky, settings, message, "job-flaky")
+    assert result.successful(), result.result
+    assert result.result["ok"] == 1 and flaky.failures == 2 and flaky.reads > 2
+
+
+def test_task_never_retries_bad_input(monkeypatch: pytest.MonkeyPatch, bundle: bytes,
+                                      settings, store: Store,
+                                      images: dict[str, Path]) -> None:
+    import worker.tasks
+
+    assert StoreUnavailableError in worker.tasks.RETRY_FOR
+    assert not any(issubclass(MalformedJobError, e) for e in worker.tasks.RETRY_FOR)
+    result = run_task(monkeypatch, store, settings, {"v": 1, "images": 3}, "job-bad")
+    assert result.failed() and isinstance(result.result, MalformedJobError)
+    assert result.traceback is not None
+    recorded = json.loads(store.get("jobs/job-bad/error.json"))
+    assert recorded["code"] == "malformed_job"
