@@ -11,13 +11,14 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from worker.bundle import BundleInfo
-from worker.errors import BundleError, JobError, UnknownJobError
+from worker.errors import BrokerUnavailableError, BundleError, JobError, UnknownJobError
 from worker.jobs import ERROR, REQUEST, ImageRef, JobSpec, image_key
 from worker.methods import get_method
 from worker.settings import Settings, load_settings
@@ -116,6 +117,7 @@ def submit(
     wanted = _per_image(targets, len(refs))
     size = chunk_size or settings.chunk_size
     app = _app(settings)
+    check_broker(app)
     ids = []
     for start in range(0, len(refs), size):
         spec = JobSpec(str(uuid.uuid4()), sha, refs[start:start + size], method,
@@ -130,7 +132,35 @@ def send(app: Any, spec: JobSpec, store: Store) -> None:
     from worker.app import EXPLAIN_TASK
 
     store.put(job_key(spec.job_id, REQUEST), json.dumps(spec.request_record()).encode())
-    app.send_task(EXPLAIN_TASK, args=[spec.to_message()], task_id=spec.job_id)
+    with broker_errors(app):
+        app.send_task(EXPLAIN_TASK, args=[spec.to_message()], task_id=spec.job_id)
+
+
+@contextmanager
+def broker_errors(app: Any) -> Iterator[None]:
+    """A broker or result backend that does not answer: one clear error, not a traceback."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
+    try:
+        yield
+    except (OperationalError, RedisError, ConnectionError, TimeoutError) as exc:
+        where = app.conf.broker_url and _redacted(app.conf.broker_url)
+        raise BrokerUnavailableError(f"cannot reach the broker at {where} "
+                                     f"({type(exc).__name__}: {exc})") from None
+
+
+def _redacted(url: str) -> str:
+    """A URL without its password."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
+
+
+def check_broker(app: Any) -> None:
+    """Fail fast, before anything is queued, when the broker does not answer."""
+    with broker_errors(app), app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=5)
 
 
 def publish(bundle: str | Path | bytes, store: Store) -> str:
@@ -176,7 +206,9 @@ def _per_image(targets: int | Sequence[int | None] | None, count: int) -> list[i
 
 def job_status(job_id: str, settings: Settings) -> str:
     """pending, started, done or failed; UnknownJobError for an id never submitted."""
-    state = _app(settings).AsyncResult(job_id).state
+    app = _app(settings)
+    with broker_errors(app):
+        state = app.AsyncResult(job_id).state
     word = _CELERY_STATES.get(state, "pending")
     if word == "pending":
         store = Store(settings.store_url)

@@ -19,6 +19,7 @@
     │   └── JobTimeoutError         the job ran past its soft time limit
     ├── StoreError                  the result store failed
     │   └── StoreUnavailableError   a transient failure (network, 5xx): retried
+    ├── BrokerUnavailableError      the broker or result backend does not answer
     └── SettingsError               an ONNXCAM_* variable has a bad value
 
 Every error has a short ``code`` used in job records and a one-line ``str``.
@@ -114,6 +115,10 @@ class StoreError(OnnxcamError):
 
 class StoreUnavailableError(StoreError):
     code = "store_unavailable"
+
+
+class BrokerUnavailableError(OnnxcamError):
+    code = "broker_unavailable"
 
 
 class SettingsError(OnnxcamError):

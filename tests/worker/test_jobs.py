@@ -371,3 +371,22 @@ def test_task_never_retries_bad_input(monkeypatch: pytest.MonkeyPatch, bundle: b
     assert result.traceback is not None
     recorded = json.loads(store.get("jobs/job-bad/error.json"))
     assert recorded["code"] == "malformed_job"
+
+
+def test_no_broker_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, folder: Path,
+                                      bundle: bytes, images: dict[str, Path]) -> None:
+    from click.testing import CliRunner
+    from service import free_port
+
+    from worker.cli import main
+
+    (folder / "b.onnx").write_bytes(bundle)
+    monkeypatch.setenv("ONNXCAM_BROKER_URL", f"redis://:secret@127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("ONNXCAM_STORE_URL", str(folder / "store"))
+    for args in (["submit", str(folder / "b.onnx"), str(images["a.png"])], ["status", "x"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert result.stdout == ""
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("onnxcam: error: cannot reach the broker at redis://:**@")
+        assert "secret" not in line
