@@ -18,11 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from worker.bundle import BundleInfo
-from worker.errors import BrokerUnavailableError, BundleError, JobError, UnknownJobError
+from worker.errors import (
+    BrokerUnavailableError,
+    BundleError,
+    JobError,
+    UnknownBundleError,
+    UnknownJobError,
+)
 from worker.jobs import ERROR, REQUEST, ImageRef, JobSpec, image_key
 from worker.methods import get_method
 from worker.settings import Settings, load_settings
-from worker.store import NotInStoreError, Store, job_key
+from worker.store import SHA256, NotInStoreError, Store, bundle_key, job_key
 
 STATUSES = ("pending", "started", "done", "failed")
 _CELERY_STATES = {
@@ -105,8 +111,12 @@ def submit(
     *,
     chunk_size: int | None = None,
     settings: Settings | None = None,
+    faithfulness_steps: int = 0,
 ) -> Job:
-    """Queue explain jobs for ``images`` with ``bundle`` (a path, bytes or published hash)."""
+    """Queue explain jobs for ``images`` with ``bundle`` (a path, bytes or published hash).
+
+    ``faithfulness_steps`` > 0 adds each image's deletion and insertion AUCs to its
+    record (what ``onnxcam audit --faithfulness`` asks the workers for)."""
     settings = settings or load_settings()
     get_method(method)  # an unknown name fails here, before anything is queued
     store = Store(settings.store_url)
@@ -121,7 +131,7 @@ def submit(
     ids = []
     for start in range(0, len(refs), size):
         spec = JobSpec(str(uuid.uuid4()), sha, refs[start:start + size], method,
-                       wanted[start:start + size])
+                       wanted[start:start + size], faithfulness_steps)
         send(app, spec, store)
         ids.append(spec.job_id)
     return Job(ids, settings)
@@ -168,8 +178,9 @@ def publish(bundle: str | Path | bytes, store: Store) -> str:
     if isinstance(bundle, bytes):
         return store.put_bundle(bundle)
     text = str(bundle)
-    if len(text) == 64 and all(c in "0123456789abcdef" for c in text) and not Path(text).exists():
-        store.get_bundle(text)  # must already be published
+    if SHA256.match(text) and not Path(text).exists():
+        if not store.exists(bundle_key(text)):
+            raise UnknownBundleError(f"no bundle {text} in the store (publish it first)")
         return text
     try:
         data = Path(text).read_bytes()

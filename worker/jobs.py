@@ -76,9 +76,10 @@ class JobSpec:
     images: list[ImageRef]
     method: str = "gradcam"
     targets: list[int | None] = field(default_factory=list)  # per image; None: top-1
+    faithfulness_steps: int = 0  # > 0: also deletion and insertion AUCs, with this many steps
 
     def to_message(self) -> dict[str, Any]:
-        return {
+        message = {
             "v": MESSAGE_VERSION,
             "job": self.job_id,
             "bundle": self.bundle,
@@ -86,6 +87,9 @@ class JobSpec:
             "images": [ref.to_message() for ref in self.images],
             "targets": list(self.targets),
         }
+        if self.faithfulness_steps:
+            message["faithfulness_steps"] = self.faithfulness_steps
+        return message
 
     def request_record(self) -> dict[str, Any]:
         """What the client stores at submit time: the job without inline pixels."""
@@ -110,7 +114,10 @@ def parse_job(message: Any, job_id: str) -> JobSpec:
     if not isinstance(targets, list) or len(targets) != len(refs) or not all(
             t is None or (isinstance(t, int) and not isinstance(t, bool)) for t in targets):
         raise MalformedJobError("targets must be a list of ints or nulls, one per image")
-    return JobSpec(job_id, bundle, refs, method, targets)
+    steps = message.get("faithfulness_steps", 0)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= 1000:
+        raise MalformedJobError("faithfulness_steps must be an int in [0, 1000]")
+    return JobSpec(job_id, bundle, refs, method, targets, steps)
 
 
 def _parse_ref(item: Any, index: int) -> ImageRef:
@@ -322,36 +329,62 @@ def _decode(spec: JobSpec, indices: list[int], store: Store, explainer: Explaine
 
 
 def _store_batch(spec: JobSpec, decoded: _Decoded,
-                 explained: Mapping[int, tuple[Explanation, int]], store: Store,
+                 explained: Mapping[int, _Explained], store: Store,
                  timings: dict[str, float]) -> list[tuple[int, dict[str, Any]]]:
     """Write each image's files and record (the record last); bad images' records too."""
     results = []
-    for index, (explanation, position) in explained.items():
-        results.append((index, _store_image(spec, index, decoded.arrays[index], explanation,
-                                            position, store, timings)))
+    for index, found in explained.items():
+        results.append((index, _store_image(spec, index, decoded.arrays[index], found, store,
+                                            timings)))
     for index, record in decoded.errors:
         store.put(image_key(spec.job_id, index, ".json"), _json_bytes(record))
         results.append((index, record))
     return results
 
 
+@dataclass
+class _Explained:
+    """One image's row in an engine call's Explanation, and its faithfulness scores."""
+
+    explanation: Explanation
+    position: int
+    faithfulness: dict[str, float] | None = None
+
+
 def _explain(explainer: Explainer, spec: JobSpec, indices: list[int],
-             arrays: Mapping[int, np.ndarray]) -> dict[int, tuple[Explanation, int]]:
+             arrays: Mapping[int, np.ndarray]) -> dict[int, _Explained]:
     """Explain the decoded images: one engine call for the top-1 ones, one for the rest."""
-    found: dict[int, tuple[Explanation, int]] = {}
+    found: dict[int, _Explained] = {}
     top1 = [i for i in indices if spec.targets[i] is None]
     chosen = [i for i in indices if spec.targets[i] is not None]
     for group, targets in ((top1, None), (chosen, [spec.targets[i] for i in chosen])):
-        if group:
-            explanation = explainer.explain([arrays[i] for i in group], targets=targets,
-                                            method=spec.method, batch_size=len(group))
-            found.update((index, (explanation, position)) for position, index in
-                         enumerate(group))
+        if not group:
+            continue
+        images = [arrays[i] for i in group]
+        explanation = explainer.explain(images, targets=targets, method=spec.method,
+                                        batch_size=len(group))
+        scores = (_faithfulness(explainer, images, explanation, spec.faithfulness_steps)
+                  if spec.faithfulness_steps else [None] * len(group))
+        found.update((index, _Explained(explanation, position, scores[position]))
+                     for position, index in enumerate(group))
     return found
 
 
-def _store_image(spec: JobSpec, index: int, image: np.ndarray, explanation: Explanation,
-                 position: int, store: Store, timings: dict[str, float]) -> dict[str, Any]:
+def _faithfulness(explainer: Explainer, images: list[np.ndarray], explanation: Explanation,
+                  steps: int) -> list[dict[str, float] | None]:
+    """Deletion and insertion AUCs (RISE) of each image's heatmap, batched on the engine."""
+    from worker.audit.metrics import deletion_insertion_auc
+
+    deletion, insertion = deletion_insertion_auc(explainer, explainer.prepare(images),
+                                                 explanation.heatmaps, explanation.targets,
+                                                 steps)
+    return [{"deletion_auc": float(d), "insertion_auc": float(i)}
+            for d, i in zip(deletion, insertion)]
+
+
+def _store_image(spec: JobSpec, index: int, image: np.ndarray, found: _Explained,
+                 store: Store, timings: dict[str, float]) -> dict[str, Any]:
+    explanation, position = found.explanation, found.position
     files = render(image, explanation.raw[position], ("npy", "png"), with_raw=True,
                    heatmap_dtype=np.float16)
     names = {".npy": "heatmap", ".png": "overlay", ".raw.npy": "raw"}
@@ -367,6 +400,8 @@ def _store_image(spec: JobSpec, index: int, image: np.ndarray, explanation: Expl
         "image_size": [int(image.shape[0]), int(image.shape[1])],
         "files": uris, "timings": timings,
     }
+    if found.faithfulness is not None:
+        record["faithfulness"] = found.faithfulness
     store.put(image_key(spec.job_id, index, ".json"), _json_bytes(record))
     return record
 
