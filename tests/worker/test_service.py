@@ -222,17 +222,24 @@ def test_status_words(worker, bundle: Path, images: dict[str, Path], settings) -
         job_status("not-a-job", settings)
 
 
-def test_redelivery_after_sigkill(bundle: Path, folder: Path, tmp_path: Path) -> None:
-    """kill -9 a worker's whole process group mid-job: the job finishes on another."""
-    root = tmp_path / "big"
+@pytest.fixture(scope="module")
+def big_images(folder: Path) -> list[Path]:
+    """Large images: storing their maps takes seconds in all, so jobs are caught mid-way."""
+    root = folder / "big"
     root.mkdir()
     gradient = np.linspace(0, 255, 1500 * 1500, dtype=np.float32).reshape(1500, 1500)
     paths = []
-    for index in range(24):  # large images: storing their maps takes seconds in all
+    for index in range(24):
         path = root / f"big{index:02d}.png"
         Image.fromarray(np.roll(gradient, 50 * index, axis=1).astype(np.uint8)).convert(
             "RGB").save(path, compress_level=1)
         paths.append(path)
+    return paths
+
+
+def test_redelivery_after_sigkill(bundle: Path, big_images: list[Path], tmp_path: Path) -> None:
+    """kill -9 a worker's whole process group mid-job: the job finishes on another."""
+    paths, root = big_images, big_images[0].parent
     env = {
         "ONNXCAM_BROKER_URL": redis_url(10),
         "ONNXCAM_STORE_URL": str(tmp_path / "store"),
@@ -343,3 +350,44 @@ def test_s3_store_through_moto(bundle: Path, images: dict[str, Path], tmp_path: 
                 worker.stop()
             moto.stop()
             fsspec.config.conf.pop("s3", None)
+
+
+def test_soft_time_limit_fails_the_job(bundle: Path, big_images: list[Path],
+                                       tmp_path: Path) -> None:
+    env = {
+        "ONNXCAM_BROKER_URL": redis_url(12),
+        "ONNXCAM_STORE_URL": str(tmp_path / "store"),
+        "ONNXCAM_ALLOWED_ROOTS": str(big_images[0].parent),
+        "ONNXCAM_INLINE_MAX_BYTES": "0",
+        "ONNXCAM_SOFT_TIME_LIMIT": "0.5",
+        "ONNXCAM_TIME_LIMIT": "30",
+        "ONNXCAM_DEVICE": "cpu",
+    }
+    settings = load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()})
+    worker = start_worker("limited", env, tmp_path)
+    try:
+        worker.wait_ready()
+        slow = submit(bundle, big_images, chunk_size=len(big_images), settings=settings)
+        records = slow.wait(timeout=60)
+        assert slow.status() == "failed"
+        assert {r["error"]["code"] for r in records if r["status"] == "error"} == {"time_limit"}
+        assert any(r["status"] == "error" for r in records)
+        quick = submit(bundle, big_images[:1], settings=settings).wait(timeout=60)
+        assert quick[0]["status"] == "ok"  # the same worker serves on
+    finally:
+        worker.stop()
+
+
+def test_app_configuration_holds_the_guarantees() -> None:
+    from worker.app import make_app
+
+    settings = load_settings(visibility_timeout=77, max_memory_per_child=123456,
+                             soft_time_limit=5, time_limit=9)
+    conf = make_app(settings).conf
+    assert conf.accept_content == ["json"] and conf.result_accept_content == ["json"]
+    assert conf.task_serializer == conf.result_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] == 77
+    assert conf.worker_max_memory_per_child == 123456
+    assert (conf.task_soft_time_limit, conf.task_time_limit) == (5, 9)
