@@ -25,7 +25,7 @@ from worker.errors import (
     UnknownBundleError,
     UnknownJobError,
 )
-from worker.jobs import ERROR, REQUEST, ImageRef, JobSpec, image_key
+from worker.jobs import ERROR, REQUEST, SUMMARY, ImageRef, JobSpec, image_key
 from worker.methods import get_method
 from worker.settings import Settings, load_settings
 from worker.store import SHA256, NotInStoreError, Store, bundle_key, job_key
@@ -221,12 +221,14 @@ def job_status(job_id: str, settings: Settings) -> str:
     with broker_errors(app):
         state = app.AsyncResult(job_id).state
     word = _CELERY_STATES.get(state, "pending")
-    if word == "pending":
+    if word == "pending":  # or Celery's result has expired: the store knows
         store = Store(settings.store_url)
         if not store.exists(job_key(job_id, REQUEST)):
             raise UnknownJobError(f"no job {job_id}")
         if store.exists(job_key(job_id, ERROR)):
             return "failed"
+        if store.exists(job_key(job_id, SUMMARY)):
+            return "done"
     return word
 
 

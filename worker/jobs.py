@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 
 MESSAGE_VERSION = 1
 TOP_K = 5
-REQUEST = "request.json"
-ERROR = "error.json"
+REQUEST = "request.json"  # the job as submitted, written by the client
+SUMMARY = "summary.json"  # written by the worker when the job is done
+ERROR = "error.json"  # written by the worker when the whole job failed
 
 
 @dataclass(frozen=True)
@@ -255,11 +256,12 @@ def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
         summaries[index] = _summary(record, store.uri(image_key(spec.job_id, index, ".json")))
     images = [s for s in summaries if s is not None]
     failed = sum(1 for s in images if s["status"] == "error")
-    return {
-        "job": spec.job_id, "bundle": spec.bundle, "method": spec.method, "worker": worker,
-        "n": len(images), "ok": len(images) - failed, "errors": failed,
-        "seconds": round(time.perf_counter() - started, 4), "images": images,
+    summary = {
+        "job": spec.job_id, "bundle": spec.bundle, "method": spec.method,
+        "n": len(images), "ok": len(images) - failed, "errors": failed, "images": images,
     }
+    store.put(job_key(spec.job_id, SUMMARY), _json_bytes(summary))  # the same on every run
+    return {**summary, "worker": worker, "seconds": round(time.perf_counter() - started, 4)}
 
 
 def _existing_record(store: Store, job_id: str, index: int) -> dict[str, Any] | None:

@@ -218,6 +218,10 @@ def test_status_words(worker, bundle: Path, images: dict[str, Path], settings) -
     assert job.status() in ("pending", "started", "done")
     job.wait(timeout=60)
     assert job.status() == "done"
+    import redis
+
+    redis.Redis.from_url(settings.broker_url).delete(f"celery-task-meta-{job.ids[0]}")
+    assert job.status() == "done"  # Celery's result expired: the store still knows
     with pytest.raises(Exception, match="no job"):
         job_status("not-a-job", settings)
 
