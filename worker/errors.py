@@ -10,7 +10,10 @@
     ├── BadImageError               not an image, truncated, too large, ...
     ├── BadTargetError              a class index outside [0, K)
     ├── BadMethodError              unknown method, or one the bundle cannot run
-    └── JobError                    a queued job failed or is malformed
+    ├── JobError                    a queued job failed or is malformed
+    └── AuditError                  an audit cannot start or go on (results in the way, ...)
+        └── ManifestError           SOURCE is not a manifest (no image column, no such folder)
+            └── BadRowError         one manifest row is unusable (bad bbox, unknown label)
 
 Every error has a short ``code`` used in job records and a one-line ``str``.
 """
@@ -73,3 +76,17 @@ class BadMethodError(OnnxcamError):
 
 class JobError(OnnxcamError):
     code = "job_error"
+
+
+class AuditError(OnnxcamError):
+    code = "audit_error"
+
+
+class ManifestError(AuditError):
+    code = "bad_manifest"
+
+
+class BadRowError(ManifestError):
+    """One row is unusable; the audit records it and goes on."""
+
+    code = "bad_row"
