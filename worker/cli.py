@@ -207,8 +207,14 @@ def audit(
     from worker.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
 
     if broker:
-        from worker.audit.distributed import DistributedBackend
-
+        try:
+            from worker.audit.distributed import DistributedBackend
+        except ModuleNotFoundError as exc:
+            if exc.name != "worker.audit.distributed":
+                raise
+            raise click.UsageError("--broker needs the distributed audit backend "
+                                   "(worker.audit.distributed), missing from this install"
+                                   ) from None
         backend: Any = DistributedBackend(broker, model=model)
     else:
         from worker.audit import LocalBackend

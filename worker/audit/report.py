@@ -66,17 +66,32 @@ def write_report(summary: Summary, path: Path, rows: dict[int, AuditRow], out: P
         "<title>onnxcam audit</title><style>", CSS, "</style></head><body>",
         _heading(data), _flags(data), "<h2>Per class</h2>", _table(data),
         "<h2>Energy in box per class</h2>", _plot(data, summary.histograms),
+        _flagged_galleries(summary, rows, out),
         "<h2>Lowest energy in box</h2>",
-        "<p class='legend'>Where the heatmap's mass lies furthest from the object. "
-        "The object's box or mask is outlined in magenta.</p>",
+        "<p class='legend'>All rows, the heatmap's mass furthest from the object.</p>",
         _cards(summary.lowest_energy, rows, out),
         "<h2>Confident mistakes</h2>",
-        "<p class='legend'>Wrong predictions, most confident first; the heatmap is for "
-        "the class in <i>explained</i>.</p>",
+        "<p class='legend'>Wrong predictions, most confident first.</p>",
         _cards(summary.confident_mistakes, rows, out),
         "</body></html>\n",
     ]
     atomic_write(path, "".join(parts).encode("utf-8"))
+
+
+def _flagged_galleries(summary: Summary, rows: dict[int, AuditRow], out: Path) -> str:
+    """Per flagged class, where the model looked when it got that class right."""
+    parts = []
+    for flag in summary.data["flags"]:
+        label = flag["class"]
+        right = bool(summary.lowest_correct_by_class.get(label))
+        what = "its right answers from the wrong place: correct predictions" if right \
+            else "its rows"
+        parts.append(
+            f"<h2 class='bad'>{html.escape(label)}: where the model looks</h2>"
+            f"<p class='legend'>The lowest energy in box among {what}. Boxes and masks are "
+            "outlined in magenta; the heatmap is for the class named <i>explained</i>.</p>"
+            + _cards(summary.flagged_cases(label), rows, out))
+    return "".join(parts)
 
 
 def _number(value: Any, digits: int = 2) -> str:
@@ -196,11 +211,13 @@ def _cards(rows: list[dict[str, str]], manifest_rows: dict[int, AuditRow], out: 
         return "<p class='legend'>None.</p>"
     cards = ["<div class='cards'>"]
     for row in rows:
-        picture = _thumbnail(row, manifest_rows.get(int(row["index"])), out)
+        picture, empty = _thumbnail(row, manifest_rows.get(int(row["index"])), out)
         image = (f"<div class='frame'><img alt='' src='data:image/png;base64,{picture}'></div>"
                  if picture else "<div class='frame'>image unavailable</div>")
         verdict = "" if row["correct"] != "0" else " class='bad'"
         energy = f"energy in box {row['energy_in_box']}<br>" if row["energy_in_box"] else ""
+        if empty:
+            energy += f"<i>empty map: no evidence for {html.escape(row['explained'])}</i><br>"
         cards.append(
             f"<div class='card'>{image}<div class='name'>{html.escape(Path(row['image']).name)}"
             f"</div>label {html.escape(row['label'] or '–')} · "
@@ -210,8 +227,10 @@ def _cards(rows: list[dict[str, str]], manifest_rows: dict[int, AuditRow], out: 
     return "".join(cards)
 
 
-def _thumbnail(row: dict[str, str], manifest_row: AuditRow | None, out: Path) -> str | None:
-    """A base64 PNG: the heatmap over the image, box or mask outlined."""
+def _thumbnail(row: dict[str, str], manifest_row: AuditRow | None,
+               out: Path) -> tuple[str | None, bool]:
+    """A base64 PNG of the heatmap over the image, box or mask outlined, or None; and
+    whether the map is empty (no evidence for the class anywhere)."""
     try:
         image = load_source(row["image"], 3, DEFAULT_LIMITS)
         raw = np.load(io.BytesIO(_heatmap_bytes(row["heatmap"], out)), allow_pickle=False)
@@ -222,7 +241,7 @@ def _thumbnail(row: dict[str, str], manifest_row: AuditRow | None, out: Path) ->
             region = region_of(manifest_row, height, width)
     except (OnnxcamError, OSError, ValueError) as exc:
         log.warning("no picture for %s: %s", row["image"], exc)
-        return None
+        return None, False
     scale = THUMBNAIL / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
@@ -231,7 +250,7 @@ def _thumbnail(row: dict[str, str], manifest_row: AuditRow | None, out: Path) ->
         inside = np.asarray(Image.fromarray(region.astype(np.uint8) * 255)
                             .resize(size, Image.Resampling.NEAREST)) > 0
         small[outline(inside)] = OUTLINE
-    return base64.b64encode(png_bytes(small)).decode("ascii")
+    return base64.b64encode(png_bytes(small)).decode("ascii"), float(raw.max()) <= 0
 
 
 def outline(region: np.ndarray, thickness: int = 2) -> np.ndarray:

@@ -120,7 +120,7 @@ def _context(backend: Backend, settings: ExplainSettings, seconds: float,
 
 def _worst_rows(source: Path, backend: Backend, summary: Summary) -> dict[int, AuditRow]:
     """The manifest rows (boxes, masks) of the worst cases, by one more lazy pass."""
-    wanted = {int(row["index"]) for row in summary.lowest_energy + summary.confident_mistakes}
+    wanted = {int(row["index"]) for row in summary.shown_rows()}
     found: dict[int, AuditRow] = {}
     if not wanted:
         return found

@@ -13,7 +13,7 @@ from typing import Any
 from worker.audit.results import ResultRow, read_results
 
 BINS = 20  # energy-in-box histogram bins over [0, 1]
-WORST = 12  # worst cases kept of each kind
+WORST = 10  # worst cases kept of each kind
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,20 @@ class Summary:
     histograms: dict[str, list[int]]
     lowest_energy: list[ResultRow]
     confident_mistakes: list[ResultRow]
+    # Per class: the lowest energy-in-box among its correct predictions (right answers
+    # from the wrong place), and among all its rows.
+    lowest_correct_by_class: dict[str, list[ResultRow]]
+    lowest_by_class: dict[str, list[ResultRow]]
+
+    def flagged_cases(self, label: str) -> list[ResultRow]:
+        """What to show for a flagged class: its right answers from the wrong place, or
+        its lowest energy-in-box rows when it has no right answer."""
+        return self.lowest_correct_by_class.get(label) or self.lowest_by_class.get(label, [])
+
+    def shown_rows(self) -> list[ResultRow]:
+        """Every row the report draws."""
+        flagged = [row for flag in self.data["flags"] for row in self.flagged_cases(flag["class"])]
+        return flagged + self.lowest_energy + self.confident_mistakes
 
 
 class Worst:
@@ -119,6 +133,8 @@ def summarize(results: Path, thresholds: Thresholds = Thresholds(),
     stats: dict[str, ClassStats] = {}
     total = errors = labelled = correct = 0
     lowest, mistakes = Worst(worst), Worst(worst)
+    lowest_correct_by_class: dict[str, Worst] = {}
+    lowest_by_class: dict[str, Worst] = {}
     for index, row in enumerate(read_results(results)):
         row["index"] = str(index)
         total += 1
@@ -131,7 +147,13 @@ def summarize(results: Path, thresholds: Thresholds = Thresholds(),
             labelled += 1
             correct += row["correct"] == "1"
         if row["energy_in_box"]:
-            lowest.offer(-float(row["energy_in_box"]), index, row)
+            key = -float(row["energy_in_box"])
+            lowest.offer(key, index, row)
+            if row["label"] in stats:
+                lowest_by_class.setdefault(row["label"], Worst(worst)).offer(key, index, row)
+                if row["correct"] == "1":
+                    lowest_correct_by_class.setdefault(row["label"], Worst(worst)).offer(
+                        key, index, row)
         if row["correct"] == "0":
             mistakes.offer(float(row["score"]), index, row)
     per_class = {label: stats[label].figures() for label in sorted(stats)}
@@ -147,7 +169,9 @@ def summarize(results: Path, thresholds: Thresholds = Thresholds(),
                        "flag_lift": thresholds.flag_lift, "min_boxes": thresholds.min_boxes},
     }
     return Summary(data, {label: stats[label].histogram for label in sorted(stats)},
-                   lowest.rows(), mistakes.rows())
+                   lowest.rows(), mistakes.rows(),
+                   {label: heap.rows() for label, heap in lowest_correct_by_class.items()},
+                   {label: heap.rows() for label, heap in lowest_by_class.items()})
 
 
 def judge(per_class: dict[str, dict[str, Any]],
