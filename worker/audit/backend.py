@@ -9,9 +9,10 @@ a distributed backend fans the chunks out to workers, whose task body can call
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -20,7 +21,7 @@ from worker.audit.metrics import DEFAULT_STEPS, deletion_insertion_auc
 from worker.bundle import BundleInfo
 from worker.engine import DEFAULT_BATCH, Explainer
 from worker.errors import BadImageError, OnnxcamError
-from worker.images import Limits, decode, load_image, resize
+from worker.images import Limits, decode, load_image, read_bytes, resize
 from worker.maps import heatmaps
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,6 @@ class Backend(Protocol):
 def read_source(source: str, limits: Limits) -> bytes:
     """The bytes of a local path, or of a URI (``scheme://...``) through fsspec."""
     if "://" not in source:
-        from worker.images import read_bytes
-
         return read_bytes(source, limits)
     import fsspec
 
@@ -192,8 +191,7 @@ class LocalBackend:
     ) -> Iterator[list[RowOutcome]]:
         self.explainer.method(settings.method)
         iterator = iter(chunks)
-        decode: Callable[[list[AuditRow]], Decoded] = lambda rows: decode_rows(  # noqa: E731
-            self.explainer, rows)
+        decode = partial(decode_rows, self.explainer)
         with ThreadPoolExecutor(max_workers=1) as pool:
             current = next(iterator, None)
             pending = pool.submit(decode, current) if current is not None else None
