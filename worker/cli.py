@@ -277,5 +277,72 @@ def result(job_id: str, out: Path, wait_seconds: float, as_json: bool) -> None:
         sys.exit(EXIT_BAD_INPUT)
 
 
+# -- the audit ---------------------------------------------------------------------------------
+
+EXIT_INTERRUPTED = 130
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="The bundle.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for results.csv, summary.json, report.html and heatmaps/.")
+@click.option("--broker", default=None, help="Fan out to onnxcam workers (redis://...).")
+@click.option("--method", default="gradcam", show_default=True, help="CAM method.")
+@click.option("--explain", "explain_mode", type=click.Choice(("label", "pred")),
+              default="label", show_default=True,
+              help="Class to explain: the row's label (when it has one) or the prediction.")
+@click.option("--resume", is_flag=True, help="Carry on with the results already in --out.")
+@click.option("--faithfulness", is_flag=True, help="Add RISE deletion and insertion AUCs.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Rows per chunk handed to the backend.")
+@click.option("--flag-energy", type=float, default=0.5, show_default=True,
+              help="Flag a class whose mean energy-in-box is below this.")
+@click.option("--flag-lift", type=float, default=1.5, show_default=True,
+              help="Flag a class whose mean energy-in-box is below this times its box area.")
+@click.option("--min-boxes", type=int, default=10, show_default=True,
+              help="Classes with fewer boxes or masks get a note instead of a verdict.")
+@click.option("--batch-size", type=int, default=None, help="Images per session run (local).")
+@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto",
+              show_default=True)
+@with_errors
+def audit(
+    source: Path, model: Path, out: Path, broker: str | None, method: str, explain_mode: str,
+    resume: bool, faithfulness: bool, chunk_size: int, flag_energy: float, flag_lift: float,
+    min_boxes: int, batch_size: int | None, device: str,
+) -> None:
+    """Audit where the classifier MODEL looks over SOURCE: a CSV manifest or a folder
+    of class subfolders. Writes results.csv, summary.json and report.html to --out."""
+    from worker.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
+
+    if broker:
+        from worker.audit.distributed import DistributedBackend
+
+        backend: Any = DistributedBackend(broker, model=model)
+    else:
+        from worker.audit import LocalBackend
+        from worker.engine import Explainer
+
+        backend = LocalBackend(Explainer(model, device=device), batch_size=batch_size)
+    options = AuditOptions(
+        settings=ExplainSettings(method=method, explain=explain_mode, faithfulness=faithfulness),
+        chunk_size=chunk_size, resume=resume,
+        thresholds=Thresholds(flag_energy, flag_lift, min_boxes),
+    )
+    try:
+        summary = run_audit(source, out, backend, options)
+    except KeyboardInterrupt:
+        click.echo(f"\nonnxcam: interrupted; the finished rows are in {out / 'results.csv'}. "
+                   "Run the same command with --resume to carry on.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    data = summary.data
+    accuracy = "n/a" if data["accuracy"] is None else f"{100 * data['accuracy']:.1f}%"
+    click.echo(f"audited {data['n']} rows ({data['errors']} errors), accuracy {accuracy}; "
+               f"wrote {out / 'report.html'}")
+    for flag in data["flags"]:
+        click.echo(f"flag: {flag['class']}: {flag['reason']} (mean energy-in-box "
+                   f"{flag['energy_in_box_mean']:.2f} vs box area {flag['box_area_mean']:.2f})")
+
+
 if __name__ == "__main__":
     main()

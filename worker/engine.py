@@ -141,13 +141,7 @@ class Explainer:
     # -- running --
 
     def method(self, name: str) -> CamMethod:
-        method = get_method(name)
-        if method.needs_gradient_map and not self.info.has_gradients:
-            raise BadMethodError(
-                f"{name} needs the full gradient map; this bundle was exported with "
-                "finite differences (--gradient fd), which give Grad-CAM weights only"
-            )
-        return method
+        return method_for(self.info, name)
 
     def explain(
         self,
@@ -198,6 +192,14 @@ class Explainer:
         if cam.name == "scorecam":
             maps.score_masked = self._masked_scorer(batch, chosen)
         return cam(maps), logits, chosen
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits [N, K] for a prepared uint8 batch; no map is computed."""
+        feeds = {INPUT_IMAGE: np.ascontiguousarray(batch),
+                 INPUT_TARGET: np.full(len(batch), -1, np.int64)}
+        if self.use_io_binding:
+            return self._run_bound([OUTPUT_LOGITS], feeds)[0]
+        return self.session.run([OUTPUT_LOGITS], feeds)[0]
 
     def _run_bound(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run through IO binding: inputs copied to the device once, and only the
@@ -262,6 +264,17 @@ class Explainer:
                 make_session(back.SerializeToString(), self.device, self.threads)[0],
             )
         return self._scoring
+
+
+def method_for(info: BundleInfo, name: str) -> CamMethod:
+    """The method ``name``, if bundles like ``info`` can run it."""
+    method = get_method(name)
+    if method.needs_gradient_map and not info.has_gradients:
+        raise BadMethodError(
+            f"{name} needs the full gradient map; this bundle was exported with "
+            "finite differences (--gradient fd), which give Grad-CAM weights only"
+        )
+    return method
 
 
 def as_image_list(images: Any) -> Any:

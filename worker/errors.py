@@ -20,7 +20,10 @@
     ├── StoreError                  the result store failed
     │   └── StoreUnavailableError   a transient failure (network, 5xx): retried
     ├── BrokerUnavailableError      the broker or result backend does not answer
-    └── SettingsError               an ONNXCAM_* variable has a bad value
+    ├── SettingsError               an ONNXCAM_* variable has a bad value
+    └── AuditError                  an audit cannot start or go on (results in the way, ...)
+        └── ManifestError           SOURCE is not a manifest (no image column, no such folder)
+            └── BadRowError         one manifest row is unusable (bad bbox, unknown label)
 
 Every error has a short ``code`` used in job records and a one-line ``str``.
 """
@@ -123,3 +126,17 @@ class BrokerUnavailableError(OnnxcamError):
 
 class SettingsError(OnnxcamError):
     code = "bad_settings"
+
+
+class AuditError(OnnxcamError):
+    code = "audit_error"
+
+
+class ManifestError(AuditError):
+    code = "bad_manifest"
+
+
+class BadRowError(ManifestError):
+    """One row is unusable; the audit records it and goes on."""
+
+    code = "bad_row"

@@ -82,7 +82,7 @@ class DistributedBackend:
         return RowOutcome(
             row.index, raw=raw.astype(np.float32),
             logits=np.asarray(record["logits"], np.float32), target=int(record["target"]),
-            image_size=(int(height), int(width)), heatmap=record["files"]["heatmap"],
+            image_size=(int(height), int(width)), heatmap=record["files"]["raw"],
             faithfulness=record.get("faithfulness"),
         )
 
