@@ -19,7 +19,14 @@ def make_app(settings: Settings) -> Celery:
     broker.install()
     app = Celery("onnxcam", broker=settings.broker_url, backend=settings.backend_url,
                  include=["worker.tasks"])
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        # kombu sweeps for jobs whose worker died only every 10 x 10 s by default;
+        # sweep four times per visibility timeout (at least once a minute) instead,
+        # so a dead worker's job is redelivered soon after the timeout.
+        "unacked_restore_interval": max(1.0, min(60.0, settings.visibility_timeout / 4)),
+        "unacked_restore_throttle": 1,
+    }
     app.conf.update(
         # Never pickle: a message is data, not code.
         task_serializer="json",

@@ -393,5 +393,6 @@ def test_app_configuration_holds_the_guarantees() -> None:
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options["visibility_timeout"] == 77
+    assert conf.broker_transport_options["unacked_restore_interval"] == 77 / 4
     assert conf.worker_max_memory_per_child == 123456
     assert (conf.task_soft_time_limit, conf.task_time_limit) == (5, 9)

@@ -95,17 +95,16 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 4
 
 
-def test_broker_without_the_distributed_backend_is_a_usage_error(
-        tmp_path: Path, manifest: Path, audit_bundle: Path) -> None:
-    try:
-        import worker.audit.distributed  # noqa: F401
-    except ModuleNotFoundError:
-        result = run(manifest, "--model", audit_bundle, "--out", tmp_path / "o",
-                     "--broker", "redis://127.0.0.1:1/0")
-        assert result.exit_code == 2
-        assert "distributed audit backend" in result.stderr
-    else:
-        pytest.skip("the distributed backend is installed")
+def test_unreachable_broker_is_one_clear_error(tmp_path: Path, manifest: Path,
+                                               audit_bundle: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import free_port
+
+    monkeypatch.setenv("ONNXCAM_STORE_URL", str(tmp_path / "store"))
+    result = run(manifest, "--model", audit_bundle, "--out", tmp_path / "o",
+                 "--broker", f"redis://127.0.0.1:{free_port()}/0")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1].startswith("onnxcam: error: cannot reach the broker")
 
 
 def cli(*args: str | Path) -> list[str]:
