@@ -66,7 +66,7 @@ def test_every_row_is_accounted_for_with_the_engines_numbers(
     results = read(out)
     assert list(results[0]) == list(COLUMNS)
     assert len(results) == 22 and data["n"] == 22 and data["errors"] == 2
-    assert results[3]["status"] == "error" and results[3]["error"].startswith("bad_image: ")
+    assert results[3]["status"] == "error" and results[3]["error"].startswith("missing_image: ")
     assert results[8]["error"].startswith("bad_row: label 'zebra'")
     assert results[9]["energy_in_box"] == "" and results[9]["status"] == "ok"
     assert results[15]["correct"] == "" and results[15]["explained"] == results[15]["pred"]
