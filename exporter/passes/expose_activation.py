@@ -74,8 +74,10 @@ def reroute_through_view(graph: onnx.GraphProto, tensor: str) -> bool:
     return True
 
 
-def expose_activation(model: onnx.ModelProto, tensor: str) -> PassResult:
-    """Add ``activations = Identity(tensor)`` as a graph output.
+def expose_activation(
+    model: onnx.ModelProto, tensor: str, output: str = OUTPUT_ACTIVATIONS
+) -> PassResult:
+    """Add ``activations = Identity(tensor)`` (or ``output``) as a graph output.
 
     Any other graph output that already carries ``tensor`` (the Keras frontend taps
     the layer that way) is dropped in favour of the named one. Graph must be sorted.
@@ -85,10 +87,10 @@ def expose_activation(model: onnx.ModelProto, tensor: str) -> PassResult:
         raise ExportError(f"tensor {tensor!r} is not in the graph")
     reroute_through_view(graph, tensor)
     graph.node.append(
-        helper.make_node("Identity", [tensor], [OUTPUT_ACTIVATIONS], name="onnxcam/activations")
+        helper.make_node("Identity", [tensor], [output], name=f"onnxcam/{output}")
     )
     kept = [o for o in graph.output if o.name != tensor]
     del graph.output[:]
     graph.output.extend(kept)
-    graph.output.append(float_output(OUTPUT_ACTIVATIONS, 4))
+    graph.output.append(float_output(output, 4))
     return PassResult(model, True)
