@@ -236,6 +236,33 @@ def read_bundle_info(source: str | Path | Any) -> BundleInfo:
     return BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
 
 
+def keep_outputs(model: Any, names: list[str]) -> Any:
+    """``model`` with only the outputs ``names`` and the nodes they need.
+
+    MaxPool's optional indices output goes too when nothing reads it any more.
+    Precondition: no node has subgraphs (analytic bundles have none).
+    """
+    graph = model.graph
+    kept_outputs = [o for o in graph.output if o.name in names]
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    needed = set(names)
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    for node in kept:
+        if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] not in needed:
+            del node.output[1:]
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    unused = [init for init in graph.initializer if init.name not in needed]
+    for init in unused:
+        graph.initializer.remove(init)
+    return model
+
+
 def split_at_model_input(
     model: Any, info: BundleInfo, outputs: tuple[str, ...] = (OUTPUT_LOGITS,)
 ) -> tuple[Any, Any]:
