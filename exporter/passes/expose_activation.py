@@ -31,7 +31,9 @@ def static_tail(graph: onnx.GraphProto, name: str) -> list[int] | None:
     return None
 
 
-def reroute_through_view(graph: onnx.GraphProto, tensor: str) -> bool:
+def reroute_through_view(
+    graph: onnx.GraphProto, tensor: str, node_name: str = "onnxcam/restore_layout"
+) -> bool:
     """Make the head read ``tensor`` when it is only a view (transpose, reshape) of the map.
 
     tf2onnx runs convolutions in NCHW and adds a Transpose or Reshape to hand a
@@ -53,7 +55,7 @@ def reroute_through_view(graph: onnx.GraphProto, tensor: str) -> bool:
             return False
         inverse = [int(i) for i in np.argsort(perm)]
         new_nodes = [helper.make_node("Transpose", [tensor], [restored],
-                                      name="onnxcam/restore_layout", perm=inverse)]
+                                      name=node_name, perm=inverse)]
     elif node.op_type == "Reshape":
         dims = static_tail(graph, source)
         if dims is None:
@@ -61,10 +63,10 @@ def reroute_through_view(graph: onnx.GraphProto, tensor: str) -> bool:
         shape = f"{tensor}/onnxcam_shape"
         graph.initializer.append(numpy_helper.from_array(np.array([-1, *dims], np.int64), shape))
         new_nodes = [helper.make_node("Reshape", [tensor, shape], [restored],
-                                      name="onnxcam/restore_layout")]
+                                      name=node_name)]
     else:
         new_nodes = [helper.make_node("Identity", [tensor], [restored],
-                                      name="onnxcam/restore_layout")]
+                                      name=node_name)]
     for reader in readers:
         for i, name in enumerate(reader.input):
             if name == source:
@@ -85,7 +87,8 @@ def expose_activation(
     graph = model.graph
     if tensor not in tensor_names(graph):
         raise ExportError(f"tensor {tensor!r} is not in the graph")
-    reroute_through_view(graph, tensor)
+    suffix = "" if output == OUTPUT_ACTIVATIONS else output.removeprefix(OUTPUT_ACTIVATIONS)
+    reroute_through_view(graph, tensor, f"onnxcam/restore_layout{suffix}")
     graph.node.append(
         helper.make_node("Identity", [tensor], [output], name=f"onnxcam/{output}")
     )
