@@ -51,6 +51,10 @@ FD_RANDOM_DIRECTIONS = 4  # sparse random directions checked per image
 FD_DENSE_DIRECTIONS = 2  # dense random directions per image, for input gradients
 FD_STEP = 1e-6  # relative to the mean |activation|; float64 keeps it exact
 FD64_TOLERANCE = 1e-3
+# Input gradients cross every layer of the body: two float32 forward passes that
+# differ in the last bit put a few of a deep net's millions of ReLU inputs on
+# opposite sides of zero (Keras ResNet50: 1.3e-4 against TF, 1e-6 for small nets).
+INPUT_GRADIENT_TOLERANCE = 1e-3
 PROBE_BATCH = 2
 
 
@@ -138,7 +142,7 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
             tape_check(out, entry, activations, gradients, info.has_gradients, report)
         if with_input and reference.input_gradients is not None:
             report.add(OUTPUT_INPUT_GRADIENTS, out[OUTPUT_INPUT_GRADIENTS],
-                       reference.input_gradients, EXACT_TOLERANCE)
+                       reference.input_gradients, INPUT_GRADIENT_TOLERANCE)
     else:
         for entry in layers:
             finite_difference_check(bundle, images, chosen, out, entry, report)
