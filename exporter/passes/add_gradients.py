@@ -158,7 +158,7 @@ def add_gradients(
     end = source_of(graph, OUTPUT_LOGITS)
     b = GraphBuilder(graph, "onnxcam/grad")
     ctx = VjpContext(b, shapes, initializer_values(graph), opset_version(model),
-                     on_path(graph, starts, end))
+                     on_path(graph, starts, end), whole_body=bool(model_input))
     add_target_input(graph)
     gradients = differentiate(ctx, head_nodes(graph, starts, end), end, seed_gradient(b, end),
                               starts)
@@ -187,7 +187,7 @@ def add_guided_gradients(
     end = source_of(graph, OUTPUT_LOGITS)
     b = GraphBuilder(graph, "onnxcam/guided")
     ctx = VjpContext(b, shapes, initializer_values(graph), opset_version(model),
-                     on_path(graph, [model_input], end), guided=True)
+                     on_path(graph, [model_input], end), guided=True, whole_body=True)
     (gradient,) = differentiate(ctx, head_nodes(graph, model_input, end), end,
                                 seed_gradient(b, end), [model_input])
     add_input_gradient(b, gradient, OUTPUT_GUIDED_INPUT_GRADIENTS, layout)
