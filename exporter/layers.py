@@ -9,6 +9,7 @@ between are skipped, so DenseNet121 picks ``conv5_block16_concat`` (its trailing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.errors import LayerNotFoundError, UnsupportedModelError
@@ -61,6 +62,20 @@ def find_layer(layers: list[LayerInfo], name: str) -> LayerInfo:
                 f"layer {name!r} has output shape {list(layer.shape)}; Grad-CAM needs a 4-D map"
             )
     raise LayerNotFoundError(name, [layer.name for layer in layers if layer.spatial])
+
+
+def choose_layers(layers: list[LayerInfo], names: str | Sequence[str] | None) -> list[LayerInfo]:
+    """The layers called ``names`` (the first is the primary one), or the default; no repeats."""
+    if names is None or isinstance(names, str):
+        names = [names] if names else []
+    if not names:
+        return [default_layer(layers)]
+    chosen: list[LayerInfo] = []
+    for name in names:
+        layer = find_layer(layers, name)
+        if layer not in chosen:
+            chosen.append(layer)
+    return chosen
 
 
 def describe(layers: list[LayerInfo]) -> list[str]:

@@ -1,8 +1,9 @@
 """Check a finished bundle against its source before anything is written.
 
-Logits are held against the source's own outputs. Gradients are held against TF
-GradientTape when the source can give them, else against central differences
-of the bundle's own forward graph along channel-uniform directions.
+Logits are held against the source's own outputs. Gradients, every exported
+layer's and the input gradients, are held against TF GradientTape when the
+source can give them, else against float64 central differences of the bundle's
+own forward graph (channel-uniform and random directions).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from worker.bundle import (
     OUTPUT_ACTIVATIONS,
     OUTPUT_CAM,
     OUTPUT_GRADIENTS,
+    OUTPUT_INPUT_GRADIENTS,
     OUTPUT_LOGITS,
     OUTPUT_WEIGHTS,
     BundleInfo,
+    LayerEntry,
 )
 from worker.errors import VerificationError
 from worker.runtime import cpu_session
@@ -45,8 +48,13 @@ EXACT_TOLERANCE = 1e-4
 FD_TOLERANCE = 1e-1
 FD_CHANNELS = 8  # channel directions checked per image by finite differences
 FD_RANDOM_DIRECTIONS = 4  # sparse random directions checked per image
+FD_DENSE_DIRECTIONS = 2  # dense random directions per image, for input gradients
 FD_STEP = 1e-6  # relative to the mean |activation|; float64 keeps it exact
 FD64_TOLERANCE = 1e-3
+# Input gradients cross every layer of the body: two float32 forward passes that
+# differ in the last bit put a few of a deep net's millions of ReLU inputs on
+# opposite sides of zero (Keras ResNet50: 1.3e-4 against TF, 1e-6 for small nets).
+INPUT_GRADIENT_TOLERANCE = 1e-3
 PROBE_BATCH = 2
 
 
@@ -107,34 +115,43 @@ def probe_targets(logits_count: int) -> np.ndarray:
 
 
 def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel) -> Report:
-    """Run the bundle on a probe batch and compare it with the source; raise on mismatch."""
+    """Run the bundle on a probe batch and compare it with the source; raise on mismatch.
+
+    Every exported layer is checked, and ``input_gradients`` where the bundle has
+    them. ``guided_input_gradients`` are no derivative, so nothing here can check
+    them; the tests hold them against a TF custom-gradient ReLU.
+    """
     images = random_images(PROBE_BATCH, info.height, info.width, info.channels, seed=7)
     session = cpu_session(bundle.SerializeToString())
     names = [o.name for o in session.get_outputs()]
     targets = probe_targets(info.num_classes)
     out = dict(zip(names, session.run(names, {INPUT_IMAGE: images, INPUT_TARGET: targets})))
     chosen = np.where(targets < 0, out[OUTPUT_LOGITS].argmax(axis=1), targets)
-    reference = source.reference(preprocess_numpy(images, info.preprocess), chosen)
+    with_input = OUTPUT_INPUT_GRADIENTS in info.input_gradients
+    reference = source.reference(preprocess_numpy(images, info.preprocess), chosen,
+                                 **({"input_gradients": True} if with_input else {}))
 
     report = Report()
     logits = out[OUTPUT_LOGITS]
     compared = logits if reference.linear else squash(logits, info.removed_activation)
     report.add("logits", compared, reference.logits, EXACT_TOLERANCE)
-    layout = info.activation_layout
+    layers = sorted(info.layers, key=lambda entry: entry.index)
     if reference.gradients is not None and reference.activations is not None:
-        report.add("activations", out[OUTPUT_ACTIVATIONS], reference.activations, EXACT_TOLERANCE)
-        expected_weights = channel_mean(reference.gradients, layout)
-        tolerance = EXACT_TOLERANCE if info.has_gradients else FD_TOLERANCE
-        if info.has_gradients:
-            report.add("gradients", out[OUTPUT_GRADIENTS], reference.gradients, tolerance)
-        report.add("weights", out[OUTPUT_WEIGHTS], expected_weights, tolerance)
-        report.add("cam", out[OUTPUT_CAM],
-                   cam_from(reference.activations, expected_weights, layout), tolerance)
+        pairs = [(reference.activations, reference.gradients), *reference.more]
+        for entry, (activations, gradients) in zip(layers, pairs):
+            tape_check(out, entry, activations, gradients, info.has_gradients, report)
+        if with_input and reference.input_gradients is not None:
+            report.add(OUTPUT_INPUT_GRADIENTS, out[OUTPUT_INPUT_GRADIENTS],
+                       reference.input_gradients, INPUT_GRADIENT_TOLERANCE)
     else:
-        finite_difference_check(bundle, images, chosen, out, layout, report)
-        report.add("cam", out[OUTPUT_CAM],
-                   cam_from(out[OUTPUT_ACTIVATIONS], out[OUTPUT_WEIGHTS], layout),
-                   EXACT_TOLERANCE)
+        for entry in layers:
+            finite_difference_check(bundle, images, chosen, out, entry, report)
+            cam = entry.output(OUTPUT_CAM)
+            report.add(cam, out[cam], cam_from(out[entry.output(OUTPUT_ACTIVATIONS)],
+                                               out[entry.output(OUTPUT_WEIGHTS)], entry.layout),
+                       EXACT_TOLERANCE)
+        if with_input:
+            input_gradient_check(bundle, info, images, chosen, out, report)
     name, error, tolerance = report.worst
     log.info("verification: worst %s relative error %.2e (tolerance %.0e)", name, error,
              tolerance)
@@ -144,6 +161,25 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
             f"{error:.3e} > {tolerance:.0e}"
         )
     return report
+
+
+def tape_check(
+    out: dict[str, np.ndarray], entry: LayerEntry, activations: np.ndarray,
+    gradients: np.ndarray, analytic: bool, report: Report,
+) -> None:
+    """One layer's outputs against the source's own activations and gradients."""
+    layout = entry.layout
+    report.add(entry.output(OUTPUT_ACTIVATIONS), out[entry.output(OUTPUT_ACTIVATIONS)],
+               activations, EXACT_TOLERANCE)
+    expected_weights = channel_mean(gradients, layout)
+    tolerance = EXACT_TOLERANCE if analytic else FD_TOLERANCE
+    if analytic:
+        report.add(entry.output(OUTPUT_GRADIENTS), out[entry.output(OUTPUT_GRADIENTS)],
+                   gradients, tolerance)
+    report.add(entry.output(OUTPUT_WEIGHTS), out[entry.output(OUTPUT_WEIGHTS)],
+               expected_weights, tolerance)
+    report.add(entry.output(OUTPUT_CAM), out[entry.output(OUTPUT_CAM)],
+               cam_from(activations, expected_weights, layout), tolerance)
 
 
 class ChannelLRN(OpRun):
@@ -168,14 +204,16 @@ class ChannelLRN(OpRun):
 ChannelLRN.__name__ = "LRN"
 
 
-def head_in_float64(bundle: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """The head alone (target layer -> logits) as a float64 model.
+def head_in_float64(
+    bundle: onnx.ModelProto, start: str = ""
+) -> tuple[onnx.ModelProto, list[str]]:
+    """The head alone (target layer, or the tensor ``start``, -> logits) as a float64 model.
 
     Its inputs are the activation tensor first, then any other computed tensor the
     head reads (a residual branch, say). Returns the model and those input names.
     """
     graph = bundle.graph
-    start = source_of(graph, OUTPUT_ACTIVATIONS)
+    start = start or source_of(graph, OUTPUT_ACTIVATIONS)
     end = source_of(graph, OUTPUT_LOGITS)
     nodes = head_nodes(graph, start, end, differentiable_only=False)
     made_inside = {o for n in nodes for o in n.output}
@@ -253,20 +291,24 @@ def sparse_directions(rng: np.random.Generator, activation: np.ndarray) -> np.nd
 
 def finite_difference_check(
     bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray,
-    out: dict[str, np.ndarray], layout: str, report: Report,
+    out: dict[str, np.ndarray], entry: LayerEntry, report: Report,
 ) -> None:
-    """Hold weights (and full gradients, where present) against float64 differences."""
-    head_model, externals = head_in_float64(bundle)
+    """Hold one layer's weights (and full gradients, where present) against float64
+    differences."""
+    weights_name, gradients_name = entry.output(OUTPUT_WEIGHTS), entry.output(OUTPUT_GRADIENTS)
+    head_model, externals = head_in_float64(
+        bundle, source_of(bundle.graph, entry.output(OUTPUT_ACTIVATIONS)))
     head = ReferenceEvaluator(head_model, new_ops=[ChannelLRN])
     values = run_with_outputs(bundle, externals, {INPUT_IMAGE: images,
                                                   INPUT_TARGET: chosen.astype(np.int64)})
     activations = values[externals[0]]
-    channel_axis = 3 if layout == "nhwc" else 1
+    channel_axis = 3 if entry.layout == "nhwc" else 1
     channels = activations.shape[channel_axis]
     spatial = activations[0].size // channels
     rng = np.random.default_rng(3)
     picked = np.sort(rng.choice(channels, size=min(FD_CHANNELS, channels), replace=False))
-    tolerance = FD64_TOLERANCE if OUTPUT_GRADIENTS in out else FD_TOLERANCE
+    full = gradients_name in out
+    tolerance = FD64_TOLERANCE if full else FD_TOLERANCE
     got_w, want_w, got_g, want_g = [], [], [], []
     for n in range(len(images)):
         directions = np.zeros((len(picked),) + activations.shape[1:], np.float64)
@@ -274,16 +316,41 @@ def finite_difference_check(
             index: list[slice | int] = [slice(None)] * 3
             index[channel_axis - 1] = int(k)
             directions[j][tuple(index)] = 1.0
-        if OUTPUT_GRADIENTS in out:
+        if full:
             directions = np.concatenate([directions, sparse_directions(rng, activations[n])])
         inputs = {name: values[name][n : n + 1] for name in externals}
         slopes = directional_derivatives(head, inputs, int(chosen[n]), directions)
-        got_w.append(out[OUTPUT_WEIGHTS][n, picked])
+        got_w.append(out[weights_name][n, picked])
         want_w.append(slopes[: len(picked)] / spatial)
-        if OUTPUT_GRADIENTS in out:
-            grads = out[OUTPUT_GRADIENTS][n].astype(np.float64)
+        if full:
+            grads = out[gradients_name][n].astype(np.float64)
             got_g.append([(grads * d).sum() for d in directions[len(picked):]])
             want_g.append(slopes[len(picked):])
-    report.add("weights", np.array(got_w), np.array(want_w), tolerance)
+    report.add(weights_name, np.array(got_w), np.array(want_w), tolerance)
     if got_g:
-        report.add("gradients", np.array(got_g), np.array(want_g), tolerance)
+        report.add(gradients_name, np.array(got_g), np.array(want_g), tolerance)
+
+
+def input_gradient_check(
+    bundle: onnx.ModelProto, info: BundleInfo, images: np.ndarray, chosen: np.ndarray,
+    out: dict[str, np.ndarray], report: Report,
+) -> None:
+    """Hold ``input_gradients`` against float64 differences of the whole body, along
+    sparse and dense random directions in the model input."""
+    body_model, externals = head_in_float64(bundle, info.model_input)
+    body = ReferenceEvaluator(body_model, new_ops=[ChannelLRN])
+    values = run_with_outputs(bundle, externals, {INPUT_IMAGE: images,
+                                                  INPUT_TARGET: chosen.astype(np.int64)})
+    model_input = values[externals[0]]
+    gradients = out[OUTPUT_INPUT_GRADIENTS].astype(np.float64)
+    if info.layout == "nchw":
+        gradients = gradients.transpose(0, 3, 1, 2)
+    rng = np.random.default_rng(5)
+    got, want = [], []
+    for n in range(len(images)):
+        dense = rng.standard_normal((FD_DENSE_DIRECTIONS, *model_input.shape[1:]))
+        directions = np.concatenate([sparse_directions(rng, model_input[n]), dense])
+        inputs = {name: values[name][n : n + 1] for name in externals}
+        want.append(directional_derivatives(body, inputs, int(chosen[n]), directions))
+        got.append([(gradients[n] * d).sum() for d in directions])
+    report.add(OUTPUT_INPUT_GRADIENTS, np.array(got), np.array(want), FD64_TOLERANCE)

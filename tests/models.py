@@ -271,17 +271,24 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, [output], name=name or output, **attrs))
         return output
 
-    def conv(self, x: str, cin: int, cout: int, name: str, group: int = 1) -> str:
-        w = self.he(f"{name}.weight", (cout, cin // group, 3, 3), 9 * cin // group)
+    def conv(self, x: str, cin: int, cout: int, name: str, group: int = 1, kernel: int = 3,
+             stride: int = 1) -> str:
+        """A Conv with bias (as torch exports a conv with its BatchNorm folded in),
+        padded to keep the size at stride 1."""
+        fan_in = kernel * kernel * cin // group
+        w = self.he(f"{name}.weight", (cout, cin // group, kernel, kernel), fan_in)
         b = self.bias(f"{name}.bias", cout)
+        pad = kernel // 2
+        strides = {"strides": [stride, stride]} if stride != 1 else {}
         return self.node(
             "Conv",
             [x, w, b],
             name,
             name,
-            kernel_shape=[3, 3],
-            pads=[1, 1, 1, 1],
+            kernel_shape=[kernel, kernel],
+            pads=[pad] * 4,
             group=group,
+            **strides,
         )
 
     def gemm(self, x: str, cin: int, cout: int, output: str) -> str:
@@ -289,11 +296,11 @@ class _Graph:
         b = self.bias("fc.bias", cout)
         return self.node("Gemm", [x, w, b], output, "fc", transB=1)
 
-    def model(self, name: str, output: str, classes: int) -> onnx.ModelProto:
+    def model(self, name: str, output: str, classes: int, size: int = 16) -> onnx.ModelProto:
         graph = helper.make_graph(
             self.nodes,
             name,
-            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
             [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", classes])],
             self.inits,
         )
@@ -364,8 +371,78 @@ def onnx_residual_nchw(seed: int = 0) -> onnx.ModelProto:
     return g.model("onnx_residual_nchw", "logits", 4)
 
 
+def _relu6(g: _Graph, x: str, name: str) -> str:
+    if "relu6.min" not in {i.name for i in g.inits}:
+        g.const("relu6.min", np.float32(0.0))
+        g.const("relu6.max", np.float32(6.0))
+    return g.node("Clip", [x, "relu6.min", "relu6.max"], name)
+
+
+def _classifier(g: _Graph, x: str, channels: int, classes: int) -> str:
+    x = g.node("GlobalAveragePool", [x], "avgpool")
+    x = g.node("Flatten", [x], "flatten", axis=1)
+    return g.gemm(x, channels, classes, "logits")
+
+
+def torch_resnet18(seed: int = 0, size: int = 32, width: int = 4,
+                   classes: int = 6) -> onnx.ModelProto:
+    """torchvision's ResNet-18 as torch.onnx exports it (BatchNorm folded into Conv,
+    NCHW), at ``width`` base channels: 7x7/2 stem, MaxPool 3x3/2 pad 1, four stages
+    of two BasicBlocks with residual Adds (1x1/2 downsampling), GAP, Flatten, Gemm.
+    Stage outputs are ``layer1`` ... ``layer4``."""
+    g = _Graph(seed)
+    x = g.node("Relu", [g.conv("input", 3, width, "conv1", kernel=7, stride=2)], "relu")
+    x = g.node("MaxPool", [x], "maxpool", kernel_shape=[3, 3], strides=[2, 2],
+               pads=[1, 1, 1, 1])
+    channels = width
+    for stage in range(1, 5):
+        out = width * 2 ** (stage - 1)
+        for block in range(2):
+            stride = 2 if stage > 1 and block == 0 else 1
+            name = f"layer{stage}.{block}"
+            y = g.node("Relu", [g.conv(x, channels, out, f"{name}.conv1", stride=stride)],
+                       f"{name}.relu1")
+            y = g.conv(y, out, out, f"{name}.conv2")
+            shortcut = x if stride == 1 and channels == out else g.conv(
+                x, channels, out, f"{name}.downsample", kernel=1, stride=stride)
+            x = g.node("Add", [y, shortcut], f"{name}.add")
+            last = f"layer{stage}" if block == 1 else f"{name}.out"
+            x = g.node("Relu", [x], last, last)
+            channels = out
+    _classifier(g, x, channels, classes)
+    return g.model("torch_resnet18", "logits", classes, size)
+
+
+def torch_mobilenet_v2(seed: int = 0, size: int = 32, classes: int = 6) -> onnx.ModelProto:
+    """torchvision's MobileNetV2 as torch.onnx exports it, narrowed: 3x3/2 stem with
+    Clip(0, 6) (ReLU6), inverted residual blocks (1x1 expand, depthwise 3x3 Conv with
+    group = channels, 1x1 project, residual Add at stride 1), a 1x1 head conv
+    (``features``), GAP, Flatten, Gemm."""
+    g = _Graph(seed)
+    x = _relu6(g, g.conv("input", 3, 8, "stem", stride=2), "stem.relu6")
+    channels = 8
+    # (expansion, output channels, stride) per block
+    for i, (expand, out, stride) in enumerate(((1, 8, 1), (4, 12, 2), (4, 12, 1), (4, 16, 2))):
+        name = f"block{i}"
+        hidden = channels * expand
+        y = x
+        if expand != 1:
+            y = _relu6(g, g.conv(y, channels, hidden, f"{name}.expand", kernel=1),
+                       f"{name}.expand_relu6")
+        y = _relu6(g, g.conv(y, hidden, hidden, f"{name}.dw", group=hidden, stride=stride),
+                   f"{name}.dw_relu6")
+        y = g.conv(y, hidden, out, f"{name}.project", kernel=1)
+        x = g.node("Add", [y, x], f"{name}.add") if stride == 1 and channels == out else y
+        channels = out
+    x = _relu6(g, g.conv(x, channels, 32, "head", kernel=1), "features")
+    _classifier(g, x, 32, classes)
+    return g.model("torch_mobilenet_v2", "logits", classes, size)
+
+
 ONNX_BUILDERS = {
     "onnx_cnn": onnx_cnn,
     "onnx_unsupported_head": onnx_unsupported_head,
     "onnx_residual_nchw": onnx_residual_nchw,
+    "torch_resnet18": torch_resnet18,
+    "torch_mobilenet_v2": torch_mobilenet_v2,
 }

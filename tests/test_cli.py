@@ -187,6 +187,20 @@ def test_export_options(models_dir: Path, out_dir: Path) -> None:
     assert [p.name for p in out.parent.iterdir()] == ["bundle.onnx"]
 
 
+def test_export_input_gradients_guided_and_several_layers(models_dir: Path,
+                                                          out_dir: Path) -> None:
+    out = out_dir / "gradients.onnx"
+    result = invoke("export", models_dir / "cnn.onnx", "-o", out, "--layer", "last_relu",
+                    "--layer", "relu1", "--input-gradients", "--guided")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(
+        f"wrote {out}: layer last_relu (and relu1), 5 classes, analytic gradients, "
+        "input_gradients, guided_input_gradients, verified")
+    info = worker.read_bundle_info(out)
+    assert [(e.name, e.index) for e in info.layers] == [("relu1", 1), ("last_relu", 0)]
+    assert info.input_gradients == ("input_gradients", "guided_input_gradients")
+
+
 BAD_INPUTS = {
     # name: (arguments after the source, source file, words the message must contain)
     "missing": ([], "does_not_exist.onnx", ["does_not_exist.onnx"]),
@@ -198,6 +212,8 @@ BAD_INPUTS = {
     "unknown-layer": (["--layer", "nope"], "cnn.onnx",
                       ["'nope'", "conv1", "relu1", "pool1", "conv2", "last_relu"]),
     "labels-length": (["--labels", "labels3.txt"], "cnn.onnx", ["3 labels", "5 classes"]),
+    "fd-input-gradients": (["--gradient", "fd", "--input-gradients"], "cnn.onnx",
+                           ["analytic", "--gradient fd"]),
 }
 
 

@@ -27,10 +27,15 @@ OUTPUT_ACTIVATIONS = "activations"
 OUTPUT_GRADIENTS = "gradients"
 OUTPUT_CAM = "cam"
 OUTPUT_WEIGHTS = "weights"  # Grad-CAM channel weights [N, C]; the only gradient an fd bundle has
+# Whole-network gradients, NHWC [N, H, W, C], with respect to the model input.
 OUTPUT_INPUT_GRADIENTS = "input_gradients"
+OUTPUT_GUIDED_INPUT_GRADIENTS = "guided_input_gradients"  # guided backprop's ReLU rule
+INPUT_GRADIENT_OUTPUTS = (OUTPUT_INPUT_GRADIENTS, OUTPUT_GUIDED_INPUT_GRADIENTS)
+# The per-layer outputs; the first layer has them unsuffixed, layer i > 0 as ``cam.i``.
+LAYER_OUTPUTS = (OUTPUT_ACTIVATIONS, OUTPUT_GRADIENTS, OUTPUT_WEIGHTS, OUTPUT_CAM)
 RESERVED_NAMES = (
     INPUT_IMAGE, INPUT_TARGET, OUTPUT_LOGITS, OUTPUT_ACTIVATIONS, OUTPUT_GRADIENTS, OUTPUT_CAM,
-    OUTPUT_WEIGHTS, OUTPUT_INPUT_GRADIENTS,
+    OUTPUT_WEIGHTS, OUTPUT_INPUT_GRADIENTS, OUTPUT_GUIDED_INPUT_GRADIENTS,
 )
 
 # Metadata keys.
@@ -54,10 +59,39 @@ KEY_FD_CHUNK = PREFIX + "fd_chunk"
 KEY_RESIZE = PREFIX + "resize"
 KEY_REMOVED_HEAD = PREFIX + "removed_activation"
 KEY_MODEL_INPUT = PREFIX + "model_input"  # the preprocessed tensor the model itself reads
+# Written only when the bundle has them, so older bundles read the same:
+KEY_INPUT_GRADIENTS = PREFIX + "input_gradients"  # JSON list of the input-gradient outputs
+KEY_LAYERS = PREFIX + "layers"  # JSON list of every exported layer, early to late
 
 PREPROCESS_MODES = ("unit", "none", "caffe", "tf", "torch")
 LAYOUTS = ("nhwc", "nchw")
 GRADIENT_MODES = ("analytic", "fd")
+
+
+def layer_output(name: str, index: int) -> str:
+    """The output ``name`` (activations, gradients, weights, cam) of exported layer ``index``."""
+    return name if index == 0 else f"{name}.{index}"
+
+
+def is_activation_output(name: str) -> bool:
+    base, _, index = name.partition(".")
+    return base == OUTPUT_ACTIVATIONS and (not index or index.isdigit())
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One exported layer: its name, output index (0: unsuffixed) and activation layout."""
+
+    name: str
+    index: int
+    layout: str
+
+    def output(self, name: str) -> str:
+        return layer_output(name, self.index)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "index": self.index, "layout": self.layout,
+                "outputs": {base: self.output(base) for base in LAYER_OUTPUTS}}
 
 
 @dataclass(frozen=True)
@@ -82,7 +116,17 @@ class BundleInfo:
     fd_epsilon: float = 0.0
     fd_chunk: int = 0
     model_input: str = ""
+    input_gradients: tuple[str, ...] = ()  # which of INPUT_GRADIENT_OUTPUTS the bundle has
+    # With several exported layers: all of them, early to late (empty for one layer).
+    all_layers: tuple[LayerEntry, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[LayerEntry]:
+        """Every exported layer, early to late; index 0 is ``target_layer``."""
+        if self.all_layers:
+            return list(self.all_layers)
+        return [LayerEntry(self.target_layer, 0, self.activation_layout)]
 
     @property
     def has_gradients(self) -> bool:
@@ -120,6 +164,10 @@ class BundleInfo:
         if self.gradient == "fd":
             props[KEY_FD_EPSILON] = repr(self.fd_epsilon)
             props[KEY_FD_CHUNK] = str(self.fd_chunk)
+        if self.input_gradients:
+            props[KEY_INPUT_GRADIENTS] = json.dumps(list(self.input_gradients))
+        if self.all_layers:
+            props[KEY_LAYERS] = json.dumps([e.to_json() for e in self.all_layers])
         props.update(self.extra)
         return props
 
@@ -139,7 +187,10 @@ class BundleInfo:
                 KEY_LAYOUT, KEY_ACTIVATION_LAYOUT, KEY_LAYER, KEY_NUM_CLASSES, KEY_LABELS,
                 KEY_GRADIENT, KEY_SOURCE_FORMAT, KEY_SOURCE_SHA256, KEY_RESIZE,
                 KEY_REMOVED_HEAD, KEY_FD_EPSILON, KEY_FD_CHUNK, KEY_MODEL_INPUT,
+                KEY_INPUT_GRADIENTS, KEY_LAYERS,
             }
+            layers = tuple(LayerEntry(str(e["name"]), int(e["index"]), str(e["layout"]))
+                           for e in json.loads(props.get(KEY_LAYERS, "[]")))
             return cls(
                 height=int(props[KEY_HEIGHT]),
                 width=int(props[KEY_WIDTH]),
@@ -159,6 +210,8 @@ class BundleInfo:
                 fd_epsilon=float(props.get(KEY_FD_EPSILON, "0")),
                 fd_chunk=int(props.get(KEY_FD_CHUNK, "0")),
                 model_input=props.get(KEY_MODEL_INPUT, ""),
+                input_gradients=tuple(json.loads(props.get(KEY_INPUT_GRADIENTS, "[]"))),
+                all_layers=layers,
                 extra={k: v for k, v in props.items() if k.startswith(PREFIX) and k not in known},
             )
         except (KeyError, ValueError, TypeError) as exc:
@@ -183,11 +236,41 @@ def read_bundle_info(source: str | Path | Any) -> BundleInfo:
     return BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
 
 
-def split_at_model_input(model: Any, info: BundleInfo) -> tuple[Any, Any]:
+def keep_outputs(model: Any, names: list[str]) -> Any:
+    """``model`` with only the outputs ``names`` and the nodes they need.
+
+    MaxPool's optional indices output goes too when nothing reads it any more.
+    Precondition: no node has subgraphs (analytic bundles have none).
+    """
+    graph = model.graph
+    kept_outputs = [o for o in graph.output if o.name in names]
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    needed = set(names)
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    for node in kept:
+        if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] not in needed:
+            del node.output[1:]
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    unused = [init for init in graph.initializer if init.name not in needed]
+    for init in unused:
+        graph.initializer.remove(init)
+    return model
+
+
+def split_at_model_input(
+    model: Any, info: BundleInfo, outputs: tuple[str, ...] = (OUTPUT_LOGITS,)
+) -> tuple[Any, Any]:
     """Two models cut from a bundle at its preprocessed model input.
 
     The first maps ``image`` to that float tensor; the second maps the float tensor
-    to ``logits``. Score-CAM masks the model's own input, so it needs both.
+    (and ``target``, when a gradient is among ``outputs``) to ``outputs``. Score-CAM
+    masks the model's own input and SmoothGrad adds noise to it, so they need both.
     """
     import onnx.utils
 
@@ -196,5 +279,8 @@ def split_at_model_input(model: Any, info: BundleInfo) -> tuple[Any, Any]:
     model = onnx.shape_inference.infer_shapes(model)
     extractor = onnx.utils.Extractor(model)
     front = extractor.extract_model([INPUT_IMAGE], [info.model_input])
-    back = extractor.extract_model([info.model_input], [OUTPUT_LOGITS])
+    inputs = [info.model_input]
+    if any(name != OUTPUT_LOGITS for name in outputs):
+        inputs.append(INPUT_TARGET)
+    back = extractor.extract_model(inputs, list(outputs))
     return front, back

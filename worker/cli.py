@@ -13,6 +13,7 @@ import click
 
 from worker.bundle import GRADIENT_MODES, LAYOUTS, PREPROCESS_MODES
 from worker.errors import OnnxcamError
+from worker.methods.base import MethodOptions
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -86,7 +87,9 @@ def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None) ->
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Where to write the bundle (.onnx).")
-@click.option("--layer", default=None, help="Target layer: Keras layer, ONNX node or tensor.")
+@click.option("--layer", "layers", multiple=True,
+              help="Target layer: Keras layer, ONNX node or tensor. Repeat it for a map per "
+                   "layer; the first is the primary one.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default="unit",
               show_default=True, help="Preprocessing embedded in the bundle.")
 @click.option("--labels", type=click.Path(path_type=Path), default=None,
@@ -97,26 +100,34 @@ def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None) ->
 @layout_option
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
 @click.option("--no-verify", is_flag=True, help="Skip checking the bundle against the source.")
+@click.option("--input-gradients", is_flag=True,
+              help="Add input_gradients (saliency, smoothgrad, integrated-gradients).")
+@click.option("--guided", is_flag=True,
+              help="Add guided_input_gradients (guided-backprop, guided-gradcam).")
 @with_errors
 def export(
-    src: Path, out: Path, layer: str | None, preprocess: str, labels: Path | None,
+    src: Path, out: Path, layers: tuple[str, ...], preprocess: str, labels: Path | None,
     gradient: str, input_size: tuple[int, int] | None, layout: str | None, opset: int,
-    no_verify: bool,
+    no_verify: bool, input_gradients: bool, guided: bool,
 ) -> None:
     """Turn the classifier SRC (.keras, .h5, SavedModel folder or .onnx) into a bundle."""
     from exporter import export as run_export
 
     result = run_export(
-        src, out, layer=layer, preprocess=preprocess, labels=labels, gradient=gradient,
-        input_size=input_size, layout=layout, opset=opset, verify=not no_verify,
+        src, out, layer=list(layers) or None, preprocess=preprocess, labels=labels,
+        gradient=gradient, input_size=input_size, layout=layout, opset=opset,
+        verify=not no_verify, input_gradients=input_gradients, guided=guided,
     )
     info = result.info
     check = "not verified"
     if result.report is not None:
         name, error, _ = result.report.worst
         check = f"verified, worst relative error {error:.1e} ({name})"
-    click.echo(f"wrote {result.path}: layer {info.target_layer}, {info.num_classes} classes, "
-               f"{info.gradient} gradients, {check}")
+    others = [entry.name for entry in info.layers if entry.index]
+    names = info.target_layer + (f" (and {', '.join(others)})" if others else "")
+    extra = "".join(f", {name}" for name in info.input_gradients)
+    click.echo(f"wrote {result.path}: layer {names}, {info.num_classes} classes, "
+               f"{info.gradient} gradients{extra}, {check}")
 
 
 def parse_formats(value: str) -> list[str]:
@@ -134,7 +145,10 @@ def parse_formats(value: str) -> list[str]:
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder for heatmaps and overlays.")
-@click.option("--method", default="gradcam", show_default=True, help="CAM method.")
+@click.option("--method", default="gradcam", show_default=True,
+              help="gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, scorecam; "
+                   "with input gradients: saliency, smoothgrad, integrated-gradients; with "
+                   "--guided: guided-backprop, guided-gradcam.")
 @click.option("--target", type=int, default=None, help="Class to explain (default: top-1).")
 @click.option("--raw", "with_raw", is_flag=True, help="Also write the raw layer-resolution map.")
 @click.option("--format", "formats", default="npy,png", show_default=True,
@@ -143,12 +157,28 @@ def parse_formats(value: str) -> list[str]:
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+@click.option("--samples", type=int, default=MethodOptions.samples, show_default=True,
+              help="smoothgrad: noisy copies per image.")
+@click.option("--noise", type=float, default=MethodOptions.noise, show_default=True,
+              help="smoothgrad: noise std over the model input's (max - min).")
+@click.option("--steps", type=int, default=MethodOptions.steps, show_default=True,
+              help="integrated-gradients: steps from the zero baseline.")
+@click.option("--seed", type=int, default=MethodOptions.seed, show_default=True,
+              help="smoothgrad: noise seed.")
+@click.option("--layers-strip", is_flag=True,
+              help="Also write DIR/<stem>.layers.png: the map at each exported layer, early "
+                   "to late.")
 @with_errors
 def explain(
     bundle: Path, images: tuple[str, ...], out: Path, method: str, target: int | None,
     with_raw: bool, formats: str, batch_size: int | None, device: str, as_json: bool,
+    samples: int, noise: float, steps: int, seed: int, layers_strip: bool,
 ) -> None:
-    """Explain IMAGE files with BUNDLE; write DIR/<stem>.npy and DIR/<stem>.png."""
+    """Explain IMAGE files with BUNDLE; write DIR/<stem>.npy and DIR/<stem>.png.
+
+    Gradient methods (saliency, smoothgrad, integrated-gradients, guided-backprop,
+    guided-gradcam) need a bundle exported with --input-gradients or --guided.
+    """
     import json
 
     from worker.engine import Explainer
@@ -156,8 +186,10 @@ def explain(
 
     explainer = Explainer(bundle, device=device)
     failures = 0
+    options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed}
     for result in explain_files(explainer, list(images), out, method, target,
-                                parse_formats(formats), with_raw, batch_size):
+                                parse_formats(formats), with_raw, batch_size, layers_strip,
+                                options):
         if result.error is not None:
             failures += 1
             click.echo(f"onnxcam: error: {result.error}", err=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +19,30 @@ import numpy as np
 from worker.bundle import (
     INPUT_IMAGE,
     INPUT_TARGET,
+    LAYER_OUTPUTS,
+    OUTPUT_GUIDED_INPUT_GRADIENTS,
+    OUTPUT_INPUT_GRADIENTS,
     OUTPUT_LOGITS,
     BundleInfo,
+    LayerEntry,
+    keep_outputs,
     read_bundle_info,
     split_at_model_input,
 )
 from worker.errors import BadMethodError, BadTargetError, BundleError
 from worker.images import DEFAULT_LIMITS, Limits, load_image, resize
 from worker.maps import heatmaps as to_heatmaps
-from worker.methods import CamMethod, LayerMaps, get_method
+from worker.methods import CamMethod, InputMethod, LayerMaps, MethodOptions, get_method
 from worker.runtime import make_session
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = {"cpu": 8, "cuda": 64}
 SCORECAM_BATCH = 32
+GRADIENT_BATCH = 32  # model inputs per run of the split-off gradient graph
+# The export flag that adds each whole-network output, for error messages.
+EXPORT_FLAGS = {OUTPUT_INPUT_GRADIENTS: "--input-gradients",
+                OUTPUT_GUIDED_INPUT_GRADIENTS: "--guided"}
 
 
 @dataclass
@@ -41,11 +50,19 @@ class Explanation:
     """What ``Explainer.explain`` returns, one row per image."""
 
     heatmaps: np.ndarray  # float32 [N, H, W] in [0, 1] at the model's input size
-    raw: np.ndarray  # float32 [N, h, w]: the method's map at layer resolution, after ReLU
+    # float32 [N, h, w]: the method's map at layer resolution, after ReLU (gradient
+    # methods: [N, H, W] at input resolution)
+    raw: np.ndarray
     targets: np.ndarray  # int64 [N]: the classes explained
     logits: np.ndarray  # float32 [N, K]
     labels: list[str]
     method: str
+    # The raw map at every exported layer, early to late, by layer name (empty for
+    # methods whose map does not depend on a layer, such as saliency).
+    layer_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    # Gradient methods: the signed per-channel image behind the map, float32
+    # [N, H, W, C] (see each method); None for CAM methods.
+    input_gradients: np.ndarray | None = None
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -97,7 +114,8 @@ class Explainer:
         self.limits = limits
         self.threads = threads
         self.use_io_binding = self.device == "cuda"
-        self._scoring: tuple[Any, Any] | None = None
+        self._splits: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self._pruned: dict[frozenset[str], Any] = {}
         log.info("loaded bundle (%s, layer %s) on %s", self.info.source_format,
                  self.info.target_layer, self.device)
 
@@ -149,67 +167,151 @@ class Explainer:
         targets: Any = None,
         method: str = "gradcam",
         batch_size: int | None = None,
+        *,
+        samples: int = MethodOptions.samples,
+        noise: float = MethodOptions.noise,
+        steps: int = MethodOptions.steps,
+        seed: int = MethodOptions.seed,
     ) -> Explanation:
-        """Explain ``images`` for ``targets`` (None: each image's top-1 class)."""
+        """Explain ``images`` for ``targets`` (None: each image's top-1 class).
+
+        ``samples`` and ``noise`` tune smoothgrad, ``steps`` integrated-gradients.
+        """
         cam = self.method(method)
+        options = MethodOptions(samples, noise, steps, seed)
         size = batch_size or DEFAULT_BATCH[self.device]
-        raws, logits, chosen = [], [], []
+        results: list[BatchResult] = []
         images = as_image_list(images)
         count = len(images)
         wanted = self._targets(targets, count)
         for start, batch in self._batches(images, size):
-            raw, batch_logits, batch_targets = self.run_batch(
-                batch, wanted[start : start + len(batch)], cam)
-            raws.append(raw)
-            logits.append(batch_logits)
-            chosen.append(batch_targets)
+            results.append(self.run_batch(batch, wanted[start : start + len(batch)], cam,
+                                          options, start))
+        return self._explanation(results, cam)
+
+    def _explanation(self, results: list[BatchResult], cam: CamMethod) -> Explanation:
         info = self.info
-        raw = np.concatenate(raws) if raws else np.zeros((0, 1, 1), np.float32)
+        size = (info.height, info.width) if cam.input_resolution else (1, 1)
+        raw = np.concatenate([r.raw for r in results]) if results else \
+            np.zeros((0, *size), np.float32)
+        layer_maps = {name: np.concatenate([r.layer_maps[name] for r in results])
+                      for name in (results[0].layer_maps if results else {})}
+        signed = None
+        if cam.input_resolution:
+            signed = np.concatenate([r.input_gradients for r in results if
+                                     r.input_gradients is not None]) if results else \
+                np.zeros((0, info.height, info.width, info.channels), np.float32)
         return Explanation(
             heatmaps=to_heatmaps(raw, info.height, info.width),
             raw=raw,
-            targets=np.concatenate(chosen) if chosen else np.zeros(0, np.int64),
-            logits=np.concatenate(logits) if logits else np.zeros((0, info.num_classes),
-                                                                  np.float32),
+            targets=np.concatenate([r.targets for r in results]) if results else
+            np.zeros(0, np.int64),
+            logits=np.concatenate([r.logits for r in results]) if results else
+            np.zeros((0, info.num_classes), np.float32),
             labels=list(info.labels),
             method=cam.name,
+            layer_maps=layer_maps,
+            input_gradients=signed,
         )
 
     def run_batch(
-        self, batch: np.ndarray, targets: np.ndarray, cam: CamMethod
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One session run for a prepared uint8 batch: (raw maps, logits, targets)."""
-        names = [OUTPUT_LOGITS, *cam.outputs]
+        self, batch: np.ndarray, targets: np.ndarray, cam: CamMethod,
+        options: MethodOptions | None = None, first_index: int = 0,
+    ) -> BatchResult:
+        """One session run for a prepared uint8 batch, and the method's maps from it.
+
+        ``first_index`` is the batch's first image's position in the whole call.
+        """
+        options = options or MethodOptions()
+        layers = self.info.layers if cam.per_layer() else []
+        names = self._output_names(cam, layers)
         feeds = {INPUT_IMAGE: np.ascontiguousarray(batch), INPUT_TARGET: targets}
+        session = self._session_for(names)
         if self.use_io_binding:
-            values = self._run_bound(names, feeds)
+            values = self._run_bound(session, names, feeds)
         else:
-            values = self.session.run(names, feeds)
+            values = session.run(names, feeds)
         outputs = dict(zip(names, values))
         logits = outputs[OUTPUT_LOGITS]
         chosen = np.where(targets < 0, logits.argmax(axis=1), targets).astype(np.int64)
-        maps = LayerMaps(outputs, self.info, chosen)
+        maps = LayerMaps(outputs, self.info, chosen, options=options, first_index=first_index)
         if cam.name == "scorecam":
             maps.score_masked = self._masked_scorer(batch, chosen)
-        return cam(maps), logits, chosen
+        if cam.split_outputs:
+            maps.model_input = self._model_input(batch)
+            maps.gradients_at = self._gradients_at
+        by_layer = {entry.name: self._apply(cam, self._layer_view(maps, entry))
+                    for entry in layers}
+        primary = next((by_layer[e.name] for e in layers if e.index == 0), None)
+        if primary is None:
+            primary = self._apply(cam, maps)
+        if isinstance(cam, InputMethod):
+            signed, raw = primary
+            return BatchResult(raw, logits, chosen, {k: v[1] for k, v in by_layer.items()},
+                               signed.astype(np.float32))
+        return BatchResult(primary, logits, chosen, by_layer)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Logits [N, K] for a prepared uint8 batch; no map is computed."""
+        names = [OUTPUT_LOGITS]
         feeds = {INPUT_IMAGE: np.ascontiguousarray(batch),
                  INPUT_TARGET: np.full(len(batch), -1, np.int64)}
+        session = self._session_for(names)
         if self.use_io_binding:
-            return self._run_bound([OUTPUT_LOGITS], feeds)[0]
-        return self.session.run([OUTPUT_LOGITS], feeds)[0]
+            return self._run_bound(session, names, feeds)[0]
+        return session.run(names, feeds)[0]
 
-    def _run_bound(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    @staticmethod
+    def _output_names(cam: CamMethod, layers: list[LayerEntry]) -> list[str]:
+        names = [OUTPUT_LOGITS]
+        for name in cam.outputs:
+            names += [e.output(name) for e in layers] if name in LAYER_OUTPUTS else [name]
+        return list(dict.fromkeys(names))
+
+    @staticmethod
+    def _apply(cam: CamMethod, maps: LayerMaps) -> Any:
+        """A CAM method's map, or a gradient method's (signed image, map)."""
+        return cam.attribute(maps) if isinstance(cam, InputMethod) else cam(maps)
+
+    @staticmethod
+    def _layer_view(maps: LayerMaps, entry: LayerEntry) -> LayerMaps:
+        """``maps`` as if ``entry`` were the only layer: its outputs under plain names."""
+        if entry.index == 0 and entry.layout == maps.info.activation_layout:
+            return maps
+        outputs = dict(maps.outputs)
+        for name in LAYER_OUTPUTS:
+            if entry.output(name) in maps.outputs:
+                outputs[name] = maps.outputs[entry.output(name)]
+        return replace(maps, outputs=outputs,
+                       info=replace(maps.info, activation_layout=entry.layout))
+
+    def _session_for(self, names: list[str]) -> Any:
+        """The bundle's session, or one pruned of whole-network gradients nobody asked for
+        (onnxruntime runs every node of a graph, whatever the requested outputs)."""
+        unused = frozenset(set(self.info.input_gradients) - set(names))
+        if not unused:
+            return self.session
+        if unused not in self._pruned:
+            import onnx
+
+            model = keep_outputs(onnx.load_from_string(_read_bundle(self._bundle)),
+                                 [o.name for o in self.session.get_outputs()
+                                  if o.name not in unused])
+            self._pruned[unused] = make_session(model.SerializeToString(), self.device,
+                                                self.threads)[0]
+        return self._pruned[unused]
+
+    @staticmethod
+    def _run_bound(session: Any, names: list[str],
+                   feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run through IO binding: inputs copied to the device once, and only the
         requested outputs copied back, with no intermediate host buffers."""
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for name in names:
             binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return list(binding.copy_outputs_to_cpu())
 
     def _batches(self, images: Any, size: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -231,11 +333,16 @@ class Explainer:
                     pending = pool.submit(self.prepare, items[following : following + size])
                 yield start, batch
 
-    # -- Score-CAM's extra forward passes --
+    # -- extra passes through the model alone: Score-CAM, SmoothGrad, integrated gradients --
+
+    def _model_input(self, batch: np.ndarray) -> np.ndarray:
+        front, _ = self._split((OUTPUT_LOGITS,))
+        (model_input,) = front.run(None, {INPUT_IMAGE: batch})
+        return np.asarray(model_input, np.float32)
 
     def _masked_scorer(self, batch: np.ndarray, targets: np.ndarray) -> Any:
-        front, back = self._scoring_sessions()
-        (model_input,) = front.run(None, {INPUT_IMAGE: batch})
+        _, back = self._split((OUTPUT_LOGITS,))
+        model_input = self._model_input(batch)
         nchw = self.info.layout == "nchw"
 
         def score(masks: np.ndarray) -> np.ndarray:
@@ -253,17 +360,42 @@ class Explainer:
 
         return score
 
-    def _scoring_sessions(self) -> tuple[Any, Any]:
-        if self._scoring is None:
+    def _gradients_at(self, model_inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Input gradients [M, H, W, C] at model inputs of the bundle's own layout."""
+        _, back = self._split((OUTPUT_INPUT_GRADIENTS,))
+        chunks = []
+        for start in range(0, len(model_inputs), GRADIENT_BATCH):
+            feeds = {self.info.model_input: np.ascontiguousarray(
+                         model_inputs[start : start + GRADIENT_BATCH], np.float32),
+                     INPUT_TARGET: targets[start : start + GRADIENT_BATCH]}
+            (gradients,) = back.run([OUTPUT_INPUT_GRADIENTS], feeds)
+            chunks.append(gradients)
+        return np.concatenate(chunks)
+
+    def _split(self, outputs: tuple[str, ...]) -> tuple[Any, Any]:
+        """Sessions for the bundle cut at its model input (see ``split_at_model_input``),
+        built once per set of back-half outputs."""
+        if outputs not in self._splits:
             import onnx
 
             front, back = split_at_model_input(
-                onnx.load_from_string(_read_bundle(self._bundle)), self.info)
-            self._scoring = (
+                onnx.load_from_string(_read_bundle(self._bundle)), self.info, outputs)
+            self._splits[outputs] = (
                 make_session(front.SerializeToString(), self.device, self.threads)[0],
                 make_session(back.SerializeToString(), self.device, self.threads)[0],
             )
-        return self._scoring
+        return self._splits[outputs]
+
+
+@dataclass
+class BatchResult:
+    """One batch's maps: the primary one, per layer, and a gradient method's image."""
+
+    raw: np.ndarray
+    logits: np.ndarray
+    targets: np.ndarray
+    layer_maps: dict[str, np.ndarray]
+    input_gradients: np.ndarray | None = None
 
 
 def method_for(info: BundleInfo, name: str) -> CamMethod:
@@ -274,6 +406,10 @@ def method_for(info: BundleInfo, name: str) -> CamMethod:
             f"{name} needs the full gradient map; this bundle was exported with "
             "finite differences (--gradient fd), which give Grad-CAM weights only"
         )
+    for output in method.needed_input_gradients():
+        if output not in info.input_gradients:
+            raise BadMethodError(f"{name} needs the bundle output {output!r}; export the "
+                                 f"bundle with {EXPORT_FLAGS[output]}")
     return method
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from worker.engine import Explainer, Explanation
-from worker.errors import OnnxcamError
+from worker.errors import BadMethodError, OnnxcamError
 from worker.images import load_image
 from worker.maps import heatmaps, overlay
 from worker.store import atomic_write
@@ -85,6 +86,32 @@ def render(
     return files
 
 
+STRIP_LABEL_HEIGHT = 14  # pixels above each panel for its layer name
+STRIP_GAP = 4
+
+
+def render_strip(image: np.ndarray, layer_maps: dict[str, np.ndarray]) -> bytes:
+    """One PNG: the overlay at each layer, left (early) to right (late), each labelled.
+
+    ``layer_maps`` holds one image's raw map per layer, in that order.
+    """
+    height, width = image.shape[:2]
+    panels = [overlay(image, heatmaps(raw[None], height, width)[0])
+              for raw in layer_maps.values()]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell = max([width, *(int(measure.textlength(name)) + 2 for name in layer_maps)])
+    strip = Image.new("RGB", (len(panels) * (cell + STRIP_GAP) - STRIP_GAP,
+                              height + STRIP_LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (name, panel) in enumerate(zip(layer_maps, panels)):
+        left = i * (cell + STRIP_GAP)
+        strip.paste(Image.fromarray(panel), (left + (cell - width) // 2, STRIP_LABEL_HEIGHT))
+        draw.text((left + 1, 1), name, fill="black")
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def record(image: str, explanation: Explanation, index: int, files: list[str]) -> dict[str, Any]:
     return {
         "image": image,
@@ -115,13 +142,21 @@ def explain_files(
     formats: Sequence[str] = FORMATS,
     with_raw: bool = False,
     batch_size: int | None = None,
+    layers_strip: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> Iterator[ImageResult]:
     """Explain image files in batches and write their outputs under ``out``.
 
     A bad image yields its error and the rest carry on. Decoding of the next
-    batch overlaps the current one.
+    batch overlaps the current one. ``layers_strip`` also writes
+    ``<stem>.layers.png``, the map at every exported layer; ``options`` are passed
+    on to ``Explainer.explain`` (samples, noise, steps, seed).
     """
-    explainer.method(method)  # fail early on a bad method, before any decoding
+    cam = explainer.method(method)  # fail early on a bad method, before any decoding
+    if layers_strip and not cam.per_layer():
+        raise BadMethodError(f"{method} has no map per layer; --layers-strip needs a CAM "
+                             "method or guided-gradcam")
+    settings = Settings(method, target, formats, with_raw, layers_strip, options or {})
     stems = unique_stems(paths)
     size = batch_size or 8
     channels = explainer.info.channels
@@ -142,21 +177,32 @@ def explain_files(
             if start + size < len(paths):
                 pending = pool.submit(decode, paths[start + size : start + 2 * size])
             yield from _explain_chunk(explainer, paths[start : start + size],
-                                      stems[start : start + size], decoded, out, method,
-                                      target, formats, with_raw)
+                                      stems[start : start + size], decoded, out, settings)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``explain_files`` was asked for, passed down to each chunk."""
+
+    method: str
+    target: int | None
+    formats: Sequence[str]
+    with_raw: bool
+    layers_strip: bool
+    options: dict[str, Any]
 
 
 def _explain_chunk(
     explainer: Explainer, paths: Sequence[str], stems: Sequence[str],
-    decoded: list[np.ndarray | OnnxcamError], out: Path, method: str, target: int | None,
-    formats: Sequence[str], with_raw: bool,
+    decoded: list[np.ndarray | OnnxcamError], out: Path, settings: Settings,
 ) -> Iterator[ImageResult]:
     good = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
     explanation = None
     if good:
         arrays = [decoded[i] for i in good]
-        explanation = explainer.explain(arrays, targets=target, method=method,
-                                        batch_size=len(arrays))
+        explanation = explainer.explain(arrays, targets=settings.target,
+                                        method=settings.method, batch_size=len(arrays),
+                                        **settings.options)
     row = {index: position for position, index in enumerate(good)}
     for i, path in enumerate(paths):
         item = decoded[i]
@@ -166,7 +212,11 @@ def _explain_chunk(
         assert explanation is not None
         position = row[i]
         written = []
-        for suffix, data in render(item, explanation.raw[position], formats, with_raw).items():
+        files = render(item, explanation.raw[position], settings.formats, settings.with_raw)
+        if settings.layers_strip:
+            files[".layers.png"] = render_strip(
+                item, {name: maps[position] for name, maps in explanation.layer_maps.items()})
+        for suffix, data in files.items():
             target_path = out / f"{stems[i]}{suffix}"
             atomic_write(target_path, data)
             written.append(str(target_path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,23 @@ class Reference:
     activations: np.ndarray | None = None  # gradient-capable sources (Keras) fill these
     gradients: np.ndarray | None = None
     linear: bool = False  # True when ``logits`` are already pre-activation scores
+    # The other tapped layers' (activations, gradients), in ``more_layers`` order.
+    more: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    input_gradients: np.ndarray | None = None  # NHWC, when asked for and the source can
 
 
-# (preprocessed float NHWC images, targets with -1 resolved) -> Reference
-ReferenceFn = Callable[[np.ndarray, np.ndarray], Reference]
+# (preprocessed float NHWC images, targets with -1 resolved, *, input_gradients=False)
+# -> Reference
+ReferenceFn = Callable[..., Reference]
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A further layer to explain: its name, output tensor and activation layout."""
+
+    layer: str
+    tensor: str
+    layout: str
 
 
 @dataclass
@@ -48,6 +61,7 @@ class SourceModel:
     layers: list[LayerInfo]
     reference: ReferenceFn
     removed_activation: str = ""  # a squashing activation the frontend already dropped
+    more_layers: list[Tap] = field(default_factory=list)  # further --layer choices, in order
 
 
 def sha256_of(path: Path) -> str:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporter.frontends import Reference, SourceModel, sha256_of
-from exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, default_layer, find_layer
+from exporter.frontends import Reference, SourceModel, Tap, sha256_of
+from exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from worker.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -196,40 +197,51 @@ def convert(tap_model: Any, shape: tuple[int, ...], opset: int) -> Any:
 
 
 def gradient_tape_reference(tap_model: Any) -> Any:
-    """Logits, activations and d logit[target] / d activations, by TF GradientTape."""
+    """Logits, each tapped layer's activations and d logit[target] / d activations (and,
+    when asked, d logit[target] / d input), by TF GradientTape."""
     tf, _ = _import_tf()
 
-    @tf.function(reduce_retracing=True)
-    def run(images: Any, targets: Any) -> Any:
+    def run(images: Any, targets: Any, with_input: bool) -> Any:
         with tf.GradientTape() as tape:
-            logits, activations = tap_model(images, training=False)
+            tape.watch(images)
+            logits, *activations = tap_model(images, training=False)
             score = tf.gather(logits, targets, batch_dims=1)
-        return logits, activations, tape.gradient(score, activations)
+        sources = [*activations, images] if with_input else activations
+        return logits, activations, tape.gradient(score, sources)
 
-    def reference(images: np.ndarray, targets: np.ndarray) -> Reference:
-        logits, activations, gradients = run(tf.constant(images), tf.constant(targets))
-        return Reference(logits=logits.numpy(), activations=activations.numpy(),
-                         gradients=gradients.numpy(), linear=True)
+    runs = {flag: tf.function(lambda x, t, flag=flag: run(x, t, flag), reduce_retracing=True)
+            for flag in (False, True)}
+
+    def reference(images: np.ndarray, targets: np.ndarray,
+                  input_gradients: bool = False) -> Reference:
+        logits, activations, gradients = runs[input_gradients](tf.constant(images),
+                                                               tf.constant(targets))
+        pairs = [(a.numpy(), g.numpy()) for a, g in zip(activations, gradients)]
+        return Reference(logits=logits.numpy(), activations=pairs[0][0],
+                         gradients=pairs[0][1], linear=True, more=pairs[1:],
+                         input_gradients=gradients[-1].numpy() if input_gradients else None)
 
     return reference
 
 
-def load(path: Path, layer: str | None = None, opset: int = 17) -> SourceModel:
+def load(
+    path: Path, layer: str | Sequence[str] | None = None, opset: int = 17
+) -> SourceModel:
     if path.is_dir():
         return load_saved_model(path, layer, opset)
     _, keras = _import_tf()
     flat, removed = flatten(load_keras_model(path))
     layers = feeding_output(flat)
-    chosen = find_layer(layers, layer) if layer else default_layer(layers)
-    log.info("target layer: %s (%s)", chosen.name, chosen.op)
-    tap_model = keras.Model(flat.input, [flat.output, flat.tensors[chosen.name]])
+    chosen = choose_layers(layers, layer)
+    log.info("target layers: %s", ", ".join(f"{c.name} ({c.op})" for c in chosen))
+    tap_model = keras.Model(flat.input, [flat.output, *(flat.tensors[c.name] for c in chosen)])
     height, width, channels = (int(d) for d in flat.input.shape[1:])
     model_proto = convert(tap_model, (height, width, channels), opset)
-    activation_name = model_proto.graph.output[1].name
+    tensors = [output.name for output in model_proto.graph.output[1:]]
     return SourceModel(
         model=model_proto,
-        activation=activation_name,
-        layer=chosen.name,
+        activation=tensors[0],
+        layer=chosen[0].name,
         layout="nhwc",
         activation_layout="nhwc",
         height=height,
@@ -240,10 +252,13 @@ def load(path: Path, layer: str | None = None, opset: int = 17) -> SourceModel:
         layers=layers,
         reference=gradient_tape_reference(tap_model),
         removed_activation=removed,
+        more_layers=[Tap(c.name, tensor, "nhwc") for c, tensor in zip(chosen[1:], tensors[1:])],
     )
 
 
-def load_saved_model(path: Path, layer: str | None, opset: int) -> SourceModel:
+def load_saved_model(
+    path: Path, layer: str | Sequence[str] | None, opset: int
+) -> SourceModel:
     """A SavedModel folder: its serving signature goes through tf2onnx, then the ONNX
     frontend picks the layer; logits are verified against the signature itself."""
     tf, _ = _import_tf()
@@ -276,7 +291,7 @@ def load_saved_model(path: Path, layer: str | None, opset: int) -> SourceModel:
         converted.write_bytes(model_proto.SerializeToString())
         source = onnx_frontend.load(converted, layer, "nhwc", None, opset)
 
-    def reference(images: np.ndarray, targets: np.ndarray) -> Reference:
+    def reference(images: np.ndarray, targets: np.ndarray, **_: Any) -> Reference:
         return Reference(logits=serve(tf.constant(images)).numpy())
 
     source.reference = reference

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from exporter.frontends import Reference, SourceModel, sha256_of
+from exporter.frontends import Reference, SourceModel, Tap, sha256_of
 from exporter.graph import backward_reachable, opset_version, producers, real_inputs, toposort
-from exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, default_layer, find_layer
+from exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from exporter.shapes import run_with_outputs
 from worker.errors import UnsupportedModelError
 
@@ -177,19 +178,20 @@ def prepare(
 
 def load(
     path: Path,
-    layer: str | None = None,
+    layer: str | Sequence[str] | None = None,
     layout: str | None = None,
     input_size: tuple[int, int] | None = None,
     opset: int = 17,
 ) -> SourceModel:
     ready = prepare(path, layout, input_size, opset)
-    chosen = find_layer(ready.layers, layer) if layer else default_layer(ready.layers)
-    log.info("target layer: %s (%s, %s)", chosen.name, chosen.op, chosen.tensor)
+    layers = choose_layers(ready.layers, layer)
+    chosen = layers[0]
+    log.info("target layers: %s", ", ".join(f"{c.name} ({c.op}, {c.tensor})" for c in layers))
     original = onnx.ModelProto()
     original.CopyFrom(ready.model)
     output = original.graph.output[0].name
 
-    def reference(images: np.ndarray, targets: np.ndarray) -> Reference:
+    def reference(images: np.ndarray, targets: np.ndarray, **_: object) -> Reference:
         feeds = {ready.input_name: to_layout(images, ready.layout)}
         return Reference(logits=run_with_outputs(original, [output], feeds)[output])
 
@@ -206,6 +208,9 @@ def load(
         source_sha256=sha256_of(path),
         layers=ready.layers,
         reference=reference,
+        more_layers=[Tap(c.name, c.tensor, tensor_layout(ready.model.graph, c.tensor,
+                                                           ready.layout))
+                     for c in layers[1:]],
     )
 
 

@@ -7,7 +7,13 @@ from onnx import helper
 
 from exporter.graph import GraphBuilder, float_output, opset_version, reduce
 from exporter.passes import PassResult
-from worker.bundle import OUTPUT_ACTIVATIONS, OUTPUT_CAM, OUTPUT_GRADIENTS, OUTPUT_WEIGHTS
+from worker.bundle import (
+    OUTPUT_ACTIVATIONS,
+    OUTPUT_CAM,
+    OUTPUT_GRADIENTS,
+    OUTPUT_WEIGHTS,
+    layer_output,
+)
 
 
 def axes_for(layout: str) -> tuple[int, list[int]]:
@@ -15,8 +21,9 @@ def axes_for(layout: str) -> tuple[int, list[int]]:
     return (3, [1, 2]) if layout == "nhwc" else (1, [2, 3])
 
 
-def add_cam(model: onnx.ModelProto, layout: str) -> PassResult:
-    """Add ``cam`` [N, h, w] and, unless an fd pass made it already, ``weights`` [N, C].
+def add_cam(model: onnx.ModelProto, layout: str, index: int = 0) -> PassResult:
+    """Add ``cam`` [N, h, w] and, unless an fd pass made it already, ``weights`` [N, C],
+    for exported layer ``index`` (suffixed names ``cam.i`` for i > 0).
 
     Precondition: ``activations`` and either ``gradients`` or ``weights`` are outputs.
     """
@@ -24,20 +31,23 @@ def add_cam(model: onnx.ModelProto, layout: str) -> PassResult:
     outputs = {o.name for o in graph.output}
     opset = opset_version(model)
     channel, spatial = axes_for(layout)
+    activations, gradients, weights, cam = (
+        layer_output(name, index)
+        for name in (OUTPUT_ACTIVATIONS, OUTPUT_GRADIENTS, OUTPUT_WEIGHTS, OUTPUT_CAM))
     b = GraphBuilder(graph, "onnxcam/cam")
-    if OUTPUT_WEIGHTS not in outputs:
-        kept = reduce(b, "ReduceMean", OUTPUT_GRADIENTS, spatial, True, opset)
+    if weights not in outputs:
+        kept = reduce(b, "ReduceMean", gradients, spatial, True, opset)
         b.nodes.append(helper.make_node(
-            "Reshape", [kept, b.const([0, -1], "shape")], [OUTPUT_WEIGHTS],
-            name="onnxcam/weights"))
-        graph.output.append(float_output(OUTPUT_WEIGHTS, 2))
+            "Reshape", [kept, b.const([0, -1], "shape")], [weights],
+            name=f"onnxcam/{weights}"))
+        graph.output.append(float_output(weights, 2))
         weights_kept = kept
     else:
         view = [0, 1, 1, -1] if layout == "nhwc" else [0, -1, 1, 1]
-        weights_kept = b.op("Reshape", [OUTPUT_WEIGHTS, b.const(view, "shape")])
-    weighted = b.op("Mul", [OUTPUT_ACTIVATIONS, weights_kept])
+        weights_kept = b.op("Reshape", [weights, b.const(view, "shape")])
+    weighted = b.op("Mul", [activations, weights_kept])
     summed = reduce(b, "ReduceSum", weighted, [channel], False, opset)
-    b.nodes.append(helper.make_node("Relu", [summed], [OUTPUT_CAM], name="onnxcam/cam"))
+    b.nodes.append(helper.make_node("Relu", [summed], [cam], name=f"onnxcam/{cam}"))
     b.commit()
-    graph.output.append(float_output(OUTPUT_CAM, 3))
+    graph.output.append(float_output(cam, 3))
     return PassResult(model, True)

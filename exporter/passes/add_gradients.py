@@ -2,12 +2,14 @@
 
 The head is every node on a path from the target layer's tensor to the logits.
 Seeding with one_hot(target) and running each node's VJP rule backwards yields
-d logits[n, target[n]] / d activations for the whole batch at once.
+d logits[n, target[n]] / d activations for the whole batch at once. With several
+layers, or the model input as well, one backward pass over the union of their
+heads yields every gradient: the later layers' are by-products of the earlier's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import onnx
 from onnx import helper
@@ -26,9 +28,12 @@ from exporter.vjp import load_rules
 from exporter.vjp.context import TensorShape, VjpContext
 from worker.bundle import (
     INPUT_TARGET,
-    OUTPUT_ACTIVATIONS,
     OUTPUT_GRADIENTS,
+    OUTPUT_GUIDED_INPUT_GRADIENTS,
+    OUTPUT_INPUT_GRADIENTS,
     OUTPUT_LOGITS,
+    is_activation_output,
+    layer_output,
 )
 from worker.errors import UnsupportedOpError
 
@@ -38,36 +43,56 @@ def source_of(graph: onnx.GraphProto, output: str) -> str:
     return producers(graph)[output].input[0]
 
 
+def on_path(
+    graph: onnx.GraphProto, starts: Sequence[str], end: str, differentiable_only: bool = True
+) -> set[str]:
+    """Tensors on a path from any of ``starts`` to ``end``."""
+    reached: set[str] = set()
+    for start in starts:
+        reached |= forward_reachable(graph, start, differentiable_only)
+    return reached & backward_reachable(graph, [end])
+
+
 def head_nodes(
-    graph: onnx.GraphProto, start: str, end: str, differentiable_only: bool = True
+    graph: onnx.GraphProto, start: str | Sequence[str], end: str,
+    differentiable_only: bool = True,
 ) -> list[onnx.NodeProto]:
-    """Nodes on a path from ``start`` to ``end``, in forward order.
+    """Nodes on a path from ``start`` (or any of several) to ``end``, in forward order.
 
     With ``differentiable_only`` the shape computations along the way are left out.
     """
-    on_path = forward_reachable(graph, start, differentiable_only) & backward_reachable(
-        graph, [end]
-    )
+    starts = [start] if isinstance(start, str) else list(start)
+    tensors = on_path(graph, starts, end, differentiable_only)
     return [n for n in graph.node
-            if any(o in on_path for o in n.output) and any(i in on_path for i in n.input)]
+            if any(o in tensors for o in n.output) and any(i in tensors for i in n.input)]
 
 
-def head_tensors(graph: onnx.GraphProto) -> list[str]:
-    """Every tensor a head node reads or writes: what the passes need shapes for."""
-    start = source_of(graph, OUTPUT_ACTIVATIONS)
+def layer_tensors(graph: onnx.GraphProto) -> list[str]:
+    """The tensors behind ``activations``, ``activations.1``, ... in output-index order."""
+    names = sorted((o.name for o in graph.output if is_activation_output(o.name)),
+                   key=lambda name: int(name.partition(".")[2] or 0))
+    return [source_of(graph, name) for name in names]
+
+
+def head_tensors(graph: onnx.GraphProto, model_input: str = "") -> list[str]:
+    """Every tensor a head node reads or writes: what the passes need shapes for.
+
+    With ``model_input`` the head is the whole body, from the model input on.
+    """
+    starts = layer_tensors(graph) + ([model_input] if model_input else [])
     end = source_of(graph, OUTPUT_LOGITS)
-    names: dict[str, None] = {start: None, end: None}
-    for node in head_nodes(graph, start, end, differentiable_only=False):
+    names: dict[str, None] = dict.fromkeys([*starts, end])
+    for node in head_nodes(graph, starts, end, differentiable_only=False):
         names.update((n, None) for n in list(node.input) + list(node.output) if n)
     return list(names)
 
 
-def unsupported_ops(graph: onnx.GraphProto) -> list[str]:
-    """Op types in the head that have no rule."""
+def unsupported_ops(graph: onnx.GraphProto, model_input: str = "") -> list[str]:
+    """Op types in the head (the whole body, with ``model_input``) that have no rule."""
     rules = load_rules()
-    start = source_of(graph, OUTPUT_ACTIVATIONS)
+    starts = layer_tensors(graph) + ([model_input] if model_input else [])
     end = source_of(graph, OUTPUT_LOGITS)
-    return sorted({n.op_type for n in head_nodes(graph, start, end) if n.op_type not in rules})
+    return sorted({n.op_type for n in head_nodes(graph, starts, end) if n.op_type not in rules})
 
 
 def add_target_input(graph: onnx.GraphProto) -> None:
@@ -91,9 +116,9 @@ def seed_gradient(b: GraphBuilder, logits: str) -> str:
 
 
 def differentiate(
-    ctx: VjpContext, nodes: list[onnx.NodeProto], end: str, seed: str, start: str
-) -> str:
-    """Run the rules backwards over ``nodes``; return the gradient of ``start``."""
+    ctx: VjpContext, nodes: list[onnx.NodeProto], end: str, seed: str, starts: Sequence[str]
+) -> list[str]:
+    """Run the rules backwards over ``nodes``; return the gradients of ``starts``."""
     rules = load_rules()
     grads: dict[str, str] = {end: seed}
     for node in reversed(nodes):
@@ -111,30 +136,70 @@ def differentiate(
             if grad is None or not ctx.needs(name):
                 continue
             grads[name] = ctx.b.op("Add", [grads[name], grad]) if name in grads else grad
-    if start not in grads:
-        raise UnsupportedOpError("(the logits do not depend on the target layer)")
-    return grads[start]
+    missing = [start for start in starts if start not in grads]
+    if missing:
+        raise UnsupportedOpError(f"(the logits do not depend on {missing[0]!r})")
+    return [grads[start] for start in starts]
 
 
 def add_gradients(
-    model: onnx.ModelProto, shapes: Mapping[str, TensorShape], guided: bool = False
+    model: onnx.ModelProto, shapes: Mapping[str, TensorShape], model_input: str = "",
+    layout: str = "nhwc",
 ) -> PassResult:
-    """Add the ``target`` input and the ``gradients`` output.
+    """Add the ``target`` input and each layer's ``gradients`` output; with
+    ``model_input``, also ``input_gradients`` (NHWC; the model input is in ``layout``).
 
-    Preconditions: ``activations`` and ``logits`` outputs exist (see the expose and
-    linearize passes); ``shapes`` covers ``head_tensors(graph)``; graph is sorted.
+    Preconditions: ``activations`` (and ``activations.i``) and ``logits`` outputs
+    exist (see the expose and linearize passes); ``shapes`` covers
+    ``head_tensors(graph, model_input)``; graph is sorted.
     """
     graph = model.graph
-    start = source_of(graph, OUTPUT_ACTIVATIONS)
+    starts = layer_tensors(graph) + ([model_input] if model_input else [])
     end = source_of(graph, OUTPUT_LOGITS)
-    nodes = head_nodes(graph, start, end)
-    needed = forward_reachable(graph, start) & backward_reachable(graph, [end])
     b = GraphBuilder(graph, "onnxcam/grad")
-    ctx = VjpContext(b, shapes, initializer_values(graph), opset_version(model), needed, guided)
+    ctx = VjpContext(b, shapes, initializer_values(graph), opset_version(model),
+                     on_path(graph, starts, end), whole_body=bool(model_input))
     add_target_input(graph)
-    gradient = differentiate(ctx, nodes, end, seed_gradient(b, end), start)
-    b.nodes.append(helper.make_node("Identity", [gradient], [OUTPUT_GRADIENTS],
-                                    name="onnxcam/gradients"))
+    gradients = differentiate(ctx, head_nodes(graph, starts, end), end, seed_gradient(b, end),
+                              starts)
+    for index, gradient in enumerate(gradients[: len(layer_tensors(graph))]):
+        name = layer_output(OUTPUT_GRADIENTS, index)
+        b.nodes.append(helper.make_node("Identity", [gradient], [name],
+                                        name=f"onnxcam/{name}"))
+        graph.output.append(float_output(name, 4))
+    if model_input:
+        add_input_gradient(b, gradients[-1], OUTPUT_INPUT_GRADIENTS, layout)
     b.commit()
-    graph.output.append(float_output(OUTPUT_GRADIENTS, 4))
     return PassResult(model, True)
+
+
+def add_guided_gradients(
+    model: onnx.ModelProto, shapes: Mapping[str, TensorShape], model_input: str,
+    layout: str = "nhwc",
+) -> PassResult:
+    """Add ``guided_input_gradients``: a second backward pass where ReLU passes only
+    positive gradients, and only where its input was positive (guided backprop).
+
+    Same preconditions as ``add_gradients``, which must have run first (it adds
+    ``target``; MaxPool's indices are shared).
+    """
+    graph = model.graph
+    end = source_of(graph, OUTPUT_LOGITS)
+    b = GraphBuilder(graph, "onnxcam/guided")
+    ctx = VjpContext(b, shapes, initializer_values(graph), opset_version(model),
+                     on_path(graph, [model_input], end), guided=True, whole_body=True)
+    (gradient,) = differentiate(ctx, head_nodes(graph, model_input, end), end,
+                                seed_gradient(b, end), [model_input])
+    add_input_gradient(b, gradient, OUTPUT_GUIDED_INPUT_GRADIENTS, layout)
+    b.commit()
+    return PassResult(model, True)
+
+
+def add_input_gradient(b: GraphBuilder, gradient: str, name: str, layout: str) -> None:
+    """Expose a model-input gradient as ``name``, NHWC whatever the model's layout."""
+    if layout == "nchw":
+        b.nodes.append(helper.make_node("Transpose", [gradient], [name], name=f"onnxcam/{name}",
+                                        perm=[0, 2, 3, 1]))
+    else:
+        b.nodes.append(helper.make_node("Identity", [gradient], [name], name=f"onnxcam/{name}"))
+    b.graph.output.append(float_output(name, 4))

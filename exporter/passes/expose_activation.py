@@ -31,7 +31,9 @@ def static_tail(graph: onnx.GraphProto, name: str) -> list[int] | None:
     return None
 
 
-def reroute_through_view(graph: onnx.GraphProto, tensor: str) -> bool:
+def reroute_through_view(
+    graph: onnx.GraphProto, tensor: str, node_name: str = "onnxcam/restore_layout"
+) -> bool:
     """Make the head read ``tensor`` when it is only a view (transpose, reshape) of the map.
 
     tf2onnx runs convolutions in NCHW and adds a Transpose or Reshape to hand a
@@ -53,7 +55,7 @@ def reroute_through_view(graph: onnx.GraphProto, tensor: str) -> bool:
             return False
         inverse = [int(i) for i in np.argsort(perm)]
         new_nodes = [helper.make_node("Transpose", [tensor], [restored],
-                                      name="onnxcam/restore_layout", perm=inverse)]
+                                      name=node_name, perm=inverse)]
     elif node.op_type == "Reshape":
         dims = static_tail(graph, source)
         if dims is None:
@@ -61,10 +63,10 @@ def reroute_through_view(graph: onnx.GraphProto, tensor: str) -> bool:
         shape = f"{tensor}/onnxcam_shape"
         graph.initializer.append(numpy_helper.from_array(np.array([-1, *dims], np.int64), shape))
         new_nodes = [helper.make_node("Reshape", [tensor, shape], [restored],
-                                      name="onnxcam/restore_layout")]
+                                      name=node_name)]
     else:
         new_nodes = [helper.make_node("Identity", [tensor], [restored],
-                                      name="onnxcam/restore_layout")]
+                                      name=node_name)]
     for reader in readers:
         for i, name in enumerate(reader.input):
             if name == source:
@@ -74,8 +76,10 @@ def reroute_through_view(graph: onnx.GraphProto, tensor: str) -> bool:
     return True
 
 
-def expose_activation(model: onnx.ModelProto, tensor: str) -> PassResult:
-    """Add ``activations = Identity(tensor)`` as a graph output.
+def expose_activation(
+    model: onnx.ModelProto, tensor: str, output: str = OUTPUT_ACTIVATIONS
+) -> PassResult:
+    """Add ``activations = Identity(tensor)`` (or ``output``) as a graph output.
 
     Any other graph output that already carries ``tensor`` (the Keras frontend taps
     the layer that way) is dropped in favour of the named one. Graph must be sorted.
@@ -83,12 +87,13 @@ def expose_activation(model: onnx.ModelProto, tensor: str) -> PassResult:
     graph = model.graph
     if tensor not in tensor_names(graph):
         raise ExportError(f"tensor {tensor!r} is not in the graph")
-    reroute_through_view(graph, tensor)
+    suffix = "" if output == OUTPUT_ACTIVATIONS else output.removeprefix(OUTPUT_ACTIVATIONS)
+    reroute_through_view(graph, tensor, f"onnxcam/restore_layout{suffix}")
     graph.node.append(
-        helper.make_node("Identity", [tensor], [OUTPUT_ACTIVATIONS], name="onnxcam/activations")
+        helper.make_node("Identity", [tensor], [output], name=f"onnxcam/{output}")
     )
     kept = [o for o in graph.output if o.name != tensor]
     del graph.output[:]
     graph.output.extend(kept)
-    graph.output.append(float_output(OUTPUT_ACTIVATIONS, 4))
+    graph.output.append(float_output(output, 4))
     return PassResult(model, True)

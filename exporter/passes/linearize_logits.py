@@ -7,7 +7,7 @@ from onnx import helper
 
 from exporter.graph import float_output, producers
 from exporter.passes import PassResult
-from worker.bundle import OUTPUT_ACTIVATIONS, OUTPUT_LOGITS
+from worker.bundle import OUTPUT_LOGITS, is_activation_output
 from worker.errors import UnsupportedModelError
 
 SQUASHING = ("Softmax", "Sigmoid", "LogSoftmax")
@@ -32,17 +32,18 @@ def find_pre_activation(graph: onnx.GraphProto, output: str) -> tuple[str, str]:
 def linearize_logits(model: onnx.ModelProto) -> tuple[PassResult, str]:
     """Make ``logits`` the classifier's pre-activation scores and the only other output.
 
-    The classifier output is the first graph output that is not ``activations``.
+    The classifier output is the first graph output that is not ``activations``
+    (or ``activations.i``).
     Returns the result and the name of the op removed ("" if none).
     """
     graph = model.graph
-    candidates = [o.name for o in graph.output if o.name != OUTPUT_ACTIVATIONS]
+    candidates = [o.name for o in graph.output if not is_activation_output(o.name)]
     if not candidates:
         raise UnsupportedModelError("the model has no output")
     scores, removed = find_pre_activation(graph, candidates[0])
     graph.node.append(helper.make_node("Identity", [scores], [OUTPUT_LOGITS],
                                        name="onnxcam/logits"))
-    kept = [o for o in graph.output if o.name == OUTPUT_ACTIVATIONS]
+    kept = [o for o in graph.output if is_activation_output(o.name)]
     del graph.output[:]
     graph.output.append(float_output(OUTPUT_LOGITS, 2))
     graph.output.extend(kept)

@@ -31,6 +31,7 @@ class VjpContext:
         opset: int,
         needed: set[str] | None = None,
         guided: bool = False,
+        whole_body: bool = False,
     ) -> None:
         self.b = builder
         self.shapes = shapes
@@ -38,6 +39,10 @@ class VjpContext:
         self.opset = opset
         self.needed = needed
         self.guided = guided
+        # Passes through the whole body may pick forms that keep it fast on
+        # onnxruntime (see the Conv and Relu rules); head-only passes keep theirs,
+        # so bundles without input gradients stay the graphs they always were.
+        self.whole_body = whole_body
 
     def needs(self, name: str) -> bool:
         """Whether a gradient for ``name`` is wanted (it lies on the differentiated path)."""

@@ -63,7 +63,10 @@ def relu(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     if ctx.guided:
         # Guided backprop: pass only positive gradients, and only where the input was positive.
         gy = ctx.b.op("Relu", [gy])
-    return [ctx.mask(ctx.b.op("Greater", [node.input[0], ctx.zero()]), gy)]
+    # x > 0 exactly where relu(x) > 0. Reading the output leaves the producer's
+    # output to the ReLU alone, so onnxruntime can still fuse Conv (+ Add) + ReLU.
+    positive_of = node.output[0] if ctx.whole_body else node.input[0]
+    return [ctx.mask(ctx.b.op("Greater", [positive_of, ctx.zero()]), gy)]
 
 
 @rule("LeakyRelu")

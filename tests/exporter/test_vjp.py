@@ -89,7 +89,8 @@ def probe(case: Case) -> dict[str, TensorShape]:
             for k, (one, two) in values.items()}
 
 
-def gradient_model(case: Case, guided: bool = False) -> tuple[bytes, list[str]]:
+def gradient_model(case: Case, guided: bool = False,
+                   whole_body: bool = False) -> tuple[bytes, list[str]]:
     """Forward graph plus the rules run backwards from ``gy:<seed>`` inputs.
 
     Returns the serialized model (outputs ``grad:<input>``) and the differentiated inputs.
@@ -102,7 +103,8 @@ def gradient_model(case: Case, guided: bool = False) -> tuple[bytes, list[str]]:
     for name in wrt:
         needed |= forward_reachable(graph, name)
     b = GraphBuilder(graph, "grad")
-    ctx = VjpContext(b, shapes, initializer_values(graph), case.opset, needed, guided)
+    ctx = VjpContext(b, shapes, initializer_values(graph), case.opset, needed, guided,
+                     whole_body)
     grads: dict[str, str] = {}
     for seed in case.seeds:
         grads[seed] = f"gy:{seed}"
@@ -128,8 +130,8 @@ def gradient_model(case: Case, guided: bool = False) -> tuple[bytes, list[str]]:
 
 
 def analytic(case: Case, gys: dict[str, np.ndarray], guided: bool = False,
-             batch: int = 2) -> dict[str, np.ndarray]:
-    model, wrt = gradient_model(case, guided)
+             batch: int = 2, whole_body: bool = False) -> dict[str, np.ndarray]:
+    model, wrt = gradient_model(case, guided, whole_body)
     feeds = {k: v[:batch] for k, v in case.inputs.items()}
     feeds.update({f"gy:{k}": v[:batch] for k, v in gys.items()})
     outs = cpu_session(model).run([f"grad:{k}" for k in wrt], feeds)
@@ -167,9 +169,9 @@ def upstream(case: Case, seed: int = 1) -> dict[str, np.ndarray]:
     return {s: rng.standard_normal(o.shape).astype(np.float32) for s, o in zip(case.seeds, out)}
 
 
-def check(case: Case) -> None:
+def check(case: Case, whole_body: bool = False) -> None:
     gys = upstream(case)
-    got = analytic(case, gys)
+    got = analytic(case, gys, whole_body=whole_body)
     want = numeric(case, gys)
     assert set(got) == set(want)
     for name, ref in want.items():
@@ -179,7 +181,7 @@ def check(case: Case) -> None:
         np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-5 * scale,
                                    err_msg=f"d/d{name}")
     # Sample 0's gradient must not depend on sample 1: compare with a batch-1 run.
-    alone = analytic(case, gys, batch=1)
+    alone = analytic(case, gys, batch=1, whole_body=whole_body)
     for name, g in alone.items():
         np.testing.assert_allclose(g[0], got[name][0], rtol=1e-5, atol=1e-6,
                                    err_msg=f"d/d{name} at batch 1")
@@ -484,6 +486,26 @@ CASES.update({
 @pytest.mark.parametrize("name", list(CASES))
 def test_rule_matches_numerical_vjp(name: str) -> None:
     check(CASES[name])
+
+
+# Rules with another form for passes through the whole body (Conv on the flipped
+# kernel at stride 1, ReLU masks read from the output).
+BODY_FORMS = [name for name, case in CASES.items()
+              if any(n.op_type in ("Conv", "Relu") for n in case.nodes)]
+
+
+@pytest.mark.parametrize("name", BODY_FORMS)
+def test_whole_body_form_matches_numerical_vjp(name: str) -> None:
+    check(CASES[name], whole_body=True)
+
+
+def test_whole_body_conv_is_a_conv_at_stride_one() -> None:
+    ops = {}
+    for name in ("conv_3x3_pad1", "conv_depthwise_mult2_stride2", "conv_group2"):
+        model, _ = gradient_model(CASES[name], whole_body=True)
+        ops[name] = [n.op_type for n in onnx.load_from_string(model).graph.node][1:]
+    assert "ConvTranspose" not in ops["conv_3x3_pad1"] + ops["conv_group2"]
+    assert "ConvTranspose" in ops["conv_depthwise_mult2_stride2"]
 
 
 def test_every_rule_is_exercised() -> None:

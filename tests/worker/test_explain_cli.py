@@ -249,3 +249,77 @@ def test_same_stem_images_do_not_overwrite_each_other(tmp_path: Path, bundle: Pa
     assert result.exit_code == 0, result.output
     shapes = sorted(np.load(p).shape for p in out.glob("*.npy"))
     assert shapes == sorted([SIZES["wide"], SIZES["tall"]])
+
+
+# --------------------------------------------------------------------------- gradient methods
+
+
+@pytest.fixture(scope="module")
+def gradient_bundle(folder: Path, bundle: Path) -> Path:
+    source = folder / "onnx_cnn.onnx"  # written by the ``bundle`` fixture
+    out = folder / "cnn.gradients.onnx"
+    export(source, out, layer=["last_relu", "relu1"], input_gradients=True, guided=True)
+    return out
+
+
+@pytest.mark.parametrize("method", ["saliency", "smoothgrad", "integrated-gradients",
+                                    "guided-backprop", "guided-gradcam"])
+def test_gradient_methods_write_maps_at_the_images_size(
+    tmp_path: Path, gradient_bundle: Path, images: dict[str, Path], method: str
+) -> None:
+    out = tmp_path / "out"
+    path = images["wide"]
+    result = run(gradient_bundle, path, "--out", out, "--method", method, "--samples", "3",
+                 "--noise", "0.1", "--steps", "4", "--seed", "5", "--raw")
+    assert result.exit_code == 0, result.output
+    explainer = Explainer(gradient_bundle, device="cpu")
+    want = explainer.explain([path], method=method, samples=3, noise=0.1, steps=4, seed=5)
+    raw = np.load(out / f"{path.stem}.raw.npy")
+    assert raw.shape == (16, 16)  # the map at the bundle's input resolution
+    np.testing.assert_allclose(raw, want.raw[0], rtol=1e-5, atol=1e-7)
+    assert np.load(out / f"{path.stem}.npy").shape == SIZES["wide"]
+
+
+def test_layers_strip(tmp_path: Path, gradient_bundle: Path, images: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    result = run(gradient_bundle, *images.values(), "--out", out, "--layers-strip")
+    assert result.exit_code == 0, result.output
+    for name, path in images.items():
+        h, w = SIZES[name]
+        with Image.open(out / f"{path.stem}.layers.png") as strip:
+            assert strip.mode == "RGB"
+            # two panels (relu1, then last_relu), each at least the image's width
+            assert strip.size[0] >= 2 * w and strip.size[1] > h
+            pixels = np.asarray(strip)
+        image = load_image(path, 3)
+        explainer = Explainer(gradient_bundle, device="cpu")
+        maps = explainer.explain([path]).layer_maps
+        assert list(maps) == ["relu1", "last_relu"]
+        from worker.maps import overlay
+
+        first = overlay(image, heatmaps(maps["relu1"], h, w)[0])
+        cell = strip.size[0] // 2 - 2
+        left = (cell - w) // 2
+        np.testing.assert_array_equal(pixels[-h:, left : left + w], first)
+
+
+def test_layers_strip_needs_a_method_with_layers(tmp_path: Path, gradient_bundle: Path,
+                                                 images: dict[str, Path]) -> None:
+    result = run(gradient_bundle, images["wide"], "--out", tmp_path, "--method", "saliency",
+                 "--layers-strip")
+    assert result.exit_code == 2
+    assert "no map per layer" in result.stderr
+
+
+def test_gradient_method_on_a_bundle_without_them(tmp_path: Path, bundle: Path,
+                                                  images: dict[str, Path]) -> None:
+    result = run(bundle, images["wide"], "--out", tmp_path, "--method", "guided-backprop")
+    assert result.exit_code == 2
+    assert "--guided" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_explain_help_lists_the_new_options() -> None:
+    result = CliRunner().invoke(main, ["explain", "--help"])
+    for option in ("--samples", "--noise", "--steps", "--layers-strip", "saliency",
+                   "guided-gradcam"):
+        assert option in result.output

@@ -159,9 +159,9 @@ def explain_rows(
     size = batch_size or DEFAULT_BATCH[explainer.device]
     parts = [explainer.run_batch(batch[s : s + size], wanted[s : s + size], cam)
              for s in range(0, len(batch), size)]
-    raw = np.concatenate([p[0] for p in parts])
-    logits = np.concatenate([p[1] for p in parts])
-    targets = np.concatenate([p[2] for p in parts])
+    raw = np.concatenate([p.raw for p in parts])
+    logits = np.concatenate([p.logits for p in parts])
+    targets = np.concatenate([p.targets for p in parts])
     if settings.faithfulness:
         deletion, insertion = deletion_insertion_auc(
             explainer, batch, heatmaps(raw, info.height, info.width), targets, settings.steps)

@@ -1,0 +1,130 @@
+"""Whole-network gradient throughput: saliency and guided Grad-CAM against plain inference.
+
+One bundle exported with ``--input-gradients --guided`` serves every onnxcam side;
+Grad-CAM on it shows that the unrequested backward passes are pruned away. Each
+side runs in its own process, one after the other in a single invocation (see
+``explain_speed.py``), and prints images/s, the ratio of its time per image to
+plain inference's, and peak RSS.
+
+    python bench/gradient_speed.py                 # Keras ResNet50, 224x224, batch 8
+    python bench/gradient_speed.py --quick         # a tiny CNN, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).parent))
+from explain_speed import images, peak_rss_mb, timed  # noqa: E402
+
+SIDES = ("plain", "gradcam", "saliency", "guided-gradcam")
+
+
+def build(workdir: Path, quick: bool) -> dict:
+    """Save the Keras model, its plain ONNX conversion, and the gradient bundle."""
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    from exporter import export
+
+    keras.utils.set_random_seed(0)
+    if quick:
+        size = 32
+        inputs = keras.Input((size, size, 3))
+        x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+        x = keras.layers.MaxPooling2D()(x)
+        x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+        preprocess = "unit"
+    else:
+        size = 224
+        model = keras.applications.ResNet50(weights=None)
+        preprocess = "caffe"
+    keras_path = workdir / "model.keras"
+    model.save(keras_path)
+    spec = [tf.TensorSpec((None, size, size, 3), tf.float32, name="input")]
+    plain, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    (workdir / "plain.onnx").write_bytes(plain.SerializeToString())
+    started = time.perf_counter()
+    export(keras_path, workdir / "bundle.onnx", preprocess=preprocess, input_gradients=True,
+           guided=True)
+    return {"size": size, "preprocess": preprocess,
+            "export_seconds": time.perf_counter() - started}
+
+
+def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, batch: int,
+             device: str) -> dict:
+    data = images(count, size)
+    batches = [data[i : i + batch] for i in range(0, count, batch)]
+    if side == "plain":
+        from exporter.preprocess import preprocess_numpy
+        from worker.runtime import make_session
+
+        session, used = make_session(str(workdir / "plain.onnx"), device)
+        name = session.get_inputs()[0].name
+        rate = timed(lambda b: session.run(None, {name: preprocess_numpy(b, preprocess)}),
+                     batches)
+    else:
+        from worker import Explainer
+
+        explainer = Explainer(workdir / "bundle.onnx", device=device)
+        used = explainer.device
+        rate = timed(lambda b: explainer.explain(b, method=side, batch_size=len(b)), batches)
+    return {"side": side, "images_per_s": rate, "peak_rss_mb": peak_rss_mb(), "device": used}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, few images (CI)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        config = json.loads(args.config)
+        print(json.dumps(run_side(args.side, Path(config["workdir"]), config["size"],
+                                  config["preprocess"], config["images"], config["batch"],
+                                  config["device"])))
+        return
+    count = args.images or (32 if args.quick else 48)
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = args.workdir or Path(scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        built = build(workdir, args.quick)
+        config = {"workdir": str(workdir), "size": built["size"], "images": count,
+                  "batch": args.batch, "preprocess": built["preprocess"],
+                  "device": args.device}
+        results = {}
+        for side in args.sides.split(","):
+            output = subprocess.run(
+                [sys.executable, __file__, "--side", side, "--config", json.dumps(config)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            results[side] = json.loads(output.strip().splitlines()[-1])
+    model = "tiny Keras CNN 32x32" if args.quick else "Keras ResNet50 224x224"
+    print(f"{model}, batch {args.batch}, {count} images, {os.cpu_count()} cores; bundle "
+          f"(--input-gradients --guided) export with verification took "
+          f"{built['export_seconds']:.1f} s")
+    plain = results.get("plain", {}).get("images_per_s")
+    for side, result in results.items():
+        cost = f"{plain / result['images_per_s']:5.2f}x plain's time" if plain else ""
+        print(f"  {side:15s} {result['images_per_s']:8.1f} images/s  {cost}  "
+              f"peak RSS {result['peak_rss_mb']:7.0f} MB  on {result['device']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Guided backpropagation (Springenberg et al.): the input gradient where every ReLU
+passes back only positive gradients, and only where its input was positive. The
+map is keras-vis' saliency of it (``backprop_modifier='guided'``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.bundle import OUTPUT_GUIDED_INPUT_GRADIENTS
+from worker.methods.base import InputMethod, LayerMaps, saliency_map
+
+
+class GuidedBackprop(InputMethod):
+    name = "guided-backprop"
+    outputs = (OUTPUT_GUIDED_INPUT_GRADIENTS,)
+
+    def attribute(self, maps: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
+        gradients = maps.guided_input_gradients
+        return gradients, saliency_map(gradients)

@@ -1,0 +1,22 @@
+"""Guided Grad-CAM (Selvaraju et al.): guided backprop times the Grad-CAM heatmap
+(min-max scaled and upsampled to the input, as pytorch-grad-cam's ``cam_mask``),
+per channel; the map is max over channels of |product|."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.bundle import OUTPUT_CAM, OUTPUT_GUIDED_INPUT_GRADIENTS
+from worker.maps import heatmaps
+from worker.methods.base import InputMethod, LayerMaps, saliency_map
+
+
+class GuidedGradCAM(InputMethod):
+    name = "guided-gradcam"
+    outputs = (OUTPUT_GUIDED_INPUT_GRADIENTS, OUTPUT_CAM)
+
+    def attribute(self, maps: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
+        guided = maps.guided_input_gradients
+        mask = heatmaps(maps.outputs[OUTPUT_CAM], guided.shape[1], guided.shape[2])
+        product = guided * mask[..., None]
+        return product, saliency_map(product)
