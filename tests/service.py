@@ -14,8 +14,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -37,6 +41,21 @@ def redis_url(db: int, port: int = REDIS_PORT) -> str:
     except redis.exceptions.ConnectionError:
         pytest.skip(f"no Redis server at {REDIS_HOST}:{port}")
     return f"redis://{REDIS_HOST}:{port}/{db}"
+
+
+def service_env(broker_url: str, store: Path, roots: Path, **extra: str) -> dict[str, str]:
+    """The ONNXCAM_* variables of a test deployment: CPU workers, images by path."""
+    return {"ONNXCAM_BROKER_URL": broker_url, "ONNXCAM_STORE_URL": str(store),
+            "ONNXCAM_ALLOWED_ROOTS": str(roots), "ONNXCAM_INLINE_MAX_BYTES": "0",
+            "ONNXCAM_DEVICE": "cpu", **{f"ONNXCAM_{k.upper()}": v for k, v in extra.items()}}
+
+
+def settings_for(env: Mapping[str, str]) -> Settings:
+    """What a client in ``env`` would read."""
+    from worker.settings import load_settings
+
+    return load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()
+                            if k.startswith("ONNXCAM_")})
 
 
 def console() -> list[str]:

@@ -97,7 +97,7 @@ class Explainer:
         # Kept for Score-CAM, which re-reads the file lazily; bytes stay the caller's.
         self._bundle = bundle
         try:
-            self.session, self.device = make_session(_read_bundle(bundle), device, threads)
+            session, self.device = make_session(_read_bundle(bundle), device, threads)
         except BundleError:
             raise
         except Exception as exc:
@@ -105,17 +105,23 @@ class Explainer:
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
                               ) from exc
         try:
-            self.info: BundleInfo = read_bundle_info(self.session)
+            self.info: BundleInfo = read_bundle_info(session)
         except BundleError as exc:
             raise BundleError(f"{label}: {exc}") from exc
-        names = {i.name for i in self.session.get_inputs()}
+        names = {i.name for i in session.get_inputs()}
         if names != {INPUT_IMAGE, INPUT_TARGET}:
             raise BundleError(f"bundle inputs are {sorted(names)}, expected image and target")
         self.limits = limits
         self.threads = threads
         self.use_io_binding = self.device == "cuda"
         self._splits: dict[tuple[str, ...], tuple[Any, Any]] = {}
-        self._pruned: dict[frozenset[str], Any] = {}
+        self._outputs = [o.name for o in session.get_outputs()]
+        # Sessions by the input-gradient outputs they keep. A bundle with whole-network
+        # gradients gives its full session up: most calls need neither backward pass,
+        # and holding both graphs would double the memory; it is rebuilt when asked for.
+        self._sessions: dict[frozenset[str], Any] = {}
+        if not self.info.input_gradients:
+            self._sessions[frozenset()] = session
         log.info("loaded bundle (%s, layer %s) on %s", self.info.source_format,
                  self.info.target_layer, self.device)
 
@@ -286,20 +292,18 @@ class Explainer:
                        info=replace(maps.info, activation_layout=entry.layout))
 
     def _session_for(self, names: list[str]) -> Any:
-        """The bundle's session, or one pruned of whole-network gradients nobody asked for
-        (onnxruntime runs every node of a graph, whatever the requested outputs)."""
-        unused = frozenset(set(self.info.input_gradients) - set(names))
-        if not unused:
-            return self.session
-        if unused not in self._pruned:
+        """A session that computes ``names``, pruned of the whole-network gradients nobody
+        asked for (onnxruntime runs every node of a graph, whatever the requested outputs)."""
+        kept = frozenset(self.info.input_gradients) & frozenset(names)
+        if kept not in self._sessions:
             import onnx
 
+            dropped = set(self.info.input_gradients) - kept
             model = keep_outputs(onnx.load_from_string(_read_bundle(self._bundle)),
-                                 [o.name for o in self.session.get_outputs()
-                                  if o.name not in unused])
-            self._pruned[unused] = make_session(model.SerializeToString(), self.device,
+                                 [name for name in self._outputs if name not in dropped])
+            self._sessions[kept] = make_session(model.SerializeToString(), self.device,
                                                 self.threads)[0]
-        return self._pruned[unused]
+        return self._sessions[kept]
 
     @staticmethod
     def _run_bound(session: Any, names: list[str],

@@ -132,8 +132,10 @@ def test_cam_methods_skip_the_input_gradients(resnet: Explainer, resnet_source: 
     got = resnet.explain(images, method="gradcam")
     want = Explainer(plain, device="cpu").explain(images, method="gradcam")
     assert_close(got.raw, want.raw, 1e-6, "gradcam")
-    both = frozenset({"input_gradients", "guided_input_gradients"})
-    assert {o.name for o in resnet._pruned[both].get_outputs()}.isdisjoint(both)
+    both = {"input_gradients", "guided_input_gradients"}
+    assert {o.name for o in resnet._session_for(["cam"]).get_outputs()}.isdisjoint(both)
+    full = resnet._session_for(["logits", *both])
+    assert both <= {o.name for o in full.get_outputs()}
 
 
 @pytest.mark.parametrize(("method", "flag"), [("saliency", "--input-gradients"),

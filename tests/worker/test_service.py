@@ -18,7 +18,7 @@ import onnx
 import pytest
 from checks import assert_close
 from PIL import Image
-from service import console, redis_url, start_worker, wait_for
+from service import console, redis_url, service_env, settings_for, start_worker, wait_for
 
 from exporter import export
 from worker import Explainer
@@ -68,18 +68,12 @@ def images(folder: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def env(folder: Path, images: dict[str, Path]) -> dict[str, str]:
-    return {
-        "ONNXCAM_BROKER_URL": redis_url(9),
-        "ONNXCAM_STORE_URL": str(folder / "store"),
-        "ONNXCAM_ALLOWED_ROOTS": str(images["img0.png"].parent),
-        "ONNXCAM_INLINE_MAX_BYTES": "0",  # by path, so the worker checks the roots
-        "ONNXCAM_DEVICE": "cpu",
-    }
+    return service_env(redis_url(9), folder / "store", images["img0.png"].parent)
 
 
 @pytest.fixture(scope="module")
 def settings(env: dict[str, str]):  # noqa: ANN201 - Settings
-    return load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()})
+    return settings_for(env)
 
 
 @pytest.fixture(scope="module")
@@ -244,15 +238,8 @@ def big_images(folder: Path) -> list[Path]:
 def test_redelivery_after_sigkill(bundle: Path, big_images: list[Path], tmp_path: Path) -> None:
     """kill -9 a worker's whole process group mid-job: the job finishes on another."""
     paths, root = big_images, big_images[0].parent
-    env = {
-        "ONNXCAM_BROKER_URL": redis_url(10),
-        "ONNXCAM_STORE_URL": str(tmp_path / "store"),
-        "ONNXCAM_ALLOWED_ROOTS": str(root),
-        "ONNXCAM_INLINE_MAX_BYTES": "0",
-        "ONNXCAM_VISIBILITY_TIMEOUT": "4",
-        "ONNXCAM_DEVICE": "cpu",
-    }
-    settings = load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()})
+    env = service_env(redis_url(10), tmp_path / "store", root, visibility_timeout="4")
+    settings = settings_for(env)
     doomed = start_worker("doomed", env, tmp_path)
     doomed.wait_ready()
     job = submit(bundle, paths, chunk_size=len(paths), settings=settings)
@@ -287,13 +274,9 @@ def test_queued_jobs_survive_a_redis_restart(bundle: Path, images: dict[str, Pat
 
     port = free_port()
     server = start_redis(tmp_path, port)
-    env = {
-        "ONNXCAM_BROKER_URL": f"redis://127.0.0.1:{port}/0",
-        "ONNXCAM_STORE_URL": str(tmp_path / "store"),
-        "ONNXCAM_ALLOWED_ROOTS": str(images["img0.png"].parent),
-        "ONNXCAM_DEVICE": "cpu",
-    }
-    settings = load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()})
+    env = service_env(f"redis://127.0.0.1:{port}/0", tmp_path / "store",
+                      images["img0.png"].parent)
+    settings = settings_for(env)
     job = submit(bundle, [images[f"img{i}.png"] for i in range(3)], chunk_size=1,
                  settings=settings)
     server.stop(signal.SIGKILL)  # no clean shutdown: only the AOF keeps the queue
@@ -358,16 +341,9 @@ def test_s3_store_through_moto(bundle: Path, images: dict[str, Path], tmp_path: 
 
 def test_soft_time_limit_fails_the_job(bundle: Path, big_images: list[Path],
                                        tmp_path: Path) -> None:
-    env = {
-        "ONNXCAM_BROKER_URL": redis_url(12),
-        "ONNXCAM_STORE_URL": str(tmp_path / "store"),
-        "ONNXCAM_ALLOWED_ROOTS": str(big_images[0].parent),
-        "ONNXCAM_INLINE_MAX_BYTES": "0",
-        "ONNXCAM_SOFT_TIME_LIMIT": "0.5",
-        "ONNXCAM_TIME_LIMIT": "30",
-        "ONNXCAM_DEVICE": "cpu",
-    }
-    settings = load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()})
+    env = service_env(redis_url(12), tmp_path / "store", big_images[0].parent,
+                      soft_time_limit="0.5", time_limit="30")
+    settings = settings_for(env)
     worker = start_worker("limited", env, tmp_path)
     try:
         worker.wait_ready()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from service import redis_url, start_worker, wait_for
+from service import redis_url, service_env, start_worker, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[3]
@@ -48,13 +48,8 @@ def assert_same_results(local: list[dict[str, str]], remote: list[dict[str, str]
                 assert float(mine[key]) == pytest.approx(float(theirs[key]), abs=1e-5), key
 
 
-def worker_env(tmp_path: Path, db: int, roots: Path, **extra: str) -> dict[str, str]:
-    return {"ONNXCAM_BROKER_URL": redis_url(db), "ONNXCAM_STORE_URL": str(tmp_path / "store"),
-            "ONNXCAM_ALLOWED_ROOTS": str(roots), "ONNXCAM_DEVICE": "cpu", **extra}
-
-
 def test_distributed_audit_gives_the_local_numbers(tmp_path: Path) -> None:
-    env = worker_env(tmp_path, 13, EXAMPLE)
+    env = service_env(redis_url(13), tmp_path / "store", EXAMPLE)
     manifest, model = EXAMPLE / "manifest.csv", EXAMPLE / "model.onnx"
     local = audit(manifest, "--model", model, "--out", tmp_path / "local", env=env)
     finished(local)
@@ -86,8 +81,7 @@ def test_worker_killed_mid_chunk_still_completes(tmp_path: Path) -> None:
         lines.append(f"images/{index:02d}.png,{'bus' if index % 2 else 'car'},100 200 700 900")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("\n".join(lines) + "\n")
-    env = worker_env(tmp_path, 14, folder, ONNXCAM_VISIBILITY_TIMEOUT="4",
-                     ONNXCAM_INLINE_MAX_BYTES="0")
+    env = service_env(redis_url(14), tmp_path / "store", folder, visibility_timeout="4")
     model = EXAMPLE / "model.onnx"
     finished(audit(manifest, "--model", model, "--out", tmp_path / "local", env=env))
 
