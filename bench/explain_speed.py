@@ -41,13 +41,12 @@ def build_torch(workdir: Path, quick: bool) -> dict:
             "layout": "nchw"}
 
 
-def build(workdir: Path, quick: bool) -> dict:
-    """Save the Keras model, its plain ONNX conversion, and the two bundles."""
+def save_keras(workdir: Path, quick: bool) -> tuple[Path, int, str]:
+    """Save the Keras model (ResNet50, or a tiny CNN) and its plain ONNX conversion;
+    return the model's path, input size and preprocessing."""
     import keras
     import tensorflow as tf
     import tf2onnx
-
-    from exporter import export
 
     keras.utils.set_random_seed(0)
     if quick:
@@ -68,6 +67,14 @@ def build(workdir: Path, quick: bool) -> dict:
     spec = [tf.TensorSpec((None, size, size, 3), tf.float32, name="input")]
     plain, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
     (workdir / "plain.onnx").write_bytes(plain.SerializeToString())
+    return keras_path, size, preprocess
+
+
+def build(workdir: Path, quick: bool) -> dict:
+    """Save the Keras model, its plain ONNX conversion, and the two bundles."""
+    from exporter import export
+
+    keras_path, size, preprocess = save_keras(workdir, quick)
     started = time.perf_counter()
     export(keras_path, workdir / "bundle.onnx", preprocess=preprocess)
     export_seconds = time.perf_counter() - started

@@ -23,38 +23,16 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).parent))
-from explain_speed import images, peak_rss_mb, timed  # noqa: E402
+from explain_speed import images, peak_rss_mb, save_keras, timed  # noqa: E402
 
 SIDES = ("plain", "gradcam", "saliency", "guided-gradcam")
 
 
 def build(workdir: Path, quick: bool) -> dict:
     """Save the Keras model, its plain ONNX conversion, and the gradient bundle."""
-    import keras
-    import tensorflow as tf
-    import tf2onnx
-
     from exporter import export
 
-    keras.utils.set_random_seed(0)
-    if quick:
-        size = 32
-        inputs = keras.Input((size, size, 3))
-        x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
-        x = keras.layers.MaxPooling2D()(x)
-        x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
-        preprocess = "unit"
-    else:
-        size = 224
-        model = keras.applications.ResNet50(weights=None)
-        preprocess = "caffe"
-    keras_path = workdir / "model.keras"
-    model.save(keras_path)
-    spec = [tf.TensorSpec((None, size, size, 3), tf.float32, name="input")]
-    plain, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
-    (workdir / "plain.onnx").write_bytes(plain.SerializeToString())
+    keras_path, size, preprocess = save_keras(workdir, quick)
     started = time.perf_counter()
     export(keras_path, workdir / "bundle.onnx", preprocess=preprocess, input_gradients=True,
            guided=True)
