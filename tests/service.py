@@ -169,3 +169,43 @@ def _answers(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def make_tls_certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    paths = {name: folder / f"{name}" for name in ("ca.key", "ca.crt", "server.key",
+                                                   "server.csr", "server.crt", "ext.cnf")}
+    paths["ext.cnf"].write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for command in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", paths["ca.key"],
+         "-out", paths["ca.crt"], "-days", "2", "-subj", "/CN=onnxcam test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", paths["server.key"],
+         "-out", paths["server.csr"], "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", paths["server.csr"], "-CA", paths["ca.crt"], "-CAkey",
+         paths["ca.key"], "-CAcreateserial", "-out", paths["server.crt"], "-days", "2",
+         "-extfile", paths["ext.cnf"]],
+    ):
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    return paths
+
+
+def start_tls_redis(certificates: dict[str, Path], port: int, password: str) -> ServerProcess:
+    """A redis-server that speaks TLS only and wants a password."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--bind", REDIS_HOST,
+         "--tls-cert-file", str(certificates["server.crt"]),
+         "--tls-key-file", str(certificates["server.key"]),
+         "--tls-ca-cert-file", str(certificates["ca.crt"]), "--tls-auth-clients", "no",
+         "--requirepass", password, "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    server = ServerProcess(process, port)
+    wait_for(lambda: _answers(port) or process.poll() is not None, 10, "redis-server (TLS)")
+    if process.poll() is not None:
+        pytest.skip("this redis-server was built without TLS")
+    return server

@@ -372,3 +372,34 @@ def test_app_configuration_holds_the_guarantees() -> None:
     assert conf.broker_transport_options["unacked_restore_interval"] == 77 / 4
     assert conf.worker_max_memory_per_child == 123456
     assert (conf.task_soft_time_limit, conf.task_time_limit) == (5, 9)
+
+
+def test_redis_with_tls_and_a_password(bundle: Path, images: dict[str, Path],
+                                       tmp_path: Path) -> None:
+    """rediss:// with a password and CA verification, all through the URL."""
+    from click.testing import CliRunner
+    from service import free_port, make_tls_certificates, start_tls_redis
+
+    from worker.cli import main
+
+    certificates = make_tls_certificates(tmp_path)
+    port = free_port()
+    server = start_tls_redis(certificates, port, "s3cret")
+    url = (f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_cert_reqs=required"
+           f"&ssl_ca_certs={certificates['ca.crt']}")
+    env = service_env(url, tmp_path / "store", images["img0.png"].parent)
+    worker = start_worker("tls", env, tmp_path)
+    try:
+        worker.wait_ready()
+        records = submit(bundle, [images["img1.png"]], settings=settings_for(env)).wait(60)
+        assert records[0]["status"] == "ok"
+        wrong = {**env, "ONNXCAM_BROKER_URL": url.replace("s3cret", "guess")}
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in wrong.items():
+                patch.setenv(name, value)
+            result = CliRunner().invoke(main, ["submit", str(bundle), str(images["img1.png"])])
+        assert result.exit_code == 2 and "cannot reach the broker" in result.stderr
+        assert "guess" not in result.stderr
+    finally:
+        worker.stop()
+        server.stop()
