@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from worker.engine import Explainer, Explanation
 from worker.errors import BadMethodError, OnnxcamError
-from worker.images import load_image
+from worker.images import load_image, resize
 from worker.maps import heatmaps, overlay
 from worker.store import atomic_write
 
@@ -88,22 +88,30 @@ def render(
 
 STRIP_LABEL_HEIGHT = 14  # pixels above each panel for its layer name
 STRIP_GAP = 4
+STRIP_MIN_HEIGHT = 192  # panels are scaled up to this height at least...
+STRIP_MAX_HEIGHT = 512  # ...and down to this height at most
 
 
 def render_strip(image: np.ndarray, layer_maps: dict[str, np.ndarray]) -> bytes:
-    """One PNG: the overlay at each layer, left (early) to right (late), each labelled.
+    """One PNG: the image, then the overlay at each layer, left (early) to right (late),
+    each labelled. Panels are scaled to between STRIP_MIN_HEIGHT and STRIP_MAX_HEIGHT
+    pixels high, so small inputs stay legible and large ones stay a sensible size.
 
     ``layer_maps`` holds one image's raw map per layer, in that order.
     """
-    height, width = image.shape[:2]
-    panels = [overlay(image, heatmaps(raw[None], height, width)[0])
-              for raw in layer_maps.values()]
+    scale = min(max(1.0, STRIP_MIN_HEIGHT / image.shape[0]), STRIP_MAX_HEIGHT / image.shape[0])
+    height, width = (max(1, round(side * scale)) for side in image.shape[:2])
+    picture = resize(image, height, width)
+    names = ["input", *layer_maps]
+    panels = [picture if picture.shape[-1] == 3 else np.repeat(picture, 3, axis=-1)]
+    panels += [overlay(picture, heatmaps(raw[None], height, width)[0])
+               for raw in layer_maps.values()]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    cell = max([width, *(int(measure.textlength(name)) + 2 for name in layer_maps)])
+    cell = max([width, *(int(measure.textlength(name)) + 2 for name in names)])
     strip = Image.new("RGB", (len(panels) * (cell + STRIP_GAP) - STRIP_GAP,
                               height + STRIP_LABEL_HEIGHT), "white")
     draw = ImageDraw.Draw(strip)
-    for i, (name, panel) in enumerate(zip(layer_maps, panels)):
+    for i, (name, panel) in enumerate(zip(names, panels)):
         left = i * (cell + STRIP_GAP)
         strip.paste(Image.fromarray(panel), (left + (cell - width) // 2, STRIP_LABEL_HEIGHT))
         draw.text((left + 1, 1), name, fill="black")

@@ -281,26 +281,34 @@ def test_gradient_methods_write_maps_at_the_images_size(
 
 
 def test_layers_strip(tmp_path: Path, gradient_bundle: Path, images: dict[str, Path]) -> None:
+    from worker.images import resize
+    from worker.maps import overlay
+    from worker.outputs import STRIP_GAP, STRIP_MAX_HEIGHT, STRIP_MIN_HEIGHT
+
     out = tmp_path / "out"
     result = run(gradient_bundle, *images.values(), "--out", out, "--layers-strip")
     assert result.exit_code == 0, result.output
+    explainer = Explainer(gradient_bundle, device="cpu")
     for name, path in images.items():
         h, w = SIZES[name]
+        scale = min(max(1.0, STRIP_MIN_HEIGHT / h), STRIP_MAX_HEIGHT / h)
+        ph, pw = round(h * scale), round(w * scale)
         with Image.open(out / f"{path.stem}.layers.png") as strip:
             assert strip.mode == "RGB"
-            # two panels (relu1, then last_relu), each at least the image's width
-            assert strip.size[0] >= 2 * w and strip.size[1] > h
+            # three panels (the image, relu1, then last_relu), small images scaled up
+            assert strip.size[1] > ph >= min(STRIP_MIN_HEIGHT, STRIP_MAX_HEIGHT)
             pixels = np.asarray(strip)
-        image = load_image(path, 3)
-        explainer = Explainer(gradient_bundle, device="cpu")
+        picture = resize(load_image(path, 3), ph, pw)
         maps = explainer.explain([path]).layer_maps
         assert list(maps) == ["relu1", "last_relu"]
-        from worker.maps import overlay
-
-        first = overlay(image, heatmaps(maps["relu1"], h, w)[0])
-        cell = strip.size[0] // 2 - 2
-        left = (cell - w) // 2
-        np.testing.assert_array_equal(pixels[-h:, left : left + w], first)
+        cell = (strip.size[0] + STRIP_GAP) // 3 - STRIP_GAP
+        for column, layer in ((1, "relu1"), (2, "last_relu")):
+            left = column * (cell + STRIP_GAP) + (cell - pw) // 2
+            expected = overlay(picture, heatmaps(maps[layer], ph, pw)[0])
+            # the CLI ran all images as one batch: last-bit float differences, 1 level
+            np.testing.assert_allclose(pixels[-ph:, left : left + pw], expected, atol=1)
+        np.testing.assert_array_equal(pixels[-ph:, (cell - pw) // 2 : (cell - pw) // 2 + pw],
+                                      picture)
 
 
 def test_layers_strip_needs_a_method_with_layers(tmp_path: Path, gradient_bundle: Path,
