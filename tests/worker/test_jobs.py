@@ -390,3 +390,21 @@ def test_no_broker_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, folder: P
         (line,) = result.stderr.splitlines()
         assert line.startswith("onnxcam: error: cannot reach the broker at redis://:**@")
         assert "secret" not in line
+
+
+def test_worker_help_lists_every_setting() -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main
+    from worker.settings import Settings
+
+    shown = CliRunner().invoke(main, ["worker", "--help"])
+    assert shown.exit_code == 0
+    for name in Settings.model_fields:
+        assert f"ONNXCAM_{name.upper()}:" in shown.stdout
+    for required in ("ONNXCAM_BROKER_URL", "ONNXCAM_RESULT_BACKEND", "ONNXCAM_STORE_URL",
+                     "ONNXCAM_ALLOWED_ROOTS", "ONNXCAM_VISIBILITY_TIMEOUT",
+                     "ONNXCAM_SOFT_TIME_LIMIT", "ONNXCAM_TIME_LIMIT", "ONNXCAM_MAX_IMAGE_BYTES",
+                     "ONNXCAM_MAX_IMAGE_PIXELS", "ONNXCAM_MODEL_CACHE",
+                     "ONNXCAM_MAX_MEMORY_PER_CHILD"):
+        assert required in shown.stdout
