@@ -140,6 +140,25 @@ def parse_formats(value: str) -> list[str]:
     return formats
 
 
+def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The knobs of the sampling gradient methods, as options of a command."""
+    options = [
+        click.option("--samples", type=click.IntRange(1, 1000), default=MethodOptions.samples,
+                     show_default=True, help="smoothgrad: noisy copies per image."),
+        click.option("--noise", type=click.FloatRange(0.0), default=MethodOptions.noise,
+                     show_default=True,
+                     help="smoothgrad: noise std over the model input's (max - min)."),
+        click.option("--steps", type=click.IntRange(1, 1000), default=MethodOptions.steps,
+                     show_default=True,
+                     help="integrated-gradients: steps from the zero baseline."),
+        click.option("--seed", type=int, default=MethodOptions.seed, show_default=True,
+                     help="smoothgrad: noise seed."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
@@ -157,14 +176,7 @@ def parse_formats(value: str) -> list[str]:
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
-@click.option("--samples", type=int, default=MethodOptions.samples, show_default=True,
-              help="smoothgrad: noisy copies per image.")
-@click.option("--noise", type=float, default=MethodOptions.noise, show_default=True,
-              help="smoothgrad: noise std over the model input's (max - min).")
-@click.option("--steps", type=int, default=MethodOptions.steps, show_default=True,
-              help="integrated-gradients: steps from the zero baseline.")
-@click.option("--seed", type=int, default=MethodOptions.seed, show_default=True,
-              help="smoothgrad: noise seed.")
+@method_options
 @click.option("--layers-strip", is_flag=True,
               help="Also write DIR/<stem>.layers.png: the map at each exported layer, early "
                    "to late.")
@@ -244,13 +256,16 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
 @click.option("--target", type=int, default=None, help="Class to explain (default: top-1).")
 @click.option("--chunk-size", type=int, default=None,
               help="Images per job (default: ONNXCAM_CHUNK_SIZE).")
+@method_options
 @with_errors
 def submit(bundle: Path, images: tuple[str, ...], method: str, target: int | None,
-           chunk_size: int | None) -> None:
+           chunk_size: int | None, samples: int, noise: float, steps: int, seed: int) -> None:
     """Queue explain jobs; print their ids, one per line."""
     from worker.client import submit as submit_jobs
 
-    job = submit_jobs(bundle, list(images), method, target, chunk_size=chunk_size)
+    options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed}
+    job = submit_jobs(bundle, list(images), method, target, chunk_size=chunk_size,
+                      options=options)
     for job_id in job.ids:
         click.echo(job_id)
 

@@ -11,7 +11,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from worker.errors import (
     UnknownBundleError,
     UnknownJobError,
 )
-from worker.jobs import ERROR, REQUEST, SUMMARY, ImageRef, JobSpec, image_key
+from worker.jobs import ERROR, REQUEST, SUMMARY, ImageRef, JobSpec, image_key, parse_options
 from worker.methods import get_method
 from worker.settings import Settings, load_settings
 from worker.store import SHA256, NotInStoreError, Store, bundle_key, job_key
@@ -112,13 +112,16 @@ def submit(
     chunk_size: int | None = None,
     settings: Settings | None = None,
     faithfulness_steps: int = 0,
+    options: Mapping[str, float] | None = None,
 ) -> Job:
     """Queue explain jobs for ``images`` with ``bundle`` (a path, bytes or published hash).
 
     ``faithfulness_steps`` > 0 adds each image's deletion and insertion AUCs to its
-    record (what ``onnxcam audit --faithfulness`` asks the workers for)."""
+    record (what ``onnxcam audit --faithfulness`` asks the workers for). ``options``
+    sets the sampling methods' knobs: samples, noise, steps, seed."""
     settings = settings or load_settings()
     get_method(method)  # an unknown name fails here, before anything is queued
+    knobs = parse_options(dict(options or {}))
     store = Store(settings.store_url)
     sha = publish(bundle, store)
     refs = [image_ref(image, settings.inline_max_bytes, i) for i, image in enumerate(images)]
@@ -131,7 +134,7 @@ def submit(
     ids = []
     for start in range(0, len(refs), size):
         spec = JobSpec(str(uuid.uuid4()), sha, refs[start:start + size], method,
-                       wanted[start:start + size], faithfulness_steps)
+                       wanted[start:start + size], faithfulness_steps, knobs)
         send(app, spec, store)
         ids.append(spec.job_id)
     return Job(ids, settings)

@@ -78,6 +78,7 @@ class JobSpec:
     method: str = "gradcam"
     targets: list[int | None] = field(default_factory=list)  # per image; None: top-1
     faithfulness_steps: int = 0  # > 0: also deletion and insertion AUCs, with this many steps
+    options: dict[str, Any] = field(default_factory=dict)  # samples, noise, steps, seed
 
     def to_message(self) -> dict[str, Any]:
         message = {
@@ -90,6 +91,8 @@ class JobSpec:
         }
         if self.faithfulness_steps:
             message["faithfulness_steps"] = self.faithfulness_steps
+        if self.options:
+            message["options"] = dict(self.options)
         return message
 
     def request_record(self) -> dict[str, Any]:
@@ -118,7 +121,26 @@ def parse_job(message: Any, job_id: str) -> JobSpec:
     steps = message.get("faithfulness_steps", 0)
     if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= 1000:
         raise MalformedJobError("faithfulness_steps must be an int in [0, 1000]")
-    return JobSpec(job_id, bundle, refs, method, targets, steps)
+    return JobSpec(job_id, bundle, refs, method, targets, steps,
+                   parse_options(message.get("options") or {}))
+
+
+# The sampling methods' knobs a job may set, with the values each accepts.
+OPTION_RANGES = {"samples": (1, 1000), "steps": (1, 1000), "noise": (0.0, 100.0),
+                 "seed": (0, 2**32 - 1)}
+
+
+def parse_options(options: Any) -> dict[str, Any]:
+    if not isinstance(options, Mapping) or not set(options) <= set(OPTION_RANGES):
+        raise MalformedJobError(f"options may set only {', '.join(sorted(OPTION_RANGES))}")
+    for name, value in options.items():
+        low, high = OPTION_RANGES[name]
+        integral = name != "noise"
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)) \
+                or not low <= value <= high:
+            raise MalformedJobError(f"option {name} must be {'an int' if integral else 'a number'}"
+                                    f" in [{low}, {high}]")
+    return dict(options)
 
 
 def _parse_ref(item: Any, index: int) -> ImageRef:
@@ -364,7 +386,7 @@ def _explain(explainer: Explainer, spec: JobSpec, indices: list[int],
             continue
         images = [arrays[i] for i in group]
         explanation = explainer.explain(images, targets=targets, method=spec.method,
-                                        batch_size=len(group))
+                                        batch_size=len(group), **spec.options)
         scores = (_faithfulness(explainer, images, explanation, spec.faithfulness_steps)
                   if spec.faithfulness_steps else [None] * len(group))
         found.update((index, _Explained(explanation, position, scores[position]))

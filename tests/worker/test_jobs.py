@@ -90,7 +90,8 @@ def spec_for(sha: str, refs: list[ImageRef], method: str = "gradcam",
 def test_message_round_trip(images: dict[str, Path]) -> None:
     refs = [ImageRef("a.png", path=str(images["a.png"])), ImageRef("u", uri="s3://b/k.png"),
             ImageRef("i", data=b"\x89PNG")]
-    spec = JobSpec("id-7", "f" * 64, refs, "layercam", [None, 3, 0])
+    spec = JobSpec("id-7", "f" * 64, refs, "layercam", [None, 3, 0], 8,
+                   {"samples": 4, "noise": 0.2, "steps": 16, "seed": 3})
     message = json.loads(json.dumps(spec.to_message()))  # JSON only, as on the wire
     assert parse_job(message, "id-7") == spec
     assert "data" not in json.dumps(spec.request_record())
@@ -110,6 +111,14 @@ def test_message_round_trip(images: dict[str, Path]) -> None:
       "targets": ["1"]}, "targets"),
     ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
       "targets": [1, 2]}, "targets"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
+      "options": {"samples": 0}}, "samples must be an int in"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
+      "options": {"noise": "loud"}}, "noise must be a number"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
+      "options": {"threads": 64}}, "options may set only"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
+      "faithfulness_steps": -1}, "faithfulness_steps"),
 ])
 def test_malformed_messages(message: object, match: str) -> None:
     with pytest.raises(MalformedJobError, match=match):
@@ -408,3 +417,21 @@ def test_worker_help_lists_every_setting() -> None:
                      "ONNXCAM_MAX_IMAGE_PIXELS", "ONNXCAM_MODEL_CACHE",
                      "ONNXCAM_MAX_MEMORY_PER_CHILD"):
         assert required in shown.stdout
+
+
+def test_sampling_options_reach_the_engine(folder: Path, store: Store, settings,
+                                           images: dict[str, Path]) -> None:
+    source = folder / "cnn.onnx"
+    gradient_bundle = export(source, folder / "cnn.ig.onnx", labels=LABELS,
+                             input_gradients=True).path.read_bytes()
+    sha = store.put_bundle(gradient_bundle)
+    knobs = {"samples": 3, "noise": 0.3, "seed": 7}
+    spec = JobSpec("job-sg", sha, [ImageRef("a.png", path=str(images["a.png"]))],
+                   "smoothgrad", [None], 0, knobs)
+    run_job(spec, store, ModelCache(store, 1, "cpu"), settings)
+    raw = np.load(io.BytesIO(store.get("jobs/job-sg/00000.raw.npy")))
+    explainer = Explainer(gradient_bundle, device="cpu")
+    expected = explainer.explain(str(images["a.png"]), method="smoothgrad", **knobs)
+    assert_close(raw, expected.raw[0], 1e-6, "smoothgrad with the job's options")
+    default = explainer.explain(str(images["a.png"]), method="smoothgrad")
+    assert np.abs(default.raw[0] - expected.raw[0]).max() > 1e-3  # the options mattered
