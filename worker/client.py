@@ -93,8 +93,8 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(self.ids)
         while pending:
-            pending = [j for j in pending if job_status(j, self.settings) not in ("done",
-                                                                                 "failed")]
+            pending = [j for j in pending if celery_status(j, self.settings) not in ("done",
+                                                                                   "failed")]
             if pending and deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{len(pending)} of {len(self.ids)} jobs not done after "
                                    f"{timeout} s")
@@ -185,26 +185,27 @@ def publish(bundle: str | Path | bytes, store: Store) -> str:
         if not store.exists(bundle_key(text)):
             raise UnknownBundleError(f"no bundle {text} in the store (publish it first)")
         return text
-    try:
-        data = Path(text).read_bytes()
-    except OSError as exc:
-        raise JobError(f"{text}: cannot read the bundle ({exc.strerror or exc})") from None
-    _check_bundle(data, text)
+    data, _ = read_bundle(text)
     return store.put_bundle(data)
 
 
-def _check_bundle(data: bytes, name: str) -> None:
-    """Refuse a file that is not an onnxcam bundle before it reaches any worker."""
+def read_bundle(path: str | Path) -> tuple[bytes, BundleInfo]:
+    """A bundle file's bytes and metadata, parsed once; a file that is no onnxcam
+    bundle is refused here, before it reaches any worker."""
     import onnx
 
     try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise JobError(f"{path}: cannot read the bundle ({exc.strerror or exc})") from None
+    try:
         model = onnx.load_from_string(data)
     except Exception:  # noqa: BLE001 - any parse failure: not an ONNX file
-        raise BundleError(f"{name}: not an ONNX file") from None
+        raise BundleError(f"{path}: not an ONNX file") from None
     try:
-        BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
+        return data, BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
     except BundleError as exc:
-        raise BundleError(f"{name}: {exc}") from None
+        raise BundleError(f"{path}: {exc}") from None
 
 
 def _per_image(targets: int | Sequence[int | None] | None, count: int) -> list[int | None]:
@@ -218,12 +219,18 @@ def _per_image(targets: int | Sequence[int | None] | None, count: int) -> list[i
     return wanted
 
 
-def job_status(job_id: str, settings: Settings) -> str:
-    """pending, started, done or failed; UnknownJobError for an id never submitted."""
+def celery_status(job_id: str, settings: Settings) -> str:
+    """The status word from Celery's result backend alone: one Redis read. Enough
+    while waiting on jobs just submitted, whose results cannot have expired yet."""
     app = _app(settings)
     with broker_errors(app):
         state = app.AsyncResult(job_id).state
-    word = _CELERY_STATES.get(state, "pending")
+    return _CELERY_STATES.get(state, "pending")
+
+
+def job_status(job_id: str, settings: Settings) -> str:
+    """pending, started, done or failed; UnknownJobError for an id never submitted."""
+    word = celery_status(job_id, settings)
     if word == "pending":  # or Celery's result has expired: the store knows
         store = Store(settings.store_url)
         if not store.exists(job_key(job_id, REQUEST)):

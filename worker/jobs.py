@@ -40,7 +40,7 @@ from worker.errors import (
 from worker.images import Limits, decode, to_array
 from worker.outputs import render
 from worker.settings import Settings
-from worker.store import NotInStoreError, Store, bundle_key, job_key
+from worker.store import NotInStoreError, ObjectTooLargeError, Store, bundle_key, job_key
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +183,21 @@ def fetch(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits) -> 
         return _read_local(allowed_path(ref.path, roots), ref.path, limits)
     assert ref.uri is not None
     key = store.owns(ref.uri)
-    if key is not None:
-        try:
-            return store.get(key)
-        except NotInStoreError:
-            raise MissingImageError(f"{ref.uri}: no such object") from None
-    if ref.uri.startswith("file://"):
+    if key is None and ref.uri.startswith("file://"):
         local = ref.uri[len("file://"):]
         return _read_local(allowed_path(local, roots), ref.uri, limits)
-    if not any("://" in root and ref.uri.startswith(root.rstrip("/") + "/") for root in roots):
-        raise ForbiddenPathError(f"{ref.uri}: outside the store and the allowed roots")
-    return Store(ref.uri.rsplit("/", 1)[0]).get(ref.uri.rsplit("/", 1)[1])
+    if key is None:
+        if not any("://" in root and ref.uri.startswith(root.rstrip("/") + "/")
+                   for root in roots):
+            raise ForbiddenPathError(f"{ref.uri}: outside the store and the allowed roots")
+        folder, key = ref.uri.rsplit("/", 1)
+        store = Store(folder)
+    try:
+        return store.get(key, max_bytes=limits.max_bytes)
+    except NotInStoreError:
+        raise MissingImageError(f"{ref.uri}: no such object") from None
+    except ObjectTooLargeError as exc:
+        raise BadImageError(f"{ref.uri}: {str(exc).split(': ', 1)[1]}") from None
 
 
 def _read_local(path: Path, name: str, limits: Limits) -> bytes:

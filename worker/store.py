@@ -47,6 +47,10 @@ class NotInStoreError(StoreError):
     code = "not_in_store"
 
 
+class ObjectTooLargeError(StoreError):
+    code = "too_large"
+
+
 @contextmanager
 def classified(what: str) -> Iterator[None]:
     """Turn a filesystem failure into NotInStoreError (final) or StoreUnavailableError."""
@@ -94,8 +98,14 @@ class Store:
                 self.fs.pipe_file(path, data)
         return self.uri(key)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object under ``key``; with ``max_bytes``, a larger one is refused from its
+        size alone, before any of it is read."""
         with classified(key):
+            if max_bytes is not None:
+                size = self.fs.size(self.path(key))
+                if size is not None and size > max_bytes:
+                    raise ObjectTooLargeError(f"{key}: {size} bytes, over the {max_bytes} limit")
             return bytes(self.fs.cat_file(self.path(key)))
 
     def exists(self, key: str) -> bool:

@@ -161,6 +161,19 @@ def test_fetch_sources(store: Store, images: dict[str, Path]) -> None:
         fetch(ImageRef("a", path=roots[0] + "/missing.png"), store, roots, limits)
 
 
+def test_oversized_objects_are_refused_before_reading(store: Store,
+                                                     images: dict[str, Path]) -> None:
+    from worker.errors import BadImageError
+    from worker.images import Limits
+
+    data = images["a.png"].read_bytes()
+    uri = store.put("images/a.png", data)
+    tight = Limits(max_bytes=len(data) - 1)
+    with pytest.raises(BadImageError, match=f"{len(data)} bytes, over the {len(data) - 1}"):
+        fetch(ImageRef("a", uri=uri), store, [], tight)
+    assert fetch(ImageRef("a", uri=uri), store, [], Limits(max_bytes=len(data))) == data
+
+
 # ---------------------------------------------------------------------------- running
 
 

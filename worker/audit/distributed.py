@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from worker.audit.backend import AuditRow, ExplainSettings, RowOutcome
-from worker.bundle import BundleInfo, read_bundle_info
-from worker.client import job_records, job_status, publish, submit
+from worker.client import celery_status, job_records, read_bundle, submit
 from worker.jobs import image_key
 from worker.settings import Settings, load_settings
 from worker.store import Store
@@ -37,8 +36,8 @@ class DistributedBackend:
                  settings: Settings | None = None) -> None:
         self.settings = settings or load_settings(broker_url=broker_url)
         self.store = Store(self.settings.store_url)
-        self.info: BundleInfo = read_bundle_info(model)
-        self.sha = publish(model, self.store)
+        data, self.info = read_bundle(model)
+        self.sha = self.store.put_bundle(data)
         self.in_flight = in_flight
 
     def run(self, chunks: Iterable[list[AuditRow]],
@@ -54,7 +53,7 @@ class DistributedBackend:
                 else:
                     pending[self._submit(rows, settings)] = rows
             finished = [job_id for job_id in pending
-                        if job_status(job_id, self.settings) in ("done", "failed")]
+                        if celery_status(job_id, self.settings) in ("done", "failed")]
             if not finished:
                 time.sleep(POLL_SECONDS)
             for job_id in finished:
