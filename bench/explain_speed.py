@@ -27,9 +27,8 @@ SIDES = ("plain", "gradcam", "fd", "tf")
 
 def build_torch(workdir: Path, quick: bool) -> dict:
     """A torchvision-shaped ResNet50 exported by torch.onnx, and its two bundles."""
+    from onnxcam.exporter import export
     from torch_resnet import export_onnx
-
-    from exporter import export
 
     size = 64 if quick else 224
     export_onnx(workdir / "plain.onnx", size)
@@ -72,7 +71,7 @@ def save_keras(workdir: Path, quick: bool) -> tuple[Path, int, str]:
 
 def build(workdir: Path, quick: bool) -> dict:
     """Save the Keras model, its plain ONNX conversion, and the two bundles."""
-    from exporter import export
+    from onnxcam.exporter import export
 
     keras_path, size, preprocess = save_keras(workdir, quick)
     started = time.perf_counter()
@@ -104,8 +103,9 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
     batches = [data[i : i + batch] for i in range(0, count, batch)]
     used = "cpu"
     if side == "plain":
-        from exporter.preprocess import preprocess_numpy
-        from worker.runtime import make_session
+        from onnxcam.exporter.preprocess import preprocess_numpy
+
+        from onnxcam.runtime import make_session
 
         session, used = make_session(str(workdir / "plain.onnx"), device)
         name = session.get_inputs()[0].name
@@ -115,7 +115,7 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
 
         rate = timed(infer, batches)
     elif side in ("gradcam", "fd"):
-        from worker import Explainer
+        from onnxcam.worker import Explainer
 
         explainer = Explainer(workdir / ("bundle.onnx" if side == "gradcam" else "fd.onnx"),
                               device=device)
@@ -125,8 +125,7 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
     else:
         import keras
         import tensorflow as tf
-
-        from exporter.preprocess import preprocess_numpy
+        from onnxcam.exporter.preprocess import preprocess_numpy
 
         model = keras.saving.load_model(workdir / "model.keras", compile=False)
         layer = model.layers[-1]

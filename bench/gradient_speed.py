@@ -30,7 +30,7 @@ SIDES = ("plain", "gradcam", "saliency", "guided-gradcam")
 
 def build(workdir: Path, quick: bool) -> dict:
     """Save the Keras model, its plain ONNX conversion, and the gradient bundle."""
-    from exporter import export
+    from onnxcam.exporter import export
 
     keras_path, size, preprocess = save_keras(workdir, quick)
     started = time.perf_counter()
@@ -45,15 +45,16 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
     data = images(count, size)
     batches = [data[i : i + batch] for i in range(0, count, batch)]
     if side == "plain":
-        from exporter.preprocess import preprocess_numpy
-        from worker.runtime import make_session
+        from onnxcam.exporter.preprocess import preprocess_numpy
+
+        from onnxcam.runtime import make_session
 
         session, used = make_session(str(workdir / "plain.onnx"), device)
         name = session.get_inputs()[0].name
         rate = timed(lambda b: session.run(None, {name: preprocess_numpy(b, preprocess)}),
                      batches)
     else:
-        from worker import Explainer
+        from onnxcam.worker import Explainer
 
         explainer = Explainer(workdir / "bundle.onnx", device=device)
         used = explainer.device

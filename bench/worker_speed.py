@@ -46,7 +46,7 @@ def write_images(folder: Path, count: int, size: int) -> list[Path]:
 
 
 def engine_side(bundle: Path, paths: list[Path], batch: int) -> float:
-    from worker import Explainer
+    from onnxcam.worker import Explainer
 
     explainer = Explainer(bundle)
     explainer.explain([str(p) for p in paths[:batch]], batch_size=batch)  # warm-up
@@ -56,8 +56,8 @@ def engine_side(bundle: Path, paths: list[Path], batch: int) -> float:
 
 
 def worker_side(bundle: Path, paths: list[Path], workdir: Path, chunk: int) -> float:
-    from worker.client import submit
-    from worker.settings import load_settings
+    from onnxcam.worker.service.client import submit
+    from onnxcam.worker.service.settings import load_settings
 
     env = {
         "ONNXCAM_BROKER_URL": os.environ.get("ONNXCAM_BROKER_URL",
@@ -72,7 +72,7 @@ def worker_side(bundle: Path, paths: list[Path], workdir: Path, chunk: int) -> f
     settings = load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()})
     log = (workdir / "worker.log").open("wb")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "worker", "--concurrency", "1",
+        [sys.executable, "-m", "onnxcam.cli", "worker", "--concurrency", "1",
          "--loglevel", "WARNING"],
         env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
     )

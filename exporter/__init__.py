@@ -5,8 +5,8 @@ TensorFlow and tf2onnx are imported only when a Keras model is converted.
 
 from __future__ import annotations
 
-from exporter.layers import LayerInfo, describe
-from exporter.pipeline import ExportResult, build_bundle, export, list_layers, load_source
+from onnxcam.exporter.layers import LayerInfo, describe
+from onnxcam.exporter.pipeline import ExportResult, build_bundle, export, list_layers, load_source
 
 __all__ = [
     "ExportResult",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker.errors import LayerNotFoundError, UnsupportedModelError
+from onnxcam.errors import LayerNotFoundError, UnsupportedModelError
 
 CONV, MERGE, ACTIVATION, OTHER = "conv", "merge", "activation", "other"
 GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalAveragePooling2D",

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-
-from exporter.frontends import SourceModel
-from exporter.graph import prune_unused, real_inputs, rename_tensors, tensor_names, toposort
-from exporter.layers import LayerInfo
-from exporter.passes.add_cam import add_cam
-from exporter.passes.add_fd_weights import add_fd_weights
-from exporter.passes.add_gradients import (
+from onnxcam.exporter.frontends import SourceModel
+from onnxcam.exporter.layers import LayerInfo
+from onnxcam.exporter.passes.add_cam import add_cam
+from onnxcam.exporter.passes.add_fd_weights import add_fd_weights
+from onnxcam.exporter.passes.add_gradients import (
     add_gradients,
     add_guided_gradients,
     head_tensors,
@@ -24,13 +20,14 @@ from exporter.passes.add_gradients import (
     source_of,
     unsupported_ops,
 )
-from exporter.passes.embed_preprocessing import embed_preprocessing
-from exporter.passes.expose_activation import expose_activation
-from exporter.passes.linearize_logits import linearize_logits
-from exporter.shapes import probe_shapes
-from exporter.verify import Report, verify_bundle
-from worker import __version__
-from worker.bundle import (
+from onnxcam.exporter.passes.embed_preprocessing import embed_preprocessing
+from onnxcam.exporter.passes.expose_activation import expose_activation
+from onnxcam.exporter.passes.linearize_logits import linearize_logits
+from onnxcam.exporter.shapes import probe_shapes
+from onnxcam.exporter.verify import Report, verify_bundle
+
+from onnxcam import __version__
+from onnxcam.bundle import (
     GRADIENT_MODES,
     OUTPUT_ACTIVATIONS,
     OUTPUT_GUIDED_INPUT_GRADIENTS,
@@ -41,7 +38,9 @@ from worker.bundle import (
     LayerEntry,
     layer_output,
 )
-from worker.errors import ExportError, UnsupportedModelError, UnsupportedOpError
+from onnxcam.errors import ExportError, UnsupportedModelError, UnsupportedOpError
+from onnxcam.files import atomic_write
+from onnxcam.graph import prune_unused, real_inputs, rename_tensors, tensor_names, toposort
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +80,11 @@ def load_source(
     if not path.exists():
         raise UnsupportedModelError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".onnx":
-        from exporter.frontends import onnx as onnx_frontend
+        from onnxcam.exporter.frontends import onnx as onnx_frontend
 
         return onnx_frontend.load(path, layer, layout, input_size, opset)
     if path.is_dir() or path.suffix.lower() in (".keras", ".h5", ".hdf5"):
-        from exporter.frontends import keras as keras_frontend
+        from onnxcam.exporter.frontends import keras as keras_frontend
 
         return keras_frontend.load(path, layer, opset)
     raise UnsupportedModelError(
@@ -103,12 +102,12 @@ def list_layers(
     if not path.exists():
         raise UnsupportedModelError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".onnx":
-        from exporter.frontends import onnx as onnx_frontend
+        from onnxcam.exporter.frontends import onnx as onnx_frontend
 
         return onnx_frontend.prepare(path, layout, input_size, 17).layers
     if path.is_dir():
         return load_source(path).layers
-    from exporter.frontends import keras as keras_frontend
+    from onnxcam.exporter.frontends import keras as keras_frontend
 
     return keras_frontend.list_layers(path)
 
@@ -256,19 +255,6 @@ def differentiate_exactly(
         add_guided_gradients(model, shapes, start, whole.layout)
 
 
-def save_atomic(model: onnx.ModelProto, out: Path) -> None:
-    """Write to a temporary file beside ``out`` and rename: no partial bundle, ever."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(model.SerializeToString())
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def export(
     src: str | Path,
     out: str | Path,
@@ -295,5 +281,5 @@ def export(
     bundle, info = build_bundle(source, preprocess, label_list, gradient, input_gradients,
                                 guided)
     report = verify_bundle(bundle, info, source) if verify else None
-    save_atomic(bundle, Path(out))
+    atomic_write(Path(out), bundle.SerializeToString())
     return ExportResult(Path(out), info, report)

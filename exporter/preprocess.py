@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.bundle import PREPROCESS_MODES
-from worker.errors import UnsupportedModelError
+from onnxcam.bundle import PREPROCESS_MODES
+from onnxcam.errors import UnsupportedModelError
 
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float64)
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float64)

@@ -11,11 +11,11 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 from onnx import helper
+from onnxcam.exporter.vjp.context import TensorShape
 
-from exporter.vjp.context import TensorShape
-from worker.bundle import INPUT_IMAGE
-from worker.errors import UnsupportedModelError
-from worker.runtime import cpu_session
+from onnxcam.bundle import INPUT_IMAGE
+from onnxcam.errors import UnsupportedModelError
+from onnxcam.runtime import cpu_session
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -16,12 +16,12 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnxcam.exporter.frontends import SourceModel
+from onnxcam.exporter.passes.add_gradients import head_nodes, source_of
+from onnxcam.exporter.preprocess import preprocess_numpy
+from onnxcam.exporter.shapes import random_images, run_with_outputs
 
-from exporter.frontends import SourceModel
-from exporter.passes.add_gradients import head_nodes, source_of
-from exporter.preprocess import preprocess_numpy
-from exporter.shapes import random_images, run_with_outputs
-from worker.bundle import (
+from onnxcam.bundle import (
     INPUT_IMAGE,
     INPUT_TARGET,
     OUTPUT_ACTIVATIONS,
@@ -33,8 +33,8 @@ from worker.bundle import (
     BundleInfo,
     LayerEntry,
 )
-from worker.errors import VerificationError
-from worker.runtime import cpu_session
+from onnxcam.errors import VerificationError
+from onnxcam.runtime import cpu_session
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
+    from onnxcam.worker.service.settings import Settings
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -52,7 +52,7 @@ def service_env(broker_url: str, store: Path, roots: Path, **extra: str) -> dict
 
 def settings_for(env: Mapping[str, str]) -> Settings:
     """What a client in ``env`` would read."""
-    from worker.settings import load_settings
+    from onnxcam.worker.service.settings import load_settings
 
     return load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()
                             if k.startswith("ONNXCAM_")})
@@ -61,7 +61,7 @@ def settings_for(env: Mapping[str, str]) -> Settings:
 def console() -> list[str]:
     """The installed ``onnxcam`` console script, or the module when it is not installed."""
     path = shutil.which("onnxcam")
-    return [path] if path else [sys.executable, "-m", "worker.cli"]
+    return [path] if path else [sys.executable, "-m", "onnxcam.cli"]
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:

@@ -1,32 +1,12 @@
-"""onnxcam's serving side: bundles in, heatmaps out, on onnxruntime alone."""
+"""The engine: bundles and images in, heatmaps out, on onnxruntime alone.
+
+It is the ground floor of the worker side: the service (``onnxcam.worker.service``)
+and the audit (``onnxcam.worker.audit``) stand on it, and it imports neither.
+"""
 
 from __future__ import annotations
 
-from worker.bundle import BundleInfo, read_bundle_info
-from worker.engine import Explainer, Explanation
-from worker.errors import (
-    BadImageError,
-    BadMethodError,
-    BadTargetError,
-    BundleError,
-    ExportError,
-    JobError,
-    OnnxcamError,
-)
+from onnxcam.worker.engine import Explainer, Explanation
+from onnxcam.worker.maps import heatmaps, overlay
 
-__version__ = "0.1.0"
-
-__all__ = [
-    "BadImageError",
-    "BadMethodError",
-    "BadTargetError",
-    "BundleError",
-    "BundleInfo",
-    "Explainer",
-    "Explanation",
-    "ExportError",
-    "JobError",
-    "OnnxcamError",
-    "__version__",
-    "read_bundle_info",
-]
+__all__ = ["Explainer", "Explanation", "heatmaps", "overlay"]

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnxcam.worker.images import DEFAULT_LIMITS, Limits, load_image, resize
+from onnxcam.worker.maps import heatmaps as to_heatmaps
+from onnxcam.worker.methods import CamMethod, InputMethod, LayerMaps, MethodOptions, get_method
 
-from worker.bundle import (
+from onnxcam.bundle import (
     INPUT_IMAGE,
     INPUT_TARGET,
     LAYER_OUTPUTS,
@@ -29,11 +32,8 @@ from worker.bundle import (
     read_bundle_info,
     split_at_model_input,
 )
-from worker.errors import BadMethodError, BadTargetError, BundleError
-from worker.images import DEFAULT_LIMITS, Limits, load_image, resize
-from worker.maps import heatmaps as to_heatmaps
-from worker.methods import CamMethod, InputMethod, LayerMaps, MethodOptions, get_method
-from worker.runtime import make_session
+from onnxcam.errors import BadMethodError, BadTargetError, BundleError
+from onnxcam.runtime import make_session
 
 log = logging.getLogger(__name__)
 

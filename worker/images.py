@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from worker.errors import BadImageError, MissingImageError
+from onnxcam.errors import BadImageError, MissingImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 64 * 2**20

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnxcam.worker.engine import Explainer, Explanation
+from onnxcam.worker.images import load_image, resize
+from onnxcam.worker.maps import heatmaps, overlay
 from PIL import Image, ImageDraw
 
-from worker.engine import Explainer, Explanation
-from worker.errors import BadMethodError, OnnxcamError
-from worker.images import load_image, resize
-from worker.maps import heatmaps, overlay
-from worker.store import atomic_write
+from onnxcam.errors import BadMethodError, OnnxcamError
+from onnxcam.files import atomic_write
 
 log = logging.getLogger(__name__)
 

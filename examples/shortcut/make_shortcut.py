@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     out = parser.parse_args().out
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from exporter import export
+    from onnxcam.exporter import export
 
     rng = np.random.default_rng(2024)
     model = train(*training_set(rng))

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx as onnx_lib
-
-from exporter.layers import LayerInfo
+from onnxcam.exporter.layers import LayerInfo
 
 
 @dataclass

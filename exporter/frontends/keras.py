@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of
+from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 
-from exporter.frontends import Reference, SourceModel, Tap, sha256_of
-from exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
-from worker.errors import UnsupportedModelError
+from onnxcam.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,7 @@ def load_saved_model(
     frontend picks the layer; logits are verified against the signature itself."""
     tf, _ = _import_tf()
     import tf2onnx
-
-    from exporter.frontends import onnx as onnx_frontend
+    from onnxcam.exporter.frontends import onnx as onnx_frontend
 
     try:
         loaded = tf.saved_model.load(str(path))

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper
+from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of
+from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
+from onnxcam.exporter.shapes import run_with_outputs
 
-from exporter.frontends import Reference, SourceModel, Tap, sha256_of
-from exporter.graph import backward_reachable, opset_version, producers, real_inputs, toposort
-from exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
-from exporter.shapes import run_with_outputs
-from worker.errors import UnsupportedModelError
+from onnxcam.errors import UnsupportedModelError
+from onnxcam.graph import backward_reachable, opset_version, producers, real_inputs, toposort
 
 log = logging.getLogger(__name__)
 

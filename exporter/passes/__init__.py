@@ -2,7 +2,7 @@
 
 Each pass takes a model and returns a ``PassResult``: the model and whether the
 pass changed anything. Passes find each other's work through the bundle's
-output names (``worker.bundle``), so they chain without hidden state.
+output names (``onnxcam.bundle``), so they chain without hidden state.
 """
 
 from __future__ import annotations

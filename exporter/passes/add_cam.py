@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import onnx
 from onnx import helper
+from onnxcam.exporter.passes import PassResult
 
-from exporter.graph import GraphBuilder, float_output, opset_version, reduce
-from exporter.passes import PassResult
-from worker.bundle import (
+from onnxcam.bundle import (
     OUTPUT_ACTIVATIONS,
     OUTPUT_CAM,
     OUTPUT_GRADIENTS,
     OUTPUT_WEIGHTS,
     layer_output,
 )
+from onnxcam.graph import GraphBuilder, float_output, opset_version, reduce
 
 
 def axes_for(layout: str) -> tuple[int, list[int]]:

@@ -15,12 +15,17 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 from onnx import helper
+from onnxcam.exporter.passes import PassResult
+from onnxcam.exporter.passes.add_gradients import (
+    add_target_input,
+    chosen_class,
+    head_nodes,
+    source_of,
+)
+from onnxcam.exporter.vjp.context import TensorShape
 
-from exporter.graph import GraphBuilder, attrs, consumers, float_output, opset_version, reduce
-from exporter.passes import PassResult
-from exporter.passes.add_gradients import add_target_input, chosen_class, head_nodes, source_of
-from exporter.vjp.context import TensorShape
-from worker.bundle import OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, OUTPUT_WEIGHTS
+from onnxcam.bundle import OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, OUTPUT_WEIGHTS
+from onnxcam.graph import GraphBuilder, attrs, consumers, float_output, opset_version, reduce
 
 # Perturbed activation copies held at once, in bytes.
 CHUNK_BYTES = 64 * 2**20

@@ -13,20 +13,11 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 from onnx import helper
+from onnxcam.exporter.passes import PassResult
+from onnxcam.exporter.vjp import load_rules
+from onnxcam.exporter.vjp.context import TensorShape, VjpContext
 
-from exporter.graph import (
-    GraphBuilder,
-    backward_reachable,
-    float_output,
-    forward_reachable,
-    initializer_values,
-    opset_version,
-    producers,
-)
-from exporter.passes import PassResult
-from exporter.vjp import load_rules
-from exporter.vjp.context import TensorShape, VjpContext
-from worker.bundle import (
+from onnxcam.bundle import (
     INPUT_TARGET,
     OUTPUT_GRADIENTS,
     OUTPUT_GUIDED_INPUT_GRADIENTS,
@@ -35,7 +26,16 @@ from worker.bundle import (
     is_activation_output,
     layer_output,
 )
-from worker.errors import UnsupportedOpError
+from onnxcam.errors import UnsupportedOpError
+from onnxcam.graph import (
+    GraphBuilder,
+    backward_reachable,
+    float_output,
+    forward_reachable,
+    initializer_values,
+    opset_version,
+    producers,
+)
 
 
 def source_of(graph: onnx.GraphProto, output: str) -> str:

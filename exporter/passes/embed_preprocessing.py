@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper
+from onnxcam.exporter.passes import PassResult
+from onnxcam.exporter.preprocess import affine_for
 
-from exporter.graph import GraphBuilder, real_inputs
-from exporter.passes import PassResult
-from exporter.preprocess import affine_for
-from worker.bundle import INPUT_IMAGE
+from onnxcam.bundle import INPUT_IMAGE
+from onnxcam.graph import GraphBuilder, real_inputs
 
 
 def embed_preprocessing(

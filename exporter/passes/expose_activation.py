@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnxcam.exporter.passes import PassResult
 
-from exporter.graph import attrs, consumers, float_output, producers, tensor_names, toposort
-from exporter.passes import PassResult
-from worker.bundle import OUTPUT_ACTIVATIONS
-from worker.errors import ExportError
+from onnxcam.bundle import OUTPUT_ACTIVATIONS
+from onnxcam.errors import ExportError
+from onnxcam.graph import attrs, consumers, float_output, producers, tensor_names, toposort
 
 
 def static_tail(graph: onnx.GraphProto, name: str) -> list[int] | None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import onnx
 from onnx import helper
+from onnxcam.exporter.passes import PassResult
 
-from exporter.graph import float_output, producers
-from exporter.passes import PassResult
-from worker.bundle import OUTPUT_LOGITS, is_activation_output
-from worker.errors import UnsupportedModelError
+from onnxcam.bundle import OUTPUT_LOGITS, is_activation_output
+from onnxcam.errors import UnsupportedModelError
+from onnxcam.graph import float_output, producers
 
 SQUASHING = ("Softmax", "Sigmoid", "LogSoftmax")
 PASS_THROUGH = ("Identity",)

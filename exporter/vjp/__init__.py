@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import onnx
-
-from exporter.vjp.context import VjpContext
+from onnxcam.exporter.vjp.context import VjpContext
 
 Rule = Callable[[VjpContext, onnx.NodeProto, list[str | None]], list[str | None]]
 
@@ -32,7 +31,7 @@ def rule(*op_types: str) -> Callable[[Rule], Rule]:
 
 def load_rules() -> dict[str, Rule]:
     """Import every rule module once and return the registry."""
-    from exporter.vjp import elementwise, linear, pooling, shape  # noqa: F401
+    from onnxcam.exporter.vjp import elementwise, linear, pooling, shape  # noqa: F401
 
     return RULES
 

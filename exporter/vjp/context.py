@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exporter.graph import GraphBuilder, reduce
+from onnxcam.graph import GraphBuilder, reduce
 
 
 @dataclass(frozen=True)

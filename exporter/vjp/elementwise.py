@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import onnx
+from onnxcam.exporter.vjp import rule
+from onnxcam.exporter.vjp.context import VjpContext
 
-from exporter.graph import attrs
-from exporter.vjp import rule
-from exporter.vjp.context import VjpContext
+from onnxcam.graph import attrs
 
 Grads = list[str | None]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnxcam.exporter.vjp import rule
+from onnxcam.exporter.vjp.context import VjpContext
+from onnxcam.exporter.vjp.linear import explicit_pads
 
-from exporter.graph import attrs
-from exporter.vjp import rule
-from exporter.vjp.context import VjpContext
-from exporter.vjp.linear import explicit_pads
+from onnxcam.graph import attrs
 
 Grads = list[str | None]
 

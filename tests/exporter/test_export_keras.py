@@ -23,10 +23,10 @@ import onnxruntime as ort
 import pytest
 from checks import assert_close
 from models import KERAS_BUILDERS
+from onnxcam.exporter import export
 
-from exporter import export
-from worker import __version__
-from worker.bundle import BundleInfo, read_bundle_info
+from onnxcam import __version__
+from onnxcam.bundle import BundleInfo, read_bundle_info
 
 pytestmark = pytest.mark.tf
 
@@ -373,7 +373,7 @@ def test_inner_layer_of_nested_model(workspace: Workspace, name: str, layer: str
 
 
 def test_unknown_layer(workspace: Workspace, tmp_path: Path) -> None:
-    from worker.errors import LayerNotFoundError
+    from onnxcam.errors import LayerNotFoundError
 
     with pytest.raises(LayerNotFoundError) as caught:
         export(workspace.source("nested_transfer"), tmp_path / "b.onnx", layer="nope")
@@ -425,8 +425,7 @@ def test_fd_paths(workspace: Workspace, name: str, layer: str, affine: bool) -> 
         assert float(props["onnxcam.fd_epsilon"]) == 1.0
     else:
         import onnx
-
-        from exporter.passes.add_fd_weights import CHUNK_BYTES
+        from onnxcam.exporter.passes.add_fd_weights import CHUNK_BYTES
 
         graph = onnx.load(str(exported.bundle)).graph
         assert any(node.op_type == "Loop" for node in graph.node)

@@ -16,15 +16,16 @@ from pathlib import Path
 import models
 import numpy as np
 import onnx
+import onnxcam.exporter.verify
 import onnxruntime as ort
 import pytest
 from checks import assert_close
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnxcam.exporter import export
 
-from exporter import export
-from worker.bundle import read_bundle_info
-from worker.errors import (
+from onnxcam.bundle import read_bundle_info
+from onnxcam.errors import (
     LayerNotFoundError,
     UnsupportedModelError,
     UnsupportedOpError,
@@ -576,10 +577,9 @@ def test_nhwc_source_from_tf2onnx(tmp_path: Path) -> None:
 
 
 def test_verification_failure_raises(tmp_path: Path, cnn, monkeypatch: pytest.MonkeyPatch) -> None:
-    import exporter.verify
 
     _, src, _ = cnn
-    monkeypatch.setattr(exporter.verify, "EXACT_TOLERANCE", 1e-30)
+    monkeypatch.setattr(onnxcam.exporter.verify, "EXACT_TOLERANCE", 1e-30)
     out = tmp_path / "out" / "bundle.onnx"
     with pytest.raises(VerificationError):
         export(src, out)

@@ -1,4 +1,4 @@
-"""Graph helpers (``exporter.graph``) and the simple passes, on tiny hand-built graphs."""
+"""Graph helpers (``onnxcam.graph``) and the simple passes, on tiny hand-built graphs."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcam.exporter.passes.embed_preprocessing import embed_preprocessing
+from onnxcam.exporter.passes.linearize_logits import linearize_logits
+from onnxcam.exporter.preprocess import preprocess_numpy
 
-from exporter.graph import forward_reachable, prune_unused, toposort
-from exporter.passes.embed_preprocessing import embed_preprocessing
-from exporter.passes.linearize_logits import linearize_logits
-from exporter.preprocess import preprocess_numpy
-from worker.bundle import INPUT_IMAGE, OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, PREPROCESS_MODES
-from worker.runtime import cpu_session
+from onnxcam.bundle import INPUT_IMAGE, OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, PREPROCESS_MODES
+from onnxcam.graph import forward_reachable, prune_unused, toposort
+from onnxcam.runtime import cpu_session
 
 OPSET = 17
 

@@ -16,12 +16,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnxcam.exporter.shapes import run_with_outputs
+from onnxcam.exporter.vjp import load_rules
+from onnxcam.exporter.vjp.context import TensorShape, VjpContext
 
-from exporter.graph import GraphBuilder, forward_reachable, initializer_values
-from exporter.shapes import run_with_outputs
-from exporter.vjp import load_rules
-from exporter.vjp.context import TensorShape, VjpContext
-from worker.runtime import cpu_session
+from onnxcam.graph import GraphBuilder, forward_reachable, initializer_values
+from onnxcam.runtime import cpu_session
 
 OPSET = 17
 STEP = 1e-6  # central-difference step in float64

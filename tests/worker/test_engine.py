@@ -1,5 +1,5 @@
 """``Explainer.explain`` end to end: files, PIL images and arrays in, consistent results out,
-and every kind of bad input refused with a clear error from ``worker.errors``."""
+and every kind of bad input refused with a clear error from ``onnxcam.errors``."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcam.exporter import export
+from onnxcam.worker import Explainer, Explanation
+from onnxcam.worker.images import Limits
 from PIL import Image
 
-from exporter import export
-from worker import Explainer, Explanation
-from worker.errors import (
+from onnxcam.errors import (
     BadImageError,
     BadMethodError,
     BadTargetError,
     BundleError,
     OnnxcamError,
 )
-from worker.images import Limits
 
 LABELS = ["cat", "dog", "fox", "owl", "yak"]
 GREY_SIZE = (20, 24)  # H, W of the 1-channel ONNX model: not square, on purpose

@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner, Result
+from onnxcam.exporter import export
+from onnxcam.worker import Explainer
+from onnxcam.worker.images import load_image
+from onnxcam.worker.maps import heatmaps
 from PIL import Image
 
-from exporter import export
-from worker import Explainer
-from worker.cli import main
-from worker.images import load_image
-from worker.maps import heatmaps
+from onnxcam.cli import main
 
 LABELS = ["cat", "dog", "fox", "owl", "yak"]
 SIZES = {"wide": (21, 40), "tall": (50, 19), "grey": (33, 33)}  # H, W; the bundle is 16x16
@@ -281,9 +281,9 @@ def test_gradient_methods_write_maps_at_the_images_size(
 
 
 def test_layers_strip(tmp_path: Path, gradient_bundle: Path, images: dict[str, Path]) -> None:
-    from worker.images import resize
-    from worker.maps import overlay
-    from worker.outputs import STRIP_GAP, STRIP_MAX_HEIGHT, STRIP_MIN_HEIGHT
+    from onnxcam.worker.images import resize
+    from onnxcam.worker.maps import overlay
+    from onnxcam.worker.outputs import STRIP_GAP, STRIP_MAX_HEIGHT, STRIP_MIN_HEIGHT
 
     out = tmp_path / "out"
     result = run(gradient_bundle, *images.values(), "--out", out, "--layers-strip")

@@ -10,11 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnxcam.worker.images import (
+    Limits,
+    array_image,
+    decode,
+    load_image,
+    read_bytes,
+    resize,
+    to_array,
+)
+from onnxcam.worker.maps import heatmaps, interpolation_matrix, jet, normalize, overlay, resize_maps
 from PIL import Image, ImageFile
 
-from worker.errors import BadImageError
-from worker.images import Limits, array_image, decode, load_image, read_bytes, resize, to_array
-from worker.maps import heatmaps, interpolation_matrix, jet, normalize, overlay, resize_maps
+from onnxcam.errors import BadImageError
 
 # ------------------------------------------------------------------------------ helpers
 

@@ -12,11 +12,23 @@ import numpy as np
 import onnx
 import pytest
 from checks import assert_close
+from onnxcam.exporter import export
+from onnxcam.worker import Explainer
+from onnxcam.worker.maps import heatmaps
+from onnxcam.worker.service.jobs import (
+    ImageRef,
+    JobSpec,
+    ModelCache,
+    allowed_path,
+    fetch,
+    parse_job,
+    run_job,
+)
+from onnxcam.worker.service.settings import load_settings
+from onnxcam.worker.service.store import Store, sha256_hex
 from PIL import Image
 
-from exporter import export
-from worker import Explainer
-from worker.errors import (
+from onnxcam.errors import (
     BadMethodError,
     ForbiddenPathError,
     MalformedJobError,
@@ -26,10 +38,6 @@ from worker.errors import (
     StoreUnavailableError,
     UnknownBundleError,
 )
-from worker.jobs import ImageRef, JobSpec, ModelCache, allowed_path, fetch, parse_job, run_job
-from worker.maps import heatmaps
-from worker.settings import load_settings
-from worker.store import Store, sha256_hex
 
 LABELS = ["cat", "dog", "bus", "car", "snow"]
 
@@ -163,8 +171,9 @@ def test_fetch_sources(store: Store, images: dict[str, Path]) -> None:
 
 def test_oversized_objects_are_refused_before_reading(store: Store,
                                                      images: dict[str, Path]) -> None:
-    from worker.errors import BadImageError
-    from worker.images import Limits
+    from onnxcam.worker.images import Limits
+
+    from onnxcam.errors import BadImageError
 
     data = images["a.png"].read_bytes()
     uri = store.put("images/a.png", data)
@@ -363,11 +372,12 @@ class FlakyStore(Store):
 
 def run_task(monkeypatch: pytest.MonkeyPatch, store: Store, settings, message: dict,
              job_id: str):  # noqa: ANN201 - EagerResult
-    import worker.tasks
+    import onnxcam.worker.service.tasks
 
     cache = ModelCache(store, 1, "cpu")
-    monkeypatch.setattr(worker.tasks, "process_state", lambda: (settings, store, cache))
-    return worker.tasks.explain.apply(args=[message], task_id=job_id, throw=False)
+    monkeypatch.setattr(onnxcam.worker.service.tasks, "process_state",
+                        lambda: (settings, store, cache))
+    return onnxcam.worker.service.tasks.explain.apply(args=[message], task_id=job_id, throw=False)
 
 
 def test_task_retries_transient_store_failures(monkeypatch: pytest.MonkeyPatch, bundle: bytes,
@@ -384,10 +394,10 @@ def test_task_retries_transient_store_failures(monkeypatch: pytest.MonkeyPatch, 
 def test_task_never_retries_bad_input(monkeypatch: pytest.MonkeyPatch, bundle: bytes,
                                       settings, store: Store,
                                       images: dict[str, Path]) -> None:
-    import worker.tasks
+    import onnxcam.worker.service.tasks
 
-    assert StoreUnavailableError in worker.tasks.RETRY_FOR
-    assert not any(issubclass(MalformedJobError, e) for e in worker.tasks.RETRY_FOR)
+    assert StoreUnavailableError in onnxcam.worker.service.tasks.RETRY_FOR
+    assert not any(issubclass(MalformedJobError, e) for e in onnxcam.worker.service.tasks.RETRY_FOR)
     result = run_task(monkeypatch, store, settings, {"v": 1, "images": 3}, "job-bad")
     assert result.failed() and isinstance(result.result, MalformedJobError)
     assert result.traceback is not None
@@ -400,7 +410,7 @@ def test_no_broker_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, folder: P
     from click.testing import CliRunner
     from service import free_port
 
-    from worker.cli import main
+    from onnxcam.cli import main
 
     (folder / "b.onnx").write_bytes(bundle)
     monkeypatch.setenv("ONNXCAM_BROKER_URL", f"redis://:secret@127.0.0.1:{free_port()}/0")
@@ -416,9 +426,9 @@ def test_no_broker_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, folder: P
 
 def test_worker_help_lists_every_setting() -> None:
     from click.testing import CliRunner
+    from onnxcam.worker.service.settings import Settings
 
-    from worker.cli import main
-    from worker.settings import Settings
+    from onnxcam.cli import main
 
     shown = CliRunner().invoke(main, ["worker", "--help"])
     assert shown.exit_code == 0

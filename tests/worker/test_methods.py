@@ -19,10 +19,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
-
-from exporter import export
-from exporter.preprocess import preprocess_numpy
-from worker import Explainer, Explanation
+from onnxcam.exporter import export
+from onnxcam.exporter.preprocess import preprocess_numpy
+from onnxcam.worker import Explainer, Explanation
 
 METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam"]
 TARGETS = np.array([0, 3, 1, 4], np.int64)  # mixed classes, one per image; both models have 5

@@ -17,16 +17,15 @@ import numpy as np
 import onnx
 import pytest
 from checks import assert_close
+from onnxcam.exporter import export
+from onnxcam.worker import Explainer
+from onnxcam.worker.maps import heatmaps
+from onnxcam.worker.service.client import Job, job_status, send, submit
+from onnxcam.worker.service.jobs import ImageRef, JobSpec
+from onnxcam.worker.service.settings import load_settings
+from onnxcam.worker.service.store import Store
 from PIL import Image
 from service import console, redis_url, service_env, settings_for, start_worker, wait_for
-
-from exporter import export
-from worker import Explainer
-from worker.client import Job, job_status, send, submit
-from worker.jobs import ImageRef, JobSpec
-from worker.maps import heatmaps
-from worker.settings import load_settings
-from worker.store import Store
 
 pytestmark = pytest.mark.slow
 LABELS = ["cat", "dog", "bus", "car", "snow"]
@@ -147,7 +146,7 @@ def test_command_line(worker, bundle: Path, images: dict[str, Path], env: dict[s
 
 def test_bad_input_never_stops_the_worker(worker, bundle: Path, images: dict[str, Path],
                                           settings, tmp_path: Path) -> None:
-    from worker.client import _app
+    from onnxcam.worker.service.client import _app
 
     outside = tmp_path / "outside.png"
     Image.new("RGB", (8, 8)).save(outside)
@@ -359,7 +358,7 @@ def test_soft_time_limit_fails_the_job(bundle: Path, big_images: list[Path],
 
 
 def test_app_configuration_holds_the_guarantees() -> None:
-    from worker.app import make_app
+    from onnxcam.worker.service.app import make_app
 
     settings = load_settings(visibility_timeout=77, max_memory_per_child=123456,
                              soft_time_limit=5, time_limit=9)
@@ -380,7 +379,7 @@ def test_redis_with_tls_and_a_password(bundle: Path, images: dict[str, Path],
     from click.testing import CliRunner
     from service import free_port, make_tls_certificates, start_tls_redis
 
-    from worker.cli import main
+    from onnxcam.cli import main
 
     certificates = make_tls_certificates(tmp_path)
     port = free_port()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from worker.audit.backend import AuditRow, Backend, ExplainSettings, LocalBackend, RowOutcome
-from worker.audit.runner import AuditOptions, run_audit
-from worker.audit.summary import Summary, Thresholds
+from onnxcam.worker.audit.backend import (
+    AuditRow,
+    Backend,
+    ExplainSettings,
+    LocalBackend,
+    RowOutcome,
+)
+from onnxcam.worker.audit.runner import AuditOptions, run_audit
+from onnxcam.worker.audit.summary import Summary, Thresholds
 
 __all__ = [
     "AuditOptions",

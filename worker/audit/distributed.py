@@ -1,6 +1,6 @@
 """The audit across the workers: each chunk of rows becomes one explain job.
 
-The workers decode, explain and store heatmaps as for any job (``worker.jobs``);
+The workers decode, explain and store heatmaps as for any job (``onnxcam.worker.service.jobs``);
 this backend keeps a bounded number of jobs in flight, and turns each finished
 job's records and raw maps back into ``RowOutcome``s. The runner computes the
 metrics from the raw maps exactly as in-process, so both give the same numbers.
@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from worker.audit.backend import AuditRow, ExplainSettings, RowOutcome
-from worker.client import celery_status, job_records, read_bundle, submit
-from worker.jobs import image_key
-from worker.settings import Settings, load_settings
-from worker.store import Store
+from onnxcam.worker.audit.backend import AuditRow, ExplainSettings, RowOutcome
+from onnxcam.worker.service.client import celery_status, job_records, read_bundle, submit
+from onnxcam.worker.service.jobs import image_key
+from onnxcam.worker.service.settings import Settings, load_settings
+from onnxcam.worker.service.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnxcam.worker.audit.backend import AuditRow, load_source, read_source
+from onnxcam.worker.audit.manifest import region_of
+from onnxcam.worker.audit.summary import BINS, Summary
+from onnxcam.worker.images import DEFAULT_LIMITS
+from onnxcam.worker.maps import heatmaps, overlay
+from onnxcam.worker.outputs import png_bytes
 from PIL import Image
 
-from worker.audit.backend import AuditRow, load_source, read_source
-from worker.audit.manifest import region_of
-from worker.audit.summary import BINS, Summary
-from worker.errors import OnnxcamError
-from worker.images import DEFAULT_LIMITS
-from worker.maps import heatmaps, overlay
-from worker.outputs import atomic_write, png_bytes
+from onnxcam.errors import OnnxcamError
+from onnxcam.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from worker.errors import AuditError
+from onnxcam.errors import AuditError
 
 COLUMNS = (
     "image", "label", "pred", "score", "correct", "energy_in_box", "pointing_hit", "heatmap",

@@ -20,19 +20,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnxcam.worker.audit import results as results_file
+from onnxcam.worker.audit.backend import (
+    EXPLAIN_MODES,
+    AuditRow,
+    Backend,
+    ExplainSettings,
+    RowOutcome,
+)
+from onnxcam.worker.audit.manifest import RowProblem, count_rows, read_manifest, region_of
+from onnxcam.worker.audit.metrics import energy_in_box, pointing_hit
+from onnxcam.worker.audit.progress import Progress
+from onnxcam.worker.audit.report import write_report
+from onnxcam.worker.audit.results import ResultRow, ResultsWriter
+from onnxcam.worker.audit.summary import Summary, Thresholds, summarize
+from onnxcam.worker.engine import method_for
+from onnxcam.worker.faithfulness import softmax
+from onnxcam.worker.maps import heatmaps
+from onnxcam.worker.outputs import npy_bytes
 
-from worker.audit import results as results_file
-from worker.audit.backend import EXPLAIN_MODES, AuditRow, Backend, ExplainSettings, RowOutcome
-from worker.audit.manifest import RowProblem, count_rows, read_manifest, region_of
-from worker.audit.metrics import energy_in_box, pointing_hit, softmax
-from worker.audit.progress import Progress
-from worker.audit.report import write_report
-from worker.audit.results import ResultRow, ResultsWriter
-from worker.audit.summary import Summary, Thresholds, summarize
-from worker.engine import method_for
-from worker.errors import AuditError, OnnxcamError
-from worker.maps import heatmaps
-from worker.outputs import atomic_write, npy_bytes
+from onnxcam.errors import AuditError, OnnxcamError
+from onnxcam.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.audit.results import ResultRow, read_results
+from onnxcam.worker.audit.results import ResultRow, read_results
 
 BINS = 20  # energy-in-box histogram bins over [0, 1]
 WORST = 10  # worst cases kept of each kind

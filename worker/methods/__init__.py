@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from worker.errors import BadMethodError
-from worker.methods.base import CamMethod, InputMethod, LayerMaps, MethodOptions
-from worker.methods.eigencam import EigenCAM
-from worker.methods.gradcam import GradCAM
-from worker.methods.gradcam_plus_plus import GradCAMPlusPlus
-from worker.methods.guided_backprop import GuidedBackprop
-from worker.methods.guided_gradcam import GuidedGradCAM
-from worker.methods.hirescam import HiResCAM
-from worker.methods.integrated_gradients import IntegratedGradients
-from worker.methods.layercam import LayerCAM
-from worker.methods.saliency import Saliency
-from worker.methods.scorecam import ScoreCAM
-from worker.methods.smoothgrad import SmoothGrad
-from worker.methods.xgradcam import XGradCAM
+from onnxcam.worker.methods.base import CamMethod, InputMethod, LayerMaps, MethodOptions
+from onnxcam.worker.methods.eigencam import EigenCAM
+from onnxcam.worker.methods.gradcam import GradCAM
+from onnxcam.worker.methods.gradcam_plus_plus import GradCAMPlusPlus
+from onnxcam.worker.methods.guided_backprop import GuidedBackprop
+from onnxcam.worker.methods.guided_gradcam import GuidedGradCAM
+from onnxcam.worker.methods.hirescam import HiResCAM
+from onnxcam.worker.methods.integrated_gradients import IntegratedGradients
+from onnxcam.worker.methods.layercam import LayerCAM
+from onnxcam.worker.methods.saliency import Saliency
+from onnxcam.worker.methods.scorecam import ScoreCAM
+from onnxcam.worker.methods.smoothgrad import SmoothGrad
+from onnxcam.worker.methods.xgradcam import XGradCAM
+
+from onnxcam.errors import BadMethodError
 
 METHODS: dict[str, type[CamMethod]] = {
     cls.name: cls

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from worker.bundle import (
+from onnxcam.bundle import (
     LAYER_OUTPUTS,
     OUTPUT_ACTIVATIONS,
     OUTPUT_GRADIENTS,

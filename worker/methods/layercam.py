@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from worker.methods.base import CamMethod, LayerMaps
+from onnxcam.worker.methods.base import CamMethod, LayerMaps
 
 
 class LayerCAM(CamMethod):

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from worker.methods.base import CamMethod, LayerMaps, weighted_sum
+from onnxcam.worker.methods.base import CamMethod, LayerMaps, weighted_sum
 
 EPSILON = 1e-7
 

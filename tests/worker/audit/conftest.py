@@ -11,10 +11,9 @@ import models
 import numpy as np
 import onnx
 import pytest
+from onnxcam.exporter import export
+from onnxcam.worker import Explainer
 from PIL import Image
-
-from exporter import export
-from worker import Explainer
 
 LABELS = ["cat", "dog", "fox", "owl", "yak"]
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from conftest import manifest_rows, write_manifest
+from onnxcam.worker.audit import LocalBackend
+from onnxcam.worker.audit.backend import AuditRow, ExplainSettings, RowOutcome
 
-from worker.audit import LocalBackend
-from worker.audit.backend import AuditRow, ExplainSettings, RowOutcome
-from worker.cli import main
+from onnxcam.cli import main
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -108,7 +108,7 @@ def test_unreachable_broker_is_one_clear_error(tmp_path: Path, manifest: Path,
 
 
 def cli(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "worker.cli", "audit", *map(str, args)]
+    return [sys.executable, "-m", "onnxcam.cli", "audit", *map(str, args)]
 
 
 def lines(path: Path) -> int:

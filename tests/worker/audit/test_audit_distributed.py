@@ -23,7 +23,7 @@ SAME = ("image", "label", "pred", "correct", "pointing_hit", "status", "error", 
 
 
 def audit(*args: str | Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "audit", *map(str, args)],
+    return subprocess.Popen([sys.executable, "-m", "onnxcam.cli", "audit", *map(str, args)],
                             env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "shortcut"
 # The CLI with TensorFlow made unimportable: the example must need only the slim install.
 WITHOUT_TF = ("import sys; sys.modules['tensorflow'] = None; sys.argv[0] = 'onnxcam'; "
-              "from worker.cli import main; main()")
+              "from onnxcam.cli import main; main()")
 
 
 @pytest.fixture(scope="module")

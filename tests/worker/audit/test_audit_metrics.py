@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnxcam.worker import Explainer
+from onnxcam.worker.audit.metrics import box_region, energy_in_box, mask_region, pointing_hit
+from onnxcam.worker.faithfulness import blur, deletion_insertion_auc, softmax, trapezoid_auc
 
-from worker import Explainer
-from worker.audit.metrics import (
-    blur,
-    box_region,
-    deletion_insertion_auc,
-    energy_in_box,
-    mask_region,
-    pointing_hit,
-    softmax,
-    trapezoid_auc,
-)
-from worker.errors import BadRowError
+from onnxcam.errors import BadRowError
 
 
 def test_box_pixels_are_half_open_and_fractions_go_by_pixel_centres() -> None:

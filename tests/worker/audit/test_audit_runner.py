@@ -9,18 +9,19 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import onnxcam.worker.audit
 import pytest
 from conftest import LABELS, manifest_rows, write_manifest
+from onnxcam.worker import Explainer
+from onnxcam.worker.audit import AuditOptions, ExplainSettings, LocalBackend, Thresholds, run_audit
+from onnxcam.worker.audit.backend import AuditRow, RowOutcome
+from onnxcam.worker.audit.metrics import box_region, energy_in_box, pointing_hit
+from onnxcam.worker.audit.results import COLUMNS, resume
+from onnxcam.worker.audit.summary import summarize
+from onnxcam.worker.images import load_image
+from onnxcam.worker.maps import heatmaps
 
-from worker import Explainer
-from worker.audit import AuditOptions, ExplainSettings, LocalBackend, Thresholds, run_audit
-from worker.audit.backend import AuditRow, RowOutcome
-from worker.audit.metrics import box_region, energy_in_box, pointing_hit
-from worker.audit.results import COLUMNS, resume
-from worker.audit.summary import summarize
-from worker.errors import AuditError
-from worker.images import load_image
-from worker.maps import heatmaps
+from onnxcam.errors import AuditError
 
 
 class Quiet:
@@ -217,7 +218,7 @@ def test_faithfulness_columns(tmp_path: Path, manifest: Path,
 
 def test_bad_settings_fail_before_anything_is_written(tmp_path: Path, manifest: Path,
                                                       audit_explainer: Explainer) -> None:
-    from worker.errors import BadMethodError
+    from onnxcam.errors import BadMethodError
 
     with pytest.raises(BadMethodError):
         audit(manifest, tmp_path / "out", LocalBackend(audit_explainer),
@@ -270,8 +271,7 @@ def test_summary_flags_and_notes_by_hand(tmp_path: Path) -> None:
 
 
 def test_the_public_api_is_pinned() -> None:
-    import worker.audit
 
-    assert worker.audit.__all__ == sorted(worker.audit.__all__) == [
+    assert onnxcam.worker.audit.__all__ == sorted(onnxcam.worker.audit.__all__) == [
         "AuditOptions", "AuditRow", "Backend", "ExplainSettings", "LocalBackend",
         "RowOutcome", "Summary", "Thresholds", "run_audit"]

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[3]
 MEASURE = """
 import json, sys
 from pathlib import Path
-from worker import Explainer
-from worker.audit import AuditOptions, LocalBackend, run_audit
-from worker.audit.progress import Progress
+from onnxcam.worker import Explainer
+from onnxcam.worker.audit import AuditOptions, LocalBackend, run_audit
+from onnxcam.worker.audit.progress import Progress
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -1,15 +1,14 @@
 """The Celery application: JSON on the wire, late acks, one message per worker at a time.
 
 ``make_app`` builds it from ``Settings``; ``app`` is the one the ``onnxcam worker``
-command and ``celery -A worker.app`` run.
+command and ``celery -A onnxcam.worker.service.app`` run.
 """
 
 from __future__ import annotations
 
 from celery import Celery
-
-from worker import broker
-from worker.settings import Settings, load_settings
+from onnxcam.worker.service import broker
+from onnxcam.worker.service.settings import Settings, load_settings
 
 QUEUE = "onnxcam"
 EXPLAIN_TASK = "onnxcam.explain"
@@ -18,7 +17,7 @@ EXPLAIN_TASK = "onnxcam.explain"
 def make_app(settings: Settings) -> Celery:
     broker.install()
     app = Celery("onnxcam", broker=settings.broker_url, backend=settings.backend_url,
-                 include=["worker.tasks"])
+                 include=["onnxcam.worker.service.tasks"])
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         # kombu sweeps for jobs whose worker died only every 10 x 10 s by default;

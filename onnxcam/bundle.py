@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.errors import BundleError
+from onnxcam.errors import BundleError
 
 FORMAT_VERSION = 1
 

@@ -17,18 +17,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.bundle import BundleInfo
-from worker.errors import (
+from onnxcam.worker.methods import get_method
+from onnxcam.worker.service.jobs import (
+    ERROR,
+    REQUEST,
+    SUMMARY,
+    ImageRef,
+    JobSpec,
+    image_key,
+    parse_options,
+)
+from onnxcam.worker.service.settings import Settings, load_settings
+from onnxcam.worker.service.store import SHA256, NotInStoreError, Store, bundle_key, job_key
+
+from onnxcam.bundle import BundleInfo
+from onnxcam.errors import (
     BrokerUnavailableError,
     BundleError,
     JobError,
     UnknownBundleError,
     UnknownJobError,
 )
-from worker.jobs import ERROR, REQUEST, SUMMARY, ImageRef, JobSpec, image_key, parse_options
-from worker.methods import get_method
-from worker.settings import Settings, load_settings
-from worker.store import SHA256, NotInStoreError, Store, bundle_key, job_key
 
 STATUSES = ("pending", "started", "done", "failed")
 _CELERY_STATES = {
@@ -39,7 +48,7 @@ _CELERY_STATES = {
 
 @functools.lru_cache(maxsize=4)
 def _app(settings: Settings) -> Any:
-    from worker.app import make_app
+    from onnxcam.worker.service.app import make_app
 
     return make_app(settings)
 
@@ -142,7 +151,7 @@ def submit(
 
 def send(app: Any, spec: JobSpec, store: Store) -> None:
     """Record the request in the store, then queue the message."""
-    from worker.app import EXPLAIN_TASK
+    from onnxcam.worker.service.app import EXPLAIN_TASK
 
     store.put(job_key(spec.job_id, REQUEST), json.dumps(spec.request_record()).encode())
     with broker_errors(app):
@@ -274,9 +283,9 @@ def download(job_id: str, out: Path, settings: Settings) -> list[dict[str, Any]]
     import io
 
     import numpy as np
+    from onnxcam.worker.outputs import npy_bytes, unique_stems
 
-    from worker.outputs import npy_bytes, unique_stems
-    from worker.store import atomic_write
+    from onnxcam.files import atomic_write
 
     store = Store(settings.store_url)
     records = job_records(job_id, store)

@@ -1,6 +1,6 @@
 """Explain jobs as plain functions: parse a message, fetch, explain, store.
 
-Celery's task (``worker.tasks``) is a thin shell around ``run_job``; everything
+Celery's task (``onnxcam.worker.service.tasks``) is a thin shell around ``run_job``; everything
 here runs and is tested without a broker.
 
 A job explains a chunk of images with one bundle. Its outputs live in the store
@@ -27,9 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnxcam.worker.engine import DEFAULT_BATCH, Explainer, Explanation
+from onnxcam.worker.images import Limits, decode, to_array
+from onnxcam.worker.outputs import render
+from onnxcam.worker.service.settings import Settings
+from onnxcam.worker.service.store import (
+    NotInStoreError,
+    ObjectTooLargeError,
+    Store,
+    bundle_key,
+    job_key,
+)
 
-from worker.engine import DEFAULT_BATCH, Explainer, Explanation
-from worker.errors import (
+from onnxcam.errors import (
     BadImageError,
     BadTargetError,
     ForbiddenPathError,
@@ -37,10 +47,6 @@ from worker.errors import (
     MissingImageError,
     OnnxcamError,
 )
-from worker.images import Limits, decode, to_array
-from worker.outputs import render
-from worker.settings import Settings
-from worker.store import NotInStoreError, ObjectTooLargeError, Store, bundle_key, job_key
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +407,7 @@ def _explain(explainer: Explainer, spec: JobSpec, indices: list[int],
 def _faithfulness(explainer: Explainer, images: list[np.ndarray], explanation: Explanation,
                   steps: int) -> list[dict[str, float] | None]:
     """Deletion and insertion AUCs (RISE) of each image's heatmap, batched on the engine."""
-    from worker.audit.metrics import deletion_insertion_auc
+    from onnxcam.worker.faithfulness import deletion_insertion_auc
 
     deletion, insertion = deletion_insertion_auc(explainer, explainer.prepare(images),
                                                  explanation.heatmaps, explanation.targets,

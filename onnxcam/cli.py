@@ -11,9 +11,9 @@ from typing import Any
 
 import click
 
-from worker.bundle import GRADIENT_MODES, LAYOUTS, PREPROCESS_MODES
-from worker.errors import OnnxcamError
-from worker.methods.base import MethodOptions
+from onnxcam.bundle import GRADIENT_MODES, LAYOUTS, PREPROCESS_MODES
+from onnxcam.errors import OnnxcamError
+from onnxcam.worker.methods.base import MethodOptions
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -77,7 +77,7 @@ layout_option = click.option(
 @with_errors
 def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None) -> None:
     """List candidate target layers of SRC; the default is marked with '*'."""
-    from exporter import describe, list_layers
+    from onnxcam.exporter import describe, list_layers
 
     for line in describe(list_layers(src, layout, input_size)):
         click.echo(line)
@@ -111,7 +111,7 @@ def export(
     no_verify: bool, input_gradients: bool, guided: bool,
 ) -> None:
     """Turn the classifier SRC (.keras, .h5, SavedModel folder or .onnx) into a bundle."""
-    from exporter import export as run_export
+    from onnxcam.exporter import export as run_export
 
     result = run_export(
         src, out, layer=list(layers) or None, preprocess=preprocess, labels=labels,
@@ -131,7 +131,7 @@ def export(
 
 
 def parse_formats(value: str) -> list[str]:
-    from worker.outputs import FORMATS
+    from onnxcam.worker.outputs import FORMATS
 
     formats = [part.strip() for part in value.split(",") if part.strip()]
     unknown = [f for f in formats if f not in FORMATS]
@@ -193,8 +193,8 @@ def explain(
     """
     import json
 
-    from worker.engine import Explainer
-    from worker.outputs import explain_files
+    from onnxcam.worker.engine import Explainer
+    from onnxcam.worker.outputs import explain_files
 
     explainer = Explainer(bundle, device=device)
     failures = 0
@@ -220,7 +220,7 @@ EXIT_NOT_DONE = 3
 
 
 def _settings_help() -> str:
-    from worker.settings import describe_settings
+    from onnxcam.worker.service.settings import describe_settings
 
     return "\b\nSettings (environment variables):\n" + describe_settings()
 
@@ -237,7 +237,7 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
     """Run a Celery worker that explains queued jobs (ONNXCAM_* settings below)."""
     logging.basicConfig(level=loglevel, force=True, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    from worker.app import QUEUE, app
+    from onnxcam.worker.service.app import QUEUE, app
 
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
     if concurrency:
@@ -261,7 +261,7 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
 def submit(bundle: Path, images: tuple[str, ...], method: str, target: int | None,
            chunk_size: int | None, samples: int, noise: float, steps: int, seed: int) -> None:
     """Queue explain jobs; print their ids, one per line."""
-    from worker.client import submit as submit_jobs
+    from onnxcam.worker.service.client import submit as submit_jobs
 
     options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed}
     job = submit_jobs(bundle, list(images), method, target, chunk_size=chunk_size,
@@ -275,8 +275,8 @@ def submit(bundle: Path, images: tuple[str, ...], method: str, target: int | Non
 @with_errors
 def status(job_id: str) -> None:
     """Print a job's status: pending, started, done or failed."""
-    from worker.client import job_status
-    from worker.settings import load_settings
+    from onnxcam.worker.service.client import job_status
+    from onnxcam.worker.service.settings import load_settings
 
     click.echo(job_status(job_id, load_settings()))
 
@@ -294,10 +294,10 @@ def result(job_id: str, out: Path, wait_seconds: float, as_json: bool) -> None:
     import json
     import time
 
-    from worker.client import download, job_error, job_status
-    from worker.errors import JobError
-    from worker.settings import load_settings
-    from worker.store import Store
+    from onnxcam.errors import JobError
+    from onnxcam.worker.service.client import download, job_error, job_status
+    from onnxcam.worker.service.settings import load_settings
+    from onnxcam.worker.service.store import Store
 
     settings = load_settings()
     deadline = time.monotonic() + wait_seconds
@@ -360,15 +360,15 @@ def audit(
 ) -> None:
     """Audit where the classifier MODEL looks over SOURCE: a CSV manifest or a folder
     of class subfolders. Writes results.csv, summary.json and report.html to --out."""
-    from worker.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
+    from onnxcam.worker.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
 
     if broker:
-        from worker.audit.distributed import DistributedBackend
+        from onnxcam.worker.audit.distributed import DistributedBackend
 
         backend: Any = DistributedBackend(broker, model=model)
     else:
-        from worker.audit import LocalBackend
-        from worker.engine import Explainer
+        from onnxcam.worker.audit import LocalBackend
+        from onnxcam.worker.engine import Explainer
 
         backend = LocalBackend(Explainer(model, device=device), batch_size=batch_size)
     options = AuditOptions(

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any
 
 import fsspec
 
-from worker.errors import StoreError, StoreUnavailableError, UnknownBundleError
+from onnxcam.errors import StoreError, StoreUnavailableError, UnknownBundleError
+from onnxcam.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +153,3 @@ class Store:
 def _protocols(fs: Any) -> set[str]:
     protocol = fs.protocol
     return {protocol} if isinstance(protocol, str) else set(protocol)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write under a temporary name beside ``path`` and rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
