@@ -27,8 +27,9 @@ SIDES = ("plain", "gradcam", "fd", "tf")
 
 def build_torch(workdir: Path, quick: bool) -> dict:
     """A torchvision-shaped ResNet50 exported by torch.onnx, and its two bundles."""
-    from onnxcam.exporter import export
     from torch_resnet import export_onnx
+
+    from onnxcam.exporter import export
 
     size = 64 if quick else 224
     export_onnx(workdir / "plain.onnx", size)
@@ -104,7 +105,6 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
     used = "cpu"
     if side == "plain":
         from onnxcam.exporter.preprocess import preprocess_numpy
-
         from onnxcam.runtime import make_session
 
         session, used = make_session(str(workdir / "plain.onnx"), device)
@@ -125,6 +125,7 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
     else:
         import keras
         import tensorflow as tf
+
         from onnxcam.exporter.preprocess import preprocess_numpy
 
         model = keras.saving.load_model(workdir / "model.keras", compile=False)

@@ -46,7 +46,6 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
     batches = [data[i : i + batch] for i in range(0, count, batch)]
     if side == "plain":
         from onnxcam.exporter.preprocess import preprocess_numpy
-
         from onnxcam.runtime import make_session
 
         session, used = make_session(str(workdir / "plain.onnx"), device)

@@ -8,6 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+
+from onnxcam import __version__
+from onnxcam.bundle import (
+    GRADIENT_MODES,
+    OUTPUT_ACTIVATIONS,
+    OUTPUT_GUIDED_INPUT_GRADIENTS,
+    OUTPUT_INPUT_GRADIENTS,
+    OUTPUT_LOGITS,
+    RESERVED_NAMES,
+    BundleInfo,
+    LayerEntry,
+    layer_output,
+)
+from onnxcam.errors import ExportError, UnsupportedModelError, UnsupportedOpError
 from onnxcam.exporter.frontends import SourceModel
 from onnxcam.exporter.layers import LayerInfo
 from onnxcam.exporter.passes.add_cam import add_cam
@@ -25,20 +39,6 @@ from onnxcam.exporter.passes.expose_activation import expose_activation
 from onnxcam.exporter.passes.linearize_logits import linearize_logits
 from onnxcam.exporter.shapes import probe_shapes
 from onnxcam.exporter.verify import Report, verify_bundle
-
-from onnxcam import __version__
-from onnxcam.bundle import (
-    GRADIENT_MODES,
-    OUTPUT_ACTIVATIONS,
-    OUTPUT_GUIDED_INPUT_GRADIENTS,
-    OUTPUT_INPUT_GRADIENTS,
-    OUTPUT_LOGITS,
-    RESERVED_NAMES,
-    BundleInfo,
-    LayerEntry,
-    layer_output,
-)
-from onnxcam.errors import ExportError, UnsupportedModelError, UnsupportedOpError
 from onnxcam.files import atomic_write
 from onnxcam.graph import prune_unused, real_inputs, rename_tensors, tensor_names, toposort
 

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 from onnx import helper
-from onnxcam.exporter.vjp.context import TensorShape
 
 from onnxcam.bundle import INPUT_IMAGE
 from onnxcam.errors import UnsupportedModelError
+from onnxcam.exporter.vjp.context import TensorShape
 from onnxcam.runtime import cpu_session
 
 

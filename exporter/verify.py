@@ -16,10 +16,6 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
-from onnxcam.exporter.frontends import SourceModel
-from onnxcam.exporter.passes.add_gradients import head_nodes, source_of
-from onnxcam.exporter.preprocess import preprocess_numpy
-from onnxcam.exporter.shapes import random_images, run_with_outputs
 
 from onnxcam.bundle import (
     INPUT_IMAGE,
@@ -34,6 +30,10 @@ from onnxcam.bundle import (
     LayerEntry,
 )
 from onnxcam.errors import VerificationError
+from onnxcam.exporter.frontends import SourceModel
+from onnxcam.exporter.passes.add_gradients import head_nodes, source_of
+from onnxcam.exporter.preprocess import preprocess_numpy
+from onnxcam.exporter.shapes import random_images, run_with_outputs
 from onnxcam.runtime import cpu_session
 
 log = logging.getLogger(__name__)

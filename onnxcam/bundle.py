@@ -218,6 +218,46 @@ class BundleInfo:
             raise BundleError(f"onnxcam bundle metadata is incomplete or malformed: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle read once: its bytes (for sessions) and its checked metadata."""
+
+    data: bytes
+    info: BundleInfo
+    name: str  # the path, or "bundle" for bytes: how messages name it
+
+
+def read_bundle(source: str | Path | bytes) -> Bundle:
+    """The one bundle reader, for the engine and the client alike.
+
+    ``source`` is a path or the file's bytes. A file that cannot be read, is not ONNX,
+    lacks onnxcam metadata or has other inputs than ``image`` and ``target`` raises
+    ``BundleError`` naming it, before any session is made.
+    """
+    import onnx
+
+    name = "bundle" if isinstance(source, bytes) else str(source)
+    if isinstance(source, bytes):
+        data = source
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{name}: cannot read the bundle ({exc.strerror or exc})") from None
+    try:
+        model = onnx.load_from_string(data)
+    except Exception:  # noqa: BLE001 - any parse failure: not an ONNX file
+        raise BundleError(f"{name}: not an ONNX file") from None
+    try:
+        info = BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
+    except BundleError as exc:
+        raise BundleError(f"{name}: {exc}") from None
+    inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    if inputs != {INPUT_IMAGE, INPUT_TARGET}:
+        raise BundleError(f"{name}: bundle inputs are {sorted(inputs)}, expected image and target")
+    return Bundle(data, info, name)
+
+
 def read_bundle_info(source: str | Path | Any) -> BundleInfo:
     """Read a bundle's metadata from a path, an ``onnx.ModelProto`` or an ORT session."""
     if hasattr(source, "get_modelmeta"):

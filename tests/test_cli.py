@@ -13,14 +13,14 @@ from pathlib import Path
 import models
 import numpy as np
 import onnx
-import onnxcam.exporter.pipeline
-import onnxcam.exporter.verify
-import onnxcam.worker.engine
 import pytest
 from click.testing import CliRunner, Result
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcam
+import onnxcam.exporter.pipeline
+import onnxcam.exporter.verify
+import onnxcam.worker.engine
 from onnxcam.cli import main
 
 # --------------------------------------------------------------------------- models

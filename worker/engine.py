@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxcam.worker.images import DEFAULT_LIMITS, Limits, load_image, resize
-from onnxcam.worker.maps import heatmaps as to_heatmaps
-from onnxcam.worker.methods import CamMethod, InputMethod, LayerMaps, MethodOptions, get_method
 
 from onnxcam.bundle import (
     INPUT_IMAGE,
@@ -34,6 +31,9 @@ from onnxcam.bundle import (
 )
 from onnxcam.errors import BadMethodError, BadTargetError, BundleError
 from onnxcam.runtime import make_session
+from onnxcam.worker.images import DEFAULT_LIMITS, Limits, load_image, resize
+from onnxcam.worker.maps import heatmaps as to_heatmaps
+from onnxcam.worker.methods import CamMethod, InputMethod, LayerMaps, MethodOptions, get_method
 
 log = logging.getLogger(__name__)
 

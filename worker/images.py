@@ -46,21 +46,24 @@ def _name(source: Any) -> str:
     return str(source) if isinstance(source, (str, Path)) else type(source).__name__
 
 
-def read_bytes(path: str | Path, limits: Limits) -> bytes:
+def read_bytes(path: str | Path, limits: Limits, name: str | None = None) -> bytes:
+    """A local file's bytes, refused from its size before it is read when over
+    ``limits.max_bytes``. Errors name the file as ``name`` (default: the path)."""
     path = Path(path)
+    shown = name or str(path)
     try:
         size = path.stat().st_size
         if size > limits.max_bytes:
-            raise BadImageError(f"{path}: file is {size} bytes, over the {limits.max_bytes} limit")
+            raise BadImageError(f"{shown}: file is {size} bytes, over the {limits.max_bytes} limit")
         if size == 0:
-            raise BadImageError(f"{path}: empty file")
+            raise BadImageError(f"{shown}: empty file")
         return path.read_bytes()
     except FileNotFoundError as exc:
-        raise MissingImageError(f"{path}: no such file") from exc
+        raise MissingImageError(f"{shown}: no such file") from exc
     except IsADirectoryError as exc:
-        raise BadImageError(f"{path}: is a folder, not an image") from exc
+        raise BadImageError(f"{shown}: is a folder, not an image") from exc
     except OSError as exc:
-        raise BadImageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        raise BadImageError(f"{shown}: cannot read ({exc.strerror or exc})") from exc
 
 
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, name: str = "image") -> Image.Image:

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxcam.worker.engine import Explainer, Explanation
-from onnxcam.worker.images import load_image, resize
-from onnxcam.worker.maps import heatmaps, overlay
 from PIL import Image, ImageDraw
 
 from onnxcam.errors import BadMethodError, OnnxcamError
 from onnxcam.files import atomic_write
+from onnxcam.worker.engine import Explainer, Explanation
+from onnxcam.worker.images import load_image, resize
+from onnxcam.worker.maps import heatmaps, overlay
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx as onnx_lib
+
 from onnxcam.exporter.layers import LayerInfo
 
 

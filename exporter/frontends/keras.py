@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of
-from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 
 from onnxcam.errors import UnsupportedModelError
+from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of
+from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,7 @@ def load_saved_model(
     frontend picks the layer; logits are verified against the signature itself."""
     tf, _ = _import_tf()
     import tf2onnx
+
     from onnxcam.exporter.frontends import onnx as onnx_frontend
 
     try:

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper
+
+from onnxcam.errors import UnsupportedModelError
 from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from onnxcam.exporter.shapes import run_with_outputs
-
-from onnxcam.errors import UnsupportedModelError
 from onnxcam.graph import backward_reachable, opset_version, producers, real_inputs, toposort
 
 log = logging.getLogger(__name__)

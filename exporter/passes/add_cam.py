@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import onnx
 from onnx import helper
-from onnxcam.exporter.passes import PassResult
 
 from onnxcam.bundle import (
     OUTPUT_ACTIVATIONS,
@@ -13,6 +12,7 @@ from onnxcam.bundle import (
     OUTPUT_WEIGHTS,
     layer_output,
 )
+from onnxcam.exporter.passes import PassResult
 from onnxcam.graph import GraphBuilder, float_output, opset_version, reduce
 
 

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 from onnx import helper
+
+from onnxcam.bundle import OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, OUTPUT_WEIGHTS
 from onnxcam.exporter.passes import PassResult
 from onnxcam.exporter.passes.add_gradients import (
     add_target_input,
@@ -23,8 +25,6 @@ from onnxcam.exporter.passes.add_gradients import (
     source_of,
 )
 from onnxcam.exporter.vjp.context import TensorShape
-
-from onnxcam.bundle import OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, OUTPUT_WEIGHTS
 from onnxcam.graph import GraphBuilder, attrs, consumers, float_output, opset_version, reduce
 
 # Perturbed activation copies held at once, in bytes.

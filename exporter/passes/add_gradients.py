@@ -13,9 +13,6 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 from onnx import helper
-from onnxcam.exporter.passes import PassResult
-from onnxcam.exporter.vjp import load_rules
-from onnxcam.exporter.vjp.context import TensorShape, VjpContext
 
 from onnxcam.bundle import (
     INPUT_TARGET,
@@ -27,6 +24,9 @@ from onnxcam.bundle import (
     layer_output,
 )
 from onnxcam.errors import UnsupportedOpError
+from onnxcam.exporter.passes import PassResult
+from onnxcam.exporter.vjp import load_rules
+from onnxcam.exporter.vjp.context import TensorShape, VjpContext
 from onnxcam.graph import (
     GraphBuilder,
     backward_reachable,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper
-from onnxcam.exporter.passes import PassResult
-from onnxcam.exporter.preprocess import affine_for
 
 from onnxcam.bundle import INPUT_IMAGE
+from onnxcam.exporter.passes import PassResult
+from onnxcam.exporter.preprocess import affine_for
 from onnxcam.graph import GraphBuilder, real_inputs
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnxcam.exporter.passes import PassResult
 
 from onnxcam.bundle import OUTPUT_ACTIVATIONS
 from onnxcam.errors import ExportError
+from onnxcam.exporter.passes import PassResult
 from onnxcam.graph import attrs, consumers, float_output, producers, tensor_names, toposort
 
 

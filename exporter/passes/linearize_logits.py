@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import onnx
 from onnx import helper
-from onnxcam.exporter.passes import PassResult
 
 from onnxcam.bundle import OUTPUT_LOGITS, is_activation_output
 from onnxcam.errors import UnsupportedModelError
+from onnxcam.exporter.passes import PassResult
 from onnxcam.graph import float_output, producers
 
 SQUASHING = ("Softmax", "Sigmoid", "LogSoftmax")

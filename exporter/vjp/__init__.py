@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import onnx
+
 from onnxcam.exporter.vjp.context import VjpContext
 
 Rule = Callable[[VjpContext, onnx.NodeProto, list[str | None]], list[str | None]]

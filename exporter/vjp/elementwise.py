@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import onnx
+
 from onnxcam.exporter.vjp import rule
 from onnxcam.exporter.vjp.context import VjpContext
-
 from onnxcam.graph import attrs
 
 Grads = list[str | None]

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+
 from onnxcam.exporter.vjp import rule
 from onnxcam.exporter.vjp.context import VjpContext
-
 from onnxcam.graph import attrs
 
 Grads = list[str | None]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+
 from onnxcam.exporter.vjp import rule
 from onnxcam.exporter.vjp.context import VjpContext
 from onnxcam.exporter.vjp.linear import explicit_pads
-
 from onnxcam.graph import attrs
 
 Grads = list[str | None]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+
 from onnxcam.exporter.vjp import rule
 from onnxcam.exporter.vjp.context import VjpContext
-
 from onnxcam.graph import attrs
 
 Grads = list[str | None]

@@ -23,10 +23,10 @@ import onnxruntime as ort
 import pytest
 from checks import assert_close
 from models import KERAS_BUILDERS
-from onnxcam.exporter import export
 
 from onnxcam import __version__
 from onnxcam.bundle import BundleInfo, read_bundle_info
+from onnxcam.exporter import export
 
 pytestmark = pytest.mark.tf
 
@@ -425,6 +425,7 @@ def test_fd_paths(workspace: Workspace, name: str, layer: str, affine: bool) -> 
         assert float(props["onnxcam.fd_epsilon"]) == 1.0
     else:
         import onnx
+
         from onnxcam.exporter.passes.add_fd_weights import CHUNK_BYTES
 
         graph = onnx.load(str(exported.bundle)).graph

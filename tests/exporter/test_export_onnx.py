@@ -16,14 +16,13 @@ from pathlib import Path
 import models
 import numpy as np
 import onnx
-import onnxcam.exporter.verify
 import onnxruntime as ort
 import pytest
 from checks import assert_close
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from onnxcam.exporter import export
 
+import onnxcam.exporter.verify
 from onnxcam.bundle import read_bundle_info
 from onnxcam.errors import (
     LayerNotFoundError,
@@ -31,6 +30,7 @@ from onnxcam.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from onnxcam.exporter import export
 
 BATCH = 3
 EXACT = 1e-4  # relative to the largest magnitude, float32 against an independent computation

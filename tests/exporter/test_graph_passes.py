@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxcam.bundle import INPUT_IMAGE, OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, PREPROCESS_MODES
 from onnxcam.exporter.passes.embed_preprocessing import embed_preprocessing
 from onnxcam.exporter.passes.linearize_logits import linearize_logits
 from onnxcam.exporter.preprocess import preprocess_numpy
-
-from onnxcam.bundle import INPUT_IMAGE, OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, PREPROCESS_MODES
 from onnxcam.graph import forward_reachable, prune_unused, toposort
 from onnxcam.runtime import cpu_session
 

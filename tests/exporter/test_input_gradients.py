@@ -20,10 +20,10 @@ import pytest
 from checks import assert_close
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from onnxcam.exporter import export
 
 from onnxcam.bundle import BundleInfo, LayerEntry, read_bundle_info
 from onnxcam.errors import ExportError, UnsupportedOpError
+from onnxcam.exporter import export
 
 BATCH = 3
 TORCH_MEAN = np.array([0.485, 0.456, 0.406])

@@ -16,10 +16,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+
 from onnxcam.exporter.shapes import run_with_outputs
 from onnxcam.exporter.vjp import load_rules
 from onnxcam.exporter.vjp.context import TensorShape, VjpContext
-
 from onnxcam.graph import GraphBuilder, forward_reachable, initializer_values
 from onnxcam.runtime import cpu_session
 

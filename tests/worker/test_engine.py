@@ -14,9 +14,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxcam.exporter import export
-from onnxcam.worker import Explainer, Explanation
-from onnxcam.worker.images import Limits
 from PIL import Image
 
 from onnxcam.errors import (
@@ -26,6 +23,9 @@ from onnxcam.errors import (
     BundleError,
     OnnxcamError,
 )
+from onnxcam.exporter import export
+from onnxcam.worker import Explainer, Explanation
+from onnxcam.worker.images import Limits
 
 LABELS = ["cat", "dog", "fox", "owl", "yak"]
 GREY_SIZE = (20, 24)  # H, W of the 1-channel ONNX model: not square, on purpose

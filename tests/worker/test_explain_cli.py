@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner, Result
+from PIL import Image
+
+from onnxcam.cli import main
 from onnxcam.exporter import export
 from onnxcam.worker import Explainer
 from onnxcam.worker.images import load_image
 from onnxcam.worker.maps import heatmaps
-from PIL import Image
-
-from onnxcam.cli import main
 
 LABELS = ["cat", "dog", "fox", "owl", "yak"]
 SIZES = {"wide": (21, 40), "tall": (50, 19), "grey": (33, 33)}  # H, W; the bundle is 16x16

@@ -19,10 +19,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from checks import assert_close
-from onnxcam.exporter import export
-from onnxcam.worker import Explainer
 
 from onnxcam.errors import BadMethodError
+from onnxcam.exporter import export
+from onnxcam.worker import Explainer
 
 GRADIENT_METHODS = ["saliency", "smoothgrad", "guided-backprop", "guided-gradcam",
                     "integrated-gradients"]

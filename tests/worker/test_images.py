@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageFile
+
+from onnxcam.errors import BadImageError
 from onnxcam.worker.images import (
     Limits,
     array_image,
@@ -20,9 +23,6 @@ from onnxcam.worker.images import (
     to_array,
 )
 from onnxcam.worker.maps import heatmaps, interpolation_matrix, jet, normalize, overlay, resize_maps
-from PIL import Image, ImageFile
-
-from onnxcam.errors import BadImageError
 
 # ------------------------------------------------------------------------------ helpers
 

@@ -12,6 +12,18 @@ import numpy as np
 import onnx
 import pytest
 from checks import assert_close
+from PIL import Image
+
+from onnxcam.errors import (
+    BadMethodError,
+    ForbiddenPathError,
+    MalformedJobError,
+    MissingImageError,
+    SettingsError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownBundleError,
+)
 from onnxcam.exporter import export
 from onnxcam.worker import Explainer
 from onnxcam.worker.maps import heatmaps
@@ -26,18 +38,6 @@ from onnxcam.worker.service.jobs import (
 )
 from onnxcam.worker.service.settings import load_settings
 from onnxcam.worker.service.store import Store, sha256_hex
-from PIL import Image
-
-from onnxcam.errors import (
-    BadMethodError,
-    ForbiddenPathError,
-    MalformedJobError,
-    MissingImageError,
-    SettingsError,
-    StoreError,
-    StoreUnavailableError,
-    UnknownBundleError,
-)
 
 LABELS = ["cat", "dog", "bus", "car", "snow"]
 
@@ -171,9 +171,8 @@ def test_fetch_sources(store: Store, images: dict[str, Path]) -> None:
 
 def test_oversized_objects_are_refused_before_reading(store: Store,
                                                      images: dict[str, Path]) -> None:
-    from onnxcam.worker.images import Limits
-
     from onnxcam.errors import BadImageError
+    from onnxcam.worker.images import Limits
 
     data = images["a.png"].read_bytes()
     uri = store.put("images/a.png", data)
@@ -426,9 +425,9 @@ def test_no_broker_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, folder: P
 
 def test_worker_help_lists_every_setting() -> None:
     from click.testing import CliRunner
-    from onnxcam.worker.service.settings import Settings
 
     from onnxcam.cli import main
+    from onnxcam.worker.service.settings import Settings
 
     shown = CliRunner().invoke(main, ["worker", "--help"])
     assert shown.exit_code == 0

@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
+
 from onnxcam.exporter import export
 from onnxcam.exporter.preprocess import preprocess_numpy
 from onnxcam.worker import Explainer, Explanation

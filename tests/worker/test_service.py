@@ -17,6 +17,9 @@ import numpy as np
 import onnx
 import pytest
 from checks import assert_close
+from PIL import Image
+from service import console, redis_url, service_env, settings_for, start_worker, wait_for
+
 from onnxcam.exporter import export
 from onnxcam.worker import Explainer
 from onnxcam.worker.maps import heatmaps
@@ -24,8 +27,6 @@ from onnxcam.worker.service.client import Job, job_status, send, submit
 from onnxcam.worker.service.jobs import ImageRef, JobSpec
 from onnxcam.worker.service.settings import load_settings
 from onnxcam.worker.service.store import Store
-from PIL import Image
-from service import console, redis_url, service_env, settings_for, start_worker, wait_for
 
 pytestmark = pytest.mark.slow
 LABELS = ["cat", "dog", "bus", "car", "snow"]

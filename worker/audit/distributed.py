@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from onnxcam.worker.audit.backend import AuditRow, ExplainSettings, RowOutcome
 from onnxcam.worker.service.client import celery_status, job_records, read_bundle, submit
 from onnxcam.worker.service.jobs import image_key

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-from onnxcam.worker.audit.backend import AuditRow, load_source
-from onnxcam.worker.audit.metrics import box_region, mask_region
-from onnxcam.worker.images import DEFAULT_LIMITS
 
 from onnxcam.bundle import BundleInfo
 from onnxcam.errors import BadRowError, ManifestError
+from onnxcam.worker.audit.backend import AuditRow, load_source
+from onnxcam.worker.audit.metrics import box_region, mask_region
+from onnxcam.worker.images import DEFAULT_LIMITS
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
                             ".webp", ".ppm", ".pgm"})

@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from onnxcam.errors import OnnxcamError
+from onnxcam.files import atomic_write
 from onnxcam.worker.audit.backend import AuditRow, load_source, read_source
 from onnxcam.worker.audit.manifest import region_of
 from onnxcam.worker.audit.summary import BINS, Summary
 from onnxcam.worker.images import DEFAULT_LIMITS
 from onnxcam.worker.maps import heatmaps, overlay
 from onnxcam.worker.outputs import png_bytes
-from PIL import Image
-
-from onnxcam.errors import OnnxcamError
-from onnxcam.files import atomic_write
 
 log = logging.getLogger(__name__)
 

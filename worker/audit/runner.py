@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from onnxcam.errors import AuditError, OnnxcamError
+from onnxcam.files import atomic_write
 from onnxcam.worker.audit import results as results_file
 from onnxcam.worker.audit.backend import (
     EXPLAIN_MODES,
@@ -38,9 +41,6 @@ from onnxcam.worker.engine import method_for
 from onnxcam.worker.faithfulness import softmax
 from onnxcam.worker.maps import heatmaps
 from onnxcam.worker.outputs import npy_bytes
-
-from onnxcam.errors import AuditError, OnnxcamError
-from onnxcam.files import atomic_write
 
 log = logging.getLogger(__name__)
 

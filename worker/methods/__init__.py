@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from onnxcam.errors import BadMethodError
 from onnxcam.worker.methods.base import CamMethod, InputMethod, LayerMaps, MethodOptions
 from onnxcam.worker.methods.eigencam import EigenCAM
 from onnxcam.worker.methods.gradcam import GradCAM
@@ -15,8 +16,6 @@ from onnxcam.worker.methods.saliency import Saliency
 from onnxcam.worker.methods.scorecam import ScoreCAM
 from onnxcam.worker.methods.smoothgrad import SmoothGrad
 from onnxcam.worker.methods.xgradcam import XGradCAM
-
-from onnxcam.errors import BadMethodError
 
 METHODS: dict[str, type[CamMethod]] = {
     cls.name: cls

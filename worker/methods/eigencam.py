@@ -7,9 +7,9 @@ sign of the component is whatever the SVD returns.
 from __future__ import annotations
 
 import numpy as np
-from onnxcam.worker.methods.base import CamMethod, LayerMaps
 
 from onnxcam.bundle import OUTPUT_ACTIVATIONS
+from onnxcam.worker.methods.base import CamMethod, LayerMaps
 
 
 def first_component(activations: np.ndarray) -> np.ndarray:

@@ -7,9 +7,9 @@ leaves the session; it works for analytic and finite-difference bundles alike.
 from __future__ import annotations
 
 import numpy as np
-from onnxcam.worker.methods.base import CamMethod, LayerMaps
 
 from onnxcam.bundle import OUTPUT_CAM
+from onnxcam.worker.methods.base import CamMethod, LayerMaps
 
 
 class GradCAM(CamMethod):

@@ -5,9 +5,9 @@ map is keras-vis' saliency of it (``backprop_modifier='guided'``)."""
 from __future__ import annotations
 
 import numpy as np
-from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
 
 from onnxcam.bundle import OUTPUT_GUIDED_INPUT_GRADIENTS
+from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
 
 
 class GuidedBackprop(InputMethod):

@@ -5,10 +5,10 @@ per channel; the map is max over channels of |product|."""
 from __future__ import annotations
 
 import numpy as np
-from onnxcam.worker.maps import heatmaps
-from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
 
 from onnxcam.bundle import OUTPUT_CAM, OUTPUT_GUIDED_INPUT_GRADIENTS
+from onnxcam.worker.maps import heatmaps
+from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
 
 
 class GuidedGradCAM(InputMethod):

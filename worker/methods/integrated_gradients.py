@@ -10,10 +10,10 @@ logit(x) - logit(baseline), and the map is max over channels of its absolute val
 from __future__ import annotations
 
 import numpy as np
-from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
 
 from onnxcam.bundle import OUTPUT_INPUT_GRADIENTS
 from onnxcam.errors import BadMethodError
+from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
 
 
 def path_points(steps: int) -> np.ndarray:

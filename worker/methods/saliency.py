@@ -5,6 +5,7 @@ its absolute value."""
 from __future__ import annotations
 
 import numpy as np
+
 from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
 
 

@@ -8,10 +8,10 @@ pytorch-grad-cam, and run in batches through the bundle's own model.
 from __future__ import annotations
 
 import numpy as np
-from onnxcam.worker.methods.base import CamMethod, LayerMaps, weighted_sum
 
 from onnxcam.bundle import OUTPUT_ACTIVATIONS
 from onnxcam.errors import BadMethodError
+from onnxcam.worker.methods.base import CamMethod, LayerMaps, weighted_sum
 
 
 def align_corners_matrix(size_out: int, size_in: int) -> np.ndarray:

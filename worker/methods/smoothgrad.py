@@ -9,10 +9,10 @@ The signed image is the mean gradient over the copies.
 from __future__ import annotations
 
 import numpy as np
-from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
 
 from onnxcam.bundle import OUTPUT_INPUT_GRADIENTS
 from onnxcam.errors import BadMethodError
+from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
 
 
 def noisy_copies(image: np.ndarray, samples: int, noise: float, seed: int,

@@ -7,6 +7,7 @@ command and ``celery -A onnxcam.worker.service.app`` run.
 from __future__ import annotations
 
 from celery import Celery
+
 from onnxcam.worker.service import broker
 from onnxcam.worker.service.settings import Settings, load_settings
 

@@ -17,6 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onnxcam.bundle import BundleInfo
+from onnxcam.errors import (
+    BrokerUnavailableError,
+    BundleError,
+    JobError,
+    UnknownBundleError,
+    UnknownJobError,
+)
 from onnxcam.worker.methods import get_method
 from onnxcam.worker.service.jobs import (
     ERROR,
@@ -29,15 +37,6 @@ from onnxcam.worker.service.jobs import (
 )
 from onnxcam.worker.service.settings import Settings, load_settings
 from onnxcam.worker.service.store import SHA256, NotInStoreError, Store, bundle_key, job_key
-
-from onnxcam.bundle import BundleInfo
-from onnxcam.errors import (
-    BrokerUnavailableError,
-    BundleError,
-    JobError,
-    UnknownBundleError,
-    UnknownJobError,
-)
 
 STATUSES = ("pending", "started", "done", "failed")
 _CELERY_STATES = {
@@ -283,9 +282,9 @@ def download(job_id: str, out: Path, settings: Settings) -> list[dict[str, Any]]
     import io
 
     import numpy as np
-    from onnxcam.worker.outputs import npy_bytes, unique_stems
 
     from onnxcam.files import atomic_write
+    from onnxcam.worker.outputs import npy_bytes, unique_stems
 
     store = Store(settings.store_url)
     records = job_records(job_id, store)

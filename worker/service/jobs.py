@@ -27,6 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from onnxcam.errors import (
+    BadImageError,
+    BadTargetError,
+    ForbiddenPathError,
+    MalformedJobError,
+    MissingImageError,
+    OnnxcamError,
+)
 from onnxcam.worker.engine import DEFAULT_BATCH, Explainer, Explanation
 from onnxcam.worker.images import Limits, decode, to_array
 from onnxcam.worker.outputs import render
@@ -37,15 +46,6 @@ from onnxcam.worker.service.store import (
     Store,
     bundle_key,
     job_key,
-)
-
-from onnxcam.errors import (
-    BadImageError,
-    BadTargetError,
-    ForbiddenPathError,
-    MalformedJobError,
-    MissingImageError,
-    OnnxcamError,
 )
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 from functools import cached_property
 
-from onnxcam.worker.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Limits
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from onnxcam.errors import SettingsError
+from onnxcam.worker.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Limits
 
 # ':' separates roots as in PATH, except the one in a URI scheme ("s3://...").
 _ROOT_SEPARATOR = re.compile(r":(?!//)")

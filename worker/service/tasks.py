@@ -7,12 +7,12 @@ import logging
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+
+from onnxcam.errors import JobTimeoutError, OnnxcamError, StoreUnavailableError
 from onnxcam.worker.service.app import EXPLAIN_TASK, app
 from onnxcam.worker.service.jobs import ModelCache, parse_job, run_job, write_job_error
 from onnxcam.worker.service.settings import Settings, load_settings
 from onnxcam.worker.service.store import Store
-
-from onnxcam.errors import JobTimeoutError, OnnxcamError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@ import models
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
+
 from onnxcam.exporter import export
 from onnxcam.worker import Explainer
-from PIL import Image
 
 LABELS = ["cat", "dog", "fox", "owl", "yak"]
 

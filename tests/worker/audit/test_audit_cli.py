@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from conftest import manifest_rows, write_manifest
-from onnxcam.worker.audit import LocalBackend
-from onnxcam.worker.audit.backend import AuditRow, ExplainSettings, RowOutcome
 
 from onnxcam.cli import main
+from onnxcam.worker.audit import LocalBackend
+from onnxcam.worker.audit.backend import AuditRow, ExplainSettings, RowOutcome
 
 ROOT = Path(__file__).resolve().parents[3]
 

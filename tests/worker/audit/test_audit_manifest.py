@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from conftest import LABELS, write_manifest
-from onnxcam.worker.audit.backend import AuditRow
-from onnxcam.worker.audit.manifest import RowProblem, count_rows, read_manifest
 
 from onnxcam.bundle import BundleInfo
 from onnxcam.errors import ManifestError
+from onnxcam.worker.audit.backend import AuditRow
+from onnxcam.worker.audit.manifest import RowProblem, count_rows, read_manifest
 
 INFO = BundleInfo(height=16, width=16, channels=3, preprocess="unit", layout="nchw",
                   activation_layout="nchw", target_layer="x", num_classes=5,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from onnxcam.errors import BadRowError
 from onnxcam.worker import Explainer
 from onnxcam.worker.audit.metrics import box_region, energy_in_box, mask_region, pointing_hit
 from onnxcam.worker.faithfulness import blur, deletion_insertion_auc, softmax, trapezoid_auc
-
-from onnxcam.errors import BadRowError
 
 
 def test_box_pixels_are_half_open_and_fractions_go_by_pixel_centres() -> None:

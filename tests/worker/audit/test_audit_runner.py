@@ -9,9 +9,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnxcam.worker.audit
 import pytest
 from conftest import LABELS, manifest_rows, write_manifest
+
+import onnxcam.worker.audit
+from onnxcam.errors import AuditError
 from onnxcam.worker import Explainer
 from onnxcam.worker.audit import AuditOptions, ExplainSettings, LocalBackend, Thresholds, run_audit
 from onnxcam.worker.audit.backend import AuditRow, RowOutcome
@@ -20,8 +22,6 @@ from onnxcam.worker.audit.results import COLUMNS, resume
 from onnxcam.worker.audit.summary import summarize
 from onnxcam.worker.images import load_image
 from onnxcam.worker.maps import heatmaps
-
-from onnxcam.errors import AuditError
 
 
 class Quiet:
