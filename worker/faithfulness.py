@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from onnxcam.scores import softmax
+
 DEFAULT_STEPS = 16
 # RISE blurs 224-pixel images with sigma 5; other sizes scale with their longer side.
 BLUR_SIGMA_AT_224 = 5.0
@@ -41,11 +43,6 @@ def blur(images: np.ndarray) -> np.ndarray:
         out = sum(tap * np.take(padded, np.arange(k, k + size), axis=axis)
                   for k, tap in enumerate(taps))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def trapezoid_auc(curve: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 
 from onnxcam.errors import AuditError, OnnxcamError
 from onnxcam.files import atomic_write
+from onnxcam.scores import softmax
 from onnxcam.worker.audit import results as results_file
 from onnxcam.worker.audit.backend import (
     EXPLAIN_MODES,
@@ -38,7 +39,6 @@ from onnxcam.worker.audit.report import write_report
 from onnxcam.worker.audit.results import ResultRow, ResultsWriter
 from onnxcam.worker.audit.summary import Summary, Thresholds, summarize
 from onnxcam.worker.engine import method_for
-from onnxcam.worker.faithfulness import softmax
 from onnxcam.worker.maps import heatmaps
 from onnxcam.worker.outputs import npy_bytes
 

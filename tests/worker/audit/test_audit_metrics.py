@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from onnxcam.errors import BadRowError
+from onnxcam.scores import softmax
 from onnxcam.worker import Explainer
 from onnxcam.worker.audit.metrics import box_region, energy_in_box, mask_region, pointing_hit
-from onnxcam.worker.faithfulness import blur, deletion_insertion_auc, softmax, trapezoid_auc
+from onnxcam.worker.faithfulness import blur, deletion_insertion_auc, trapezoid_auc
 
 
 def test_box_pixels_are_half_open_and_fractions_go_by_pixel_centres() -> None:
