@@ -574,5 +574,5 @@ def test_io_binding_path_gives_the_same_results(rgb_bundle: Path, method: str) -
     batch = np.random.default_rng(11).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     plain = Explainer(rgb_bundle, device="cpu")
     bound = Explainer(rgb_bundle, device="cpu")
-    bound.use_io_binding = True
+    bound.sessions.use_io_binding = True
     assert_same(bound.explain(batch, method=method), plain.explain(batch, method=method))
