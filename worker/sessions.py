@@ -114,6 +114,7 @@ class Sessions:
         kept = frozenset(self.info.input_gradients) & frozenset(names)
         if kept not in self._by_kept:
             dropped = set(self.info.input_gradients) - kept
+            log.debug("building a session without %s", ", ".join(sorted(dropped)) or "nothing")
             model = keep_outputs(self._model(),
                                  [name for name in self._outputs if name not in dropped])
             self._by_kept[kept] = self._make(model)
@@ -123,6 +124,7 @@ class Sessions:
         """Sessions for the bundle cut at its model input (``split_at_model_input``),
         built once per set of back-half outputs."""
         if outputs not in self._splits:
+            log.debug("splitting the bundle at %s for %s", self.info.model_input, outputs)
             front, back = split_at_model_input(self._model(), self.info, outputs)
             self._splits[outputs] = (self._make(front), self._make(back))
         return self._splits[outputs]
