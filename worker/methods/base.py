@@ -6,7 +6,8 @@ ReLU, and making a gradient method's map from its signed image. A method overrid
 exactly one hook of one base:
 
 - ``ChannelWeightCam.weights(context) -> [N, C]`` (Grad-CAM++, XGrad-CAM, Score-CAM);
-- ``CamMethod.cam(context) -> [N, h, w]`` before the ReLU (LayerCAM, HiResCAM, ...);
+- ``CamMethod.cam(context) -> [N, h, w]`` before the ReLU (LayerCAM, HiResCAM,
+  Eigen-CAM, and Grad-CAM, whose weighted sum the bundle computes in its graph);
 - ``GradientMethod.attribute(context) -> [N, H, W, C]``, a signed image whose map is
   max over channels of its absolute value (keras-vis' saliency);
 - ``SampledGradientMethod.copies(context, index) -> [S, ...]``, moved copies of one
