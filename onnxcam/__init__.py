@@ -24,8 +24,8 @@ _EXPORTS = {
     "BadTargetError": "onnxcam.errors",
     "BundleError": "onnxcam.errors",
     "BundleInfo": "onnxcam.bundle",
-    "Explainer": "onnxcam.worker",
-    "Explanation": "onnxcam.worker",
+    "Explainer": "onnxcam.worker.explainer",
+    "Explanation": "onnxcam.worker.explainer",
     "ExportError": "onnxcam.errors",
     "ExportResult": "onnxcam.exporter",
     "JobError": "onnxcam.errors",
@@ -69,7 +69,8 @@ if TYPE_CHECKING:
         OnnxcamError,
     )
     from onnxcam.exporter import ExportResult, export, list_layers
-    from onnxcam.worker import Explainer, Explanation, heatmaps, overlay
+    from onnxcam.worker import heatmaps, overlay
+    from onnxcam.worker.explainer import Explainer, Explanation
 
 
 def __getattr__(name: str) -> Any:

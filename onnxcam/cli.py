@@ -193,7 +193,7 @@ def explain(
     """
     import json
 
-    from onnxcam.worker.engine import Explainer
+    from onnxcam.worker import Explainer
     from onnxcam.worker.outputs import explain_files
 
     explainer = Explainer(bundle, device=device)
@@ -367,8 +367,8 @@ def audit(
 
         backend: Any = DistributedBackend(broker, model=model)
     else:
+        from onnxcam.worker import Explainer
         from onnxcam.worker.audit import LocalBackend
-        from onnxcam.worker.engine import Explainer
 
         backend = LocalBackend(Explainer(model, device=device), batch_size=batch_size)
     options = AuditOptions(

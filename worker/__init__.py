@@ -6,7 +6,7 @@ and the audit (``onnxcam.worker.audit``) stand on it, and it imports neither.
 
 from __future__ import annotations
 
-from onnxcam.worker.engine import Explainer, Explanation
+from onnxcam.worker.explainer import Explainer, Explanation
 from onnxcam.worker.maps import heatmaps, overlay
 
 __all__ = ["Explainer", "Explanation", "heatmaps", "overlay"]

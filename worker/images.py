@@ -1,4 +1,5 @@
-"""Safe image decoding and resizing: every failure is a BadImageError, never a crash.
+"""Safe image decoding and resizing: every failure is a BadImageError, never a crash;
+and turning whatever a caller passes into the uint8 batch a bundle reads.
 
 Pillow's decompression-bomb guard is set explicitly, and the pixel count is checked
 from the header before any pixel is decoded.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from onnxcam.errors import BadImageError, MissingImageError
+from onnxcam.bundle import BundleInfo
+from onnxcam.errors import BadImageError, BadTargetError, MissingImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 64 * 2**20
@@ -149,3 +152,57 @@ def resize(array: np.ndarray, height: int, width: int, method: str = "bilinear")
     image = Image.fromarray(array[..., 0] if channels == 1 else array)
     resized = np.asarray(image.resize((width, height), resample), dtype=np.uint8)
     return resized[..., None] if resized.ndim == 2 else resized
+
+
+# -- a bundle's batch: what ``Explainer.explain`` accepts, made ready to feed --
+
+
+def as_image_list(images: Any) -> Any:
+    """A 4-D array or a sequence of images as is; one image becomes a list of one."""
+    if isinstance(images, np.ndarray):
+        return images if images.ndim == 4 else [images]
+    if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
+        return [images]
+    return images
+
+
+def prepare(images: Any, info: BundleInfo, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Anything ``explain`` accepts -> uint8 [N, H, W, C] at the bundle's size."""
+    images = as_image_list(images)
+    if isinstance(images, np.ndarray):
+        return check_batch(images, info, limits)
+    return _stack([prepare_one(image, info, limits) for image in images], info)
+
+
+def prepare_one(image: Any, info: BundleInfo, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """One image of any accepted kind -> uint8 [H, W, C] at the bundle's size."""
+    return resize(load_image(image, info.channels, limits), info.height, info.width, info.resize)
+
+
+def check_batch(batch: np.ndarray, info: BundleInfo,
+                limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """A 4-D batch as is when it already fits the bundle, else converted image by image."""
+    if batch.dtype == np.uint8 and batch.shape[1:] == (info.height, info.width, info.channels):
+        return batch
+    return _stack([prepare_one(image, info, limits) for image in batch], info)
+
+
+def _stack(images: list[np.ndarray], info: BundleInfo) -> np.ndarray:
+    if not images:
+        return np.zeros((0, info.height, info.width, info.channels), np.uint8)
+    return np.stack(images)
+
+
+def check_targets(targets: Any, count: int, num_classes: int) -> np.ndarray:
+    """None (-1: each image's top-1), one int or ``count`` ints -> int64 [count]."""
+    if targets is None:
+        return np.full(count, -1, np.int64)
+    if np.isscalar(targets):
+        targets = [targets] * count
+    array = np.asarray(targets)
+    if array.shape != (count,) or not np.issubdtype(array.dtype, np.integer):
+        raise BadTargetError(f"targets must be None, an int, or {count} ints")
+    bad = array[(array < 0) | (array >= num_classes)]
+    if bad.size:
+        raise BadTargetError(f"target {int(bad[0])} is outside [0, {num_classes})")
+    return array.astype(np.int64)

@@ -11,7 +11,6 @@ import logging
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,10 @@ from PIL import Image, ImageDraw
 
 from onnxcam.errors import BadMethodError, OnnxcamError
 from onnxcam.files import atomic_write
-from onnxcam.worker.engine import Explainer, Explanation
+from onnxcam.worker.explainer import Explainer, Explanation
 from onnxcam.worker.images import load_image, resize
 from onnxcam.worker.maps import heatmaps, overlay
+from onnxcam.worker.prefetch import prefetched
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +178,10 @@ def explain_files(
                 decoded.append(exc)
         return decoded
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(decode, paths[:size])
-        for start in range(0, len(paths), size):
-            decoded = pending.result()
-            if start + size < len(paths):
-                pending = pool.submit(decode, paths[start + size : start + 2 * size])
-            yield from _explain_chunk(explainer, paths[start : start + size],
-                                      stems[start : start + size], decoded, out, settings)
+    starts = range(0, len(paths), size)
+    for start, decoded in prefetched(starts, lambda s: decode(paths[s : s + size])):
+        yield from _explain_chunk(explainer, paths[start : start + size],
+                                  stems[start : start + size], decoded, out, settings)
 
 
 @dataclass(frozen=True)

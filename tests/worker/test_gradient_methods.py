@@ -58,11 +58,16 @@ def resnet_source(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def resnet(folder: Path, resnet_source: Path) -> Explainer:
+def resnet_bundle(folder: Path, resnet_source: Path) -> Path:
     out = folder / "resnet.bundle.onnx"
     export(resnet_source, out, layer=["layer3", "layer1", "layer4"], preprocess="torch",
            input_gradients=True, guided=True)
-    return Explainer(out, device="cpu")
+    return out
+
+
+@pytest.fixture(scope="module")
+def resnet(resnet_bundle: Path) -> Explainer:
+    return Explainer(resnet_bundle, device="cpu")
 
 
 def batch(size: int = 32, count: int = BATCH, seed: int = 0) -> np.ndarray:
@@ -82,10 +87,11 @@ def test_a_batch_equals_batches_of_one(resnet: Explainer, method: str) -> None:
     assert_close(whole.heatmaps, ones.heatmaps, 1e-5, f"{method} heatmaps")
 
 
-def test_saliency_is_the_max_of_the_absolute_input_gradient(resnet: Explainer) -> None:
+def test_saliency_is_the_max_of_the_absolute_input_gradient(resnet: Explainer,
+                                                            resnet_bundle: Path) -> None:
     images = batch(seed=1)
     result = resnet.explain(images, method="saliency")
-    session = ort.InferenceSession(str(resnet._bundle), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(resnet_bundle), providers=["CPUExecutionProvider"])
     (gradients,) = session.run(["input_gradients"], {"image": images,
                                                      "target": result.targets})
     np.testing.assert_allclose(result.raw, np.abs(gradients).max(axis=-1), rtol=1e-6)
@@ -133,8 +139,8 @@ def test_cam_methods_skip_the_input_gradients(resnet: Explainer, resnet_source: 
     want = Explainer(plain, device="cpu").explain(images, method="gradcam")
     assert_close(got.raw, want.raw, 1e-6, "gradcam")
     both = {"input_gradients", "guided_input_gradients"}
-    assert {o.name for o in resnet._session_for(["cam"]).get_outputs()}.isdisjoint(both)
-    full = resnet._session_for(["logits", *both])
+    assert {o.name for o in resnet.sessions.session_for(["cam"]).get_outputs()}.isdisjoint(both)
+    full = resnet.sessions.session_for(["logits", *both])
     assert both <= {o.name for o in full.get_outputs()}
 
 

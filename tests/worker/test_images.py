@@ -1,4 +1,5 @@
-"""Unit tests of ``worker.images`` (safe decoding, conversion, resizing) and ``worker.maps``."""
+"""Unit tests of ``worker.images`` (safe decoding, conversion, resizing, a bundle's batch)
+and ``worker.maps``."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from onnxcam.errors import BadImageError
+from onnxcam.bundle import BundleInfo
+from onnxcam.errors import BadImageError, BadTargetError
 from onnxcam.worker.images import (
     Limits,
     array_image,
+    as_image_list,
+    check_targets,
     decode,
     load_image,
+    prepare,
     read_bytes,
     resize,
     to_array,
@@ -333,6 +338,56 @@ def test_non_numeric_arrays_are_rejected() -> None:
         array_image(np.full((3, 3, 3), "x"), 3)
     with pytest.raises(BadImageError):
         array_image(np.empty((3, 3, 3), object), 3)
+
+
+
+# ------------------------------------------------------------------------------ a bundle's batch
+
+
+def grey_info(height: int = 6, width: int = 10) -> BundleInfo:
+    return BundleInfo(height=height, width=width, channels=1, preprocess="unit", layout="nchw",
+                      activation_layout="nchw", target_layer="feat", num_classes=4, labels=[],
+                      gradient="analytic")
+
+
+def test_one_image_becomes_a_list_of_one() -> None:
+    picture = rgb_picture()
+    array = np.zeros((5, 5, 3), np.uint8)
+    batch = np.zeros((2, 5, 5, 3), np.uint8)
+    for single in ("a.png", Path("a.png"), b"bytes", picture, array):
+        listed = as_image_list(single)
+        assert len(listed) == 1 and listed[0] is single
+    assert as_image_list(batch) is batch
+    several = [array, picture]
+    assert as_image_list(several) is several
+
+
+def test_prepare_converts_and_resizes_each_image_with_pillow() -> None:
+    info = grey_info()
+    colour = np.random.default_rng(1).integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    picture = rgb_picture(12, 20, seed=2)
+    got = prepare([colour, picture], info)
+    assert got.dtype == np.uint8 and got.shape == (2, 6, 10, 1)
+    luma = np.rint(colour.astype(np.float64) @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    want_colour = np.asarray(Image.fromarray(luma).resize((10, 6), Image.Resampling.BILINEAR))
+    want_picture = np.asarray(picture.convert("L").resize((10, 6), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(got[0, ..., 0], want_colour)
+    np.testing.assert_array_equal(got[1, ..., 0], want_picture)
+    assert prepare([], info).shape == (0, 6, 10, 1)
+    ready = np.zeros((3, 6, 10, 1), np.uint8)
+    assert prepare(ready, info) is ready  # a batch that fits is not copied
+
+
+def test_check_targets() -> None:
+    np.testing.assert_array_equal(check_targets(None, 3, 4), [-1, -1, -1])
+    np.testing.assert_array_equal(check_targets(2, 3, 4), [2, 2, 2])
+    got = check_targets(np.array([3, 0, 1], np.int32), 3, 4)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, [3, 0, 1])
+    with pytest.raises(BadTargetError, match=r"^target 4 is outside \[0, 4\)$"):
+        check_targets([0, 4, 1], 3, 4)
+    with pytest.raises(BadTargetError, match="^targets must be None, an int, or 3 ints$"):
+        check_targets([0, 1], 3, 4)
 
 
 # ------------------------------------------------------------------------------ resize

@@ -1,10 +1,12 @@
 """Every CAM method against an independent numpy rendering of pytorch-grad-cam's definition.
 
-The references read the bundle's own ``activations`` / ``gradients`` (a plain
-onnxruntime session on the bundle file, not the engine), and Score-CAM's reference
-runs the ORIGINAL source model (onnxruntime on the source .onnx, or Keras) on
-inputs preprocessed with ``exporter.preprocess.preprocess_numpy``. Nothing from
-``worker.methods`` or ``worker.maps`` is used to compute an expected value.
+The references (``cam_references``) read the bundle's own ``activations`` /
+``gradients`` (a plain onnxruntime session on the bundle file, not the engine), and
+Score-CAM's reference runs the ORIGINAL source model (onnxruntime on the source
+.onnx, or Keras) on inputs preprocessed with ``exporter.preprocess.preprocess_numpy``.
+Nothing from ``worker.methods`` or ``worker.maps`` is used to compute an expected
+value. Mutation tests break one formula at a time and check that the comparison
+with its reference then fails.
 """
 
 from __future__ import annotations
@@ -12,163 +14,37 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import models
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import helper
+from cam_references import (
+    GRADIENT_REFS,
+    assert_maps_close,
+    bundle_outputs,
+    ref_eigen_projection,
+    ref_gradcam,
+    ref_normalize,
+    ref_resize_half_pixel,
+    ref_scorecam,
+    relu,
+    source_outputs,
+)
 
 from onnxcam.exporter import export
 from onnxcam.exporter.preprocess import preprocess_numpy
 from onnxcam.worker import Explainer, Explanation
+from onnxcam.worker.methods import METHODS as METHODS_BY_NAME
+from onnxcam.worker.methods import ChannelWeightCam, MethodContext
+from onnxcam.worker.methods import scorecam as scorecam_module
+from onnxcam.worker.methods.gradcam_plus_plus import GradCAMPlusPlus
+from onnxcam.worker.methods.xgradcam import XGradCAM
 
 METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam"]
 TARGETS = np.array([0, 3, 1, 4], np.int64)  # mixed classes, one per image; both models have 5
 BATCH = len(TARGETS)
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, 0.0)
-
-
-def assert_maps_close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-4) -> None:
-    """Per image: |got - want| <= rtol * max|want| (+ a float32 floor)."""
-    assert got.shape == want.shape, (got.shape, want.shape)
-    for n, (g, w) in enumerate(zip(got, want)):
-        scale = max(float(np.abs(w).max()), 1e-6)
-        err = float(np.abs(g.astype(np.float64) - w).max())
-        assert err <= rtol * scale, f"image {n}: max error {err:.3g} vs scale {scale:.3g}"
-
-
-def bundle_outputs(path: Path, images: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
-    """logits, activations and gradients straight from the bundle file, as NCHW float64."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    names = ["logits", "activations", "gradients"]
-    values = dict(zip(names, session.run(names, {"image": images, "target": targets})))
-    out = {k: v.astype(np.float64) for k, v in values.items()}
-    if meta["onnxcam.activation_layout"] == "nhwc":
-        for key in ("activations", "gradients"):
-            out[key] = out[key].transpose(0, 3, 1, 2)
-    return out
-
-
-# -- pytorch-grad-cam's definitions, written out again in float64 --
-
-
-def cam_of(weights: np.ndarray, acts: np.ndarray) -> np.ndarray:
-    return relu((weights[:, :, None, None] * acts).sum(axis=1))
-
-
-def ref_gradcam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    return cam_of(grads.mean(axis=(2, 3)), acts)
-
-
-def ref_gradcam_pp(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    g2 = grads**2
-    g3 = g2 * grads
-    sums = acts.sum(axis=(2, 3))[:, :, None, None]
-    aij = g2 / (2 * g2 + sums * g3 + 1e-6)
-    aij = np.where(grads != 0, aij, 0.0)
-    return cam_of((relu(grads) * aij).sum(axis=(2, 3)), acts)
-
-
-def ref_xgradcam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    sums = acts.sum(axis=(2, 3))[:, :, None, None]
-    return cam_of((grads * acts / (sums + 1e-7)).sum(axis=(2, 3)), acts)
-
-
-def ref_layercam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    return relu((relu(grads) * acts).sum(axis=1))
-
-
-def ref_hirescam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    return relu((grads * acts).sum(axis=1))
-
-
-def ref_eigen_projection(acts: np.ndarray) -> np.ndarray:
-    """pytorch-grad-cam's get_2d_projection, before the ReLU (sign as the SVD gives it)."""
-    projections = []
-    for a in acts:
-        c, h, w = a.shape
-        matrix = a.reshape(c, -1).T  # [hw, C]
-        matrix = matrix - matrix.mean(axis=0)
-        _, _, vt = np.linalg.svd(matrix, full_matrices=True)
-        projections.append((matrix @ vt[0]).reshape(h, w))
-    return np.array(projections)
-
-
-GRADIENT_REFS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "gradcam": ref_gradcam,
-    "gradcam++": ref_gradcam_pp,
-    "xgradcam": ref_xgradcam,
-    "layercam": ref_layercam,
-    "hirescam": ref_hirescam,
-}
-
-
-def align_corners_matrix(size_out: int, size_in: int) -> np.ndarray:
-    """torch.nn.UpsamplingBilinear2d along one axis, via np.interp on unit vectors."""
-    positions = np.arange(size_out) * (size_in - 1) / (size_out - 1)
-    grid = np.arange(size_in)
-    return np.stack([np.interp(positions, grid, np.eye(size_in)[i]) for i in range(size_in)],
-                    axis=1)
-
-
-def ref_scorecam(
-    acts: np.ndarray, model_input: np.ndarray, layout: str, targets: np.ndarray,
-    source_logits: Callable[[np.ndarray], np.ndarray],
-) -> np.ndarray:
-    """ScoreCAM.get_cam_weights: masks from upsampled activations, softmax of target scores."""
-    n, c = acts.shape[:2]
-    height, width = (model_input.shape[2:] if layout == "nchw" else model_input.shape[1:3])
-    rows = align_corners_matrix(height, acts.shape[2])
-    cols = align_corners_matrix(width, acts.shape[3])
-    upsampled = np.einsum("hi,nkij,wj->nkhw", rows, acts, cols)
-    lows = upsampled.min(axis=(2, 3), keepdims=True)
-    highs = upsampled.max(axis=(2, 3), keepdims=True)
-    masks = (upsampled - lows) / (highs - lows + 1e-8)
-    scores = np.zeros((n, c))
-    for i in range(n):
-        if layout == "nchw":
-            masked = model_input[i][None] * masks[i][:, None]
-        else:
-            masked = model_input[i][None] * masks[i][..., None]
-        scores[i] = source_logits(masked.astype(np.float32))[:, targets[i]]
-    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-    weights = shifted / shifted.sum(axis=1, keepdims=True)
-    return cam_of(weights, acts)
-
-
-def ref_normalize(raw: np.ndarray) -> np.ndarray:
-    """pytorch-grad-cam's scale_cam_image before the resize."""
-    out = raw - raw.min(axis=(1, 2), keepdims=True)
-    return out / (1e-7 + out.max(axis=(1, 2), keepdims=True))
-
-
-def ref_resize_half_pixel(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """cv2.resize(..., INTER_LINEAR) one output pixel at a time (edge samples clamped)."""
-    n, h, w = maps.shape
-    out = np.zeros((n, height, width))
-
-    def source(i: int, size_in: int, size_out: int) -> tuple[int, int, float]:
-        s = min(max((i + 0.5) * size_in / size_out - 0.5, 0.0), size_in - 1.0)
-        low = int(np.floor(s))
-        return low, min(low + 1, size_in - 1), s - low
-
-    for y in range(height):
-        y0, y1, fy = source(y, h, height)
-        for x in range(width):
-            x0, x1, fx = source(x, w, width)
-            top = (1 - fx) * maps[:, y0, x0] + fx * maps[:, y0, x1]
-            bottom = (1 - fx) * maps[:, y1, x0] + fx * maps[:, y1, x1]
-            out[:, y, x] = (1 - fy) * top + fy * bottom
-    return out
 
 
 # ------------------------------------------------------------------------------ cases
@@ -221,17 +97,9 @@ def onnx_case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     result = export(source, bundle, preprocess="torch")
     assert result.info.gradient == "analytic" and result.info.layout == "nchw"
 
-    # The source model's own pre-softmax scores: expose its ``logits`` tensor as an output.
-    scoring = onnx.load(str(source))
-    scoring.graph.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT,
-                                                              ["N", 5]))
-    session = ort.InferenceSession(scoring.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-
-    def source_logits(x: np.ndarray) -> np.ndarray:
-        return session.run(["logits"], {"input": x.astype(np.float32)})[0].astype(np.float64)
-
-    return make_case(bundle, "nchw", "torch", source_logits, seed=1)
+    # The source model's own pre-softmax scores: its inner ``logits`` tensor.
+    scoring = source_outputs(onnx.load(str(source)), ["logits"])
+    return make_case(bundle, "nchw", "torch", lambda x: scoring(x)[0], seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -369,3 +237,77 @@ def test_keras_gradcam_matches_gradient_tape(keras_case: Case) -> None:
     # the bundle's full gradient map is the tape's too
     assert_maps_close(keras_case.outputs["gradients"].transpose(0, 2, 3, 1).reshape(BATCH, -1)
                       [:, None], grads.reshape(BATCH, -1)[:, None], rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ the hooks
+
+
+class MeanGradientCAM(ChannelWeightCam):
+    """Grad-CAM from the full gradient map, written as a user would add a method."""
+
+    name = "mean-gradient-cam"
+
+    def weights(self, context: MethodContext) -> np.ndarray:
+        return context.gradients.mean(axis=(2, 3))
+
+
+def test_a_new_method_is_one_class_overriding_one_hook(
+    case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base does the rest: outputs to ask for, NCHW views, the ReLU, every layer."""
+    monkeypatch.setitem(METHODS_BY_NAME, MeanGradientCAM.name, MeanGradientCAM)
+    got = case.explainer.explain(case.images, TARGETS, method=MeanGradientCAM.name)
+    want = ref_gradcam(case.outputs["activations"], case.outputs["gradients"])
+    assert float(want.max()) > 0
+    assert_maps_close(got.raw, want)
+    assert list(got.layer_maps) == [entry.name for entry in case.explainer.info.layers]
+    assert got.input_gradients is None
+
+
+def broken_gradcam_pp(self: Any, context: MethodContext) -> np.ndarray:
+    """Grad-CAM++ with alpha's ``2 *`` dropped."""
+    grads, acts = context.gradients, context.activations
+    squared = grads**2
+    sums = acts.sum(axis=(2, 3))[:, :, None, None]
+    alpha = np.where(grads != 0, squared / (squared + sums * squared * grads + 1e-6), 0)
+    return (np.maximum(grads, 0) * alpha).sum(axis=(2, 3))
+
+
+def broken_xgradcam(self: Any, context: MethodContext) -> np.ndarray:
+    """XGrad-CAM without normalising the activations by their sum."""
+    return (context.gradients * context.activations).sum(axis=(2, 3))
+
+
+def sum_to_one(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Score-CAM's softmax over channels replaced by a plain division by the sum."""
+    return values / values.sum(axis=axis, keepdims=True)
+
+
+# method -> (what to patch, its attribute, the broken stand-in)
+MUTATIONS: dict[str, tuple[Any, str, Callable[..., np.ndarray]]] = {
+    "gradcam++": (GradCAMPlusPlus, "weights", broken_gradcam_pp),
+    "xgradcam": (XGradCAM, "weights", broken_xgradcam),
+    "scorecam": (scorecam_module, "softmax", sum_to_one),
+}
+
+
+def reference(case: Case, method: str) -> np.ndarray:
+    acts = case.outputs["activations"]
+    if method == "scorecam":
+        return ref_scorecam(acts, case.model_input(), case.layout, TARGETS, case.source_logits)
+    return GRADIENT_REFS[method](acts, case.outputs["gradients"])
+
+
+@pytest.mark.parametrize("method", list(MUTATIONS))
+def test_a_broken_formula_fails_its_reference(onnx_case: Case, method: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference comparisons above can fail: break one method's formula and the
+    same comparison that passes for the real one raises."""
+    want = reference(onnx_case, method)
+    rtol = 2e-4 if method == "scorecam" else 1e-4
+    assert_maps_close(onnx_case.explain(method).raw, want, rtol)
+    owner, attribute, broken = MUTATIONS[method]
+    monkeypatch.setattr(owner, attribute, broken)
+    mutant = onnx_case.explainer.explain(onnx_case.images, TARGETS, method=method)
+    with pytest.raises(AssertionError, match="max error"):
+        assert_maps_close(mutant.raw, want, rtol)

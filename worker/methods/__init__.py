@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from onnxcam.bundle import OUTPUT_GUIDED_INPUT_GRADIENTS, OUTPUT_INPUT_GRADIENTS, BundleInfo
 from onnxcam.errors import BadMethodError
-from onnxcam.worker.methods.base import CamMethod, InputMethod, LayerMaps, MethodOptions
+from onnxcam.worker.methods.base import (
+    CamMethod,
+    ChannelWeightCam,
+    GradientMethod,
+    Method,
+    MethodContext,
+    MethodOptions,
+    MethodResult,
+    SampledGradientMethod,
+)
 from onnxcam.worker.methods.eigencam import EigenCAM
 from onnxcam.worker.methods.gradcam import GradCAM
 from onnxcam.worker.methods.gradcam_plus_plus import GradCAMPlusPlus
@@ -17,14 +27,17 @@ from onnxcam.worker.methods.scorecam import ScoreCAM
 from onnxcam.worker.methods.smoothgrad import SmoothGrad
 from onnxcam.worker.methods.xgradcam import XGradCAM
 
-METHODS: dict[str, type[CamMethod]] = {
+METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, EigenCAM, ScoreCAM,
                 Saliency, SmoothGrad, GuidedBackprop, GuidedGradCAM, IntegratedGradients)
 }
+# The export flag that adds each whole-network output, for error messages.
+EXPORT_FLAGS = {OUTPUT_INPUT_GRADIENTS: "--input-gradients",
+                OUTPUT_GUIDED_INPUT_GRADIENTS: "--guided"}
 
 
-def get_method(name: str) -> CamMethod:
+def get_method(name: str) -> Method:
     try:
         return METHODS[name]()
     except KeyError:
@@ -33,4 +46,32 @@ def get_method(name: str) -> CamMethod:
         ) from None
 
 
-__all__ = ["METHODS", "CamMethod", "InputMethod", "LayerMaps", "MethodOptions", "get_method"]
+def method_for(info: BundleInfo, name: str) -> Method:
+    """The method ``name``, if bundles like ``info`` can run it."""
+    method = get_method(name)
+    if method.needs_gradient_map and not info.has_gradients:
+        raise BadMethodError(
+            f"{name} needs the full gradient map; this bundle was exported with "
+            "finite differences (--gradient fd), which give Grad-CAM weights only"
+        )
+    for output in method.needed_input_gradients():
+        if output not in info.input_gradients:
+            raise BadMethodError(f"{name} needs the bundle output {output!r}; export the "
+                                 f"bundle with {EXPORT_FLAGS[output]}")
+    return method
+
+
+__all__ = [
+    "EXPORT_FLAGS",
+    "METHODS",
+    "CamMethod",
+    "ChannelWeightCam",
+    "GradientMethod",
+    "Method",
+    "MethodContext",
+    "MethodOptions",
+    "MethodResult",
+    "SampledGradientMethod",
+    "get_method",
+    "method_for",
+]

@@ -1,19 +1,25 @@
-"""The shared base of every method.
+"""The shared base of every method, after pytorch-grad-cam's ``base_cam.py``.
 
-A CAM method turns what the bundle returned into one map per image at layer
-resolution (``weigh``); the base applies the ReLU. Normalising and resizing belong
-to the engine. Activations and gradients reach methods as NCHW, whatever the
-bundle's layout, so formulas read as in pytorch-grad-cam.
+The engine calls ``method.explain(context)`` and nothing else. The bases own what
+is common: which outputs to ask the bundle for, one map per exported layer, the
+ReLU, and making a gradient method's map from its signed image. A method overrides
+exactly one hook of one base:
 
-A gradient method (``InputMethod``) works at the model input's resolution: it
-overrides ``attribute``, which gives a signed per-channel image [N, H, W, C] and
-its map [N, H, W], usually max over channels of |image| (keras-vis' saliency).
+- ``ChannelWeightCam.weights(context) -> [N, C]`` (Grad-CAM++, XGrad-CAM, Score-CAM);
+- ``CamMethod.cam(context) -> [N, h, w]`` before the ReLU (LayerCAM, HiResCAM,
+  Eigen-CAM, and Grad-CAM, whose weighted sum the bundle computes in its graph);
+- ``GradientMethod.attribute(context) -> [N, H, W, C]``, a signed image whose map is
+  max over channels of its absolute value (keras-vis' saliency);
+- ``SampledGradientMethod.copies(context, index) -> [S, ...]``, moved copies of one
+  model input whose gradients are averaged (SmoothGrad).
+
+Activations and gradients reach methods as NCHW, whatever the bundle's layout, so
+formulas read as in pytorch-grad-cam. Normalising and resizing belong to ``maps``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -24,8 +30,12 @@ from onnxcam.bundle import (
     OUTPUT_GRADIENTS,
     OUTPUT_GUIDED_INPUT_GRADIENTS,
     OUTPUT_INPUT_GRADIENTS,
+    OUTPUT_LOGITS,
     BundleInfo,
+    LayerEntry,
 )
+from onnxcam.layout import Layout
+from onnxcam.worker.model_access import ModelAccess
 
 
 @dataclass(frozen=True)
@@ -38,64 +48,58 @@ class MethodOptions:
     seed: int = 0  # SmoothGrad: image i's noise comes from default_rng([seed, i])
 
 
-@dataclass
-class LayerMaps:
-    """One batch of bundle outputs, with the pieces methods read."""
+@dataclass(frozen=True)
+class MethodContext:
+    """Everything a method may read for one batch, as if one layer were exported."""
 
-    outputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]  # the bundle outputs asked for, by plain name
     info: BundleInfo
-    targets: np.ndarray
-    # For methods that run more forward passes (Score-CAM): masks [N, C, H, W] in
-    # [0, 1] at input resolution -> target scores [N, C].
-    score_masked: Callable[[np.ndarray], np.ndarray] | None = None
-    # For methods that move the model input (SmoothGrad, integrated gradients): the
-    # batch's preprocessed model input, in the model's layout, and a function from
-    # such inputs and their targets to input gradients [M, H, W, C], batched inside.
-    model_input: np.ndarray | None = None
-    gradients_at: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    targets: np.ndarray  # int64 [N]: the classes explained, top-1 already resolved
+    model: ModelAccess  # for methods that run the model again
     options: MethodOptions = MethodOptions()
     first_index: int = 0  # the position of this batch's first image in the whole call
-
-    def _nchw(self, name: str) -> np.ndarray:
-        value = self.outputs[name]
-        return value.transpose(0, 3, 1, 2) if self.info.activation_layout == "nhwc" else value
+    layout: Layout = Layout.NCHW  # where the channels of this layer's activations sit
 
     @property
     def activations(self) -> np.ndarray:
-        return self._nchw(OUTPUT_ACTIVATIONS)
+        """The layer's activations, NCHW [N, C, h, w]."""
+        return self.layout.to_nchw(self.outputs[OUTPUT_ACTIVATIONS])
 
     @property
     def gradients(self) -> np.ndarray:
-        return self._nchw(OUTPUT_GRADIENTS)
+        """d logit[target] / d activations, NCHW [N, C, h, w]."""
+        return self.layout.to_nchw(self.outputs[OUTPUT_GRADIENTS])
 
-    @property
-    def input_gradients(self) -> np.ndarray:
-        """d logit / d model input, NHWC [N, H, W, C]."""
-        return self.outputs[OUTPUT_INPUT_GRADIENTS]
-
-    @property
-    def guided_input_gradients(self) -> np.ndarray:
-        """Guided backprop's input gradients, NHWC [N, H, W, C]."""
-        return self.outputs[OUTPUT_GUIDED_INPUT_GRADIENTS]
-
-    def model_input_nhwc(self) -> np.ndarray:
-        assert self.model_input is not None
-        if self.info.layout == "nchw":
-            return self.model_input.transpose(0, 2, 3, 1)
-        return self.model_input
+    def for_layer(self, entry: LayerEntry) -> MethodContext:
+        """This context with ``entry``'s outputs under the plain names."""
+        outputs = dict(self.outputs)
+        for name in LAYER_OUTPUTS:
+            if entry.output(name) in self.outputs:
+                outputs[name] = self.outputs[entry.output(name)]
+        return replace(self, outputs=outputs, layout=Layout.of(entry.layout))
 
 
-class CamMethod:
-    """Base class: subclasses set ``name`` and ``outputs`` and override ``weigh``."""
+@dataclass
+class MethodResult:
+    """One batch's maps: the primary one, per layer, and a gradient method's image."""
+
+    raw: np.ndarray  # float32 [N, h, w] after the ReLU; gradient methods: [N, H, W]
+    signed: np.ndarray | None = None  # gradient methods: float32 [N, H, W, C]
+    layer_maps: dict[str, np.ndarray] = field(default_factory=dict)  # early to late
+
+
+class Method:
+    """What the engine sees of every method: its needs, declared, and ``explain``."""
 
     name: ClassVar[str]
+    # Bundle outputs it reads; the per-layer ones are asked for at every exported layer.
     outputs: ClassVar[tuple[str, ...]] = (OUTPUT_ACTIVATIONS, OUTPUT_GRADIENTS)
+    # Whole-network outputs it reads through ``context.model`` (the split bundle).
+    split_outputs: ClassVar[tuple[str, ...]] = ()
     # Whether it needs the full gradient map, which fd bundles do not have.
     needs_gradient_map: ClassVar[bool] = True
-    # Whether its map is at the model input's resolution (see ``InputMethod``).
+    # Whether its map is at the model input's resolution, with a signed image.
     input_resolution: ClassVar[bool] = False
-    # Whole-network outputs it needs from a split of the bundle at its model input.
-    split_outputs: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def per_layer(cls) -> bool:
@@ -109,34 +113,92 @@ class CamMethod:
             name for name in (*cls.outputs, *cls.split_outputs)
             if name in (OUTPUT_INPUT_GRADIENTS, OUTPUT_GUIDED_INPUT_GRADIENTS)))
 
-    def weigh(self, maps: LayerMaps) -> np.ndarray:
+    def output_names(self, info: BundleInfo) -> list[str]:
+        """What the session must return: the logits and ``outputs`` at every layer."""
+        layers = info.layers if self.per_layer() else []
+        names = [OUTPUT_LOGITS]
+        for name in self.outputs:
+            names += [e.output(name) for e in layers] if name in LAYER_OUTPUTS else [name]
+        return list(dict.fromkeys(names))
+
+    def explain(self, context: MethodContext) -> MethodResult:
+        """The map at every exported layer; the primary one is ``target_layer``'s."""
+        if not self.per_layer():
+            return self.explain_layer(context)
+        by_layer = {entry.name: self.explain_layer(context.for_layer(entry))
+                    for entry in context.info.layers}
+        primary = next(by_layer[e.name] for e in context.info.layers if e.index == 0)
+        return MethodResult(primary.raw, primary.signed,
+                            {name: result.raw for name, result in by_layer.items()})
+
+    def explain_layer(self, context: MethodContext) -> MethodResult:
+        """The map for the one layer ``context`` holds (each base defines it)."""
+        raise NotImplementedError
+
+
+class CamMethod(Method):
+    """A map at layer resolution: override ``cam``; the base applies the ReLU."""
+
+    def cam(self, context: MethodContext) -> np.ndarray:
         """[N, h, w] before the ReLU."""
         raise NotImplementedError
 
-    def __call__(self, maps: LayerMaps) -> np.ndarray:
-        return np.maximum(self.weigh(maps), 0).astype(np.float32)
+    def explain_layer(self, context: MethodContext) -> MethodResult:
+        return MethodResult(np.maximum(self.cam(context), 0).astype(np.float32))
 
 
-def weighted_sum(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
-    """sum_k weights[n, k] * activations[n, k]: the CAM of per-channel weights.
+class ChannelWeightCam(CamMethod):
+    """A weighted sum of the activation channels: override ``weights``."""
 
-    Plain einsum loops, not BLAS (see ``worker.maps.resize_maps``)."""
-    return np.einsum("nk,nkhw->nhw", weights, activations)
+    def weights(self, context: MethodContext) -> np.ndarray:
+        """Per-image channel weights [N, C]."""
+        raise NotImplementedError
+
+    def cam(self, context: MethodContext) -> np.ndarray:
+        # Plain einsum loops, not BLAS (see ``worker.maps.resize_maps``).
+        return np.einsum("nk,nkhw->nhw", self.weights(context), context.activations)
 
 
-class InputMethod(CamMethod):
-    """Base of the gradient methods: maps at the model input's resolution."""
+class GradientMethod(Method):
+    """A signed image at the model input's resolution: override ``attribute``."""
 
     outputs: ClassVar[tuple[str, ...]] = (OUTPUT_INPUT_GRADIENTS,)
     needs_gradient_map = False
     input_resolution = True
 
-    def attribute(self, maps: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
-        """The signed image [N, H, W, C] and the map [N, H, W]."""
+    def attribute(self, context: MethodContext) -> np.ndarray:
+        """The signed image, NHWC [N, H, W, C]."""
         raise NotImplementedError
 
-    def weigh(self, maps: LayerMaps) -> np.ndarray:
-        return self.attribute(maps)[1]
+    def explain_layer(self, context: MethodContext) -> MethodResult:
+        signed = self.attribute(context).astype(np.float32)
+        return MethodResult(saliency_map(signed), signed)
+
+
+class SampledGradientMethod(GradientMethod):
+    """The mean gradient over moved copies of each model input: override ``copies``.
+
+    The map is the mean of the copies' saliency maps, not the saliency of the mean
+    gradient, so this base makes both itself.
+    """
+
+    outputs = ()
+    split_outputs = (OUTPUT_INPUT_GRADIENTS,)
+
+    def copies(self, context: MethodContext, index: int) -> np.ndarray:
+        """Copies [S, ...] of image ``index``'s model input (the model's layout)."""
+        raise NotImplementedError
+
+    def explain_layer(self, context: MethodContext) -> MethodResult:
+        signed, maps = [], []
+        for n in range(len(context.targets)):
+            copies = self.copies(context, n)
+            targets = np.full(len(copies), context.targets[n], np.int64)
+            gradients = context.model.gradients_at(copies, targets)
+            signed.append(gradients.mean(axis=0))
+            maps.append(saliency_map(gradients).mean(axis=0))
+        return MethodResult(np.stack(maps).astype(np.float32),
+                            np.stack(signed).astype(np.float32))
 
 
 def saliency_map(image: np.ndarray) -> np.ndarray:

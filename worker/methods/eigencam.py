@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxcam.bundle import OUTPUT_ACTIVATIONS
-from onnxcam.worker.methods.base import CamMethod, LayerMaps
+from onnxcam.worker.methods.base import CamMethod, MethodContext
 
 
 def first_component(activations: np.ndarray) -> np.ndarray:
@@ -26,5 +26,5 @@ class EigenCAM(CamMethod):
     outputs = (OUTPUT_ACTIVATIONS,)
     needs_gradient_map = False
 
-    def weigh(self, maps: LayerMaps) -> np.ndarray:
-        return first_component(maps.activations.astype(np.float64)).astype(np.float32)
+    def cam(self, context: MethodContext) -> np.ndarray:
+        return first_component(context.activations.astype(np.float64)).astype(np.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxcam.bundle import OUTPUT_CAM
-from onnxcam.worker.methods.base import CamMethod, LayerMaps
+from onnxcam.worker.methods.base import CamMethod, MethodContext
 
 
 class GradCAM(CamMethod):
@@ -17,5 +17,5 @@ class GradCAM(CamMethod):
     outputs = (OUTPUT_CAM,)
     needs_gradient_map = False
 
-    def weigh(self, maps: LayerMaps) -> np.ndarray:
-        return maps.outputs[OUTPUT_CAM]
+    def cam(self, context: MethodContext) -> np.ndarray:
+        return context.outputs[OUTPUT_CAM]

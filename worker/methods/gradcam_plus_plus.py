@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxcam.worker.methods.base import CamMethod, LayerMaps, weighted_sum
+from onnxcam.worker.methods.base import ChannelWeightCam, MethodContext
 
 EPSILON = 1e-6
 
 
-class GradCAMPlusPlus(CamMethod):
+class GradCAMPlusPlus(ChannelWeightCam):
     name = "gradcam++"
 
-    def weigh(self, maps: LayerMaps) -> np.ndarray:
-        grads, acts = maps.gradients, maps.activations
+    def weights(self, context: MethodContext) -> np.ndarray:
+        grads, acts = context.gradients, context.activations
         squared = grads**2
         cubed = squared * grads
         activation_sums = acts.sum(axis=(2, 3))[:, :, None, None]
         alpha = squared / (2 * squared + activation_sums * cubed + EPSILON)
         alpha = np.where(grads != 0, alpha, 0)
-        weights = (np.maximum(grads, 0) * alpha).sum(axis=(2, 3))
-        return weighted_sum(weights, acts)
+        return (np.maximum(grads, 0) * alpha).sum(axis=(2, 3))

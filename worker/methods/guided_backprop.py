@@ -7,13 +7,12 @@ from __future__ import annotations
 import numpy as np
 
 from onnxcam.bundle import OUTPUT_GUIDED_INPUT_GRADIENTS
-from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
+from onnxcam.worker.methods.base import GradientMethod, MethodContext
 
 
-class GuidedBackprop(InputMethod):
+class GuidedBackprop(GradientMethod):
     name = "guided-backprop"
     outputs = (OUTPUT_GUIDED_INPUT_GRADIENTS,)
 
-    def attribute(self, maps: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
-        gradients = maps.guided_input_gradients
-        return gradients, saliency_map(gradients)
+    def attribute(self, context: MethodContext) -> np.ndarray:
+        return context.outputs[OUTPUT_GUIDED_INPUT_GRADIENTS]

@@ -8,15 +8,14 @@ import numpy as np
 
 from onnxcam.bundle import OUTPUT_CAM, OUTPUT_GUIDED_INPUT_GRADIENTS
 from onnxcam.worker.maps import heatmaps
-from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
+from onnxcam.worker.methods.base import GradientMethod, MethodContext
 
 
-class GuidedGradCAM(InputMethod):
+class GuidedGradCAM(GradientMethod):
     name = "guided-gradcam"
     outputs = (OUTPUT_GUIDED_INPUT_GRADIENTS, OUTPUT_CAM)
 
-    def attribute(self, maps: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
-        guided = maps.guided_input_gradients
-        mask = heatmaps(maps.outputs[OUTPUT_CAM], guided.shape[1], guided.shape[2])
-        product = guided * mask[..., None]
-        return product, saliency_map(product)
+    def attribute(self, context: MethodContext) -> np.ndarray:
+        guided = context.outputs[OUTPUT_GUIDED_INPUT_GRADIENTS]
+        mask = heatmaps(context.outputs[OUTPUT_CAM], guided.shape[1], guided.shape[2])
+        return guided * mask[..., None]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxcam.worker.methods.base import CamMethod, LayerMaps
+from onnxcam.worker.methods.base import CamMethod, MethodContext
 
 
 class HiResCAM(CamMethod):
     name = "hirescam"
 
-    def weigh(self, maps: LayerMaps) -> np.ndarray:
-        return (maps.gradients * maps.activations).sum(axis=1)
+    def cam(self, context: MethodContext) -> np.ndarray:
+        return (context.gradients * context.activations).sum(axis=1)

@@ -13,7 +13,7 @@ import numpy as np
 
 from onnxcam.bundle import OUTPUT_INPUT_GRADIENTS
 from onnxcam.errors import BadMethodError
-from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
+from onnxcam.worker.methods.base import GradientMethod, MethodContext
 
 
 def path_points(steps: int) -> np.ndarray:
@@ -21,23 +21,19 @@ def path_points(steps: int) -> np.ndarray:
     return ((np.arange(steps) + 0.5) / steps).astype(np.float32)
 
 
-class IntegratedGradients(InputMethod):
+class IntegratedGradients(GradientMethod):
     name = "integrated-gradients"
     outputs = ()
     split_outputs = (OUTPUT_INPUT_GRADIENTS,)
 
-    def attribute(self, maps: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
-        if maps.model_input is None or maps.gradients_at is None:
-            raise BadMethodError("integrated-gradients needs a bundle that records its "
-                                 "model input")
-        if maps.options.steps < 1:
+    def attribute(self, context: MethodContext) -> np.ndarray:
+        if context.options.steps < 1:
             raise BadMethodError("integrated-gradients needs at least one step")
-        alphas = path_points(maps.options.steps)
-        model_input = maps.model_input_nhwc()
+        alphas = path_points(context.options.steps)
+        model = context.model
         mean_gradients = []
-        for n, image in enumerate(maps.model_input):
+        for n, image in enumerate(model.model_input):
             scaled = alphas.reshape(-1, *[1] * image.ndim) * image[None]
-            targets = np.full(len(alphas), maps.targets[n], np.int64)
-            mean_gradients.append(maps.gradients_at(scaled, targets).mean(axis=0))
-        attribution = model_input * np.stack(mean_gradients)
-        return attribution, saliency_map(attribution)
+            targets = np.full(len(alphas), context.targets[n], np.int64)
+            mean_gradients.append(model.gradients_at(scaled, targets).mean(axis=0))
+        return model.model_input_nhwc() * np.stack(mean_gradients)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxcam.worker.methods.base import CamMethod, LayerMaps
+from onnxcam.worker.methods.base import CamMethod, MethodContext
 
 
 class LayerCAM(CamMethod):
     name = "layercam"
 
-    def weigh(self, maps: LayerMaps) -> np.ndarray:
-        return (np.maximum(maps.gradients, 0) * maps.activations).sum(axis=1)
+    def cam(self, context: MethodContext) -> np.ndarray:
+        return (np.maximum(context.gradients, 0) * context.activations).sum(axis=1)

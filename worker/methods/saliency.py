@@ -1,17 +1,17 @@
 """Saliency (Simonyan et al.), as keras-vis' ``visualize_saliency`` computes it: the
 gradient of the class score with respect to the model input, max over channels of
-its absolute value."""
+its absolute value (the base makes that map)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
+from onnxcam.bundle import OUTPUT_INPUT_GRADIENTS
+from onnxcam.worker.methods.base import GradientMethod, MethodContext
 
 
-class Saliency(InputMethod):
+class Saliency(GradientMethod):
     name = "saliency"
 
-    def attribute(self, maps: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
-        gradients = maps.input_gradients
-        return gradients, saliency_map(gradients)
+    def attribute(self, context: MethodContext) -> np.ndarray:
+        return context.outputs[OUTPUT_INPUT_GRADIENTS]

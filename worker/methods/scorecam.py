@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from onnxcam.bundle import OUTPUT_ACTIVATIONS
-from onnxcam.errors import BadMethodError
-from onnxcam.worker.methods.base import CamMethod, LayerMaps, weighted_sum
+from onnxcam.scores import softmax
+from onnxcam.worker.methods.base import ChannelWeightCam, MethodContext
 
 
 def align_corners_matrix(size_out: int, size_in: int) -> np.ndarray:
@@ -27,22 +27,18 @@ def align_corners_matrix(size_out: int, size_in: int) -> np.ndarray:
     return matrix
 
 
-class ScoreCAM(CamMethod):
+class ScoreCAM(ChannelWeightCam):
     name = "scorecam"
     outputs = (OUTPUT_ACTIVATIONS,)
     needs_gradient_map = False
 
-    def weigh(self, maps: LayerMaps) -> np.ndarray:
-        if maps.score_masked is None:
-            raise BadMethodError("scorecam needs a bundle that records its model input")
-        acts = maps.activations.astype(np.float32)
-        rows = align_corners_matrix(maps.info.height, acts.shape[2])
-        cols = align_corners_matrix(maps.info.width, acts.shape[3])
+    def weights(self, context: MethodContext) -> np.ndarray:
+        acts = context.activations.astype(np.float32)
+        rows = align_corners_matrix(context.info.height, acts.shape[2])
+        cols = align_corners_matrix(context.info.width, acts.shape[3])
         upsampled = np.einsum("hi,nkij,wj->nkhw", rows, acts, cols, optimize=True)
         low = upsampled.min(axis=(2, 3), keepdims=True)
         high = upsampled.max(axis=(2, 3), keepdims=True)
         masks = (upsampled - low) / (high - low + 1e-8)
-        scores = maps.score_masked(masks).astype(np.float64)
-        scores -= scores.max(axis=1, keepdims=True)
-        weights = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
-        return weighted_sum(weights.astype(np.float32), acts)
+        scores = context.model.masked_scores(masks, context.targets)
+        return softmax(scores.astype(np.float64), axis=1).astype(np.float32)

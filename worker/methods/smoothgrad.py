@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxcam.bundle import OUTPUT_INPUT_GRADIENTS
 from onnxcam.errors import BadMethodError
-from onnxcam.worker.methods.base import InputMethod, LayerMaps, saliency_map
+from onnxcam.worker.methods.base import MethodContext, SampledGradientMethod
 
 
 def noisy_copies(image: np.ndarray, samples: int, noise: float, seed: int,
@@ -24,23 +23,12 @@ def noisy_copies(image: np.ndarray, samples: int, noise: float, seed: int,
     return image[None] + np.float32(sigma) * draws
 
 
-class SmoothGrad(InputMethod):
+class SmoothGrad(SampledGradientMethod):
     name = "smoothgrad"
-    outputs = ()
-    split_outputs = (OUTPUT_INPUT_GRADIENTS,)
 
-    def attribute(self, maps: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
-        if maps.model_input is None or maps.gradients_at is None:
-            raise BadMethodError("smoothgrad needs a bundle that records its model input")
-        options = maps.options
+    def copies(self, context: MethodContext, index: int) -> np.ndarray:
+        options = context.options
         if options.samples < 1:
             raise BadMethodError("smoothgrad needs at least one sample")
-        images, saliency = [], []
-        for n, image in enumerate(maps.model_input):
-            copies = noisy_copies(image, options.samples, options.noise, options.seed,
-                                  maps.first_index + n)
-            targets = np.full(len(copies), maps.targets[n], np.int64)
-            gradients = maps.gradients_at(copies, targets)
-            images.append(gradients.mean(axis=0))
-            saliency.append(saliency_map(gradients).mean(axis=0))
-        return np.stack(images), np.stack(saliency)
+        return noisy_copies(context.model.model_input[index], options.samples, options.noise,
+                            options.seed, context.first_index + index)

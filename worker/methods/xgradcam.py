@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxcam.worker.methods.base import CamMethod, LayerMaps, weighted_sum
+from onnxcam.worker.methods.base import ChannelWeightCam, MethodContext
 
 EPSILON = 1e-7
 
 
-class XGradCAM(CamMethod):
+class XGradCAM(ChannelWeightCam):
     name = "xgradcam"
 
-    def weigh(self, maps: LayerMaps) -> np.ndarray:
-        grads, acts = maps.gradients, maps.activations
+    def weights(self, context: MethodContext) -> np.ndarray:
+        grads, acts = context.gradients, context.activations
         sums = acts.sum(axis=(2, 3))[:, :, None, None]
-        weights = (grads * acts / (sums + EPSILON)).sum(axis=(2, 3))
-        return weighted_sum(weights, acts)
+        return (grads * acts / (sums + EPSILON)).sum(axis=(2, 3))

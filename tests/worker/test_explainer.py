@@ -1,5 +1,6 @@
-"""``Explainer.explain`` end to end: files, PIL images and arrays in, consistent results out,
-and every kind of bad input refused with a clear error from ``onnxcam.errors``."""
+"""``Explainer.explain`` end to end: files, PIL images and arrays in, results that match
+independent references, and every kind of bad input refused with a clear error from
+``onnxcam.errors``."""
 
 from __future__ import annotations
 
@@ -7,23 +8,37 @@ import logging
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import models
 import numpy as np
 import onnx
 import pytest
+from cam_references import (
+    GRADIENT_REFS,
+    assert_maps_close,
+    bundle_outputs,
+    ref_eigen_projection,
+    ref_gradcam,
+    ref_scorecam,
+    relu,
+    source_outputs,
+)
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+import onnxcam.runtime
 from onnxcam.errors import (
     BadImageError,
     BadMethodError,
     BadTargetError,
     BundleError,
-    OnnxcamError,
+    MissingImageError,
 )
 from onnxcam.exporter import export
+from onnxcam.exporter.preprocess import preprocess_numpy
 from onnxcam.worker import Explainer, Explanation
 from onnxcam.worker.images import Limits
 
@@ -105,6 +120,12 @@ def grey_bundle(folder: Path) -> Path:
     info = export(source, out).info
     assert (info.channels, info.height, info.width) == (1, *GREY_SIZE)
     return out
+
+
+@pytest.fixture(scope="module")
+def sources() -> dict[str, onnx.ModelProto]:
+    """The source model of each bundle, for references that never touch a bundle."""
+    return {"rgb": models.onnx_cnn(), "grey": grey_onnx()}
 
 
 @pytest.fixture(scope="module")
@@ -258,18 +279,40 @@ def test_grey_batch_at_the_bundle_size_is_converted(rgb: Explainer) -> None:
     assert_same(rgb.explain(batch), rgb.explain(list(batch)))
 
 
-@pytest.mark.parametrize("form", ["path", "pil", "array"])
+def single(form: str, path: Path, explainer: Explainer) -> Any:
+    """One image, not in a list, in the form named."""
+    return {"path": path, "str": str(path), "bytes": path.read_bytes(), "pil": Image.open(path),
+            "array": resized(path, explainer),
+            "grey_2d": resized(path, explainer).mean(axis=-1).round().astype(np.uint8),
+            "missing": path.with_name("no_such_image.png"), "number": 7,
+            "vector": np.zeros(7, np.uint8), "text_bytes": b"not an image"}[form]
+
+
+@pytest.mark.parametrize("form", ["path", "str", "bytes", "pil", "array", "grey_2d"])
 def test_a_single_image_is_one_image_or_a_clear_error(rgb: Explainer, image_files: list[Path],
                                                       form: str) -> None:
-    path = image_files[0]
-    single = {"path": str(path), "pil": Image.open(path),
-              "array": resized(path, rgb)}[form]
-    try:
-        result = rgb.explain(single)
-    except OnnxcamError as exc:
-        assert str(path) in str(exc) or form != "path"
-        return
-    assert_same(result, rgb.explain([path]))
+    """One image is explained as a list of one; a single bad one raises its own error."""
+    image = single(form, image_files[0], rgb)
+    result = rgb.explain(image)
+    assert len(result.raw) == 1
+    assert_same(result, rgb.explain([image]))
+    if form != "grey_2d":
+        assert_same(result, rgb.explain([image_files[0]]))
+
+
+@pytest.mark.parametrize(("form", "error", "message"), [
+    ("missing", MissingImageError, "{path}: no such file"),
+    ("number", BadImageError, "unsupported image source: int"),
+    ("vector", BadImageError, "an image array must be [H, W] or [H, W, 1|3|4], got (7,)"),
+    ("text_bytes", BadImageError, "image: not an image file"),
+])
+def test_a_single_bad_image_raises_its_own_error(rgb: Explainer, image_files: list[Path],
+                                                 form: str, error: type, message: str) -> None:
+    image = single(form, image_files[0], rgb)
+    with pytest.raises(error) as caught:
+        rgb.explain(image)
+    assert type(caught.value) is error
+    assert str(caught.value) == message.format(path=image)
 
 
 @pytest.mark.tf
@@ -361,12 +404,61 @@ def test_batch_size_does_not_change_results(rgb: Explainer, image_files: list[Pa
     assert_same(rgb.explain(batch, targets, method=method, batch_size=2), default, rtol=1e-5)
 
 
-def test_every_method_runs_on_grey_and_rgb(explainer: Explainer, image_files: list[Path]) -> None:
+def source_model(
+    explainer: Explainer, source: onnx.ModelProto, images: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """The source model on ``images`` preprocessed as the bundle says, NCHW: the
+    target layer's activations (``feat``) and the pre-softmax scores, float64."""
+    info = explainer.info
+    assert info.target_layer == "last_relu" and info.layout == "nchw"
+    logits = "logits" if source.graph.output[0].name == "probs" else source.graph.output[0].name
+    run = source_outputs(source, ["feat", logits])
+    model_input = preprocess_numpy(images, info.preprocess).astype(np.float64).transpose(0, 3, 1, 2)
+    return run(model_input)[0], model_input, lambda x: run(x)[1]
+
+
+def method_reference(method: str, explainer: Explainer, bundle: Path, source: onnx.ModelProto,
+                     images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The method's raw map by the paper's formula, from a plain run of the bundle
+    (gradient methods) or of the source model (Eigen-CAM, Score-CAM)."""
+    if method in GRADIENT_REFS:
+        outputs = bundle_outputs(bundle, images, targets)
+        return GRADIENT_REFS[method](outputs["activations"], outputs["gradients"])
+    activations, model_input, source_logits = source_model(explainer, source, images)
+    if method == "scorecam":
+        return ref_scorecam(activations, model_input, "nchw", targets, source_logits)
+    return ref_eigen_projection(activations)
+
+
+def assert_eigencam_close(got: np.ndarray, projection: np.ndarray) -> None:
+    """Eigen-CAM's sign is the SVD's choice: each map must match one of the two signs."""
+    for n in range(len(got)):
+        candidates = [relu(projection[n]), relu(-projection[n])]
+        best = int(np.argmin([np.abs(got[n] - c).max() for c in candidates]))
+        assert float(candidates[best].max()) > 0
+        assert_maps_close(got[n][None], candidates[best][None], rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["rgb", "grey"])
+def test_every_method_matches_its_formula_on_grey_and_rgb(
+    request: pytest.FixtureRequest, name: str, sources: dict[str, onnx.ModelProto],
+    image_files: list[Path],
+) -> None:
+    explainer: Explainer = request.getfixturevalue(name)
+    bundle: Path = request.getfixturevalue(f"{name}_bundle")
+    images = np.stack([resized(p, explainer) for p in image_files[:3]])
+    targets = np.array([1, 0, 3], np.int64)
     for method in ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam",
                    "scorecam"]:
-        result = explainer.explain(image_files[:3], method=method)
+        result = explainer.explain(image_files[:3], targets, method=method)
         check_shapes(result, explainer, 3)
         assert result.method == method
+        want = method_reference(method, explainer, bundle, sources[name], images, targets)
+        if method == "eigencam":
+            assert_eigencam_close(result.raw, want)
+        else:
+            assert float(want.max()) > 0, f"{method}: degenerate reference"
+            assert_maps_close(result.raw, want, rtol=2e-4)
 
 
 # ------------------------------------------------------------------------------ fd bundles
@@ -397,10 +489,20 @@ def test_fd_bundle_refuses_gradient_map_methods(fd: Explainer, image_files: list
 
 
 @pytest.mark.parametrize("method", ["eigencam", "scorecam"])
-def test_fd_bundle_runs_gradient_free_methods(fd: Explainer, rgb: Explainer,
+def test_fd_bundle_runs_gradient_free_methods(fd: Explainer, fd_bundle: Path, rgb: Explainer,
+                                              sources: dict[str, onnx.ModelProto],
                                               image_files: list[Path], method: str) -> None:
-    assert_same(fd.explain(image_files, [0, 1, 2, 3, 4], method=method),
-                rgb.explain(image_files, [0, 1, 2, 3, 4], method=method), rtol=1e-4)
+    """The fd bundle's maps follow the formula on the SOURCE model's activations and
+    scores (nothing read from either bundle), and agree with the analytic bundle's."""
+    targets = np.array([0, 1, 2, 3, 4], np.int64)
+    result = fd.explain(image_files, targets, method=method)
+    images = np.stack([resized(p, fd) for p in image_files])
+    want = method_reference(method, fd, fd_bundle, sources["rgb"], images, targets)
+    if method == "eigencam":
+        assert_eigencam_close(result.raw, want)
+    else:
+        assert_maps_close(result.raw, want, rtol=2e-4)
+    assert_same(result, rgb.explain(image_files, targets, method=method), rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -544,10 +646,22 @@ def test_not_a_bundle_class_only(folder: Path, cnn_source: Path) -> None:
 # ------------------------------------------------------------------------------ devices
 
 
-def test_cpu_device(rgb_bundle: Path, rgb: Explainer, image_files: list[Path]) -> None:
-    cpu = Explainer(rgb_bundle, device="cpu")
+def test_cpu_device(rgb_bundle: Path, image_files: list[Path],
+                    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """device="cpu" stays on the CPU even where CUDA would work, with no CUDA warning,
+    and gives what a plain onnxruntime CPU session and Grad-CAM's formula give."""
+    monkeypatch.setattr(onnxcam.runtime, "cuda_usable", lambda: True)
+    with caplog.at_level(logging.WARNING):
+        cpu = Explainer(rgb_bundle, device="cpu")
     assert cpu.device == "cpu"
-    assert_same(cpu.explain(image_files), rgb.explain(image_files))
+    assert cpu.sessions.session_for(["cam"]).get_providers() == ["CPUExecutionProvider"]
+    assert not [r for r in caplog.records if "CUDA" in r.getMessage()]
+    result = cpu.explain(image_files)
+    images = np.stack([resized(p, cpu) for p in image_files])
+    plain = bundle_outputs(rgb_bundle, images, result.targets)
+    np.testing.assert_allclose(result.logits, plain["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(result.targets, plain["logits"].argmax(axis=1))
+    assert_maps_close(result.raw, ref_gradcam(plain["activations"], plain["gradients"]))
 
 
 def test_cuda_falls_back_to_cpu(rgb_bundle: Path, rgb: Explainer, image_files: list[Path],
@@ -574,5 +688,5 @@ def test_io_binding_path_gives_the_same_results(rgb_bundle: Path, method: str) -
     batch = np.random.default_rng(11).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     plain = Explainer(rgb_bundle, device="cpu")
     bound = Explainer(rgb_bundle, device="cpu")
-    bound.use_io_binding = True
+    bound.sessions.use_io_binding = True
     assert_same(bound.explain(batch, method=method), plain.explain(batch, method=method))

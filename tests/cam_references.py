@@ -1,0 +1,172 @@
+"""Independent float64 references for the CAM methods, shared by the method and
+explainer tests: pytorch-grad-cam's definitions written out again in numpy, and
+plain onnxruntime runs of bundles and source models. Nothing here imports
+``onnxcam.worker``, so a defect there cannot leak into an expected value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def assert_maps_close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-4) -> None:
+    """Per image: |got - want| <= rtol * max|want| (+ a float32 floor)."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    for n, (g, w) in enumerate(zip(got, want)):
+        scale = max(float(np.abs(w).max()), 1e-6)
+        err = float(np.abs(g.astype(np.float64) - w).max())
+        assert err <= rtol * scale, f"image {n}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def bundle_outputs(path: Path, images: np.ndarray, targets: np.ndarray,
+                   names: Sequence[str] = ("logits", "activations", "gradients"),
+                   ) -> dict[str, np.ndarray]:
+    """Outputs straight from the bundle file (activations and gradients NCHW), float64."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    names = list(names)
+    values = dict(zip(names, session.run(names, {"image": images, "target": targets})))
+    out = {k: v.astype(np.float64) for k, v in values.items()}
+    if meta["onnxcam.activation_layout"] == "nhwc":
+        for key in {"activations", "gradients"} & set(out):
+            out[key] = out[key].transpose(0, 3, 1, 2)
+    return out
+
+
+# -- pytorch-grad-cam's definitions, written out again in float64 --
+
+
+def cam_of(weights: np.ndarray, acts: np.ndarray) -> np.ndarray:
+    return relu((weights[:, :, None, None] * acts).sum(axis=1))
+
+
+def ref_gradcam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    return cam_of(grads.mean(axis=(2, 3)), acts)
+
+
+def ref_gradcam_pp(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    g2 = grads**2
+    g3 = g2 * grads
+    sums = acts.sum(axis=(2, 3))[:, :, None, None]
+    aij = g2 / (2 * g2 + sums * g3 + 1e-6)
+    aij = np.where(grads != 0, aij, 0.0)
+    return cam_of((relu(grads) * aij).sum(axis=(2, 3)), acts)
+
+
+def ref_xgradcam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    sums = acts.sum(axis=(2, 3))[:, :, None, None]
+    return cam_of((grads * acts / (sums + 1e-7)).sum(axis=(2, 3)), acts)
+
+
+def ref_layercam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    return relu((relu(grads) * acts).sum(axis=1))
+
+
+def ref_hirescam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    return relu((grads * acts).sum(axis=1))
+
+
+def ref_eigen_projection(acts: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's get_2d_projection, before the ReLU (sign as the SVD gives it)."""
+    projections = []
+    for a in acts:
+        c, h, w = a.shape
+        matrix = a.reshape(c, -1).T  # [hw, C]
+        matrix = matrix - matrix.mean(axis=0)
+        _, _, vt = np.linalg.svd(matrix, full_matrices=True)
+        projections.append((matrix @ vt[0]).reshape(h, w))
+    return np.array(projections)
+
+
+GRADIENT_REFS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "gradcam": ref_gradcam,
+    "gradcam++": ref_gradcam_pp,
+    "xgradcam": ref_xgradcam,
+    "layercam": ref_layercam,
+    "hirescam": ref_hirescam,
+}
+
+
+def align_corners_matrix(size_out: int, size_in: int) -> np.ndarray:
+    """torch.nn.UpsamplingBilinear2d along one axis, via np.interp on unit vectors."""
+    positions = np.arange(size_out) * (size_in - 1) / (size_out - 1)
+    grid = np.arange(size_in)
+    return np.stack([np.interp(positions, grid, np.eye(size_in)[i]) for i in range(size_in)],
+                    axis=1)
+
+
+def ref_scorecam(
+    acts: np.ndarray, model_input: np.ndarray, layout: str, targets: np.ndarray,
+    source_logits: Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """ScoreCAM.get_cam_weights: masks from upsampled activations, softmax of target scores."""
+    n, c = acts.shape[:2]
+    height, width = (model_input.shape[2:] if layout == "nchw" else model_input.shape[1:3])
+    rows = align_corners_matrix(height, acts.shape[2])
+    cols = align_corners_matrix(width, acts.shape[3])
+    upsampled = np.einsum("hi,nkij,wj->nkhw", rows, acts, cols)
+    lows = upsampled.min(axis=(2, 3), keepdims=True)
+    highs = upsampled.max(axis=(2, 3), keepdims=True)
+    masks = (upsampled - lows) / (highs - lows + 1e-8)
+    scores = np.zeros((n, c))
+    for i in range(n):
+        if layout == "nchw":
+            masked = model_input[i][None] * masks[i][:, None]
+        else:
+            masked = model_input[i][None] * masks[i][..., None]
+        scores[i] = source_logits(masked.astype(np.float32))[:, targets[i]]
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    weights = shifted / shifted.sum(axis=1, keepdims=True)
+    return cam_of(weights, acts)
+
+
+def ref_normalize(raw: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's scale_cam_image before the resize."""
+    out = raw - raw.min(axis=(1, 2), keepdims=True)
+    return out / (1e-7 + out.max(axis=(1, 2), keepdims=True))
+
+
+def ref_resize_half_pixel(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """cv2.resize(..., INTER_LINEAR) one output pixel at a time (edge samples clamped)."""
+    n, h, w = maps.shape
+    out = np.zeros((n, height, width))
+
+    def source(i: int, size_in: int, size_out: int) -> tuple[int, int, float]:
+        s = min(max((i + 0.5) * size_in / size_out - 0.5, 0.0), size_in - 1.0)
+        low = int(np.floor(s))
+        return low, min(low + 1, size_in - 1), s - low
+
+    for y in range(height):
+        y0, y1, fy = source(y, h, height)
+        for x in range(width):
+            x0, x1, fx = source(x, w, width)
+            top = (1 - fx) * maps[:, y0, x0] + fx * maps[:, y0, x1]
+            bottom = (1 - fx) * maps[:, y1, x0] + fx * maps[:, y1, x1]
+            out[:, y, x] = (1 - fy) * top + fy * bottom
+    return out
+
+
+def source_outputs(model: onnx.ModelProto, names: Sequence[str]) -> Callable[..., list[np.ndarray]]:
+    """Tensors ``names`` of a source ONNX model (NCHW input ``input``), any of them
+    inner ones, as float64: (model input) -> [values]."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in names if name not in present)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        values = session.run(list(names), {"input": np.asarray(x, np.float32)})
+        return [np.asarray(v, np.float64) for v in values]
+
+    return run

@@ -1,0 +1,137 @@
+"""The onnxruntime sessions one bundle runs on: the cache by output set, the pruned
+graphs, the split at the model input, and IO binding on CUDA.
+
+onnxruntime runs every node of a graph whatever outputs are asked for, so a call
+that needs no whole-network gradient gets a session pruned of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_LOGITS, BundleInfo, read_bundle
+from onnxcam.errors import BundleError
+from onnxcam.graph import prune_unused
+from onnxcam.runtime import make_session
+
+log = logging.getLogger(__name__)
+
+
+def keep_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """``model`` with only the outputs ``names`` and the nodes they need, in place.
+
+    MaxPool's optional indices output goes too when nothing reads it any more, since
+    onnxruntime computes every output a node declares.
+    """
+    graph = model.graph
+    kept = [output for output in graph.output if output.name in names]
+    del graph.output[:]
+    graph.output.extend(kept)
+    prune_unused(graph)
+    read = {name for node in graph.node for name in node.input} | set(names)
+    for node in graph.node:
+        if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] not in read:
+            del node.output[1:]
+    return model
+
+
+def split_at_model_input(
+    model: onnx.ModelProto, info: BundleInfo, outputs: tuple[str, ...] = (OUTPUT_LOGITS,)
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Two models cut from a bundle at its preprocessed model input.
+
+    The first maps ``image`` to that float tensor; the second maps the float tensor
+    (and ``target``, when a gradient is among ``outputs``) to ``outputs``. Score-CAM
+    masks the model's own input and SmoothGrad adds noise to it, so they need both.
+    """
+    import onnx.utils
+
+    if not info.model_input:
+        raise BundleError("this bundle does not record its model input (re-export it)")
+    model = onnx.shape_inference.infer_shapes(model)
+    extractor = onnx.utils.Extractor(model)
+    front = extractor.extract_model([INPUT_IMAGE], [info.model_input])
+    inputs = [info.model_input]
+    if any(name != OUTPUT_LOGITS for name in outputs):
+        inputs.append(INPUT_TARGET)
+    back = extractor.extract_model(inputs, list(outputs))
+    return front, back
+
+
+class Sessions:
+    """Every session of one bundle, built lazily and kept for the process's life.
+
+    ``source`` is the bundle's path or bytes, already checked by ``read_bundle``; a
+    path is read again only when a pruned or split graph is first needed, so the
+    bundle's bytes are not held meanwhile.
+    """
+
+    def __init__(self, source: str | Path | bytes, data: bytes, info: BundleInfo,
+                 device: str = "auto", threads: int | None = None) -> None:
+        self._source = source
+        self.info = info
+        self.threads = threads
+        name = "bundle" if isinstance(source, bytes) else str(source)
+        try:
+            session, self.device = make_session(data, device, threads)
+        except Exception as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise BundleError(f"{name}: not an onnxcam bundle (onnxruntime cannot load it: "
+                              f"{first_line})") from exc
+        # IO binding saves the host copies of intermediate buffers on CUDA; on the CPU
+        # it gains nothing, but it can be switched on to test the path.
+        self.use_io_binding = self.device == "cuda"
+        self._outputs = [output.name for output in session.get_outputs()]
+        # Sessions by the whole-network gradient outputs they keep. A bundle with them
+        # gives its full session up: most calls need neither backward pass, and
+        # holding both graphs would double the memory; it is rebuilt when asked for.
+        self._by_kept: dict[frozenset[str], Any] = {}
+        if not info.input_gradients:
+            self._by_kept[frozenset()] = session
+        self._splits: dict[tuple[str, ...], tuple[Any, Any]] = {}
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs ``names`` for ``feeds``, from the smallest session that has them."""
+        session = self.session_for(names)
+        if not self.use_io_binding:
+            return list(session.run(names, feeds))
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in names:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
+
+    def session_for(self, names: list[str]) -> Any:
+        """A session that computes ``names``, pruned of the whole-network gradients
+        nobody asked for."""
+        kept = frozenset(self.info.input_gradients) & frozenset(names)
+        if kept not in self._by_kept:
+            dropped = set(self.info.input_gradients) - kept
+            log.debug("building a session without %s", ", ".join(sorted(dropped)) or "nothing")
+            model = keep_outputs(self._model(),
+                                 [name for name in self._outputs if name not in dropped])
+            self._by_kept[kept] = self._make(model)
+        return self._by_kept[kept]
+
+    def split(self, outputs: tuple[str, ...]) -> tuple[Any, Any]:
+        """Sessions for the bundle cut at its model input (``split_at_model_input``),
+        built once per set of back-half outputs."""
+        if outputs not in self._splits:
+            log.debug("splitting the bundle at %s for %s", self.info.model_input, outputs)
+            front, back = split_at_model_input(self._model(), self.info, outputs)
+            self._splits[outputs] = (self._make(front), self._make(back))
+        return self._splits[outputs]
+
+    def _model(self) -> onnx.ModelProto:
+        data = self._source if isinstance(self._source, bytes) else read_bundle(self._source).data
+        return onnx.load_from_string(data)
+
+    def _make(self, model: onnx.ModelProto) -> Any:
+        return make_session(model.SerializeToString(), self.device, self.threads)[0]
