@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxcam
 import onnxcam.exporter.pipeline
 import onnxcam.exporter.verify
-import onnxcam.worker.engine
+import onnxcam.worker.explainer
 from onnxcam.cli import main
 
 # --------------------------------------------------------------------------- models
@@ -314,7 +314,7 @@ def test_public_api_is_pinned_sorted_and_importable() -> None:
     exec("from onnxcam import *", namespace)
     assert set(PUBLIC_API) <= set(namespace)
     # Each name is the object its defining module holds, not a copy or a stub.
-    assert onnxcam.Explainer is onnxcam.worker.engine.Explainer
+    assert onnxcam.Explainer is onnxcam.worker.explainer.Explainer
     assert onnxcam.export is onnxcam.exporter.pipeline.export
     assert issubclass(onnxcam.BadImageError, onnxcam.OnnxcamError)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):

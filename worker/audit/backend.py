@@ -19,7 +19,7 @@ import numpy as np
 
 from onnxcam.bundle import BundleInfo
 from onnxcam.errors import BadImageError, OnnxcamError
-from onnxcam.worker.engine import DEFAULT_BATCH, Explainer
+from onnxcam.worker.explainer import DEFAULT_BATCH, Explainer
 from onnxcam.worker.faithfulness import DEFAULT_STEPS, deletion_insertion_auc
 from onnxcam.worker.images import Limits, decode, load_image, read_bytes, resize
 from onnxcam.worker.maps import heatmaps

@@ -38,7 +38,7 @@ from onnxcam.worker.audit.progress import Progress
 from onnxcam.worker.audit.report import write_report
 from onnxcam.worker.audit.results import ResultRow, ResultsWriter
 from onnxcam.worker.audit.summary import Summary, Thresholds, summarize
-from onnxcam.worker.engine import method_for
+from onnxcam.worker.explainer import method_for
 from onnxcam.worker.maps import heatmaps
 from onnxcam.worker.outputs import npy_bytes
 

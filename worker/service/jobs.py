@@ -36,7 +36,7 @@ from onnxcam.errors import (
     MissingImageError,
     OnnxcamError,
 )
-from onnxcam.worker.engine import DEFAULT_BATCH, Explainer, Explanation
+from onnxcam.worker.explainer import DEFAULT_BATCH, Explainer, Explanation
 from onnxcam.worker.images import Limits, decode, to_array
 from onnxcam.worker.outputs import render
 from onnxcam.worker.service.settings import Settings
