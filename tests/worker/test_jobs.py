@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -36,8 +37,18 @@ from onnxcam.worker.service.jobs import (
     parse_job,
     run_job,
 )
+from onnxcam.worker.service.layout import (
+    HEATMAP,
+    OVERLAY,
+    RAW,
+    RECORD,
+    bundle_key,
+    image_key,
+    read_error,
+    read_record,
+)
 from onnxcam.worker.service.settings import load_settings
-from onnxcam.worker.service.store import Store, sha256_hex
+from onnxcam.worker.service.store import Store
 
 LABELS = ["cat", "dog", "bus", "car", "snow"]
 
@@ -318,7 +329,26 @@ def test_local_store(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "s" / "jobs" / "x").iterdir()] == ["1.json"]
     with pytest.raises(StoreError):
         store.put("../escape", b"")
-    assert store.put_bundle(b"bytes") == sha256_hex(b"bytes")
+    assert store.put_bundle(b"bytes") == hashlib.sha256(b"bytes").hexdigest()
+    assert store.find("jobs/x/none.json") is None and store.find("jobs/x/1.json") == b"{}"
+
+
+def test_the_store_layout_is_the_documented_one(tmp_path: Path) -> None:
+    """Users and scripts read these keys: they are pinned here, spelled out."""
+    sha = hashlib.sha256(b"model").hexdigest()
+    assert bundle_key(sha) == f"bundles/{sha}.onnx"
+    keys = [image_key("j-1", 7, suffix) for suffix in (HEATMAP, OVERLAY, RAW, RECORD)]
+    assert keys == ["jobs/j-1/00007.npy", "jobs/j-1/00007.png", "jobs/j-1/00007.raw.npy",
+                    "jobs/j-1/00007.json"]
+    for not_a_hash in (sha.upper(), sha[:-1], "../" + sha[3:], f"{sha}/x"):
+        with pytest.raises(UnknownBundleError, match="not a bundle hash"):
+            bundle_key(not_a_hash)
+    store = Store(str(tmp_path / "s"))
+    assert read_record(store, "j-1", 7) is None and read_error(store, "j-1") is None
+    store.put("jobs/j-1/00007.json", b'{"index": 7, "status": "ok"}')
+    store.put("jobs/j-1/error.json", b'{"code": "time_limit", "message": "slow"}')
+    assert read_record(store, "j-1", 7) == {"index": 7, "status": "ok"}
+    assert read_error(store, "j-1") == {"code": "time_limit", "message": "slow"}
 
 
 def test_unreachable_s3_is_transient() -> None:

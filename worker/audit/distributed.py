@@ -20,7 +20,7 @@ import numpy as np
 
 from onnxcam.worker.audit.backend import AuditRow, ExplainSettings, RowOutcome
 from onnxcam.worker.service.client import celery_status, job_records, read_bundle, submit
-from onnxcam.worker.service.jobs import image_key
+from onnxcam.worker.service.layout import RAW, image_key
 from onnxcam.worker.service.settings import Settings, load_settings
 from onnxcam.worker.service.store import Store
 
@@ -76,7 +76,7 @@ class DistributedBackend:
         if record["status"] != "ok":
             error = record["error"]
             return RowOutcome(row.index, error_code=error["code"], error=error["message"])
-        raw = np.load(io.BytesIO(self.store.get(image_key(job_id, record["index"], ".raw.npy"))))
+        raw = np.load(io.BytesIO(self.store.get(image_key(job_id, record["index"], RAW))))
         height, width = record["image_size"]
         return RowOutcome(
             row.index, raw=raw.astype(np.float32),

@@ -8,7 +8,6 @@ needs no worker to be up. ``Job`` follows them by id.
 from __future__ import annotations
 
 import functools
-import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,17 +25,25 @@ from onnxcam.errors import (
     UnknownJobError,
 )
 from onnxcam.worker.methods import get_method
-from onnxcam.worker.service.jobs import (
+from onnxcam.worker.service.jobs import ImageRef, JobSpec, parse_options
+from onnxcam.worker.service.layout import (
     ERROR,
+    HEATMAP,
+    IMAGE_FILES,
     REQUEST,
+    SHA256,
     SUMMARY,
-    ImageRef,
-    JobSpec,
+    bundle_key,
     image_key,
-    parse_options,
+    job_key,
+    json_bytes,
+    read_error,
+    read_record,
+    read_request,
+    write_request,
 )
 from onnxcam.worker.service.settings import Settings, load_settings
-from onnxcam.worker.service.store import SHA256, NotInStoreError, Store, bundle_key, job_key
+from onnxcam.worker.service.store import Store
 
 STATUSES = ("pending", "started", "done", "failed")
 _CELERY_STATES = {
@@ -152,7 +159,7 @@ def send(app: Any, spec: JobSpec, store: Store) -> None:
     """Record the request in the store, then queue the message."""
     from onnxcam.worker.service.app import EXPLAIN_TASK
 
-    store.put(job_key(spec.job_id, REQUEST), json.dumps(spec.request_record()).encode())
+    write_request(store, spec.job_id, spec.request_record())
     with broker_errors(app):
         app.send_task(EXPLAIN_TASK, args=[spec.to_message()], task_id=spec.job_id)
 
@@ -251,27 +258,24 @@ def job_status(job_id: str, settings: Settings) -> str:
 
 
 def job_error(job_id: str, store: Store) -> dict[str, str] | None:
-    try:
-        return dict(json.loads(store.get(job_key(job_id, ERROR))))
-    except NotInStoreError:
-        return None
+    """``{code, message}`` of a job that failed as a whole, or None."""
+    return read_error(store, job_id)
 
 
 def job_records(job_id: str, store: Store) -> list[dict[str, Any]]:
     """Every image's record of a finished job, in order (error records included)."""
-    try:
-        request = json.loads(store.get(job_key(job_id, REQUEST)))
-    except NotInStoreError:
-        raise UnknownJobError(f"no job {job_id}") from None
-    failure = job_error(job_id, store)
+    request = read_request(store, job_id)
+    if request is None:
+        raise UnknownJobError(f"no job {job_id}")
+    failure = read_error(store, job_id)
     records = []
     for index, image in enumerate(request["images"]):
-        try:
-            records.append(json.loads(store.get(image_key(job_id, index, ".json"))))
-        except NotInStoreError:
+        record = read_record(store, job_id, index)
+        if record is None:
             error = failure or {"code": "missing_result", "message": "no result stored"}
-            records.append({"job": job_id, "index": index, "image": image["name"],
-                            "status": "error", "error": error})
+            record = {"job": job_id, "index": index, "image": image["name"],
+                      "status": "error", "error": error}
+        records.append(record)
     return records
 
 
@@ -293,13 +297,12 @@ def download(job_id: str, out: Path, settings: Settings) -> list[dict[str, Any]]
         if record["status"] != "ok":
             continue
         local: dict[str, str] = {}
-        for kind, suffix in (("heatmap", ".npy"), ("overlay", ".png"), ("raw", ".raw.npy")):
-            key = image_key(job_id, record["index"], suffix)
-            data = store.get(key)
-            if kind == "heatmap":  # stored as float16; handed out as explain writes it
+        for kind, suffix in IMAGE_FILES.items():
+            data = store.get(image_key(job_id, record["index"], suffix))
+            if suffix == HEATMAP:  # stored as float16; handed out as explain writes it
                 data = npy_bytes(np.load(io.BytesIO(data)).astype(np.float32))
             atomic_write(out / f"{stem}{suffix}", data)
             local[kind] = str(out / f"{stem}{suffix}")
         record = {**record, "files": local}
-        atomic_write(out / f"{stem}.json", json.dumps(record, sort_keys=True).encode())
+        atomic_write(out / f"{stem}.json", json_bytes(record))
     return records
