@@ -17,6 +17,7 @@ from PIL import Image
 
 from onnxcam.errors import (
     BadMethodError,
+    BundleError,
     ForbiddenPathError,
     MalformedJobError,
     MissingImageError,
@@ -451,6 +452,37 @@ def test_no_broker_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, folder: P
         (line,) = result.stderr.splitlines()
         assert line.startswith("onnxcam: error: cannot reach the broker at redis://:**@")
         assert "secret" not in line
+
+
+def test_submit_refuses_what_is_no_bundle_before_the_broker(
+        monkeypatch: pytest.MonkeyPatch, folder: Path, images: dict[str, Path]) -> None:
+    """The client's bundle check is the engine's reader: one BundleError naming the file,
+    raised before the broker (nothing listens at its port) is asked, and the CLI's
+    one line and exit status 2."""
+    from click.testing import CliRunner
+    from service import free_port
+
+    from onnxcam.cli import main
+    from onnxcam.worker.service.client import submit
+
+    monkeypatch.setenv("ONNXCAM_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("ONNXCAM_STORE_URL", str(folder / "refused-store"))
+    missing, plain, junk = folder / "missing.onnx", folder / "plain.onnx", folder / "junk.onnx"
+    onnx.save(models.onnx_cnn(), str(plain))
+    junk.write_bytes(b"not onnx at all")
+    cases = {
+        missing: f"{missing}: cannot read the bundle (No such file or directory)",
+        plain: f"{plain}: not an onnxcam bundle: no onnxcam.format_version metadata",
+        junk: f"{junk}: not an ONNX file",
+    }
+    for path, message in cases.items():
+        with pytest.raises(BundleError) as caught:
+            submit(path, [str(images["a.png"])])
+        assert str(caught.value) == message
+        result = CliRunner().invoke(main, ["submit", str(path), str(images["a.png"])])
+        assert (result.exit_code, result.stdout) == (2, "")
+        assert result.stderr == f"onnxcam: error: {message}\n"
+    assert not (folder / "refused-store" / "bundles").exists()
 
 
 def test_worker_help_lists_every_setting() -> None:

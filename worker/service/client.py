@@ -16,14 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onnxcam.bundle import BundleInfo
-from onnxcam.errors import (
-    BrokerUnavailableError,
-    BundleError,
-    JobError,
-    UnknownBundleError,
-    UnknownJobError,
-)
+from onnxcam.bundle import read_bundle
+from onnxcam.errors import BrokerUnavailableError, JobError, UnknownBundleError, UnknownJobError
 from onnxcam.worker.methods import get_method
 from onnxcam.worker.service.jobs import ImageRef, JobSpec, parse_options
 from onnxcam.worker.service.layout import (
@@ -200,27 +194,8 @@ def publish(bundle: str | Path | bytes, store: Store) -> str:
         if not store.exists(bundle_key(text)):
             raise UnknownBundleError(f"no bundle {text} in the store (publish it first)")
         return text
-    data, _ = read_bundle(text)
-    return store.put_bundle(data)
-
-
-def read_bundle(path: str | Path) -> tuple[bytes, BundleInfo]:
-    """A bundle file's bytes and metadata, parsed once; a file that is no onnxcam
-    bundle is refused here, before it reaches any worker."""
-    import onnx
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise JobError(f"{path}: cannot read the bundle ({exc.strerror or exc})") from None
-    try:
-        model = onnx.load_from_string(data)
-    except Exception:  # noqa: BLE001 - any parse failure: not an ONNX file
-        raise BundleError(f"{path}: not an ONNX file") from None
-    try:
-        return data, BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
-    except BundleError as exc:
-        raise BundleError(f"{path}: {exc}") from None
+    # A file that is no onnxcam bundle is refused here, before it reaches any worker.
+    return store.put_bundle(read_bundle(text).data)
 
 
 def _per_image(targets: int | Sequence[int | None] | None, count: int) -> list[int | None]:
