@@ -192,6 +192,16 @@ def test_oversized_objects_are_refused_before_reading(store: Store,
     with pytest.raises(BadImageError, match=f"{len(data)} bytes, over the {len(data) - 1}"):
         fetch(ImageRef("a", uri=uri), store, [], tight)
     assert fetch(ImageRef("a", uri=uri), store, [], Limits(max_bytes=len(data))) == data
+    # A local file too, by path or file:// URI, named as the job names it.
+    roots = [str(images["a.png"].parent)]
+    for ref, shown in ((ImageRef("a", path=str(images["a.png"])), str(images["a.png"])),
+                       (ImageRef("a", uri=f"file://{images['a.png']}"),
+                        f"file://{images['a.png']}")):
+        with pytest.raises(BadImageError) as caught:
+            fetch(ref, store, roots, tight)
+        assert str(caught.value) == (f"{shown}: file is {len(data)} bytes, over the "
+                                     f"{len(data) - 1} limit")
+        assert fetch(ref, store, roots, Limits(max_bytes=len(data))) == data
 
 
 # ---------------------------------------------------------------------------- running

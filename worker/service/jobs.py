@@ -34,7 +34,7 @@ from onnxcam.errors import (
     OnnxcamError,
 )
 from onnxcam.worker.engine import DEFAULT_BATCH, Explainer, Explanation
-from onnxcam.worker.images import Limits, decode, to_array
+from onnxcam.worker.images import Limits, decode, read_bytes, to_array
 from onnxcam.worker.outputs import render
 from onnxcam.worker.service.layout import (
     IMAGE_FILES,
@@ -184,12 +184,12 @@ def fetch(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits) -> 
     if ref.data is not None:
         return ref.data
     if ref.path is not None:
-        return _read_local(allowed_path(ref.path, roots), ref.path, limits)
+        return read_bytes(allowed_path(ref.path, roots), limits, name=ref.path)
     assert ref.uri is not None
     key = store.owns(ref.uri)
     if key is None and ref.uri.startswith("file://"):
         local = ref.uri[len("file://"):]
-        return _read_local(allowed_path(local, roots), ref.uri, limits)
+        return read_bytes(allowed_path(local, roots), limits, name=ref.uri)
     if key is None:
         if not any("://" in root and ref.uri.startswith(root.rstrip("/") + "/")
                    for root in roots):
@@ -202,20 +202,6 @@ def fetch(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits) -> 
         raise MissingImageError(f"{ref.uri}: no such object") from None
     except ObjectTooLargeError as exc:
         raise BadImageError(f"{ref.uri}: {str(exc).split(': ', 1)[1]}") from None
-
-
-def _read_local(path: Path, name: str, limits: Limits) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise BadImageError(f"{name}: file is {size} bytes, over the {limits.max_bytes} limit")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise MissingImageError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise BadImageError(f"{name}: is a folder, not an image") from None
-    except OSError as exc:
-        raise BadImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
 
 
 def load(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits,
