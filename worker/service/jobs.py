@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from onnxcam.errors import (
 from onnxcam.worker.engine import DEFAULT_BATCH, Explainer, Explanation
 from onnxcam.worker.images import Limits, decode, read_bytes, to_array
 from onnxcam.worker.outputs import render
+from onnxcam.worker.prefetch import prefetched
 from onnxcam.worker.service.layout import (
     IMAGE_FILES,
     RECORD,
@@ -296,25 +298,20 @@ class _Decoded:
 def _pipeline(spec: JobSpec, batches: list[list[int]], store: Store, explainer: Explainer,
               settings: Settings) -> Iterator[tuple[int, dict[str, Any]]]:
     """Decode batch i+1 and store batch i-1 in threads while batch i is explained."""
-    if not batches:
-        return
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        decoding = pool.submit(_decode, spec, batches[0], store, explainer, settings)
+    decode = partial(_decode, spec, store=store, explainer=explainer, settings=settings)
+    # Storing (PNG encoding, store writes) overlaps the next batch too: its own thread.
+    with ThreadPoolExecutor(max_workers=1) as storer:
         storing: Future[list[tuple[int, dict[str, Any]]]] | None = None
-        for number in range(len(batches)):
-            decoded = decoding.result()
-            if number + 1 < len(batches):
-                decoding = pool.submit(_decode, spec, batches[number + 1], store, explainer,
-                                       settings)
+        for _, decoded in prefetched(batches, decode):
             clock = time.perf_counter()
             explained = _explain(explainer, spec, list(decoded.arrays), decoded.arrays)
-            timings = {"decode_ms": decoded.decode_ms, "explain_ms": _ms(clock,
-                                                                          time.perf_counter())}
+            timings = {"decode_ms": decoded.decode_ms,
+                       "explain_ms": _ms(clock, time.perf_counter())}
             if storing is not None:
                 yield from storing.result()
-            storing = pool.submit(_store_batch, spec, decoded, explained, store, timings)
-        assert storing is not None
-        yield from storing.result()
+            storing = storer.submit(_store_batch, spec, decoded, explained, store, timings)
+        if storing is not None:
+            yield from storing.result()
 
 
 def _decode(spec: JobSpec, indices: list[int], store: Store, explainer: Explainer,
