@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from onnxcam.worker.service.settings import Settings
 
 REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
+# Another port keeps runs that share a machine (and Redis's numbered databases) apart.
+REDIS_PORT = int(os.environ.get("REDIS_TEST_PORT", "6379"))
 
 
 def free_port() -> int:

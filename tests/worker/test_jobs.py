@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 
 from onnxcam.errors import (
     BadMethodError,
+    BundleError,
     ForbiddenPathError,
     MalformedJobError,
     MissingImageError,
@@ -36,8 +38,18 @@ from onnxcam.worker.service.jobs import (
     parse_job,
     run_job,
 )
+from onnxcam.worker.service.layout import (
+    HEATMAP,
+    OVERLAY,
+    RAW,
+    RECORD,
+    bundle_key,
+    image_key,
+    read_error,
+    read_record,
+)
 from onnxcam.worker.service.settings import load_settings
-from onnxcam.worker.service.store import Store, sha256_hex
+from onnxcam.worker.service.store import Store
 
 LABELS = ["cat", "dog", "bus", "car", "snow"]
 
@@ -180,6 +192,16 @@ def test_oversized_objects_are_refused_before_reading(store: Store,
     with pytest.raises(BadImageError, match=f"{len(data)} bytes, over the {len(data) - 1}"):
         fetch(ImageRef("a", uri=uri), store, [], tight)
     assert fetch(ImageRef("a", uri=uri), store, [], Limits(max_bytes=len(data))) == data
+    # A local file too, by path or file:// URI, named as the job names it.
+    roots = [str(images["a.png"].parent)]
+    for ref, shown in ((ImageRef("a", path=str(images["a.png"])), str(images["a.png"])),
+                       (ImageRef("a", uri=f"file://{images['a.png']}"),
+                        f"file://{images['a.png']}")):
+        with pytest.raises(BadImageError) as caught:
+            fetch(ref, store, roots, tight)
+        assert str(caught.value) == (f"{shown}: file is {len(data)} bytes, over the "
+                                     f"{len(data) - 1} limit")
+        assert fetch(ref, store, roots, Limits(max_bytes=len(data))) == data
 
 
 # ---------------------------------------------------------------------------- running
@@ -280,6 +302,42 @@ def test_run_job_twice_writes_the_same(bundle: bytes, store: Store, settings,
             assert again[name] == data, name
 
 
+def test_small_batches_give_the_same_records(monkeypatch: pytest.MonkeyPatch, bundle: bytes,
+                                             store: Store, settings,
+                                             images: dict[str, Path]) -> None:
+    """Batches of two: each is decoded while the one before runs and stored while the
+    next runs; every image still gets its own record, as one big batch gives it."""
+    import onnxcam.worker.service.jobs
+
+    sha = store.put_bundle(bundle)
+    names = ["a.png", "text", "b.jpg", "c.png", "a.png"]
+    refs = [ImageRef(n, path=str(images[n])) for n in names]
+    targets: list = [None, None, 3, None, 1]
+    whole = run_job(JobSpec("whole", sha, refs, "gradcam", targets), store,
+                    ModelCache(store, 1, "cpu"), settings)
+    monkeypatch.setattr(onnxcam.worker.service.jobs, "DEFAULT_BATCH", {"cpu": 2})
+    pairs = run_job(JobSpec("pairs", sha, refs, "gradcam", targets), store,
+                    ModelCache(store, 1, "cpu"), settings)
+    assert [s["index"] for s in pairs["images"]] == list(range(len(names)))
+    assert [s["status"] for s in pairs["images"]] == ["ok", "error", "ok", "ok", "ok"]
+    for index in range(len(names)):
+        one, two = (json.loads(store.get(f"jobs/{job}/{index:05d}.json"))
+                    for job in ("whole", "pairs"))
+        if one["status"] == "error":
+            assert (two["image"], two["error"]) == (one["image"], one["error"])
+            continue
+        # onnxruntime's sums may round differently at another batch size: close, not equal.
+        assert_close(two["logits"], one["logits"], 1e-5, "logits")
+        assert (two["image"], two["target"], two["image_size"]) == \
+            (one["image"], one["target"], one["image_size"]), index
+        assert one["target"] == (targets[index] if targets[index] is not None
+                                 else int(np.argmax(one["logits"])))
+        raw_one, raw_two = (np.load(io.BytesIO(store.get(f"jobs/{job}/{index:05d}.raw.npy")))
+                            for job in ("whole", "pairs"))
+        assert_close(raw_two, raw_one, 1e-5, "raw map")
+    assert whole["ok"] == pairs["ok"] == 4
+
+
 def test_job_wide_errors(bundle: bytes, store: Store, settings,
                          images: dict[str, Path]) -> None:
     refs = [ImageRef("a.png", path=str(images["a.png"]))]
@@ -318,7 +376,26 @@ def test_local_store(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "s" / "jobs" / "x").iterdir()] == ["1.json"]
     with pytest.raises(StoreError):
         store.put("../escape", b"")
-    assert store.put_bundle(b"bytes") == sha256_hex(b"bytes")
+    assert store.put_bundle(b"bytes") == hashlib.sha256(b"bytes").hexdigest()
+    assert store.find("jobs/x/none.json") is None and store.find("jobs/x/1.json") == b"{}"
+
+
+def test_the_store_layout_is_the_documented_one(tmp_path: Path) -> None:
+    """Users and scripts read these keys: they are pinned here, spelled out."""
+    sha = hashlib.sha256(b"model").hexdigest()
+    assert bundle_key(sha) == f"bundles/{sha}.onnx"
+    keys = [image_key("j-1", 7, suffix) for suffix in (HEATMAP, OVERLAY, RAW, RECORD)]
+    assert keys == ["jobs/j-1/00007.npy", "jobs/j-1/00007.png", "jobs/j-1/00007.raw.npy",
+                    "jobs/j-1/00007.json"]
+    for not_a_hash in (sha.upper(), sha[:-1], "../" + sha[3:], f"{sha}/x"):
+        with pytest.raises(UnknownBundleError, match="not a bundle hash"):
+            bundle_key(not_a_hash)
+    store = Store(str(tmp_path / "s"))
+    assert read_record(store, "j-1", 7) is None and read_error(store, "j-1") is None
+    store.put("jobs/j-1/00007.json", b'{"index": 7, "status": "ok"}')
+    store.put("jobs/j-1/error.json", b'{"code": "time_limit", "message": "slow"}')
+    assert read_record(store, "j-1", 7) == {"index": 7, "status": "ok"}
+    assert read_error(store, "j-1") == {"code": "time_limit", "message": "slow"}
 
 
 def test_unreachable_s3_is_transient() -> None:
@@ -421,6 +498,37 @@ def test_no_broker_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, folder: P
         (line,) = result.stderr.splitlines()
         assert line.startswith("onnxcam: error: cannot reach the broker at redis://:**@")
         assert "secret" not in line
+
+
+def test_submit_refuses_what_is_no_bundle_before_the_broker(
+        monkeypatch: pytest.MonkeyPatch, folder: Path, images: dict[str, Path]) -> None:
+    """The client's bundle check is the engine's reader: one BundleError naming the file,
+    raised before the broker (nothing listens at its port) is asked, and the CLI's
+    one line and exit status 2."""
+    from click.testing import CliRunner
+    from service import free_port
+
+    from onnxcam.cli import main
+    from onnxcam.worker.service.client import submit
+
+    monkeypatch.setenv("ONNXCAM_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("ONNXCAM_STORE_URL", str(folder / "refused-store"))
+    missing, plain, junk = folder / "missing.onnx", folder / "plain.onnx", folder / "junk.onnx"
+    onnx.save(models.onnx_cnn(), str(plain))
+    junk.write_bytes(b"not onnx at all")
+    cases = {
+        missing: f"{missing}: cannot read the bundle (No such file or directory)",
+        plain: f"{plain}: not an onnxcam bundle: no onnxcam.format_version metadata",
+        junk: f"{junk}: not an ONNX file",
+    }
+    for path, message in cases.items():
+        with pytest.raises(BundleError) as caught:
+            submit(path, [str(images["a.png"])])
+        assert str(caught.value) == message
+        result = CliRunner().invoke(main, ["submit", str(path), str(images["a.png"])])
+        assert (result.exit_code, result.stdout) == (2, "")
+        assert result.stderr == f"onnxcam: error: {message}\n"
+    assert not (folder / "refused-store" / "bundles").exists()
 
 
 def test_worker_help_lists_every_setting() -> None:

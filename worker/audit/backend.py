@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -23,6 +22,7 @@ from onnxcam.worker.explainer import DEFAULT_BATCH, Explainer
 from onnxcam.worker.faithfulness import DEFAULT_STEPS, deletion_insertion_auc
 from onnxcam.worker.images import Limits, decode, load_image, read_bytes, resize
 from onnxcam.worker.maps import heatmaps
+from onnxcam.worker.prefetch import prefetched
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,5 @@ class LocalBackend:
         self, chunks: Iterable[list[AuditRow]], settings: ExplainSettings
     ) -> Iterator[list[RowOutcome]]:
         self.explainer.method(settings.method)
-        iterator = iter(chunks)
-        decode = partial(decode_rows, self.explainer)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            current = next(iterator, None)
-            pending = pool.submit(decode, current) if current is not None else None
-            while current is not None and pending is not None:
-                decoded = pending.result()
-                following = next(iterator, None)
-                pending = pool.submit(decode, following) if following is not None else None
-                yield explain_rows(self.explainer, current, settings, decoded, self.batch_size)
-                current = following
+        for rows, decoded in prefetched(chunks, partial(decode_rows, self.explainer)):
+            yield explain_rows(self.explainer, rows, settings, decoded, self.batch_size)

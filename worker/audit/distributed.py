@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from onnxcam.bundle import read_bundle
 from onnxcam.worker.audit.backend import AuditRow, ExplainSettings, RowOutcome
-from onnxcam.worker.service.client import celery_status, job_records, read_bundle, submit
-from onnxcam.worker.service.jobs import image_key
+from onnxcam.worker.service.client import celery_status, job_records, submit
+from onnxcam.worker.service.layout import RAW, image_key
 from onnxcam.worker.service.settings import Settings, load_settings
 from onnxcam.worker.service.store import Store
 
@@ -36,8 +37,9 @@ class DistributedBackend:
                  settings: Settings | None = None) -> None:
         self.settings = settings or load_settings(broker_url=broker_url)
         self.store = Store(self.settings.store_url)
-        data, self.info = read_bundle(model)
-        self.sha = self.store.put_bundle(data)
+        bundle = read_bundle(model)
+        self.info = bundle.info
+        self.sha = self.store.put_bundle(bundle.data)
         self.in_flight = in_flight
 
     def run(self, chunks: Iterable[list[AuditRow]],
@@ -76,7 +78,7 @@ class DistributedBackend:
         if record["status"] != "ok":
             error = record["error"]
             return RowOutcome(row.index, error_code=error["code"], error=error["message"])
-        raw = np.load(io.BytesIO(self.store.get(image_key(job_id, record["index"], ".raw.npy"))))
+        raw = np.load(io.BytesIO(self.store.get(image_key(job_id, record["index"], RAW))))
         height, width = record["image_size"]
         return RowOutcome(
             row.index, raw=raw.astype(np.float32),

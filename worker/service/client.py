@@ -8,7 +8,6 @@ needs no worker to be up. ``Job`` follows them by id.
 from __future__ import annotations
 
 import functools
-import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -17,26 +16,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onnxcam.bundle import BundleInfo
-from onnxcam.errors import (
-    BrokerUnavailableError,
-    BundleError,
-    JobError,
-    UnknownBundleError,
-    UnknownJobError,
-)
+from onnxcam.bundle import read_bundle
+from onnxcam.errors import BrokerUnavailableError, JobError, UnknownBundleError, UnknownJobError
 from onnxcam.worker.methods import get_method
-from onnxcam.worker.service.jobs import (
+from onnxcam.worker.service.jobs import ImageRef, JobSpec, parse_options
+from onnxcam.worker.service.layout import (
     ERROR,
+    HEATMAP,
+    IMAGE_FILES,
     REQUEST,
+    SHA256,
     SUMMARY,
-    ImageRef,
-    JobSpec,
+    bundle_key,
     image_key,
-    parse_options,
+    job_key,
+    json_bytes,
+    read_error,
+    read_record,
+    read_request,
+    write_request,
 )
 from onnxcam.worker.service.settings import Settings, load_settings
-from onnxcam.worker.service.store import SHA256, NotInStoreError, Store, bundle_key, job_key
+from onnxcam.worker.service.store import Store
 
 STATUSES = ("pending", "started", "done", "failed")
 _CELERY_STATES = {
@@ -152,7 +153,7 @@ def send(app: Any, spec: JobSpec, store: Store) -> None:
     """Record the request in the store, then queue the message."""
     from onnxcam.worker.service.app import EXPLAIN_TASK
 
-    store.put(job_key(spec.job_id, REQUEST), json.dumps(spec.request_record()).encode())
+    write_request(store, spec.job_id, spec.request_record())
     with broker_errors(app):
         app.send_task(EXPLAIN_TASK, args=[spec.to_message()], task_id=spec.job_id)
 
@@ -193,27 +194,8 @@ def publish(bundle: str | Path | bytes, store: Store) -> str:
         if not store.exists(bundle_key(text)):
             raise UnknownBundleError(f"no bundle {text} in the store (publish it first)")
         return text
-    data, _ = read_bundle(text)
-    return store.put_bundle(data)
-
-
-def read_bundle(path: str | Path) -> tuple[bytes, BundleInfo]:
-    """A bundle file's bytes and metadata, parsed once; a file that is no onnxcam
-    bundle is refused here, before it reaches any worker."""
-    import onnx
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise JobError(f"{path}: cannot read the bundle ({exc.strerror or exc})") from None
-    try:
-        model = onnx.load_from_string(data)
-    except Exception:  # noqa: BLE001 - any parse failure: not an ONNX file
-        raise BundleError(f"{path}: not an ONNX file") from None
-    try:
-        return data, BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
-    except BundleError as exc:
-        raise BundleError(f"{path}: {exc}") from None
+    # A file that is no onnxcam bundle is refused here, before it reaches any worker.
+    return store.put_bundle(read_bundle(text).data)
 
 
 def _per_image(targets: int | Sequence[int | None] | None, count: int) -> list[int | None]:
@@ -251,27 +233,24 @@ def job_status(job_id: str, settings: Settings) -> str:
 
 
 def job_error(job_id: str, store: Store) -> dict[str, str] | None:
-    try:
-        return dict(json.loads(store.get(job_key(job_id, ERROR))))
-    except NotInStoreError:
-        return None
+    """``{code, message}`` of a job that failed as a whole, or None."""
+    return read_error(store, job_id)
 
 
 def job_records(job_id: str, store: Store) -> list[dict[str, Any]]:
     """Every image's record of a finished job, in order (error records included)."""
-    try:
-        request = json.loads(store.get(job_key(job_id, REQUEST)))
-    except NotInStoreError:
-        raise UnknownJobError(f"no job {job_id}") from None
-    failure = job_error(job_id, store)
+    request = read_request(store, job_id)
+    if request is None:
+        raise UnknownJobError(f"no job {job_id}")
+    failure = read_error(store, job_id)
     records = []
     for index, image in enumerate(request["images"]):
-        try:
-            records.append(json.loads(store.get(image_key(job_id, index, ".json"))))
-        except NotInStoreError:
+        record = read_record(store, job_id, index)
+        if record is None:
             error = failure or {"code": "missing_result", "message": "no result stored"}
-            records.append({"job": job_id, "index": index, "image": image["name"],
-                            "status": "error", "error": error})
+            record = {"job": job_id, "index": index, "image": image["name"],
+                      "status": "error", "error": error}
+        records.append(record)
     return records
 
 
@@ -293,13 +272,12 @@ def download(job_id: str, out: Path, settings: Settings) -> list[dict[str, Any]]
         if record["status"] != "ok":
             continue
         local: dict[str, str] = {}
-        for kind, suffix in (("heatmap", ".npy"), ("overlay", ".png"), ("raw", ".raw.npy")):
-            key = image_key(job_id, record["index"], suffix)
-            data = store.get(key)
-            if kind == "heatmap":  # stored as float16; handed out as explain writes it
+        for kind, suffix in IMAGE_FILES.items():
+            data = store.get(image_key(job_id, record["index"], suffix))
+            if suffix == HEATMAP:  # stored as float16; handed out as explain writes it
                 data = npy_bytes(np.load(io.BytesIO(data)).astype(np.float32))
             atomic_write(out / f"{stem}{suffix}", data)
             local[kind] = str(out / f"{stem}{suffix}")
         record = {**record, "files": local}
-        atomic_write(out / f"{stem}.json", json.dumps(record, sort_keys=True).encode())
+        atomic_write(out / f"{stem}.json", json_bytes(record))
     return records

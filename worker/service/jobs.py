@@ -4,18 +4,15 @@ Celery's task (``onnxcam.worker.service.tasks``) is a thin shell around ``run_jo
 here runs and is tested without a broker.
 
 A job explains a chunk of images with one bundle. Its outputs live in the store
-under ``jobs/<job id>/``: per image ``NNNNN.npy`` (float16 heatmap at the image's
-own size), ``NNNNN.png`` (overlay), ``NNNNN.raw.npy`` (float32 map at layer
-resolution) and ``NNNNN.json`` (the record, written last). A record that exists
-is final, so a redelivered job skips the images already done: running a job
-twice writes the same keys with the same content.
+as ``onnxcam.worker.service.layout`` lays them out, each image's record written
+last. A record that exists is final, so a redelivered job skips the images
+already done: running a job twice writes the same keys with the same content.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 import time
@@ -23,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +35,26 @@ from onnxcam.errors import (
     OnnxcamError,
 )
 from onnxcam.worker.explainer import DEFAULT_BATCH, Explainer, Explanation
-from onnxcam.worker.images import Limits, decode, to_array
+from onnxcam.worker.images import Limits, decode, read_bytes, to_array
 from onnxcam.worker.outputs import render
-from onnxcam.worker.service.settings import Settings
-from onnxcam.worker.service.store import (
-    NotInStoreError,
-    ObjectTooLargeError,
-    Store,
+from onnxcam.worker.prefetch import prefetched
+from onnxcam.worker.service.layout import (
+    IMAGE_FILES,
+    RECORD,
     bundle_key,
-    job_key,
+    error_entry,
+    image_key,
+    read_record,
+    write_record,
+    write_summary,
 )
+from onnxcam.worker.service.settings import Settings
+from onnxcam.worker.service.store import NotInStoreError, ObjectTooLargeError, Store
 
 log = logging.getLogger(__name__)
 
 MESSAGE_VERSION = 1
 TOP_K = 5
-REQUEST = "request.json"  # the job as submitted, written by the client
-SUMMARY = "summary.json"  # written by the worker when the job is done
-ERROR = "error.json"  # written by the worker when the whole job failed
 
 
 @dataclass(frozen=True)
@@ -186,12 +186,12 @@ def fetch(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits) -> 
     if ref.data is not None:
         return ref.data
     if ref.path is not None:
-        return _read_local(allowed_path(ref.path, roots), ref.path, limits)
+        return read_bytes(allowed_path(ref.path, roots), limits, name=ref.path)
     assert ref.uri is not None
     key = store.owns(ref.uri)
     if key is None and ref.uri.startswith("file://"):
         local = ref.uri[len("file://"):]
-        return _read_local(allowed_path(local, roots), ref.uri, limits)
+        return read_bytes(allowed_path(local, roots), limits, name=ref.uri)
     if key is None:
         if not any("://" in root and ref.uri.startswith(root.rstrip("/") + "/")
                    for root in roots):
@@ -204,20 +204,6 @@ def fetch(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits) -> 
         raise MissingImageError(f"{ref.uri}: no such object") from None
     except ObjectTooLargeError as exc:
         raise BadImageError(f"{ref.uri}: {str(exc).split(': ', 1)[1]}") from None
-
-
-def _read_local(path: Path, name: str, limits: Limits) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise BadImageError(f"{name}: file is {size} bytes, over the {limits.max_bytes} limit")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise MissingImageError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise BadImageError(f"{name}: is a folder, not an image") from None
-    except OSError as exc:
-        raise BadImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
 
 
 def load(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits,
@@ -257,10 +243,6 @@ class ModelCache:
 # -- running ----------------------------------------------------------------------------
 
 
-def image_key(job_id: str, index: int, suffix: str) -> str:
-    return job_key(job_id, f"{index:05d}{suffix}")
-
-
 def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
             worker: str = "") -> dict[str, Any]:
     """Explain every image of ``spec`` and store the outputs; return a small summary.
@@ -275,9 +257,9 @@ def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
     summaries: list[dict[str, Any] | None] = [None] * len(spec.images)
     todo = []
     for index in range(len(spec.images)):
-        done = _existing_record(store, spec.job_id, index)
+        done = read_record(store, spec.job_id, index)
         if done is not None:
-            summaries[index] = _summary(done, store.uri(image_key(spec.job_id, index, ".json")))
+            summaries[index] = _summary(done, store.uri(image_key(spec.job_id, index, RECORD)))
         else:
             todo.append(index)
     if len(todo) < len(spec.images):
@@ -285,22 +267,15 @@ def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
                  len(spec.images) - len(todo), len(spec.images))
     batches = [todo[start:start + batch] for start in range(0, len(todo), batch)]
     for index, record in _pipeline(spec, batches, store, explainer, settings):
-        summaries[index] = _summary(record, store.uri(image_key(spec.job_id, index, ".json")))
+        summaries[index] = _summary(record, store.uri(image_key(spec.job_id, index, RECORD)))
     images = [s for s in summaries if s is not None]
     failed = sum(1 for s in images if s["status"] == "error")
     summary = {
         "job": spec.job_id, "bundle": spec.bundle, "method": spec.method,
         "n": len(images), "ok": len(images) - failed, "errors": failed, "images": images,
     }
-    store.put(job_key(spec.job_id, SUMMARY), _json_bytes(summary))  # the same on every run
+    write_summary(store, spec.job_id, summary)  # the same on every run
     return {**summary, "worker": worker, "seconds": round(time.perf_counter() - started, 4)}
-
-
-def _existing_record(store: Store, job_id: str, index: int) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(store.get(image_key(job_id, index, ".json"))))
-    except NotInStoreError:
-        return None
 
 
 def _summary(record: Mapping[str, Any], uri: str) -> dict[str, Any]:
@@ -323,25 +298,20 @@ class _Decoded:
 def _pipeline(spec: JobSpec, batches: list[list[int]], store: Store, explainer: Explainer,
               settings: Settings) -> Iterator[tuple[int, dict[str, Any]]]:
     """Decode batch i+1 and store batch i-1 in threads while batch i is explained."""
-    if not batches:
-        return
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        decoding = pool.submit(_decode, spec, batches[0], store, explainer, settings)
+    decode = partial(_decode, spec, store=store, explainer=explainer, settings=settings)
+    # Storing (PNG encoding, store writes) overlaps the next batch too: its own thread.
+    with ThreadPoolExecutor(max_workers=1) as storer:
         storing: Future[list[tuple[int, dict[str, Any]]]] | None = None
-        for number in range(len(batches)):
-            decoded = decoding.result()
-            if number + 1 < len(batches):
-                decoding = pool.submit(_decode, spec, batches[number + 1], store, explainer,
-                                       settings)
+        for _, decoded in prefetched(batches, decode):
             clock = time.perf_counter()
             explained = _explain(explainer, spec, list(decoded.arrays), decoded.arrays)
-            timings = {"decode_ms": decoded.decode_ms, "explain_ms": _ms(clock,
-                                                                          time.perf_counter())}
+            timings = {"decode_ms": decoded.decode_ms,
+                       "explain_ms": _ms(clock, time.perf_counter())}
             if storing is not None:
                 yield from storing.result()
-            storing = pool.submit(_store_batch, spec, decoded, explained, store, timings)
-        assert storing is not None
-        yield from storing.result()
+            storing = storer.submit(_store_batch, spec, decoded, explained, store, timings)
+        if storing is not None:
+            yield from storing.result()
 
 
 def _decode(spec: JobSpec, indices: list[int], store: Store, explainer: Explainer,
@@ -371,7 +341,7 @@ def _store_batch(spec: JobSpec, decoded: _Decoded,
         results.append((index, _store_image(spec, index, decoded.arrays[index], found, store,
                                             timings)))
     for index, record in decoded.errors:
-        store.put(image_key(spec.job_id, index, ".json"), _json_bytes(record))
+        write_record(store, spec.job_id, index, record)
         results.append((index, record))
     return results
 
@@ -421,9 +391,8 @@ def _store_image(spec: JobSpec, index: int, image: np.ndarray, found: _Explained
     explanation, position = found.explanation, found.position
     files = render(image, explanation.raw[position], ("npy", "png"), with_raw=True,
                    heatmap_dtype=np.float16)
-    names = {".npy": "heatmap", ".png": "overlay", ".raw.npy": "raw"}
-    uris = {names[suffix]: store.put(image_key(spec.job_id, index, suffix), data)
-            for suffix, data in files.items()}
+    uris = {kind: store.put(image_key(spec.job_id, index, suffix), files[suffix])
+            for kind, suffix in IMAGE_FILES.items()}
     record = {
         "job": spec.job_id, "index": index, "image": spec.images[index].name, "status": "ok",
         "bundle": spec.bundle, "method": spec.method,
@@ -436,24 +405,15 @@ def _store_image(spec: JobSpec, index: int, image: np.ndarray, found: _Explained
     }
     if found.faithfulness is not None:
         record["faithfulness"] = found.faithfulness
-    store.put(image_key(spec.job_id, index, ".json"), _json_bytes(record))
+    write_record(store, spec.job_id, index, record)
     return record
 
 
 def _error_record(spec: JobSpec, index: int, exc: OnnxcamError) -> dict[str, Any]:
     return {"job": spec.job_id, "index": index, "image": spec.images[index].name,
             "status": "error", "bundle": spec.bundle, "method": spec.method,
-            "error": {"code": exc.code, "message": str(exc)}}
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True).encode("utf-8")
+            "error": error_entry(exc)}
 
 
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000.0, 3)
-
-
-def write_job_error(store: Store, job_id: str, exc: OnnxcamError) -> None:
-    """Record why a whole job failed, for ``onnxcam result``."""
-    store.put(job_key(job_id, ERROR), _json_bytes({"code": exc.code, "message": str(exc)}))

@@ -1,6 +1,7 @@
 """The result store: bundles by sha256 and job outputs, on any fsspec filesystem.
 
-Keys are relative paths under the store's URL. Writes are atomic: on a local
+Keys are relative paths under the store's URL; which key holds what is written
+once, in ``onnxcam.worker.service.layout``. Writes are atomic: on a local
 folder through a temporary name and a rename, on object stores because a PUT
 appears whole or not at all. Failures are sorted into "not there" (final) and
 "unavailable" (transient, worth a retry).
@@ -8,10 +9,8 @@ appears whole or not at all. Failures are sorted into "not there" (final) and
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,26 +20,9 @@ import fsspec
 
 from onnxcam.errors import StoreError, StoreUnavailableError, UnknownBundleError
 from onnxcam.files import atomic_write
+from onnxcam.worker.service.layout import bundle_key, sha256_hex
 
 log = logging.getLogger(__name__)
-
-BUNDLE_PREFIX = "bundles"
-JOB_PREFIX = "jobs"
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def bundle_key(sha: str) -> str:
-    if not SHA256.match(sha):
-        raise UnknownBundleError(f"{sha!r} is not a bundle hash (64 lowercase hex digits)")
-    return f"{BUNDLE_PREFIX}/{sha}.onnx"
-
-
-def job_key(job_id: str, name: str) -> str:
-    return f"{JOB_PREFIX}/{job_id}/{name}"
 
 
 class NotInStoreError(StoreError):
@@ -108,6 +90,13 @@ class Store:
                     raise ObjectTooLargeError(f"{key}: {size} bytes, over the {max_bytes} limit")
             return bytes(self.fs.cat_file(self.path(key)))
 
+    def find(self, key: str) -> bytes | None:
+        """The object under ``key``, or None when there is none."""
+        try:
+            return self.get(key)
+        except NotInStoreError:
+            return None
+
     def exists(self, key: str) -> bool:
         with classified(key):
             return bool(self.fs.exists(self.path(key)))
@@ -140,11 +129,9 @@ class Store:
 
     def get_bundle(self, sha: str) -> bytes:
         """The bundle stored under ``sha``, checked against it."""
-        key = bundle_key(sha)
-        try:
-            data = self.get(key)
-        except NotInStoreError:
-            raise UnknownBundleError(f"no bundle {sha} in the store (publish it first)") from None
+        data = self.find(bundle_key(sha))
+        if data is None:
+            raise UnknownBundleError(f"no bundle {sha} in the store (publish it first)")
         if sha256_hex(data) != sha:
             raise StoreError(f"bundle {sha} in the store does not match its hash")
         return data

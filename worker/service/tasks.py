@@ -10,7 +10,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from onnxcam.errors import JobTimeoutError, OnnxcamError, StoreUnavailableError
 from onnxcam.worker.service.app import EXPLAIN_TASK, app
-from onnxcam.worker.service.jobs import ModelCache, parse_job, run_job, write_job_error
+from onnxcam.worker.service.jobs import ModelCache, parse_job, run_job
+from onnxcam.worker.service.layout import write_error
 from onnxcam.worker.service.settings import Settings, load_settings
 from onnxcam.worker.service.store import Store
 
@@ -47,5 +48,5 @@ def explain(self: Any, message: Any) -> dict[str, Any]:
     except OnnxcamError as exc:
         error = exc
     log.warning("job %s failed: %s: %s", job_id, error.code, error)
-    write_job_error(store, job_id, error)
+    write_error(store, job_id, error)
     raise error

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import LABELS, manifest_rows, write_manifest
+from PIL import Image
 
 import onnxcam.worker.audit
 from onnxcam.errors import AuditError
@@ -22,6 +23,8 @@ from onnxcam.worker.audit.results import COLUMNS, resume
 from onnxcam.worker.audit.summary import summarize
 from onnxcam.worker.images import load_image
 from onnxcam.worker.maps import heatmaps
+
+BILINEAR = Image.Resampling.BILINEAR
 
 
 class Quiet:
@@ -205,15 +208,79 @@ def test_resume_cuts_a_half_written_line_and_checks_the_manifest(tmp_path: Path)
         resume(path, iter([]))
 
 
-def test_faithfulness_columns(tmp_path: Path, manifest: Path,
+def reference_aucs(bundle: Path, image: str, label: int | None,
+                   steps: int) -> tuple[float, float]:
+    """RISE's deletion and insertion AUCs of one row, from scratch: the picture resized
+    by Pillow, the bundle run by plain onnxruntime one perturbed copy at a time, the
+    row's map from the bundle's own Grad-CAM output (``cam``) after ReLU, enlarged by
+    Pillow (min-max scaling does not change the ranking), and numpy's trapezoid."""
+    import onnxruntime
+
+    from onnxcam.worker.faithfulness import blur  # checked against a direct convolution
+
+    session = onnxruntime.InferenceSession(str(bundle), providers=["CPUExecutionProvider"])
+
+    def run(picture: np.ndarray, target: int) -> list[np.ndarray]:
+        return session.run(["logits", "cam"], {"image": picture[None],
+                                               "target": np.array([target], np.int64)})
+
+    metadata = session.get_modelmeta().custom_metadata_map
+    size = (int(metadata["onnxcam.input_width"]), int(metadata["onnxcam.input_height"]))
+    picture = np.asarray(Image.open(image).convert("RGB").resize(size, BILINEAR))
+    logits, cam = run(picture, -1 if label is None else label)
+    target = int(np.argmax(logits[0])) if label is None else label  # as --explain label
+    relu = np.maximum(cam[0], 0).astype(np.float32)
+    heat = np.asarray(Image.fromarray(relu, mode="F").resize(size, BILINEAR))
+    order = np.argsort(-heat.reshape(-1), kind="stable")
+    start = blur(picture[None])[0]
+    curves: dict[str, list[float]] = {"deletion": [], "insertion": []}
+    for step in range(steps + 1):
+        deleted, inserted = picture.copy(), start.copy()
+        for pixel in order[:round(step * heat.size / steps)]:
+            y, x = divmod(int(pixel), size[0])
+            deleted[y, x] = 0
+            inserted[y, x] = picture[y, x]
+        for name, perturbed in (("deletion", deleted), ("insertion", inserted)):
+            scores = run(perturbed, -1)[0][0].astype(np.float64)
+            exp = np.exp(scores - scores.max())
+            curves[name].append(float(exp[target] / exp.sum()))
+    return (float(np.trapezoid(curves["deletion"], dx=1 / steps)),
+            float(np.trapezoid(curves["insertion"], dx=1 / steps)))
+
+
+def test_faithfulness_columns(tmp_path: Path, manifest: Path, audit_bundle: Path,
                               audit_explainer: Explainer) -> None:
-    out = tmp_path / "out"
-    data = audit(manifest, out, LocalBackend(audit_explainer),
-                 settings=ExplainSettings(faithfulness=True, steps=4))
-    ok = [r for r in read(out) if r["status"] == "ok"]
-    assert all(0 <= float(r["deletion_auc"]) <= 1 and 0 <= float(r["insertion_auc"]) <= 1
-               for r in ok)
-    assert "deletion_auc_mean" in data["per_class"]["cat"]
+    """Rows 0 (right answer), 1 (a label that is not the prediction) and 15 (no label:
+    the prediction is explained) against the reference, in results.csv (4 decimals)
+    and at full precision from the backend. The two AUCs differ by far more than the
+    tolerance, so swapped columns fail; another class's map or curve fails too."""
+    out, steps = tmp_path / "out", 4
+    settings = ExplainSettings(faithfulness=True, steps=steps)
+    data = audit(manifest, out, LocalBackend(audit_explainer), settings=settings)
+    results = read(out)
+    assert (results[0]["correct"], results[1]["correct"], results[15]["label"]) == ("1", "0", "")
+    expected = {}
+    for index in (0, 1, 15):
+        row = results[index]
+        label = LABELS.index(row["label"]) if row["label"] else None
+        deletion, insertion = expected[index] = reference_aucs(audit_bundle, row["image"],
+                                                               label, steps)
+        assert abs(deletion - insertion) > 0.01  # the test can tell the columns apart
+        assert float(row["deletion_auc"]) == pytest.approx(deletion, abs=1.5e-4)
+        assert float(row["insertion_auc"]) == pytest.approx(insertion, abs=1.5e-4)
+    rows = [AuditRow(index, results[index]["image"],
+                     LABELS.index(results[index]["label"]) if results[index]["label"] else None)
+            for index in expected]
+    (outcomes,) = LocalBackend(audit_explainer).run([rows], settings)
+    for outcome in outcomes:
+        assert outcome.faithfulness is not None
+        assert (outcome.faithfulness["deletion_auc"], outcome.faithfulness["insertion_auc"]) \
+            == pytest.approx(expected[outcome.index], abs=1e-5)
+    cats = [r for r in results if r["status"] == "ok" and r["label"] == "cat"]
+    assert data["per_class"]["cat"]["deletion_auc_mean"] == pytest.approx(
+        np.mean([float(r["deletion_auc"]) for r in cats]), abs=1e-4)
+    assert data["per_class"]["cat"]["insertion_auc_mean"] == pytest.approx(
+        np.mean([float(r["insertion_auc"]) for r in cats]), abs=1e-4)
 
 
 def test_bad_settings_fail_before_anything_is_written(tmp_path: Path, manifest: Path,
