@@ -28,6 +28,8 @@ from onnxcam.worker.prefetch import prefetched
 log = logging.getLogger(__name__)
 
 FORMATS = ("npy", "png")
+# The suffix of each file written per image (explain's folder and a job's store alike).
+HEATMAP, OVERLAY, RAW = ".npy", ".png", ".raw.npy"
 
 
 @dataclass
@@ -78,11 +80,11 @@ def render(
     heatmap = heatmaps(raw[None], height, width)[0]
     files: dict[str, bytes] = {}
     if "npy" in formats:
-        files[".npy"] = npy_bytes(heatmap.astype(heatmap_dtype))
+        files[HEATMAP] = npy_bytes(heatmap.astype(heatmap_dtype))
     if "png" in formats:
-        files[".png"] = png_bytes(overlay(image, heatmap))
+        files[OVERLAY] = png_bytes(overlay(image, heatmap))
     if with_raw:
-        files[".raw.npy"] = npy_bytes(raw.astype(np.float32))
+        files[RAW] = npy_bytes(raw.astype(np.float32))
     return files
 
 

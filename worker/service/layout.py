@@ -20,6 +20,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from onnxcam.errors import OnnxcamError, UnknownBundleError
+from onnxcam.worker.outputs import HEATMAP, OVERLAY, RAW
 
 if TYPE_CHECKING:  # the store imports this module for its bundle keys
     from onnxcam.worker.service.store import Store
@@ -32,8 +33,9 @@ REQUEST = "request.json"
 SUMMARY = "summary.json"
 ERROR = "error.json"
 
-# An image's files: the suffix of each, under the name its record's "files" gives it.
-HEATMAP, OVERLAY, RAW, RECORD = ".npy", ".png", ".raw.npy", ".json"
+# An image's files: the suffix of each (the engine's, see ``outputs.render``), under
+# the name its record's "files" gives it; the record itself is written last.
+RECORD = ".json"
 IMAGE_FILES = {"heatmap": HEATMAP, "overlay": OVERLAY, "raw": RAW}
 
 
