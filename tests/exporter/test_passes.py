@@ -25,6 +25,7 @@ from onnxcam.bundle import (
 from onnxcam.errors import ExportError
 from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.passes import run_passes
+from onnxcam.exporter.passes.add_cam import add_cam
 from onnxcam.exporter.passes.add_gradients import add_gradients
 from onnxcam.exporter.passes.differentiate import differentiate
 from onnxcam.exporter.passes.embed_preprocessing import embed_preprocessing
@@ -296,3 +297,59 @@ def test_differentiate_adds_exact_gradients(targets: list[int]) -> None:
     np.testing.assert_allclose(got[OUTPUT_GRADIENTS], expected, rtol=1e-6)
     assert_no_op(differentiate, draft)
     assert_no_op(add_gradients, draft)
+
+
+# --------------------------------------------------------------------------- add_cam
+
+
+def layer_maps_model(layouts: list[str], fd_layers: set[int]) -> onnx.ModelProto:
+    """Inputs a<i> (and g<i>, or w<i> for fd layers) exposed as activations.i and
+    gradients.i (weights.i): what add_cam finds after the gradient passes."""
+    nodes, inputs, outputs = [], [], []
+    for index, layout in enumerate(layouts):
+        suffix = f".{index}" if index else ""
+        shape = ["N", 3, 4, 5] if layout == "nchw" else ["N", 4, 5, 3]
+        second, second_shape = ("weights", ["N", 3]) if index in fd_layers else (
+            "gradients", shape)
+        for name, tensor, dims in (("activations", f"a{index}", shape),
+                                   (second, f"{second[0]}{index}", second_shape)):
+            inputs.append(info(tensor, dims))
+            nodes.append(helper.make_node("Identity", [tensor], [name + suffix],
+                                          name=f"onnxcam/{name}{suffix}"))
+            outputs.append(info(name + suffix, dims))
+    return model_of(nodes, inputs, outputs)
+
+
+@pytest.mark.parametrize(("layouts", "fd_layers"), [
+    (["nchw"], set()),
+    (["nhwc"], set()),
+    (["nchw", "nhwc", "nchw"], set()),
+    (["nhwc", "nchw"], {0}),
+])
+def test_add_cam_is_relu_of_weighted_activations(layouts: list[str], fd_layers: set[int]
+                                                 ) -> None:
+    """cam_i = ReLU(sum_k w_k A_k) with w = the spatial mean of the gradients (or the
+    fd pass's weights), per layer, in either layout."""
+    rng = np.random.default_rng(4)
+    model = layer_maps_model(layouts, fd_layers)
+    feeds = {i.name: rng.normal(0, 1, [2] + [d.dim_value for d in
+                                            i.type.tensor_type.shape.dim[1:]]).astype(np.float32)
+             for i in model.graph.input}
+    draft = draft_of(model, "nchw", [(f"a{i}", layout) for i, layout in enumerate(layouts)])
+    assert add_cam(draft) is True
+    got = outputs_of(draft.model, feeds)
+    for index, layout in enumerate(layouts):
+        suffix = f".{index}" if index else ""
+        maps = feeds[f"a{index}"].astype(np.float64)
+        if layout == "nhwc":
+            maps = maps.transpose(0, 3, 1, 2)
+        if index in fd_layers:
+            weights = feeds[f"w{index}"].astype(np.float64)
+        else:
+            gradients = feeds[f"g{index}"].astype(np.float64)
+            weights = gradients.mean(axis=(1, 2) if layout == "nhwc" else (2, 3))
+            np.testing.assert_allclose(got["weights" + suffix], weights, rtol=1e-5, atol=1e-7)
+        cam = np.maximum((maps * weights[:, :, None, None]).sum(axis=1), 0)
+        assert got["cam" + suffix].shape == (2, 4, 5)
+        np.testing.assert_allclose(got["cam" + suffix], cam, rtol=1e-5, atol=1e-6)
+    assert_no_op(add_cam, draft)
