@@ -26,7 +26,7 @@ from onnxcam.errors import ExportError
 from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.passes import run_passes
 from onnxcam.exporter.passes.add_cam import add_cam
-from onnxcam.exporter.passes.add_gradients import add_gradients
+from onnxcam.exporter.passes.add_gradients import add_gradients, add_guided_gradients
 from onnxcam.exporter.passes.differentiate import differentiate
 from onnxcam.exporter.passes.embed_preprocessing import embed_preprocessing
 from onnxcam.exporter.passes.expose_activation import expose_activation
@@ -353,3 +353,20 @@ def test_add_cam_is_relu_of_weighted_activations(layouts: list[str], fd_layers: 
         assert got["cam" + suffix].shape == (2, 4, 5)
         np.testing.assert_allclose(got["cam" + suffix], cam, rtol=1e-5, atol=1e-6)
     assert_no_op(add_cam, draft)
+
+
+def test_input_gradients_are_exact_and_guided_ones_added_once() -> None:
+    """x -> scaled = x * SCALE -> Relu -> GAP -> Gemm: d score_t / d x[c, i, j] is
+    FC[t, c] SCALE[c] / (H W) where x[c, i, j] * SCALE[c] > 0, else 0 (NHWC out, for
+    the unit preprocessing's x = image / 255)."""
+    draft = classifier_draft(input_gradients=True, guided=True)
+    run_passes(draft, passes_until(differentiate))
+    images, target = uint8_images(5), np.array([-1, 2], np.int64)
+    got = outputs_of(draft.model, {INPUT_IMAGE: images, INPUT_TARGET: target})
+    x = as_model_input(images)
+    chosen = np.where(target < 0, numpy_classifier(x)["scores"].argmax(axis=1), target)
+    slope = (FC[chosen] * SCALE / (HEIGHT * WIDTH))[:, :, None, None]
+    expected = np.where(x * SCALE.reshape(1, -1, 1, 1) > 0, slope, 0).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(got["input_gradients"], expected, rtol=1e-5, atol=1e-8)
+    assert got["guided_input_gradients"].shape == expected.shape
+    assert_no_op(add_guided_gradients, draft)
