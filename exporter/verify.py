@@ -31,10 +31,12 @@ from onnxcam.bundle import (
 )
 from onnxcam.errors import VerificationError
 from onnxcam.exporter.frontends import SourceModel
-from onnxcam.exporter.passes.add_gradients import head_nodes, source_of
 from onnxcam.exporter.preprocess import preprocess_numpy
 from onnxcam.exporter.shapes import random_images, run_with_outputs
+from onnxcam.graph import head_nodes, source_of
+from onnxcam.layout import Layout
 from onnxcam.runtime import cpu_session
+from onnxcam.scores import softmax
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,7 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 def squash(logits: np.ndarray, removed: str) -> np.ndarray:
     """Re-apply the activation the linearize pass removed, to compare with the source."""
     if removed == "Softmax":
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return shifted / shifted.sum(axis=1, keepdims=True)
+        return softmax(logits, axis=1)
     if removed == "LogSoftmax":
         shifted = logits - logits.max(axis=1, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -101,13 +102,13 @@ def squash(logits: np.ndarray, removed: str) -> np.ndarray:
 
 
 def cam_from(activations: np.ndarray, weights: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "nhwc":
-        return np.maximum(np.einsum("nhwc,nc->nhw", activations, weights), 0)
-    return np.maximum(np.einsum("nchw,nc->nhw", activations, weights), 0)
+    """Grad-CAM in numpy: ReLU(sum_k weights[n, k] * activations[n, k]), [N, h, w]."""
+    maps = Layout.of(layout).to_nchw(activations)
+    return np.maximum(np.einsum("nchw,nc->nhw", maps, weights), 0)
 
 
 def channel_mean(gradients: np.ndarray, layout: str) -> np.ndarray:
-    return gradients.mean(axis=(1, 2) if layout == "nhwc" else (2, 3))
+    return gradients.mean(axis=Layout.of(layout).spatial_axes)
 
 
 def probe_targets(logits_count: int) -> np.ndarray:
@@ -302,7 +303,7 @@ def finite_difference_check(
     values = run_with_outputs(bundle, externals, {INPUT_IMAGE: images,
                                                   INPUT_TARGET: chosen.astype(np.int64)})
     activations = values[externals[0]]
-    channel_axis = 3 if entry.layout == "nhwc" else 1
+    channel_axis = Layout.of(entry.layout).channel_axis
     channels = activations.shape[channel_axis]
     spatial = activations[0].size // channels
     rng = np.random.default_rng(3)
@@ -342,9 +343,7 @@ def input_gradient_check(
     values = run_with_outputs(bundle, externals, {INPUT_IMAGE: images,
                                                   INPUT_TARGET: chosen.astype(np.int64)})
     model_input = values[externals[0]]
-    gradients = out[OUTPUT_INPUT_GRADIENTS].astype(np.float64)
-    if info.layout == "nchw":
-        gradients = gradients.transpose(0, 3, 1, 2)
+    gradients = Layout.of(info.layout).from_nhwc(out[OUTPUT_INPUT_GRADIENTS].astype(np.float64))
     rng = np.random.default_rng(5)
     got, want = [], []
     for n in range(len(images)):

@@ -70,6 +70,18 @@ class GraphBuilder:
         self.graph.node.extend(self.nodes)
         self.nodes = []
 
+    def child(self, graph: onnx.GraphProto, prefix: str) -> GraphBuilder:
+        """A builder for a subgraph of this one (a Loop body, say).
+
+        The two share one set of taken names, so nothing either makes, before or
+        after, can shadow a name of the other: a body must not redefine an outer
+        tensor it reads.
+        """
+        inner = GraphBuilder(graph, prefix)
+        self._taken |= inner._taken
+        inner._taken = self._taken
+        return inner
+
 
 def reduce(
     b: GraphBuilder, op_type: str, x: str, axes: Sequence[int], keepdims: bool, opset: int
@@ -103,6 +115,11 @@ def initializer_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
                         helper.get_attribute_value(attr), np.float32
                     )
     return values
+
+
+def source_of(graph: onnx.GraphProto, output: str) -> str:
+    """The tensor an Identity node copies into ``output`` (every bundle output is made so)."""
+    return producers(graph)[output].input[0]
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -180,6 +197,31 @@ def backward_reachable(graph: onnx.GraphProto, targets: Iterable[str]) -> set[st
         if any(o in needed for o in node.output):
             needed.update(i for i in node.input if i)
     return needed
+
+
+def on_path(
+    graph: onnx.GraphProto, starts: Sequence[str], end: str, differentiable_only: bool = True
+) -> set[str]:
+    """Tensors on a path from any of ``starts`` to ``end``. Graph must be sorted."""
+    reached: set[str] = set()
+    for start in starts:
+        reached |= forward_reachable(graph, start, differentiable_only)
+    return reached & backward_reachable(graph, [end])
+
+
+def head_nodes(
+    graph: onnx.GraphProto, start: str | Sequence[str], end: str,
+    differentiable_only: bool = True,
+) -> list[onnx.NodeProto]:
+    """Nodes on a path from ``start`` (or any of several) to ``end``, in graph order.
+
+    With ``differentiable_only`` the shape computations along the way are left out.
+    Graph must be sorted.
+    """
+    starts = [start] if isinstance(start, str) else list(start)
+    tensors = on_path(graph, starts, end, differentiable_only)
+    return [n for n in graph.node
+            if any(o in tensors for o in n.output) and any(i in tensors for i in n.input)]
 
 
 def toposort(graph: onnx.GraphProto) -> None:

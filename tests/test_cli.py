@@ -19,9 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxcam
 import onnxcam.exporter.pipeline
-import onnxcam.exporter.verify
 import onnxcam.worker.explainer
 from onnxcam.cli import main
+from onnxcam.exporter.vjp import load_rules
 
 # --------------------------------------------------------------------------- models
 
@@ -246,8 +246,13 @@ def test_export_garbage_keras_file(tmp_path: Path, out_dir: Path) -> None:
 def test_verification_failure_leaves_no_file(
     models_dir: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-
-    monkeypatch.setattr(onnxcam.exporter.verify, "EXACT_TOLERANCE", 1e-30)
+    """A real defect, at the default tolerances: Gemm's gradient rule returns twice the
+    gradient, so every gradient and weight in the bundle doubles."""
+    rules = load_rules()  # every rule module imported first, so none re-registers later
+    gemm = rules["Gemm"]
+    monkeypatch.setitem(rules, "Gemm", lambda ctx, node, grads: [
+        None if g is None else ctx.b.op("Mul", [g, ctx.scalar(2.0)])
+        for g in gemm(ctx, node, grads)])
     result = invoke("export", models_dir / "cnn.onnx", "-o", out_dir / "bundle.onnx")
     assert_one_line_error(result, "bundle disagrees with its source")
     assert list(out_dir.iterdir()) == []

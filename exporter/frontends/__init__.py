@@ -11,6 +11,7 @@ import numpy as np
 import onnx as onnx_lib
 
 from onnxcam.exporter.layers import LayerInfo
+from onnxcam.layout import Layout
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Tap:
 
     layer: str
     tensor: str
-    layout: str
+    layout: Layout
 
 
 @dataclass
@@ -51,8 +52,8 @@ class SourceModel:
     model: onnx_lib.ModelProto
     activation: str
     layer: str
-    layout: str
-    activation_layout: str
+    layout: Layout
+    activation_layout: Layout
     height: int
     width: int
     channels: int

@@ -22,6 +22,7 @@ import numpy as np
 from onnxcam.errors import UnsupportedModelError
 from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
+from onnxcam.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,8 @@ def load(
         model=model_proto,
         activation=tensors[0],
         layer=chosen[0].name,
-        layout="nhwc",
-        activation_layout="nhwc",
+        layout=Layout.NHWC,
+        activation_layout=Layout.NHWC,
         height=height,
         width=width,
         channels=channels,
@@ -252,7 +253,8 @@ def load(
         layers=layers,
         reference=gradient_tape_reference(tap_model),
         removed_activation=removed,
-        more_layers=[Tap(c.name, tensor, "nhwc") for c, tensor in zip(chosen[1:], tensors[1:])],
+        more_layers=[Tap(c.name, tensor, Layout.NHWC)
+                     for c, tensor in zip(chosen[1:], tensors[1:])],
     )
 
 
@@ -289,7 +291,7 @@ def load_saved_model(
     with tempfile.TemporaryDirectory() as folder:
         converted = Path(folder) / "model.onnx"
         converted.write_bytes(model_proto.SerializeToString())
-        source = onnx_frontend.load(converted, layer, "nhwc", None, opset)
+        source = onnx_frontend.load(converted, layer, Layout.NHWC, None, opset)
 
     def reference(images: np.ndarray, targets: np.ndarray, **_: Any) -> Reference:
         return Reference(logits=serve(tf.constant(images)).numpy())

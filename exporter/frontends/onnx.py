@@ -16,6 +16,7 @@ from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from onnxcam.exporter.shapes import run_with_outputs
 from onnxcam.graph import backward_reachable, opset_version, producers, real_inputs, toposort
+from onnxcam.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +51,22 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         raise UnsupportedModelError(f"cannot convert the model to opset {opset}: {exc}") from exc
 
 
-def infer_layout(dims: list[int | str], layout: str | None) -> str:
-    """nhwc or nchw from a rank-4 input shape; ``layout`` decides when both fit."""
+def infer_layout(dims: list[int | str], layout: str | None) -> Layout:
+    """NHWC or NCHW from a rank-4 input shape; ``layout`` decides when both fit."""
     if layout:
-        return layout
+        return Layout.of(layout)
     looks_nchw = dims[1] in (1, 3, 4)
     looks_nhwc = dims[3] in (1, 3, 4)
     if looks_nchw and not looks_nhwc:
-        return "nchw"
+        return Layout.NCHW
     if looks_nhwc and not looks_nchw:
-        return "nhwc"
+        return Layout.NHWC
     raise UnsupportedModelError(f"cannot tell the layout of input shape {dims}; pass --layout")
 
 
 def fix_input(
     model: onnx.ModelProto, layout: str | None, input_size: tuple[int, int] | None
-) -> tuple[str, int, int, int]:
+) -> tuple[Layout, int, int, int]:
     """Check the single rank-4 input and pin its spatial size. Returns layout, H, W, C."""
     graph = model.graph
     inputs = real_inputs(graph)
@@ -79,9 +80,9 @@ def fix_input(
         raise UnsupportedModelError(f"the input has rank {len(dims_proto)}; onnxcam needs rank 4")
     dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
                              for d in dims_proto]
-    layout = infer_layout(dims, layout)
-    hw_axes, c_axis = ((1, 2), 3) if layout == "nhwc" else ((2, 3), 1)
-    channels = dims[c_axis]
+    found = infer_layout(dims, layout)
+    hw_axes = found.spatial_axes
+    channels = dims[found.channel_axis]
     if not isinstance(channels, int) or channels < 1:
         raise UnsupportedModelError(f"the input's channel count is not fixed: {dims}")
     static = [dims[a] for a in hw_axes]
@@ -101,10 +102,10 @@ def fix_input(
         dims_proto[axis].dim_value = value
     dims_proto[0].Clear()
     dims_proto[0].dim_param = "N"
-    return layout, height, width, int(channels)
+    return found, height, width, int(channels)
 
 
-def tensor_layout(graph: onnx.GraphProto, name: str, input_layout: str) -> str:
+def tensor_layout(graph: onnx.GraphProto, name: str, input_layout: Layout) -> Layout:
     """The layout of a 4-D tensor: NCHW after ONNX's spatial ops, else traced back."""
     made_by = producers(graph)
     seen = set()
@@ -112,13 +113,13 @@ def tensor_layout(graph: onnx.GraphProto, name: str, input_layout: str) -> str:
         seen.add(name)
         node = made_by[name]
         if node.op_type in NCHW_OPS:
-            return "nchw"
+            return Layout.NCHW
         if node.op_type == "Transpose":
             perm = list(helper.get_attribute_value(node.attribute[0])) if node.attribute else []
             if perm == [0, 2, 3, 1]:
-                return "nhwc"
+                return Layout.NHWC
             if perm == [0, 3, 1, 2]:
-                return "nchw"
+                return Layout.NCHW
         name = node.input[0]
     return input_layout
 
@@ -152,7 +153,7 @@ def list_layers(
 class Prepared:
     model: onnx.ModelProto
     input_name: str
-    layout: str
+    layout: Layout
     height: int
     width: int
     channels: int
@@ -165,15 +166,15 @@ def prepare(
     """Load, upgrade, check the input and list the candidate layers."""
     model = upgrade_opset(load_proto(path), max(opset, 17))
     toposort(model.graph)
-    layout, height, width, channels = fix_input(model, layout, input_size)
+    found, height, width, channels = fix_input(model, layout, input_size)
     input_name = real_inputs(model.graph)[0].name
     sample_nhwc = np.random.default_rng(0).uniform(0, 1, (1, height, width, channels))
-    sample = to_layout(sample_nhwc.astype(np.float32), layout)
+    sample = to_layout(sample_nhwc.astype(np.float32), found)
     try:
         layers = list_layers(model, input_name, sample)
     except Exception as exc:
         raise UnsupportedModelError(f"{path}: onnxruntime cannot run the model ({exc})") from exc
-    return Prepared(model, input_name, layout, height, width, channels, layers)
+    return Prepared(model, input_name, found, height, width, channels, layers)
 
 
 def load(
@@ -214,6 +215,5 @@ def load(
     )
 
 
-def to_layout(images_nhwc: np.ndarray, layout: str) -> np.ndarray:
-    return np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)) if layout == "nchw" \
-        else images_nhwc
+def to_layout(images_nhwc: np.ndarray, layout: Layout) -> np.ndarray:
+    return np.ascontiguousarray(layout.from_nhwc(images_nhwc))

@@ -17,15 +17,20 @@ import onnx
 from onnx import helper
 
 from onnxcam.bundle import OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, OUTPUT_WEIGHTS
-from onnxcam.exporter.passes import PassResult
-from onnxcam.exporter.passes.add_gradients import (
-    add_target_input,
-    chosen_class,
+from onnxcam.exporter.draft import Draft
+from onnxcam.exporter.head import add_target_input, chosen_class
+from onnxcam.exporter.vjp.context import TensorShape
+from onnxcam.graph import (
+    GraphBuilder,
+    attrs,
+    consumers,
+    float_output,
     head_nodes,
+    opset_version,
+    reduce,
     source_of,
 )
-from onnxcam.exporter.vjp.context import TensorShape
-from onnxcam.graph import GraphBuilder, attrs, consumers, float_output, opset_version, reduce
+from onnxcam.layout import Layout
 
 # Perturbed activation copies held at once, in bytes.
 CHUNK_BYTES = 64 * 2**20
@@ -212,8 +217,7 @@ def _loop_slopes(
                                               outer.op("Sub", [chunk, outer.const(1, "one")])]),
                              chunk])
     body = helper.make_graph([], "fd_body", [], [])
-    inner = GraphBuilder(body, "onnxcam/fd_body")
-    inner._taken |= outer._taken
+    inner = outer.child(body, "onnxcam/fd_body")
     index = inner.fresh("iter")
     cond_in, cond_out = inner.fresh("cond_in"), inner.fresh("cond_out")
     renamed = {point: _perturbed(inner, point, step, chunk, index, shapes[point], axis)}
@@ -244,7 +248,6 @@ def _loop_slopes(
                        helper.make_tensor_value_info(cond_in, onnx.TensorProto.BOOL, [])])
     body.output.extend([helper.make_tensor_value_info(cond_out, onnx.TensorProto.BOOL, []),
                         float_output(slopes, 2)])
-    outer._taken |= inner._taken
     stacked = outer.fresh("fd_scan")
     outer.nodes.append(helper.make_node("Loop", [trips, ""], [stacked],
                                         name=outer.fresh("Loop"), body=body))
@@ -255,25 +258,28 @@ def _loop_slopes(
                               outer.const([1], "axes")])
 
 
-def add_fd_weights(
-    model: onnx.ModelProto, shapes: Mapping[str, TensorShape], layout: str
-) -> tuple[PassResult, float, int]:
-    """Add the ``target`` input and a ``weights`` output [N, C] by finite differences.
+def add_fd_weights(draft: Draft) -> bool:
+    """Add the ``target`` input and a ``weights`` output [N, C] by finite differences,
+    for the primary layer; record ``draft.gradient = "fd"``, the step (relative to
+    the mean |activation|; 1.0 marks the exact affine-tail case) and the perturbed
+    samples per Loop iteration (0 when no Loop is needed).
 
-    Returns the result, the step (relative to the mean |activation|; 1.0 marks the
-    exact affine-tail case) and the perturbed samples per Loop iteration (0 when
-    no Loop is needed), which the bundle metadata records.
+    Preconditions: ``activations`` (a 4-D map in ``draft.taps[0].layout``) and
+    ``logits`` are outputs; ``draft.shapes`` covers the head; graph is sorted.
+    False when ``weights`` is an output already.
     """
-    graph = model.graph
+    graph = draft.graph
+    if OUTPUT_WEIGHTS in {o.name for o in graph.output}:
+        return False
     start = source_of(graph, OUTPUT_ACTIVATIONS)
     end = source_of(graph, OUTPUT_LOGITS)
+    shapes, layout = draft.shapes, Layout.of(draft.taps[0].layout)
     act = shapes[start]
     if act.rank != 4:
         raise ValueError("the target layer must be a 4-D map")
-    channels = act.dims[3] if layout == "nhwc" else act.dims[1]
-    spatial = (act.dims[1], act.dims[2]) if layout == "nhwc" else (act.dims[2], act.dims[3])
-    point, axis = perturbation_point(graph, start, 3 if layout == "nhwc" else 1, channels,
-                                     shapes)
+    channels = layout.channels(act.dims)
+    height, width = layout.spatial(act.dims)
+    point, axis = perturbation_point(graph, start, layout.channel_axis, channels, shapes)
     add_target_input(graph)
     b = GraphBuilder(graph, "onnxcam/fd")
     target = chosen_class(b, end)
@@ -286,12 +292,13 @@ def add_fd_weights(
         linear = all(n.op_type in LINEAR_OPS for n in rest)
         relative_step = LINEAR_STEP if linear else RELATIVE_STEP
         magnitude = reduce(b, "ReduceMean", b.op("Abs", [start]), [1, 2, 3], False,
-                           opset_version(model))
+                           opset_version(draft.model))
         step = b.op("Add", [b.op("Mul", [magnitude, b.scalar(relative_step)]), b.scalar(1e-6)])
         slopes = _loop_slopes(graph, b, point, end, target, step, shapes, axis, samples)
     b.nodes.append(helper.make_node(
-        "Mul", [slopes, b.scalar(1.0 / (spatial[0] * spatial[1]))], [OUTPUT_WEIGHTS],
+        "Mul", [slopes, b.scalar(1.0 / (height * width))], [OUTPUT_WEIGHTS],
         name="onnxcam/weights"))
     b.commit()
     graph.output.append(float_output(OUTPUT_WEIGHTS, 2))
-    return PassResult(model, True), relative_step, samples
+    draft.gradient, draft.fd_step, draft.fd_chunk = "fd", relative_step, samples
+    return True

@@ -9,103 +9,33 @@ heads yields every gradient: the later layers' are by-products of the earlier's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import onnx
 from onnx import helper
 
 from onnxcam.bundle import (
-    INPUT_TARGET,
     OUTPUT_GRADIENTS,
     OUTPUT_GUIDED_INPUT_GRADIENTS,
     OUTPUT_INPUT_GRADIENTS,
     OUTPUT_LOGITS,
-    is_activation_output,
     layer_output,
 )
 from onnxcam.errors import UnsupportedOpError
-from onnxcam.exporter.passes import PassResult
+from onnxcam.exporter.draft import Draft
+from onnxcam.exporter.head import add_target_input, chosen_class, head_starts, layer_tensors
 from onnxcam.exporter.vjp import load_rules
-from onnxcam.exporter.vjp.context import TensorShape, VjpContext
+from onnxcam.exporter.vjp.context import VjpContext
 from onnxcam.graph import (
     GraphBuilder,
-    backward_reachable,
     float_output,
-    forward_reachable,
+    head_nodes,
     initializer_values,
+    on_path,
     opset_version,
-    producers,
+    source_of,
 )
-
-
-def source_of(graph: onnx.GraphProto, output: str) -> str:
-    """The internal tensor behind a bundle output (outputs are Identity nodes)."""
-    return producers(graph)[output].input[0]
-
-
-def on_path(
-    graph: onnx.GraphProto, starts: Sequence[str], end: str, differentiable_only: bool = True
-) -> set[str]:
-    """Tensors on a path from any of ``starts`` to ``end``."""
-    reached: set[str] = set()
-    for start in starts:
-        reached |= forward_reachable(graph, start, differentiable_only)
-    return reached & backward_reachable(graph, [end])
-
-
-def head_nodes(
-    graph: onnx.GraphProto, start: str | Sequence[str], end: str,
-    differentiable_only: bool = True,
-) -> list[onnx.NodeProto]:
-    """Nodes on a path from ``start`` (or any of several) to ``end``, in forward order.
-
-    With ``differentiable_only`` the shape computations along the way are left out.
-    """
-    starts = [start] if isinstance(start, str) else list(start)
-    tensors = on_path(graph, starts, end, differentiable_only)
-    return [n for n in graph.node
-            if any(o in tensors for o in n.output) and any(i in tensors for i in n.input)]
-
-
-def layer_tensors(graph: onnx.GraphProto) -> list[str]:
-    """The tensors behind ``activations``, ``activations.1``, ... in output-index order."""
-    names = sorted((o.name for o in graph.output if is_activation_output(o.name)),
-                   key=lambda name: int(name.partition(".")[2] or 0))
-    return [source_of(graph, name) for name in names]
-
-
-def head_tensors(graph: onnx.GraphProto, model_input: str = "") -> list[str]:
-    """Every tensor a head node reads or writes: what the passes need shapes for.
-
-    With ``model_input`` the head is the whole body, from the model input on.
-    """
-    starts = layer_tensors(graph) + ([model_input] if model_input else [])
-    end = source_of(graph, OUTPUT_LOGITS)
-    names: dict[str, None] = dict.fromkeys([*starts, end])
-    for node in head_nodes(graph, starts, end, differentiable_only=False):
-        names.update((n, None) for n in list(node.input) + list(node.output) if n)
-    return list(names)
-
-
-def unsupported_ops(graph: onnx.GraphProto, model_input: str = "") -> list[str]:
-    """Op types in the head (the whole body, with ``model_input``) that have no rule."""
-    rules = load_rules()
-    starts = layer_tensors(graph) + ([model_input] if model_input else [])
-    end = source_of(graph, OUTPUT_LOGITS)
-    return sorted({n.op_type for n in head_nodes(graph, starts, end) if n.op_type not in rules})
-
-
-def add_target_input(graph: onnx.GraphProto) -> None:
-    if not any(i.name == INPUT_TARGET for i in graph.input):
-        graph.input.append(helper.make_tensor_value_info(INPUT_TARGET, onnx.TensorProto.INT64,
-                                                         ["N"]))
-
-
-def chosen_class(b: GraphBuilder, logits: str) -> str:
-    """``target``, with -1 replaced by the top-1 class."""
-    top1 = b.op("ArgMax", [logits], axis=1, keepdims=0)
-    negative = b.op("Less", [INPUT_TARGET, b.const(0, "zero_i")])
-    return b.op("Where", [negative, top1, INPUT_TARGET])
+from onnxcam.layout import Layout
 
 
 def seed_gradient(b: GraphBuilder, logits: str) -> str:
@@ -115,7 +45,7 @@ def seed_gradient(b: GraphBuilder, logits: str) -> str:
     return b.op("OneHot", [chosen_class(b, logits), depth, values], axis=-1)
 
 
-def differentiate(
+def backpropagate(
     ctx: VjpContext, nodes: list[onnx.NodeProto], end: str, seed: str, starts: Sequence[str]
 ) -> list[str]:
     """Run the rules backwards over ``nodes``; return the gradients of ``starts``."""
@@ -142,25 +72,26 @@ def differentiate(
     return [grads[start] for start in starts]
 
 
-def add_gradients(
-    model: onnx.ModelProto, shapes: Mapping[str, TensorShape], model_input: str = "",
-    layout: str = "nhwc",
-) -> PassResult:
+def add_gradients(draft: Draft) -> bool:
     """Add the ``target`` input and each layer's ``gradients`` output; with
-    ``model_input``, also ``input_gradients`` (NHWC; the model input is in ``layout``).
+    ``options.input_gradients``, also ``input_gradients`` (NHWC, whatever the
+    model's layout). Records ``draft.gradient = "analytic"``.
 
-    Preconditions: ``activations`` (and ``activations.i``) and ``logits`` outputs
-    exist (see the expose and linearize passes); ``shapes`` covers
-    ``head_tensors(graph, model_input)``; graph is sorted.
+    Preconditions: ``activations`` (and ``activations.i``) and ``logits`` are
+    outputs; ``draft.shapes`` covers the head (``probe_head``); graph is sorted.
+    False when ``gradients`` is an output already.
     """
-    graph = model.graph
-    starts = layer_tensors(graph) + ([model_input] if model_input else [])
+    graph = draft.graph
+    if OUTPUT_GRADIENTS in {o.name for o in graph.output}:
+        return False
+    model_input = draft.model_input if draft.options.input_gradients else ""
+    starts = head_starts(graph, model_input)
     end = source_of(graph, OUTPUT_LOGITS)
     b = GraphBuilder(graph, "onnxcam/grad")
-    ctx = VjpContext(b, shapes, initializer_values(graph), opset_version(model),
+    ctx = VjpContext(b, draft.shapes, initializer_values(graph), opset_version(draft.model),
                      on_path(graph, starts, end), whole_body=bool(model_input))
     add_target_input(graph)
-    gradients = differentiate(ctx, head_nodes(graph, starts, end), end, seed_gradient(b, end),
+    gradients = backpropagate(ctx, head_nodes(graph, starts, end), end, seed_gradient(b, end),
                               starts)
     for index, gradient in enumerate(gradients[: len(layer_tensors(graph))]):
         name = layer_output(OUTPUT_GRADIENTS, index)
@@ -168,36 +99,38 @@ def add_gradients(
                                         name=f"onnxcam/{name}"))
         graph.output.append(float_output(name, 4))
     if model_input:
-        add_input_gradient(b, gradients[-1], OUTPUT_INPUT_GRADIENTS, layout)
+        add_input_gradient(b, gradients[-1], OUTPUT_INPUT_GRADIENTS, draft.layout)
     b.commit()
-    return PassResult(model, True)
+    draft.gradient = "analytic"
+    return True
 
 
-def add_guided_gradients(
-    model: onnx.ModelProto, shapes: Mapping[str, TensorShape], model_input: str,
-    layout: str = "nhwc",
-) -> PassResult:
+def add_guided_gradients(draft: Draft) -> bool:
     """Add ``guided_input_gradients``: a second backward pass where ReLU passes only
     positive gradients, and only where its input was positive (guided backprop).
 
     Same preconditions as ``add_gradients``, which must have run first (it adds
-    ``target``; MaxPool's indices are shared).
+    ``target``; MaxPool's indices are shared), and ``draft.shapes`` must cover the
+    whole body. False when the output exists already.
     """
-    graph = model.graph
+    graph = draft.graph
+    if OUTPUT_GUIDED_INPUT_GRADIENTS in {o.name for o in graph.output}:
+        return False
+    model_input = draft.model_input
     end = source_of(graph, OUTPUT_LOGITS)
     b = GraphBuilder(graph, "onnxcam/guided")
-    ctx = VjpContext(b, shapes, initializer_values(graph), opset_version(model),
+    ctx = VjpContext(b, draft.shapes, initializer_values(graph), opset_version(draft.model),
                      on_path(graph, [model_input], end), guided=True, whole_body=True)
-    (gradient,) = differentiate(ctx, head_nodes(graph, model_input, end), end,
+    (gradient,) = backpropagate(ctx, head_nodes(graph, model_input, end), end,
                                 seed_gradient(b, end), [model_input])
-    add_input_gradient(b, gradient, OUTPUT_GUIDED_INPUT_GRADIENTS, layout)
+    add_input_gradient(b, gradient, OUTPUT_GUIDED_INPUT_GRADIENTS, draft.layout)
     b.commit()
-    return PassResult(model, True)
+    return True
 
 
-def add_input_gradient(b: GraphBuilder, gradient: str, name: str, layout: str) -> None:
+def add_input_gradient(b: GraphBuilder, gradient: str, name: str, layout: Layout) -> None:
     """Expose a model-input gradient as ``name``, NHWC whatever the model's layout."""
-    if layout == "nchw":
+    if layout is Layout.NCHW:
         b.nodes.append(helper.make_node("Transpose", [gradient], [name], name=f"onnxcam/{name}",
                                         perm=[0, 2, 3, 1]))
     else:

@@ -1,4 +1,4 @@
-"""Expose the target layer's output as the bundle output ``activations``."""
+"""Expose the target layers' outputs as the bundle outputs ``activations``, ``activations.i``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,18 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcam.bundle import OUTPUT_ACTIVATIONS
+from onnxcam.bundle import OUTPUT_ACTIVATIONS, layer_output
 from onnxcam.errors import ExportError
-from onnxcam.exporter.passes import PassResult
-from onnxcam.graph import attrs, consumers, float_output, producers, tensor_names, toposort
+from onnxcam.exporter.draft import Draft
+from onnxcam.graph import (
+    attrs,
+    consumers,
+    float_output,
+    producers,
+    source_of,
+    tensor_names,
+    toposort,
+)
 
 
 def static_tail(graph: onnx.GraphProto, name: str) -> list[int] | None:
@@ -76,15 +84,27 @@ def reroute_through_view(
     return True
 
 
-def expose_activation(
-    model: onnx.ModelProto, tensor: str, output: str = OUTPUT_ACTIVATIONS
-) -> PassResult:
-    """Add ``activations = Identity(tensor)`` (or ``output``) as a graph output.
+def expose_activation(draft: Draft) -> bool:
+    """Expose each tapped layer's tensor as ``activations``, ``activations.1``, ...
+
+    Graph must be sorted. A layer already exposed is left as it is.
+    """
+    changed = False
+    for index, tap in enumerate(draft.taps):
+        changed |= expose(draft.graph, tap.tensor, layer_output(OUTPUT_ACTIVATIONS, index))
+    return changed
+
+
+def expose(graph: onnx.GraphProto, tensor: str, output: str = OUTPUT_ACTIVATIONS) -> bool:
+    """Add ``output = Identity(tensor)`` as a graph output; False if it is one already.
 
     Any other graph output that already carries ``tensor`` (the Keras frontend taps
     the layer that way) is dropped in favour of the named one. Graph must be sorted.
     """
-    graph = model.graph
+    if output in {o.name for o in graph.output}:
+        if source_of(graph, output) != tensor:
+            raise ExportError(f"output {output!r} already carries another tensor")
+        return False
     if tensor not in tensor_names(graph):
         raise ExportError(f"tensor {tensor!r} is not in the graph")
     suffix = "" if output == OUTPUT_ACTIVATIONS else output.removeprefix(OUTPUT_ACTIVATIONS)
@@ -96,4 +116,4 @@ def expose_activation(
     del graph.output[:]
     graph.output.extend(kept)
     graph.output.append(float_output(output, 4))
-    return PassResult(model, True)
+    return True

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
-from onnxcam.bundle import OUTPUT_LOGITS, is_activation_output
-from onnxcam.errors import UnsupportedModelError
-from onnxcam.exporter.passes import PassResult
-from onnxcam.graph import float_output, producers
+from onnxcam.bundle import OUTPUT_LOGITS
+from onnxcam.exporter.draft import Draft
+from onnxcam.graph import producers
 
 SQUASHING = ("Softmax", "Sigmoid", "LogSoftmax")
 PASS_THROUGH = ("Identity",)
@@ -29,22 +27,16 @@ def find_pre_activation(graph: onnx.GraphProto, output: str) -> tuple[str, str]:
     return output, ""
 
 
-def linearize_logits(model: onnx.ModelProto) -> tuple[PassResult, str]:
-    """Make ``logits`` the classifier's pre-activation scores and the only other output.
+def linearize_logits(draft: Draft) -> bool:
+    """Feed ``logits`` from before a terminal Softmax, Sigmoid or LogSoftmax; record
+    the op in ``draft.removed_activation``. False when the classifier ends in none.
 
-    The classifier output is the first graph output that is not ``activations``
-    (or ``activations.i``).
-    Returns the result and the name of the op removed ("" if none).
+    Precondition: ``expose_logits`` has run (an Identity node makes ``logits``).
     """
-    graph = model.graph
-    candidates = [o.name for o in graph.output if not is_activation_output(o.name)]
-    if not candidates:
-        raise UnsupportedModelError("the model has no output")
-    scores, removed = find_pre_activation(graph, candidates[0])
-    graph.node.append(helper.make_node("Identity", [scores], [OUTPUT_LOGITS],
-                                       name="onnxcam/logits"))
-    kept = [o for o in graph.output if is_activation_output(o.name)]
-    del graph.output[:]
-    graph.output.append(float_output(OUTPUT_LOGITS, 2))
-    graph.output.extend(kept)
-    return PassResult(model, True), removed
+    graph = draft.graph
+    scores, removed = find_pre_activation(graph, OUTPUT_LOGITS)
+    if not removed:
+        return False
+    producers(graph)[OUTPUT_LOGITS].input[0] = scores
+    draft.removed_activation = removed
+    return True

@@ -478,24 +478,21 @@ def test_savedmodel_source(workspace: Workspace, tmp_path: Path) -> None:
     assert_close(got["cam"], ref.cam, EXACT, "cam")
 
 
-def test_savedmodel_with_maxpool_head(workspace: Workspace, tmp_path: Path) -> None:
-    folder = tmp_path / "saved"
-    workspace.model("vgg_like").export(str(folder), verbose=False)
-    export(folder, tmp_path / "bundle.onnx")
-
-
-def test_savedmodel_with_maxpool_head_is_right_unverified(
-    workspace: Workspace, tmp_path: Path
-) -> None:
-    """The same bundle unverified matches GradientTape (a check independent of verify)."""
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
+def test_savedmodel_with_maxpool_head(workspace: Workspace, tmp_path: Path, verify: bool) -> None:
+    """A SavedModel whose head crosses MaxPool: the bundle, verified or not, matches
+    GradientTape (a check independent of verify)."""
     folder = tmp_path / "saved"
     workspace.model("vgg_like").export(str(folder), verbose=False)
     out = tmp_path / "bundle.onnx"
-    info = export(folder, out, verify=False).info
+    result = export(folder, out, verify=verify)
+    assert (result.report is not None) == verify
     image, target = random_images((32, 32, 3), seed=8), mixed_targets(6)
     got = run_bundle(out, image, target)
     ref = tape_reference(workspace.linear("vgg_like"), "block2_conv2",
                          preprocess(image, "unit"), target)
-    layout = info.activation_layout
+    layout = result.info.activation_layout
+    assert_close(got["logits"], ref.logits, EXACT, "logits")
+    assert_close(to_nhwc(got["activations"], layout), ref.activations, EXACT, "activations")
     assert_close(to_nhwc(got["gradients"], layout), ref.gradients, EXACT, "gradients")
     assert_close(got["cam"], ref.cam, EXACT, "cam")

@@ -1,37 +1,22 @@
-"""Graph helpers (``onnxcam.graph``) and the simple passes, on tiny hand-built graphs."""
+"""Graph helpers (``onnxcam.graph``) on tiny hand-built graphs."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from micrographs import info, init, model_of, run
+from onnx import TensorProto, helper
 
-from onnxcam.bundle import INPUT_IMAGE, OUTPUT_ACTIVATIONS, OUTPUT_LOGITS, PREPROCESS_MODES
-from onnxcam.exporter.passes.embed_preprocessing import embed_preprocessing
-from onnxcam.exporter.passes.linearize_logits import linearize_logits
-from onnxcam.exporter.preprocess import preprocess_numpy
-from onnxcam.graph import forward_reachable, prune_unused, toposort
-from onnxcam.runtime import cpu_session
-
-OPSET = 17
-
-
-def info(name: str, shape: list | None = None, dtype: int = TensorProto.FLOAT):
-    return helper.make_tensor_value_info(name, dtype, shape)
-
-
-def model_of(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
-
-
-def init(name: str, value) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(value, np.float32), name)
-
-
-def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    return cpu_session(model.SerializeToString()).run(None, feeds)
+from onnxcam.graph import (
+    GraphBuilder,
+    forward_reachable,
+    head_nodes,
+    on_path,
+    prune_unused,
+    source_of,
+    toposort,
+)
 
 
 def assert_sorted(graph: onnx.GraphProto) -> None:
@@ -166,69 +151,43 @@ def test_forward_reachable_stops_at_shape_and_index_ops() -> None:
     assert "w" not in everything
 
 
-# --------------------------------------------------------------------------- linearize_logits
+# --------------------------------------------------------------------------- head queries
 
 
-W = np.array([[1.0, -2.0, 0.5], [0.3, 0.1, -1.0]], np.float32)
-B = np.array([0.1, -0.2, 0.3], np.float32)
-X = np.array([[0.5, -1.5], [2.0, 1.0]], np.float32)
+def two_paths() -> onnx.GraphProto:
+    """x -> relu a -> (b = a * w) -> y, with a shape branch s = Shape(a) -> reshape(y, s)
+    and a dead branch a -> neg d."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="relu"),
+        helper.make_node("Mul", ["a", "w"], ["b"], name="mul"),
+        helper.make_node("Shape", ["a"], ["s"], name="shape"),
+        helper.make_node("Reshape", ["b", "s"], ["y"], name="reshape"),
+        helper.make_node("Neg", ["a"], ["d"], name="neg"),
+        helper.make_node("Identity", ["y"], ["out"], name="out"),
+    ]
+    return helper.make_graph(nodes, "g", [info("x", [2])], [info("out", [2]), info("d", [2])],
+                             [init("w", [2.0, 3.0])])
 
 
-def classifier(head: str | None, with_activations: bool = False) -> onnx.ModelProto:
-    """x -> Gemm -> scores [-> head -> squashed -> Identity -> probs]."""
-    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["scores"])]
-    out = "scores"
-    if head:
-        nodes += [helper.make_node(head, ["scores"], ["squashed"]),
-                  helper.make_node("Identity", ["squashed"], ["probs"])]
-        out = "probs"
-    outputs = [info(out, ["N", 3])]
-    if with_activations:
-        nodes.append(helper.make_node("Identity", ["x"], [OUTPUT_ACTIVATIONS]))
-        outputs.insert(0, info(OUTPUT_ACTIVATIONS, ["N", 2]))
-    return model_of(nodes, [info("x", ["N", 2])], outputs,
-                    [numpy_helper.from_array(W, "w"), numpy_helper.from_array(B, "b")])
+def test_head_nodes_are_the_nodes_between_start_and_end_in_order() -> None:
+    graph = two_paths()
+    assert [n.name for n in head_nodes(graph, "a", "y")] == ["mul", "reshape"]
+    everything = head_nodes(graph, "a", "y", differentiable_only=False)
+    assert [n.name for n in everything] == ["mul", "shape", "reshape"]
+    assert on_path(graph, ["a"], "y") == {"a", "b", "y"}
+    assert [n.name for n in head_nodes(graph, ["x", "a"], "y")] == ["relu", "mul", "reshape"]
+    assert source_of(graph, "out") == "y"
 
 
-@pytest.mark.parametrize("head", ["Softmax", "Sigmoid", "LogSoftmax"])
-def test_linearize_logits_removes_terminal_squashing(head: str) -> None:
-    model = classifier(head, with_activations=True)
-    result, removed = linearize_logits(model)
-    assert removed == head
-    assert [o.name for o in result.model.graph.output] == [OUTPUT_LOGITS, OUTPUT_ACTIVATIONS]
-    logits, activations = run(result.model, {"x": X})
-    np.testing.assert_allclose(logits, X @ W + B, rtol=1e-6)
-    np.testing.assert_array_equal(activations, X)
-
-
-def test_linearize_logits_without_squashing_keeps_the_scores() -> None:
-    result, removed = linearize_logits(classifier(None))
-    assert removed == ""
-    assert [o.name for o in result.model.graph.output] == [OUTPUT_LOGITS]
-    (logits,) = run(result.model, {"x": X})
-    np.testing.assert_allclose(logits, X @ W + B, rtol=1e-6)
-
-
-# --------------------------------------------------------------------------- embed_preprocessing
-
-
-@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-@pytest.mark.parametrize("mode", PREPROCESS_MODES)
-def test_embed_preprocessing_matches_numpy(mode: str, layout: str) -> None:
-    h, w, c = 4, 5, 3
-    shape = ["N", h, w, c] if layout == "nhwc" else ["N", c, h, w]
-    model = model_of([helper.make_node("Identity", ["x"], ["y"])], [info("x", shape)],
-                     [info("y", shape)])
-    result = embed_preprocessing(model, mode, layout, h, w, c)
-    graph = result.model.graph
-    assert [i.name for i in graph.input] == [INPUT_IMAGE]
-    assert graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
-    onnx.checker.check_model(result.model)
-    images = np.random.default_rng(3).integers(0, 256, (2, h, w, c), dtype=np.uint8)
-    images[0, 0, 0] = [0, 128, 255]  # distinct channels, so a channel flip cannot hide
-    (got,) = run(result.model, {INPUT_IMAGE: images})
-    want = preprocess_numpy(images, mode)
-    if layout == "nchw":
-        want = want.transpose(0, 3, 1, 2)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=3e-5)
+def test_child_builder_names_never_collide_with_the_outer_graph() -> None:
+    """A Loop body must not redefine what it reads from outside, nor the outside what
+    the body defines: names made through either builder are unique across both."""
+    graph = helper.make_graph([], "outer", [info("p/t_0", [1])], [])
+    outer = GraphBuilder(graph, "p")
+    made = [outer.fresh("t") for _ in range(3)]
+    body = helper.make_graph([], "body", [], [])
+    inner = outer.child(body, "p")  # the same prefix: only the shared names keep them apart
+    made += [inner.fresh("t") for _ in range(3)]
+    made += [outer.fresh("t") for _ in range(3)]
+    assert "p/t_0" not in made
+    assert len(set(made)) == len(made) == 9

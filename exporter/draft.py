@@ -1,0 +1,94 @@
+"""The bundle being built: the model the passes rewrite, and what they share and record.
+
+A pass reads what it needs from the draft (options, layout, taps, shapes), rewrites
+``draft.model`` in place and records what the bundle's metadata will say
+(``removed_activation``, ``gradient``, ``fd_step``...). The metadata is assembled
+once, from the finished draft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import onnx
+
+from onnxcam.bundle import GRADIENT_MODES
+from onnxcam.errors import ExportError
+from onnxcam.exporter.frontends import SourceModel, Tap
+from onnxcam.exporter.vjp.context import TensorShape
+from onnxcam.layout import Layout
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked for, as ``onnxcam export`` takes it."""
+
+    preprocess: str = "unit"
+    labels: tuple[str, ...] = ()
+    gradient: str = "auto"  # auto, analytic or fd
+    input_gradients: bool = False
+    guided: bool = False
+
+    def __post_init__(self) -> None:
+        if self.gradient not in ("auto", *GRADIENT_MODES):
+            raise ExportError(f"unknown gradient mode {self.gradient!r}")
+
+    @property
+    def whole_body(self) -> bool:
+        """Whether the backward pass must reach the model input."""
+        return self.input_gradients or self.guided
+
+
+@dataclass
+class Draft:
+    """A model on its way to a bundle.
+
+    ``layout`` is the model input's; ``taps`` are the layers to explain, the
+    primary one first, each with its tensor and activation layout.
+    """
+
+    model: onnx.ModelProto
+    layout: Layout
+    height: int
+    width: int
+    channels: int
+    taps: list[Tap]
+    options: Options = field(default_factory=Options)
+    source_format: str = ""
+    source_sha256: str = ""
+    layer_order: tuple[str, ...] = ()  # every candidate layer's name, in graph order
+    # Recorded by the passes:
+    removed_activation: str = ""  # a squashing op linearize_logits (or the frontend) removed
+    model_input: str = ""  # the float tensor the model read before embed_preprocessing
+    shapes: dict[str, TensorShape] = field(default_factory=dict)
+    num_classes: int = 0
+    gradient: str = ""  # analytic or fd, once differentiate has run
+    fd_step: float = 0.0
+    fd_chunk: int = 0
+
+    @classmethod
+    def from_source(cls, source: SourceModel, options: Options) -> Draft:
+        """A draft of ``source``'s model (a copy: the source stays as it is for verify)."""
+        model = onnx.ModelProto()
+        model.CopyFrom(source.model)
+        primary = Tap(source.layer, source.activation, Layout.of(source.activation_layout))
+        return cls(
+            model=model, layout=Layout.of(source.layout), height=source.height,
+            width=source.width, channels=source.channels,
+            taps=[primary, *source.more_layers], options=options,
+            source_format=source.source_format, source_sha256=source.source_sha256,
+            layer_order=tuple(layer.name for layer in source.layers),
+            removed_activation=source.removed_activation,
+        )
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    def copy(self) -> Draft:
+        """An independent draft, to try a pass that may fail half way."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        return dataclasses.replace(self, model=model, taps=list(self.taps),
+                                   shapes=dict(self.shapes))

@@ -1,0 +1,70 @@
+"""Choose how the bundle gets its gradients: by the VJP rules, or by finite differences."""
+
+from __future__ import annotations
+
+import logging
+
+from onnxcam.errors import ExportError, UnsupportedOpError
+from onnxcam.exporter.draft import Draft
+from onnxcam.exporter.head import unsupported_ops
+from onnxcam.exporter.passes.add_fd_weights import add_fd_weights
+from onnxcam.exporter.passes.add_gradients import add_gradients, add_guided_gradients
+
+log = logging.getLogger(__name__)
+
+
+def differentiate(draft: Draft) -> bool:
+    """Add gradients by the rules when every head op has one, else (``auto``, ``fd``)
+    fd channel weights; ``draft.gradient`` records which.
+
+    Whole-network gradients and several layers have no fd fallback. Preconditions:
+    those of ``add_gradients`` (``draft.shapes`` from ``probe_head``). False when
+    the draft has its gradients already.
+    """
+    if draft.gradient:
+        return False
+    if draft.options.whole_body or len(draft.taps) > 1:
+        return differentiate_exactly(draft)
+    if draft.options.gradient != "fd" and try_analytic(draft):
+        return True
+    return add_fd_weights(draft)
+
+
+def try_analytic(draft: Draft) -> bool:
+    """``add_gradients`` when every head op has a rule that handles it; False, the
+    draft untouched, when finite differences may take over instead."""
+    analytic_only = draft.options.gradient == "analytic"
+    missing = unsupported_ops(draft.graph)
+    if missing:
+        if analytic_only:
+            raise UnsupportedOpError(", ".join(missing))
+        log.warning("no gradient rule for %s in the head; using finite differences",
+                    ", ".join(missing))
+        return False
+    # A rule may still refuse a node's attributes half way: try on a copy.
+    attempt = draft.copy()
+    try:
+        add_gradients(attempt)
+    except UnsupportedOpError as exc:
+        if analytic_only:
+            raise
+        log.warning("falling back to finite differences: %s", exc)
+        return False
+    draft.model.CopyFrom(attempt.model)
+    draft.gradient = attempt.gradient
+    return True
+
+
+def differentiate_exactly(draft: Draft) -> bool:
+    """One backward pass for every layer (and the model input), then the guided one."""
+    if draft.options.gradient == "fd":
+        raise ExportError("input gradients, --guided and several layers need analytic "
+                          "gradients; drop --gradient fd")
+    start = draft.model_input if draft.options.whole_body else ""
+    missing = unsupported_ops(draft.graph, start)
+    if missing:
+        raise UnsupportedOpError(", ".join(missing))
+    changed = add_gradients(draft)
+    if draft.options.guided:
+        changed |= add_guided_gradients(draft)
+    return changed

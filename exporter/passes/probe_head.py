@@ -1,0 +1,33 @@
+"""Learn the head's concrete shapes and the class count, by running the graph."""
+
+from __future__ import annotations
+
+from onnxcam.bundle import OUTPUT_LOGITS
+from onnxcam.errors import ExportError, UnsupportedModelError
+from onnxcam.exporter.draft import Draft
+from onnxcam.exporter.head import head_tensors
+from onnxcam.exporter.shapes import probe_shapes
+from onnxcam.graph import source_of
+
+
+def probe_head(draft: Draft) -> bool:
+    """Record ``draft.shapes`` (every head tensor; the whole body when input gradients
+    are wanted) and ``draft.num_classes``; refuse a labels file of another length.
+
+    An analysis: the graph is left as it is, so this returns False. Preconditions:
+    ``image`` is the input; ``logits`` and the activations are outputs; graph sorted.
+    """
+    graph = draft.graph
+    start = draft.model_input if draft.options.whole_body else ""
+    draft.shapes = probe_shapes(draft.model, head_tensors(graph, start), draft.height,
+                                draft.width, draft.channels)
+    logits = draft.shapes[source_of(graph, OUTPUT_LOGITS)]
+    if logits.rank != 2:
+        raise UnsupportedModelError(
+            f"the classifier output has shape {list(logits.dims)}; expected [N, K]")
+    draft.num_classes = logits.dims[1]
+    labels = draft.options.labels
+    if labels and len(labels) != draft.num_classes:
+        raise ExportError(f"the labels file has {len(labels)} labels; the model has "
+                          f"{draft.num_classes} classes")
+    return False

@@ -1,0 +1,106 @@
+"""Verification refuses real defects at its default tolerances.
+
+Each test first exports a source cleanly, then plants one defect a bug could make
+(a wrong gradient rule, swapped channels in the exposed activation, a residual
+branch the backward pass drops) and expects ``VerificationError`` with nothing
+written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import models
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxcam.exporter.pipeline as pipeline
+from onnxcam.bundle import OUTPUT_ACTIVATIONS
+from onnxcam.errors import VerificationError
+from onnxcam.exporter import export
+from onnxcam.exporter.draft import Draft
+from onnxcam.exporter.vjp import Rule, load_rules
+from onnxcam.exporter.vjp.context import VjpContext
+from onnxcam.graph import producers, toposort
+
+
+def save(folder: Path, model: onnx.ModelProto, name: str) -> Path:
+    path = folder / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+Grads = list[str | None]
+Mutant = Callable[[Rule, VjpContext, onnx.NodeProto, Grads], Grads]
+
+
+def replace_rule(monkeypatch: pytest.MonkeyPatch, op_type: str, mutant: Mutant) -> None:
+    """Swap the registered VJP rule for ``op_type`` for ``mutant`` (wrapping the real one)."""
+    rules = load_rules()  # every rule module imported first, so none re-registers later
+    real = rules[op_type]
+    monkeypatch.setitem(rules, op_type, lambda ctx, node, grads: mutant(real, ctx, node, grads))
+
+
+def doubled(real: Rule, ctx: VjpContext, node: onnx.NodeProto, grads: Grads) -> Grads:
+    return [None if g is None else ctx.b.op("Mul", [g, ctx.scalar(2.0)])
+            for g in real(ctx, node, grads)]
+
+
+def first_branch_only(real: Rule, ctx: VjpContext, node: onnx.NodeProto, grads: Grads
+                      ) -> Grads:
+    return [*real(ctx, node, grads)[:1], None]
+
+
+def assert_refused(src: Path, out: Path, **options: object) -> None:
+    with pytest.raises(VerificationError, match="disagrees with its source"):
+        export(src, out, **options)
+    assert not out.exists()
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_a_doubled_gradient_rule_is_refused(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemm's rule returning twice the gradient: every gradient and weight doubles."""
+    src = save(tmp_path, models.onnx_cnn(), "cnn")
+    assert export(src, tmp_path / "clean.onnx").info.gradient == "analytic"
+    replace_rule(monkeypatch, "Gemm", doubled)
+    assert_refused(src, tmp_path / "out" / "bundle.onnx")
+
+
+def test_a_dropped_residual_branch_is_refused(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below a residual Add, the gradient must sum both branches; the mutant Add rule
+    passes it down the first (the block's convolutions) and drops the skip."""
+    src = save(tmp_path, models.onnx_residual_nchw(), "residual")
+    assert export(src, tmp_path / "clean.onnx", layer="stem_relu").info.gradient == "analytic"
+    replace_rule(monkeypatch, "Add", first_branch_only)
+    assert_refused(src, tmp_path / "out" / "bundle.onnx", layer="stem_relu")
+
+
+def swap_channels(draft: Draft) -> bool:
+    """A defect planted after the passes: ``activations`` (and the cam computed from
+    it) get the layer's channels in reverse order, the gradients stay right."""
+    graph = draft.graph
+    exposed = producers(graph)[OUTPUT_ACTIVATIONS]
+    reversed_ = f"{exposed.input[0]}/reversed"
+    bounds = [numpy_helper.from_array(np.array([value], np.int64), f"reverse/{name}")
+              for name, value in (("start", -1), ("end", -2**62), ("axis", 3), ("step", -1))]
+    graph.initializer.extend(bounds)
+    graph.node.append(helper.make_node("Slice", [exposed.input[0], *(b.name for b in bounds)],
+                                       [reversed_], name="reverse_channels"))
+    exposed.input[0] = reversed_
+    toposort(graph)
+    return True
+
+
+@pytest.mark.tf
+def test_swapped_channels_in_the_exposed_activation_are_refused(
+    mnist_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Keras source: verification holds the activations against TensorFlow's own."""
+    assert export(mnist_path, tmp_path / "clean.onnx").info.activation_layout == "nhwc"
+    monkeypatch.setattr(pipeline, "PASSES", (*pipeline.PASSES, swap_channels))
+    assert_refused(mnist_path, tmp_path / "out" / "bundle.onnx")
