@@ -79,3 +79,28 @@ def nested_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models import nested_transfer
 
     return _save(tmp_path_factory, nested_transfer, "nested_transfer")
+
+
+@pytest.fixture(scope="session")
+def cnn_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``models.onnx_cnn`` (NCHW, softmax head, 5 classes) saved as .onnx, once."""
+    import onnx
+    from models import onnx_cnn
+
+    path = tmp_path_factory.mktemp("cnn") / "onnx_cnn.onnx"
+    onnx.save(onnx_cnn(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cnn_bundle(cnn_source: Path) -> Path:
+    """``cnn_source`` exported once, verified, analytic, ``unit`` preprocessing and
+    ``models.CNN_LABELS``: the bundle most engine, CLI, service and audit tests share.
+    Read it; never write next to it."""
+    from models import CNN_LABELS
+
+    from onnxcam.exporter import export
+
+    out = cnn_source.parent / "cnn.cam.onnx"
+    assert export(cnn_source, out, labels=CNN_LABELS).info.gradient == "analytic"
+    return out

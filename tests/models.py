@@ -18,6 +18,9 @@ IR_VERSION = 8
 # -- Keras helpers --------------------------------------------------------------------------
 
 
+# The labels of the CNN bundle the tests share (``cnn_bundle`` in conftest.py).
+CNN_LABELS = ["cat", "dog", "fox", "owl", "yak"]
+
 def _keras() -> Any:
     import keras
 

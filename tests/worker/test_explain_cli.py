@@ -7,7 +7,6 @@ from pathlib import Path
 
 import models
 import numpy as np
-import onnx
 import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
@@ -18,7 +17,7 @@ from onnxcam.worker import Explainer
 from onnxcam.worker.images import load_image
 from onnxcam.worker.maps import heatmaps
 
-LABELS = ["cat", "dog", "fox", "owl", "yak"]
+LABELS = models.CNN_LABELS
 SIZES = {"wide": (21, 40), "tall": (50, 19), "grey": (33, 33)}  # H, W; the bundle is 16x16
 
 
@@ -28,14 +27,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(folder: Path) -> Path:
-    source = folder / "onnx_cnn.onnx"
-    onnx.save(models.onnx_cnn(), str(source))
-    labels = folder / "labels.txt"
-    labels.write_text("\n".join(LABELS) + "\n")
-    out = folder / "cnn.bundle.onnx"
-    export(source, out, labels=labels)
-    return out
+def bundle(cnn_bundle: Path) -> Path:
+    return cnn_bundle
 
 
 @pytest.fixture(scope="module")
@@ -255,10 +248,9 @@ def test_same_stem_images_do_not_overwrite_each_other(tmp_path: Path, bundle: Pa
 
 
 @pytest.fixture(scope="module")
-def gradient_bundle(folder: Path, bundle: Path) -> Path:
-    source = folder / "onnx_cnn.onnx"  # written by the ``bundle`` fixture
+def gradient_bundle(folder: Path, cnn_source: Path) -> Path:
     out = folder / "cnn.gradients.onnx"
-    export(source, out, layer=["last_relu", "relu1"], input_gradients=True, guided=True)
+    export(cnn_source, out, layer=["last_relu", "relu1"], input_gradients=True, guided=True)
     return out
 
 

@@ -42,7 +42,7 @@ from onnxcam.exporter.preprocess import preprocess_numpy
 from onnxcam.worker import Explainer, Explanation
 from onnxcam.worker.images import Limits
 
-LABELS = ["cat", "dog", "fox", "owl", "yak"]
+LABELS = models.CNN_LABELS
 GREY_SIZE = (20, 24)  # H, W of the 1-channel ONNX model: not square, on purpose
 GRADIENT_MAP_METHODS = ["gradcam++", "xgradcam", "layercam", "hirescam"]
 
@@ -92,17 +92,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cnn_source(folder: Path) -> Path:
-    path = folder / "onnx_cnn.onnx"
-    onnx.save(models.onnx_cnn(), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def rgb_bundle(folder: Path, cnn_source: Path) -> Path:
-    out = folder / "rgb.bundle.onnx"
-    assert export(cnn_source, out, labels=LABELS).info.gradient == "analytic"
-    return out
+def rgb_bundle(cnn_bundle: Path) -> Path:
+    return cnn_bundle
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,17 @@ from pathlib import Path
 
 import models
 import numpy as np
-import onnx
 import pytest
 from PIL import Image
 
-from onnxcam.exporter import export
 from onnxcam.worker import Explainer
 
-LABELS = ["cat", "dog", "fox", "owl", "yak"]
+LABELS = models.CNN_LABELS
 
 
 @pytest.fixture(scope="session")
-def audit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("audit_bundle")
-    source = folder / "onnx_cnn.onnx"
-    onnx.save(models.onnx_cnn(), str(source))
-    out = folder / "cnn.cam.onnx"
-    export(source, out, labels=LABELS)
-    return out
+def audit_bundle(cnn_bundle: Path) -> Path:
+    return cnn_bundle
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import models
 import numpy as np
-import onnx
 import pytest
 from checks import assert_close
 from PIL import Image
 from service import console, redis_url, service_env, settings_for, start_worker, wait_for
 
-from onnxcam.exporter import export
 from onnxcam.worker import Explainer
 from onnxcam.worker.maps import heatmaps
 from onnxcam.worker.service.client import Job, job_status, send, submit
@@ -29,7 +27,7 @@ from onnxcam.worker.service.settings import load_settings
 from onnxcam.worker.service.store import Store
 
 pytestmark = pytest.mark.slow
-LABELS = ["cat", "dog", "bus", "car", "snow"]
+LABELS = models.CNN_LABELS
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +36,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(folder: Path) -> Path:
-    source = folder / "cnn.onnx"
-    onnx.save(models.onnx_cnn(), str(source))
-    return export(source, folder / "cnn.cam.onnx", labels=LABELS).path
+def bundle(cnn_bundle: Path) -> Path:
+    return cnn_bundle
 
 
 @pytest.fixture(scope="module")

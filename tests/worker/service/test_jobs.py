@@ -51,7 +51,7 @@ from onnxcam.worker.service.layout import (
 from onnxcam.worker.service.settings import load_settings
 from onnxcam.worker.service.store import Store
 
-LABELS = ["cat", "dog", "bus", "car", "snow"]
+LABELS = models.CNN_LABELS
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(folder: Path) -> bytes:
-    source = folder / "cnn.onnx"
-    onnx.save(models.onnx_cnn(), str(source))
-    export(source, folder / "cnn.cam.onnx", labels=LABELS)
-    return (folder / "cnn.cam.onnx").read_bytes()
+def bundle(cnn_bundle: Path) -> bytes:
+    return cnn_bundle.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -550,9 +547,8 @@ def test_worker_help_lists_every_setting() -> None:
 
 
 def test_sampling_options_reach_the_engine(folder: Path, store: Store, settings,
-                                           images: dict[str, Path]) -> None:
-    source = folder / "cnn.onnx"
-    gradient_bundle = export(source, folder / "cnn.ig.onnx", labels=LABELS,
+                                           images: dict[str, Path], cnn_source: Path) -> None:
+    gradient_bundle = export(cnn_source, folder / "cnn.ig.onnx", labels=LABELS,
                              input_gradients=True).path.read_bytes()
     sha = store.put_bundle(gradient_bundle)
     knobs = {"samples": 3, "noise": 0.3, "seed": 7}
