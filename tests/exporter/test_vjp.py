@@ -9,6 +9,7 @@ construction, per-sample.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 
 from onnxcam.exporter.shapes import run_with_outputs
 from onnxcam.exporter.vjp import load_rules
@@ -138,9 +140,36 @@ def analytic(case: Case, gys: dict[str, np.ndarray], guided: bool = False,
     return dict(zip(wrt, outs))
 
 
+class Erf64(OpRun):
+    """Erf at full float64: onnx's reference rounds it to float32, which a 1e-6 step
+    cannot resolve (Gelu's function body reads it too)."""
+
+    op_domain = ""
+    op_type = "Erf"
+
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray]:
+        return (np.vectorize(math.erf, otypes=[x.dtype])(x),)
+
+
+class Gelu64(OpRun):
+    """Gelu from the spec's formulas in float64 (its function body would use the float32 Erf)."""
+
+    op_domain = ""
+
+    def _run(self, x: np.ndarray, approximate: str = "none") -> tuple[np.ndarray]:
+        if approximate == "tanh":
+            inner = np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)
+            return (0.5 * x * (1 + np.tanh(inner)),)
+        return (0.5 * x * (1 + np.vectorize(math.erf, otypes=[x.dtype])(x / np.sqrt(2))),)
+
+
+# The evaluator finds new ops by class name.
+Erf64.__name__, Gelu64.__name__ = "Erf", "Gelu"
+
+
 def numeric(case: Case, gys: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """d sum(gy * f(x)) / dx per sample, by float64 central differences."""
-    session = ReferenceEvaluator(forward_model(case, TensorProto.DOUBLE))
+    session = ReferenceEvaluator(forward_model(case, TensorProto.DOUBLE), new_ops=[Erf64, Gelu64])
     values = {k: v.astype(np.float64) for k, v in case.inputs.items()}
     result = {}
     for name in case.inputs:
@@ -480,6 +509,68 @@ CASES.update({
     "split_num_outputs_op18": at_opset(18, Case(
         [node("Split", ["x"], ("y0", "y1", "y2"), axis=1, num_outputs=3)],
         {"x": rand(2, 6, 2)}, seeds=("y0", "y2"))),
+})
+
+
+SQRT2 = np.float32(np.sqrt(2.0))
+
+
+def where(x: np.ndarray, z: np.ndarray, condition: np.ndarray) -> Case:
+    return Case([node("Where", ["c", "x", "z"])], {"x": x, "z": z}, {"c": condition})
+
+
+# Smooth functions, their kinks kept away from the samples; logs and roots on
+# positive inputs only (the harness's 1e-6 step must not cross 0).
+CASES.update({
+    "sqrt": unary("Sqrt", rand(2, 3, 4, lo=0.2, hi=3.0)),
+    "sqrt_small": unary("Sqrt", rand(2, 3, 4, lo=0.01, hi=0.03)),
+    "exp": unary("Exp", rand(2, 3, 4, lo=-3.0, hi=2.0)),
+    "log": unary("Log", rand(2, 3, 4, lo=0.05, hi=3.0)),
+    "pow_square": binary("Pow", rand(2, 3, 4), np.float32(2.0)),
+    "pow_half": binary("Pow", rand(2, 3, 4, lo=0.2, hi=2.0), np.float32(0.5)),
+    "pow_broadcast": binary("Pow", rand(2, 3, 4, lo=0.2, hi=2.0),
+                            np.float32([3.0, -1.5, 0.7, 2.5])),
+    "pow_int_exponent": binary("Pow", rand(2, 3, 4), ints(3)),
+    "pow_const_base": binary("Pow", rand(2, 3, 4), rand(4, lo=0.5, hi=2.0), const_first=True),
+    "pow_two": two_inputs("Pow", rand(2, 3, 4, lo=0.3, hi=2.0), rand(2, 1, 4)),
+    "where_const_condition": where(rand(2, 3, 4), rand(2, 1, 4),
+                                   _rng.random((3, 4)) > 0.5),
+    "where_computed_condition": Case(
+        [node("Greater", ["x", "k"], ("m",)), node("Where", ["m", "x", "z"])],
+        {"x": rand(2, 3, 4, away=(0.1,)), "z": rand(2, 3, 1)}, {"k": np.float32(0.1)}),
+    # masked_fill: a constant on one side.
+    "where_constant_branch": Case(
+        [node("Less", ["x", "k"], ("m",)), node("Where", ["m", "f", "x"])],
+        {"x": rand(2, 5, away=(-0.2,))}, {"k": np.float32(-0.2), "f": np.float32(-3.0)}),
+    "erf": unary("Erf", rand(2, 3, 4, lo=-2.5, hi=2.5)),
+    # GELU as the legacy exporter writes it: x * 0.5 * (1 + erf(x / sqrt 2)).
+    "gelu_decomposed": Case(
+        [node("Div", ["x", "r"], ("s",)), node("Erf", ["s"], ("e",)),
+         node("Add", ["e", "one"], ("p",)), node("Mul", ["x", "p"], ("q",)),
+         node("Mul", ["q", "half"])],
+        {"x": rand(2, 3, 4, lo=-3.0, hi=3.0)},
+        {"r": SQRT2, "one": np.float32(1.0), "half": np.float32(0.5)}),
+    "gelu_op20": at_opset(20, unary("Gelu", rand(2, 3, 4, lo=-4.0, hi=4.0))),
+    "gelu_tanh_op20": at_opset(20, unary("Gelu", rand(2, 3, 4, lo=-4.0, hi=4.0),
+                                         approximate="tanh")),
+    "softplus": unary("Softplus", rand(2, 3, 4, lo=-4.0, hi=4.0)),
+    "elu": unary("Elu", rand(2, 3, 4, lo=-3.0, hi=2.0, away=(0.0,))),
+    "elu_alpha": unary("Elu", rand(2, 3, 4, lo=-3.0, hi=2.0, away=(0.0,)), alpha=0.3),
+    "selu": unary("Selu", rand(2, 3, 4, lo=-3.0, hi=2.0, away=(0.0,))),
+    "selu_attrs": unary("Selu", rand(2, 3, 4, lo=-3.0, hi=2.0, away=(0.0,)), alpha=1.3,
+                        gamma=0.9),
+    "prelu_channel": binary("PRelu", rand(2, 3, 4, 4, away=(0.0,)), rand(3, 1, 1)),
+    "prelu_scalar": binary("PRelu", rand(2, 3, 4, away=(0.0,)), np.float32([0.23])),
+    "prelu_slope_computed": two_inputs("PRelu", rand(2, 3, 2, 2, away=(0.0,)), rand(2, 3, 1, 1)),
+    "reduce_l2": unary("ReduceL2", rand(2, 3, 4), axes=[-1], keepdims=1),
+    "reduce_l2_axes_input_op18": at_opset(18, unary(
+        "ReduceL2", rand(2, 3, 4, 2), {"a": ints(1, 3)}, ("a",), keepdims=0)),
+    "reduce_sum_square": unary("ReduceSumSquare", rand(2, 3, 4), axes=[1, 2], keepdims=0),
+    # F.normalize as the legacy exporter writes it (swin_v2's cosine attention).
+    "l2_normalize": Case(
+        [node("ReduceL2", ["x"], ("n",), axes=[-1], keepdims=1),
+         node("Clip", ["n", "eps"], ("nc",)), node("Div", ["x", "nc"])],
+        {"x": rand(2, 3, 4)}, {"eps": np.float32(1e-12)}),
 })
 
 
