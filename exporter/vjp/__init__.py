@@ -36,6 +36,7 @@ def load_rules() -> dict[str, Rule]:
         activations,
         elementwise,
         linear,
+        normalization,
         pooling,
         shape,
     )

@@ -64,6 +64,11 @@ def forward_model(case: Case, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto
             for a in copy.attribute:
                 if a.name == "to" and a.i == TensorProto.FLOAT:
                     a.i = TensorProto.DOUBLE
+        if wide and n.op_type == "GroupNormalization":
+            # Its function body computes in stash_type, float32 unless told otherwise.
+            del copy.attribute[:]
+            copy.attribute.extend(a for a in n.attribute if a.name != "stash_type")
+            copy.attribute.append(helper.make_attribute("stash_type", TensorProto.DOUBLE))
         nodes.append(copy)
     graph = helper.make_graph(
         nodes,
@@ -574,6 +579,48 @@ CASES.update({
 })
 
 
+def layer_norm(x: np.ndarray, normalized: tuple[int, ...], bias: bool = True, **attrs) -> Case:
+    consts = {"s": nonzero(*normalized)}
+    if bias:
+        consts["b"] = rand(*normalized)
+    return Case([node("LayerNormalization", ["x", *consts], **attrs)], {"x": x}, consts)
+
+
+def group_norm(opset: int, x: np.ndarray, groups: int, **attrs) -> Case:
+    width = x.shape[1]
+    return at_opset(opset, Case(
+        [node("GroupNormalization", ["x", "s", "b"], num_groups=groups, **attrs)],
+        {"x": x}, {"s": nonzero(width), "b": rand(width)}))
+
+
+def near_constant(*shape: int, spread: float) -> np.ndarray:
+    """Rows close to a constant: a variance near 0, where LayerNorm's slope is steepest."""
+    return (0.5 + spread * _rng.uniform(-1, 1, shape)).astype(np.float32)
+
+
+CASES.update({
+    "layer_norm_last": layer_norm(rand(2, 3, 5), (5,)),
+    "layer_norm_no_bias": layer_norm(rand(2, 4, 6), (6,), bias=False, epsilon=1e-6),
+    "layer_norm_axis1": layer_norm(rand(2, 3, 4), (3, 4), axis=1),
+    "layer_norm_axis_minus2": layer_norm(rand(2, 2, 3, 4), (3, 4), axis=-2, epsilon=1e-2),
+    # Variance 1e-5 against eps 1e-5 (and 3e-7 against 1e-6): the steep, near-singular end.
+    "layer_norm_small_variance": layer_norm(near_constant(2, 3, 8, spread=5e-3), (8,)),
+    "layer_norm_tiny_variance": layer_norm(near_constant(2, 3, 8, spread=1e-3), (8,),
+                                           epsilon=1e-6),
+    # Mean and InvStdDev outputs exported but unused.
+    "layer_norm_three_outputs": Case(
+        [node("LayerNormalization", ["x", "s", "b"], ("y", "mean", "inv_std"))],
+        {"x": rand(2, 3, 5)}, {"s": nonzero(5), "b": rand(5)}),
+    "instance_norm": unary("InstanceNormalization", rand(2, 3, 4, 5),
+                           {"s": nonzero(3), "b": rand(3)}, ("s", "b")),
+    "instance_norm_1d_eps": unary("InstanceNormalization", rand(2, 3, 6),
+                                  {"s": nonzero(3), "b": rand(3)}, ("s", "b"), epsilon=1e-3),
+    "group_norm_op21": group_norm(21, rand(2, 6, 2, 3), 3, epsilon=1e-3),
+    "group_norm_op21_one_group": group_norm(21, rand(2, 4, 3), 1),
+    "group_norm_op21_per_channel": group_norm(21, rand(2, 3, 2, 2), 3),
+})
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_rule_matches_numerical_vjp(name: str) -> None:
     check(CASES[name])
@@ -697,6 +744,10 @@ REFUSED = {
                                    strides=[2, 2], storage_order=1),
     "matmul_vector": binary("MatMul", rand(2, 4), rand(4)),
     "softmax_opset12": at_opset(12, unary("Softmax", rand(2, 5), axis=1)),
+    "group_norm_op18": at_opset(18, Case(
+        [node("GroupNormalization", ["x", "s", "b"], num_groups=2)], {"x": rand(2, 4, 3)},
+        {"s": nonzero(2), "b": rand(2)})),
+    "layer_norm_over_batch": layer_norm(rand(2, 3), (1, 3), axis=0),
 }
 
 
