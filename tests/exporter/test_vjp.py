@@ -621,6 +621,101 @@ CASES.update({
 })
 
 
+def shape_of(axis: int, output: str) -> list[onnx.NodeProto]:
+    """``output`` = x.shape[axis] as a 1-D int64 tensor, computed in the graph."""
+    return [node("Shape", ["x"], (f"{output}_shape",)),
+            node("Gather", [f"{output}_shape", f"{output}_axis"], (f"{output}_dim",), axis=0),
+            node("Unsqueeze", [f"{output}_dim", "zero_axis"], (output,))]
+
+
+def gather(x: np.ndarray, indices: np.ndarray, axis: int, opset: int = OPSET) -> Case:
+    return at_opset(opset, unary("Gather", x, {"i": indices}, ("i",), axis=axis))
+
+
+CASES.update({
+    # Strided slices (Swin's patch merging), a reversal, and a stride with clamped ends.
+    "slice_step2": unary("Slice", rand(2, 3, 6), {"st": ints(0), "en": ints(6), "ax": ints(2),
+                                                 "sp": ints(2)}, ("st", "en", "ax", "sp")),
+    "slice_patch_merging": Case(
+        [node("Slice", ["x", "st", "en", "ax", "sp"], ("a",)),
+         node("Slice", ["x", "st1", "en", "ax", "sp"], ("b",)),
+         node("Concat", ["a", "b"], axis=-1)],
+        {"x": rand(2, 4, 4, 3)},
+        {"st": ints(0, 1), "st1": ints(1, 0), "en": ints(BIG, BIG), "ax": ints(1, 2),
+         "sp": ints(2, 2)}),
+    "slice_reversed": unary("Slice", rand(2, 3, 5), {"st": ints(-1), "en": ints(-BIG),
+                                                    "ax": ints(1), "sp": ints(-1)},
+                            ("st", "en", "ax", "sp")),
+    "slice_step3_negative_start": unary("Slice", rand(2, 7, 3), {"st": ints(-6), "en": ints(100),
+                                                                "ax": ints(-2), "sp": ints(3)},
+                                        ("st", "en", "ax", "sp")),
+    # Bounds computed from the input's shape, as the legacy exporter writes Swin's
+    # crops (x[:, :H, :W]) and MaxViT's chunks.
+    "slice_computed_end": Case(
+        [*shape_of(2, "h"), node("Sub", ["h", "one_i"], ("e",)),
+         node("Slice", ["x", "zero_i", "e", "two_i"])],
+        {"x": rand(2, 3, 5, 2)},
+        {"h_axis": np.int64(2), "zero_axis": ints(0), "one_i": ints(1), "zero_i": ints(0),
+         "two_i": ints(2)}),
+    "slice_computed_start_and_end": Case(
+        [*shape_of(-1, "c"), node("Div", ["c", "three_i"], ("third",)),
+         node("Mul", ["third", "two_i"], ("two_thirds",)),
+         node("Slice", ["x", "third", "two_thirds", "last"])],
+        {"x": rand(2, 3, 6)},
+        {"c_axis": np.int64(-1), "zero_axis": ints(0), "three_i": ints(3), "two_i": ints(2),
+         "last": ints(-1)}),
+    # Pads computed from the shape, as Swin pads to a multiple of its window.
+    "pad_computed": Case(
+        [*shape_of(2, "h"), node("Sub", ["four_i", "h"], ("short",)),
+         node("Mod", ["short", "four_i"], ("pad_h",)),
+         node("Concat", ["begins", "pad_h", "pad_w"], ("p",), axis=0),
+         node("Pad", ["x", "p"])],
+        {"x": rand(2, 3, 5, 2)},
+        {"h_axis": np.int64(2), "zero_axis": ints(0), "four_i": ints(4),
+         "begins": ints(0, 0, 1, 0, 0, 0), "pad_w": ints(2)}),
+    "pad_computed_axes_op18": at_opset(18, Case(
+        [*shape_of(1, "h"), node("Sub", ["four_i", "h"], ("short",)),
+         node("Concat", ["zero_i", "one_i", "short", "zero_i"], ("p",), axis=0),
+         node("Pad", ["x", "p", "", "ax"])],
+        {"x": rand(2, 3, 2, 3)},
+        {"h_axis": np.int64(1), "zero_axis": ints(0), "four_i": ints(4), "zero_i": ints(0),
+         "one_i": ints(1), "ax": ints(1, -1)})),
+    # ViT's class token (x[:, 0]), q/k/v picked from a [3, N, ...] tensor, and index lists.
+    "gather_class_token": gather(rand(2, 5, 4), np.int64(0), axis=1),
+    "gather_negative_scalar": gather(rand(2, 5, 4), np.int64(-2), axis=2),
+    "gather_qkv": Case(
+        [node("Transpose", ["x"], ("t",), perm=[1, 0, 2, 3]),
+         node("Gather", ["t", "i0"], ("q",), axis=0), node("Gather", ["t", "i2"], ("v",), axis=0),
+         node("Mul", ["q", "v"])],
+        {"x": rand(2, 3, 2, 4)}, {"i0": np.int64(0), "i2": np.int64(2)}),
+    "gather_list": gather(rand(2, 5, 3), ints(4, 0, 2), axis=1),
+    "gather_repeated": gather(rand(2, 5, 3), ints(1, -4, 3, 1), axis=1),  # -4 is 1 too
+    "gather_grid": gather(rand(2, 4, 3), np.asarray([[3, 1], [0, 2]], np.int64), axis=1),
+    "gather_list_op13": gather(rand(2, 5, 3), ints(4, 0, 2), axis=1, opset=13),
+    # as_strided as dynamo writes it at batch 1: a flat tensor gathered by an index grid.
+    "gather_flat_grid": Case(
+        [node("Gather", ["x", "i"], ("t",), axis=1), node("Reshape", ["t", "s"])],
+        {"x": rand(2, 6)}, {"i": np.arange(6)[::-1].reshape(1, 3, 2, 1).copy(),
+                            "s": ints(0, 3, 2)}),
+    "gather_computed_indices": Case(
+        [*shape_of(1, "n"), node("Sub", ["n", "one_i"], ("last",)),
+         node("Gather", ["x", "last"], axis=1)],
+        {"x": rand(2, 4, 3)}, {"n_axis": np.int64(1), "zero_axis": ints(0), "one_i": ints(1)}),
+    # GatherND indexes leading axes, so the batch is moved last first; [1, 2] repeats.
+    "gather_nd": Case(
+        [node("Transpose", ["x"], ("t",), perm=[1, 2, 0]), node("GatherND", ["t", "i"], ("u",)),
+         node("Transpose", ["u"], perm=[2, 0, 1])],
+        {"x": rand(2, 3, 4)}, {"i": np.asarray([[[1, 2], [0, 0]], [[2, 3], [1, 2]]], np.int64)}),
+    # adaptive_avg_pool2d from 1x1 to 3x3 at small inputs (dynamo): the batch stays behind.
+    "gather_nd_upsample": Case(
+        [node("Transpose", ["x"], ("t",), perm=[2, 3, 0, 1]),
+         node("GatherND", ["t", "i"], ("u",)),
+         node("Transpose", ["u"], perm=[2, 3, 0, 1])],
+        {"x": rand(2, 3, 2, 2)},
+        {"i": np.asarray([[[a // 2, b // 2] for b in range(3)] for a in range(3)], np.int64)}),
+})
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_rule_matches_numerical_vjp(name: str) -> None:
     check(CASES[name])
@@ -727,8 +822,6 @@ def test_harness_catches_batch_mixing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 REFUSED = {
-    "slice_step2": unary("Slice", rand(2, 3, 6), {"st": ints(0), "en": ints(6), "ax": ints(2),
-                                                 "sp": ints(2)}, ("st", "en", "ax", "sp")),
     "slice_batch_axis": unary("Slice", rand(2, 3), {"st": ints(1), "en": ints(2), "ax": ints(0)},
                               ("st", "en", "ax")),
     "pad_reflect": unary("Pad", rand(2, 3, 4), {"p": ints(0, 0, 1, 0, 0, 1)}, ("p",),
@@ -748,6 +841,16 @@ REFUSED = {
         [node("GroupNormalization", ["x", "s", "b"], num_groups=2)], {"x": rand(2, 4, 3)},
         {"s": nonzero(2), "b": rand(2)})),
     "layer_norm_over_batch": layer_norm(rand(2, 3), (1, 3), axis=0),
+    "gather_batch_axis": gather(rand(2, 3), ints(0), axis=0),
+    "gather_repeated_op13": gather(rand(2, 5, 3), ints(1, 1), axis=1, opset=13),
+    "gather_nd_batch_dims": Case(
+        [node("Transpose", ["x"], ("t",), perm=[1, 2, 0]),
+         node("GatherND", ["t", "i"], batch_dims=1)],
+        {"x": rand(2, 3, 4)}, {"i": ints(1, 0, 3).reshape(3, 1)}),
+    # Bounds computed, axes not given: the slice could cut the batch.
+    "slice_computed_no_axes": Case(
+        [*shape_of(1, "c"), node("Slice", ["x", "zero_i", "c"])],
+        {"x": rand(2, 3)}, {"c_axis": np.int64(1), "zero_axis": ints(0), "zero_i": ints(0)}),
 }
 
 
