@@ -716,6 +716,31 @@ CASES.update({
 })
 
 
+def einsum(equation: str, x: np.ndarray, z: np.ndarray, z_const: bool = False) -> Case:
+    if z_const:
+        return Case([node("Einsum", ["x", "z"], equation=equation)], {"x": x}, {"z": z})
+    return Case([node("Einsum", ["x", "z"], equation=equation)], {"x": x, "z": z})
+
+
+CASES.update({
+    # Attention as Swin, ViT and MaxViT write it (MaxViT's with spaces and capitals).
+    "einsum_scores": einsum("bhid,bhjd->bhij", rand(2, 2, 3, 4), rand(2, 2, 5, 4)),
+    "einsum_values": einsum("bhij,bhjd->bhid", rand(2, 2, 3, 5), rand(2, 2, 5, 4)),
+    "einsum_maxvit": einsum("B G H I D, B G H J D -> B G H I J", rand(2, 2, 1, 3, 4),
+                            rand(2, 2, 1, 3, 4)),
+    "einsum_same_operand": Case([node("Einsum", ["x", "x"], equation="bij,bkj->bik")],
+                                {"x": rand(2, 3, 4)}),
+    "einsum_weight": einsum("bij,jk->bik", rand(2, 3, 4), rand(4, 5), z_const=True),
+    "einsum_implicit_output": einsum("bij,jk", rand(2, 3, 4), rand(4, 2), z_const=True),
+    "einsum_ellipsis": einsum("...ij,jk->...ik", rand(2, 3, 4), rand(4, 5), z_const=True),
+    "einsum_ellipsis_both": einsum("...ij,...jk->...ik", rand(2, 2, 3, 4), rand(2, 2, 4, 3)),
+    # i is summed away from x alone: its gradient comes back by broadcasting.
+    "einsum_summed_index": einsum("bij,bk->bjk", rand(2, 3, 4), rand(2, 5)),
+    "einsum_single_transpose": unary("Einsum", rand(2, 3, 4), equation="bij->bji"),
+    "einsum_single_sum": unary("Einsum", rand(2, 3, 4), equation="bij->bi"),
+})
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_rule_matches_numerical_vjp(name: str) -> None:
     check(CASES[name])
@@ -841,6 +866,9 @@ REFUSED = {
         [node("GroupNormalization", ["x", "s", "b"], num_groups=2)], {"x": rand(2, 4, 3)},
         {"s": nonzero(2), "b": rand(2)})),
     "layer_norm_over_batch": layer_norm(rand(2, 3), (1, 3), axis=0),
+    "einsum_diagonal": unary("Einsum", rand(2, 3, 3), equation="bii->bi"),
+    "einsum_three_operands": Case([node("Einsum", ["x", "x", "x"], equation="bi,bi,bi->b")],
+                                  {"x": rand(2, 3)}),
     "gather_batch_axis": gather(rand(2, 3), ints(0), axis=0),
     "gather_repeated_op13": gather(rand(2, 5, 3), ints(1, 1), axis=1, opset=13),
     "gather_nd_batch_dims": Case(
