@@ -38,6 +38,7 @@ def load_rules() -> dict[str, Rule]:
         linear,
         normalization,
         pooling,
+        resize,
         shape,
     )
 

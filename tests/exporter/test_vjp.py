@@ -741,6 +741,45 @@ CASES.update({
 })
 
 
+def resize(x: np.ndarray, scales: list[float], opset: int = OPSET, **attrs) -> Case:
+    return at_opset(opset, unary("Resize", x, {"roi": np.zeros(0, np.float32),
+                                               "sc": np.float32(scales)}, ("roi", "sc"), **attrs))
+
+
+CASES.update({
+    "resize_nearest_2x": resize(rand(2, 2, 3, 3), [1, 1, 2, 2]),
+    # torch's nearest upsampling, non-integer along W.
+    "resize_nearest_torch": resize(rand(2, 2, 3, 4), [1, 1, 2, 1.5],
+                                   coordinate_transformation_mode="asymmetric",
+                                   nearest_mode="floor"),
+    "resize_linear_2x": resize(rand(2, 2, 3, 4), [1, 1, 2, 2], mode="linear"),
+    # Sizes stay whole (3 * 2, 4 * 1.5): onnx's reference resizes by the unrounded
+    # size where they are not; onnxruntime and torch agree on the rounded one.
+    "resize_linear_align_corners": resize(rand(2, 2, 3, 4), [1, 1, 2, 1.5], mode="linear",
+                                          coordinate_transformation_mode="align_corners"),
+    "resize_linear_down": resize(rand(2, 2, 6, 5), [1, 1, 0.5, 0.6], mode="linear",
+                                 coordinate_transformation_mode="pytorch_half_pixel"),
+    "resize_linear_antialias_op18": resize(rand(2, 1, 8, 6), [1, 1, 0.5, 0.5], opset=18,
+                                           mode="linear", antialias=1),
+    "resize_cubic": resize(rand(2, 2, 4, 3), [1, 1, 2, 2], mode="cubic", cubic_coeff_a=-0.75),
+    "resize_1d": resize(rand(2, 3, 5), [1, 1, 3], mode="linear"),
+    # Channels-last maps resized along H and W (axes 1 and 2: the matrices transpose in).
+    "resize_nhwc_axes_op18": at_opset(18, unary(
+        "Resize", rand(2, 3, 2, 4), {"sc": np.float32([2, 1.5])}, ("", "sc"), mode="linear",
+        axes=[1, 2])),
+    # Sizes computed from the input's shape, as torch's legacy export writes F.interpolate(size=).
+    "resize_sizes_computed": Case(
+        [node("Shape", ["x"], ("s",)), node("Slice", ["s", "zero_i", "two_i"], ("nc",)),
+         node("Concat", ["nc", "hw"], ("sizes",), axis=0),
+         node("Resize", ["x", "", "", "sizes"], mode="linear")],
+        {"x": rand(2, 2, 3, 4)},
+        {"zero_i": ints(0), "two_i": ints(2), "hw": ints(5, 7)}),
+    "resize_sizes_axes_op18": at_opset(18, unary(
+        "Resize", rand(2, 2, 3, 3), {"sz": ints(7, 4)}, ("", "", "sz"), axes=[2, 3],
+        mode="nearest")),
+})
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_rule_matches_numerical_vjp(name: str) -> None:
     check(CASES[name])
@@ -866,6 +905,13 @@ REFUSED = {
         [node("GroupNormalization", ["x", "s", "b"], num_groups=2)], {"x": rand(2, 4, 3)},
         {"s": nonzero(2), "b": rand(2)})),
     "layer_norm_over_batch": layer_norm(rand(2, 3), (1, 3), axis=0),
+    "resize_tf_crop": unary("Resize", rand(2, 1, 3, 3),
+                            {"roi": np.float32([0, 0, 0.1, 0, 1, 1, 0.9, 1]),
+                             "sc": np.float32([1, 1, 2, 2])}, ("roi", "sc"), mode="linear",
+                            coordinate_transformation_mode="tf_crop_and_resize"),
+    "resize_computed_scales": Case(
+        [node("Identity", ["sc0"], ("sc",)), node("Resize", ["x", "", "sc"])],
+        {"x": rand(2, 1, 3, 3)}, {"sc0": np.float32([1, 1, 2, 2])}),
     "einsum_diagonal": unary("Einsum", rand(2, 3, 3), equation="bii->bi"),
     "einsum_three_operands": Case([node("Einsum", ["x", "x", "x"], equation="bi,bi,bi->b")],
                                   {"x": rand(2, 3)}),
@@ -903,3 +949,60 @@ def test_max_reductions_share_tied_gradients_equally(op: str, attrs: dict) -> No
     peak = x == x.max(axis=(2, 3), keepdims=True)
     want = peak * gys["y"].reshape(2, 2, 1, 1) / peak.sum(axis=(2, 3), keepdims=True)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------- Resize vs torch
+
+
+def sized_resize(x: np.ndarray, size: tuple[int, int], **attrs) -> Case:
+    """Resize to a fixed H, W with sizes computed from the input (torch's legacy form)."""
+    return Case(
+        [node("Shape", ["x"], ("s",)), node("Slice", ["s", "zero_i", "two_i"], ("nc",)),
+         node("Concat", ["nc", "hw"], ("sizes",), axis=0),
+         node("Resize", ["x", "", "", "sizes"], **attrs)],
+        {"x": x}, {"zero_i": ints(0), "two_i": ints(2), "hw": ints(*size)})
+
+
+TORCH_RESIZES = {
+    # name: (torch's interpolate arguments, the ONNX form torch exports)
+    "bilinear_2x": (dict(scale_factor=2.0, mode="bilinear", align_corners=False),
+                    resize(rand(2, 2, 3, 4), [1, 1, 2, 2], mode="linear",
+                           coordinate_transformation_mode="pytorch_half_pixel")),
+    "bilinear_align_corners_odd": (dict(size=(7, 6), mode="bilinear", align_corners=True),
+                                   sized_resize(rand(2, 2, 3, 4), (7, 6), mode="linear",
+                                                coordinate_transformation_mode="align_corners")),
+    "nearest_2x": (dict(scale_factor=2.0, mode="nearest"),
+                   resize(rand(2, 2, 3, 3), [1, 1, 2, 2],
+                          coordinate_transformation_mode="asymmetric", nearest_mode="floor")),
+    "bicubic_down": (dict(size=(3, 4), mode="bicubic", align_corners=False),
+                     sized_resize(rand(2, 1, 5, 7), (3, 4), mode="cubic", cubic_coeff_a=-0.75,
+                                  coordinate_transformation_mode="pytorch_half_pixel")),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCH_RESIZES))
+def test_resize_rule_matches_torch_autograd(name: str) -> None:
+    """torch defines these resizes: its autograd is a reference independent of onnx's
+    (whose align_corners differs from onnxruntime's and torch's at odd sizes)."""
+    torch = pytest.importorskip("torch")
+    kwargs, case = TORCH_RESIZES[name]
+    gys = upstream(case)
+    got = analytic(case, gys)["x"]
+    x = torch.tensor(case.inputs["x"], dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.interpolate(x, **kwargs)
+    assert tuple(y.shape) == gys["y"].shape
+    (y * torch.tensor(gys["y"], dtype=torch.float64)).sum().backward()
+    want = x.grad.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_resize_opset10_rule_matches_its_opset11_form() -> None:
+    """onnx's reference cannot run Resize-10; its linear mode is 11's asymmetric one."""
+    x = rand(2, 2, 3, 3)
+    old = at_opset(10, unary("Resize", x, {"sc": np.float32([1, 1, 2, 3])}, ("sc",),
+                             mode="linear"))
+    new = resize(x, [1, 1, 2, 3], mode="linear", coordinate_transformation_mode="asymmetric")
+    gys = upstream(new)
+    want = numeric(new, gys)["x"]
+    np.testing.assert_allclose(analytic(old, gys)["x"], want, rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max())
