@@ -871,6 +871,29 @@ def test_harness_catches_a_wrong_rule(monkeypatch: pytest.MonkeyPatch) -> None:
         check(CASES["sigmoid"])
 
 
+@pytest.mark.parametrize("op, name", [
+    ("LayerNormalization", "layer_norm_tiny_variance"), ("Gelu", "gelu_op20"),
+    ("Gather", "gather_list"), ("Einsum", "einsum_scores"), ("Resize", "resize_linear_2x"),
+    ("Slice", "slice_patch_merging"), ("Pow", "pow_two"),
+])
+def test_harness_catches_a_rule_off_by_one_percent(monkeypatch: pytest.MonkeyPatch, op: str,
+                                                     name: str) -> None:
+    """Each new rule, its first gradient scaled by 1.01, must fail the check."""
+    exact = RULES[op]
+
+    def off(ctx: VjpContext, n: onnx.NodeProto, g: list[str | None]) -> list[str | None]:
+        grads = exact(ctx, n, g)
+        first = next(i for i, grad in enumerate(grads) if grad is not None)
+        exact_first = grads[first]
+        assert exact_first is not None
+        grads[first] = ctx.b.op("Mul", [exact_first, ctx.scalar(1.01)])
+        return grads
+
+    monkeypatch.setitem(RULES, op, off)
+    with pytest.raises(AssertionError, match="d/d"):
+        check(CASES[name])
+
+
 def test_harness_catches_batch_mixing(monkeypatch: pytest.MonkeyPatch) -> None:
     """A rule that leaks gradient across samples must fail the check."""
     def leaky(ctx: VjpContext, n: onnx.NodeProto, g: list[str | None]) -> list[str | None]:
