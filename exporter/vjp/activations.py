@@ -11,7 +11,7 @@ import math
 import onnx
 
 from onnxcam.exporter.vjp import rule
-from onnxcam.exporter.vjp.context import VjpContext
+from onnxcam.exporter.vjp.context import VjpContext, string_attr
 from onnxcam.graph import attrs
 
 Grads = list[str | None]
@@ -21,12 +21,6 @@ SELU_ALPHA = 1.67326319217681884765625
 SELU_GAMMA = 1.05070102214813232421875
 # Gelu's tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 GELU_TANH_CUBIC = 0.044715
-
-
-def _string_attr(value: object, default: str) -> str:
-    if value is None:
-        return default
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _scaled(ctx: VjpContext, gy: str | None, slope: str) -> Grads:
@@ -52,7 +46,7 @@ def gelu(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     """Opset 20's Gelu, exact (Phi(x) + x phi(x)) or its tanh approximation."""
     x = node.input[0]
     b = ctx.b
-    approximate = _string_attr(attrs(node).get("approximate"), "none")
+    approximate = string_attr(node, "approximate", "none")
     if approximate == "none":
         cdf = b.op("Erf", [b.op("Mul", [x, ctx.scalar(1.0 / math.sqrt(2.0))])])
         cdf = b.op("Mul", [b.op("Add", [cdf, ctx.scalar(1.0)]), ctx.scalar(0.5)])

@@ -16,18 +16,12 @@ import numpy as np
 import onnx
 
 from onnxcam.exporter.vjp import rule
-from onnxcam.exporter.vjp.context import VjpContext
+from onnxcam.exporter.vjp.context import VjpContext, string_attr
 from onnxcam.graph import attrs
 
 Grads = list[str | None]
 
 SEPARABLE_MODES = ("nearest", "linear", "cubic")
-
-
-def _text(value: object, default: str) -> str:
-    if value is None:
-        return default
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _resize_inputs(ctx: VjpContext, node: onnx.NodeProto) -> tuple[np.ndarray | None, bool]:
@@ -62,11 +56,12 @@ def resize(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     (gy,) = g
     assert gy is not None
     a = attrs(node)
-    if _text(a.get("mode"), "nearest") not in SEPARABLE_MODES:
-        raise NotImplementedError(f"Resize mode {a.get('mode')!r}")
-    if _text(a.get("coordinate_transformation_mode"), "half_pixel") == "tf_crop_and_resize":
+    mode = string_attr(node, "mode", "nearest")
+    if mode not in SEPARABLE_MODES:
+        raise NotImplementedError(f"Resize mode {mode!r}")
+    if string_attr(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
         raise NotImplementedError("Resize with tf_crop_and_resize")
-    if _text(a.get("keep_aspect_ratio_policy"), "stretch") != "stretch":
+    if string_attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
         raise NotImplementedError("Resize that keeps the aspect ratio")
     x, y = node.input[0], node.output[0]
     in_shape, out_shape = ctx.shape(x), ctx.shape(y)

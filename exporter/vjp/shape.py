@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 
 from onnxcam.exporter.vjp import rule
-from onnxcam.exporter.vjp.context import VjpContext
+from onnxcam.exporter.vjp.context import VjpContext, string_attr
 from onnxcam.graph import attrs
 
 Grads = list[str | None]
@@ -169,8 +169,8 @@ def pad(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     (gy,) = g
     assert gy is not None
     a = attrs(node)
-    mode = a.get("mode", b"constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+    mode = string_attr(node, "mode", "constant")
+    if mode != "constant":
         raise NotImplementedError(f"Pad mode {mode!r}")
     if "pads" in a:
         pads = [int(p) for p in a["pads"]]
