@@ -80,6 +80,22 @@ def log(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     return [ctx.b.op("Div", [gy, node.input[0]])]
 
 
+@rule("Reciprocal")
+def reciprocal(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    # d(1/x)/dx = -y^2
+    (gy,) = g
+    assert gy is not None
+    y = node.output[0]
+    return [ctx.b.op("Neg", [ctx.b.op("Mul", [gy, ctx.b.op("Mul", [y, y])])])]
+
+
+@rule("Abs")
+def abs_(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    return [ctx.b.op("Mul", [gy, ctx.b.op("Sign", [node.input[0]])])]
+
+
 @rule("Pow")
 def pow_(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     """y = x^p. A constant exponent is folded (p * x^(p-1), or 2x for squares); a
@@ -245,6 +261,17 @@ def cast(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
                                       onnx.TensorProto.FLOAT16):
         raise NotImplementedError("Cast to a non-float type is not differentiable")
     return [gy]
+
+
+@rule("CastLike")
+def cast_like(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """A cast to the second input's type, which gets no gradient (only its type is read)."""
+    (gy,) = g
+    assert gy is not None
+    like = ctx.const(node.input[1])
+    if like is not None and like.dtype.kind != "f":
+        raise NotImplementedError("CastLike to a non-float type is not differentiable")
+    return [gy, None]
 
 
 @rule("Max", "Min")

@@ -547,6 +547,12 @@ CASES.update({
     "where_constant_branch": Case(
         [node("Less", ["x", "k"], ("m",)), node("Where", ["m", "f", "x"])],
         {"x": rand(2, 5, away=(-0.2,))}, {"k": np.float32(-0.2), "f": np.float32(-3.0)}),
+    "reciprocal": unary("Reciprocal", nonzero(2, 3, 4)),
+    "abs": unary("Abs", rand(2, 3, 4, away=(0.0,))),
+    # dynamo's scalar casts: CastLike(x, like) reads only like's type.
+    "cast_like_float": Case([node("CastLike", ["x", "z"])], {"x": rand(2, 3), "z": rand(2, 3)},
+                            frozen=("z",)),
+    "cast_like_const": binary("CastLike", rand(2, 3), np.float32(0.0)),
     "erf": unary("Erf", rand(2, 3, 4, lo=-2.5, hi=2.5)),
     # GELU as the legacy exporter writes it: x * 0.5 * (1 + erf(x / sqrt 2)).
     "gelu_decomposed": Case(
@@ -939,6 +945,10 @@ REFUSED = {
     "einsum_three_operands": Case([node("Einsum", ["x", "x", "x"], equation="bi,bi,bi->b")],
                                   {"x": rand(2, 3)}),
     "gather_batch_axis": gather(rand(2, 3), ints(0), axis=0),
+    # carries_gradient lets CastLike through whatever its target: the rule must refuse.
+    "cast_like_int": Case([node("CastLike", ["x", "c"], ("i",)),
+                           node("Cast", ["i"], to=TensorProto.FLOAT)],
+                          {"x": rand(2, 3, lo=-9, hi=9)}, {"c": ints(0)}),
     "gather_repeated_op13": gather(rand(2, 5, 3), ints(1, 1), axis=1, opset=13),
     "gather_nd_batch_dims": Case(
         [node("Transpose", ["x"], ("t",), perm=[1, 2, 0]),
