@@ -178,7 +178,7 @@ def pad(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     else:
         value = ctx.const(node.input[1])
         if value is None:
-            return [_crop_computed_pads(ctx, node, gy)] + [None] * (len(node.input) - 1)
+            return [_unpad_computed(ctx, node, gy)] + [None] * (len(node.input) - 1)
         pads = [int(p) for p in value.reshape(-1)]
         axes_value = ctx.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
         axes = None if axes_value is None else [int(v) for v in axes_value.reshape(-1)]
@@ -206,20 +206,24 @@ def pad(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     return [gx] + [None] * (len(node.input) - 1)
 
 
-def _crop_computed_pads(ctx: VjpContext, node: onnx.NodeProto, gy: str) -> str:
-    """Crop pads computed in the graph (Swin pads to a multiple of its window): slice
-    from the begin pads, as long as the input. Precondition: the pads are not
-    negative (a negative pad crops, and would need padding back instead)."""
+def _unpad_computed(ctx: VjpContext, node: onnx.NodeProto, gy: str) -> str:
+    """Undo pads computed in the graph (Swin pads to a multiple of its window): crop
+    what the positive pads added, then pad zeros back where negative pads cropped."""
     b = ctx.b
-    x, pads = node.input[0], node.input[1]
-    count = ctx.shape(pads).dims[0] // 2
-    starts = b.op("Slice", [pads, b.const([0], "starts"), b.const([count], "ends")])
-    sizes = b.op("Shape", [x])
+    pads = node.input[1]
     axes_name = node.input[3] if len(node.input) > 3 else ""
+    zero = b.const(np.asarray(0, np.int64), "zero_i")
+    added = b.op("Max", [pads, zero])
+    removed = b.op("Max", [b.op("Neg", [pads]), zero])
+    count = ctx.shape(pads).dims[0] // 2
+    begins = b.op("Slice", [added, b.const([0], "starts"), b.const([count], "ends")])
+    end_pads = b.op("Slice", [added, b.const([count], "starts"), b.const([2 * count], "ends")])
+    sizes = b.op("Shape", [gy])
     if axes_name:
         sizes = b.op("Gather", [sizes, axes_name], axis=0)
-        return b.op("Slice", [gy, starts, b.op("Add", [starts, sizes]), axes_name])
-    return b.op("Slice", [gy, starts, b.op("Add", [starts, sizes])])
+    axes = [axes_name] if axes_name else []
+    cropped = b.op("Slice", [gy, begins, b.op("Sub", [sizes, end_pads]), *axes])
+    return b.op("Pad", [cropped, removed, *([""] + axes if axes else [])])
 
 
 @rule("Gather")

@@ -1039,3 +1039,26 @@ def test_resize_opset10_rule_matches_its_opset11_form() -> None:
     want = numeric(new, gys)["x"]
     np.testing.assert_allclose(analytic(old, gys)["x"], want, rtol=1e-4,
                                atol=1e-5 * np.abs(want).max())
+
+
+def test_negative_computed_pads_match_crop_then_pad() -> None:
+    """onnx's reference cannot pad by negative amounts: hold the rule against the
+    same function written as a crop (Slice) and a positive Pad."""
+    x = rand(2, 3, 5, 4)
+    # H loses 1 row at the start and gains 3 at the end; W the reverse (+1, -2).
+    negative = Case(
+        [*shape_of(2, "h"), node("Sub", ["four_i", "h"], ("short",)),
+         node("Mod", ["short", "four_i"], ("pad_h",)),
+         node("Concat", ["begins", "pad_h", "pad_w"], ("p",), axis=0),
+         node("Pad", ["x", "p"])],
+        {"x": x},
+        {"h_axis": np.int64(2), "zero_axis": ints(0), "four_i": ints(4),
+         "begins": ints(0, 0, -1, 1, 0, 0), "pad_w": ints(-2)})
+    cropped = Case(
+        [node("Slice", ["x", "st", "en", "ax"], ("c",)), node("Pad", ["c", "p"])],
+        {"x": x}, {"st": ints(1, 0), "en": ints(BIG, -2), "ax": ints(2, 3),
+                   "p": ints(0, 0, 0, 1, 0, 0, 3, 0)})
+    gys = upstream(cropped)
+    want = numeric(cropped, gys)["x"]
+    np.testing.assert_allclose(analytic(negative, gys)["x"], want, rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max())
