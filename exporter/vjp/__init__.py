@@ -32,7 +32,15 @@ def rule(*op_types: str) -> Callable[[Rule], Rule]:
 
 def load_rules() -> dict[str, Rule]:
     """Import every rule module once and return the registry."""
-    from onnxcam.exporter.vjp import elementwise, linear, pooling, shape  # noqa: F401
+    from onnxcam.exporter.vjp import (  # noqa: F401
+        activations,
+        elementwise,
+        linear,
+        normalization,
+        pooling,
+        resize,
+        shape,
+    )
 
     return RULES
 

@@ -6,8 +6,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
-from onnxcam.graph import GraphBuilder, reduce
+from onnxcam.graph import GraphBuilder, attrs, reduce
+
+
+def string_attr(node: onnx.NodeProto, name: str, default: str) -> str:
+    """A string attribute as text (onnx hands them over as bytes), or ``default``."""
+    value = attrs(node).get(name)
+    if value is None:
+        return default
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)

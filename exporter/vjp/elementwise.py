@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from onnxcam.exporter.vjp import rule
@@ -54,6 +55,89 @@ def div(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
 def neg(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     assert g[0] is not None
     return [ctx.b.op("Neg", [g[0]])]
+
+
+@rule("Sqrt")
+def sqrt(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    # d sqrt(x)/dx = 0.5 / y: read the output, so no second Sqrt (infinite at x = 0).
+    (gy,) = g
+    assert gy is not None
+    half = ctx.b.op("Div", [ctx.scalar(0.5), node.output[0]])
+    return [ctx.b.op("Mul", [gy, half])]
+
+
+@rule("Exp")
+def exp(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    return [ctx.b.op("Mul", [gy, node.output[0]])]
+
+
+@rule("Log")
+def log(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    return [ctx.b.op("Div", [gy, node.input[0]])]
+
+
+@rule("Reciprocal")
+def reciprocal(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    # d(1/x)/dx = -y^2
+    (gy,) = g
+    assert gy is not None
+    y = node.output[0]
+    return [ctx.b.op("Neg", [ctx.b.op("Mul", [gy, ctx.b.op("Mul", [y, y])])])]
+
+
+@rule("Abs")
+def abs_(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    (gy,) = g
+    assert gy is not None
+    return [ctx.b.op("Mul", [gy, ctx.b.op("Sign", [node.input[0]])])]
+
+
+@rule("Pow")
+def pow_(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """y = x^p. A constant exponent is folded (p * x^(p-1), or 2x for squares); a
+    computed one gets y * log(x), defined for positive bases only."""
+    (gy,) = g
+    assert gy is not None
+    base, exponent = node.input
+    y = node.output[0]
+    grads: Grads = [None, None]
+    if ctx.needs(base):
+        value = ctx.const(exponent)
+        if value is not None:
+            p = value.astype(np.float32)
+            if p.size == 1 and float(p.reshape(-1)[0]) == 2.0:
+                slope = ctx.b.op("Mul", [base, ctx.scalar(2.0)])
+            else:
+                power = ctx.b.op("Pow", [base, ctx.b.const(p - np.float32(1), "pow_exponent")])
+                slope = ctx.b.op("Mul", [power, ctx.b.const(p, "pow_factor")])
+        else:
+            as_float = ctx.b.op("Cast", [exponent], to=onnx.TensorProto.FLOAT)
+            power = ctx.b.op("Pow", [base, ctx.b.op("Sub", [as_float, ctx.scalar(1.0)])])
+            slope = ctx.b.op("Mul", [power, as_float])
+        grads[0] = ctx.unbroadcast(ctx.b.op("Mul", [gy, slope]), y, base)
+    if ctx.needs(exponent):
+        slope = ctx.b.op("Mul", [y, ctx.b.op("Log", [base])])
+        grads[1] = ctx.unbroadcast(ctx.b.op("Mul", [gy, slope]), y, exponent)
+    return grads
+
+
+@rule("Where")
+def where(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """Each branch gets the gradient where it was picked; the condition gets none."""
+    (gy,) = g
+    assert gy is not None
+    condition, picked, other = node.input
+    y = node.output[0]
+    grads: Grads = [None, None, None]
+    if ctx.needs(picked):
+        grads[1] = ctx.unbroadcast(ctx.mask(condition, gy), y, picked)
+    if ctx.needs(other):
+        grads[2] = ctx.unbroadcast(ctx.b.op("Where", [condition, ctx.zero(), gy]), y, other)
+    return grads
 
 
 @rule("Relu")
@@ -177,6 +261,17 @@ def cast(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
                                       onnx.TensorProto.FLOAT16):
         raise NotImplementedError("Cast to a non-float type is not differentiable")
     return [gy]
+
+
+@rule("CastLike")
+def cast_like(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """A cast to the second input's type, which gets no gradient (only its type is read)."""
+    (gy,) = g
+    assert gy is not None
+    like = ctx.const(node.input[1])
+    if like is not None and like.dtype.kind != "f":
+        raise NotImplementedError("CastLike to a non-float type is not differentiable")
+    return [gy, None]
 
 
 @rule("Max", "Min")

@@ -1,6 +1,8 @@
-"""Rules for the ops that carry weights: Conv, Gemm, MatMul, BatchNormalization.
+"""Rules for the ops that carry weights or contract: Conv, Gemm, MatMul, Einsum,
+BatchNormalization.
 
-Weights are treated as constants: only the data input gets a gradient.
+Conv, Gemm and BatchNormalization treat their weights as constants: only the data
+input gets a gradient. MatMul and Einsum differentiate both operands (attention).
 """
 
 from __future__ import annotations
@@ -169,3 +171,62 @@ def batch_norm(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
         flat = ctx.b.op("Div", [scale, std])
         factor_name = ctx.b.op("Reshape", [flat, ctx.b.const([-1] + trailing, "shape")])
     return [ctx.b.op("Mul", [gy, factor_name])] + [None] * (len(node.input) - 1)
+
+
+def _einsum_terms(ctx: VjpContext, node: onnx.NodeProto) -> tuple[list[str], str]:
+    """The equation's input terms and output term, with '...' spelled out as letters
+    (aligned from the right, as the operands' ranks say) and an implicit output made
+    explicit (letters seen once, sorted)."""
+    raw = attrs(node)["equation"]
+    equation = (raw.decode() if isinstance(raw, bytes) else str(raw)).replace(" ", "")
+    left, arrow, right = equation.partition("->")
+    terms = left.split(",")
+    used = set(equation) - {".", ",", "-", ">"}
+    spare = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used]
+    widths = [ctx.shape(name).rank - len(term.replace("...", ""))
+              for term, name in zip(terms, node.input)]
+    ellipsis = "".join(spare[: max(widths, default=0)])
+    terms = [term.replace("...", ellipsis[len(ellipsis) - width:] if width else "")
+             for term, width in zip(terms, widths)]
+    if arrow:
+        output = right.replace("...", ellipsis)
+    else:
+        letters = "".join(terms)
+        output = ellipsis + "".join(sorted(c for c in set(letters) - set(ellipsis)
+                                           if letters.count(c) == 1))
+    return terms, output
+
+
+@rule("Einsum")
+def einsum(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """dA = einsum('out,B->A', dY, B): each operand's gradient contracts the output
+    gradient with the other operand. Letters only A has (summed away in the forward)
+    come back by broadcasting. One or two operands; no diagonals ('ii')."""
+    (gy,) = g
+    assert gy is not None
+    if len(node.input) > 2:
+        raise NotImplementedError("Einsum with more than two operands")
+    terms, output = _einsum_terms(ctx, node)
+    sizes: dict[str, int] = {}
+    for term, name in zip(terms, node.input):
+        if len(set(term)) != len(term):
+            raise NotImplementedError("Einsum with a repeated index (a diagonal)")
+        for letter, size in zip(term, ctx.shape(name).dims):
+            if sizes.setdefault(letter, size) != size:
+                raise NotImplementedError("Einsum that broadcasts an index")
+    grads: Grads = []
+    for k, (term, name) in enumerate(zip(terms, node.input)):
+        if not ctx.needs(name):
+            grads.append(None)
+            continue
+        others = [(t, n) for j, (t, n) in enumerate(zip(terms, node.input)) if j != k]
+        seen = set(output).union(*(set(t) for t, _ in others))
+        kept = "".join(c for c in term if c in seen)
+        equation = ",".join([output, *(t for t, _ in others)]) + "->" + kept
+        grad = ctx.b.op("Einsum", [gy, *(n for _, n in others)], equation=equation)
+        if kept != term:
+            lost = [i for i, c in enumerate(term) if c not in seen]
+            grad = ctx.b.op("Unsqueeze", [grad, ctx.b.const(lost, "axes")])
+            grad = ctx.b.op("Expand", [grad, ctx.b.op("Shape", [name])])
+        grads.append(grad)
+    return grads

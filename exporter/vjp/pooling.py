@@ -86,6 +86,26 @@ def reduce_sum_mean(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     return [ctx.b.op("Expand", [grad, ctx.b.op("Shape", [x])])] + [None] * (len(node.input) - 1)
 
 
+@rule("ReduceL2", "ReduceSumSquare")
+def reduce_l2(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """||x||: x / ||x|| (0 where the norm is 0, as F.normalize's clamp makes it moot);
+    sum of squares: 2x."""
+    (gy,) = g[:1]
+    assert gy is not None
+    x = node.input[0]
+    axes = _reduce_axes(ctx, node)
+    _reduced_count(ctx, x, axes)
+    grad = _kept(ctx, node, gy, axes)
+    if node.op_type == "ReduceSumSquare":
+        slope = ctx.b.op("Mul", [x, ctx.scalar(2.0)])
+    else:
+        norm = _kept(ctx, node, node.output[0], axes)
+        grad = ctx.b.op("Where", [ctx.b.op("Greater", [norm, ctx.zero()]),
+                                  ctx.b.op("Div", [grad, norm]), ctx.zero()])
+        slope = x
+    return [ctx.b.op("Mul", [grad, slope])] + [None] * (len(node.input) - 1)
+
+
 @rule("ReduceMax")
 def reduce_max(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
     (gy,) = g[:1]
