@@ -11,8 +11,14 @@ from typing import Any
 
 import pytest
 
+from onnxcam.exporter.frontends.keras import load_triton_first
+
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+# TensorFlow and triton (which torch's compiler and exporter load) each bring their
+# own LLVM, and triton loaded after TensorFlow crashes the process; load it first.
+load_triton_first()
 
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ SQUASHING = {"softmax": "Softmax", "sigmoid": "Sigmoid"}
 
 def _import_tf() -> tuple[Any, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    load_triton_first()
     try:
         import keras
         import tensorflow as tf
@@ -49,6 +51,21 @@ def _import_tf() -> tuple[Any, Any]:
             "Keras models need the export extra: pip install 'onnxcam[export]'"
         ) from exc
     return tf, keras
+
+
+def load_triton_first() -> None:
+    """Load triton, when installed, before TensorFlow.
+
+    Both carry their own LLVM; triton loaded after TensorFlow crashes the process
+    (torch's compiler and exporter load it), so a session that converts a Keras model
+    and then a torch module would die. Loaded first, both work.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent or broken: nothing to protect against
+        pass
 
 
 @dataclass
