@@ -44,10 +44,10 @@ CHUNK_BYTES = 64 * 2**20
 # rounding costs ~6e-8/step and truncation ~step^2: 1e-3 balances them on the zoo heads.
 STEP_FLOAT64 = 1e-6
 STEP_FLOAT32 = 1e-3
-# An fd weight costs two evaluations of the tail per channel. Past this many
-# multiply-adds per image (tens of seconds on two cores) the export is refused: a
-# ViT head from ``conv_proj`` needs ~1e12 and would run for many minutes.
-MAX_FD_MACS = 2e10
+# An fd weight costs one evaluation of the tail per channel (two in float32). Past
+# this many multiply-adds per image (~20 s on two cores) the export is refused: a
+# ViT-B head from ``conv_proj`` at 64x64 needs 1.1e12 and would run for many minutes.
+MAX_FD_MACS = 2e11
 
 # Ops onnxruntime's CPU provider runs in float64 (held by
 # tests/exporter/test_add_fd_weights.py against the installed onnxruntime). Erf,
@@ -64,6 +64,13 @@ DOUBLE_OPS = frozenset({
 })
 # Global pools have no float64 kernel, but the reductions they are do.
 AS_REDUCTION = {"GlobalAveragePool": "ReduceMean", "GlobalMaxPool": "ReduceMax"}
+# Erf and Gelu have no float64 kernel either; in float64 they are built from a
+# series (``_erf64``) whose derivative is within 4e-5 of erf's own.
+EXPANDED = frozenset({"Erf", "Gelu"})
+# erf(x) = 2/sqrt(pi) x sum_n (-1)^n x^2n / (n! (2n+1)), on x clipped to +-3.5, where
+# 1 - |erf| < 1e-6 and its slope < 6e-6; 40 terms converge there to 1e-9 in float64.
+ERF_TERMS = 40
+ERF_CLIP = 3.5
 
 
 # --------------------------------------------------------------------------- the shortcut
@@ -274,7 +281,10 @@ def runs_in_double(nodes: list[onnx.NodeProto], types: Mapping[str, int]) -> boo
         if node.domain not in ("", "ai.onnx") or any(n not in types for n in names):
             return False
         kernel = AS_REDUCTION.get(node.op_type, node.op_type)
-        if kernel not in DOUBLE_OPS and any(types[n] == FLOAT for n in names):
+        if node.op_type == "Gelu" and attrs(node).get("approximate", "none") != "none":
+            return False
+        if (kernel not in DOUBLE_OPS | EXPANDED
+                and any(types[n] == FLOAT for n in names)):
             return False
     return True
 
@@ -309,6 +319,36 @@ def _as_reduction(node: onnx.NodeProto, rank: int, opset: int) -> onnx.NodeProto
                             keepdims=1)
 
 
+def _double_const(b: GraphBuilder, value: float | list[float]) -> str:
+    """A float64 constant (``GraphBuilder.const`` makes floats float32)."""
+    name = b.fresh("c64")
+    b.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float64), name))
+    return name
+
+
+def _erf64(b: GraphBuilder, x: str) -> str:
+    """erf of a float64 tensor from float64 kernels: the Maclaurin series on the
+    clipped argument, by Horner's rule in x^2. See ``ERF_TERMS``."""
+    from math import factorial, pi, sqrt
+
+    clipped = b.op("Clip", [x, _double_const(b, -ERF_CLIP), _double_const(b, ERF_CLIP)])
+    square = b.op("Mul", [clipped, clipped])
+    terms = [(-1) ** n / (factorial(n) * (2 * n + 1)) for n in range(ERF_TERMS)]
+    total = _double_const(b, terms[-1])
+    for term in reversed(terms[:-1]):
+        total = b.op("Add", [b.op("Mul", [total, square]), _double_const(b, term)])
+    return b.op("Mul", [b.op("Mul", [clipped, total]), _double_const(b, 2 / sqrt(pi))])
+
+
+def _expanded64(b: GraphBuilder, node: onnx.NodeProto, x: str) -> str:
+    """Erf, or Gelu (exact form: x/2 (1 + erf(x / sqrt 2))), of float64 ``x``."""
+    if node.op_type == "Erf":
+        return _erf64(b, x)
+    erf = _erf64(b, b.op("Mul", [x, _double_const(b, 0.5 ** 0.5)]))
+    half = b.op("Mul", [x, _double_const(b, 0.5)])
+    return b.op("Mul", [half, b.op("Add", [erf, _double_const(b, 1.0)])])
+
+
 def copy_double(outer: GraphBuilder, inner: GraphBuilder, nodes: list[onnx.NodeProto],
                 renamed: dict[str, str], types: Mapping[str, int], opset: int,
                 shapes: Mapping[str, TensorShape]) -> None:
@@ -319,6 +359,15 @@ def copy_double(outer: GraphBuilder, inner: GraphBuilder, nodes: list[onnx.NodeP
     ``runs_in_double(nodes, types)``; the ``renamed`` tensors are float64 already.
     """
     cast_outside: dict[str, str] = {}
+
+    def as_double(name: str) -> str:
+        """A float32 tensor's float64 version: the copy's own, or one Cast outside."""
+        if name in renamed:
+            return renamed[name]
+        if name not in cast_outside:
+            cast_outside[name] = outer.op("Cast", [name], to=DOUBLE)
+        return cast_outside[name]
+
     for node in nodes:
         if node.op_type in AS_REDUCTION:
             rank = shapes[node.input[0]].rank
@@ -326,6 +375,9 @@ def copy_double(outer: GraphBuilder, inner: GraphBuilder, nodes: list[onnx.NodeP
             if opset >= 18:
                 node.input[1] = outer.const(list(range(2, rank)), "axes")
                 types = {**types, node.input[1]: onnx.TensorProto.INT64}
+        if node.op_type in EXPANDED:
+            renamed[node.output[0]] = _expanded64(inner, node, as_double(node.input[0]))
+            continue
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.name = inner.fresh("head")
@@ -333,15 +385,10 @@ def copy_double(outer: GraphBuilder, inner: GraphBuilder, nodes: list[onnx.NodeP
         for i, name in enumerate(node.input):
             if not name or types[name] != FLOAT:
                 copy.input[i] = renamed.get(name, name)
-                continue
-            double = _takes_double(node, i, opset)
-            if name in renamed:
-                inside = renamed[name]
-                copy.input[i] = inside if double else inner.op("Cast", [inside], to=FLOAT)
-            elif double:
-                if name not in cast_outside:
-                    cast_outside[name] = outer.op("Cast", [name], to=DOUBLE)
-                copy.input[i] = cast_outside[name]
+            elif _takes_double(node, i, opset):
+                copy.input[i] = as_double(name)
+            elif name in renamed:
+                copy.input[i] = inner.op("Cast", [renamed[name]], to=FLOAT)
         for i, name in enumerate(node.output):
             if name:
                 renamed[name] = copy.output[i] = inner.fresh("head_out")
@@ -349,16 +396,20 @@ def copy_double(outer: GraphBuilder, inner: GraphBuilder, nodes: list[onnx.NodeP
 
 
 def _shifted(b: GraphBuilder, point: str, step: str, index: str, shape: TensorShape,
-             axis: int, dtype: int) -> str:
-    """``point`` with channel index // 2 moved by +step (even trips) or -step (odd)."""
+             axis: int, dtype: int, central: bool) -> str:
+    """``point`` with one channel moved by ``step``: channel ``index`` upwards (trip C,
+    past the last channel, moves nothing); with ``central``, channel index // 2,
+    upwards on even trips and downwards on odd ones."""
     channels = shape.dims[axis]
-    two = b.const(2, "two")
-    channel = b.op("Div", [index, two])
-    sign = b.op("Sub", [b.const(1, "one"), b.op("Mul", [two, b.op("Mod", [index, two])])])
+    channel, signed = index, step
+    if central:
+        two = b.const(2, "two")
+        channel = b.op("Div", [index, two])
+        sign = b.op("Sub", [b.const(1, "one"), b.op("Mul", [two, b.op("Mod", [index, two])])])
+        signed = b.op("Mul", [step, b.op("Cast", [sign], to=dtype)])
     picked = b.op("Equal", [b.const(np.arange(channels, dtype=np.int64), "channels"), channel])
     broadcast = [channels if i == axis else 1 for i in range(shape.rank)]
     direction = b.op("Reshape", [b.op("Cast", [picked], to=dtype), b.const(broadcast, "shape")])
-    signed = b.op("Mul", [step, b.op("Cast", [sign], to=dtype)])
     return b.op("Add", [point, b.op("Mul", [signed, direction])])
 
 
@@ -367,12 +418,13 @@ def _loop_slopes(
     step: str, shapes: Mapping[str, TensorShape], axis: int, types: Mapping[str, int] | None,
     opset: int,
 ) -> str:
-    """[N, C]: central differences of the score along each channel of ``point``.
+    """[N, C]: differences of the score along each channel of ``point``.
 
-    The Loop's trip 2k moves channel k up by ``step`` [N], trip 2k+1 down, for the
-    whole batch at once: the batch keeps its size, so shapes the head computed from
-    it (a transformer's Reshape to [N, T, C]) still hold, and memory is that of one
-    evaluation of the tail. With ``types`` the tail runs in float64.
+    Each Loop trip moves one channel of the whole batch by ``step`` [N]: the batch
+    keeps its size, so shapes the head computed from it (a transformer's Reshape to
+    [N, T, C]) still hold, and memory is that of one evaluation of the tail. With
+    ``types`` the tail runs in float64 and forward differences (C + 1 trips) lose
+    only ~step to curvature; in float32, central ones (2C trips) lose ~step^2.
     """
     shape = shapes[point]
     channels = shape.dims[axis]
@@ -384,7 +436,8 @@ def _loop_slopes(
     body = helper.make_graph([], "fd_body", [], [])
     inner = outer.child(body, "onnxcam/fd_body")
     index, cond_in, cond_out = inner.fresh("iter"), inner.fresh("cond_in"), inner.fresh("cond")
-    renamed = {point: _shifted(inner, base, step, index, shape, axis, dtype)}
+    central = dtype == FLOAT
+    renamed = {point: _shifted(inner, base, step, index, shape, axis, dtype, central)}
     if types is None:
         copy_nodes(inner, nodes, renamed)
     else:
@@ -398,14 +451,20 @@ def _loop_slopes(
                        helper.make_tensor_value_info(cond_in, onnx.TensorProto.BOOL, [])])
     body.output.extend([helper.make_tensor_value_info(cond_out, onnx.TensorProto.BOOL, []),
                         helper.make_tensor_value_info(score, dtype, ["N"])])
-    stacked = outer.fresh("fd_scores")  # [2C, N]: up and down for each channel in turn
-    outer.nodes.append(helper.make_node("Loop", [outer.const(2 * channels, "trips"), ""],
+    stacked = outer.fresh("fd_scores")  # [trips, N]
+    trips = 2 * channels if central else channels + 1
+    outer.nodes.append(helper.make_node("Loop", [outer.const(trips, "trips"), ""],
                                         [stacked], name=outer.fresh("Loop"), body=body))
-    pairs = outer.op("Reshape", [stacked, outer.const([channels, 2, -1], "shape")])
-    up, down = (outer.op("Gather", [pairs, outer.const(i, "sign")], axis=1) for i in (0, 1))
     row = outer.op("Reshape", [step, outer.const([1, -1], "shape")])
-    twice = outer.op("Add", [row, row])
-    slopes = outer.op("Div", [outer.op("Sub", [up, down]), twice])  # [C, N]
+    if central:
+        pairs = outer.op("Reshape", [stacked, outer.const([channels, 2, -1], "shape")])
+        up, down = (outer.op("Gather", [pairs, outer.const(i, "sign")], axis=1) for i in (0, 1))
+        slopes = outer.op("Div", [outer.op("Sub", [up, down]), outer.op("Add", [row, row])])
+    else:
+        moved = outer.op("Slice", [stacked, outer.const([0], "s"), outer.const([channels], "e")])
+        base = outer.op("Slice", [stacked, outer.const([channels], "s"),
+                                  outer.const([channels + 1], "e")])
+        slopes = outer.op("Div", [outer.op("Sub", [moved, base]), row])
     return outer.op("Cast", [outer.op("Transpose", [slopes], perm=[1, 0])], to=FLOAT)
 
 
@@ -458,10 +517,11 @@ def add_fd_weights(draft: Draft) -> bool:
         relative_step, per_trip = 1.0, 0
     else:
         nodes = head_nodes(graph, point, end, differentiable_only=False)
-        check_cost(nodes, shapes, shapes[point].dims[axis])
         opset = opset_version(draft.model)
         types = tensor_types(draft.model)
         in_double = runs_in_double(nodes, types)
+        channels = shapes[point].dims[axis]
+        check_cost(nodes, shapes, channels + 1 if in_double else 2 * channels)
         relative_step, per_trip = (STEP_FLOAT64 if in_double else STEP_FLOAT32), 1
         magnitude = reduce(b, "ReduceMean", b.op("Abs", [start]), [1, 2, 3], False, opset)
         # The floor keeps an all-zero map's step off zero.
@@ -479,11 +539,11 @@ def add_fd_weights(draft: Draft) -> bool:
 
 
 def check_cost(nodes: list[onnx.NodeProto], shapes: Mapping[str, TensorShape],
-               channels: int) -> None:
-    """Refuse differences that would take minutes: 2 x channels evaluations of the tail."""
-    macs = 2 * channels * tail_macs(nodes, shapes)
+               evaluations: int) -> None:
+    """Refuse differences that would take minutes (see ``MAX_FD_MACS``)."""
+    macs = evaluations * tail_macs(nodes, shapes)
     if macs > MAX_FD_MACS:
         raise ExportError(
-            f"finite differences would need {2 * channels} evaluations of the head "
+            f"finite differences would need {evaluations} evaluations of the head "
             f"({macs:.1e} multiply-adds per image, over the limit of {MAX_FD_MACS:.0e}); "
             "use analytic gradients (--gradient auto or analytic) or a later --layer")
