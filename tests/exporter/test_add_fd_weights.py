@@ -4,14 +4,17 @@ float64 central differences in numpy."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import pytest
 from micrographs import draft_of, info, init, model_of, outputs_of
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import onnxcam.exporter.passes.add_fd_weights as fd
 from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_ACTIVATIONS, OUTPUT_WEIGHTS
+from onnxcam.errors import ExportError
 from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.passes import run_passes
 from onnxcam.exporter.passes.add_fd_weights import (
@@ -22,6 +25,7 @@ from onnxcam.exporter.passes.add_fd_weights import (
 from onnxcam.exporter.passes.probe_head import probe_head
 from onnxcam.exporter.pipeline import PASSES
 from onnxcam.exporter.vjp.context import TensorShape
+from onnxcam.graph import GraphBuilder
 
 HEIGHT, WIDTH, CHANNELS, CLASSES = 3, 4, 5, 4
 RNG = np.random.default_rng(11)
@@ -69,6 +73,73 @@ def test_perturbation_point_follows_a_uniform_shift_through_pooling() -> None:
 def test_perturbation_point_stops_before_an_op_that_bends_the_shift(op: str) -> None:
     graph, shapes = pooled_head(op)
     assert perturbation_point(graph, "feat", 3, shapes) == ("t", 1)
+
+
+def chain(*nodes: onnx.NodeProto, constants: tuple[onnx.TensorProto, ...] = ()
+          ) -> onnx.GraphProto:
+    """feat -> nodes, in order, with the bundle's ``activations`` Identity on feat."""
+    marker = helper.make_node("Identity", ["feat"], [OUTPUT_ACTIVATIONS],
+                              name="onnxcam/activations")
+    return helper.make_graph([marker, *nodes], "chain", [info("feat", None)],
+                             [info("s", None)], list(constants))
+
+
+def test_perturbation_point_stops_before_layer_norm_over_channels() -> None:
+    """ConvNeXt's head: GAP, channels last, LayerNorm over C. The shift passes the
+    pool and the Transpose, never the normalisation: it mixes the channels."""
+    graph = chain(helper.make_node("GlobalAveragePool", ["feat"], ["g"]),
+                  helper.make_node("Transpose", ["g"], ["t"], perm=[0, 2, 3, 1]),
+                  helper.make_node("LayerNormalization", ["t", "gamma"], ["ln"], axis=-1),
+                  helper.make_node("Flatten", ["ln"], ["s"], axis=1),
+                  constants=(init("gamma", np.ones(CHANNELS)),))
+    shapes = {"feat": shape(1, CHANNELS, HEIGHT, WIDTH), "g": shape(1, CHANNELS, 1, 1),
+              "t": shape(1, 1, 1, CHANNELS), "ln": shape(1, 1, 1, CHANNELS),
+              "s": shape(1, CHANNELS)}
+    assert perturbation_point(graph, "feat", 1, shapes) == ("t", 3)
+
+
+@pytest.mark.parametrize("op,attributes,out_dims", [
+    ("Softmax", {"axis": 1}, (1, CHANNELS, HEIGHT, WIDTH)),  # mixes the channels
+    ("GlobalAveragePool", {}, (1, CHANNELS, 1, 1)),  # channels last: pools over C
+    ("ReduceMean", {"axes": [1, 3]}, (1, 1, WIDTH, 1)),  # reduces the channel axis
+    ("Flatten", {"axis": 1}, (1, CHANNELS * HEIGHT * WIDTH)),  # merges C with space
+    ("LRN", {"size": 3}, (1, CHANNELS, HEIGHT, WIDTH)),  # not on the list
+])
+def test_perturbation_point_refuses_what_is_not_channel_wise(
+        op: str, attributes: dict, out_dims: tuple[int, ...]) -> None:
+    """feat is [1, H, W, C] (channel axis 3) for the pool and the reduction, else
+    [1, C, H, W]. The pool's output is given a lone axis of size C (as when H == C):
+    matching sizes alone, as the shortcut once did, would follow it."""
+    channels_last = op in ("GlobalAveragePool", "ReduceMean")
+    dims = (1, HEIGHT, WIDTH, CHANNELS) if channels_last else (1, CHANNELS, HEIGHT, WIDTH)
+    axis = 3 if channels_last else 1
+    graph = chain(helper.make_node(op, ["feat"], ["s"], **attributes))
+    shapes = {"feat": shape(*dims), "s": shape(*out_dims)}
+    assert perturbation_point(graph, "feat", axis, shapes) == ("feat", axis)
+
+
+def test_perturbation_point_passes_a_spatial_reduction_with_axes_as_input() -> None:
+    """Opset 18's ReduceMean takes its axes as an input: read from the constant."""
+    graph = chain(helper.make_node("ReduceMean", ["feat", "axes"], ["s"], keepdims=0),
+                  constants=(init("axes", [2, 3], np.int64),))
+    shapes = {"feat": shape(1, CHANNELS, HEIGHT, WIDTH), "s": shape(1, CHANNELS)}
+    assert perturbation_point(graph, "feat", 1, shapes) == ("s", 1)
+
+
+@pytest.mark.parametrize("nodes,affine", [
+    ([("MatMul", ["f", "fc_t"])], True),
+    ([("Mul", ["f", "scale"]), ("MatMul", ["m", "fc_t"])], True),
+    ([("MatMul", ["f", "square"]), ("MatMul", ["m", "fc_t"])], True),
+    ([("Transpose", ["f"]), ("MatMul", ["f", "m"])], False),  # f f^T: a product of two
+    ([("Mul", ["f", "f"]), ("MatMul", ["m", "fc_t"])], False),  # a square
+    ([("Div", ["scale", "f"]), ("MatMul", ["m", "fc_t"])], False),  # 1 / f
+    ([("Softmax", ["f"]), ("MatMul", ["m", "fc_t"])], False),  # not on the list
+])
+def test_affine_in_follows_what_depends_on_the_point(nodes: list, affine: bool) -> None:
+    """Each node writes ``m``, the last one ``s``."""
+    made = [helper.make_node(op, inputs, ["m" if i < len(nodes) - 1 else "s"])
+            for i, (op, inputs) in enumerate(nodes)]
+    assert fd.affine_in(made, "f") is affine
 
 
 def test_affine_tail_is_gemm_alone() -> None:
@@ -187,3 +258,115 @@ def test_add_fd_weights_twice_changes_nothing() -> None:
     before = draft.model.SerializeToString(deterministic=True)
     assert add_fd_weights(draft) is False
     assert draft.model.SerializeToString(deterministic=True) == before
+
+
+# --------------------------------------------------------------------------- float64
+
+
+def double_model(nodes: list[onnx.NodeProto], inputs: list[str],
+                 constants: list[onnx.TensorProto], opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [info(name, None, onnx.TensorProto.DOUBLE)
+                                           for name in inputs],
+                              [info("y", None, onnx.TensorProto.DOUBLE)], constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                             ir_version=8)
+
+
+def _d(*dims: int) -> np.ndarray:
+    return np.random.default_rng(0).uniform(0.5, 1.5, dims)
+
+
+def _i(*values: int) -> np.ndarray:
+    return np.asarray(values, np.int64)
+
+
+# One float64 use of each op in DOUBLE_OPS: (attributes, extra inputs); x is [2, 3, 4, 4].
+DOUBLE_CASES: dict[str, tuple[dict, list[np.ndarray]]] = {
+    "Gemm": ({}, [_d(48, 3)]), "MatMul": ({}, [_d(4, 2)]), "Add": ({}, [_d(4)]),
+    "Sub": ({}, [_d(4)]), "Mul": ({}, [_d(4)]), "Div": ({}, [_d(4)]), "Pow": ({}, [_d(4)]),
+    "Max": ({}, [_d(4)]), "Min": ({}, [_d(4)]), "Sum": ({}, [_d(4)]), "Relu": ({}, []),
+    "Sigmoid": ({}, []), "Tanh": ({}, []), "Exp": ({}, []), "Log": ({}, []), "Sqrt": ({}, []),
+    "Neg": ({}, []), "Abs": ({}, []), "Reciprocal": ({}, []), "LeakyRelu": ({}, []),
+    "Softmax": ({"axis": 1}, []), "LogSoftmax": ({"axis": 1}, []), "Identity": ({}, []),
+    "Dropout": ({}, []), "Flatten": ({}, []), "Transpose": ({"perm": [0, 2, 3, 1]}, []),
+    "MaxPool": ({"kernel_shape": [2, 2]}, []), "ReduceMean": ({"axes": [1]}, []),
+    "ReduceMax": ({"axes": [1]}, []), "ReduceSum": ({}, [_i(1)]), "ReduceL2": ({"axes": [1]}, []),
+    "BatchNormalization": ({}, [_d(3), _d(3), _d(3), _d(3)]),
+    "LayerNormalization": ({"axis": 1}, [_d(3, 4, 4), _d(3, 4, 4)]),
+    "Clip": ({}, [np.asarray(0.7), np.asarray(1.2)]), "Reshape": ({}, [_i(2, -1)]),
+    "Squeeze": ({}, [np.zeros(0, np.int64)]), "Unsqueeze": ({}, [_i(0)]),
+    "Expand": ({}, [_i(2, 3, 4, 4)]), "Concat": ({"axis": 1}, [_d(2, 1, 4, 4)]),
+    "Slice": ({}, [_i(0), _i(1), _i(1)]), "Gather": ({"axis": 1}, [_i(0, 2)]),
+    "Pad": ({}, [_i(0, 0, 1, 1, 0, 0, 1, 1)]), "Tile": ({}, [_i(1, 1, 1, 2)]),
+    "Einsum": ({"equation": "nchw,nchw->nc"}, [_d(2, 3, 4, 4)]),
+    "Cast": ({"to": onnx.TensorProto.DOUBLE}, []), "PRelu": ({}, [_d(3, 1, 1)]),
+    "Split": ({"axis": 1}, [_i(1, 2)]), "CastLike": ({}, [_d(1)]),
+    "GatherElements": ({"axis": 1}, [np.zeros((2, 1, 4, 4), np.int64)]),
+    "Where": ({}, []),  # condition from Greater, below
+    "Constant": ({}, []), "ConstantOfShape": ({}, []), "Shape": ({}, []),
+}
+
+
+@pytest.mark.parametrize("op", sorted(fd.DOUBLE_OPS))
+def test_double_ops_have_float64_kernels(op: str) -> None:
+    """Every op the fd tail may run in float64 has an onnxruntime CPU kernel for it."""
+    attributes, extra = DOUBLE_CASES[op]
+    names = [f"k{i}" for i in range(len(extra))]
+    constants = [numpy_helper.from_array(value, name) for value, name in zip(extra, names)]
+    nodes = [helper.make_node(op, ["x", *names], ["y"] + (["z"] if op == "Split" else []),
+                              **attributes)]
+    if op == "Gemm":  # on a matrix
+        nodes = [helper.make_node("Flatten", ["x"], ["flat"]),
+                 helper.make_node("Gemm", ["flat", *names], ["y"])]
+    elif op == "Where":
+        nodes = [helper.make_node("Greater", ["x", "x"], ["b"]),
+                 helper.make_node("Where", ["b", "x", "x"], ["y"])]
+    elif op in ("Constant", "ConstantOfShape", "Shape"):
+        made = {"Constant": helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(
+                    np.asarray(1.0))),
+                "ConstantOfShape": helper.make_node(
+                    "ConstantOfShape", ["shape"], ["c"],
+                    value=numpy_helper.from_array(np.asarray([1.0]))),
+                "Shape": helper.make_node("Cast", ["shape"], ["c"], to=onnx.TensorProto.DOUBLE)}
+        nodes = [helper.make_node("Shape", ["x"], ["shape"]), made[op],
+                 helper.make_node("Add", ["x", "c"] if op != "Shape" else ["c", "c"], ["y"])]
+    model = double_model(nodes, ["x"], constants)
+    outputs_of(model, {"x": _d(2, 3, 4, 4)})
+
+
+def expanded_values(op: str, x: np.ndarray) -> np.ndarray:
+    """``_expanded64`` of ``op`` on float64 x, run by onnxruntime."""
+    graph = helper.make_graph([], "g", [info("x", None, onnx.TensorProto.DOUBLE)],
+                              [info("y", None, onnx.TensorProto.DOUBLE)])
+    b = GraphBuilder(graph, "t")
+    result = fd._expanded64(b, helper.make_node(op, ["x"], ["unused"]), "x")
+    b.nodes.append(helper.make_node("Identity", [result], ["y"]))
+    b.commit()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return outputs_of(model, {"x": x})["y"]
+
+
+@pytest.mark.parametrize("op", ["Erf", "Gelu"])
+def test_float64_erf_and_gelu_have_erfs_derivative(op: str) -> None:
+    """What fd needs of the float64 Erf is its slope: float64 central differences of
+    it within 1e-4 of erf' = 2/sqrt(pi) exp(-x^2) (GELU's likewise) over [-6, 6]."""
+    x = np.linspace(-6, 6, 4001)
+    step = 1e-6
+    slope = (expanded_values(op, x + step) - expanded_values(op, x - step)) / (2 * step)
+    erf = np.vectorize(math.erf)
+    if op == "Erf":
+        want = erf(x)
+        want_slope = 2 / math.sqrt(math.pi) * np.exp(-x * x)
+    else:  # x Phi(x), Phi the normal CDF; its slope Phi(x) + x phi(x)
+        want = 0.5 * x * (1 + erf(x / math.sqrt(2)))
+        want_slope = 0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(
+            2 * math.pi)
+    assert np.abs(expanded_values(op, x) - want).max() < 1e-5
+    assert np.abs(slope - want_slope).max() < 1e-4
+
+
+def test_fd_is_refused_past_its_cost_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tail costs (C + 1) evaluations; past MAX_FD_MACS the export says what to do."""
+    monkeypatch.setattr(fd, "MAX_FD_MACS", 10)
+    with pytest.raises(ExportError, match="--gradient"):
+        add_fd_weights(fd_draft("Tanh"))
