@@ -36,6 +36,7 @@ from onnxcam.graph import (
 from onnxcam.layout import Layout
 
 FLOAT, DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
+OTHER_FLOATS = frozenset({DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
 
 # Bytes of the unit basis and its scores the affine path may fold into constants.
 CHUNK_BYTES = 64 * 2**20
@@ -64,9 +65,10 @@ DOUBLE_OPS = frozenset({
 })
 # Global pools have no float64 kernel, but the reductions they are do.
 AS_REDUCTION = {"GlobalAveragePool": "ReduceMean", "GlobalMaxPool": "ReduceMax"}
-# Erf and Gelu have no float64 kernel either; in float64 they are built from a
-# series (``_erf64``) whose derivative is within 4e-5 of erf's own.
-EXPANDED = frozenset({"Erf", "Gelu"})
+# Nor have these; in float64 they are built from ops that have: Erf and Gelu from a
+# series (``_erf64``) whose derivative is within 4e-5 of erf's own, HardSigmoid and
+# HardSwish (MobileNetV3's heads) from Clip.
+EXPANDED = frozenset({"Erf", "Gelu", "HardSigmoid", "HardSwish"})
 # erf(x) = 2/sqrt(pi) x sum_n (-1)^n x^2n / (n! (2n+1)), on x clipped to +-3.5, where
 # 1 - |erf| < 1e-6 and its slope < 6e-6; 40 terms converge there to 1e-9 in float64.
 ERF_TERMS = 40
@@ -280,6 +282,8 @@ def runs_in_double(nodes: list[onnx.NodeProto], types: Mapping[str, int]) -> boo
         names = [n for n in [*node.input, *node.output] if n]
         if node.domain not in ("", "ai.onnx") or any(n not in types for n in names):
             return False
+        if any(types[n] in OTHER_FLOATS for n in names):
+            return False  # a float16 tail would meet float64 tensors half way
         kernel = AS_REDUCTION.get(node.op_type, node.op_type)
         if node.op_type == "Gelu" and attrs(node).get("approximate", "none") != "none":
             return False
@@ -341,12 +345,21 @@ def _erf64(b: GraphBuilder, x: str) -> str:
 
 
 def _expanded64(b: GraphBuilder, node: onnx.NodeProto, x: str) -> str:
-    """Erf, or Gelu (exact form: x/2 (1 + erf(x / sqrt 2))), of float64 ``x``."""
+    """One of ``EXPANDED`` on float64 ``x``: Erf; Gelu (exact form, x/2 (1 + erf(x /
+    sqrt 2))); HardSigmoid, clip(alpha x + beta, 0, 1); HardSwish, x hardsigmoid(x)
+    with alpha 1/6 and beta 1/2."""
     if node.op_type == "Erf":
         return _erf64(b, x)
-    erf = _erf64(b, b.op("Mul", [x, _double_const(b, 0.5 ** 0.5)]))
-    half = b.op("Mul", [x, _double_const(b, 0.5)])
-    return b.op("Mul", [half, b.op("Add", [erf, _double_const(b, 1.0)])])
+    if node.op_type == "Gelu":
+        erf = _erf64(b, b.op("Mul", [x, _double_const(b, 0.5 ** 0.5)]))
+        half = b.op("Mul", [x, _double_const(b, 0.5)])
+        return b.op("Mul", [half, b.op("Add", [erf, _double_const(b, 1.0)])])
+    alpha, beta = 1 / 6, 0.5
+    if node.op_type == "HardSigmoid":
+        alpha, beta = attrs(node).get("alpha", 0.2), attrs(node).get("beta", 0.5)
+    line = b.op("Add", [b.op("Mul", [x, _double_const(b, alpha)]), _double_const(b, beta)])
+    gate = b.op("Clip", [line, _double_const(b, 0.0), _double_const(b, 1.0)])
+    return gate if node.op_type == "HardSigmoid" else b.op("Mul", [x, gate])
 
 
 def copy_double(outer: GraphBuilder, inner: GraphBuilder, nodes: list[onnx.NodeProto],
@@ -546,4 +559,4 @@ def check_cost(nodes: list[onnx.NodeProto], shapes: Mapping[str, TensorShape],
         raise ExportError(
             f"finite differences would need {evaluations} evaluations of the head "
             f"({macs:.1e} multiply-adds per image, over the limit of {MAX_FD_MACS:.0e}); "
-            "use analytic gradients (--gradient auto or analytic) or a later --layer")
+            "choose a later --layer, or analytic gradients where every head op has a rule")

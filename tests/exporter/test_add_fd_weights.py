@@ -5,6 +5,7 @@ float64 central differences in numpy."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -334,12 +335,12 @@ def test_double_ops_have_float64_kernels(op: str) -> None:
     outputs_of(model, {"x": _d(2, 3, 4, 4)})
 
 
-def expanded_values(op: str, x: np.ndarray) -> np.ndarray:
+def expanded_values(op: str, x: np.ndarray, **attributes: float) -> np.ndarray:
     """``_expanded64`` of ``op`` on float64 x, run by onnxruntime."""
     graph = helper.make_graph([], "g", [info("x", None, onnx.TensorProto.DOUBLE)],
                               [info("y", None, onnx.TensorProto.DOUBLE)])
     b = GraphBuilder(graph, "t")
-    result = fd._expanded64(b, helper.make_node(op, ["x"], ["unused"]), "x")
+    result = fd._expanded64(b, helper.make_node(op, ["x"], ["unused"], **attributes), "x")
     b.nodes.append(helper.make_node("Identity", [result], ["y"]))
     b.commit()
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -365,8 +366,20 @@ def test_float64_erf_and_gelu_have_erfs_derivative(op: str) -> None:
     assert np.abs(slope - want_slope).max() < 1e-4
 
 
+@pytest.mark.parametrize("op,attributes,want", [
+    ("HardSigmoid", {"alpha": 0.25, "beta": 0.375}, lambda x: np.clip(x / 4 + 0.375, 0, 1)),
+    ("HardSigmoid", {}, lambda x: np.clip(0.2 * x + 0.5, 0, 1)),
+    ("HardSwish", {}, lambda x: x * np.clip(x / 6 + 0.5, 0, 1)),
+])
+def test_float64_hard_activations(op: str, attributes: dict, want: Callable) -> None:
+    """Against their ONNX definitions in numpy, attributes (float32 in the node, so
+    exact binary fractions here) and defaults alike."""
+    x = np.linspace(-8, 8, 1601)
+    np.testing.assert_allclose(expanded_values(op, x, **attributes), want(x), atol=1e-15)
+
+
 def test_fd_is_refused_past_its_cost_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tail costs (C + 1) evaluations; past MAX_FD_MACS the export says what to do."""
     monkeypatch.setattr(fd, "MAX_FD_MACS", 10)
-    with pytest.raises(ExportError, match="--gradient"):
+    with pytest.raises(ExportError, match="later --layer"):
         add_fd_weights(fd_draft("Tanh"))
