@@ -46,8 +46,9 @@ CHUNK_BYTES = 64 * 2**20
 STEP_FLOAT64 = 1e-6
 STEP_FLOAT32 = 1e-3
 # An fd weight costs one evaluation of the tail per channel (two in float32). Past
-# this many multiply-adds per image (~20 s on two cores) the export is refused: a
-# ViT-B head from ``conv_proj`` at 64x64 needs 1.1e12 and would run for many minutes.
+# this many multiply-adds per image (~40 s in float64 on two busy cores; Swin-T's
+# last block, 1e11, took 20 s) the export is refused: a ViT-B head from
+# ``conv_proj`` at 64x64 needs 1.1e12 and would run for many minutes.
 MAX_FD_MACS = 2e11
 
 # Ops onnxruntime's CPU provider runs in float64 (held by
@@ -67,8 +68,9 @@ DOUBLE_OPS = frozenset({
 AS_REDUCTION = {"GlobalAveragePool": "ReduceMean", "GlobalMaxPool": "ReduceMax"}
 # Nor have these; in float64 they are built from ops that have: Erf and Gelu from a
 # series (``_erf64``) whose derivative is within 4e-5 of erf's own, HardSigmoid and
-# HardSwish (MobileNetV3's heads) from Clip.
-EXPANDED = frozenset({"Erf", "Gelu", "HardSigmoid", "HardSwish"})
+# HardSwish (MobileNetV3's heads) from Clip, and 2-D Conv as im2col and MatMul
+# (``_conv64``).
+EXPANDED = frozenset({"Erf", "Gelu", "HardSigmoid", "HardSwish", "Conv"})
 # erf(x) = 2/sqrt(pi) x sum_n (-1)^n x^2n / (n! (2n+1)), on x clipped to +-3.5, where
 # 1 - |erf| < 1e-6 and its slope < 6e-6; 40 terms converge there to 1e-9 in float64.
 ERF_TERMS = 40
@@ -275,7 +277,8 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def runs_in_double(nodes: list[onnx.NodeProto], types: Mapping[str, int]) -> bool:
+def runs_in_double(nodes: list[onnx.NodeProto], types: Mapping[str, int],
+                   shapes: Mapping[str, TensorShape]) -> bool:
     """Whether every tail node that touches a float tensor has a float64 kernel
     (``DOUBLE_OPS``), and every tensor's type is known so the copy can convert it."""
     for node in nodes:
@@ -286,6 +289,8 @@ def runs_in_double(nodes: list[onnx.NodeProto], types: Mapping[str, int]) -> boo
             return False  # a float16 tail would meet float64 tensors half way
         kernel = AS_REDUCTION.get(node.op_type, node.op_type)
         if node.op_type == "Gelu" and attrs(node).get("approximate", "none") != "none":
+            return False
+        if node.op_type == "Conv" and not _conv64_applies(node, shapes):
             return False
         if (kernel not in DOUBLE_OPS | EXPANDED
                 and any(types[n] == FLOAT for n in names)):
@@ -344,6 +349,50 @@ def _erf64(b: GraphBuilder, x: str) -> str:
     return b.op("Mul", [b.op("Mul", [clipped, total]), _double_const(b, 2 / sqrt(pi))])
 
 
+def _conv64_applies(node: onnx.NodeProto, shapes: Mapping[str, TensorShape]) -> bool:
+    """Whether ``_conv64`` can stand for this Conv: 2-D, explicit pads, known shapes."""
+    given = attrs(node)
+    known = all(name in shapes for name in (node.input[0], node.input[1], node.output[0]))
+    return (known and shapes[node.input[0]].rank == 4
+            and given.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID"))
+
+
+def _conv64(b: GraphBuilder, node: onnx.NodeProto, x: str, weight: str, bias: str,
+            shapes: Mapping[str, TensorShape]) -> str:
+    """A 2-D Conv on float64 tensors, as im2col and one MatMul (float64 MatMul is
+    fast; float64 Einsum is not): pad, stack the strided slice of the input each
+    kernel tap (i, j) reads, and contract with W group by group.
+
+    Precondition: ``_conv64_applies(node, shapes)``.
+    """
+    given = attrs(node)
+    out_channels, per_group, kh, kw = shapes[node.input[1]].dims
+    out_h, out_w = shapes[node.output[0]].dims[2:]
+    groups = int(given.get("group", 1))
+    sh, sw = given.get("strides", [1, 1])
+    dh, dw = given.get("dilations", [1, 1])
+    top, left, bottom, right = given.get("pads", [0, 0, 0, 0])
+    padded = b.op("Pad", [x, b.const([0, 0, top, left, 0, 0, bottom, right], "pads")])
+    patches = []
+    for i in range(kh):
+        for j in range(kw):
+            starts = [i * dh, j * dw]
+            ends = [i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1]
+            patch = b.op("Slice", [padded, b.const(starts, "s"), b.const(ends, "e"),
+                                   b.const([2, 3], "axes"), b.const([sh, sw], "steps")])
+            patches.append(b.op("Unsqueeze", [patch, b.const([2], "axes")]))
+    # [N, C, taps, Ho, Wo] -> [N, G, Cg * taps, Ho * Wo]; W [O, Cg, kh, kw] -> [G, O/G, Cg * taps]
+    stacked = patches[0] if len(patches) == 1 else b.op("Concat", patches, axis=2)
+    columns = b.op("Reshape", [stacked, b.const([-1, groups, per_group * kh * kw,
+                                                 out_h * out_w], "shape")])
+    kernel = b.op("Reshape", [weight, b.const([groups, -1, per_group * kh * kw], "shape")])
+    out = b.op("Reshape", [b.op("MatMul", [kernel, columns]),
+                           b.const([-1, out_channels, out_h, out_w], "shape")])
+    if not bias:
+        return out
+    return b.op("Add", [out, b.op("Reshape", [bias, b.const([1, -1, 1, 1], "shape")])])
+
+
 def _expanded64(b: GraphBuilder, node: onnx.NodeProto, x: str) -> str:
     """One of ``EXPANDED`` on float64 ``x``: Erf; Gelu (exact form, x/2 (1 + erf(x /
     sqrt 2))); HardSigmoid, clip(alpha x + beta, 0, 1); HardSwish, x hardsigmoid(x)
@@ -388,6 +437,11 @@ def copy_double(outer: GraphBuilder, inner: GraphBuilder, nodes: list[onnx.NodeP
             if opset >= 18:
                 node.input[1] = outer.const(list(range(2, rank)), "axes")
                 types = {**types, node.input[1]: onnx.TensorProto.INT64}
+        if node.op_type == "Conv":
+            bias = as_double(node.input[2]) if len(node.input) > 2 and node.input[2] else ""
+            renamed[node.output[0]] = _conv64(inner, node, as_double(node.input[0]),
+                                              as_double(node.input[1]), bias, shapes)
+            continue
         if node.op_type in EXPANDED:
             renamed[node.output[0]] = _expanded64(inner, node, as_double(node.input[0]))
             continue
@@ -532,7 +586,7 @@ def add_fd_weights(draft: Draft) -> bool:
         nodes = head_nodes(graph, point, end, differentiable_only=False)
         opset = opset_version(draft.model)
         types = tensor_types(draft.model)
-        in_double = runs_in_double(nodes, types)
+        in_double = runs_in_double(nodes, types, shapes)
         channels = shapes[point].dims[axis]
         check_cost(nodes, shapes, channels + 1 if in_double else 2 * channels)
         relative_step, per_trip = (STEP_FLOAT64 if in_double else STEP_FLOAT32), 1

@@ -383,3 +383,40 @@ def test_fd_is_refused_past_its_cost_limit(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(fd, "MAX_FD_MACS", 10)
     with pytest.raises(ExportError, match="later --layer"):
         add_fd_weights(fd_draft("Tanh"))
+
+
+@pytest.mark.parametrize("attributes,weight_dims,bias", [
+    ({"pads": [1, 1, 1, 1]}, (6, 4, 3, 3), True),
+    ({"strides": [2, 2], "pads": [0, 1, 2, 0]}, (6, 4, 3, 2), True),
+    ({"dilations": [2, 1], "pads": [2, 1, 2, 1]}, (5, 4, 3, 3), False),
+    ({"group": 2, "strides": [1, 2]}, (6, 2, 2, 2), True),
+    ({"group": 4, "pads": [1, 1, 1, 1]}, (4, 1, 3, 3), True),  # depthwise
+    ({}, (3, 4, 1, 1), False),
+])
+def test_float64_conv_matches_onnxruntimes_conv(attributes: dict,
+                                                weight_dims: tuple[int, ...], bias: bool) -> None:
+    """``_conv64`` (im2col and MatMul in float64) against onnxruntime's own float32
+    Conv on the same values: strides, asymmetric pads, dilations, groups."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 1, (2, 4, 7, 6)).astype(np.float32)
+    weight = rng.normal(0, 1, weight_dims).astype(np.float32)
+    offset = rng.normal(0, 1, weight_dims[0]).astype(np.float32)
+    inputs = ["x", "w", "bias"] if bias else ["x", "w"]
+    conv = helper.make_node("Conv", inputs, ["y"], **attributes)
+    constants = [init("w", weight), init("bias", offset)]
+    want = outputs_of(model_of([conv], [info("x", list(x.shape))], [info("y", None)],
+                               constants), {"x": x})["y"]
+    shapes = {"x": TensorShape(x.shape, (True, False, False, False)),
+              "w": TensorShape(weight.shape, (False,) * 4),
+              "y": TensorShape(want.shape, (True, False, False, False))}
+    graph = helper.make_graph([], "g", [info("x", None, onnx.TensorProto.DOUBLE)],
+                              [info("out", None, onnx.TensorProto.DOUBLE)],
+                              [init("w", weight, np.float64), init("bias", offset, np.float64)])
+    b = GraphBuilder(graph, "t")
+    assert fd._conv64_applies(conv, shapes)
+    result = fd._conv64(b, conv, "x", "w", "bias" if bias else "", shapes)
+    b.nodes.append(helper.make_node("Identity", [result], ["out"]))
+    b.commit()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    got = outputs_of(model, {"x": x.astype(np.float64)})["out"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
