@@ -13,6 +13,7 @@ import pytest
 from micrographs import draft_of, info, init, model_of, outputs_of
 from onnx import helper, numpy_helper
 
+import onnxcam.exporter.float64_tail as f64
 import onnxcam.exporter.passes.add_fd_weights as fd
 from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_ACTIVATIONS, OUTPUT_WEIGHTS
 from onnxcam.errors import ExportError
@@ -244,7 +245,7 @@ def test_float32_fallback_when_an_op_lacks_a_double_kernel(monkeypatch: pytest.M
                                                            ) -> None:
     """Without a float64 kernel for Tanh the tail stays float32, with a larger step:
     central differences are then second-order, within 1e-4 of the scale here."""
-    monkeypatch.setattr(fd, "DOUBLE_OPS", fd.DOUBLE_OPS - {"Tanh"})
+    monkeypatch.setattr(f64, "DOUBLE_OPS", f64.DOUBLE_OPS - {"Tanh"})
     draft = fd_draft("Tanh")
     assert add_fd_weights(draft) is True
     assert draft.fd_step == fd.STEP_FLOAT32
@@ -308,7 +309,7 @@ DOUBLE_CASES: dict[str, tuple[dict, list[np.ndarray]]] = {
 }
 
 
-@pytest.mark.parametrize("op", sorted(fd.DOUBLE_OPS))
+@pytest.mark.parametrize("op", sorted(f64.DOUBLE_OPS))
 def test_double_ops_have_float64_kernels(op: str) -> None:
     """Every op the fd tail may run in float64 has an onnxruntime CPU kernel for it."""
     attributes, extra = DOUBLE_CASES[op]
@@ -336,11 +337,11 @@ def test_double_ops_have_float64_kernels(op: str) -> None:
 
 
 def expanded_values(op: str, x: np.ndarray, **attributes: float) -> np.ndarray:
-    """``_expanded64`` of ``op`` on float64 x, run by onnxruntime."""
+    """``expanded64`` of ``op`` on float64 x, run by onnxruntime."""
     graph = helper.make_graph([], "g", [info("x", None, onnx.TensorProto.DOUBLE)],
                               [info("y", None, onnx.TensorProto.DOUBLE)])
     b = GraphBuilder(graph, "t")
-    result = fd._expanded64(b, helper.make_node(op, ["x"], ["unused"], **attributes), "x")
+    result = f64.expanded64(b, helper.make_node(op, ["x"], ["unused"], **attributes), "x")
     b.nodes.append(helper.make_node("Identity", [result], ["y"]))
     b.commit()
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -395,7 +396,7 @@ def test_fd_is_refused_past_its_cost_limit(monkeypatch: pytest.MonkeyPatch) -> N
 ])
 def test_float64_conv_matches_onnxruntimes_conv(attributes: dict,
                                                 weight_dims: tuple[int, ...], bias: bool) -> None:
-    """``_conv64`` (im2col and MatMul in float64) against onnxruntime's own float32
+    """``conv64`` (im2col and MatMul in float64) against onnxruntime's own float32
     Conv on the same values: strides, asymmetric pads, dilations, groups."""
     rng = np.random.default_rng(5)
     x = rng.normal(0, 1, (2, 4, 7, 6)).astype(np.float32)
@@ -413,8 +414,8 @@ def test_float64_conv_matches_onnxruntimes_conv(attributes: dict,
                               [info("out", None, onnx.TensorProto.DOUBLE)],
                               [init("w", weight, np.float64), init("bias", offset, np.float64)])
     b = GraphBuilder(graph, "t")
-    assert fd._conv64_applies(conv, shapes)
-    result = fd._conv64(b, conv, "x", "w", "bias" if bias else "", shapes)
+    assert f64.conv64_applies(conv, shapes)
+    result = f64.conv64(b, conv, "x", "w", "bias" if bias else "", shapes)
     b.nodes.append(helper.make_node("Identity", [result], ["out"]))
     b.commit()
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
