@@ -7,7 +7,10 @@ numpy."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -194,25 +197,34 @@ def test_shortcut_through_layer_norm_would_be_caught(tmp_path: Path,
 # --------------------------------------------------------------------------- a tiny ViT
 
 
+# Built in a child process: importing torchvision (through triton) after TensorFlow
+# in one process segfaults, and other test files import TensorFlow at collection.
+TINY_VIT = """
+import sys, torch, torchvision
+torch.manual_seed(0)
+model = torchvision.models.VisionTransformer(
+    image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+    num_classes=int(sys.argv[2])).eval()
+with torch.no_grad():
+    for parameter in model.parameters():  # no two equal tensors, as in trained weights
+        parameter.add_(0.05 * torch.randn(parameter.shape))
+torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), sys.argv[1], dynamo=False,
+                  input_names=["input"], output_names=["logits"],
+                  dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17)
+"""
+
+
 @pytest.mark.torch
+@pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ("torch", "torchvision")),
+                    reason="needs PyTorch and torchvision")
 def test_tiny_vit_fd_export_completes_and_matches(tmp_path: Path) -> None:
     """torch's legacy exporter with a dynamic batch: the head from ``conv_proj``
     reshapes by a batch size computed from the input, which crashed the old Loop
     (it stacked batch x channels). Now it runs, in float64, within 2e-3 of the
     analytic map, export and one explanation in well under a minute."""
-    torch = pytest.importorskip("torch")
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-        num_classes=CLASSES).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():  # no two equal tensors, as in trained weights
-            parameter.add_(0.05 * torch.randn(parameter.shape))
     src = tmp_path / "vit.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(src), dynamo=False,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17)
+    subprocess.run([sys.executable, "-c", TINY_VIT, str(src), str(CLASSES)], check=True,
+                   capture_output=True, timeout=300)
     feeds = {INPUT_IMAGE: np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), np.uint8),
              INPUT_TARGET: np.array([1, -1], np.int64)}
     started = time.monotonic()
