@@ -93,22 +93,27 @@ def _takes_double(node: onnx.NodeProto, position: int, opset: int) -> bool:
 def _to_double(node: onnx.NodeProto) -> None:
     """Make the float32 values a node creates itself (Cast, Constant,
     ConstantOfShape) float64, so they meet the float64 tail."""
-    for attr in node.attribute:
+    for attr in list(node.attribute):
         if node.op_type == "Cast" and attr.name == "to" and attr.i == FLOAT:
             attr.i = DOUBLE
         elif attr.name == "value" and attr.t.data_type == FLOAT:
             value = numpy_helper.to_array(attr.t).astype(np.float64)
             attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
+        elif node.op_type == "Constant" and attr.name in ("value_float", "value_floats"):
+            value = np.asarray(helper.get_attribute_value(attr), np.float64)
+            node.attribute.remove(attr)
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
 
 
-def _as_reduction(node: onnx.NodeProto, rank: int, opset: int) -> onnx.NodeProto:
+def _as_reduction(outer: GraphBuilder, node: onnx.NodeProto, rank: int,
+                  opset: int) -> onnx.NodeProto:
     """A global pool as the Reduce* over every axis after the second that it is."""
     axes = list(range(2, rank))
+    reduction = AS_REDUCTION[node.op_type]
     if opset >= 18:
-        return helper.make_node(AS_REDUCTION[node.op_type], [node.input[0], ""], node.output,
-                                keepdims=1)  # the axes input is filled in by the caller
-    return helper.make_node(AS_REDUCTION[node.op_type], node.input, node.output, axes=axes,
-                            keepdims=1)
+        axes_input = outer.const(axes, "axes")
+        return helper.make_node(reduction, [node.input[0], axes_input], node.output, keepdims=1)
+    return helper.make_node(reduction, node.input, node.output, axes=axes, keepdims=1)
 
 
 def _double_const(b: GraphBuilder, value: float | list[float]) -> str:
@@ -199,7 +204,8 @@ def copy_double(outer: GraphBuilder, inner: GraphBuilder, nodes: list[onnx.NodeP
 
     Tensors from outside the tail are cast once, in the outer graph; a float64
     tensor meets an input that must be float32 through a Cast back. Precondition:
-    ``runs_in_double(nodes, types)``; the ``renamed`` tensors are float64 already.
+    ``runs_in_double(nodes, types, shapes)``; the ``renamed`` tensors are float64
+    already.
     """
     cast_outside: dict[str, str] = {}
 
@@ -213,11 +219,8 @@ def copy_double(outer: GraphBuilder, inner: GraphBuilder, nodes: list[onnx.NodeP
 
     for node in nodes:
         if node.op_type in AS_REDUCTION:
-            rank = shapes[node.input[0]].rank
-            node = _as_reduction(node, rank, opset)
-            if opset >= 18:
-                node.input[1] = outer.const(list(range(2, rank)), "axes")
-                types = {**types, node.input[1]: onnx.TensorProto.INT64}
+            node = _as_reduction(outer, node, shapes[node.input[0]].rank, opset)
+            types = {**types, **{name: onnx.TensorProto.INT64 for name in node.input[1:]}}
         if node.op_type == "Conv":
             bias = as_double(node.input[2]) if len(node.input) > 2 and node.input[2] else ""
             renamed[node.output[0]] = conv64(inner, node, as_double(node.input[0]),

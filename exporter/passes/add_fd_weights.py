@@ -306,9 +306,9 @@ def _loop_slopes(
         slopes = outer.op("Div", [outer.op("Sub", [up, down]), outer.op("Add", [row, row])])
     else:
         moved = outer.op("Slice", [stacked, outer.const([0], "s"), outer.const([channels], "e")])
-        base = outer.op("Slice", [stacked, outer.const([channels], "s"),
-                                  outer.const([channels + 1], "e")])
-        slopes = outer.op("Div", [outer.op("Sub", [moved, base]), row])
+        unmoved = outer.op("Slice", [stacked, outer.const([channels], "s"),
+                                     outer.const([channels + 1], "e")])
+        slopes = outer.op("Div", [outer.op("Sub", [moved, unmoved]), row])
     return outer.op("Cast", [outer.op("Transpose", [slopes], perm=[1, 0])], to=FLOAT)
 
 
