@@ -8,6 +8,7 @@ that needs no whole-network gradient gets a session pruned of them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,46 @@ def split_at_model_input(
     return front, back
 
 
+RunFn = Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def run_in_chunks(run: RunFn, names: list[str], feeds: dict[str, np.ndarray],
+                  size: int) -> list[np.ndarray]:
+    """``run`` on exactly ``size`` rows at a time, for a bundle of fixed batch size.
+
+    The last chunk is padded with copies of its last row and the padding's outputs
+    dropped, so each row's outputs are those of a run at the model's own batch.
+    Precondition: every feed and every output has the batch on axis 0.
+    """
+    total = len(next(iter(feeds.values())))
+    if total == size or total == 0:
+        return list(run(names, feeds))
+    pieces: list[list[np.ndarray]] = []
+    for start in range(0, total, size):
+        chunk = {name: value[start : start + size] for name, value in feeds.items()}
+        kept = len(next(iter(chunk.values())))
+        if kept < size:
+            chunk = {name: np.concatenate([value, np.repeat(value[-1:], size - kept, axis=0)])
+                     for name, value in chunk.items()}
+        pieces.append([output[:kept] for output in run(names, chunk)])
+    return [np.concatenate(parts) for parts in zip(*pieces)]
+
+
+class FixedBatchSession:
+    """An onnxruntime session of a fixed-batch graph, run in chunks of that batch."""
+
+    def __init__(self, session: Any, size: int) -> None:
+        self._session = session
+        self.size = size
+
+    def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        wanted = names or [output.name for output in self._session.get_outputs()]
+        return run_in_chunks(self._session.run, wanted, feeds, self.size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
 class Sessions:
     """Every session of one bundle, built lazily and kept for the process's life.
 
@@ -94,9 +135,18 @@ class Sessions:
         if not info.input_gradients:
             self._by_kept[frozenset()] = session
         self._splits: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        if info.batch_size:
+            log.info("%s runs at batch size %d only: images go through it in chunks of %d, "
+                     "the last one padded", name, info.batch_size, info.batch_size)
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The outputs ``names`` for ``feeds``, from the smallest session that has them."""
+        """The outputs ``names`` for ``feeds``, from the smallest session that has them
+        (a fixed-batch bundle's in chunks of its batch size)."""
+        if self.info.batch_size:
+            return run_in_chunks(self._run_once, names, feeds, self.info.batch_size)
+        return self._run_once(names, feeds)
+
+    def _run_once(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         session = self.session_for(names)
         if not self.use_io_binding:
             return list(session.run(names, feeds))
@@ -126,12 +176,19 @@ class Sessions:
         if outputs not in self._splits:
             log.debug("splitting the bundle at %s for %s", self.info.model_input, outputs)
             front, back = split_at_model_input(self._model(), self.info, outputs)
-            self._splits[outputs] = (self._make(front), self._make(back))
+            self._splits[outputs] = (self._chunked(self._make(front)),
+                                     self._chunked(self._make(back)))
         return self._splits[outputs]
 
     def _model(self) -> onnx.ModelProto:
         data = self._source if isinstance(self._source, bytes) else read_bundle(self._source).data
         return onnx.load_from_string(data)
+
+    def _chunked(self, session: Any) -> Any:
+        """``session`` itself, or for a fixed-batch bundle a wrapper that runs it in
+        chunks of that batch (Score-CAM and SmoothGrad run the halves directly)."""
+        return FixedBatchSession(session, self.info.batch_size) if self.info.batch_size \
+            else session
 
     def _make(self, model: onnx.ModelProto) -> Any:
         return make_session(model.SerializeToString(), self.device, self.threads)[0]
