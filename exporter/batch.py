@@ -10,7 +10,9 @@ symbol ``N``) reach a node:
   axis 0 and every other axis of a fixed size, gets 0 in place of B (copy the
   batch; -1 when ``allowzero`` is set and no other entry is -1). The other
   entries, fixed numbers and copies of fixed axes, keep each sample's own
-  elements together, so the new target says the same thing at any batch;
+  elements together, so the new target says the same thing at any batch. With
+  ``allowzero`` (the dynamo exporter sets it) 0 is no copy: the batch becomes -1
+  and another -1 is worked out from the data's fixed axes;
 * a ``Concat`` along another axis than 0 of batched tensors and a constant of
   batch 1 (ViT's class token) gets that constant expanded to the batch: every
   sample read the one copy before, and reads its own copy now.
@@ -214,8 +216,9 @@ def _free_reshape(node: onnx.NodeProto, dims: dict[str, list[int | str | None]],
     freed = target.astype(np.int64).copy()
     if not allowzero:
         freed[0] = 0  # copy the data's axis 0: the batch
-    elif -1 not in freed[1:]:
-        freed[0] = -1
+    elif 0 not in freed[1:]:
+        # 0 is a literal zero here: the other entries become sizes, the batch -1.
+        freed = np.array([-1, *_resolved(target, dims[node.input[0]])], np.int64)
     else:
         return None
     name = f"{node.input[1]}__any_batch"
