@@ -8,7 +8,6 @@ that needs no whole-network gradient gets a session pruned of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import onnx
 from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_LOGITS, BundleInfo, read_bundle
 from onnxcam.errors import BundleError
 from onnxcam.graph import prune_unused
-from onnxcam.runtime import make_session
+from onnxcam.runtime import make_session, run_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +61,6 @@ def split_at_model_input(
         inputs.append(INPUT_TARGET)
     back = extractor.extract_model(inputs, list(outputs))
     return front, back
-
-
-RunFn = Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]
-
-
-def run_in_chunks(run: RunFn, names: list[str], feeds: dict[str, np.ndarray],
-                  size: int) -> list[np.ndarray]:
-    """``run`` on exactly ``size`` rows at a time, for a bundle of fixed batch size.
-
-    The last chunk is padded with copies of its last row and the padding's outputs
-    dropped, so each row's outputs are those of a run at the model's own batch.
-    Precondition: every feed and every output has the batch on axis 0.
-    """
-    total = len(next(iter(feeds.values())))
-    if total == size or total == 0:
-        return list(run(names, feeds))
-    pieces: list[list[np.ndarray]] = []
-    for start in range(0, total, size):
-        chunk = {name: value[start : start + size] for name, value in feeds.items()}
-        kept = len(next(iter(chunk.values())))
-        if kept < size:
-            chunk = {name: np.concatenate([value, np.repeat(value[-1:], size - kept, axis=0)])
-                     for name, value in chunk.items()}
-        pieces.append([output[:kept] for output in run(names, chunk)])
-    return [np.concatenate(parts) for parts in zip(*pieces)]
 
 
 class FixedBatchSession:

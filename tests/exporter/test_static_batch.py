@@ -25,7 +25,7 @@ from onnxcam.bundle import INPUT_IMAGE, BundleInfo, read_bundle_info
 from onnxcam.errors import ExportError, UnsupportedModelError
 from onnxcam.exporter import batch as batch_module
 from onnxcam.exporter.batch import NotProved, free_batch, prove, rewrite_shape_operands
-from onnxcam.runtime import cpu_session
+from onnxcam.runtime import cpu_session, run_in_chunks
 
 # --------------------------------------------------------------------------- the rule
 
@@ -260,3 +260,17 @@ def test_zoo_plain_export_explains_a_batch_of_four(tmp_path: Path, name: str) ->
     ours = Explainer(out, device="cpu").explain(batch, list(targets), batch_size=4).raw
     reference = zoo.reference_maps(entry, model, batch, targets)
     assert zoo.map_error(ours, reference) < zoo.MAP_TOLERANCE
+
+
+def test_run_in_chunks_feeds_exactly_the_fixed_batch_and_drops_the_padding() -> None:
+    seen: list[int] = []
+
+    def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        seen.append(len(feeds["a"]))
+        return [feeds["a"] * 2 + feeds["b"][:, None]]
+
+    a = np.arange(14, dtype=np.float32).reshape(7, 2)
+    b = np.arange(7, dtype=np.float32) * 10
+    (got,) = run_in_chunks(run, ["y"], {"a": a, "b": b}, 3)
+    assert seen == [3, 3, 3]
+    np.testing.assert_array_equal(got, a * 2 + b[:, None])
