@@ -403,10 +403,7 @@ def prove(original: onnx.ModelProto, candidate: onnx.ModelProto, batch: int,
     inputs = images(groups * batch).astype(np.float32)
     input_name = real_inputs(original.graph)[0].name
     names = [o.name for o in original.graph.output]
-    session = cpu_session(original.SerializeToString())
-    parts = [session.run(names, {input_name: inputs[g * batch:(g + 1) * batch]})
-             for g in range(groups)]
-    expected = [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
+    expected = _grouped_outputs(original, names, input_name, inputs, batch)
     try:
         freed = cpu_session(candidate.SerializeToString())
     except Exception as exc:  # noqa: BLE001 - any load failure means not proved
@@ -428,6 +425,16 @@ def prove(original: onnx.ModelProto, candidate: onnx.ModelProto, batch: int,
             if not error <= PROOF_TOLERANCE:
                 raise NotProved(f"at batch size {size} output {name!r} differs from "
                                 f"per-sample runs by {error:.2e} (relative)")
+
+
+def _grouped_outputs(model: onnx.ModelProto, names: list[str], input_name: str,
+                     inputs: np.ndarray, batch: int) -> list[np.ndarray]:
+    """``model``'s outputs on ``inputs`` in groups of its batch; its session is gone
+    when this returns, so a large model is held once at a time."""
+    session = cpu_session(model.SerializeToString())
+    parts = [session.run(names, {input_name: inputs[start : start + batch]})
+             for start in range(0, len(inputs), batch)]
+    return [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
 
 
 def _first_line(exc: Exception) -> str:

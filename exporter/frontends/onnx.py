@@ -18,6 +18,7 @@ from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, c
 from onnxcam.exporter.shapes import run_with_outputs
 from onnxcam.graph import backward_reachable, opset_version, producers, real_inputs, toposort
 from onnxcam.layout import Layout
+from onnxcam.runtime import cpu_session, run_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,9 @@ def load(
 
     def reference(images: np.ndarray, targets: np.ndarray, **_: object) -> Reference:
         feeds = {ready.input_name: to_layout(images, ready.layout)}
-        return Reference(logits=run_with_outputs(original, [output], feeds)[output])
+        session = cpu_session(original.SerializeToString())
+        (logits,) = run_in_chunks(session.run, [output], feeds, ready.batch_size or len(images))
+        return Reference(logits=logits)
 
     return SourceModel(
         model=ready.model,
