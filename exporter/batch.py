@@ -177,7 +177,7 @@ def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
         log.debug("shape inference failed: %s", exc)
         return {}
     graph = inferred.graph
-    dims: dict[str, list[int | str | None]] = {}
+    dims: dict[str, list[int | str | None]] = {t.name: list(t.dims) for t in graph.initializer}
     for info in [*graph.input, *graph.value_info, *graph.output]:
         tensor_type = info.type.tensor_type
         if not tensor_type.HasField("shape"):

@@ -82,3 +82,29 @@ def numpy_gradcam(model: onnx.ModelProto, batch: np.ndarray, targets: np.ndarray
         weights = gradient.mean(axis=(1, 2))
         cams.append(np.maximum(np.einsum("chw,c->hw", maps[n], weights), 0))
     return logits, np.array(cams)
+
+
+def class_token_model() -> onnx.ModelProto:
+    """A ViT-like head at batch 1: Conv -> Reshape [1, C, HW] -> Transpose -> Concat
+    with a class token [1, 1, C] along the tokens -> ReduceMean -> Gemm."""
+    token = np.random.default_rng(5).normal(size=(1, 1, CHANNELS)).astype(np.float32)
+    dense = np.random.default_rng(6).normal(size=(CLASSES, CHANNELS)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c", "tokens_shape"], ["flat"]),
+        helper.make_node("Transpose", ["flat"], ["tokens"], perm=[0, 2, 1]),
+        helper.make_node("Concat", ["class_token", "tokens"], ["all"], axis=1),
+        helper.make_node("ReduceMean", ["all", "axes"], ["mean"], keepdims=0),
+        helper.make_node("Gemm", ["mean", "g"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "class_token",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, CLASSES])],
+        [numpy_helper.from_array(CONV, "w"), numpy_helper.from_array(token, "class_token"),
+         numpy_helper.from_array(dense, "g"),
+         numpy_helper.from_array(np.array([1, CHANNELS, SIZE * SIZE], np.int64), "tokens_shape"),
+         numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model

@@ -16,7 +16,16 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from baked import CLASSES, images, nchw_inputs, numpy_gradcam, per_image, reshape_model, unit_nchw
+from baked import (
+    CLASSES,
+    class_token_model,
+    images,
+    nchw_inputs,
+    numpy_gradcam,
+    per_image,
+    reshape_model,
+    unit_nchw,
+)
 from onnx import numpy_helper
 
 import onnxcam
@@ -39,6 +48,18 @@ def test_a_baked_reshape_is_freed_and_proved_per_sample() -> None:
     inputs = nchw_inputs(5)
     (got,) = cpu_session(freed.SerializeToString()).run(["y"], {"x": inputs})
     (want,) = per_image(reshape_model(), inputs, ["y"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_class_token_is_expanded_to_the_batch() -> None:
+    """The Reshape frees the tokens; the batch-1 token concatenated with them then
+    gets one copy per sample (ViT's pattern)."""
+    plan = free_batch(class_token_model(), nchw_inputs)
+    assert plan.fixed == 0 and len(plan.rewritten) == 2
+    assert sum(node.op_type == "Expand" for node in plan.model.graph.node) == 1
+    inputs = nchw_inputs(4)
+    (got,) = cpu_session(plan.model.SerializeToString()).run(["y"], {"x": inputs})
+    (want,) = per_image(class_token_model(), inputs, ["y"])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
