@@ -103,7 +103,9 @@ def free_batch(model: onnx.ModelProto, images: ImagesFn) -> BatchPlan:
 
 
 def set_batch_dim(model: onnx.ModelProto, value: str | int) -> None:
-    """Make the first axis of the input, and of every graph output, ``value``."""
+    """Make the first axis of the inputs and outputs ``value``: a symbol to free it, or
+    the fixed batch of a bundle (which then refuses other batch sizes up front
+    instead of misreading them)."""
     graph = model.graph
     for info in [*real_inputs(graph), *graph.output]:
         dims = info.type.tensor_type.shape.dim
@@ -440,14 +442,3 @@ def _grouped_outputs(model: onnx.ModelProto, names: list[str], input_name: str,
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def pin_batch(model: onnx.ModelProto, batch: int) -> None:
-    """Declare every graph input's and output's first axis as ``batch`` (a fixed-batch
-    bundle then refuses other batch sizes up front instead of misreading them)."""
-    graph = model.graph
-    for info in [*real_inputs(graph), *graph.output]:
-        dims = info.type.tensor_type.shape.dim
-        if dims and info.type.tensor_type.elem_type != TensorProto.UNDEFINED:
-            dims[0].Clear()
-            dims[0].dim_value = batch

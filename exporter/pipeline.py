@@ -19,7 +19,7 @@ from onnxcam.bundle import (
     LayerEntry,
 )
 from onnxcam.errors import ExportError, UnsupportedModelError
-from onnxcam.exporter.batch import pin_batch
+from onnxcam.exporter.batch import set_batch_dim
 from onnxcam.exporter.draft import Draft, Options
 from onnxcam.exporter.frontends import SourceModel
 from onnxcam.exporter.layers import LayerInfo
@@ -184,7 +184,7 @@ def build_bundle(
     options = Options(preprocess, tuple(labels), gradient, input_gradients, guided)
     draft = run_passes(Draft.from_source(source, options), PASSES)
     if draft.batch_size:
-        pin_batch(draft.model, draft.batch_size)
+        set_batch_dim(draft.model, draft.batch_size)
     info = bundle_info(draft)
     return seal(draft.model, info), info
 

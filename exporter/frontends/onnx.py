@@ -171,8 +171,12 @@ def prepare(
     path: Path | onnx.ModelProto, layout: str | None, input_size: tuple[int, int] | None,
     opset: int,
 ) -> Prepared:
-    """Load (or take), upgrade, check the input, free its batch and list the layers."""
-    loaded = path if isinstance(path, onnx.ModelProto) else load_proto(path)
+    """Load (or copy), upgrade, check the input, free its batch and list the layers."""
+    if isinstance(path, onnx.ModelProto):
+        name, loaded = "the model", onnx.ModelProto()
+        loaded.CopyFrom(path)  # the caller's model stays as it is
+    else:
+        name, loaded = str(path), load_proto(path)
     model = upgrade_opset(loaded, max(opset, 17))
     toposort(model.graph)
     found, height, width, channels = fix_input(model, layout, input_size)
@@ -186,7 +190,7 @@ def prepare(
         plan = free_batch(model, samples)
         layers = list_layers(plan.model, input_name, samples(plan.fixed or 1))
     except Exception as exc:
-        raise UnsupportedModelError(f"{path}: onnxruntime cannot run the model ({exc})") from exc
+        raise UnsupportedModelError(f"{name}: onnxruntime cannot run the model ({exc})") from exc
     return Prepared(plan.model, input_name, found, height, width, channels, layers, plan.fixed)
 
 

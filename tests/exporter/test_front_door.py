@@ -46,7 +46,10 @@ def test_example_is_only_for_torch_modules(tmp_path: Path) -> None:
 def test_an_onnx_model_in_memory_is_the_file(tmp_path: Path) -> None:
     """A ModelProto in memory (baking batch 1 in) gives the numbers of the source."""
     out = tmp_path / "memory.cam.onnx"
-    onnxcam.export(reshape_model(), out, layer="r")
+    source = reshape_model()
+    before = source.SerializeToString()
+    onnxcam.export(source, out, layer="r")
+    assert source.SerializeToString() == before  # the caller's model is not touched
     batch, targets = images(3, seed=8), np.array([2, 0, 4])
     result = Explainer(out, device="cpu").explain(batch, targets)
     logits, cams = numpy_gradcam(reshape_model(), batch, targets)
