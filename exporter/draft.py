@@ -58,6 +58,7 @@ class Draft:
     source_format: str = ""
     source_sha256: str = ""
     layer_order: tuple[str, ...] = ()  # every candidate layer's name, in graph order
+    batch_size: int = 0  # 0: any batch; else the model's own, which the bundle keeps
     # Recorded by the passes:
     removed_activation: str = ""  # a squashing op linearize_logits (or the frontend) removed
     model_input: str = ""  # the float tensor the model read before embed_preprocessing
@@ -79,7 +80,7 @@ class Draft:
             taps=[primary, *source.more_layers], options=options,
             source_format=source.source_format, source_sha256=source.source_sha256,
             layer_order=tuple(layer.name for layer in source.layers),
-            removed_activation=source.removed_activation,
+            removed_activation=source.removed_activation, batch_size=source.batch_size,
         )
 
     @property

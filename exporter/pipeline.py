@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -17,6 +19,7 @@ from onnxcam.bundle import (
     LayerEntry,
 )
 from onnxcam.errors import ExportError, UnsupportedModelError
+from onnxcam.exporter.batch import set_batch_dim
 from onnxcam.exporter.draft import Draft, Options
 from onnxcam.exporter.frontends import SourceModel
 from onnxcam.exporter.layers import LayerInfo
@@ -57,15 +60,51 @@ class ExportResult:
     report: Report | None
 
 
+# What ``export`` and ``load_source`` accept, for the error a wrong object gets.
+ACCEPTED = ("a path (.onnx, .keras, .h5 or a SavedModel folder), a keras.Model, an "
+            "onnx.ModelProto, or a torch.nn.Module with example=<an NCHW input tensor>")
+
+
 def load_source(
-    src: str | Path,
+    src: Any,
     layer: str | Sequence[str] | None = None,
     layout: str | None = None,
     input_size: tuple[int, int] | None = None,
     opset: int = 17,
+    example: Any = None,
+) -> SourceModel:
+    """Pick the frontend for ``src``: a file by its type, or a model in memory.
+
+    ``example`` is the input a ``torch.nn.Module`` is exported on (required there,
+    refused elsewhere); torch modules get layers by module path (``layer4.1``).
+    """
+    if example is not None and not is_torch_module(src):
+        raise UnsupportedModelError("example= is for torch modules only")
+    if isinstance(src, (str, Path)):
+        return load_path(Path(src), layer, layout, input_size, opset)
+    if isinstance(src, onnx.ModelProto):
+        from onnxcam.exporter.frontends import onnx as onnx_frontend
+
+        return onnx_frontend.load(src, layer, layout, input_size, opset)
+    if is_torch_module(src):
+        if example is None:
+            raise UnsupportedModelError(
+                "a torch module needs an example input to be exported on: "
+                "export(model, out, example=torch.randn(1, 3, H, W))")
+        from onnxcam.exporter.frontends import torch as torch_frontend
+
+        return torch_frontend.load(src, example, layer, opset)
+    if is_keras_model(src):
+        return load_keras_model(src, layer, opset)
+    raise UnsupportedModelError(f"cannot export a {type(src).__module__}."
+                                f"{type(src).__qualname__}; expected {ACCEPTED}")
+
+
+def load_path(
+    path: Path, layer: str | Sequence[str] | None, layout: str | None,
+    input_size: tuple[int, int] | None, opset: int,
 ) -> SourceModel:
     """Pick the frontend by file type: .onnx, or a Keras file / SavedModel folder."""
-    path = Path(src)
     if not path.exists():
         raise UnsupportedModelError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".onnx":
@@ -79,6 +118,28 @@ def load_source(
     raise UnsupportedModelError(
         f"{path}: unsupported model type; expected .onnx, .keras, .h5 or a SavedModel folder"
     )
+
+
+def is_torch_module(obj: object) -> bool:
+    """Whether ``obj`` is a ``torch.nn.Module``, without importing torch."""
+    return any(cls.__name__ == "Module" and cls.__module__.startswith("torch.nn")
+               for cls in type(obj).__mro__)
+
+
+def is_keras_model(obj: object) -> bool:
+    """Whether ``obj`` is a Keras model (Keras 3 or tf.keras), without importing it."""
+    return any(cls.__name__ == "Model" and cls.__module__.split(".")[0] in ("keras", "tf_keras")
+               for cls in type(obj).__mro__)
+
+
+def load_keras_model(model: Any, layer: str | Sequence[str] | None, opset: int) -> SourceModel:
+    """A Keras model in memory, through the Keras frontend by way of a .keras file."""
+    from onnxcam.exporter.frontends import keras as keras_frontend
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.keras"
+        model.save(str(path))
+        return keras_frontend.load(path, layer, opset)
 
 
 def list_layers(
@@ -122,6 +183,8 @@ def build_bundle(
     """
     options = Options(preprocess, tuple(labels), gradient, input_gradients, guided)
     draft = run_passes(Draft.from_source(source, options), PASSES)
+    if draft.batch_size:
+        set_batch_dim(draft.model, draft.batch_size)
     info = bundle_info(draft)
     return seal(draft.model, info), info
 
@@ -141,7 +204,7 @@ def bundle_info(draft: Draft) -> BundleInfo:
         version=__version__, removed_activation=draft.removed_activation,
         fd_epsilon=draft.fd_step, fd_chunk=draft.fd_chunk, model_input=draft.model_input,
         input_gradients=tuple(name for name, asked in wanted if asked),
-        all_layers=layer_entries(draft),
+        all_layers=layer_entries(draft), batch_size=draft.batch_size,
     )
 
 
@@ -167,9 +230,10 @@ def seal(model: onnx.ModelProto, info: BundleInfo) -> onnx.ModelProto:
 
 
 def export(
-    src: str | Path,
+    src: Any,
     out: str | Path,
     *,
+    example: Any = None,
     layer: str | Sequence[str] | None = None,
     preprocess: str = "unit",
     labels: str | Path | list[str] | None = None,
@@ -183,15 +247,25 @@ def export(
 ) -> ExportResult:
     """Turn a classifier into a verified Grad-CAM bundle at ``out``.
 
+    ``src`` is a path (.onnx, .keras, .h5, SavedModel folder), a ``keras.Model``, an
+    ``onnx.ModelProto`` or a ``torch.nn.Module``; a torch module also needs
+    ``example``, an NCHW input tensor (its size becomes the bundle's; the batch is
+    exported dynamic), and takes layers by module path (``layer4.1``).
     ``layer`` may name several layers: the first is the primary one. With
     ``input_gradients`` the bundle also returns d logit / d model input, and with
     ``guided`` the guided-backprop version of it. Nothing is written unless the
     bundle passes verification (or ``verify`` is off).
     """
     label_list = read_labels(labels)
-    source = load_source(src, layer, layout, input_size, opset)
+    source = load_source(src, layer, layout, input_size, opset, example)
     bundle, info = build_bundle(source, preprocess, label_list, gradient, input_gradients,
                                 guided)
+    if verify and info.batch_size:
+        # verify_bundle probes at PROBE_BATCH and differentiates in batches of directions.
+        raise ExportError(
+            f"the model runs at batch size {info.batch_size} only (see the log for why its "
+            "batch could not be freed), and verification cannot check such bundles yet; "
+            "export it with a dynamic batch, or with verify=False (--no-verify)")
     report = verify_bundle(bundle, info, source) if verify else None
     atomic_write(Path(out), bundle.SerializeToString())
     return ExportResult(Path(out), info, report)

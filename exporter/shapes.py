@@ -56,25 +56,31 @@ def random_images(batch: int, height: int, width: int, channels: int, seed: int 
 
 
 def probe_shapes(
-    model: onnx.ModelProto, names: Iterable[str], height: int, width: int, channels: int
+    model: onnx.ModelProto, names: Iterable[str], height: int, width: int, channels: int,
+    fixed_batch: int = 0,
 ) -> dict[str, TensorShape]:
     """Shapes of ``names`` at batch 1, with the axes that grow with the batch marked.
 
+    A model of ``fixed_batch`` runs at that batch only: its shapes are taken there,
+    and no axis grows (every shape is static, which is what its gradients may assume).
     Precondition: the model's input is the bundle's uint8 ``image``.
     """
     names = list(names)
     runs = []
-    for batch in (1, 2):
+    for batch in (fixed_batch,) if fixed_batch else (1, 2):
         feeds = {INPUT_IMAGE: random_images(batch, height, width, channels, seed=batch)}
         try:
             runs.append(run_with_outputs(model, names, feeds))
         except Exception as exc:
             raise UnsupportedModelError(
-                f"the model does not run at batch size {batch}: {str(exc).splitlines()[0]}"
+                f"the model does not run at batch size {batch}: {str(exc).splitlines()[0]}. "
+                "If it was exported with a fixed batch, export it with a dynamic one "
+                "(torch: dynamic_axes={'input': {0: 'N'}}, or dynamo=True with dynamic_shapes), "
+                "or pass the torch module itself to onnxcam.export"
             ) from exc
     shapes = {}
     for name in names:
-        one, two = runs[0][name].shape, runs[1][name].shape
+        one, two = runs[0][name].shape, runs[-1][name].shape
         if len(one) != len(two):
             raise UnsupportedModelError(f"tensor {name!r} changes rank with the batch size")
         shapes[name] = TensorShape(tuple(int(d) for d in one),

@@ -62,6 +62,7 @@ KEY_MODEL_INPUT = PREFIX + "model_input"  # the preprocessed tensor the model it
 # Written only when the bundle has them, so older bundles read the same:
 KEY_INPUT_GRADIENTS = PREFIX + "input_gradients"  # JSON list of the input-gradient outputs
 KEY_LAYERS = PREFIX + "layers"  # JSON list of every exported layer, early to late
+KEY_BATCH_SIZE = PREFIX + "batch_size"  # the one batch size a fixed-batch bundle runs at
 
 PREPROCESS_MODES = ("unit", "none", "caffe", "tf", "torch")
 LAYOUTS = ("nhwc", "nchw")
@@ -119,6 +120,8 @@ class BundleInfo:
     input_gradients: tuple[str, ...] = ()  # which of INPUT_GRADIENT_OUTPUTS the bundle has
     # With several exported layers: all of them, early to late (empty for one layer).
     all_layers: tuple[LayerEntry, ...] = ()
+    # 0: any batch size; else the model's own batch, which callers must run it at.
+    batch_size: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -168,6 +171,8 @@ class BundleInfo:
             props[KEY_INPUT_GRADIENTS] = json.dumps(list(self.input_gradients))
         if self.all_layers:
             props[KEY_LAYERS] = json.dumps([e.to_json() for e in self.all_layers])
+        if self.batch_size:
+            props[KEY_BATCH_SIZE] = str(self.batch_size)
         props.update(self.extra)
         return props
 
@@ -187,7 +192,7 @@ class BundleInfo:
                 KEY_LAYOUT, KEY_ACTIVATION_LAYOUT, KEY_LAYER, KEY_NUM_CLASSES, KEY_LABELS,
                 KEY_GRADIENT, KEY_SOURCE_FORMAT, KEY_SOURCE_SHA256, KEY_RESIZE,
                 KEY_REMOVED_HEAD, KEY_FD_EPSILON, KEY_FD_CHUNK, KEY_MODEL_INPUT,
-                KEY_INPUT_GRADIENTS, KEY_LAYERS,
+                KEY_INPUT_GRADIENTS, KEY_LAYERS, KEY_BATCH_SIZE,
             }
             layers = tuple(LayerEntry(str(e["name"]), int(e["index"]), str(e["layout"]))
                            for e in json.loads(props.get(KEY_LAYERS, "[]")))
@@ -212,6 +217,7 @@ class BundleInfo:
                 model_input=props.get(KEY_MODEL_INPUT, ""),
                 input_gradients=tuple(json.loads(props.get(KEY_INPUT_GRADIENTS, "[]"))),
                 all_layers=layers,
+                batch_size=int(props.get(KEY_BATCH_SIZE, "0")),
                 extra={k: v for k, v in props.items() if k.startswith(PREFIX) and k not in known},
             )
         except (KeyError, ValueError, TypeError) as exc:

@@ -1,4 +1,5 @@
-"""onnxruntime sessions: device choice, a quiet CUDA probe, and thread settings."""
+"""onnxruntime sessions: device choice, a quiet CUDA probe, thread settings, and runs
+in chunks of a fixed batch size."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -123,3 +125,28 @@ def make_session(
         log.warning("CUDA session could not be created; running on the CPU")
         chosen = "cpu"
     return session, chosen
+
+
+RunFn = Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def run_in_chunks(run: RunFn, names: list[str], feeds: dict[str, np.ndarray],
+                  size: int) -> list[np.ndarray]:
+    """``run`` on exactly ``size`` rows at a time, for a bundle of fixed batch size.
+
+    The last chunk is padded with copies of its last row and the padding's outputs
+    dropped, so each row's outputs are those of a run at the model's own batch.
+    Precondition: every feed and every output has the batch on axis 0.
+    """
+    total = len(next(iter(feeds.values())))
+    if total == size or total == 0:
+        return list(run(names, feeds))
+    pieces: list[list[np.ndarray]] = []
+    for start in range(0, total, size):
+        chunk = {name: value[start : start + size] for name, value in feeds.items()}
+        kept = len(next(iter(chunk.values())))
+        if kept < size:
+            chunk = {name: np.concatenate([value, np.repeat(value[-1:], size - kept, axis=0)])
+                     for name, value in chunk.items()}
+        pieces.append([output[:kept] for output in run(names, chunk)])
+    return [np.concatenate(parts) for parts in zip(*pieces)]

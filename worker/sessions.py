@@ -17,7 +17,7 @@ import onnx
 from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_LOGITS, BundleInfo, read_bundle
 from onnxcam.errors import BundleError
 from onnxcam.graph import prune_unused
-from onnxcam.runtime import make_session
+from onnxcam.runtime import make_session, run_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,21 @@ def split_at_model_input(
     return front, back
 
 
+class FixedBatchSession:
+    """An onnxruntime session of a fixed-batch graph, run in chunks of that batch."""
+
+    def __init__(self, session: Any, size: int) -> None:
+        self._session = session
+        self.size = size
+
+    def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        wanted = names or [output.name for output in self._session.get_outputs()]
+        return run_in_chunks(self._session.run, wanted, feeds, self.size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
 class Sessions:
     """Every session of one bundle, built lazily and kept for the process's life.
 
@@ -94,9 +109,18 @@ class Sessions:
         if not info.input_gradients:
             self._by_kept[frozenset()] = session
         self._splits: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        if info.batch_size:
+            log.info("%s runs at batch size %d only: images go through it in chunks of %d, "
+                     "the last one padded", name, info.batch_size, info.batch_size)
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The outputs ``names`` for ``feeds``, from the smallest session that has them."""
+        """The outputs ``names`` for ``feeds``, from the smallest session that has them
+        (a fixed-batch bundle's in chunks of its batch size)."""
+        if self.info.batch_size:
+            return run_in_chunks(self._run_once, names, feeds, self.info.batch_size)
+        return self._run_once(names, feeds)
+
+    def _run_once(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         session = self.session_for(names)
         if not self.use_io_binding:
             return list(session.run(names, feeds))
@@ -126,12 +150,19 @@ class Sessions:
         if outputs not in self._splits:
             log.debug("splitting the bundle at %s for %s", self.info.model_input, outputs)
             front, back = split_at_model_input(self._model(), self.info, outputs)
-            self._splits[outputs] = (self._make(front), self._make(back))
+            self._splits[outputs] = (self._chunked(self._make(front)),
+                                     self._chunked(self._make(back)))
         return self._splits[outputs]
 
     def _model(self) -> onnx.ModelProto:
         data = self._source if isinstance(self._source, bytes) else read_bundle(self._source).data
         return onnx.load_from_string(data)
+
+    def _chunked(self, session: Any) -> Any:
+        """``session`` itself, or for a fixed-batch bundle a wrapper that runs it in
+        chunks of that batch (Score-CAM and SmoothGrad run the halves directly)."""
+        return FixedBatchSession(session, self.info.batch_size) if self.info.batch_size \
+            else session
 
     def _make(self, model: onnx.ModelProto) -> Any:
         return make_session(model.SerializeToString(), self.device, self.threads)[0]

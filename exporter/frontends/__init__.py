@@ -63,6 +63,7 @@ class SourceModel:
     reference: ReferenceFn
     removed_activation: str = ""  # a squashing activation the frontend already dropped
     more_layers: list[Tap] = field(default_factory=list)  # further --layer choices, in order
+    batch_size: int = 0  # 0: the model runs at any batch; else the only batch it runs at
 
 
 def sha256_of(path: Path) -> str:
@@ -76,3 +77,8 @@ def sha256_of(path: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_of_bytes(data: bytes) -> str:
+    """The sha256 of a model handed over in memory, as its serialised bytes."""
+    return hashlib.sha256(data).hexdigest()

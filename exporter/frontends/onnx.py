@@ -12,11 +12,13 @@ import onnx
 from onnx import helper
 
 from onnxcam.errors import UnsupportedModelError
-from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of
+from onnxcam.exporter.batch import BATCH_SYMBOL, free_batch, static_batch
+from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of, sha256_of_bytes
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from onnxcam.exporter.shapes import run_with_outputs
 from onnxcam.graph import backward_reachable, opset_version, producers, real_inputs, toposort
 from onnxcam.layout import Layout
+from onnxcam.runtime import cpu_session, run_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,10 @@ def infer_layout(dims: list[int | str], layout: str | None) -> Layout:
 def fix_input(
     model: onnx.ModelProto, layout: str | None, input_size: tuple[int, int] | None
 ) -> tuple[Layout, int, int, int]:
-    """Check the single rank-4 input and pin its spatial size. Returns layout, H, W, C."""
+    """Check the single rank-4 input and pin its spatial size. Returns layout, H, W, C.
+
+    A symbolic batch becomes ``N``; a fixed one is left for ``free_batch``.
+    """
     graph = model.graph
     inputs = real_inputs(graph)
     if len(inputs) != 1:
@@ -100,8 +105,9 @@ def fix_input(
     for axis, value in zip(hw_axes, (height, width)):
         dims_proto[axis].Clear()
         dims_proto[axis].dim_value = value
-    dims_proto[0].Clear()
-    dims_proto[0].dim_param = "N"
+    if not static_batch(model):  # a fixed batch is free_batch's to judge
+        dims_proto[0].Clear()
+        dims_proto[0].dim_param = BATCH_SYMBOL
     return found, height, width, int(channels)
 
 
@@ -158,27 +164,38 @@ class Prepared:
     width: int
     channels: int
     layers: list[LayerInfo]
+    batch_size: int = 0  # 0: any batch; else the one the model runs at (free_batch)
 
 
 def prepare(
-    path: Path, layout: str | None, input_size: tuple[int, int] | None, opset: int
+    path: Path | onnx.ModelProto, layout: str | None, input_size: tuple[int, int] | None,
+    opset: int,
 ) -> Prepared:
-    """Load, upgrade, check the input and list the candidate layers."""
-    model = upgrade_opset(load_proto(path), max(opset, 17))
+    """Load (or copy), upgrade, check the input, free its batch and list the layers."""
+    if isinstance(path, onnx.ModelProto):
+        name, loaded = "the model", onnx.ModelProto()
+        loaded.CopyFrom(path)  # the caller's model stays as it is
+    else:
+        name, loaded = str(path), load_proto(path)
+    model = upgrade_opset(loaded, max(opset, 17))
     toposort(model.graph)
     found, height, width, channels = fix_input(model, layout, input_size)
     input_name = real_inputs(model.graph)[0].name
-    sample_nhwc = np.random.default_rng(0).uniform(0, 1, (1, height, width, channels))
-    sample = to_layout(sample_nhwc.astype(np.float32), found)
+
+    def samples(count: int) -> np.ndarray:
+        nhwc = np.random.default_rng(count).uniform(0, 1, (count, height, width, channels))
+        return to_layout(nhwc.astype(np.float32), found)
+
     try:
-        layers = list_layers(model, input_name, sample)
+        plan = free_batch(model, samples)
+        layers = list_layers(plan.model, input_name, samples(plan.fixed or 1))
     except Exception as exc:
-        raise UnsupportedModelError(f"{path}: onnxruntime cannot run the model ({exc})") from exc
-    return Prepared(model, input_name, found, height, width, channels, layers)
+        raise UnsupportedModelError(f"{name}: onnxruntime cannot run the model ({exc})") from exc
+    return Prepared(plan.model, input_name, found, height, width, channels, layers, plan.fixed)
 
 
 def load(
-    path: Path,
+    path: Path | onnx.ModelProto,
     layer: str | Sequence[str] | None = None,
     layout: str | None = None,
     input_size: tuple[int, int] | None = None,
@@ -194,7 +211,9 @@ def load(
 
     def reference(images: np.ndarray, targets: np.ndarray, **_: object) -> Reference:
         feeds = {ready.input_name: to_layout(images, ready.layout)}
-        return Reference(logits=run_with_outputs(original, [output], feeds)[output])
+        session = cpu_session(original.SerializeToString())
+        (logits,) = run_in_chunks(session.run, [output], feeds, ready.batch_size or len(images))
+        return Reference(logits=logits)
 
     return SourceModel(
         model=ready.model,
@@ -206,12 +225,14 @@ def load(
         width=ready.width,
         channels=ready.channels,
         source_format="onnx",
-        source_sha256=sha256_of(path),
+        source_sha256=sha256_of(path) if isinstance(path, Path) else sha256_of_bytes(
+            path.SerializeToString()),
         layers=ready.layers,
         reference=reference,
         more_layers=[Tap(c.name, c.tensor, tensor_layout(ready.model.graph, c.tensor,
                                                            ready.layout))
                      for c in layers[1:]],
+        batch_size=ready.batch_size,
     )
 
 

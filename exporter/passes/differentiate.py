@@ -27,6 +27,12 @@ def differentiate(draft: Draft) -> bool:
         return differentiate_exactly(draft)
     if draft.options.gradient != "fd" and try_analytic(draft):
         return True
+    if draft.batch_size:
+        # fd perturbs a batch of copies of each image; this model runs at one batch only.
+        missing = ", ".join(unsupported_ops(draft.graph)) or "see the log"
+        raise ExportError(
+            f"finite differences cannot run a model of fixed batch size {draft.batch_size}; "
+            f"it needs analytic gradients (missing: {missing})")
     return add_fd_weights(draft)
 
 

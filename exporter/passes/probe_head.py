@@ -20,7 +20,7 @@ def probe_head(draft: Draft) -> bool:
     graph = draft.graph
     start = draft.model_input if draft.options.whole_body else ""
     draft.shapes = probe_shapes(draft.model, head_tensors(graph, start), draft.height,
-                                draft.width, draft.channels)
+                                draft.width, draft.channels, draft.batch_size)
     logits = draft.shapes[source_of(graph, OUTPUT_LOGITS)]
     if logits.rank != 2:
         raise UnsupportedModelError(

@@ -1,0 +1,164 @@
+"""The torch frontend: a ``torch.nn.Module`` in memory, exported to ONNX here.
+
+The module goes through torch's TorchScript exporter (``dynamo=False``) with a
+dynamic batch axis. That exporter traces any module that runs in eager mode
+(the dynamo exporter refuses data-dependent control flow and needs
+``dynamic_shapes`` spelled per model), and it names each node after the module
+path that made it (``/layer4/layer4.1/relu_1/Relu``), so layers can be asked for
+as users know them: ``layer4.1``, ``features.7``. The ONNX file then takes the
+ONNX frontend's road. torch is imported here only, and only when this module is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxcam.errors import LayerNotFoundError, UnsupportedModelError
+from onnxcam.exporter.frontends import SourceModel, Tap
+from onnxcam.exporter.shapes import run_with_outputs
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+MATCH_TOLERANCE = 1e-4  # relative: the module's hooked output against an ONNX tensor
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            "torch modules need the torch extra: pip install 'onnxcam[torch]'") from exc
+    return torch
+
+
+def to_onnx(module: Any, example: Any, opset: int = 17) -> onnx.ModelProto:
+    """``module`` exported with a dynamic batch on ``example`` (an NCHW float tensor).
+
+    Precondition: ``module`` is in eval mode; ``example`` is a 4-D float tensor.
+    """
+    torch = _import_torch()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        # The exporter warns about tracing at length; none of it concerns the result.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(module, (example,), str(path), dynamo=False,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+                                  opset_version=opset)
+            except Exception as exc:
+                raise UnsupportedModelError(f"torch.onnx.export failed: {exc}") from exc
+        return onnx.load(str(path))
+
+
+def module_outputs(module: Any, paths: Sequence[str], example: Any) -> dict[str, np.ndarray]:
+    """What each submodule at ``paths`` returns on ``example`` (forward hooks)."""
+    torch = _import_torch()
+    seen: dict[str, np.ndarray] = {}
+    handles = []
+    for path in paths:
+        try:
+            submodule = module.get_submodule(path)
+        except AttributeError:
+            names = [name for name, _ in module.named_modules() if name]
+            raise LayerNotFoundError(path, names) from None
+
+        def hook(_module: Any, _inputs: Any, output: Any, path: str = path) -> None:
+            if isinstance(output, torch.Tensor):
+                seen[path] = output.detach().cpu().numpy().copy()
+
+        handles.append(submodule.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _in_scope(node: onnx.NodeProto, path: str) -> bool:
+    """Whether the TorchScript exporter says ``node`` was made inside module ``path``:
+    its name's folders are the module path, each part a full path ("layer4.1") or an
+    attribute name ("layer4")."""
+    built = ""
+    for part in node.name.split("/")[1:-1]:
+        built = part if "." in part or not built else f"{built}.{part}"
+    return built == path or built.startswith(path + ".")
+
+
+def tensors_for(model: onnx.ModelProto, module: Any, paths: Sequence[str],
+                example: Any) -> dict[str, str]:
+    """The ONNX tensor holding each module path's output.
+
+    Found by value (the hooked output against every float tensor onnxruntime
+    computes at batch 1), since the exporter keeps module paths on nodes, not on
+    tensors; among equal tensors (Identity, in-place ops) the last one made inside
+    the module wins.
+    """
+    wanted = module_outputs(module, paths, example)
+    produced = [(node, name) for node in model.graph.node for name in node.output[:1]
+                if name and node.op_type not in ("Constant", "Shape")]
+    values = run_with_outputs(model, [name for _, name in produced],
+                              {INPUT_NAME: example.detach().cpu().numpy()})
+    found = {}
+    for path in paths:
+        if path not in wanted:
+            raise UnsupportedModelError(f"module {path!r} does not return one tensor")
+        target = wanted[path]
+        scale = max(float(np.abs(target).max(initial=0.0)), 1e-12)
+        matches = [(node, name) for node, name in produced
+                   if values[name].shape == target.shape and values[name].dtype.kind == "f"
+                   and float(np.abs(values[name] - target).max()) <= MATCH_TOLERANCE * scale]
+        if not matches:
+            raise UnsupportedModelError(f"no tensor in the exported graph holds the output "
+                                        f"of module {path!r}")
+        inside = [match for match in matches if _in_scope(match[0], path)]
+        found[path] = (inside or matches)[-1][1]
+    return found
+
+
+def load(module: Any, example: Any, layer: str | Sequence[str] | None = None,
+         opset: int = 17) -> SourceModel:
+    """A torch module as a source model; ``layer`` names module paths (``layer4.1``).
+
+    Precondition: ``example`` is a float tensor [1 or more, C, H, W] the module
+    accepts; its spatial size becomes the bundle's.
+    """
+    torch = _import_torch()
+    if not isinstance(example, torch.Tensor) or example.dim() != 4:
+        raise UnsupportedModelError(
+            "a torch module needs example=, an NCHW float tensor such as "
+            "torch.randn(1, 3, 224, 224)")
+    from onnxcam.exporter.frontends import onnx as onnx_frontend
+
+    module = module.eval()
+    example = example.detach().float()
+    model = to_onnx(module, example, max(opset, 17))
+    paths = [layer] if isinstance(layer, str) else list(layer or [])
+    by_path = tensors_for(model, module, paths, example) if paths else {}
+    source = onnx_frontend.load(model, [by_path[p] for p in paths] or None, "nchw", None, opset)
+    source.source_format = "torch"
+    if not paths:
+        return source
+    names = {by_path[p]: p for p in paths}
+    source.layer = paths[0]
+    source.more_layers = [Tap(names.get(tap.tensor, tap.layer), tap.tensor, tap.layout)
+                          for tap in source.more_layers]
+    source.layers = [dataclasses.replace(info, name=names[info.tensor])
+                     if info.tensor in names else info for info in source.layers]
+    return source
