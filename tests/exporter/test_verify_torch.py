@@ -1,0 +1,136 @@
+"""Verification on what torch's legacy exporter writes: it runs to a verdict, and
+the verdict holds against torch's own autograd.
+
+The heads here read tensors from outside themselves the way exported zoo models
+do: a parameter shared through an Identity node (two equal parameters), a shape
+computed from the model's input (``x.reshape(x.shape[0], -1)``), scalar Constant
+nodes (an Erf-GELU), token layers (Swin, MaxViT). Each used to crash verification.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_GRADIENTS, OUTPUT_INPUT_GRADIENTS
+from onnxcam.exporter import export
+from onnxcam.runtime import cpu_session
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+sys.path.insert(0, str(Path(__file__).parent))
+from test_vjp_torch import SIZE, convnext, maxvit, perturbed, swin  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+
+
+class SharedBias(torch.nn.Module):
+    """Two convolutions with equal biases (the legacy exporter stores one and reads
+    the other through Identity) and a Reshape to a shape taken from the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 5)
+        with torch.no_grad():
+            self.conv2.bias.copy_(self.conv1.bias)
+
+    def forward(self, x: Any) -> Any:
+        batch = x.shape[0]
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(h, 2).reshape(batch, -1))
+
+
+def legacy_export(model: Any, path: Path, size: int = SIZE) -> Path:
+    """torch's legacy exporter with a dynamic batch (static batches are another issue)."""
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.rand(1, 3, size, size),), buffer, dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def images(count: int = 2, size: int = SIZE) -> np.ndarray:
+    return np.random.default_rng(11).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def run_bundle(path: Path, batch: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    session = cpu_session(path.read_bytes())
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {INPUT_IMAGE: batch, INPUT_TARGET: targets})))
+
+
+def torch_gradients(model: Any, batch: np.ndarray, targets: np.ndarray, module: Any
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """d logit[target] / d (module's output) and d logit[target] / d input, by autograd
+    (``preprocess="unit"``: the model reads x / 255, NCHW)."""
+    x = torch.tensor(batch.transpose(0, 3, 1, 2).astype(np.float32) / 255, requires_grad=True)
+    seen: list[Any] = []
+
+    def keep(_module: Any, _inputs: Any, output: Any) -> None:
+        output.retain_grad()
+        seen.append(output)
+
+    handle = module.register_forward_hook(keep)
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    logits[torch.arange(len(targets)), torch.tensor(targets)].sum().backward()
+    return seen[-1].grad.numpy(), x.grad.numpy()
+
+
+def test_a_shared_parameter_and_a_shape_from_the_input_are_verified(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SharedBias().eval()
+    src = legacy_export(model, tmp_path / "shared.onnx")
+    graph = onnx.load(str(src)).graph
+    assert any(n.op_type == "Identity" for n in graph.node)  # the case under test
+    assert any(n.op_type == "Shape" and n.input[0] == "x" for n in graph.node)
+    layer = next(n.output[0] for n in graph.node if n.op_type == "Relu")
+    result = export(src, tmp_path / "bundle.onnx", layer=layer)
+    assert result.report is not None and result.report.ok
+    batch, targets = images(), np.array([1, 3], np.int64)
+    out = run_bundle(tmp_path / "bundle.onnx", batch, targets)
+    want, _ = torch_gradients(model, batch, targets, model.conv1)  # relu's grad, where > 0
+    assert result.info.activation_layout == "nchw"
+    got = out[OUTPUT_GRADIENTS]
+    live = want != 0
+    np.testing.assert_allclose(got[live], want[live], rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max())
+
+
+def test_input_gradients_of_a_head_reading_scalar_constants(tmp_path: Path) -> None:
+    """ConvNeXt's Erf-GELU reads 0-d Constant nodes from outside the body's head."""
+    model = perturbed(convnext)
+    src = legacy_export(model, tmp_path / "convnext.onnx")
+    result = export(src, tmp_path / "bundle.onnx", input_gradients=True)
+    assert result.report is not None
+    assert result.report.errors[OUTPUT_INPUT_GRADIENTS] <= 1e-3
+    batch, targets = images(), np.array([0, 4], np.int64)
+    out = run_bundle(tmp_path / "bundle.onnx", batch, targets)
+    _, want = torch_gradients(model, batch, targets, model.features)
+    got = out[OUTPUT_INPUT_GRADIENTS].transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", ["swin", "maxvit"])
+def test_token_layers_are_verified(tmp_path: Path, name: str) -> None:
+    """A layer inside the last block, whose head reads the block's residual input."""
+    model = perturbed({"swin": swin, "maxvit": maxvit}[name])
+    src = legacy_export(model, tmp_path / f"{name}.onnx")
+    graph = onnx.load(str(src)).graph
+    norms = [n.output[0] for n in graph.node
+             if n.op_type in ("LayerNormalization", "Add") and "features" in n.name
+             or n.op_type == "Add" and "blocks" in n.name]
+    result = export(src, tmp_path / "bundle.onnx", layer=norms[-2])
+    assert result.report is not None and result.report.ok
