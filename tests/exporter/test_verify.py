@@ -104,3 +104,4 @@ def test_swapped_channels_in_the_exposed_activation_are_refused(
     assert export(mnist_path, tmp_path / "clean.onnx").info.activation_layout == "nhwc"
     monkeypatch.setattr(pipeline, "PASSES", (*pipeline.PASSES, swap_channels))
     assert_refused(mnist_path, tmp_path / "out" / "bundle.onnx")
+

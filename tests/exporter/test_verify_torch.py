@@ -1,5 +1,5 @@
-"""Verification on what torch's legacy exporter writes: it runs to a verdict, and
-the verdict holds against torch's own autograd.
+"""Verification on what torch's legacy exporter writes: it runs to a verdict, the
+verdict holds against torch's own autograd, and real defects are still refused.
 
 The heads here read tensors from outside themselves the way exported zoo models
 do: a parameter shared through an Identity node (two equal parameters), a shape
@@ -20,12 +20,15 @@ import pytest
 
 from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_GRADIENTS, OUTPUT_INPUT_GRADIENTS
 from onnxcam.exporter import export
+from onnxcam.exporter.vjp import Rule
+from onnxcam.exporter.vjp.context import VjpContext
 from onnxcam.runtime import cpu_session
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 sys.path.insert(0, str(Path(__file__).parent))
-from test_vjp_torch import SIZE, convnext, maxvit, perturbed, swin  # noqa: E402
+from test_verify import Grads, Mutant, assert_refused, doubled, first_branch_only, replace_rule  # noqa: E402
+from test_vjp_torch import SIZE, convnext, maxvit, perturbed, swin, vit  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 
@@ -134,3 +137,62 @@ def test_token_layers_are_verified(tmp_path: Path, name: str) -> None:
              or n.op_type == "Add" and "blocks" in n.name]
     result = export(src, tmp_path / "bundle.onnx", layer=norms[-2])
     assert result.report is not None and result.report.ok
+
+
+def reversed_channels(real: Rule, ctx: VjpContext, node: onnx.NodeProto, grads: Grads
+                      ) -> Grads:
+    """The gradient with its channels (axis 1) in reverse order: a transposing defect."""
+    def flip(grad: str) -> str:
+        bounds = [ctx.b.const(np.array([v], np.int64), f"flip_{name}")
+                  for name, v in (("start", -1), ("end", -2**62), ("axis", 1), ("step", -1))]
+        return ctx.b.op("Slice", [grad, *bounds])
+
+    return [None if g is None else flip(g) for g in real(ctx, node, grads)]
+
+
+@pytest.fixture(scope="module")
+def resnet18_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """torchvision's resnet18 at 64x64, weights perturbed as trained ones would be."""
+    import torchvision
+    import zoo
+
+    model = zoo.perturb(torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+    return legacy_export(model, tmp_path_factory.mktemp("resnet18") / "resnet18.onnx", 64)
+
+
+@pytest.fixture(scope="module")
+def vit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ViT-tiny (one block, 2x2 patches of 8) at 16x16: LayerNorm, attention, GELU."""
+    return legacy_export(perturbed(vit), tmp_path_factory.mktemp("vit") / "vit.onnx")
+
+
+def node_output(path: Path, name_part: str, op_type: str) -> str:
+    """The last ``op_type`` node whose name contains ``name_part``: a layer to explain."""
+    graph = onnx.load(str(path)).graph
+    return [n.output[0] for n in graph.node if op_type == n.op_type and name_part in n.name][-1]
+
+
+@pytest.mark.parametrize(("op_type", "mutant"), [
+    ("Gemm", doubled), ("Add", first_branch_only), ("Relu", reversed_channels)])
+def test_defects_in_resnet18_are_refused(resnet18_path: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch, op_type: str,
+                                         mutant: Mutant) -> None:
+    """At layer4.0's output the head holds layer4.1: convolutions, ReLUs, a residual Add."""
+    layer = node_output(resnet18_path, "/layer4/layer4.0/", "Relu")
+    assert export(resnet18_path, tmp_path / "clean.onnx", layer=layer,
+                  gradient="analytic").report.ok
+    replace_rule(monkeypatch, op_type, mutant)
+    assert_refused(resnet18_path, tmp_path / "out" / "bundle.onnx", layer=layer,
+                   gradient="analytic")
+
+
+@pytest.mark.parametrize(("op_type", "mutant"), [
+    ("LayerNormalization", doubled), ("MatMul", doubled), ("Erf", doubled)])
+def test_defects_in_a_vit_are_refused(vit_path: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch, op_type: str,
+                                      mutant: Mutant) -> None:
+    """At the patch embedding the head is the whole encoder."""
+    layer = node_output(vit_path, "conv_proj", "Conv")
+    assert export(vit_path, tmp_path / "clean.onnx", layer=layer, gradient="analytic").report.ok
+    replace_rule(monkeypatch, op_type, mutant)
+    assert_refused(vit_path, tmp_path / "out" / "bundle.onnx", layer=layer, gradient="analytic")
