@@ -137,6 +137,7 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
     names = [o.name for o in session.get_outputs()]
     targets = probe_targets(info.num_classes)
     out = dict(zip(names, session.run(names, {INPUT_IMAGE: images, INPUT_TARGET: targets})))
+    del session  # as large as the model; the float64 checks below need the room
     chosen = np.where(targets < 0, out[OUTPUT_LOGITS].argmax(axis=1), targets)
     with_input = OUTPUT_INPUT_GRADIENTS in info.input_gradients
     reference = source.reference(preprocess_numpy(images, info.preprocess), chosen,
@@ -262,6 +263,52 @@ class CeilMaxPool(OpRun):
 CeilMaxPool.__name__ = "MaxPool"
 
 
+class WindowAveragePool(OpRun):
+    """AveragePool for 2-D NCHW maps, vectorised: onnx 1.23's reference loops over
+    every output element in Python (VGG's 512x7x7 pool then takes minutes)."""
+
+    op_domain = ""
+
+    def _run(self, x, auto_pad=None, ceil_mode=None, count_include_pad=None, dilations=None,
+             kernel_shape=None, pads=None, strides=None):
+        if x.ndim != 4 or (auto_pad not in (None, "NOTSET", b"NOTSET")) or \
+                any(d != 1 for d in dilations or ()):
+            raise NotImplementedError("AveragePool: only undilated 2-D maps with explicit pads")
+        pads = list(pads or (0, 0, 0, 0))
+        ones = np.ones((1, 1) + x.shape[2:], x.dtype)
+        # Sum over windows of zero-padded maps; divide by the elements each window covers:
+        # inside the input, or also in the explicit pads (count_include_pad).
+        padded_ones = np.pad(ones, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])),
+                             constant_values=1.0 if count_include_pad else 0.0)
+        total = _window_reduce(np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]),
+                                          (pads[1], pads[3]))), kernel_shape, strides,
+                               ceil_mode, np.sum)
+        count = _window_reduce(padded_ones, kernel_shape, strides, ceil_mode, np.sum)
+        return ((total / count).astype(x.dtype),)
+
+
+def _window_reduce(padded: np.ndarray, kernel: list[int], strides: list[int] | None,
+                   ceil_mode: int | None, reduce: object) -> np.ndarray:
+    """``reduce`` over each window of an already padded map; ``ceil_mode`` windows that
+    overhang the bottom or right edge take what they cover (zeros beyond)."""
+    kh, kw = kernel
+    sh, sw = strides or (1, 1)
+    rounding = np.ceil if ceil_mode else np.floor
+    out_h = int(rounding((padded.shape[2] - kh) / sh)) + 1
+    out_w = int(rounding((padded.shape[3] - kw) / sw)) + 1
+    if ceil_mode:  # a window must start inside the padded map
+        out_h -= (out_h - 1) * sh >= padded.shape[2]
+        out_w -= (out_w - 1) * sw >= padded.shape[3]
+    extra_h = max(0, (out_h - 1) * sh + kh - padded.shape[2])
+    extra_w = max(0, (out_w - 1) * sw + kw - padded.shape[3])
+    grown = np.pad(padded, ((0, 0), (0, 0), (0, extra_h), (0, extra_w)))
+    windows = np.lib.stride_tricks.sliding_window_view(grown, (kh, kw), (2, 3))
+    return reduce(windows[:, :, ::sh, ::sw][:, :, :out_h, :out_w], axis=(4, 5))  # type: ignore[operator]
+
+
+WindowAveragePool.__name__ = "AveragePool"
+
+
 class ExactErf(OpRun):
     """Erf in the input's precision (onnx 1.23's reference rounds it to float32, which
     puts float32 noise into every GELU of a float64 head)."""
@@ -274,7 +321,7 @@ class ExactErf(OpRun):
 
 
 ExactErf.__name__ = "Erf"
-REFERENCE_OPS = [ChannelLRN, CeilMaxPool, ExactErf]
+REFERENCE_OPS = [ChannelLRN, CeilMaxPool, WindowAveragePool, ExactErf]
 
 
 @dataclass
@@ -294,6 +341,7 @@ class Float64Head:
     invariant: list[str]  # the same at any batch size: fed as they are
     fixed: list[str]
     values: list[dict[str, np.ndarray]]  # per probe image, at batch 1
+    parameters: dict[str, np.ndarray] = field(default_factory=dict)  # float64, fed as is
 
     def scores(self, image: int, moved: np.ndarray, target: int) -> np.ndarray:
         """The head's score for ``target`` at each of ``moved`` (a batch of starts)."""
@@ -302,7 +350,7 @@ class Float64Head:
         scores = []
         for first in range(0, len(moved), per_run):
             chunk = moved[first : first + per_run]
-            feeds = {self.start: chunk}
+            feeds = {self.start: chunk, **self.parameters}
             feeds.update({name: np.repeat(_as_float64(values[name]), len(chunk), axis=0)
                           for name in self.batched})
             feeds.update({name: _as_float64(values[name])
@@ -348,15 +396,17 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
     initializers = {i.name for i in graph.initializer}
     outside = sorted(name for name in read if name not in constant)
     used = {i for n in nodes for i in n.input if i in initializers and i not in made}
-    parameters = [_array_to_float64(i) for i in graph.initializer if i.name in used]
+    # Parameters are fed, not stored in the head's proto: VGG's first Dense layer is
+    # 800 MB in float64, and the proto and the evaluator would each hold a copy.
+    parameters = {i.name: _as_float64(numpy_helper.to_array(i))
+                  for i in graph.initializer if i.name in used}
     head = helper.make_graph(
         [_to_float64(n) for n in nodes], "head",
         [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)
-         for name in [start, *outside]],
-        [helper.make_tensor_value_info(end, onnx.TensorProto.DOUBLE, None)], parameters)
+         for name in [start, *outside, *parameters]],
+        [helper.make_tensor_value_info(end, onnx.TensorProto.DOUBLE, None)])
     model = helper.make_model(head, opset_imports=list(bundle.opset_import))
     evaluator = ReferenceEvaluator(model, new_ops=REFERENCE_OPS)
-    del model, head, parameters  # the evaluator holds its own arrays
     runner = OutputRunner(bundle, [start, *outside])
     feeds = [{INPUT_IMAGE: images[n : n + 1], INPUT_TARGET: chosen[n : n + 1].astype(np.int64)}
              for n in range(len(images))]
@@ -372,7 +422,7 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
             invariant.append(name)
         else:
             fixed.append(name)  # a shape read from the input, or a batch on another axis
-    return Float64Head(evaluator, start, batched, invariant, fixed, values)
+    return Float64Head(evaluator, start, batched, invariant, fixed, values, parameters)
 
 
 def constant_producers(graph: onnx.GraphProto, names: set[str]) -> set[str]:

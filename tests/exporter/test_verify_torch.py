@@ -17,9 +17,12 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
 
 from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_GRADIENTS, OUTPUT_INPUT_GRADIENTS
 from onnxcam.exporter import export
+from onnxcam.exporter.verify import REFERENCE_OPS
 from onnxcam.exporter.vjp import Rule
 from onnxcam.exporter.vjp.context import VjpContext
 from onnxcam.runtime import cpu_session
@@ -196,3 +199,29 @@ def test_defects_in_a_vit_are_refused(vit_path: Path, tmp_path: Path,
     assert export(vit_path, tmp_path / "clean.onnx", layer=layer, gradient="analytic").report.ok
     replace_rule(monkeypatch, op_type, mutant)
     assert_refused(vit_path, tmp_path / "out" / "bundle.onnx", layer=layer, gradient="analytic")
+
+
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize(("kernel", "stride", "pad", "ceil", "include_pad"), [
+    (3, 2, 1, 1, 0), (3, 2, 1, 1, 1), (3, 1, 1, 1, 0), (2, 2, 0, 1, 1), (5, 3, 2, 1, 0),
+    (3, 2, 0, 0, 1)])
+def test_float64_pools_match_torch(size: int, kernel: int, stride: int, pad: int, ceil: int,
+                                   include_pad: int) -> None:
+    """The head's float64 MaxPool and AveragePool, ceil_mode included (googlenet's
+    padded ceil-mode pools), against torch's."""
+    x = np.random.default_rng(size).standard_normal((2, 3, size, size))
+    common = {"kernel_shape": [kernel, kernel], "strides": [stride, stride],
+              "pads": [pad] * 4, "ceil_mode": ceil}
+    pools = {"MaxPool": torch.nn.functional.max_pool2d(
+                 torch.tensor(x), kernel, stride, pad, ceil_mode=bool(ceil)),
+             "AveragePool": torch.nn.functional.avg_pool2d(
+                 torch.tensor(x), kernel, stride, pad, ceil_mode=bool(ceil),
+                 count_include_pad=bool(include_pad))}
+    for op_type, want in pools.items():
+        extra = {"count_include_pad": include_pad} if op_type == "AveragePool" else {}
+        node = helper.make_node(op_type, ["x"], ["y"], **common, **extra)
+        graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", 11, None)],
+                                  [helper.make_tensor_value_info("y", 11, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        (got,) = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"x": x})
+        np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-12)
