@@ -59,9 +59,11 @@ FD64_TOLERANCE = 1e-3
 # opposite sides of zero (Keras ResNet50: 1.3e-4 against TF, 1e-6 for small nets).
 INPUT_GRADIENT_TOLERANCE = 1e-3
 PROBE_BATCH = 2
-# float64 head runs take at most this many bytes of moved starts at once (the
-# reference evaluator keeps every intermediate tensor of a run).
-FD_CHUNK_BYTES = 32 * 2**20
+# A float64 head run takes as many moved starts as fit this budget, counting each
+# start's intermediates at HEAD_GROWTH times its own size: the reference evaluator
+# keeps every intermediate tensor of a run, and a body's convolutions fan out.
+FD_CHUNK_BYTES = 256 * 2**20
+HEAD_GROWTH = 32
 
 
 @dataclass
@@ -328,11 +330,12 @@ REFERENCE_OPS = [ChannelLRN, CeilMaxPool, WindowAveragePool, ExactErf]
 class Float64Head:
     """The head (``start`` -> logits) in float64, and what it reads from outside.
 
-    Parameters, also behind Identity, Cast or Constant nodes, are part of the model.
-    What the graph computes from its input is fed: ``batched`` tensors (activations of
-    earlier layers, with the batch first) are repeated for each moved copy; ``fixed``
-    ones (a shape read from the input, a value derived from one) hold at the batch
-    they were computed for, so a head that reads them runs one copy at a time.
+    Parameters, also behind Identity, Cast or Constant nodes, are computed inside
+    the head from ``parameters`` (float64 arrays, fed as they are). What the graph
+    computes from its input is fed: ``batched`` tensors (activations of earlier
+    layers, with the batch first) are repeated for each moved copy; ``fixed`` ones
+    (a shape read from the input, a value derived from one) hold at the batch they
+    were computed for, so a head that reads them runs one copy at a time.
     """
 
     evaluator: ReferenceEvaluator
@@ -346,7 +349,8 @@ class Float64Head:
     def scores(self, image: int, moved: np.ndarray, target: int) -> np.ndarray:
         """The head's score for ``target`` at each of ``moved`` (a batch of starts)."""
         values = self.values[image]
-        per_run = 1 if self.fixed else max(1, FD_CHUNK_BYTES // (8 * moved[0].size))
+        per_run = 1 if self.fixed else \
+            max(1, FD_CHUNK_BYTES // (8 * HEAD_GROWTH * moved[0].size))
         scores = []
         for first in range(0, len(moved), per_run):
             chunk = moved[first : first + per_run]
