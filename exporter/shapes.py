@@ -10,7 +10,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from onnxcam.bundle import INPUT_IMAGE
 from onnxcam.errors import UnsupportedModelError
@@ -18,36 +17,34 @@ from onnxcam.exporter.vjp.context import TensorShape
 from onnxcam.runtime import cpu_session
 
 
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - inference is only a hint for output types here
-        inferred = model
-    graph = inferred.graph
-    types = {}
-    for info in list(graph.value_info) + list(graph.output) + list(graph.input):
-        if info.type.tensor_type.elem_type:
-            types[info.name] = info.type.tensor_type.elem_type
-    return types
-
-
 def run_with_outputs(
     model: onnx.ModelProto, names: Iterable[str], feeds: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """Run ``model`` with ``names`` added as graph outputs; return them by name."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    types = _value_types(model)
-    existing = {o.name for o in probe.graph.output}
-    wanted = list(dict.fromkeys(names))
-    for name in wanted:
-        if name not in existing:
-            probe.graph.output.append(
-                helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
-            )
-    session = cpu_session(probe.SerializeToString())
-    values = session.run(wanted, feeds)
-    return dict(zip(wanted, values))
+    return OutputRunner(model, names)(feeds)
+
+
+class OutputRunner:
+    """One session of ``model`` with ``names`` as extra outputs, for several runs.
+
+    The outputs are declared without a type (onnxruntime takes the producer's), so
+    no shape inference runs, and the model is not copied: it is serialized with the
+    outputs appended and then restored. Both matter for models of a few hundred MB.
+    """
+
+    def __init__(self, model: onnx.ModelProto, names: Iterable[str]) -> None:
+        self.names = list(dict.fromkeys(names))
+        existing = {o.name for o in model.graph.output}
+        added = [onnx.ValueInfoProto(name=name) for name in self.names if name not in existing]
+        model.graph.output.extend(added)
+        try:
+            serialized = model.SerializeToString()
+        finally:
+            del model.graph.output[len(model.graph.output) - len(added):]
+        self.session = cpu_session(serialized)
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(self.names, feeds)))
 
 
 def random_images(batch: int, height: int, width: int, channels: int, seed: int = 0) -> np.ndarray:
@@ -67,10 +64,12 @@ def probe_shapes(
     """
     names = list(names)
     runs = []
+    runner: OutputRunner | None = None
     for batch in (fixed_batch,) if fixed_batch else (1, 2):
         feeds = {INPUT_IMAGE: random_images(batch, height, width, channels, seed=batch)}
         try:
-            runs.append(run_with_outputs(model, names, feeds))
+            runner = runner or OutputRunner(model, names)
+            runs.append(runner(feeds))
         except Exception as exc:
             raise UnsupportedModelError(
                 f"the model does not run at batch size {batch}: {str(exc).splitlines()[0]}. "

@@ -16,12 +16,19 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 import onnxcam.exporter.pipeline as pipeline
 from onnxcam.bundle import OUTPUT_ACTIVATIONS
 from onnxcam.errors import VerificationError
 from onnxcam.exporter import export
 from onnxcam.exporter.draft import Draft
+from onnxcam.exporter.verify import (
+    Float64Head,
+    directional_derivatives,
+    gradient_scale,
+    relative_error,
+)
 from onnxcam.exporter.vjp import Rule, load_rules
 from onnxcam.exporter.vjp.context import VjpContext
 from onnxcam.graph import producers, toposort
@@ -104,3 +111,56 @@ def test_swapped_channels_in_the_exposed_activation_are_refused(
     assert export(mnist_path, tmp_path / "clean.onnx").info.activation_layout == "nhwc"
     monkeypatch.setattr(pipeline, "PASSES", (*pipeline.PASSES, swap_channels))
     assert_refused(mnist_path, tmp_path / "out" / "bundle.onnx")
+
+
+
+def test_errors_are_judged_on_the_logits_scale() -> None:
+    """A 1e-11 gradient off by 1e-15 (rounding, against logits of 2) passes; the same
+    error relative to the gradient alone would be 1e-4. A doubled gradient of the
+    size the logits imply does not pass."""
+    logits = np.array([[2.0, -1.0]])
+    activations = np.full((1, 4, 2, 2), 0.5)
+    scale = gradient_scale(logits, activations)
+    assert scale == pytest.approx(2.0 / 8.0)
+    tiny = np.full(4, 1e-11)
+    assert relative_error(tiny + 1e-15, tiny) == pytest.approx(1e-4)
+    assert relative_error(tiny + 1e-15, tiny, floor=scale) < 1e-13
+    normal = np.full(4, scale)
+    assert relative_error(2 * normal, normal, floor=scale) == pytest.approx(1.0)
+
+
+def test_a_doubled_conv_rule_is_refused(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At ``relu1`` the head holds a MaxPool, a Conv and a ReLU before the Gemm."""
+    src = save(tmp_path, models.onnx_cnn(), "cnn")
+    assert export(src, tmp_path / "clean.onnx", layer="relu1").report.ok
+    replace_rule(monkeypatch, "Conv", doubled)
+    assert_refused(src, tmp_path / "out" / "bundle.onnx", layer="relu1")
+
+
+def pair_head(op_type: str) -> Float64Head:
+    """A float64 head on a [1, 1, 1, 2] start: ``op_type`` then the sum, as the score."""
+    start = helper.make_tensor_value_info("a", onnx.TensorProto.DOUBLE, None)
+    if op_type == "MaxPool":
+        first = helper.make_node("MaxPool", ["a"], ["m"], kernel_shape=[1, 2])
+    else:
+        first = helper.make_node(op_type, ["a"], ["m"])
+    nodes = [first, helper.make_node("Flatten", ["m"], ["f"]),
+             helper.make_node("ReduceSum", ["f", "axes"], ["s"], keepdims=1)]
+    graph = helper.make_graph(nodes, "pair", [start],
+                              [helper.make_tensor_value_info("s", onnx.TensorProto.DOUBLE, None)],
+                              [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    values = [{"a": np.array([[[[3.0, 3.0]]]], np.float32)}]
+    return Float64Head(ReferenceEvaluator(model), "a", [], [], [], values)
+
+
+def test_a_direction_across_a_max_pool_tie_is_a_kink_and_smooth_heads_have_none() -> None:
+    directions = np.array([[[[1.0, 0.0]]], [[[0.0, 1.0]]], [[[1.0, 1.0]]]])
+    tie = directional_derivatives(pair_head("MaxPool"), 0, 0, directions, scale=0.0)
+    assert tie.kink.tolist() == [True, True, False]  # moving both keeps the tie: slope 1
+    np.testing.assert_allclose(tie.central[2], 1.0, rtol=1e-9)
+    smooth = directional_derivatives(pair_head("Sigmoid"), 0, 0, directions, scale=0.0)
+    assert not smooth.kink.any()
+    slope = 1 / (1 + np.exp(-3.0)) * (1 - 1 / (1 + np.exp(-3.0)))
+    np.testing.assert_allclose(smooth.central, [slope, slope, 2 * slope], rtol=1e-7)
