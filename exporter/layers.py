@@ -18,7 +18,7 @@ from onnxcam.layout import TokenGrid
 CONV, MERGE, ACTIVATION, OTHER = "conv", "merge", "activation", "other"
 # Ops that only move values around, and ops that pass them through at inference.
 VIEWS = frozenset({"Transpose", "Reshape", "Permute"})
-PASS_THROUGH = frozenset({"Dropout", "Identity"})
+PASS_THROUGH = frozenset({"Dropout", "Identity", "SpatialDropout2D"})
 GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalAveragePooling2D",
                           "GlobalMaxPooling2D"})
 
@@ -66,8 +66,10 @@ def default_layer(layers: list[LayerInfo]) -> LayerInfo:
     extended = [layer for layer in maps if layer.extended]
     if not extended:
         return maps[-1]
-    pooled = extended[-1]
     by_name = {layer.name: layer for layer in layers}
+    pooled = extended[-1]
+    while pooled.op in PASS_THROUGH and pooled.source in by_name:  # Keras keeps Dropout
+        pooled = by_name[pooled.source]
     norm = behind_views(pooled, by_name)
     if norm.op == "LayerNormalization":
         return last_block_norm(layers, norm) or pooled
