@@ -19,6 +19,8 @@ CONV, MERGE, ACTIVATION, OTHER = "conv", "merge", "activation", "other"
 # Ops that only move values around, and ops that pass them through at inference.
 VIEWS = frozenset({"Transpose", "Reshape", "Permute"})
 PASS_THROUGH = frozenset({"Dropout", "Identity", "SpatialDropout2D"})
+# Ops an adaptive average pool is exported as (dynamo: Transpose, GatherND, ReduceMean).
+RESAMPLING = VIEWS | {"GatherND", "Gather", "ReduceMean", "AveragePool", "Unsqueeze", "Squeeze"}
 GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalAveragePooling2D",
                           "GlobalMaxPooling2D"})
 
@@ -70,6 +72,7 @@ def default_layer(layers: list[LayerInfo]) -> LayerInfo:
     pooled = extended[-1]
     while pooled.op in PASS_THROUGH and pooled.source in by_name:  # Keras keeps Dropout
         pooled = by_name[pooled.source]
+    pooled = before_resampling(pooled, by_name)
     norm = behind_views(pooled, by_name)
     if norm.op == "LayerNormalization":
         return last_block_norm(layers, norm) or pooled
@@ -81,6 +84,28 @@ def behind_views(layer: LayerInfo, by_name: dict[str, LayerInfo]) -> LayerInfo:
     while layer.op in VIEWS and layer.source in by_name:
         layer = by_name[layer.source]
     return layer
+
+
+def before_resampling(layer: LayerInfo, by_name: dict[str, LayerInfo]) -> LayerInfo:
+    """The map an adaptive average pool resampled to the same size or larger (AlexNet
+    and VGG pool to 6x6 and 7x7 before Flatten, whatever their maps' size): it adds
+    nothing but repeats, so the map it read is taken. A pool that shrinks is kept."""
+    if layer.op not in RESAMPLING:
+        return layer
+    current = layer
+    while current.op in RESAMPLING and current.source in by_name:
+        current = by_name[current.source]
+    if current.extended and size(current) <= size(layer):
+        return current
+    return layer
+
+
+def size(layer: LayerInfo) -> int:
+    """Values per image (unknown dimensions count as 1)."""
+    total = 1
+    for d in layer.shape[1:]:
+        total *= d or 1
+    return total
 
 
 def before_class_scores(layer: LayerInfo, by_name: dict[str, LayerInfo],
@@ -107,12 +132,12 @@ def last_block_norm(layers: list[LayerInfo], norm: LayerInfo) -> LayerInfo | Non
     is the one pytorch-grad-cam targets (pre-norm blocks: before the attention, as
     ViT's ``ln_1`` and Swin's ``norm1``; Swin v2's post-norm: after it).
     """
-    attention = [i for i, layer in enumerate(layers) if layer.op == "Softmax"
-                 and layers.index(norm) > i]
+    before = layers[: layers.index(norm)]
+    attention = [i for i, layer in enumerate(before) if layer.op == "Softmax"]
     if not attention:
         return None
-    sums = [i for i in range(attention[-1]) if layers[i].op == "Add"
-            and layers[i].shape == norm.shape]
+    sums = [i for i, layer in enumerate(before[: attention[-1]])
+            if layer.op == "Add" and layer.shape == norm.shape]
     if not sums:
         return None
     return next((layer for layer in layers[sums[-1] + 1 :]
