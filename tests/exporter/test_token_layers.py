@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,25 @@ def test_audit_runs_on_the_vit_bundle(vit: Exported, tmp_path: Path) -> None:
         assert row["pred"] == LABELS[int(expected.logits[n].argmax())]
         assert 0.0 <= float(row["energy_in_box"]) <= 1.0
     assert json.loads((out / "summary.json").read_text())["n"] == 4
+
+
+def test_several_layers_mix_token_and_nchw_maps(vit: Exported, tmp_path: Path) -> None:
+    """A token layer, another one earlier, and the patch convolution (NCHW) in one
+    bundle: each layer's map against pytorch-grad-cam at that module."""
+    modules = {"encoder.layers.encoder_layer_1.ln_1": "vit",
+               "encoder.layers.encoder_layer_0.ln_1": "vit", "conv_proj": ""}
+    example = zoo.torch_input(zoo.images(SIZE, 1, seed=99))
+    tensors = {module: zoo.onnx_layer_name(vit.source, vit.model, module, example)
+               for module in modules}
+    bundle = tmp_path / "layers.cam.onnx"
+    export(vit.source, bundle, layer=list(tensors.values()), preprocess=zoo.PREPROCESS,
+           verify=False)
+    entries = read_bundle_info(bundle).layers
+    assert [e.layout for e in entries] == ["nchw", "ntc", "ntc"]  # early to late
+    names = {layer.tensor: layer.name for layer in list_layers(vit.source)}
+    batch = zoo.images(SIZE)
+    got = Explainer(bundle, device="cpu").explain(batch, list(TARGETS), method="gradcam++")
+    for module, reshape in modules.items():
+        entry = replace(vit.entry, layer=module, reshape=reshape)
+        want = reference_map(entry, vit.model, "gradcam++", batch)
+        assert zoo.map_error(got.layer_maps[names[tensors[module]]], want) <= zoo.MAP_TOLERANCE
