@@ -115,7 +115,9 @@ def before_class_scores(layer: LayerInfo, by_name: dict[str, LayerInfo],
     current = layer
     while current.role == ACTIVATION and current.source in by_name:
         current = by_name[current.source]
-    if current.role != CONV or classes not in (current.shape[1], current.shape[-1]):
+    # ONNX's Conv is channels-first; Keras' Conv2D channels-last.
+    channels = current.shape[1] if current.op == "Conv" else current.shape[-1]
+    if current.role != CONV or channels != classes:
         return layer
     while current.source in by_name:
         current = by_name[current.source]
