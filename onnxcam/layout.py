@@ -85,10 +85,6 @@ class TokenGrid:
         """T: how many tokens the layer has."""
         return self.leading + self.height * self.width
 
-    def fits(self, shape: tuple[int, ...] | list[int]) -> bool:
-        """Whether a [N, T, C] shape has this grid's token count."""
-        return len(shape) == 3 and int(shape[1]) == self.tokens
-
     def grid_tokens(self, array: np.ndarray) -> np.ndarray:
         """The grid's tokens [N, h*w, C], the leading ones dropped."""
         return array[:, self.leading :, :]
