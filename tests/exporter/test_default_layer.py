@@ -25,6 +25,10 @@ try:  # torch first: torchvision's triton import crashes once TensorFlow is load
 except ImportError:
     torch = None
 
+# dynamo writes VGG's adaptive pool from 2x2 up to 7x7 (at 64x64) as Gathers, Adds and
+# a Div, which the rule does not see through: the default is that 7x7 map. At 224x224
+# (7x7 already) the default is the last pool, max_pool2d_4, as for the legacy export.
+KNOWN_GAPS = {("vgg11", "dynamo"): "adaptive pool decomposed into Gather/Add/Div"}
 # DenseNet's classifier pools F.relu(norm5), an in-place ReLU after the usual module;
 # the default is that ReLU, the map the classifier reads (pytorch-grad-cam's hook on
 # norm5 sees its activations after the in-place ReLU, its gradients before).
@@ -50,9 +54,12 @@ def export_or_skip(entry: zoo.ZooModel, model: Any, exporter: str, path: Path) -
 @pytest.mark.slow
 @pytest.mark.parametrize("exporter", zoo.PLAIN_EXPORTERS)
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
-def test_torch_zoo_default_is_the_usual_layer(name: str, exporter: str, tmp_path: Path) -> None:
+def test_torch_zoo_default_is_the_usual_layer(name: str, exporter: str, tmp_path: Path,
+                                              request: pytest.FixtureRequest) -> None:
     if torch is None:
         pytest.skip("torch and torchvision are not installed")
+    if (name, exporter) in KNOWN_GAPS:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_GAPS[name, exporter], strict=True))
     entry = zoo.ZOO[name]
     model = entry.model()
     source = export_or_skip(entry, model, exporter, tmp_path / "model.onnx")
