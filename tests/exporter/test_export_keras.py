@@ -487,7 +487,12 @@ def test_savedmodel_with_maxpool_head(workspace: Workspace, tmp_path: Path, veri
     folder = tmp_path / "saved"
     workspace.model("vgg_like").export(str(folder), verbose=False)
     out = tmp_path / "bundle.onnx"
-    result = export(folder, out, layer="block2_conv2", verify=verify)
+    # The default is now the last pool; block2_conv2's ReLU keeps MaxPool in the head.
+    from onnxcam.exporter import list_layers
+
+    relu = next(layer.name for layer in list_layers(folder)
+                if "block2_conv2" in layer.name and layer.name.endswith("/Relu"))
+    result = export(folder, out, layer=relu, verify=verify)
     assert (result.report is not None) == verify
     image, target = random_images((32, 32, 3), seed=8), mixed_targets(6)
     got = run_bundle(out, image, target)
