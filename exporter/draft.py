@@ -17,7 +17,7 @@ from onnxcam.bundle import GRADIENT_MODES
 from onnxcam.errors import ExportError
 from onnxcam.exporter.frontends import SourceModel, Tap
 from onnxcam.exporter.vjp.context import TensorShape
-from onnxcam.layout import Layout
+from onnxcam.layout import Layout, TokenGrid
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,9 @@ class Draft:
         """A draft of ``source``'s model (a copy: the source stays as it is for verify)."""
         model = onnx.ModelProto()
         model.CopyFrom(source.model)
-        primary = Tap(source.layer, source.activation, Layout.of(source.activation_layout))
+        layout = source.activation_layout
+        primary = Tap(source.layer, source.activation,
+                      layout if isinstance(layout, TokenGrid) else Layout.of(layout))
         return cls(
             model=model, layout=Layout.of(source.layout), height=source.height,
             width=source.width, channels=source.channels,

@@ -1,10 +1,10 @@
 """Candidate target layers and the default choice, shared by both frontends.
 
-The default is the last 4-D spatial map feeding the classifier, read as: walking
-back from the last 4-D output, the first convolution or merge (add, concat, ...),
-or an activation applied directly to one. Normalisation, pooling and dropout in
-between are skipped, so DenseNet121 picks ``conv5_block16_concat`` (its trailing
-``bn``/``relu`` pair is skipped) and ResNet50 picks ``conv5_block3_out``.
+Candidates are 4-D maps and transformers' token layers on their grid. The default
+is the last map with a real spatial extent that the classifier pools or flattens
+(``default_layer`` gives the details): ResNet50 picks ``conv5_block3_out``, VGG its
+last pool, DenseNet121 its final ReLU, ViT and Swin their last block's first
+LayerNormalization.
 """
 
 from __future__ import annotations
@@ -13,8 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from onnxcam.errors import LayerNotFoundError, UnsupportedModelError
+from onnxcam.layout import TokenGrid
 
 CONV, MERGE, ACTIVATION, OTHER = "conv", "merge", "activation", "other"
+# Ops that only move values around, and ops that pass them through at inference.
+VIEWS = frozenset({"Transpose", "Reshape", "Permute"})
+PASS_THROUGH = frozenset({"Dropout", "Identity", "SpatialDropout2D"})
+# Ops an adaptive average pool is exported as (dynamo: Transpose, GatherND, ReduceMean).
+RESAMPLING = VIEWS | {"GatherND", "Gather", "ReduceMean", "AveragePool", "Unsqueeze", "Squeeze"}
 GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalAveragePooling2D",
                           "GlobalMaxPooling2D"})
 
@@ -27,28 +33,117 @@ class LayerInfo:
     role: str
     source: str | None  # the candidate layer feeding this one's main input, if any
     tensor: str = ""  # ONNX frontend: the output tensor
+    grid: TokenGrid | None = None  # a token layer [N, T, C]: where its tokens lie
 
     @property
     def spatial(self) -> bool:
-        """A 4-D map; global pooling's 4-D output (kept dims) collapses space, so it is not."""
-        return len(self.shape) == 4 and self.op not in GLOBAL_POOLS
+        """A 4-D map or a token layer on its grid; global pooling's 4-D output (kept
+        dims) collapses space, so it is not."""
+        return (len(self.shape) == 4 and self.op not in GLOBAL_POOLS) or self.grid is not None
+
+    @property
+    def extended(self) -> bool:
+        """A map with a real spatial extent: over 1x1, batch first (not windows or heads)."""
+        if not self.spatial or self.shape[0] not in (1, None):
+            return False
+        if self.grid is not None:
+            return self.grid.height * self.grid.width > 1
+        return sum(1 for d in self.shape[1:] if d is None or d > 1) >= 2
 
 
 def default_layer(layers: list[LayerInfo]) -> LayerInfo:
-    """Pick the default target among ``layers`` (topological order, all feeding the head)."""
+    """Pick the default target among ``layers`` (topological order, all feeding the head).
+
+    The last map with a real spatial extent (over 1x1), which the classifier then
+    pools or flattens: nothing after pooling, and not a class-score map (SqueezeNet's
+    last convolution gives one score map per class, then pools: the map it reads is
+    taken). Where that map is a transformer's normalised tokens (ViT, Swin), the
+    tokens after the last attention barely reach the scores (ViT reads its class
+    token only), so the last block's first LayerNormalization is taken, as
+    pytorch-grad-cam advises. A model whose maps are all 1x1 gets its last map.
+    """
     maps = [layer for layer in layers if layer.spatial]
     if not maps:
         raise UnsupportedModelError("the model has no 4-D spatial layer to explain")
+    extended = [layer for layer in maps if layer.extended]
+    if not extended:
+        return maps[-1]
     by_name = {layer.name: layer for layer in layers}
-    current: LayerInfo | None = maps[-1]
-    while current is not None:
-        if current.role in (CONV, MERGE):
-            return current
-        source = by_name.get(current.source) if current.source else None
-        if current.role == ACTIVATION and source is not None and source.role in (CONV, MERGE):
-            return current
-        current = source if source is not None and source.spatial else None
-    return maps[-1]
+    pooled = extended[-1]
+    while pooled.op in PASS_THROUGH and pooled.source in by_name:  # Keras keeps Dropout
+        pooled = by_name[pooled.source]
+    pooled = before_resampling(pooled, by_name)
+    norm = behind_views(pooled, by_name)
+    if norm.op == "LayerNormalization":
+        return last_block_norm(layers, norm) or pooled
+    return before_class_scores(pooled, by_name, layers[-1].shape[-1])
+
+
+def behind_views(layer: LayerInfo, by_name: dict[str, LayerInfo]) -> LayerInfo:
+    """The layer ``layer`` is a transpose or reshape of (itself if none)."""
+    while layer.op in VIEWS and layer.source in by_name:
+        layer = by_name[layer.source]
+    return layer
+
+
+def before_resampling(layer: LayerInfo, by_name: dict[str, LayerInfo]) -> LayerInfo:
+    """The map an adaptive average pool resampled to the same size or larger (AlexNet
+    and VGG pool to 6x6 and 7x7 before Flatten, whatever their maps' size): it adds
+    nothing but repeats, so the map it read is taken. A pool that shrinks is kept."""
+    if layer.op not in RESAMPLING:
+        return layer
+    current = layer
+    while current.op in RESAMPLING and current.source in by_name:
+        current = by_name[current.source]
+    if current.extended and size(current) <= size(layer):
+        return current
+    return layer
+
+
+def size(layer: LayerInfo) -> int:
+    """Values per image (unknown dimensions count as 1)."""
+    total = 1
+    for d in layer.shape[1:]:
+        total *= d or 1
+    return total
+
+
+def before_class_scores(layer: LayerInfo, by_name: dict[str, LayerInfo],
+                        classes: int | None) -> LayerInfo:
+    """The map a class-score convolution reads, when ``layer`` is (an activation of)
+    one: a convolution with one output channel per class; else ``layer``."""
+    current = layer
+    while current.role == ACTIVATION and current.source in by_name:
+        current = by_name[current.source]
+    # ONNX's Conv is channels-first; Keras' Conv2D channels-last.
+    channels = current.shape[1] if current.op == "Conv" else current.shape[-1]
+    if current.role != CONV or channels != classes:
+        return layer
+    while current.source in by_name:
+        current = by_name[current.source]
+        if current.op not in PASS_THROUGH:
+            break
+    return current if current.extended else layer
+
+
+def last_block_norm(layers: list[LayerInfo], norm: LayerInfo) -> LayerInfo | None:
+    """The last transformer block's first LayerNormalization, or None if not found.
+
+    The block starts at the last residual sum (an Add shaped like ``norm``) before
+    the last attention's Softmax; its first LayerNormalization shaped like ``norm``
+    is the one pytorch-grad-cam targets (pre-norm blocks: before the attention, as
+    ViT's ``ln_1`` and Swin's ``norm1``; Swin v2's post-norm: after it).
+    """
+    before = layers[: layers.index(norm)]
+    attention = [i for i, layer in enumerate(before) if layer.op == "Softmax"]
+    if not attention:
+        return None
+    sums = [i for i, layer in enumerate(before[: attention[-1]])
+            if layer.op == "Add" and layer.shape == norm.shape]
+    if not sums:
+        return None
+    return next((layer for layer in layers[sums[-1] + 1 :]
+                 if layer.op == "LayerNormalization" and layer.shape == norm.shape), None)
 
 
 def find_layer(layers: list[LayerInfo], name: str) -> LayerInfo:
@@ -87,5 +182,9 @@ def describe(layers: list[LayerInfo]) -> list[str]:
             continue
         mark = "*" if layer.name == chosen else " "
         shape = "x".join("?" if d is None else str(d) for d in layer.shape[1:])
-        lines.append(f"{mark} {layer.name:<40} {layer.op:<24} {shape}")
+        line = f"{mark} {layer.name:<40} {layer.op:<24} {shape}"
+        if layer.grid is not None:  # after the shape, so the columns read as before
+            grid = layer.grid
+            line += f"  (tokens: {grid.leading} + {grid.height}x{grid.width} grid)"
+        lines.append(line)
     return lines

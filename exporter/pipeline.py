@@ -35,6 +35,7 @@ from onnxcam.exporter.passes.probe_head import probe_head
 from onnxcam.exporter.passes.tidy import tidy
 from onnxcam.exporter.verify import Report, verify_bundle
 from onnxcam.files import atomic_write
+from onnxcam.layout import ActivationLayout, TokenGrid
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def bundle_info(draft: Draft) -> BundleInfo:
         fd_epsilon=draft.fd_step, fd_chunk=draft.fd_chunk, model_input=draft.model_input,
         input_gradients=tuple(name for name, asked in wanted if asked),
         all_layers=layer_entries(draft), batch_size=draft.batch_size,
+        activation_grid=grid_of(primary.layout),
     )
 
 
@@ -213,9 +215,13 @@ def layer_entries(draft: Draft) -> tuple[LayerEntry, ...]:
     if len(draft.taps) < 2:
         return ()
     order = {name: position for position, name in enumerate(draft.layer_order)}
-    entries = [LayerEntry(tap.layer, index, str(tap.layout))
+    entries = [LayerEntry(tap.layer, index, str(tap.layout), grid_of(tap.layout))
                for index, tap in enumerate(draft.taps)]
     return tuple(sorted(entries, key=lambda entry: order.get(entry.name, 0)))
+
+
+def grid_of(layout: ActivationLayout) -> TokenGrid | None:
+    return layout if isinstance(layout, TokenGrid) else None
 
 
 def seal(model: onnx.ModelProto, info: BundleInfo) -> onnx.ModelProto:

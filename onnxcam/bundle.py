@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxcam.errors import BundleError
+from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 
 FORMAT_VERSION = 1
 
@@ -63,15 +64,38 @@ KEY_MODEL_INPUT = PREFIX + "model_input"  # the preprocessed tensor the model it
 KEY_INPUT_GRADIENTS = PREFIX + "input_gradients"  # JSON list of the input-gradient outputs
 KEY_LAYERS = PREFIX + "layers"  # JSON list of every exported layer, early to late
 KEY_BATCH_SIZE = PREFIX + "batch_size"  # the one batch size a fixed-batch bundle runs at
+# A token layer's grid ({"leading_tokens", "height", "width"}); its activation_layout is "ntc".
+KEY_ACTIVATION_GRID = PREFIX + "activation_grid"
 
 PREPROCESS_MODES = ("unit", "none", "caffe", "tf", "torch")
 LAYOUTS = ("nhwc", "nchw")
+TOKEN_LAYOUT = TokenGrid.value  # a token tensor [N, T, C] with its grid in metadata
 GRADIENT_MODES = ("analytic", "fd")
 
 
 def layer_output(name: str, index: int) -> str:
     """The output ``name`` (activations, gradients, weights, cam) of exported layer ``index``."""
     return name if index == 0 else f"{name}.{index}"
+
+
+def grid_to_json(grid: TokenGrid) -> dict[str, int]:
+    return {"leading_tokens": grid.leading, "height": grid.height, "width": grid.width}
+
+
+def grid_from_json(value: Any) -> TokenGrid | None:
+    """The grid stored as ``grid_to_json`` wrote it; None for no grid (a 4-D layer)."""
+    if not value:
+        return None
+    return TokenGrid(int(value["leading_tokens"]), int(value["height"]), int(value["width"]))
+
+
+def activation_layout(layout: str, grid: TokenGrid | None) -> ActivationLayout:
+    """How a layer's activations lie: a ``Layout``, or the ``TokenGrid`` of a token layer."""
+    if layout == TOKEN_LAYOUT:
+        if grid is None:
+            raise BundleError("a token layer (activation_layout ntc) without its grid")
+        return grid
+    return Layout.of(layout)
 
 
 def is_activation_output(name: str) -> bool:
@@ -81,18 +105,28 @@ def is_activation_output(name: str) -> bool:
 
 @dataclass(frozen=True)
 class LayerEntry:
-    """One exported layer: its name, output index (0: unsuffixed) and activation layout."""
+    """One exported layer: its name, output index (0: unsuffixed) and activation layout;
+    a token layer (layout ``ntc``) also has its grid."""
 
     name: str
     index: int
     layout: str
+    grid: TokenGrid | None = None
 
     def output(self, name: str) -> str:
         return layer_output(name, self.index)
 
+    @property
+    def activation_layout(self) -> ActivationLayout:
+        """How ``activations`` and ``gradients`` lie; ``to_nchw`` makes them NCHW maps."""
+        return activation_layout(self.layout, self.grid)
+
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "index": self.index, "layout": self.layout,
-                "outputs": {base: self.output(base) for base in LAYER_OUTPUTS}}
+        entry: dict[str, Any] = {"name": self.name, "index": self.index, "layout": self.layout,
+                                 "outputs": {base: self.output(base) for base in LAYER_OUTPUTS}}
+        if self.grid is not None:
+            entry["grid"] = grid_to_json(self.grid)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -122,6 +156,7 @@ class BundleInfo:
     all_layers: tuple[LayerEntry, ...] = ()
     # 0: any batch size; else the model's own batch, which callers must run it at.
     batch_size: int = 0
+    activation_grid: TokenGrid | None = None  # the primary layer's grid, if a token layer
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -129,7 +164,7 @@ class BundleInfo:
         """Every exported layer, early to late; index 0 is ``target_layer``."""
         if self.all_layers:
             return list(self.all_layers)
-        return [LayerEntry(self.target_layer, 0, self.activation_layout)]
+        return [LayerEntry(self.target_layer, 0, self.activation_layout, self.activation_grid)]
 
     @property
     def has_gradients(self) -> bool:
@@ -173,6 +208,8 @@ class BundleInfo:
             props[KEY_LAYERS] = json.dumps([e.to_json() for e in self.all_layers])
         if self.batch_size:
             props[KEY_BATCH_SIZE] = str(self.batch_size)
+        if self.activation_grid is not None:
+            props[KEY_ACTIVATION_GRID] = json.dumps(grid_to_json(self.activation_grid))
         props.update(self.extra)
         return props
 
@@ -192,10 +229,13 @@ class BundleInfo:
                 KEY_LAYOUT, KEY_ACTIVATION_LAYOUT, KEY_LAYER, KEY_NUM_CLASSES, KEY_LABELS,
                 KEY_GRADIENT, KEY_SOURCE_FORMAT, KEY_SOURCE_SHA256, KEY_RESIZE,
                 KEY_REMOVED_HEAD, KEY_FD_EPSILON, KEY_FD_CHUNK, KEY_MODEL_INPUT,
-                KEY_INPUT_GRADIENTS, KEY_LAYERS, KEY_BATCH_SIZE,
+                KEY_INPUT_GRADIENTS, KEY_LAYERS, KEY_BATCH_SIZE, KEY_ACTIVATION_GRID,
             }
-            layers = tuple(LayerEntry(str(e["name"]), int(e["index"]), str(e["layout"]))
+            layers = tuple(LayerEntry(str(e["name"]), int(e["index"]), str(e["layout"]),
+                                      grid_from_json(e.get("grid")))
                            for e in json.loads(props.get(KEY_LAYERS, "[]")))
+            grid = grid_from_json(json.loads(props.get(KEY_ACTIVATION_GRID, "null")))
+            activation_layout(props[KEY_ACTIVATION_LAYOUT], grid)  # a token layer has its grid
             return cls(
                 height=int(props[KEY_HEIGHT]),
                 width=int(props[KEY_WIDTH]),
@@ -218,6 +258,7 @@ class BundleInfo:
                 input_gradients=tuple(json.loads(props.get(KEY_INPUT_GRADIENTS, "[]"))),
                 all_layers=layers,
                 batch_size=int(props.get(KEY_BATCH_SIZE, "0")),
+                activation_grid=grid,
                 extra={k: v for k, v in props.items() if k.startswith(PREFIX) and k not in known},
             )
         except (KeyError, ValueError, TypeError) as exc:

@@ -99,10 +99,10 @@ def mnist_cnn(seed: int = 0) -> keras.Model:
         [
             keras.Input((28, 28, 1)),
             L.Conv2D(8, 3, activation="relu", name="conv1"),
-            L.MaxPooling2D(2),
+            L.MaxPooling2D(2, name="pool1"),
             L.Dropout(0.25),
             L.Conv2D(16, 3, activation="relu", name="conv2"),
-            L.MaxPooling2D(2),
+            L.MaxPooling2D(2, name="pool2"),
             L.Dropout(0.25),
             L.Flatten(),
             L.Dense(32, activation="relu"),

@@ -17,8 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_LOGITS, BundleInfo, read_bundle
-from onnxcam.layout import Layout
+from onnxcam.bundle import (
+    INPUT_IMAGE,
+    INPUT_TARGET,
+    OUTPUT_LOGITS,
+    BundleInfo,
+    activation_layout,
+    read_bundle,
+)
 from onnxcam.scores import softmax
 from onnxcam.worker.images import (
     DEFAULT_LIMITS,
@@ -161,7 +167,8 @@ class Explainer:
         chosen = np.where(targets < 0, logits.argmax(axis=1), targets).astype(np.int64)
         context = MethodContext(outputs, self.info, chosen, ModelAccess(self.sessions, batch),
                                 options or MethodOptions(), first_index,
-                                Layout.of(self.info.activation_layout))
+                                activation_layout(self.info.activation_layout,
+                                                  self.info.activation_grid))
         result = cam.explain(context)
         return BatchResult(result.raw, logits, chosen, result.layer_maps, result.signed)
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx as onnx_lib
 
 from onnxcam.exporter.layers import LayerInfo
-from onnxcam.layout import Layout
+from onnxcam.layout import ActivationLayout, Layout
 
 
 @dataclass
@@ -34,11 +34,12 @@ ReferenceFn = Callable[..., Reference]
 
 @dataclass(frozen=True)
 class Tap:
-    """A further layer to explain: its name, output tensor and activation layout."""
+    """A further layer to explain: its name, output tensor and activation layout
+    (a ``TokenGrid`` for a transformer's token layer)."""
 
     layer: str
     tensor: str
-    layout: Layout
+    layout: ActivationLayout
 
 
 @dataclass
@@ -53,7 +54,7 @@ class SourceModel:
     activation: str
     layer: str
     layout: Layout
-    activation_layout: Layout
+    activation_layout: ActivationLayout
     height: int
     width: int
     channels: int

@@ -17,7 +17,7 @@ from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of, s
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from onnxcam.exporter.shapes import run_with_outputs
 from onnxcam.graph import backward_reachable, opset_version, producers, real_inputs, toposort
-from onnxcam.layout import Layout
+from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 from onnxcam.runtime import cpu_session, run_in_chunks
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ ROLES = {
 # Ops whose 4-D output is always NCHW, whatever the model's input layout.
 NCHW_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "BatchNormalization",
             "GlobalAveragePool", "GlobalMaxPool", "LRN", "InstanceNormalization"}
+# Tokens a transformer puts before its grid: ViT's class token, DeiT's distillation token.
+MAX_LEADING_TOKENS = 2
 
 
 def load_proto(path: Path) -> onnx.ModelProto:
@@ -111,6 +113,14 @@ def fix_input(
     return found, height, width, int(channels)
 
 
+def layer_layout(graph: onnx.GraphProto, layer: LayerInfo, input_layout: Layout
+                 ) -> ActivationLayout:
+    """How ``layer``'s activations lie: its token grid, or a 4-D tensor's layout."""
+    if layer.grid is not None:
+        return layer.grid
+    return tensor_layout(graph, layer.tensor, input_layout)
+
+
 def tensor_layout(graph: onnx.GraphProto, name: str, input_layout: Layout) -> Layout:
     """The layout of a 4-D tensor: NCHW after ONNX's spatial ops, else traced back."""
     made_by = producers(graph)
@@ -141,18 +151,42 @@ def list_layers(
     values = run_with_outputs(model, [n.output[0] for n in nodes], {input_name: sample})
     made_by = producers(graph)
     layers = []
+    patches: tuple[int, int] | None = None  # the grid of the latest convolution
     for node in nodes:
         data = node.input[0] if node.input else ""
         source = made_by.get(data)
+        shape = tuple(int(d) for d in values[node.output[0]].shape)
+        if node.op_type == "Conv" and len(shape) == 4:
+            patches = (shape[2], shape[3])
         layers.append(LayerInfo(
             name=node.name or node.output[0],
             op=node.op_type,
-            shape=tuple(int(d) for d in values[node.output[0]].shape),
+            shape=shape,
             role=ROLES.get(node.op_type, OTHER),
             source=(source.name or source.output[0]) if source is not None else None,
             tensor=node.output[0],
+            grid=token_grid(shape, patches),
         ))
     return layers
+
+
+def token_grid(shape: tuple[int, ...], patches: tuple[int, int] | None) -> TokenGrid | None:
+    """The grid of a token tensor [1, T, C] (at batch 1), or None if it is none.
+
+    A vision transformer cuts the image into patches with a convolution and
+    flattens its h x w map into tokens, row by row, after up to
+    ``MAX_LEADING_TOKENS`` class or distillation tokens. So a rank-3, batch-first
+    tensor with T = k + h*w tokens (0 <= k <= MAX_LEADING_TOKENS) after such a
+    convolution is read as k leading tokens and that grid. Attention's own tensors
+    (heads or the sequence first) do not have the batch first at batch 1.
+    """
+    if patches is None or len(shape) != 3 or shape[0] != 1:
+        return None
+    height, width = patches
+    leading = shape[1] - height * width
+    if height * width < 2 or not 0 <= leading <= MAX_LEADING_TOKENS:
+        return None
+    return TokenGrid(leading, height, width)
 
 
 @dataclass
@@ -220,7 +254,7 @@ def load(
         activation=chosen.tensor,
         layer=chosen.name,
         layout=ready.layout,
-        activation_layout=tensor_layout(ready.model.graph, chosen.tensor, ready.layout),
+        activation_layout=layer_layout(ready.model.graph, chosen, ready.layout),
         height=ready.height,
         width=ready.width,
         channels=ready.channels,
@@ -229,8 +263,7 @@ def load(
             path.SerializeToString()),
         layers=ready.layers,
         reference=reference,
-        more_layers=[Tap(c.name, c.tensor, tensor_layout(ready.model.graph, c.tensor,
-                                                           ready.layout))
+        more_layers=[Tap(c.name, c.tensor, layer_layout(ready.model.graph, c, ready.layout))
                      for c in layers[1:]],
         batch_size=ready.batch_size,
     )

@@ -35,7 +35,7 @@ from onnxcam.graph import (
     opset_version,
     source_of,
 )
-from onnxcam.layout import Layout
+from onnxcam.layout import Layout, TokenGrid
 
 
 def seed_gradient(b: GraphBuilder, logits: str) -> str:
@@ -97,7 +97,8 @@ def add_gradients(draft: Draft) -> bool:
         name = layer_output(OUTPUT_GRADIENTS, index)
         b.nodes.append(helper.make_node("Identity", [gradient], [name],
                                         name=f"onnxcam/{name}"))
-        graph.output.append(float_output(name, 4))
+        tokens = isinstance(draft.taps[index].layout, TokenGrid)  # [N, T, C]
+        graph.output.append(float_output(name, 3 if tokens else 4))
     if model_input:
         add_input_gradient(b, gradients[-1], OUTPUT_INPUT_GRADIENTS, draft.layout)
     b.commit()

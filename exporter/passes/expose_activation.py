@@ -18,6 +18,7 @@ from onnxcam.graph import (
     tensor_names,
     toposort,
 )
+from onnxcam.layout import TokenGrid
 
 
 def static_tail(graph: onnx.GraphProto, name: str) -> list[int] | None:
@@ -91,12 +92,16 @@ def expose_activation(draft: Draft) -> bool:
     """
     changed = False
     for index, tap in enumerate(draft.taps):
-        changed |= expose(draft.graph, tap.tensor, layer_output(OUTPUT_ACTIVATIONS, index))
+        rank = 3 if isinstance(tap.layout, TokenGrid) else 4
+        changed |= expose(draft.graph, tap.tensor, layer_output(OUTPUT_ACTIVATIONS, index), rank)
     return changed
 
 
-def expose(graph: onnx.GraphProto, tensor: str, output: str = OUTPUT_ACTIVATIONS) -> bool:
+def expose(graph: onnx.GraphProto, tensor: str, output: str = OUTPUT_ACTIVATIONS,
+           rank: int = 4) -> bool:
     """Add ``output = Identity(tensor)`` as a graph output; False if it is one already.
+
+    ``rank`` is the tensor's: 4 for a map, 3 for a token layer [N, T, C].
 
     Any other graph output that already carries ``tensor`` (the Keras frontend taps
     the layer that way) is dropped in favour of the named one. Graph must be sorted.
@@ -115,5 +120,5 @@ def expose(graph: onnx.GraphProto, tensor: str, output: str = OUTPUT_ACTIVATIONS
     kept = [o for o in graph.output if o.name != tensor]
     del graph.output[:]
     graph.output.extend(kept)
-    graph.output.append(float_output(output, 4))
+    graph.output.append(float_output(output, rank))
     return True

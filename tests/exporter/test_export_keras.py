@@ -35,12 +35,14 @@ EXACT = 1e-4  # relative to the largest magnitude: float32 against an independen
 FD32 = 3e-2  # an fd bundle's float32 finite differences
 
 DEFAULT_LAYERS = {
-    "mnist_cnn": "conv2",
-    "vgg_like": "block2_conv2",
+    # The map Flatten reads (through Dropout): the last pool, as for VGG.
+    "mnist_cnn": "pool2",
+    "vgg_like": "block2_pool",
     "residual_bn": "block2_out",
-    # MobileNetV2 ends Conv_1 -> Conv_1_bn -> out_relu; BN in between is skipped.
-    "mobilenet_v2_small": "Conv_1",
-    "densenet121_small": "conv5_block16_concat",
+    # MobileNetV2 ends Conv_1 -> Conv_1_bn -> out_relu, the map the classifier pools.
+    "mobilenet_v2_small": "out_relu",
+    # At 32x32 DenseNet121's last stage is 1x1; the last map over 1x1 is pool4_conv.
+    "densenet121_small": "pool4_conv",
     "nested_transfer": "base_conv2",
     "nested_sequential": "features_conv2",
     "binary_sigmoid": "conv2",
@@ -418,7 +420,7 @@ def test_fd_gradient_mode(workspace: Workspace) -> None:
 def test_fd_paths(workspace: Workspace, name: str, layer: str, affine: bool) -> None:
     """Affine tails take the exact unit-basis path (no Loop, fd_chunk 0); others
     run the Loop with a chunk that bounds the perturbed samples held at once."""
-    exported = workspace.export(name, gradient="fd")
+    exported = workspace.export(name, layer=layer, gradient="fd")
     props = metadata(exported.bundle)
     assert (int(props["onnxcam.fd_chunk"]) == 0) == affine
     if affine:
@@ -485,7 +487,12 @@ def test_savedmodel_with_maxpool_head(workspace: Workspace, tmp_path: Path, veri
     folder = tmp_path / "saved"
     workspace.model("vgg_like").export(str(folder), verbose=False)
     out = tmp_path / "bundle.onnx"
-    result = export(folder, out, verify=verify)
+    # The default is now the last pool; block2_conv2's ReLU keeps MaxPool in the head.
+    from onnxcam.exporter import list_layers
+
+    relu = next(layer.name for layer in list_layers(folder)
+                if "block2_conv2" in layer.name and layer.name.endswith("/Relu"))
+    result = export(folder, out, layer=relu, verify=verify)
     assert (result.report is not None) == verify
     image, target = random_images((32, 32, 3), seed=8), mixed_targets(6)
     got = run_bundle(out, image, target)

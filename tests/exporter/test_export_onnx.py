@@ -251,12 +251,14 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("onnx_export")
 
 
-def exported(folder: Path, name: str) -> tuple[onnx.ModelProto, Path, Path]:
-    """(source model, source path, bundle path) for a ``models`` builder, defaults only."""
+def exported(folder: Path, name: str, layer: str | None = None
+             ) -> tuple[onnx.ModelProto, Path, Path]:
+    """(source model, source path, bundle path) for a ``models`` builder, defaults only
+    (but ``layer``, where given)."""
     model = getattr(models, name)()
     src = save(folder, model, name)
     out = folder / f"{name}.bundle.onnx"
-    export(src, out)  # gradient="auto"
+    export(src, out, layer=layer)  # gradient="auto"
     return model, src, out
 
 
@@ -272,13 +274,15 @@ def residual(folder: Path) -> tuple[onnx.ModelProto, Path, Path]:
 
 @pytest.fixture(scope="module")
 def unsupported(folder: Path) -> tuple[onnx.ModelProto, Path, Path]:
-    return exported(folder, "onnx_unsupported_head")
+    # The default is the LRN's output; the map before it puts LRN in the head.
+    return exported(folder, "onnx_unsupported_head", layer="last_relu")
 
 
 # Per model: fixture, target tensor of the default layer, pre-softmax score tensor.
 CASES = {
     "onnx_cnn": ("cnn", "feat", "logits"),
-    "onnx_residual_nchw": ("residual", "dw_out", "logits"),
+    # AveragePool keeps an 8x8 map; the ReduceMean after it is the classifier's pooling.
+    "onnx_residual_nchw": ("residual", "avgpool", "logits"),
 }
 
 
@@ -427,7 +431,7 @@ def test_analytic_on_unsupported_head_names_the_op(tmp_path: Path) -> None:
     src = save(tmp_path, models.onnx_unsupported_head(), "lrn")
     out = tmp_path / "out" / "bundle.onnx"
     with pytest.raises(UnsupportedOpError, match="LRN"):
-        export(src, out, gradient="analytic")
+        export(src, out, layer="last_relu", gradient="analytic")
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
@@ -464,7 +468,8 @@ def test_fd_bundle_for_wider_lrn_head_is_right(tmp_path: Path) -> None:
     """Unverified, the fd bundle of a 24-channel LRN head is correct (independent check)."""
     model = lrn_cnn(24)
     out = tmp_path / "bundle.onnx"
-    assert export(save(tmp_path, model, "lrn24"), out, verify=False).info.gradient == "fd"
+    result = export(save(tmp_path, model, "lrn24"), out, layer="last_relu", verify=False)
+    assert result.info.gradient == "fd"
     target = mixed_targets(5)
     got = run_bundle(out, images(seed=12), target)
     check_fd_weights(model, got, chosen_targets(got, target))
@@ -474,7 +479,7 @@ def test_fd_bundle_for_wider_lrn_head_verifies(tmp_path: Path) -> None:
     """Verified, the same bundle's weights hold against float64 numpy differences."""
     model = lrn_cnn(24)
     out = tmp_path / "bundle.onnx"
-    result = export(save(tmp_path, model, "lrn24"), out)
+    result = export(save(tmp_path, model, "lrn24"), out, layer="last_relu")
     assert result.info.gradient == "fd" and result.report is not None
     target = mixed_targets(5)
     got = run_bundle(out, images(seed=14), target)
@@ -506,7 +511,7 @@ def test_source_output_already_named_logits(residual) -> None:
     info = read_bundle_info(out)
     assert info.removed_activation == ""
     assert info.num_classes == 4
-    assert info.target_layer == "relu6"
+    assert info.target_layer == "avgpool"
     image = images(seed=8)
     got = run_bundle(out, image, mixed_targets(4))
     (expected,) = run_source(model, unit_nchw(image), ["logits"])

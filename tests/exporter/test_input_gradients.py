@@ -146,7 +146,9 @@ def test_guided_output_alone(folder: Path, tmp_path: Path) -> None:
 
 def test_bundle_without_flags_keeps_the_old_contract(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "plain.onnx"
-    export(folder / "torch_resnet18.onnx", out, preprocess="torch")
+    # layer4 (1x1 at this size; the default is now layer3, the last map over 1x1):
+    # a head without convolutions, so any ConvTranspose would be the body's.
+    export(folder / "torch_resnet18.onnx", out, layer="layer4", preprocess="torch")
     model = onnx.load(str(out))
     assert [o.name for o in model.graph.output] == OLD_OUTPUTS
     keys = {p.key for p in model.metadata_props}

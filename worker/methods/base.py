@@ -14,7 +14,9 @@ exactly one hook of one base:
   model input whose gradients are averaged (SmoothGrad).
 
 Activations and gradients reach methods as NCHW, whatever the bundle's layout, so
-formulas read as in pytorch-grad-cam. Normalising and resizing belong to ``maps``.
+formulas read as in pytorch-grad-cam. A transformer's token layer [N, T, C] reaches
+them as its grid [N, C, h, w], the leading (class, distillation) tokens dropped, as
+pytorch-grad-cam's ``reshape_transform`` does. Normalising and resizing belong to ``maps``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from onnxcam.bundle import (
     BundleInfo,
     LayerEntry,
 )
-from onnxcam.layout import Layout
+from onnxcam.layout import ActivationLayout, Layout
 from onnxcam.worker.model_access import ModelAccess
 
 
@@ -58,7 +60,7 @@ class MethodContext:
     model: ModelAccess  # for methods that run the model again
     options: MethodOptions = MethodOptions()
     first_index: int = 0  # the position of this batch's first image in the whole call
-    layout: Layout = Layout.NCHW  # where the channels of this layer's activations sit
+    layout: ActivationLayout = Layout.NCHW  # how this layer's activations lie
 
     @property
     def activations(self) -> np.ndarray:
@@ -76,7 +78,7 @@ class MethodContext:
         for name in LAYER_OUTPUTS:
             if entry.output(name) in self.outputs:
                 outputs[name] = self.outputs[entry.output(name)]
-        return replace(self, outputs=outputs, layout=Layout.of(entry.layout))
+        return replace(self, outputs=outputs, layout=entry.activation_layout)
 
 
 @dataclass
