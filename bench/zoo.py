@@ -8,7 +8,7 @@ For each pair, two subprocesses (memory and crash isolation, 300 s each):
 The onnxcam child measures its own peak RSS, so torch's memory is not counted.
 
     python bench/zoo.py [--models resnet18,vgg11] [--exporters dynamo,legacy]
-                        [--quick] [--json results.jsonl]
+                        [--quick] [--no-default-export] [--json results.jsonl]
 """
 
 from __future__ import annotations
@@ -59,12 +59,15 @@ def torch_side(name: str, exporter: str, work: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"torch_export": True, "torch_s": time.perf_counter() - start}
     example = zoo.torch_input(zoo.images(entry.size, 1, seed=99))
     row["usual_tensor"] = zoo.onnx_layer_name(path, model, entry.layer, example)
-    batch = zoo.images(entry.size)
-    np.save(work / "reference.npy", zoo.reference_maps(entry, model, batch))
+    expected = zoo.reference(entry, model, zoo.images(entry.size))
+    np.save(work / "reference.npy", expected.maps)
+    row["targets"] = list(expected.targets)
+    row["reference_cells"] = [int(n) for n in (expected.maps > 0).sum(axis=(1, 2))]
     return row
 
 
-def onnxcam_side(name: str, exporter: str, work: Path, quick: bool) -> dict[str, Any]:
+def onnxcam_side(name: str, exporter: str, work: Path, default_export: bool
+                 ) -> dict[str, Any]:
     """Child 2: onnxcam's export at the usual layer, its map error, the default layer."""
     import numpy as np
 
@@ -73,7 +76,8 @@ def onnxcam_side(name: str, exporter: str, work: Path, quick: bool) -> dict[str,
 
     entry = zoo.ZOO[name]
     source = work / "model.onnx"
-    usual = json.loads((work / "torch.json").read_text())["usual_tensor"]
+    torch_row = json.loads((work / "torch.json").read_text())
+    usual, targets = torch_row["usual_tensor"], tuple(torch_row["targets"])
     row: dict[str, Any] = {}
     start = time.perf_counter()
     try:
@@ -86,7 +90,7 @@ def onnxcam_side(name: str, exporter: str, work: Path, quick: bool) -> dict[str,
     row["peak_mb"] = peak_mb()
     if row["onnxcam_export"]:
         batch = zoo.images(entry.size)
-        ours = zoo.onnxcam_maps(work / "usual.onnx", batch)
+        ours = zoo.onnxcam_maps(work / "usual.onnx", batch, targets)
         row["map_error"] = zoo.map_error(ours, np.load(work / "reference.npy"))
     try:
         layers = list_layers(source)
@@ -97,7 +101,7 @@ def onnxcam_side(name: str, exporter: str, work: Path, quick: bool) -> dict[str,
     except Exception as exc:
         row["default_error"] = first_line(exc)
         return row
-    if not row["default_is_usual"] and not quick:
+    if not row["default_is_usual"] and default_export:
         start = time.perf_counter()
         try:
             result = export(source, work / "default.onnx", preprocess=zoo.PREPROCESS)
@@ -108,11 +112,11 @@ def onnxcam_side(name: str, exporter: str, work: Path, quick: bool) -> dict[str,
     return row
 
 
-def child(side: str, name: str, exporter: str, work: Path, quick: bool) -> None:
+def child(side: str, name: str, exporter: str, work: Path, default_export: bool) -> None:
     """Run one side and write its row (or its first-line error) to ``work/<side>.json``."""
     try:
         row = torch_side(name, exporter, work) if side == "torch" else \
-            onnxcam_side(name, exporter, work, quick)
+            onnxcam_side(name, exporter, work, default_export)
     except Exception as exc:
         row = {f"{side}_failed": first_line(exc)}
     (work / f"{side}.json").write_text(json.dumps(row))
@@ -121,10 +125,11 @@ def child(side: str, name: str, exporter: str, work: Path, quick: bool) -> None:
 # --------------------------------------------------------------------------- parent
 
 
-def run_side(side: str, name: str, exporter: str, work: Path, quick: bool) -> dict[str, Any]:
+def run_side(side: str, name: str, exporter: str, work: Path, default_export: bool
+             ) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", side, name, exporter, str(work)]
-    if quick:
-        command.append("--quick")
+    if not default_export:
+        command.append("--no-default-export")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -136,14 +141,14 @@ def run_side(side: str, name: str, exporter: str, work: Path, quick: bool) -> di
     return {f"{side}_failed": f"exit {done.returncode}: {tail[-1] if tail else ''}"[:300]}
 
 
-def measure(name: str, exporter: str, quick: bool) -> dict[str, Any]:
+def measure(name: str, exporter: str, default_export: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "exporter": exporter, "size": zoo.ZOO[name].size,
                            "layer": zoo.ZOO[name].layer}
     with tempfile.TemporaryDirectory(prefix=f"zoo_{name}_") as folder:
         work = Path(folder)
-        row.update(run_side("torch", name, exporter, work, quick))
+        row.update(run_side("torch", name, exporter, work, default_export))
         if "usual_tensor" in row:
-            row.update(run_side("onnxcam", name, exporter, work, quick))
+            row.update(run_side("onnxcam", name, exporter, work, default_export))
     return row
 
 
@@ -181,20 +186,23 @@ def main() -> None:
     parser.add_argument("--models", default="", help="comma-separated; default: the whole zoo")
     parser.add_argument("--exporters", default=",".join(zoo.EXPORTERS))
     parser.add_argument("--quick", action="store_true",
-                        help=f"{', '.join(QUICK_MODELS)} only; no default-layer export")
+                        help=f"{', '.join(QUICK_MODELS)} only, and --no-default-export")
+    parser.add_argument("--no-default-export", action="store_true",
+                        help="name the default layer, but do not export at it where it is "
+                             "not the usual one")
     parser.add_argument("--json", type=Path, help="append one JSON line per row here")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         side, name, exporter, work = args.child
-        child(side, name, exporter, Path(work), args.quick)
+        child(side, name, exporter, Path(work), not args.no_default_export)
         return
     models = [m for m in args.models.split(",") if m] or \
         (list(QUICK_MODELS) if args.quick else list(zoo.ZOO))
     rows = []
     for name in models:
         for exporter in [e for e in args.exporters.split(",") if e]:
-            row = measure(name, exporter, args.quick)
+            row = measure(name, exporter, not (args.quick or args.no_default_export))
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             if args.json:
