@@ -117,7 +117,9 @@ def calibrate(model: Any, size: int, seed: int = 1) -> Any:
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the calibration batches
-    model.train()
+    model.eval()  # dropout and stochastic depth off: they would skew the statistics
+    for norm in norms:
+        norm.train()
     with torch.no_grad():
         model(torch_input(images(size, 4, seed=seed)))
     return model.eval()
@@ -129,18 +131,25 @@ def perturb(model: Any, seed: int = 0) -> Any:
     Fresh models have many equal tensors (BatchNorm's ones and zeros, zero biases),
     which the legacy exporter then shares through Identity nodes; trained weights have
     none. Each tensor moves by 10% of its own scale (so LayerScale's 1e-6 stays small);
-    running variances are scaled instead, so they stay positive.
+    running variances are scaled instead, so they stay positive, and running means
+    move by 10% of their channel's standard deviation.
     """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    buffers = dict(model.named_buffers())
     with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        for name, tensor in [*model.named_parameters(), *buffers.items()]:
             if not tensor.is_floating_point() or not tensor.numel():
                 continue  # num_batches_tracked, relative-position indices
             noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
             if name.endswith("running_var"):
                 tensor.mul_(torch.exp(0.1 * noise))
+            elif name.endswith("running_mean"):
+                # By a tenth of the channel's spread: relative to the mean itself, a
+                # large mean over a small variance would blow the output up.
+                spread = buffers[name.removesuffix("mean") + "var"].sqrt()
+                tensor.add_(0.1 * spread * noise)
             else:
                 tensor.add_(0.1 * max(float(tensor.abs().mean()), 1e-2) * noise)
     return model
