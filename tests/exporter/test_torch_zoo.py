@@ -69,6 +69,16 @@ USUAL_FAILS: dict[tuple[str, str], str] = {
                               "'numpy.ndarray'>] and attributes ['keepdims', "
                               "'noop_with_empty_axes'] and linked attributes=[] (operator "
                               "'ReduceMean_18').",
+    # Verification refuses EfficientNet's logits (4e-1); v2_s's layer output is not
+    # matched by any ONNX tensor within 1e-4: these random EfficientNets amplify float32
+    # noise (logits ~1e3), so the harness's weights may be at fault, not onnxcam.
+    ("efficientnet_b0", "legacy"): "VerificationError: bundle disagrees with its source: "
+                                   "worst tensor 'logits', relative error 4.117e-01 > 1e-04",
+    ("efficientnet_v2_s", "legacy"): "LookupError: no tensor in efficientnet_v2_s-legacy.onnx "
+                                     "holds the output of features.7",
+    # A refusal just over verification's 1e-4 (float32 noise, issue 10's item 2).
+    ("mobilenet_v3_small", "legacy"): "VerificationError: bundle disagrees with its source: "
+                                      "worst tensor 'logits', relative error 1.146e-04 > 1e-04",
     # Token tensors [N, T, C] are not explained yet.
     ("vit_b_16", "dynamo"): _grid("layer_norm_22"),
     ("vit_b_16", "legacy"): _grid("/encoder/layers/encoder_layer_11/ln_1/"
