@@ -85,6 +85,10 @@ USUAL_FAILS: dict[tuple[str, str], str] = {
                                   "LayerNormalization_output_0"),
 }
 DEFAULT_FAILS: dict[tuple[str, str], str] = {
+    # The harness finds no ONNX tensor within 1e-4 of the layer's output (see above).
+    **{("efficientnet_v2_s", exporter): "LookupError: no tensor in "
+       f"efficientnet_v2_s-{exporter}.onnx holds the output of features.7"
+       for exporter in ("dynamo", "legacy")},
     # The layer before the last pool (alexnet, vgg11).
     ("alexnet", "dynamo"): _default("node_relu_4"),
     ("alexnet", "legacy"): _default("/features/features.11/Relu"),
