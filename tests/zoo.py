@@ -23,7 +23,6 @@ import numpy as np
 
 CLASSES = 10  # a light head; the head's shape is not what the zoo is about
 IMAGES = 2
-TARGETS = (1, CLASSES - 2)  # fixed, so both sides explain the same classes
 MAP_TOLERANCE = 2e-3  # issue 10: max |difference| of the min-max normalised maps
 PREPROCESS = "torch"  # the bundle's own (x / 255 - mean) / std, replicated for torch below
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float64)
@@ -47,8 +46,12 @@ class ZooModel:
     reshape: str = ""  # "" (NCHW maps), "vit" (drop the class token) or "swin" (NHWC)
 
     def model(self, seed: int = 0) -> Any:
-        """The model, perturbed (see ``perturb``), in eval mode."""
-        return perturb(self.build(), seed).eval()
+        """The model, its BatchNorm calibrated and every tensor perturbed, in eval mode."""
+        import torch
+
+        torch.manual_seed(seed)  # torchvision's initialisation draws from the global RNG
+        model = calibrate(self.build(), self.size)
+        return perturb(model, seed).eval()
 
     def reshape_transform(self) -> Callable[[Any], Any] | None:
         return RESHAPES[self.reshape] if self.reshape else None
@@ -65,10 +68,11 @@ def _tv(name: str, **kwargs: Any) -> Callable[[], Any]:
 
 # Layers follow pytorch-grad-cam's README and tutorials (the last stage's output);
 # where it lists none (alexnet, maxvit, regnet, mnasnet, shufflenet) the same rule.
-# alexnet and inception_v3 need larger inputs for a grid over 1x1 at that layer;
-# maxvit_t's windows need 224 (every stage divisible by 7).
+# inception_v3 needs 107 for a grid over 1x1 at that layer; maxvit_t's windows need
+# 224 (every stage divisible by 7); alexnet and vgg11 need 224 for the legacy exporter,
+# which exports AdaptiveAvgPool only when the pooled size (6, 7) divides the map's.
 ZOO: dict[str, ZooModel] = {m.name: m for m in (
-    ZooModel("alexnet", _tv("alexnet"), 128, "features.12"),
+    ZooModel("alexnet", _tv("alexnet"), 224, "features.12"),
     ZooModel("convnext_tiny", _tv("convnext_tiny"), 64, "features.7"),
     ZooModel("densenet121", _tv("densenet121"), 64, "features.norm5"),
     ZooModel("efficientnet_b0", _tv("efficientnet_b0"), 64, "features.8"),
@@ -88,7 +92,7 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
     ZooModel("squeezenet1_0", _tv("squeezenet1_0"), 64, "features.12"),
     ZooModel("swin_t", _tv("swin_t"), 64, "features.7.1.norm1", "swin"),
     ZooModel("swin_v2_t", _tv("swin_v2_t"), 64, "features.7.1.norm1", "swin"),
-    ZooModel("vgg11", _tv("vgg11"), 64, "features.20"),
+    ZooModel("vgg11", _tv("vgg11"), 224, "features.20"),
     ZooModel("vit_b_16", _tv("vit_b_16", image_size=64), 64, "encoder.layers.encoder_layer_11.ln_1",
              "vit"),
     ZooModel("wide_resnet50_2", _tv("wide_resnet50_2"), 64, "layer4.2"),
@@ -98,29 +102,56 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
 # --------------------------------------------------------------------------- weights
 
 
+def calibrate(model: Any, size: int, seed: int = 1) -> Any:
+    """Set BatchNorm's running statistics from a few images, as training would.
+
+    With the fresh statistics (mean 0, variance 1) the activations of a random network
+    drift until the output no longer depends on the input (MobileNetV2 gives every
+    image the same logits), and every Grad-CAM map is then the same flat one.
+    """
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the calibration batches
+    model.eval()  # dropout and stochastic depth off: they would skew the statistics
+    for norm in norms:
+        norm.train()
+    with torch.no_grad():
+        model(torch_input(images(size, 4, seed=seed)))
+    return model.eval()
+
+
 def perturb(model: Any, seed: int = 0) -> Any:
     """Add seeded noise to every float parameter and buffer, in place; returns ``model``.
 
     Fresh models have many equal tensors (BatchNorm's ones and zeros, zero biases),
     which the legacy exporter then shares through Identity nodes; trained weights have
-    none. Each tensor moves by 10% of its own scale (so LayerScale's 1e-6 stays small),
-    BatchNorm's running variance lands in [0.5, 1.5] and its mean near zero.
+    none. Each tensor moves by 10% of its own scale (so LayerScale's 1e-6 stays small);
+    running variances are scaled instead, so they stay positive, and running means
+    move by 10% of their channel's standard deviation.
     """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    buffers = dict(model.named_buffers())
     with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if not tensor.is_floating_point():
+        for name, tensor in [*model.named_parameters(), *buffers.items()]:
+            if not tensor.is_floating_point() or not tensor.numel():
                 continue  # num_batches_tracked, relative-position indices
             noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
             if name.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+                tensor.mul_(torch.exp(0.1 * noise))
             elif name.endswith("running_mean"):
-                tensor.copy_(0.1 * noise)
+                # By a tenth of the channel's spread: relative to the mean itself, a
+                # large mean over a small variance would blow the output up.
+                spread = buffers[name.removesuffix("mean") + "var"].sqrt()
+                tensor.add_(0.1 * spread * noise)
             else:
-                scale = max(float(tensor.abs().mean()), 1e-2) if tensor.numel() else 1.0
-                tensor.add_(0.1 * scale * noise)
+                tensor.add_(0.1 * max(float(tensor.abs().mean()), 1e-2) * noise)
     return model
 
 
@@ -275,7 +306,7 @@ def normalise(maps: np.ndarray) -> np.ndarray:
 
 
 def reference_maps(entry: ZooModel, model: Any, batch: np.ndarray,
-                   targets: tuple[int, ...] = TARGETS) -> np.ndarray:
+                   targets: tuple[int, ...]) -> np.ndarray:
     """pytorch-grad-cam's GradCAM at the usual layer: its cam after ReLU, before resizing."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -290,15 +321,69 @@ def reference_maps(entry: ZooModel, model: Any, batch: np.ndarray,
             self.raw = np.maximum(cam, 0)
             return cam
 
+    grid = entry.reshape_transform()
+
+    def copy(tensor: Any) -> Any:
+        # pytorch-grad-cam keeps the hooked output itself; DenseNet's F.relu(inplace=True)
+        # after norm5 then rewrites it, so its plain call pairs post-ReLU activations
+        # with pre-ReLU gradients. A copy at hook time gives Grad-CAM at the layer.
+        return (grid(tensor) if grid else tensor).clone()
+
     layer = model.get_submodule(entry.layer)
-    with RawGradCAM(model=model, target_layers=[layer],
-                    reshape_transform=entry.reshape_transform()) as cam:
+    with RawGradCAM(model=model, target_layers=[layer], reshape_transform=copy) as cam:
         cam(input_tensor=torch_input(batch), targets=[ClassifierOutputTarget(t) for t in targets])
         return cam.raw
 
 
-def onnxcam_maps(bundle: Path, batch: np.ndarray, targets: tuple[int, ...] = TARGETS
-                 ) -> np.ndarray:
+@dataclass(frozen=True)
+class Reference:
+    """pytorch-grad-cam's maps [N, h, w] and the class each image was explained for."""
+
+    targets: tuple[int, ...]
+    maps: np.ndarray
+
+
+def reference(entry: ZooModel, model: Any, batch: np.ndarray) -> Reference:
+    """pytorch-grad-cam's maps, each image explained for its most telling class."""
+    targets = telling_targets(entry, model, batch)
+    return Reference(targets, reference_maps(entry, model, batch, targets))
+
+
+def telling_targets(entry: ZooModel, model: Any, batch: np.ndarray) -> tuple[int, ...]:
+    """Per image, the class whose Grad-CAM map has the most positive cells, then spread.
+
+    With untrained weights many classes give a map that is negative everywhere, zero
+    after the ReLU, which any map would match. One forward pass and a head-only
+    backward pass per class find better ones; the maps compared come from
+    pytorch-grad-cam, called once for the chosen classes.
+    """
+    import torch
+
+    grid = entry.reshape_transform() or (lambda tensor: tensor)
+    seen: list[Any] = []
+
+    def keep(_module: Any, _inputs: Any, output: Any) -> Any:
+        seen.append(output)
+        return output.clone()  # in-place ops after the layer (DenseNet) leave ``output`` be
+
+    handle = model.get_submodule(entry.layer).register_forward_hook(keep)
+    try:
+        logits = model(torch_input(batch))
+    finally:
+        handle.remove()
+    activations = grid(seen[-1]).detach()
+    maps = []
+    for k in range(logits.shape[1]):
+        (gradients,) = torch.autograd.grad(logits[:, k].sum(), seen[-1], retain_graph=True)
+        weights = grid(gradients).mean(dim=(2, 3), keepdim=True)
+        maps.append(torch.relu((weights * activations).sum(dim=1)).numpy())
+    every = np.stack(maps, axis=1)  # [N, K, h, w]
+    positive = (every > 0).sum(axis=(2, 3))
+    spread = np.stack([normalise(every[:, k]).std(axis=(1, 2)) for k in range(len(maps))], 1)
+    return tuple(int(k) for k in np.argmax(positive + spread, axis=1))  # spread < 1: ties
+
+
+def onnxcam_maps(bundle: Path, batch: np.ndarray, targets: tuple[int, ...]) -> np.ndarray:
     """onnxcam's Grad-CAM at the bundle's layer, on the CPU: the map after ReLU, unresized."""
     from onnxcam import Explainer
 
