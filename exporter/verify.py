@@ -36,7 +36,7 @@ from onnxcam.exporter.preprocess import preprocess_numpy
 from onnxcam.exporter.shapes import OutputRunner, random_images
 from onnxcam.graph import head_nodes, source_of
 from onnxcam.layout import Layout
-from onnxcam.runtime import cpu_session
+from onnxcam.runtime import cpu_session, run_in_chunks
 from onnxcam.scores import softmax
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,10 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
     session = cpu_session(bundle.SerializeToString())
     names = [o.name for o in session.get_outputs()]
     targets = probe_targets(info.num_classes)
-    out = dict(zip(names, session.run(names, {INPUT_IMAGE: images, INPUT_TARGET: targets})))
+    # A fixed-batch bundle runs in chunks of its batch, as the engine runs it.
+    out = dict(zip(names, run_in_chunks(session.run, names,
+                                        {INPUT_IMAGE: images, INPUT_TARGET: targets},
+                                        info.batch_size or len(images))))
     del session  # as large as the model; the float64 checks below need the room
     chosen = np.where(targets < 0, out[OUTPUT_LOGITS].argmax(axis=1), targets)
     with_input = OUTPUT_INPUT_GRADIENTS in info.input_gradients
@@ -161,7 +164,8 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
                        floor=gradient_scale(logits, model_input))
     else:
         for entry in layers:
-            finite_difference_check(bundle, images, chosen, out, entry, report)
+            finite_difference_check(bundle, images, chosen, out, entry, report,
+                                    info.batch_size)
             cam = entry.output(OUTPUT_CAM)
             activations = out[entry.output(OUTPUT_ACTIVATIONS)]
             report.add(cam, out[cam], cam_from(activations, out[entry.output(OUTPUT_WEIGHTS)],
@@ -335,7 +339,9 @@ class Float64Head:
     computes from its input is fed: ``batched`` tensors (activations of earlier
     layers, with the batch first) are repeated for each moved copy; ``fixed`` ones
     (a shape read from the input, a value derived from one) hold at the batch they
-    were computed for, so a head that reads them runs one copy at a time.
+    were computed for, so a head that reads them runs one copy at a time. A head of
+    a fixed-batch bundle (``rows``) runs exactly that many copies at a time, padded;
+    all it reads is then fixed, taken from a run on ``rows`` copies of the image.
     """
 
     evaluator: ReferenceEvaluator
@@ -345,22 +351,26 @@ class Float64Head:
     fixed: list[str]
     values: list[dict[str, np.ndarray]]  # per probe image, at batch 1
     parameters: dict[str, np.ndarray] = field(default_factory=dict)  # float64, fed as is
+    rows: int = 0  # the bundle's fixed batch; 0: any
 
     def scores(self, image: int, moved: np.ndarray, target: int) -> np.ndarray:
         """The head's score for ``target`` at each of ``moved`` (a batch of starts)."""
         values = self.values[image]
-        per_run = 1 if self.fixed else \
-            max(1, FD_CHUNK_BYTES // (8 * HEAD_GROWTH * moved[0].size))
+        per_run = self.rows or (1 if self.fixed else
+                                max(1, FD_CHUNK_BYTES // (8 * HEAD_GROWTH * moved[0].size)))
         scores = []
         for first in range(0, len(moved), per_run):
             chunk = moved[first : first + per_run]
+            kept = len(chunk)
+            if kept < self.rows:  # the fixed batch, made up with copies; their scores dropped
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.rows - kept, 0)])
             feeds = {self.start: chunk, **self.parameters}
             feeds.update({name: np.repeat(_as_float64(values[name]), len(chunk), axis=0)
                           for name in self.batched})
             feeds.update({name: _as_float64(values[name])
                           for name in self.invariant + self.fixed})
             (logits,) = self.evaluator.run(None, feeds)
-            scores.append(np.asarray(logits, np.float64)[:, target])
+            scores.append(np.asarray(logits, np.float64)[:kept, target])
         return np.concatenate(scores)
 
 
@@ -380,10 +390,12 @@ def constant_tensors(graph: onnx.GraphProto) -> set[str]:
 
 
 def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray,
-                 start: str = "") -> Float64Head:
+                 start: str = "", batch_size: int = 0) -> Float64Head:
     """The head alone (target layer, or the tensor ``start``, -> logits) in float64,
     with the values it reads from outside the head for each probe image.
 
+    ``batch_size`` is the bundle's fixed batch (0: any): its values are then taken
+    from a run on that many copies of each image, as the head will run.
     Precondition: graph sorted (a finished bundle is).
     """
     graph = bundle.graph
@@ -400,11 +412,13 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
     initializers = {i.name for i in graph.initializer}
     outside = sorted(name for name in read if name not in constant)
     runner = OutputRunner(bundle, [start, *outside])
-    feeds = [{INPUT_IMAGE: images[n : n + 1], INPUT_TARGET: chosen[n : n + 1].astype(np.int64)}
+    copies = batch_size or 1
+    feeds = [{INPUT_IMAGE: np.repeat(images[n : n + 1], copies, axis=0),
+              INPUT_TARGET: np.repeat(chosen[n : n + 1].astype(np.int64), copies)}
              for n in range(len(images))]
     values = [runner(feed) for feed in feeds]
     both = runner({INPUT_IMAGE: images[:2], INPUT_TARGET: chosen[:2].astype(np.int64)}) \
-        if len(images) > 1 else values[0]
+        if len(images) > 1 and not batch_size else values[0]
     del runner  # a session of the whole bundle: gone before the float64 parameters come
     used = {i for n in nodes for i in n.input if i in initializers and i not in made}
     # Parameters are fed, not stored in the head's proto: VGG's first Dense layer is
@@ -421,13 +435,18 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
     batched, invariant, fixed = [], [], []
     for name in outside:
         one, two = values[0][name], both[name]
-        if one.ndim and two.shape[1:] == one.shape[1:] and two.shape[0] != one.shape[0]:
+        if batch_size:
+            fixed.append(name)  # at the bundle's batch, as every run of the head is
+        elif one.ndim and two.shape[1:] == one.shape[1:] and two.shape[0] != one.shape[0]:
             batched.append(name)
         elif one.shape == two.shape and np.array_equal(one, two):
             invariant.append(name)
         else:
             fixed.append(name)  # a shape read from the input, or a batch on another axis
-    return Float64Head(evaluator, start, batched, invariant, fixed, values, parameters)
+    for per_image in values:  # the copies' starts are one; the differences move one
+        per_image[start] = per_image[start][:1]
+    return Float64Head(evaluator, start, batched, invariant, fixed, values, parameters,
+                       batch_size)
 
 
 def constant_producers(graph: onnx.GraphProto, names: set[str]) -> set[str]:
@@ -538,13 +557,13 @@ def channel_directions(picked: np.ndarray, shape: tuple[int, ...], channel_axis:
 
 def finite_difference_check(
     bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray,
-    out: dict[str, np.ndarray], entry: LayerEntry, report: Report,
+    out: dict[str, np.ndarray], entry: LayerEntry, report: Report, batch_size: int = 0,
 ) -> None:
     """Hold one layer's weights (and full gradients, where present) against float64
     differences, leaving out directions that straddle a kink."""
     weights_name, gradients_name = entry.output(OUTPUT_WEIGHTS), entry.output(OUTPUT_GRADIENTS)
     head = float64_head(bundle, images, chosen,
-                        source_of(bundle.graph, entry.output(OUTPUT_ACTIVATIONS)))
+                        source_of(bundle.graph, entry.output(OUTPUT_ACTIVATIONS)), batch_size)
     activations = out[entry.output(OUTPUT_ACTIVATIONS)]
     scale = gradient_scale(out[OUTPUT_LOGITS], activations)
     channel_axis = Layout.of(entry.layout).channel_axis
@@ -612,7 +631,7 @@ def input_gradient_check(
 ) -> None:
     """Hold ``input_gradients`` against float64 differences of the whole body, along
     sparse and dense random directions in the model input."""
-    body = float64_head(bundle, images, chosen, info.model_input)
+    body = float64_head(bundle, images, chosen, info.model_input, info.batch_size)
     model_input = np.concatenate([values[body.start] for values in body.values])
     scale = gradient_scale(out[OUTPUT_LOGITS], model_input)
     gradients = Layout.of(info.layout).from_nhwc(out[OUTPUT_INPUT_GRADIENTS].astype(np.float64))
