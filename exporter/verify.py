@@ -33,10 +33,10 @@ from onnxcam.bundle import (
 from onnxcam.errors import VerificationError
 from onnxcam.exporter.frontends import SourceModel
 from onnxcam.exporter.preprocess import preprocess_numpy
-from onnxcam.exporter.shapes import OutputRunner, random_images
+from onnxcam.exporter.shapes import OutputRunner, lean_session, random_images
 from onnxcam.graph import head_nodes, source_of
 from onnxcam.layout import Layout
-from onnxcam.runtime import cpu_session, run_in_chunks
+from onnxcam.runtime import run_in_chunks
 from onnxcam.scores import softmax
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
     them; the tests hold them against a TF custom-gradient ReLU.
     """
     images = random_images(PROBE_BATCH, info.height, info.width, info.channels, seed=7)
-    session = cpu_session(bundle.SerializeToString())
+    session = lean_session(bundle)  # its weights once: verify holds the source too
     names = [o.name for o in session.get_outputs()]
     targets = probe_targets(info.num_classes)
     # A fixed-batch bundle runs in chunks of its batch, as the engine runs it.
@@ -411,7 +411,7 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
     made = {o for n in nodes for o in n.output}
     initializers = {i.name for i in graph.initializer}
     outside = sorted(name for name in read if name not in constant)
-    runner = OutputRunner(bundle, [start, *outside])
+    runner = OutputRunner(bundle, [start, *outside], lean=True)
     copies = batch_size or 1
     feeds = [{INPUT_IMAGE: np.repeat(images[n : n + 1], copies, axis=0),
               INPUT_TARGET: np.repeat(chosen[n : n + 1].astype(np.int64), copies)}

@@ -38,9 +38,19 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def cpu_session(model: bytes | str, threads: int | None = None) -> ort.InferenceSession:
-    """A plain CPU session, as the exporter uses for probing and verification."""
-    return ort.InferenceSession(model, session_options(threads), providers=[CPU])
+def cpu_session(model: bytes | str, threads: int | None = None,
+                lean: bool = False) -> ort.InferenceSession:
+    """A plain CPU session, as the exporter uses for probing and verification.
+
+    ``lean`` is for a run or two that only reads shapes and values: no weight
+    prepacking and only basic graph rewrites, each of which would otherwise make a
+    second copy of a large model's weights while the session loads.
+    """
+    options = session_options(threads)
+    if lean:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(model, options, providers=[CPU])
 
 
 def cpu_threads() -> int:

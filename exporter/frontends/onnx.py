@@ -15,10 +15,10 @@ from onnxcam.errors import UnsupportedModelError
 from onnxcam.exporter.batch import BATCH_SYMBOL, free_batch, static_batch
 from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of, sha256_of_bytes
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
-from onnxcam.exporter.shapes import run_with_outputs
+from onnxcam.exporter.shapes import lean_session, run_with_outputs
 from onnxcam.graph import backward_reachable, opset_version, producers, real_inputs, toposort
 from onnxcam.layout import Layout
-from onnxcam.runtime import cpu_session, run_in_chunks
+from onnxcam.runtime import run_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,10 @@ NCHW_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "BatchNormalizati
 
 def load_proto(path: Path) -> onnx.ModelProto:
     try:
+        # Checked from the file, before loading: checking the loaded proto would
+        # serialize it and parse it again, two more copies of the weights at once.
+        onnx.checker.check_model(str(path))
         model = onnx.load(str(path))
-        onnx.checker.check_model(model)
     except Exception as exc:
         raise UnsupportedModelError(f"{path}: not a readable ONNX model ({exc})") from exc
     return model
@@ -138,7 +140,8 @@ def list_layers(
     feeding = backward_reachable(graph, [graph.output[0].name])
     nodes = [n for n in graph.node if n.output and n.output[0] in feeding
              and n.op_type not in ("Constant", "Shape")]
-    values = run_with_outputs(model, [n.output[0] for n in nodes], {input_name: sample})
+    values = run_with_outputs(model, [n.output[0] for n in nodes], {input_name: sample},
+                              lean=True)
     made_by = producers(graph)
     layers = []
     for node in nodes:
@@ -205,13 +208,13 @@ def load(
     layers = choose_layers(ready.layers, layer)
     chosen = layers[0]
     log.info("target layers: %s", ", ".join(f"{c.name} ({c.op}, {c.tensor})" for c in layers))
-    original = onnx.ModelProto()
-    original.CopyFrom(ready.model)
-    output = original.graph.output[0].name
+    output = ready.model.graph.output[0].name
 
     def reference(images: np.ndarray, targets: np.ndarray, **_: object) -> Reference:
+        # ``ready.model`` is the source's model, which the passes only ever read a copy
+        # of (``Draft.from_source``): no second copy of its weights is kept for this.
         feeds = {ready.input_name: to_layout(images, ready.layout)}
-        session = cpu_session(original.SerializeToString())
+        session = lean_session(ready.model)
         (logits,) = run_in_chunks(session.run, [output], feeds, ready.batch_size or len(images))
         return Reference(logits=logits)
 
