@@ -36,7 +36,7 @@ from onnxcam.exporter.preprocess import preprocess_numpy
 from onnxcam.exporter.shapes import OutputRunner, lean_session, random_images
 from onnxcam.graph import head_nodes, source_of
 from onnxcam.layout import Layout
-from onnxcam.runtime import run_in_chunks
+from onnxcam.runtime import run_each_in_copies
 from onnxcam.scores import softmax
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,11 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
     session = lean_session(bundle)  # its weights once: verify holds the source too
     names = [o.name for o in session.get_outputs()]
     targets = probe_targets(info.num_classes)
-    # A fixed-batch bundle runs in chunks of its batch, as the engine runs it.
-    out = dict(zip(names, run_in_chunks(session.run, names,
-                                        {INPUT_IMAGE: images, INPUT_TARGET: targets},
-                                        info.batch_size or len(images))))
+    feeds = {INPUT_IMAGE: images, INPUT_TARGET: targets}
+    # A fixed-batch bundle runs each image among copies of itself: where its graph mixes
+    # a batch's samples, that is the batch the reference and the float64 head rebuild.
+    out = dict(zip(names, run_each_in_copies(session.run, names, feeds, info.batch_size)
+                   if info.batch_size else session.run(names, feeds)))
     del session  # as large as the model; the float64 checks below need the room
     chosen = np.where(targets < 0, out[OUTPUT_LOGITS].argmax(axis=1), targets)
     with_input = OUTPUT_INPUT_GRADIENTS in info.input_gradients
@@ -339,9 +340,11 @@ class Float64Head:
     computes from its input is fed: ``batched`` tensors (activations of earlier
     layers, with the batch first) are repeated for each moved copy; ``fixed`` ones
     (a shape read from the input, a value derived from one) hold at the batch they
-    were computed for, so a head that reads them runs one copy at a time. A head of
-    a fixed-batch bundle (``rows``) runs exactly that many copies at a time, padded;
-    all it reads is then fixed, taken from a run on ``rows`` copies of the image.
+    were computed for, so a head that reads them runs one copy at a time. The head
+    of a fixed-batch bundle (``rows``) runs on a batch of copies of the image, the
+    first one moved, and scores the sum over the batch: what the bundle's backward
+    pass differentiates (every row's target, summed). All it reads is then fixed,
+    taken from a run on those copies.
     """
 
     evaluator: ReferenceEvaluator
@@ -356,21 +359,22 @@ class Float64Head:
     def scores(self, image: int, moved: np.ndarray, target: int) -> np.ndarray:
         """The head's score for ``target`` at each of ``moved`` (a batch of starts)."""
         values = self.values[image]
-        per_run = self.rows or (1 if self.fixed else
-                                max(1, FD_CHUNK_BYTES // (8 * HEAD_GROWTH * moved[0].size)))
+        per_run = 1 if self.fixed or self.rows else \
+            max(1, FD_CHUNK_BYTES // (8 * HEAD_GROWTH * moved[0].size))
         scores = []
         for first in range(0, len(moved), per_run):
             chunk = moved[first : first + per_run]
-            kept = len(chunk)
-            if kept < self.rows:  # the fixed batch, made up with copies; their scores dropped
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.rows - kept, 0)])
+            if self.rows:  # one moved copy, then the unmoved ones up to the fixed batch
+                unmoved = _as_float64(values[self.start])
+                chunk = np.concatenate([chunk, np.repeat(unmoved, self.rows - 1, axis=0)])
             feeds = {self.start: chunk, **self.parameters}
             feeds.update({name: np.repeat(_as_float64(values[name]), len(chunk), axis=0)
                           for name in self.batched})
             feeds.update({name: _as_float64(values[name])
                           for name in self.invariant + self.fixed})
             (logits,) = self.evaluator.run(None, feeds)
-            scores.append(np.asarray(logits, np.float64)[:kept, target])
+            rows = np.asarray(logits, np.float64)[:, target]
+            scores.append(rows.sum(keepdims=True) if self.rows else rows)
         return np.concatenate(scores)
 
 

@@ -18,7 +18,7 @@ from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, c
 from onnxcam.exporter.shapes import lean_session, run_with_outputs
 from onnxcam.graph import backward_reachable, opset_version, producers, real_inputs, toposort
 from onnxcam.layout import Layout
-from onnxcam.runtime import run_in_chunks
+from onnxcam.runtime import run_each_in_copies
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,9 @@ def load(
         # of (``Draft.from_source``): no second copy of its weights is kept for this.
         feeds = {ready.input_name: to_layout(images, ready.layout)}
         session = lean_session(ready.model)
-        (logits,) = run_in_chunks(session.run, [output], feeds, ready.batch_size or len(images))
+        # Each image among copies of itself at a fixed batch, as verify runs the bundle.
+        (logits,) = run_each_in_copies(session.run, [output], feeds, ready.batch_size) \
+            if ready.batch_size else session.run([output], feeds)
         return Reference(logits=logits)
 
     return SourceModel(

@@ -183,6 +183,35 @@ def test_mutation_a_doubled_rule_is_refused_at_a_fixed_batch(
     assert not out.exists()
 
 
+def batch_two_mixing_model() -> onnx.ModelProto:
+    """``reshape_model(mix=True)`` exported at batch 2: the Transpose puts the batch on
+    axis 1, so each row of the Reshape holds half the channels of both samples."""
+    model = reshape_model(mix=True)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2
+    shape = next(t for t in model.graph.initializer if t.name == "shape")
+    shape.CopyFrom(numpy_helper.from_array(np.array([2, -1], np.int64), "shape"))
+    return model
+
+
+def test_a_batch_mixing_model_at_batch_two_is_verified(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept at batch 2, its rows depend on both samples: verification runs each probe
+    image in a batch of its own copies and differentiates what the bundle's backward
+    pass does (every row's score), so a right bundle passes and a doubled rule not."""
+    from test_verify import doubled, replace_rule
+
+    source = tmp_path / "model.onnx"
+    onnx.save(batch_two_mixing_model(), source)
+    result = onnxcam.export(source, tmp_path / "model.cam.onnx", layer="r",
+                            input_gradients=True)
+    assert result.info.batch_size == 2
+    assert result.report is not None and max(result.report.errors.values()) < 1e-4
+    replace_rule(monkeypatch, "Gemm", doubled)
+    with pytest.raises(VerificationError, match="disagrees with its source"):
+        onnxcam.export(source, tmp_path / "mutant.cam.onnx", layer="r")
+
+
 def test_fixed_batch_is_recorded_and_pinned(fixed_bundle: Path) -> None:
     assert read_bundle_info(fixed_bundle).batch_size == 1
     model = onnx.load(str(fixed_bundle))
