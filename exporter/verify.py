@@ -352,7 +352,7 @@ class Float64Head:
     batched: list[str]
     invariant: list[str]  # the same at any batch size: fed as they are
     fixed: list[str]
-    values: list[dict[str, np.ndarray]]  # per probe image, at batch 1
+    values: list[dict[str, np.ndarray]]  # per probe image, at batch 1 (or ``rows`` copies)
     parameters: dict[str, np.ndarray] = field(default_factory=dict)  # float64, fed as is
     rows: int = 0  # the bundle's fixed batch; 0: any
 
