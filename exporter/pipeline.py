@@ -266,12 +266,6 @@ def export(
     source = load_source(src, layer, layout, input_size, opset, example)
     bundle, info = build_bundle(source, preprocess, label_list, gradient, input_gradients,
                                 guided)
-    if verify and info.batch_size:
-        # verify_bundle probes at PROBE_BATCH and differentiates in batches of directions.
-        raise ExportError(
-            f"the model runs at batch size {info.batch_size} only (see the log for why its "
-            "batch could not be freed), and verification cannot check such bundles yet; "
-            "export it with a dynamic batch, or with verify=False (--no-verify)")
     report = verify_bundle(bundle, info, source) if verify else None
     atomic_write(Path(out), bundle.SerializeToString())
     return ExportResult(Path(out), info, report)

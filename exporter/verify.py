@@ -33,10 +33,10 @@ from onnxcam.bundle import (
 from onnxcam.errors import VerificationError
 from onnxcam.exporter.frontends import SourceModel
 from onnxcam.exporter.preprocess import preprocess_numpy
-from onnxcam.exporter.shapes import OutputRunner, random_images
+from onnxcam.exporter.shapes import OutputRunner, lean_session, random_images
 from onnxcam.graph import head_nodes, source_of
 from onnxcam.layout import Layout
-from onnxcam.runtime import cpu_session
+from onnxcam.runtime import run_each_in_copies
 from onnxcam.scores import softmax
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,14 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
     them; the tests hold them against a TF custom-gradient ReLU.
     """
     images = random_images(PROBE_BATCH, info.height, info.width, info.channels, seed=7)
-    session = cpu_session(bundle.SerializeToString())
+    session = lean_session(bundle)  # its weights once: verify holds the source too
     names = [o.name for o in session.get_outputs()]
     targets = probe_targets(info.num_classes)
-    out = dict(zip(names, session.run(names, {INPUT_IMAGE: images, INPUT_TARGET: targets})))
+    feeds = {INPUT_IMAGE: images, INPUT_TARGET: targets}
+    # A fixed-batch bundle runs each image among copies of itself: where its graph mixes
+    # a batch's samples, that is the batch the reference and the float64 head rebuild.
+    out = dict(zip(names, run_each_in_copies(session.run, names, feeds, info.batch_size)
+                   if info.batch_size else session.run(names, feeds)))
     del session  # as large as the model; the float64 checks below need the room
     chosen = np.where(targets < 0, out[OUTPUT_LOGITS].argmax(axis=1), targets)
     with_input = OUTPUT_INPUT_GRADIENTS in info.input_gradients
@@ -161,7 +165,8 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
                        floor=gradient_scale(logits, model_input))
     else:
         for entry in layers:
-            finite_difference_check(bundle, images, chosen, out, entry, report)
+            finite_difference_check(bundle, images, chosen, out, entry, report,
+                                    info.batch_size)
             cam = entry.output(OUTPUT_CAM)
             activations = out[entry.output(OUTPUT_ACTIVATIONS)]
             report.add(cam, out[cam], cam_from(activations, out[entry.output(OUTPUT_WEIGHTS)],
@@ -335,7 +340,11 @@ class Float64Head:
     computes from its input is fed: ``batched`` tensors (activations of earlier
     layers, with the batch first) are repeated for each moved copy; ``fixed`` ones
     (a shape read from the input, a value derived from one) hold at the batch they
-    were computed for, so a head that reads them runs one copy at a time.
+    were computed for, so a head that reads them runs one copy at a time. The head
+    of a fixed-batch bundle (``rows``) runs on a batch of copies of the image, the
+    first one moved, and scores the sum over the batch: what the bundle's backward
+    pass differentiates (every row's target, summed). All it reads is then fixed,
+    taken from a run on those copies.
     """
 
     evaluator: ReferenceEvaluator
@@ -343,24 +352,29 @@ class Float64Head:
     batched: list[str]
     invariant: list[str]  # the same at any batch size: fed as they are
     fixed: list[str]
-    values: list[dict[str, np.ndarray]]  # per probe image, at batch 1
+    values: list[dict[str, np.ndarray]]  # per probe image, at batch 1 (or ``rows`` copies)
     parameters: dict[str, np.ndarray] = field(default_factory=dict)  # float64, fed as is
+    rows: int = 0  # the bundle's fixed batch; 0: any
 
     def scores(self, image: int, moved: np.ndarray, target: int) -> np.ndarray:
         """The head's score for ``target`` at each of ``moved`` (a batch of starts)."""
         values = self.values[image]
-        per_run = 1 if self.fixed else \
+        per_run = 1 if self.fixed or self.rows else \
             max(1, FD_CHUNK_BYTES // (8 * HEAD_GROWTH * moved[0].size))
         scores = []
         for first in range(0, len(moved), per_run):
             chunk = moved[first : first + per_run]
+            if self.rows:  # one moved copy, then the unmoved ones up to the fixed batch
+                unmoved = _as_float64(values[self.start])
+                chunk = np.concatenate([chunk, np.repeat(unmoved, self.rows - 1, axis=0)])
             feeds = {self.start: chunk, **self.parameters}
             feeds.update({name: np.repeat(_as_float64(values[name]), len(chunk), axis=0)
                           for name in self.batched})
             feeds.update({name: _as_float64(values[name])
                           for name in self.invariant + self.fixed})
             (logits,) = self.evaluator.run(None, feeds)
-            scores.append(np.asarray(logits, np.float64)[:, target])
+            rows = np.asarray(logits, np.float64)[:, target]
+            scores.append(rows.sum(keepdims=True) if self.rows else rows)
         return np.concatenate(scores)
 
 
@@ -380,10 +394,12 @@ def constant_tensors(graph: onnx.GraphProto) -> set[str]:
 
 
 def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray,
-                 start: str = "") -> Float64Head:
+                 start: str = "", batch_size: int = 0) -> Float64Head:
     """The head alone (target layer, or the tensor ``start``, -> logits) in float64,
     with the values it reads from outside the head for each probe image.
 
+    ``batch_size`` is the bundle's fixed batch (0: any): its values are then taken
+    from a run on that many copies of each image, as the head will run.
     Precondition: graph sorted (a finished bundle is).
     """
     graph = bundle.graph
@@ -399,12 +415,14 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
     made = {o for n in nodes for o in n.output}
     initializers = {i.name for i in graph.initializer}
     outside = sorted(name for name in read if name not in constant)
-    runner = OutputRunner(bundle, [start, *outside])
-    feeds = [{INPUT_IMAGE: images[n : n + 1], INPUT_TARGET: chosen[n : n + 1].astype(np.int64)}
+    runner = OutputRunner(bundle, [start, *outside], lean=True)
+    copies = batch_size or 1
+    feeds = [{INPUT_IMAGE: np.repeat(images[n : n + 1], copies, axis=0),
+              INPUT_TARGET: np.repeat(chosen[n : n + 1].astype(np.int64), copies)}
              for n in range(len(images))]
     values = [runner(feed) for feed in feeds]
     both = runner({INPUT_IMAGE: images[:2], INPUT_TARGET: chosen[:2].astype(np.int64)}) \
-        if len(images) > 1 else values[0]
+        if len(images) > 1 and not batch_size else values[0]
     del runner  # a session of the whole bundle: gone before the float64 parameters come
     used = {i for n in nodes for i in n.input if i in initializers and i not in made}
     # Parameters are fed, not stored in the head's proto: VGG's first Dense layer is
@@ -421,13 +439,18 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
     batched, invariant, fixed = [], [], []
     for name in outside:
         one, two = values[0][name], both[name]
-        if one.ndim and two.shape[1:] == one.shape[1:] and two.shape[0] != one.shape[0]:
+        if batch_size:
+            fixed.append(name)  # at the bundle's batch, as every run of the head is
+        elif one.ndim and two.shape[1:] == one.shape[1:] and two.shape[0] != one.shape[0]:
             batched.append(name)
         elif one.shape == two.shape and np.array_equal(one, two):
             invariant.append(name)
         else:
             fixed.append(name)  # a shape read from the input, or a batch on another axis
-    return Float64Head(evaluator, start, batched, invariant, fixed, values, parameters)
+    for per_image in values:  # the copies' starts are one; the differences move one
+        per_image[start] = per_image[start][:1]
+    return Float64Head(evaluator, start, batched, invariant, fixed, values, parameters,
+                       batch_size)
 
 
 def constant_producers(graph: onnx.GraphProto, names: set[str]) -> set[str]:
@@ -538,13 +561,13 @@ def channel_directions(picked: np.ndarray, shape: tuple[int, ...], channel_axis:
 
 def finite_difference_check(
     bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray,
-    out: dict[str, np.ndarray], entry: LayerEntry, report: Report,
+    out: dict[str, np.ndarray], entry: LayerEntry, report: Report, batch_size: int = 0,
 ) -> None:
     """Hold one layer's weights (and full gradients, where present) against float64
     differences, leaving out directions that straddle a kink."""
     weights_name, gradients_name = entry.output(OUTPUT_WEIGHTS), entry.output(OUTPUT_GRADIENTS)
     head = float64_head(bundle, images, chosen,
-                        source_of(bundle.graph, entry.output(OUTPUT_ACTIVATIONS)))
+                        source_of(bundle.graph, entry.output(OUTPUT_ACTIVATIONS)), batch_size)
     activations = out[entry.output(OUTPUT_ACTIVATIONS)]
     scale = gradient_scale(out[OUTPUT_LOGITS], activations)
     channel_axis = Layout.of(entry.layout).channel_axis
@@ -612,7 +635,7 @@ def input_gradient_check(
 ) -> None:
     """Hold ``input_gradients`` against float64 differences of the whole body, along
     sparse and dense random directions in the model input."""
-    body = float64_head(bundle, images, chosen, info.model_input)
+    body = float64_head(bundle, images, chosen, info.model_input, info.batch_size)
     model_input = np.concatenate([values[body.start] for values in body.values])
     scale = gradient_scale(out[OUTPUT_LOGITS], model_input)
     gradients = Layout.of(info.layout).from_nhwc(out[OUTPUT_INPUT_GRADIENTS].astype(np.float64))

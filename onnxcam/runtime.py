@@ -38,9 +38,19 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def cpu_session(model: bytes | str, threads: int | None = None) -> ort.InferenceSession:
-    """A plain CPU session, as the exporter uses for probing and verification."""
-    return ort.InferenceSession(model, session_options(threads), providers=[CPU])
+def cpu_session(model: bytes | str, threads: int | None = None,
+                lean: bool = False) -> ort.InferenceSession:
+    """A plain CPU session, as the exporter uses for probing and verification.
+
+    ``lean`` is for a run or two that only reads shapes and values: no weight
+    prepacking and only basic graph rewrites, each of which would otherwise make a
+    second copy of a large model's weights while the session loads.
+    """
+    options = session_options(threads)
+    if lean:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(model, options, providers=[CPU])
 
 
 def cpu_threads() -> int:
@@ -150,3 +160,16 @@ def run_in_chunks(run: RunFn, names: list[str], feeds: dict[str, np.ndarray],
                      for name, value in chunk.items()}
         pieces.append([output[:kept] for output in run(names, chunk)])
     return [np.concatenate(parts) for parts in zip(*pieces)]
+
+
+def run_each_in_copies(run: RunFn, names: list[str], feeds: dict[str, np.ndarray],
+                       size: int) -> list[np.ndarray]:
+    """``run`` each row alone in a batch of ``size`` copies of itself; the first copy's
+    outputs, stacked. Where a fixed-batch graph mixes the samples of a batch, this is
+    one well-defined batch per row, which verification can rebuild on both sides.
+    Precondition: every feed and every output has the batch on axis 0.
+    """
+    total = len(next(iter(feeds.values())))
+    runs = [run(names, {name: np.repeat(value[n : n + 1], size, axis=0)
+                        for name, value in feeds.items()}) for n in range(total)]
+    return [np.concatenate([outputs[k][:1] for outputs in runs]) for k in range(len(names))]

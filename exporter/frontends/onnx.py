@@ -15,10 +15,10 @@ from onnxcam.errors import UnsupportedModelError
 from onnxcam.exporter.batch import BATCH_SYMBOL, free_batch, static_batch
 from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of, sha256_of_bytes
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
-from onnxcam.exporter.shapes import run_with_outputs
+from onnxcam.exporter.shapes import lean_session, run_with_outputs
 from onnxcam.graph import backward_reachable, opset_version, producers, real_inputs, toposort
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
-from onnxcam.runtime import cpu_session, run_in_chunks
+from onnxcam.runtime import run_each_in_copies
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,10 @@ MAX_LEADING_TOKENS = 2
 
 def load_proto(path: Path) -> onnx.ModelProto:
     try:
+        # Checked from the file, before loading: checking the loaded proto would
+        # serialize it and parse it again, two more copies of the weights at once.
+        onnx.checker.check_model(str(path))
         model = onnx.load(str(path))
-        onnx.checker.check_model(model)
     except Exception as exc:
         raise UnsupportedModelError(f"{path}: not a readable ONNX model ({exc})") from exc
     return model
@@ -148,7 +150,8 @@ def list_layers(
     feeding = backward_reachable(graph, [graph.output[0].name])
     nodes = [n for n in graph.node if n.output and n.output[0] in feeding
              and n.op_type not in ("Constant", "Shape")]
-    values = run_with_outputs(model, [n.output[0] for n in nodes], {input_name: sample})
+    values = run_with_outputs(model, [n.output[0] for n in nodes], {input_name: sample},
+                              lean=True)
     made_by = producers(graph)
     layers = []
     patches: tuple[int, int] | None = None  # the grid of the latest convolution
@@ -239,14 +242,16 @@ def load(
     layers = choose_layers(ready.layers, layer)
     chosen = layers[0]
     log.info("target layers: %s", ", ".join(f"{c.name} ({c.op}, {c.tensor})" for c in layers))
-    original = onnx.ModelProto()
-    original.CopyFrom(ready.model)
-    output = original.graph.output[0].name
+    output = ready.model.graph.output[0].name
 
     def reference(images: np.ndarray, targets: np.ndarray, **_: object) -> Reference:
+        # ``ready.model`` is the source's model, which the passes only ever read a copy
+        # of (``Draft.from_source``): no second copy of its weights is kept for this.
         feeds = {ready.input_name: to_layout(images, ready.layout)}
-        session = cpu_session(original.SerializeToString())
-        (logits,) = run_in_chunks(session.run, [output], feeds, ready.batch_size or len(images))
+        session = lean_session(ready.model)
+        # Each image among copies of itself at a fixed batch, as verify runs the bundle.
+        (logits,) = run_each_in_copies(session.run, [output], feeds, ready.batch_size) \
+            if ready.batch_size else session.run([output], feeds)
         return Reference(logits=logits)
 
     return SourceModel(

@@ -603,3 +603,45 @@ def test_nhwc_source_from_tf2onnx(tmp_path: Path) -> None:
     assert_close(got["gradients"], grads, EXACT, "gradients vs GradientTape (to NCHW)")
     cam = np.maximum(np.einsum("nchw,nc->nhw", acts, grads.mean(axis=(2, 3))), 0)
     assert_close(got["cam"], cam, EXACT, "cam vs Keras Grad-CAM")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("gradient", ["analytic", "fd"])
+def test_lean_sessions_do_not_change_the_bundle(tmp_path: Path, gradient: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probes and verification run lean sessions (no prepacking, basic rewrites,
+    loaded from a file) to save memory; the bundle must be byte for byte the one full
+    sessions give, fd step and all."""
+    import onnxcam.runtime as runtime
+
+    src = tmp_path / "cnn.onnx"
+    onnx.save(models.onnx_cnn(), src)
+    lean = export(src, tmp_path / "lean.onnx", gradient=gradient).path.read_bytes()
+    full_session = runtime.cpu_session
+    monkeypatch.setattr(runtime, "cpu_session",
+                        lambda model, threads=None, lean=False: full_session(model, threads))
+    import onnxcam.exporter.shapes as shapes
+
+    monkeypatch.setattr(shapes, "cpu_session", runtime.cpu_session)
+    full = export(src, tmp_path / "full.onnx", gradient=gradient).path.read_bytes()
+    assert hashlib.sha256(lean).hexdigest() == hashlib.sha256(full).hexdigest()
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_resnet18_exports_within_the_memory_and_time_bounds() -> None:
+    """Issue 10's bound, 2 GB and 60 s with verification on, for torchvision's
+    resnet18 at 224 px and its usual layer, measured by the bench in fresh processes
+    (peak RSS of the export alone, torch's not counted)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torchvision")
+    bench = Path(__file__).resolve().parents[2] / "bench" / "export_memory.py"
+    done = subprocess.run([sys.executable, str(bench), "--models", "resnet18", "--size", "224"],
+                          capture_output=True, text=True, timeout=900, check=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row.get("gradient") == "analytic", row
+    assert row["peak_mb"] < 2048 and row["seconds"] < 60, row

@@ -17,7 +17,11 @@ import numpy as np
 import onnx
 import pytest
 from baked import (
+    CHANNELS,
     CLASSES,
+    CONV,
+    DENSE,
+    SIZE,
     class_token_model,
     images,
     nchw_inputs,
@@ -30,8 +34,15 @@ from onnx import numpy_helper
 
 import onnxcam
 from onnxcam import Explainer
-from onnxcam.bundle import INPUT_IMAGE, BundleInfo, read_bundle_info
-from onnxcam.errors import ExportError, UnsupportedModelError
+from onnxcam.bundle import (
+    INPUT_IMAGE,
+    INPUT_TARGET,
+    OUTPUT_CAM,
+    OUTPUT_INPUT_GRADIENTS,
+    BundleInfo,
+    read_bundle_info,
+)
+from onnxcam.errors import UnsupportedModelError, VerificationError
 from onnxcam.exporter import batch as batch_module
 from onnxcam.exporter.batch import NotProved, free_batch, prove, rewrite_shape_operands
 from onnxcam.runtime import cpu_session, run_in_chunks
@@ -111,16 +122,94 @@ def test_freed_bundle_matches_the_source_per_image(tmp_path: Path) -> None:
     np.testing.assert_allclose(result.raw, cams, rtol=1e-4, atol=1e-4 * cams.max())
 
 
-def test_fixed_batch_bundle_refuses_verification_clearly(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="batch size 1 only"):
-        export_onnx(tmp_path, reshape_model(mix=True))
-    assert not (tmp_path / "model.cam.onnx").exists()
-
-
 @pytest.fixture(scope="module")
 def fixed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("fixed")
-    return export_onnx(folder, reshape_model(mix=True), verify=False, input_gradients=True)
+    return export_onnx(folder, reshape_model(mix=True), input_gradients=True)  # verified
+
+
+def input_gradients_of_source(batch: np.ndarray, targets: list[int]) -> np.ndarray:
+    """d y_target / d x of ``reshape_model(mix=True)`` at batch 1, NHWC, worked out by
+    hand: the Dense row laid out as the map, masked by the ReLU, sent back through the
+    padded Conv as its transpose."""
+    (maps,) = per_image(reshape_model(mix=True), unit_nchw(batch), ["c"])
+    grads = []
+    for n, target in enumerate(targets):
+        upstream = DENSE[target].reshape(CHANNELS, SIZE, SIZE) * (maps[n] > 0)
+        padded = np.pad(upstream.astype(np.float64), ((0, 0), (2, 2), (2, 2)))
+        grad = np.zeros((3, SIZE, SIZE))
+        for ki in range(3):
+            for kj in range(3):
+                window = padded[:, 2 - ki + 1 : 2 - ki + 1 + SIZE, 2 - kj + 1 : 2 - kj + 1 + SIZE]
+                grad += np.einsum("chw,cd->dhw", window, CONV[:, :, ki, kj])
+        grads.append(grad.transpose(1, 2, 0))
+    return np.array(grads)
+
+
+def test_fixed_batch_export_is_verified_with_input_gradients(tmp_path: Path) -> None:
+    """Verification runs on the kept-batch bundle: the logits, the layer's gradients,
+    weights and cam, and the input gradients are all compared, and they are right."""
+    source = tmp_path / "model.onnx"
+    onnx.save(reshape_model(mix=True), source)
+    result = onnxcam.export(source, tmp_path / "model.cam.onnx", layer="r",
+                            input_gradients=True)
+    assert result.info.batch_size == 1 and result.info.gradient == "analytic"
+    assert result.report is not None and result.report.ok
+    assert {"logits", OUTPUT_INPUT_GRADIENTS} <= set(result.report.errors)
+    assert any(name.startswith(OUTPUT_CAM) for name in result.report.errors)
+    assert max(result.report.errors.values()) < 1e-4
+    batch, targets = images(3, seed=8), [2, 0, 4]
+    session = cpu_session(str(result.path))
+    (got,) = run_in_chunks(session.run, [OUTPUT_INPUT_GRADIENTS],
+                           {INPUT_IMAGE: batch, INPUT_TARGET: np.array(targets, np.int64)}, 1)
+    want = input_gradients_of_source(batch, targets)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rule", ["Gemm", "Conv"])
+def test_mutation_a_doubled_rule_is_refused_at_a_fixed_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rule: str,
+) -> None:
+    """A Gemm rule returning twice the gradient doubles the layer's gradients; a
+    doubled Conv rule only the input gradients. Either is caught, nothing written."""
+    from test_verify import doubled, replace_rule
+
+    source = tmp_path / "model.onnx"
+    onnx.save(reshape_model(mix=True), source)
+    replace_rule(monkeypatch, rule, doubled)
+    out = tmp_path / "model.cam.onnx"
+    with pytest.raises(VerificationError, match="disagrees with its source"):
+        onnxcam.export(source, out, layer="r", input_gradients=True)
+    assert not out.exists()
+
+
+def batch_two_mixing_model() -> onnx.ModelProto:
+    """``reshape_model(mix=True)`` exported at batch 2: the Transpose puts the batch on
+    axis 1, so each row of the Reshape holds half the channels of both samples."""
+    model = reshape_model(mix=True)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2
+    shape = next(t for t in model.graph.initializer if t.name == "shape")
+    shape.CopyFrom(numpy_helper.from_array(np.array([2, -1], np.int64), "shape"))
+    return model
+
+
+def test_a_batch_mixing_model_at_batch_two_is_verified(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept at batch 2, its rows depend on both samples: verification runs each probe
+    image in a batch of its own copies and differentiates what the bundle's backward
+    pass does (every row's score), so a right bundle passes and a doubled rule not."""
+    from test_verify import doubled, replace_rule
+
+    source = tmp_path / "model.onnx"
+    onnx.save(batch_two_mixing_model(), source)
+    result = onnxcam.export(source, tmp_path / "model.cam.onnx", layer="r",
+                            input_gradients=True)
+    assert result.info.batch_size == 2
+    assert result.report is not None and max(result.report.errors.values()) < 1e-4
+    replace_rule(monkeypatch, "Gemm", doubled)
+    with pytest.raises(VerificationError, match="disagrees with its source"):
+        onnxcam.export(source, tmp_path / "mutant.cam.onnx", layer="r")
 
 
 def test_fixed_batch_is_recorded_and_pinned(fixed_bundle: Path) -> None:
@@ -275,7 +364,7 @@ def test_zoo_plain_export_explains_a_batch_of_four(tmp_path: Path, name: str) ->
     layer = zoo.onnx_layer_name(source, model, entry.layer, x)
     out = tmp_path / "model.cam.onnx"
     fixed = ZOO_CASES[name]
-    onnxcam.export(source, out, layer=layer, preprocess=zoo.PREPROCESS, verify=not fixed)
+    onnxcam.export(source, out, layer=layer, preprocess=zoo.PREPROCESS)  # verified
     assert read_bundle_info(out).batch_size == fixed
     batch, targets = zoo.images(entry.size, 4, seed=5), (1, 8, 3, 0)
     ours = Explainer(out, device="cpu").explain(batch, list(targets), batch_size=4).raw

@@ -1,0 +1,102 @@
+"""Peak memory and time of ``onnxcam.export`` for torchvision models (issue 10: under
+2 GB and 60 s at the usual layer on 2 cores).
+
+Two subprocesses per model: torch writes the dynamic-batch ONNX file and names the
+usual layer's tensor; a fresh one then exports it with verification on and reports
+its own peak RSS (``resource.getrusage``), so torch's memory is not counted.
+
+    python bench/export_memory.py [--models vgg11,resnet18] [--size 224] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import zoo  # noqa: E402  (tests/zoo.py, the shared zoo)
+
+TIMEOUT_S = 600
+
+
+def write_source(name: str, size: int, work: Path) -> None:
+    """Child 1: the dynamic-batch ONNX file and the usual layer's tensor name."""
+    entry = zoo.ZOO[name]
+    model = entry.model()
+    path = zoo.export_torch(entry, model, "dynamic", work / "model.onnx") if size == \
+        entry.size else export_at(entry, model, size, work / "model.onnx")
+    example = zoo.torch_input(zoo.images(size, 1, seed=99))
+    layer = zoo.onnx_layer_name(path, model, entry.layer, example)
+    (work / "layer.txt").write_text(layer)
+
+
+def export_at(entry: Any, model: Any, size: int, path: Path) -> Path:
+    """``zoo.export_torch``'s dynamic export at another input size."""
+    import dataclasses
+
+    return zoo.export_torch(dataclasses.replace(entry, size=size), model, "dynamic", path)
+
+
+def measure_export(work: Path) -> dict[str, Any]:
+    """Child 2: onnxcam's export with verification on; its own time and peak RSS."""
+    from onnxcam import export
+
+    start = time.perf_counter()
+    result = export(work / "model.onnx", work / "bundle.onnx",
+                    layer=(work / "layer.txt").read_text(), preprocess=zoo.PREPROCESS)
+    return {"seconds": time.perf_counter() - start, "gradient": result.info.gradient,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def run_child(args: list[str], threads: int) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # taskset pins the child to ``threads`` cores, which onnxruntime reads as its count.
+    cores = ["taskset", "-c", ",".join(str(c) for c in range(threads))]
+    return subprocess.run([*cores, sys.executable, __file__, *args], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def measure(name: str, size: int, threads: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name, "size": size, "layer": zoo.ZOO[name].layer}
+    with tempfile.TemporaryDirectory(prefix=f"mem_{name}_") as folder:
+        made = run_child(["--source", name, str(size), folder], threads)
+        if made.returncode:
+            return {**row, "error": made.stderr.strip().splitlines()[-1:]}
+        done = run_child(["--export", folder], threads)
+        if done.returncode:
+            return {**row, "error": done.stderr.strip().splitlines()[-1:]}
+        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,vgg11")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--source", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--export", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.source:
+        name, size, work = args.source
+        write_source(name, int(size), Path(work))
+        return
+    if args.export:
+        print(json.dumps(measure_export(Path(args.export))))
+        return
+    for name in args.models.split(","):
+        print(json.dumps(measure(name, args.size, args.threads)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
