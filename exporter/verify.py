@@ -35,7 +35,7 @@ from onnxcam.exporter.frontends import SourceModel
 from onnxcam.exporter.preprocess import preprocess_numpy
 from onnxcam.exporter.shapes import OutputRunner, lean_session, random_images
 from onnxcam.graph import head_nodes, source_of
-from onnxcam.layout import Layout
+from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 from onnxcam.runtime import run_each_in_copies
 from onnxcam.scores import softmax
 
@@ -113,14 +113,22 @@ def squash(logits: np.ndarray, removed: str) -> np.ndarray:
     return logits
 
 
-def cam_from(activations: np.ndarray, weights: np.ndarray, layout: str) -> np.ndarray:
-    """Grad-CAM in numpy: ReLU(sum_k weights[n, k] * activations[n, k]), [N, h, w]."""
-    maps = Layout.of(layout).to_nchw(activations)
+def as_layout(layout: ActivationLayout | str) -> ActivationLayout:
+    """A layer's layout: a token grid as it is, a string as a Layout."""
+    return layout if isinstance(layout, TokenGrid) else Layout.of(layout)
+
+
+def cam_from(activations: np.ndarray, weights: np.ndarray,
+             layout: ActivationLayout | str) -> np.ndarray:
+    """Grad-CAM in numpy: ReLU(sum_k weights[n, k] * activations[n, k]), [N, h, w], over
+    a token layer's grid only."""
+    maps = as_layout(layout).to_nchw(activations)
     return np.maximum(np.einsum("nchw,nc->nhw", maps, weights), 0)
 
 
-def channel_mean(gradients: np.ndarray, layout: str) -> np.ndarray:
-    return gradients.mean(axis=Layout.of(layout).spatial_axes)
+def channel_mean(gradients: np.ndarray, layout: ActivationLayout | str) -> np.ndarray:
+    """Grad-CAM's weights: each channel's mean gradient over the map (or the grid)."""
+    return as_layout(layout).to_nchw(gradients).mean(axis=(2, 3))
 
 
 def probe_targets(logits_count: int) -> np.ndarray:
@@ -170,7 +178,7 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
             cam = entry.output(OUTPUT_CAM)
             activations = out[entry.output(OUTPUT_ACTIVATIONS)]
             report.add(cam, out[cam], cam_from(activations, out[entry.output(OUTPUT_WEIGHTS)],
-                                               entry.layout),
+                                               entry.activation_layout),
                        EXACT_TOLERANCE, floor=cam_scale(logits, out[cam]))
         if with_input:
             input_gradient_check(bundle, info, images, chosen, out, report)
@@ -190,7 +198,7 @@ def tape_check(
     gradients: np.ndarray, analytic: bool, report: Report,
 ) -> None:
     """One layer's outputs against the source's own activations and gradients."""
-    layout = entry.layout
+    layout = entry.activation_layout
     report.add(entry.output(OUTPUT_ACTIVATIONS), out[entry.output(OUTPUT_ACTIVATIONS)],
                activations, EXACT_TOLERANCE)
     expected_weights = channel_mean(gradients, layout)
@@ -570,9 +578,12 @@ def finite_difference_check(
                         source_of(bundle.graph, entry.output(OUTPUT_ACTIVATIONS)), batch_size)
     activations = out[entry.output(OUTPUT_ACTIVATIONS)]
     scale = gradient_scale(out[OUTPUT_LOGITS], activations)
-    channel_axis = Layout.of(entry.layout).channel_axis
+    layout = entry.activation_layout
+    channel_axis = layout.channel_axis
     channels = activations.shape[channel_axis]
-    spatial = activations[0].size // channels
+    # Grad-CAM's weights average over the map: a token layer's grid, not its leading tokens.
+    spatial = layout.height * layout.width if isinstance(layout, TokenGrid) else \
+        activations[0].size // channels
     rng = np.random.default_rng(3)
     picked = np.sort(rng.choice(channels, size=min(FD_CHANNELS, channels), replace=False))
     full = gradients_name in out
@@ -581,6 +592,8 @@ def finite_difference_check(
     for n in range(len(images)):
         start = head.values[n][head.start]
         directions = channel_directions(picked, start.shape[1:], channel_axis)
+        if isinstance(layout, TokenGrid):
+            directions[:, : layout.leading] = 0  # move the grid's tokens only
         if full:
             directions = np.concatenate([directions, sparse_directions(rng, start[0])])
         slopes = directional_derivatives(head, n, int(chosen[n]), directions, scale)

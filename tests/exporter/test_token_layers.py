@@ -71,9 +71,9 @@ class Exported:
         example = zoo.torch_input(zoo.images(SIZE, 1, seed=99))
         self.usual = zoo.onnx_layer_name(self.source, self.model, entry.layer, example)
         self.bundle = folder / "model.cam.onnx"
-        # Verification of token layers is exporter/verify.py's (issue 10, item 2).
         self.result = export(self.source, self.bundle, preprocess=zoo.PREPROCESS,
-                             labels=LABELS, verify=False)
+                             labels=LABELS)
+        assert self.result.report is not None and self.result.report.ok
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -210,8 +210,8 @@ def test_several_layers_mix_token_and_nchw_maps(vit: Exported, tmp_path: Path) -
     tensors = {module: zoo.onnx_layer_name(vit.source, vit.model, module, example)
                for module in modules}
     bundle = tmp_path / "layers.cam.onnx"
-    export(vit.source, bundle, layer=list(tensors.values()), preprocess=zoo.PREPROCESS,
-           verify=False)
+    assert export(vit.source, bundle, layer=list(tensors.values()),
+                  preprocess=zoo.PREPROCESS).report is not None
     entries = read_bundle_info(bundle).layers
     assert [e.layout for e in entries] == ["nchw", "ntc", "ntc"]  # early to late
     names = {layer.tensor: layer.name for layer in list_layers(vit.source)}

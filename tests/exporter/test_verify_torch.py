@@ -225,3 +225,16 @@ def test_float64_pools_match_torch(size: int, kernel: int, stride: int, pad: int
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         (got,) = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"x": x})
         np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("op_type", "mutant"), [
+    ("LayerNormalization", doubled), ("MatMul", doubled), ("Erf", doubled)])
+def test_defects_behind_a_token_layer_are_refused(vit_path: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  op_type: str, mutant: Mutant) -> None:
+    """At the default layer, the block's first LayerNorm: a [N, T, C] token layer whose
+    weights and cam are checked over the grid tokens alone."""
+    clean = export(vit_path, tmp_path / "clean.onnx", gradient="analytic")
+    assert clean.info.activation_layout == "ntc" and clean.report.ok
+    replace_rule(monkeypatch, op_type, mutant)
+    assert_refused(vit_path, tmp_path / "out" / "bundle.onnx", gradient="analytic")
