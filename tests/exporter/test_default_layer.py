@@ -2,74 +2,17 @@
 
 Rule: the last map with a real spatial extent (over 1x1) that the classifier pools
 or flattens; not a class-score map, nothing after pooling; for transformers the
-last block's first LayerNorm. Each torchvision family, exported as users do (the
-plain call and ``dynamo=False``, both at batch 1), must get pytorch-grad-cam's
-usual layer (``tests/zoo.py``), found in the ONNX file by value.
+last block's first LayerNorm. The torchvision families are held to pytorch-grad-cam's
+usual layer in ``test_torch_zoo.py``, on the exports it shares with the map tests.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
 
 import pytest
-import zoo
 
-from onnxcam.exporter import list_layers
 from onnxcam.exporter.layers import LayerInfo, default_layer
-
-try:  # torch first: torchvision's triton import crashes once TensorFlow is loaded
-    import torch  # noqa: F401
-    import torchvision  # noqa: F401
-except ImportError:
-    torch = None
-
-# dynamo writes VGG's adaptive pool from 2x2 up to 7x7 (at 64x64) as Gathers, Adds and
-# a Div, which the rule does not see through: the default is that 7x7 map. At 224x224
-# (7x7 already) the default is the last pool, max_pool2d_4, as for the legacy export.
-KNOWN_GAPS = {("vgg11", "dynamo"): "adaptive pool decomposed into Gather/Add/Div"}
-# DenseNet's classifier pools F.relu(norm5), an in-place ReLU after the usual module;
-# the default is that ReLU, the map the classifier reads (pytorch-grad-cam's hook on
-# norm5 sees its activations after the in-place ReLU, its gradients before).
-AFTER_USUAL = {"densenet121": "Relu"}
-
-
-def consumer(layers: list[LayerInfo], tensor: str, op: str) -> str:
-    """The tensor of the ``op`` layer that reads ``tensor`` (its ``source``)."""
-    names = {layer.tensor: layer.name for layer in layers}
-    return next(layer.tensor for layer in layers
-                if layer.op == op and layer.source == names[tensor])
-
-
-def export_or_skip(entry: zoo.ZooModel, model: Any, exporter: str, path: Path) -> Path:
-    try:
-        return zoo.export_torch(entry, model, exporter, path)
-    except Exception as exc:  # noqa: BLE001 - torch's own refusal, not onnxcam's
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        pytest.skip(f"torch cannot export {entry.name} with {exporter}: {first}")
-
-
-@pytest.mark.torch
-@pytest.mark.slow
-@pytest.mark.parametrize("exporter", zoo.PLAIN_EXPORTERS)
-@pytest.mark.parametrize("name", sorted(zoo.ZOO))
-def test_torch_zoo_default_is_the_usual_layer(name: str, exporter: str, tmp_path: Path,
-                                              request: pytest.FixtureRequest) -> None:
-    if torch is None:
-        pytest.skip("torch and torchvision are not installed")
-    if (name, exporter) in KNOWN_GAPS:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_GAPS[name, exporter], strict=True))
-    entry = zoo.ZOO[name]
-    model = entry.model()
-    source = export_or_skip(entry, model, exporter, tmp_path / "model.onnx")
-    example = zoo.torch_input(zoo.images(entry.size, 1, seed=99))
-    usual = zoo.onnx_layer_name(source, model, entry.layer, example)
-    layers = list_layers(source)
-    want = consumer(layers, usual, AFTER_USUAL[name]) if name in AFTER_USUAL else usual
-    chosen = default_layer(layers)
-    assert chosen.tensor == want, f"default {chosen.name} ({chosen.op} {chosen.shape})"
-
 
 # keras.applications at 64x64, the smallest size whose last stage is over 1x1.
 KERAS_DEFAULTS = {

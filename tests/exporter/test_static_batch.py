@@ -42,7 +42,7 @@ from onnxcam.bundle import (
     BundleInfo,
     read_bundle_info,
 )
-from onnxcam.errors import UnsupportedModelError, VerificationError
+from onnxcam.errors import VerificationError
 from onnxcam.exporter import batch as batch_module
 from onnxcam.exporter.batch import NotProved, free_batch, prove, rewrite_shape_operands
 from onnxcam.runtime import cpu_session, run_in_chunks
@@ -341,15 +341,11 @@ def grad_cam(model: Any, x: Any, target: int) -> np.ndarray:
 # -> the bundle's batch. ViT's dynamo graph merges the batch with the tokens and the
 # heads ([17, 12, 64] at batch 1), which the rule does not read: it keeps batch 1.
 ZOO_CASES = {"resnet18": 0, "shufflenet_v2_x0_5": 0, "vit_b_16": 1}
-TOKEN_LAYERS = pytest.mark.xfail(
-    raises=UnsupportedModelError, strict=True,
-    reason="token layers [N, T, C] as targets are issue 10 item 4, not yet merged here")
 
 
 @pytest.mark.torch
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(name, marks=TOKEN_LAYERS) if name == "vit_b_16"
-                                  else name for name in ZOO_CASES])
+@pytest.mark.parametrize("name", ZOO_CASES)
 def test_zoo_plain_export_explains_a_batch_of_four(tmp_path: Path, name: str) -> None:
     """torchvision models exported by the plain default call at batch 1, explained
     four at a time, against pytorch-grad-cam at the usual layer."""
