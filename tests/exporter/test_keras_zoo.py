@@ -59,13 +59,28 @@ FAMILIES = {
 }
 
 # Cases that fail today, with the first line of the real error; fixes flip them.
-GRADCAM_XFAIL: dict[str, str] = {}
-GUIDED_XFAIL: dict[str, str] = {}
+TF2ONNX_CONVNEXT = ("the model does not run at batch size 1: [ONNXRuntimeError] : 10 : "
+                    "INVALID_GRAPH : ... StatefulPartitionedCall (tf2onnx leaves one in "
+                    "ConvNeXt's depthwise conv)")
+GRADCAM_XFAIL = {
+    "ConvNeXtTiny": TF2ONNX_CONVNEXT,
+    "ResNet50V2": "VerificationError: bundle disagrees with its source: worst tensor "
+                  "'activations', relative error 9.492e-03 > 1e-04",
+}
+GUIDED_XFAIL = {
+    "DenseNet121": "VerificationError: bundle disagrees with its source: worst tensor "
+                   "'input_gradients', relative error 1.324e-02 > 1e-03",
+}
+# The guided export converts the model a second time; for the slowest conversions
+# (and ConvNeXt, refused as above) it is left out to keep the file near 8 minutes.
+GUIDED_SKIPPED = {"ConvNeXtTiny", "InceptionResNetV2", "InceptionV3", "NASNetMobile",
+                  "ResNet50V2", "Xception"}
 
 
-def cases(xfails: dict[str, str]) -> list[Any]:
+def cases(xfails: dict[str, str], skipped: frozenset[str] | set[str] = frozenset()
+          ) -> list[Any]:
     return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=xfails[name]))
-            if name in xfails else name for name in sorted(FAMILIES)]
+            if name in xfails else name for name in sorted(FAMILIES) if name not in skipped]
 
 
 # --------------------------------------------------------------------------- models
@@ -87,18 +102,20 @@ def perturb(model: Any, seed: int) -> None:
 
 
 def distinct_tensors(model: Any) -> bool:
-    tensors = [np.asarray(w.numpy()) for w in model.weights
+    unique = {w.path: w for w in model.weights}.values()  # a variable may be listed twice
+    tensors = [np.asarray(w.numpy()) for w in unique
                if np.issubdtype(np.asarray(w.numpy()).dtype, np.floating)]
     return len({t.tobytes() for t in tensors}) == len(tensors)
 
 
 def pooled_input(model: Any) -> str:
-    """The layer whose output the classifier's (last) global pool or Flatten reads."""
+    """The layer whose output the classifier's global pool or Flatten reads (the last one:
+    squeeze-and-excitation blocks pool too)."""
     import keras
 
     pools = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
              keras.layers.Flatten)
-    pool = [layer for layer in model.layers if isinstance(layer, pools)][0]
+    pool = [layer for layer in model.layers if isinstance(layer, pools)][-1]
     return pool.input._keras_history.operation.name
 
 
@@ -201,7 +218,7 @@ def test_gradcam_matches_gradient_tape(zoo: Zoo, name: str) -> None:
     assert error <= MAP_ATOL, f"map error {error:.3e} against GradientTape"
 
 
-@pytest.mark.parametrize("name", cases(GUIDED_XFAIL))
+@pytest.mark.parametrize("name", cases(GUIDED_XFAIL, GUIDED_SKIPPED))
 def test_input_gradients_guided_export_verifies(zoo: Zoo, name: str) -> None:
     result, _ = zoo.export(name, guided=True)
     assert result.report is not None and result.path.is_file()
