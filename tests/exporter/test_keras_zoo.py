@@ -67,9 +67,12 @@ GRADCAM_XFAIL = {
     "ResNet50V2": "VerificationError: bundle disagrees with its source: worst tensor "
                   "'activations', relative error 9.492e-03 > 1e-04",
 }
-GUIDED_XFAIL = {
+GUIDED_XFAIL: dict[str, str] = {}
+# Refused in the whole file's run, passed with -k DenseNet121: the outcome depends on
+# what ran before (issue 12, item 3), so this one xfail cannot be strict.
+GUIDED_FLAKY = {
     "DenseNet121": "VerificationError: bundle disagrees with its source: worst tensor "
-                   "'input_gradients', relative error 1.324e-02 > 1e-03",
+                   "'input_gradients', relative error 1.324e-02 > 1e-03 (whole-file run only)",
 }
 # The guided export converts the model a second time; for the slowest conversions
 # (and ConvNeXt, refused as above) it is left out to keep the file near 8 minutes.
@@ -79,8 +82,15 @@ GUIDED_SKIPPED = {"ConvNeXtTiny", "InceptionResNetV2", "InceptionV3", "NASNetMob
 
 def cases(xfails: dict[str, str], skipped: frozenset[str] | set[str] = frozenset()
           ) -> list[Any]:
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=xfails[name]))
-            if name in xfails else name for name in sorted(FAMILIES) if name not in skipped]
+    def marks(name: str) -> list[Any]:
+        if name in xfails:
+            return [pytest.mark.xfail(strict=True, reason=xfails[name])]
+        if name in GUIDED_FLAKY and skipped:
+            return [pytest.mark.xfail(strict=False, reason=GUIDED_FLAKY[name])]
+        return []
+
+    return [pytest.param(name, marks=marks(name))
+            for name in sorted(FAMILIES) if name not in skipped]
 
 
 # --------------------------------------------------------------------------- models
@@ -109,13 +119,15 @@ def distinct_tensors(model: Any) -> bool:
 
 
 def pooled_input(model: Any) -> str:
-    """The layer whose output the classifier's global pool or Flatten reads (the last one:
-    squeeze-and-excitation blocks pool too)."""
+    """The layer whose output the classifier's global pool reads (the last one:
+    squeeze-and-excitation blocks pool too), or else its Flatten."""
     import keras
 
-    pools = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
-             keras.layers.Flatten)
-    pool = [layer for layer in model.layers if isinstance(layer, pools)][-1]
+    pools = [layer for layer in model.layers if isinstance(
+        layer, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D))]
+    # without a global pool (VGG), the Flatten; MobileNetV3 flattens its 1x1 logits after it
+    pool = pools[-1] if pools else next(layer for layer in model.layers
+                                        if isinstance(layer, keras.layers.Flatten))
     return pool.input._keras_history.operation.name
 
 
