@@ -239,6 +239,7 @@ def test_gradcam_matches_gradient_tape(zoo: Zoo, name: str) -> None:
     want = tape_gradcam(model, expected, batch.astype(np.float32) / 255.0, TARGETS)
     assert got.shape == want.shape
     error = float(np.abs(normalised(got) - normalised(want)).max())
+    logger.info("%s map error %.2e against GradientTape", name, error)
     assert error <= MAP_ATOL, f"map error {error:.3e} against GradientTape"
 
 
