@@ -336,7 +336,29 @@ class ExactErf(OpRun):
 
 
 ExactErf.__name__ = "Erf"
-REFERENCE_OPS = [ChannelLRN, CeilMaxPool, WindowAveragePool, ExactErf]
+
+
+class ExactLayerNormalization(OpRun):
+    """LayerNormalization with its statistics in the input's precision: onnx 1.23's
+    reference keeps them in float32 and refuses a double ``stash_type``."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, bias=None, axis=None, epsilon=None, stash_type=None):
+        first = (-1 if axis is None else axis) % x.ndim
+        axes = tuple(range(first, x.ndim))
+        mean = x.mean(axis=axes, keepdims=True)
+        inverse = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True)
+                                + (1e-5 if epsilon is None else epsilon))
+        normal = (x - mean) * inverse * scale
+        if bias is not None:
+            normal = normal + bias
+        outputs = (normal.astype(x.dtype), mean.astype(x.dtype), inverse.astype(x.dtype))
+        return outputs[: len(self.onnx_node.output)]
+
+
+ExactLayerNormalization.__name__ = "LayerNormalization"
+REFERENCE_OPS = [ChannelLRN, CeilMaxPool, WindowAveragePool, ExactErf, ExactLayerNormalization]
 
 
 @dataclass

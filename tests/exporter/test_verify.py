@@ -15,7 +15,7 @@ import models
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxcam.exporter.pipeline as pipeline
@@ -164,3 +164,29 @@ def test_a_direction_across_a_max_pool_tie_is_a_kink_and_smooth_heads_have_none(
     assert not smooth.kink.any()
     slope = 1 / (1 + np.exp(-3.0)) * (1 - 1 / (1 + np.exp(-3.0)))
     np.testing.assert_allclose(smooth.central, [slope, slope, 2 * slope], rtol=1e-7)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_float64_layer_normalization_keeps_float64(axis: int) -> None:
+    """The float64 head's LayerNormalization: statistics in float64, any stash_type
+    (dynamo writes stash_type explicitly, which the head lifts to double)."""
+    from onnxcam.exporter.verify import REFERENCE_OPS
+
+    rng = np.random.default_rng(0)
+    x = 1.0 + 1e-6 * rng.standard_normal((2, 3, 5))  # tiny variance: float32 would lose it
+    shape = x.shape[axis % 3:]
+    scale, bias = rng.standard_normal(shape), rng.standard_normal(shape)
+    node = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=axis,
+                            epsilon=1e-12, stash_type=TensorProto.DOUBLE)
+    graph = helper.make_graph(
+        [node], "ln", [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None)
+                       for n in ("x", "s", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (got,) = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"x": x, "s": scale,
+                                                                         "b": bias})
+    axes = tuple(range(axis % 3, 3))
+    centred = x - x.mean(axis=axes, keepdims=True)
+    want = centred / np.sqrt((centred ** 2).mean(axis=axes, keepdims=True) + 1e-12) * scale + bias
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # float32 statistics: ~1e-1
