@@ -27,98 +27,65 @@ from onnxcam.exporter import describe, list_layers  # noqa: E402
 pytestmark = pytest.mark.torch
 
 
-
-def _batch(node: str) -> str:
-    """The static-batch refusal: a Reshape whose target has the export's batch (1) in it."""
-    return ("UnsupportedModelError: the model does not run at batch size 2: [ONNXRuntimeError] "
-            f"... running Reshape node. Name:'{node}'")
-
-
-def _grid(tensor: str) -> str:
-    return f"UnsupportedModelError: layer '{tensor}' has output shape [1, 17, 768]; Grad-CAM " \
-        "needs a 4-D map"
-
-
 def _default(chosen: str) -> str:
     return f"AssertionError: onnxcam's default layer is {chosen}"
 
 
-# (model, exporter) -> the first line of the error each case gave on 2026-11-29 (torch
-# 2.14.1, torchvision 0.29.1, onnxcam at 6971df4), grouped by cause.
+# (model, exporter) -> the first line of the error each case gives (torch 2.14.1,
+# torchvision 0.29.1), grouped by cause. A fixed case fails as XPASS(strict): drop it.
+def _refused(tensor: str, error: str, tolerance: str = "1e-03") -> str:
+    return (f"VerificationError: bundle disagrees with its source: worst tensor {tensor!r}, "
+            f"relative error {error} > {tolerance}")
+
+
 USUAL_FAILS: dict[tuple[str, str], str] = {
-    # torch's default exporter bakes batch 1 into the head's flatten (x.view / flatten);
-    # plus window partitioning and channel shuffles under both exporters.
-    **{(name, "dynamo"): _batch("node_view") for name in (
-        "alexnet", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
-        "inception_v3", "maxvit_t", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
-        "resnet18", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_0", "vgg11",
-        "wide_resnet50_2")},
-    ("convnext_tiny", "dynamo"): _batch("gemm_input_reshape"),
-    ("swin_t", "dynamo"): _batch("node_view_1"),
-    ("swin_v2_t", "dynamo"): _batch("node_view_2"),
-    ("maxvit_t", "legacy"): _batch("/blocks.0/layers.0/layers/window_attention/partition_op/"
-                                   "Reshape"),
-    ("shufflenet_v2_x0_5", "legacy"): _batch("/stage2/stage2.0/Reshape"),
-    ("swin_t", "legacy"): _batch("/features/features.1/features.1.0/attn/Reshape_2"),
-    ("swin_v2_t", "legacy"): _batch("/features/features.1/features.1.0/attn/Reshape_4"),
-    # No rule for LayerNormalization (ConvNeXt's head).
-    ("convnext_tiny", "legacy"): "UnsupportedOpError: no gradient rule for op "
-                                 "LayerNormalization",
-    # Verification crashes on an integer input of the head (ReduceMean's axes).
-    ("mnasnet0_5", "legacy"): "TypeError: Issues with types [<class 'numpy.ndarray'>, <class "
-                              "'numpy.ndarray'>] and attributes ['keepdims', "
-                              "'noop_with_empty_axes'] and linked attributes=[] (operator "
-                              "'ReduceMean_18').",
-    # Verification refuses EfficientNet's logits (4e-1); v2_s's layer output is not
-    # matched by any ONNX tensor within 1e-4: these random EfficientNets amplify float32
-    # noise (logits ~1e3), so the harness's weights may be at fault, not onnxcam.
-    ("efficientnet_b0", "legacy"): "VerificationError: bundle disagrees with its source: "
-                                   "worst tensor 'logits', relative error 4.117e-01 > 1e-04",
-    ("efficientnet_v2_s", "legacy"): "LookupError: no tensor in efficientnet_v2_s-legacy.onnx "
-                                     "holds the output of features.7",
-    # A refusal just over verification's 1e-4 (float32 noise, issue 10's item 2).
-    ("mobilenet_v3_small", "legacy"): "VerificationError: bundle disagrees with its source: "
-                                      "worst tensor 'logits', relative error 1.146e-04 > 1e-04",
-    # Token tensors [N, T, C] are not explained yet.
-    ("vit_b_16", "dynamo"): _grid("layer_norm_22"),
-    ("vit_b_16", "legacy"): _grid("/encoder/layers/encoder_layer_11/ln_1/"
-                                  "LayerNormalization_output_0"),
+    # Full-depth Swin and ViT are refused by verification (tiny ones verify and match
+    # pytorch-grad-cam to 2e-3 in test_token_layers.py): not yet traced.
+    ("swin_t", "dynamo"): _refused("weights", "2.974e-01"),
+    ("swin_t", "legacy"): _refused("weights", "3.654e-01"),
+    ("swin_v2_t", "dynamo"): _refused("gradients", "1.462e-01"),
+    ("swin_v2_t", "legacy"): _refused("gradients", "1.618e-01"),
+    ("vit_b_16", "dynamo"): _refused("gradients", "5.384e-01"),
+    ("vit_b_16", "legacy"): _refused("gradients", "2.167e-01"),
+    # These random EfficientNets amplify float32 noise (logits ~1e3): the harness's
+    # weights may be at fault rather than onnxcam; v2_s's layer output is matched by
+    # no ONNX tensor within 1e-4.
+    ("efficientnet_b0", "dynamo"): _refused("logits", "4.229e-02", "1e-04"),
+    ("efficientnet_b0", "legacy"): _refused("logits", "9.258e-04", "1e-04"),
+    **{("efficientnet_v2_s", exporter): "LookupError: no tensor in "
+       f"efficientnet_v2_s-{exporter}.onnx holds the output of features.7"
+       for exporter in ("dynamo", "legacy")},
+}
+# Refused by a hair in some runs and not in others (logits 1.146e-04 > 1e-04: float32
+# rounding of threaded kernels), so these cannot be strict.
+USUAL_FLAKY: dict[tuple[str, str], str] = {
+    ("mobilenet_v3_small", exporter): _refused("logits", "1.146e-04", "1e-04") + " (some runs)"
+    for exporter in ("dynamo", "legacy")
 }
 DEFAULT_FAILS: dict[tuple[str, str], str] = {
     # The harness finds no ONNX tensor within 1e-4 of the layer's output (see above).
     **{("efficientnet_v2_s", exporter): "LookupError: no tensor in "
        f"efficientnet_v2_s-{exporter}.onnx holds the output of features.7"
        for exporter in ("dynamo", "legacy")},
-    # The layer before the last pool (alexnet, vgg11).
-    ("alexnet", "dynamo"): _default("node_relu_4"),
-    ("alexnet", "legacy"): _default("/features/features.11/Relu"),
-    ("vgg11", "dynamo"): _default("node_relu_7"),
-    ("vgg11", "legacy"): _default("/features/features.19/Relu"),
-    # After pooling: a 768x1x1 tensor (ConvNeXt's head, Swin's) or a mean (MaxViT).
-    ("convnext_tiny", "dynamo"): _default("node_permute_48"),
-    ("convnext_tiny", "legacy"): _default("/classifier/classifier.0/Transpose_1"),
-    ("maxvit_t", "dynamo"): _default("node_mean_11"),
-    ("swin_t", "dynamo"): _default("node_as_strided"),
-    ("swin_v2_t", "dynamo"): _default("node_as_strided"),
-    # Swin: the last block's output, channels-last, taken for NCHW.
-    ("swin_t", "legacy"): _default("/features/features.7/features.7.1/Add_1"),
-    ("swin_v2_t", "legacy"): _default("/features/features.7/features.7.1/Add_1"),
-    # DenseNet: the concat before norm5.
-    ("densenet121", "dynamo"): _default("node_cat_61"),
-    ("densenet121", "legacy"): _default("/features/denseblock4/Concat"),
-    # SqueezeNet: the class-score map.
-    ("squeezenet1_0", "dynamo"): _default("node_relu_25"),
-    ("squeezenet1_0", "legacy"): _default("/classifier/classifier.2/Relu"),
-    # ViT: an attention tensor.
-    ("vit_b_16", "dynamo"): _default("node_Mul_981"),
-    ("vit_b_16", "legacy"): _default("/encoder/layers/encoder_layer_11/self_attention/Mul"),
+    # MaxViT: the last block's residual Add, in the grid-partitioned layout, rather than
+    # the departitioned map after it.
+    ("maxvit_t", "dynamo"): _default("node_add_76"),
+    ("maxvit_t", "legacy"): _default("/blocks.3/layers.1/layers/grid_attention/Add_1"),
 }
 
 
-def cases(fails: dict[tuple[str, str], str]) -> list[Any]:
-    return [pytest.param(name, exporter, id=f"{name}-{exporter}",
-                         marks=[pytest.mark.xfail(strict=True, reason=fails[name, exporter])]
-                         if (name, exporter) in fails else [])
+def cases(fails: dict[tuple[str, str], str],
+          flaky: dict[tuple[str, str], str] | None = None) -> list[Any]:
+    flaky = flaky or {}
+
+    def marks(key: tuple[str, str]) -> list[Any]:
+        if key in fails:
+            return [pytest.mark.xfail(strict=True, reason=fails[key])]
+        if key in flaky:
+            return [pytest.mark.xfail(strict=False, reason=flaky[key])]
+        return []
+
+    return [pytest.param(name, exporter, id=f"{name}-{exporter}", marks=marks((name, exporter)))
             for name in zoo.ZOO for exporter in zoo.PLAIN_EXPORTERS]
 
 
@@ -174,7 +141,7 @@ def default_layer(path: Path) -> tuple[str, str]:
     return chosen.name, chosen.tensor
 
 
-@pytest.mark.parametrize(("name", "exporter"), cases(USUAL_FAILS))
+@pytest.mark.parametrize(("name", "exporter"), cases(USUAL_FAILS, USUAL_FLAKY))
 def test_usual_layer_matches_pytorch_grad_cam(
     torch_zoo: Zoo, tmp_path: Path, name: str, exporter: str
 ) -> None:
