@@ -14,7 +14,7 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,15 +305,14 @@ def normalise(maps: np.ndarray) -> np.ndarray:
     return (maps - low) / (high - low + 1e-7)
 
 
-def reference_maps(entry: ZooModel, model: Any, batch: np.ndarray,
-                   targets: tuple[int, ...]) -> np.ndarray:
-    """pytorch-grad-cam's GradCAM at the usual layer: its cam after ReLU, before resizing."""
+def raw_grad_cam(model: Any, layer: Any, x: Any, targets: Sequence[int],
+                 reshape_transform: Any = None) -> np.ndarray:
+    """pytorch-grad-cam's GradCAM at the module ``layer``: its cam after ReLU, at layer
+    resolution, before the resizing ``compute_cam_per_layer`` then does."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     class RawGradCAM(GradCAM):  # type: ignore[misc]
-        """Keeps the layer-resolution map that ``compute_cam_per_layer`` then resizes."""
-
         raw: np.ndarray
 
         def get_cam_image(self, *args: Any, **kwargs: Any) -> np.ndarray:
@@ -321,6 +320,15 @@ def reference_maps(entry: ZooModel, model: Any, batch: np.ndarray,
             self.raw = np.maximum(cam, 0)
             return cam
 
+    with RawGradCAM(model=model, target_layers=[layer],
+                    reshape_transform=reshape_transform) as cam:
+        cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+        return cam.raw
+
+
+def reference_maps(entry: ZooModel, model: Any, batch: np.ndarray,
+                   targets: tuple[int, ...]) -> np.ndarray:
+    """pytorch-grad-cam's GradCAM at the usual layer: its cam after ReLU, before resizing."""
     grid = entry.reshape_transform()
 
     def copy(tensor: Any) -> Any:
@@ -329,10 +337,8 @@ def reference_maps(entry: ZooModel, model: Any, batch: np.ndarray,
         # with pre-ReLU gradients. A copy at hook time gives Grad-CAM at the layer.
         return (grid(tensor) if grid else tensor).clone()
 
-    layer = model.get_submodule(entry.layer)
-    with RawGradCAM(model=model, target_layers=[layer], reshape_transform=copy) as cam:
-        cam(input_tensor=torch_input(batch), targets=[ClassifierOutputTarget(t) for t in targets])
-        return cam.raw
+    return raw_grad_cam(model, model.get_submodule(entry.layer), torch_input(batch), targets,
+                        copy)
 
 
 @dataclass(frozen=True)

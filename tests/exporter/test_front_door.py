@@ -85,20 +85,9 @@ def small_net() -> Any:
 
 
 def pytorch_grad_cam(net: Any, layer: str, x: Any, targets: list[int]) -> np.ndarray:
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    import zoo
 
-    class Raw(GradCAM):  # type: ignore[misc]
-        raw: np.ndarray
-
-        def get_cam_image(self, *args: Any, **kwargs: Any) -> np.ndarray:
-            cam = super().get_cam_image(*args, **kwargs)
-            self.raw = np.maximum(cam, 0)
-            return cam
-
-    with Raw(model=net, target_layers=[net.get_submodule(layer)]) as cam:
-        cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
-        return cam.raw
+    return zoo.raw_grad_cam(net, net.get_submodule(layer), x, targets)
 
 
 @pytest.mark.torch

@@ -322,20 +322,9 @@ def test_torch_batch_one_exports_explain_batches(tmp_path: Path, exporter: str,
 
 def grad_cam(model: Any, x: Any, target: int) -> np.ndarray:
     """pytorch-grad-cam's Grad-CAM at ``features`` (the last ReLU), before resizing."""
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    import zoo
 
-    class Raw(GradCAM):  # type: ignore[misc]
-        raw: np.ndarray
-
-        def get_cam_image(self, *args: Any, **kwargs: Any) -> np.ndarray:
-            cam = super().get_cam_image(*args, **kwargs)
-            self.raw = np.maximum(cam, 0)
-            return cam
-
-    with Raw(model=model, target_layers=[model.features]) as cam:
-        cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
-        return cam.raw
+    return zoo.raw_grad_cam(model, model.features, x, [target])
 
 
 # -> the bundle's batch. ViT's dynamo graph merges the batch with the tokens and the
