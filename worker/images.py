@@ -124,16 +124,43 @@ def load_image(source: Any, channels: int = 3, limits: Limits = DEFAULT_LIMITS) 
     raise BadImageError(f"unsupported image source: {_name(source)}")
 
 
+def pixel_values(array: np.ndarray) -> np.ndarray:
+    """A caller's pixels as uint8: uint8 as is, integers in 0..255, floats in 0..255 or
+    in [0, 1] (pytorch-grad-cam's ``np.float32(img) / 255``), which are scaled by 255.
+
+    Floats whose maximum is at most 1 are read as [0, 1]: read as 0..255 such an image
+    would be black, so that reading is never the meant one. Anything outside these
+    ranges (a normalised tensor with negative values, 16-bit pixels) is refused rather
+    than clipped into a silently different image.
+    """
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) \
+            or np.issubdtype(array.dtype, np.complexfloating):
+        raise BadImageError(f"an image array must hold real numbers, not {array.dtype}")
+    if array.size == 0:
+        return array.astype(np.uint8)
+    if not np.isfinite(array).all():
+        raise BadImageError("an image array must hold finite numbers (found NaN or inf)")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        hint = (" (a normalised tensor? pass the image itself: the bundle embeds its "
+                "preprocessing)") if low < 0 else ""
+        raise BadImageError(f"image values span [{low:g}, {high:g}]; expected uint8, "
+                            f"0..255 or floats in [0, 1]{hint}")
+    unit = np.issubdtype(array.dtype, np.floating) and high <= 1.0
+    scale = 255.0 if unit else 1.0
+    return np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+
+
 def array_image(array: np.ndarray, channels: int) -> np.ndarray:
-    """Check a caller's array: [H, W], [H, W, 1|3|4], uint8 or floats in 0..255."""
+    """Check a caller's array: [H, W], [H, W, 1|3|4], with values as ``pixel_values``
+    accepts them."""
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(array.shape[:2]) < 1:
         raise BadImageError(f"an image array must be [H, W] or [H, W, 1|3|4], got {array.shape}")
-    if array.dtype != np.uint8:
-        if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
-            raise BadImageError("an image array must hold finite numbers")
-        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    array = pixel_values(array)
     array = array[..., :3] if array.shape[-1] == 4 else array
     if array.shape[-1] == channels:
         return array
@@ -182,7 +209,10 @@ def prepare_one(image: Any, info: BundleInfo, limits: Limits = DEFAULT_LIMITS) -
 def check_batch(batch: np.ndarray, info: BundleInfo,
                 limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """A 4-D batch as is when it already fits the bundle, else converted image by image."""
-    if batch.dtype == np.uint8 and batch.shape[1:] == (info.height, info.width, info.channels):
+    # Values are judged over the whole batch, so that [0, 1] or 0..255 is one reading
+    # for every image in it (a dark 0..255 image must not be scaled alone).
+    batch = pixel_values(batch)
+    if batch.shape[1:] == (info.height, info.width, info.channels):
         return batch
     return _stack([prepare_one(image, info, limits) for image in batch], info)
 

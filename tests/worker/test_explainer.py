@@ -265,6 +265,53 @@ def test_float_batch_at_the_bundle_size_is_rounded(rgb: Explainer) -> None:
     assert_same(rgb.explain(batch), want)
 
 
+def skimage_photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled photographs, uint8 RGB (no download)."""
+    import skimage.data
+
+    return np.asarray(getattr(skimage.data, name)(), np.uint8)
+
+
+def test_float_images_in_unit_range_mean_what_pytorch_grad_cam_users_mean(
+        rgb: Explainer) -> None:
+    """``np.float32(img) / 255`` is the same image as ``img``, as a batch, a list or
+    one image (issue 12: it was rounded to 0 and 1, and called another class)."""
+    photo = np.asarray(Image.fromarray(skimage_photo("coffee")).resize((16, 16)))
+    other = np.asarray(Image.fromarray(skimage_photo("astronaut")).resize((16, 16)))
+    batch = np.stack([photo, other])
+    want = rgb.explain(batch)
+    unit = batch.astype(np.float32) / 255
+    assert_same(rgb.explain(unit), want)
+    assert_same(rgb.explain(list(unit)), want)
+    assert_same(rgb.explain(unit[0]), rgb.explain(batch[:1]))
+    # the mistake the issue saw, for contrast: the same floats read as 0..255
+    misread = rgb.explain(np.rint(unit).astype(np.uint8))
+    assert np.abs(misread.heatmaps - want.heatmaps).max() > 0.05
+
+
+def test_a_dark_image_in_a_float_batch_is_read_like_the_others(rgb: Explainer) -> None:
+    """[0, 1] or 0..255 is judged over the whole batch, not image by image."""
+    rng = np.random.default_rng(8)
+    batch = rng.uniform(0, 255, (2, 16, 16, 3))
+    batch[1] = rng.uniform(0, 0.9, (16, 16, 3))  # dark, but 0..255 like its neighbour
+    want = rgb.explain(np.clip(np.rint(batch), 0, 255).astype(np.uint8))
+    assert_same(rgb.explain(batch), want)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (np.full((16, 16, 3), -0.4, np.float32), "a normalised tensor?"),
+    (np.full((16, 16, 3), 300.0), r"image values span \[300, 300\]"),
+    (np.full((16, 16, 3), 4000, np.uint16), "expected uint8, 0..255 or floats in"),
+    (np.full((16, 16, 3), np.nan, np.float32), "finite numbers"),
+    (np.ones((16, 16, 3), bool), "real numbers"),
+])
+def test_pixel_values_outside_any_image_range_are_refused(rgb: Explainer, values: np.ndarray,
+                                                          message: str) -> None:
+    for images in (values, [values], values[None]):
+        with pytest.raises(BadImageError, match=message):
+            rgb.explain(images)
+
+
 def test_grey_batch_at_the_bundle_size_is_converted(rgb: Explainer) -> None:
     batch = np.random.default_rng(5).integers(0, 256, (2, 16, 16, 1), dtype=np.uint8)
     assert_same(rgb.explain(batch), rgb.explain(list(batch)))
