@@ -13,10 +13,12 @@ import click
 
 from onnxcam.bundle import GRADIENT_MODES, LAYOUTS, PREPROCESS_MODES
 from onnxcam.errors import OnnxcamError
+from onnxcam.progress import Progress
 from onnxcam.worker.methods.base import MethodOptions
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
+PROGRESS_DELAY = 2.0  # seconds of work before a progress line appears
 
 
 @contextmanager
@@ -199,9 +201,11 @@ def explain(
     explainer = Explainer(bundle, device=device)
     failures = 0
     options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed}
+    # Silent for quick runs; a line on stderr once a run takes more than two seconds.
+    progress = Progress(len(images), unit="images", delay=PROGRESS_DELAY)
     for result in explain_files(explainer, list(images), out, method, target,
                                 parse_formats(formats), with_raw, batch_size, layers_strip,
-                                options):
+                                options, progress.advance):
         if result.error is not None:
             failures += 1
             click.echo(f"onnxcam: error: {result.error}", err=True)
@@ -210,6 +214,7 @@ def explain(
                                        "message": str(result.error)}))
         elif as_json:
             click.echo(json.dumps(result.record))
+    progress.finish()
     if failures:
         sys.exit(EXIT_BAD_INPUT)
 

@@ -334,6 +334,17 @@ def onnx_cnn(seed: int = 0) -> onnx.ModelProto:
     return g.model("onnx_cnn", "probs", 5)
 
 
+def onnx_wide(seed: int = 0, channels: int = 2048, size: int = 224) -> onnx.ModelProto:
+    """A ResNet50-sized target layer on a cheap trunk: a stride-32 conv to ``channels``
+    maps of (size/32)², Relu (``feat``), GAP, Gemm to 10 classes; for memory checks of
+    methods whose cost grows with the channels (Score-CAM)."""
+    g = _Graph(seed)
+    x = g.node("Relu", [g.conv("input", 3, channels, "wide", kernel=1, stride=32)], "feat",
+               "last_relu")
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [x], "gap")], "flat", axis=1)
+    return g.model("onnx_wide", g.gemm(x, channels, 10, "logits"), 10, size)
+
+
 def onnx_unsupported_head(seed: int = 0, op: str = "LRN") -> onnx.ModelProto:
     """``onnx_cnn`` with an op that has no gradient rule in its head, after ``feat``.
 

@@ -2,7 +2,7 @@
 
 Layers, lowest first (an arrow reads "may import"):
 
-    onnxcam (errors, bundle, graph, runtime, files, layout, scores)   the shared floor
+    onnxcam (errors, bundle, graph, runtime, files, layout, progress, scores)   the floor
     onnxcam.exporter            -> floor                     never the worker side
     onnxcam.worker (the engine) -> floor                     never service, audit, exporter
     onnxcam.worker.service      -> engine, floor             never the audit
@@ -31,7 +31,7 @@ ROOTS = {"onnxcam": REPO / "onnxcam", "onnxcam.exporter": REPO / "exporter",
          "onnxcam.worker": REPO / "worker"}
 FRAMEWORKS = ("tensorflow", "keras", "tf2onnx", "torch", "torchvision")
 FLOOR = ("onnxcam.errors", "onnxcam.bundle", "onnxcam.graph", "onnxcam.runtime",
-         "onnxcam.files", "onnxcam.layout", "onnxcam.scores")
+         "onnxcam.files", "onnxcam.layout", "onnxcam.progress", "onnxcam.scores")
 
 
 def source_modules() -> dict[str, Path]:

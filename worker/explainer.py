@@ -10,7 +10,7 @@ previous batch runs, and every step works on whole batches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,16 +136,20 @@ class Explainer:
         noise: float = MethodOptions.noise,
         steps: int = MethodOptions.steps,
         seed: int = MethodOptions.seed,
+        progress: Callable[[float], None] | None = None,
     ) -> Explanation:
         """Explain ``images`` for ``targets`` (None: each image's top-1 class).
 
         ``samples`` and ``noise`` tune smoothgrad, ``steps`` integrated-gradients.
+        ``progress`` is told how many images are done as they finish, in fractions
+        inside an image for the slow methods (Score-CAM).
         """
         cam = self.method(method)
         options = MethodOptions(samples, noise, steps, seed)
         images = as_image_list(images)
         wanted = check_targets(targets, len(images), self.info.num_classes)
-        results = [self.run_batch(batch, wanted[start : start + len(batch)], cam, options, start)
+        results = [self.run_batch(batch, wanted[start : start + len(batch)], cam, options, start,
+                                  progress)
                    for start, batch in self._batches(images, batch_size or
                                                      DEFAULT_BATCH[self.device])]
         return self._explanation(results, cam)
@@ -153,23 +157,34 @@ class Explainer:
     def run_batch(
         self, batch: np.ndarray, targets: np.ndarray, cam: Method,
         options: MethodOptions | None = None, first_index: int = 0,
+        progress: Callable[[float], None] | None = None,
     ) -> BatchResult:
         """One session run for a prepared uint8 batch, and the method's maps from it.
 
         ``targets`` are int64 (-1: top-1); ``first_index`` is the batch's first
-        image's position in the whole call.
+        image's position in the whole call; ``progress`` as in ``explain``.
         """
+        told = 0.0
+
+        def tell(images: float) -> None:
+            nonlocal told
+            told += images
+            if progress is not None:
+                progress(images)
+
         names = cam.output_names(self.info)
         batch = np.ascontiguousarray(batch)
         outputs = dict(zip(names, self.sessions.run(names, {INPUT_IMAGE: batch,
                                                              INPUT_TARGET: targets})))
         logits = outputs[OUTPUT_LOGITS]
         chosen = np.where(targets < 0, logits.argmax(axis=1), targets).astype(np.int64)
-        context = MethodContext(outputs, self.info, chosen, ModelAccess(self.sessions, batch),
-                                options or MethodOptions(), first_index,
+        access = ModelAccess(self.sessions, batch, tell)
+        context = MethodContext(outputs, self.info, chosen, access, options or MethodOptions(),
+                                first_index,
                                 activation_layout(self.info.activation_layout,
                                                   self.info.activation_grid))
         result = cam.explain(context)
+        tell(len(batch) - told)
         return BatchResult(result.raw, logits, chosen, result.layer_maps, result.signed)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

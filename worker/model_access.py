@@ -8,6 +8,7 @@ methods that never call these cost nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 
 import numpy as np
@@ -19,13 +20,19 @@ from onnxcam.worker.sessions import Sessions
 SCORE_BATCH = 32  # masked inputs per run of the back half (Score-CAM)
 GRADIENT_BATCH = 32  # model inputs per run of the split-off gradient graph
 
+# Masks for image n's channels [start, stop): float32 [stop - start, H, W] in [0, 1].
+MaskMaker = Callable[[int, int, int], np.ndarray]
+
 
 class ModelAccess:
     """The model behind one prepared uint8 batch [N, H, W, C]."""
 
-    def __init__(self, sessions: Sessions, batch: np.ndarray) -> None:
+    def __init__(self, sessions: Sessions, batch: np.ndarray,
+                 progress: Callable[[float], None] | None = None) -> None:
         self._sessions = sessions
         self._batch = batch
+        # Told the share of one image done, for methods that take minutes per image.
+        self._progress = progress or (lambda share: None)
         self.info = sessions.info
         self.layout = Layout.of(sessions.info.layout)
 
@@ -39,17 +46,24 @@ class ModelAccess:
     def model_input_nhwc(self) -> np.ndarray:
         return self.layout.to_nhwc(self.model_input)
 
-    def masked_scores(self, masks: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Target logits [N, K] of the model input times each of K masks [N, K, H, W]
-        in [0, 1] at input resolution."""
+    def masked_scores(self, masks: MaskMaker, count: int, targets: np.ndarray) -> np.ndarray:
+        """Target logits [N, K] of the model input times each of K = ``count`` masks.
+
+        Masks are asked for ``SCORE_BATCH`` at a time, so memory holds one chunk of
+        masked inputs whatever K and the batch size are (ResNet50's 2048 channels at
+        224² would be 1.2 GB per image at once).
+        """
         _, back = self._sessions.split((OUTPUT_LOGITS,))
-        scores = np.zeros(masks.shape[:2], np.float32)
+        scores = np.zeros((len(self._batch), count), np.float32)
+        axis = self.layout.channel_axis
         for n, image in enumerate(self.model_input):
-            masked = image[None] * np.expand_dims(masks[n], self.layout.channel_axis)
-            for start in range(0, len(masked), SCORE_BATCH):
-                chunk = np.ascontiguousarray(masked[start : start + SCORE_BATCH], np.float32)
-                (logits,) = back.run([OUTPUT_LOGITS], {self.info.model_input: chunk})
-                scores[n, start : start + len(chunk)] = logits[:, targets[n]]
+            for start in range(0, count, SCORE_BATCH):
+                stop = min(start + SCORE_BATCH, count)
+                masked = np.ascontiguousarray(
+                    image[None] * np.expand_dims(masks(n, start, stop), axis), np.float32)
+                (logits,) = back.run([OUTPUT_LOGITS], {self.info.model_input: masked})
+                scores[n, start:stop] = logits[:, targets[n]]
+                self._progress((stop - start) / count)
         return scores
 
     def gradients_at(self, model_inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:

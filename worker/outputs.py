@@ -10,7 +10,7 @@ import io
 import logging
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,19 +154,22 @@ def explain_files(
     batch_size: int | None = None,
     layers_strip: bool = False,
     options: dict[str, Any] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> Iterator[ImageResult]:
     """Explain image files in batches and write their outputs under ``out``.
 
     A bad image yields its error and the rest carry on. Decoding of the next
     batch overlaps the current one. ``layers_strip`` also writes
     ``<stem>.layers.png``, the map at every exported layer; ``options`` are passed
-    on to ``Explainer.explain`` (samples, noise, steps, seed).
+    on to ``Explainer.explain`` (samples, noise, steps, seed); ``progress`` is told
+    the images done, a bad one included.
     """
     cam = explainer.method(method)  # fail early on a bad method, before any decoding
     if layers_strip and not cam.per_layer():
         raise BadMethodError(f"{method} has no map per layer; --layers-strip needs a CAM "
                              "method or guided-gradcam")
-    settings = Settings(method, target, formats, with_raw, layers_strip, options or {})
+    settings = Settings(method, target, formats, with_raw, layers_strip, options or {},
+                        progress)
     stems = unique_stems(paths)
     size = batch_size or 8
     channels = explainer.info.channels
@@ -196,6 +199,7 @@ class Settings:
     with_raw: bool
     layers_strip: bool
     options: dict[str, Any]
+    progress: Callable[[float], None] | None = None
 
 
 def _explain_chunk(
@@ -208,7 +212,9 @@ def _explain_chunk(
         arrays = [decoded[i] for i in good]
         explanation = explainer.explain(arrays, targets=settings.target,
                                         method=settings.method, batch_size=len(arrays),
-                                        **settings.options)
+                                        progress=settings.progress, **settings.options)
+    if settings.progress is not None and len(good) < len(paths):
+        settings.progress(len(paths) - len(good))
     row = {index: position for position, index in enumerate(good)}
     for i, path in enumerate(paths):
         item = decoded[i]

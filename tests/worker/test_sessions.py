@@ -121,11 +121,24 @@ def test_sessions_run_pruned_of_the_gradients_nobody_asked_for(sessions: Session
 # ------------------------------------------------------------------------------ model access
 
 
-def test_masked_scores_are_the_source_models_scores(sessions: Sessions) -> None:
-    """Target logits of input x mask, against the source model on numpy-masked inputs."""
-    access = ModelAccess(sessions, IMAGES)
+@pytest.mark.parametrize("chunk", [2, 32])
+def test_masked_scores_are_the_source_models_scores(sessions: Sessions, chunk: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Target logits of input x mask, against the source model on numpy-masked inputs,
+    with the masks asked for in chunks (and the progress told each chunk's share)."""
+    monkeypatch.setattr("onnxcam.worker.model_access.SCORE_BATCH", chunk)
+    shares: list[float] = []
+    access = ModelAccess(sessions, IMAGES, shares.append)
     masks = np.random.default_rng(4).uniform(0, 1, (3, 5, 16, 16)).astype(np.float32)
-    got = access.masked_scores(masks, TARGETS)
+    asked: list[tuple[int, int, int]] = []
+
+    def make(n: int, start: int, stop: int) -> np.ndarray:
+        asked.append((n, start, stop))
+        return masks[n, start:stop]
+
+    got = access.masked_scores(make, 5, TARGETS)
+    assert max(stop - start for _, start, stop in asked) == min(chunk, 5)
+    assert sum(shares) == pytest.approx(3.0)
     scores = source_outputs(models.onnx_cnn(), ["logits"])
     model_input = preprocess_numpy(IMAGES, "torch").transpose(0, 3, 1, 2)
     for n in range(3):

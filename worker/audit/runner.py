@@ -23,6 +23,7 @@ import numpy as np
 
 from onnxcam.errors import AuditError, OnnxcamError
 from onnxcam.files import atomic_write
+from onnxcam.progress import Progress
 from onnxcam.scores import softmax
 from onnxcam.worker.audit import results as results_file
 from onnxcam.worker.audit.backend import (
@@ -34,7 +35,6 @@ from onnxcam.worker.audit.backend import (
 )
 from onnxcam.worker.audit.manifest import RowProblem, count_rows, read_manifest, region_of
 from onnxcam.worker.audit.metrics import energy_in_box, pointing_hit
-from onnxcam.worker.audit.progress import Progress
 from onnxcam.worker.audit.report import write_report
 from onnxcam.worker.audit.results import ResultRow, ResultsWriter
 from onnxcam.worker.audit.summary import Summary, Thresholds, summarize

@@ -2,7 +2,8 @@
 score when the input is masked by each upsampled, min-max scaled activation map.
 
 The masked inputs are the model's preprocessed input times the mask, as in
-pytorch-grad-cam, and run in batches through the bundle's own model.
+pytorch-grad-cam, and run in batches through the bundle's own model; masks are made a
+batch at a time, so memory does not grow with the number of channels.
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ class ScoreCAM(ChannelWeightCam):
         acts = context.activations.astype(np.float32)
         rows = align_corners_matrix(context.info.height, acts.shape[2])
         cols = align_corners_matrix(context.info.width, acts.shape[3])
-        upsampled = np.einsum("hi,nkij,wj->nkhw", rows, acts, cols, optimize=True)
-        low = upsampled.min(axis=(2, 3), keepdims=True)
-        high = upsampled.max(axis=(2, 3), keepdims=True)
-        masks = (upsampled - low) / (high - low + 1e-8)
-        scores = context.model.masked_scores(masks, context.targets)
+
+        def masks(n: int, start: int, stop: int) -> np.ndarray:
+            upsampled = np.einsum("hi,kij,wj->khw", rows, acts[n, start:stop], cols,
+                                  optimize=True)
+            low = upsampled.min(axis=(1, 2), keepdims=True)
+            high = upsampled.max(axis=(1, 2), keepdims=True)
+            return (upsampled - low) / (high - low + 1e-8)
+
+        scores = context.model.masked_scores(masks, acts.shape[1], context.targets)
         return softmax(scores.astype(np.float64), axis=1).astype(np.float32)

@@ -19,7 +19,7 @@ import json, sys
 from pathlib import Path
 from onnxcam.worker import Explainer
 from onnxcam.worker.audit import AuditOptions, LocalBackend, run_audit
-from onnxcam.worker.audit.progress import Progress
+from onnxcam.progress import Progress
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -1,7 +1,8 @@
-"""A progress line on stderr: done/total, rows per second and time left.
+"""A progress line on stderr: done/total, items per second and time left.
 
 On a terminal it redraws one line; otherwise (logs, CI) it prints a line every few
-seconds.
+seconds. With a ``delay`` it stays silent until the work has taken that long, so
+quick commands print nothing extra.
 """
 
 from __future__ import annotations
@@ -22,19 +23,26 @@ def clock(seconds: float) -> str:
 
 class Progress:
     def __init__(self, total: int, stream: TextIO | None = None, every: float = 5.0,
-                 done: int = 0) -> None:
+                 done: int = 0, unit: str = "rows", delay: float = 0.0) -> None:
         self.total = total
-        self.done = done
+        self.done: float = done
+        self.unit = unit
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
         self.every = 0.1 if self.tty else every
         self.started = time.monotonic()
-        self.skipped = done  # rows done by an earlier run do not count toward the rate
+        self.skipped: float = done  # done by an earlier run: not counted in the rate
         self.shown = 0.0
+        self.delay = delay
+        self.visible = False
 
-    def advance(self, count: int = 1) -> None:
+    def advance(self, count: float = 1) -> None:
+        """``count`` more done; fractions let slow work (Score-CAM's masked runs)
+        show progress inside one item."""
         self.done += count
         now = time.monotonic()
+        if now - self.started < self.delay:
+            return
         if now - self.shown >= self.every:
             self.shown = now
             self.show(now)
@@ -46,16 +54,22 @@ class Progress:
         eta = clock(left / rate) if rate > 0 else "--:--"
         share = self.done / self.total if self.total else 1.0
         bar = "#" * int(WIDTH * share)
-        return (f"[{bar:<{WIDTH}}] {self.done}/{self.total} {100 * share:3.0f}% "
-                f"{rate:.1f} rows/s ETA {eta}")
+        speed = f"{rate:.1f}" if rate >= 0.1 else f"{rate:.3f}"  # slow: minutes per item
+        return (f"[{bar:<{WIDTH}}] {int(self.done)}/{self.total} {100 * share:3.0f}% "
+                f"{speed} {self.unit}/s ETA {eta}")
 
     def show(self, now: float) -> None:
+        self.visible = True
         text = self.line(now)
         self.stream.write(f"\r{text}" if self.tty else f"{text}\n")
         self.stream.flush()
 
     def finish(self) -> None:
-        self.show(time.monotonic())
+        """The last line; nothing when the work ended before the delay."""
+        now = time.monotonic()
+        if now - self.started < self.delay and not self.visible:
+            return
+        self.show(now)
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
