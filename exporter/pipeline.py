@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,6 +250,7 @@ def export(
     verify: bool = True,
     input_gradients: bool = False,
     guided: bool = False,
+    on_stage: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Turn a classifier into a verified Grad-CAM bundle at ``out``.
 
@@ -260,12 +261,19 @@ def export(
     ``layer`` may name several layers: the first is the primary one. With
     ``input_gradients`` the bundle also returns d logit / d model input, and with
     ``guided`` the guided-backprop version of it. Nothing is written unless the
-    bundle passes verification (or ``verify`` is off).
+    bundle passes verification (or ``verify`` is off). ``on_stage`` is told each
+    step's name as it starts, for a progress line.
     """
+    stage = on_stage or (lambda name: None)
     label_list = read_labels(labels)
+    stage("loading the model")
     source = load_source(src, layer, layout, input_size, opset, example)
+    stage("building the bundle")
     bundle, info = build_bundle(source, preprocess, label_list, gradient, input_gradients,
                                 guided)
+    if verify:
+        stage("verifying the bundle against the model")
     report = verify_bundle(bundle, info, source) if verify else None
+    stage("writing the bundle")
     atomic_write(Path(out), bundle.SerializeToString())
     return ExportResult(Path(out), info, report)

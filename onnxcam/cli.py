@@ -13,7 +13,7 @@ import click
 
 from onnxcam.bundle import GRADIENT_MODES, LAYOUTS, PREPROCESS_MODES
 from onnxcam.errors import OnnxcamError
-from onnxcam.progress import Progress
+from onnxcam.progress import Progress, Stages
 from onnxcam.worker.methods.base import MethodOptions
 
 EXIT_INTERNAL = 1
@@ -115,11 +115,13 @@ def export(
     """Turn the classifier SRC (.keras, .h5, SavedModel folder or .onnx) into a bundle."""
     from onnxcam.exporter import export as run_export
 
-    result = run_export(
-        src, out, layer=list(layers) or None, preprocess=preprocess, labels=labels,
-        gradient=gradient, input_size=input_size, layout=layout, opset=opset,
-        verify=not no_verify, input_gradients=input_gradients, guided=guided,
-    )
+    with Stages("export", delay=PROGRESS_DELAY) as stages:
+        result = run_export(
+            src, out, layer=list(layers) or None, preprocess=preprocess, labels=labels,
+            gradient=gradient, input_size=input_size, layout=layout, opset=opset,
+            verify=not no_verify, input_gradients=input_gradients, guided=guided,
+            on_stage=stages.enter,
+        )
     info = result.info
     check = "not verified"
     if result.report is not None:

@@ -8,6 +8,7 @@ quick commands print nothing extra.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -71,5 +72,55 @@ class Progress:
             return
         self.show(now)
         if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class Stages:
+    """Which step of a long, indivisible job is running, and for how long: a line on
+    stderr every few seconds once the job has taken ``delay`` seconds (an export's
+    conversion and verification give no count to show a bar for).
+
+    Use as a context manager; ``enter(name)`` names the step now running.
+    """
+
+    def __init__(self, what: str, stream: TextIO | None = None, every: float = 5.0,
+                 delay: float = 2.0) -> None:
+        self.what = what
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.every = 1.0 if self.tty else every
+        self.delay = delay
+        self.stage = "starting"
+        self.started = time.monotonic()
+        self.visible = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="onnxcam-stages", daemon=True)
+
+    def enter(self, stage: str) -> None:
+        self.stage = stage
+
+    def line(self, now: float) -> str:
+        return f"{self.what}: {self.stage} ({clock(now - self.started)})"
+
+    def _tick(self) -> None:
+        if self._stop.wait(self.delay):
+            return
+        while True:
+            self.visible = True
+            text = self.line(time.monotonic())
+            self.stream.write(f"\r{text:<60}" if self.tty else f"{text}\n")
+            self.stream.flush()
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> Stages:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.visible and self.tty:
             self.stream.write("\n")
             self.stream.flush()

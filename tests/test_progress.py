@@ -52,3 +52,23 @@ def test_slow_items_show_three_decimals_and_the_audit_line_is_unchanged(
     progress.advance(0.25)  # a quarter of one image in 40 s
     assert "0.006 rows/s ETA 26:00" in stream.getvalue()  # 9.75 left at 1/160 per s
     assert clock(3725) == "1:02:05"
+
+
+def test_stages_name_the_step_running_once_the_delay_has_passed() -> None:
+    import time
+
+    from onnxcam.progress import Stages
+
+    stream = io.StringIO()
+    with Stages("export", stream, every=0.05, delay=0.2) as stages:
+        stages.enter("loading the model")
+        time.sleep(0.1)
+        assert stream.getvalue() == ""
+        stages.enter("verifying")
+        time.sleep(0.3)
+    lines = stream.getvalue().splitlines()
+    assert lines and all(line.startswith("export: verifying (00:0") for line in lines)
+    quiet = io.StringIO()
+    with Stages("export", quiet, delay=5.0):
+        pass
+    assert quiet.getvalue() == ""  # a quick export prints nothing extra, and does not wait
