@@ -214,7 +214,11 @@ def explain(
             if as_json:
                 click.echo(json.dumps({"image": result.image, "error": result.error.code,
                                        "message": str(result.error)}))
-        elif as_json:
+            continue
+        if result.flat:
+            click.echo(f"onnxcam: warning: {result.image}: the {method} map is flat (constant "
+                       f"up to rounding): it shows nothing of where the model looks", err=True)
+        if as_json:
             click.echo(json.dumps(result.record))
     progress.finish()
     if failures:

@@ -131,9 +131,12 @@ def ref_scorecam(
 
 
 def ref_normalize(raw: np.ndarray) -> np.ndarray:
-    """pytorch-grad-cam's scale_cam_image before the resize."""
+    """pytorch-grad-cam's scale_cam_image before the resize, without its 1e-7 added to
+    the maximum (which swamps maps of tiny magnitude): (x - min) / (max - min), and
+    zeros for an all-zero map (every pixel's ReLU off)."""
     out = raw - raw.min(axis=(1, 2), keepdims=True)
-    return out / (1e-7 + out.max(axis=(1, 2), keepdims=True))
+    top = out.max(axis=(1, 2), keepdims=True)
+    return out / np.where(top > 0, top, 1.0)
 
 
 def ref_resize_half_pixel(maps: np.ndarray, height: int, width: int) -> np.ndarray:

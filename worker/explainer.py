@@ -34,6 +34,7 @@ from onnxcam.worker.images import (
     check_targets,
     prepare,
 )
+from onnxcam.worker.maps import flat as flat_maps
 from onnxcam.worker.maps import heatmaps as to_heatmaps
 from onnxcam.worker.methods import Method, MethodContext, MethodOptions, method_for
 from onnxcam.worker.model_access import ModelAccess
@@ -71,13 +72,21 @@ class Explanation:
         return list(self.info.labels)
 
     @property
+    def flat(self) -> np.ndarray:
+        """bool [N]: maps that are constant up to rounding (all zero, say, when no
+        region raises the target's score), whose heatmaps are zeros and show nothing."""
+        return flat_maps(self.raw)
+
+    @property
     def probabilities(self) -> np.ndarray:
         return softmax(self.logits, axis=1).astype(np.float32)
 
     def top(self, k: int = 5) -> list[list[dict[str, Any]]]:
         """Per image, the k best classes as ``{class, label, score}`` (score: probability)."""
         probabilities = self.probabilities
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        # Ranked by the logits, as the top-1 target is: probabilities that round to
+        # a tie in float32 must not put another class first.
+        order = np.argsort(-self.logits, axis=1, kind="stable")[:, :k]
         return [
             [{"class": int(c), "label": self.info.label(int(c)), "score": float(row[c])}
              for c in classes]

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 
-EPSILON = 1e-7
+# A map whose range is under this share of its largest magnitude is flat: what
+# varies is float32 rounding (a few ulps, summed over channels), not the model.
+FLAT_RANGE = 1e-5
+
+
+def flat(maps: np.ndarray) -> np.ndarray:
+    """bool [N]: maps that are constant, up to rounding, and so show nothing."""
+    wide = maps.astype(np.float64)
+    spread = wide.max(axis=(-2, -1)) - wide.min(axis=(-2, -1))
+    magnitude = np.abs(wide).max(axis=(-2, -1))
+    return spread <= FLAT_RANGE * magnitude
 
 
 def normalize(maps: np.ndarray) -> np.ndarray:
-    """Per-map min-max scaling to [0, 1], as pytorch-grad-cam's scale_cam_image does."""
-    low = maps.min(axis=(-2, -1), keepdims=True)
-    shifted = maps - low
-    return shifted / (EPSILON + shifted.max(axis=(-2, -1), keepdims=True))
+    """Per-map min-max scaling to [0, 1], as pytorch-grad-cam's scale_cam_image does,
+    but with no fixed epsilon: a map of 1e-11 still spans [0, 1]. A flat map becomes
+    zeros rather than magnified rounding noise."""
+    wide = maps.astype(np.float64)
+    low = wide.min(axis=(-2, -1), keepdims=True)
+    spread = wide.max(axis=(-2, -1), keepdims=True) - low
+    keep = ~flat(maps)[..., None, None]
+    scaled = (wide - low) / np.where(keep, spread, 1.0)
+    return np.where(keep, scaled, 0.0).astype(np.float32)
 
 
 def interpolation_matrix(size_out: int, size_in: int) -> np.ndarray:

@@ -39,6 +39,7 @@ class ImageResult:
     image: str
     record: dict[str, Any] = field(default_factory=dict)
     error: OnnxcamError | None = None
+    flat: bool = False  # the map is constant up to rounding: it shows nothing
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -232,4 +233,5 @@ def _explain_chunk(
             target_path = out / f"{stems[i]}{suffix}"
             atomic_write(target_path, data)
             written.append(str(target_path))
-        yield ImageResult(path, record(path, explanation, position, written))
+        yield ImageResult(path, record(path, explanation, position, written),
+                          flat=bool(explanation.flat[position]))

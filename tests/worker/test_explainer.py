@@ -426,6 +426,21 @@ def test_top_structure(rgb: Explainer, grey: Explainer, image_files: list[Path])
     assert all(entry["label"] == str(entry["class"]) for row in unlabelled for entry in row)
 
 
+def test_top_ranks_as_the_target_does_when_probabilities_tie(rgb: Explainer,
+                                                             image_files: list[Path]) -> None:
+    """Logits one float32 step apart round to equal probabilities; the top-1 target
+    is their argmax, and ``top`` must put that class first (issue 12: --json gave
+    target 1 but top[0] class 0)."""
+    import dataclasses
+
+    result = rgb.explain(image_files[:1])
+    low = np.float32(0.001)
+    logits = np.array([[low, np.nextafter(low, np.float32(1)), -5, -5, -5]], np.float32)
+    tied = dataclasses.replace(result, logits=logits, targets=logits.argmax(axis=1))
+    assert tied.probabilities[0, 0] == tied.probabilities[0, 1]
+    assert [entry["class"] for entry in tied.top(2)[0]] == [1, 0]
+
+
 # ------------------------------------------------------------------------------ batching
 
 

@@ -190,6 +190,30 @@ def test_heatmaps_are_normalised_raw_resized_half_pixel(case: Case, method: str)
     np.testing.assert_allclose(got.heatmaps, want, atol=2e-6)
 
 
+def test_tiny_maps_span_zero_to_one_and_flat_maps_are_zeros_and_flagged() -> None:
+    """Issue 12: random weights give raw maps near 1e-11; a fixed epsilon of 1e-7 left
+    their heatmap's maximum at 1.8e-4. A constant map (up to float32 rounding) shows
+    nothing, and is flagged rather than magnified into noise."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    from onnxcam.worker.maps import flat, heatmaps
+
+    rng = np.random.default_rng(5)
+    usual = rng.uniform(0, 3, (4, 7, 7)).astype(np.float32)
+    tiny = usual * np.float32(1e-11)
+    constant = np.full((7, 7), 2.5, np.float32)
+    noisy = constant + rng.choice([0, 1], (7, 7)) * np.spacing(np.float32(2.5))
+    raw = np.stack([*usual[:2], tiny[2], tiny[3], np.zeros((7, 7), np.float32), noisy])
+    got = heatmaps(raw, 7, 7)
+    assert flat(raw).tolist() == [False, False, False, False, True, True]
+    # pytorch-grad-cam's own scaling, where its epsilon is negligible (maps of order 1)
+    np.testing.assert_allclose(got[:2], scale_cam_image(usual[:2]), atol=1e-6)
+    # tiny maps: the same picture as the usual ones, exactly spanning [0, 1]
+    np.testing.assert_allclose(got[2:4], scale_cam_image(usual[2:4]), atol=1e-6)
+    assert got[2:4].max(axis=(1, 2)).tolist() == [1.0, 1.0]
+    assert not got[4:].any()
+
+
 def test_top1_default_explains_the_argmax(case: Case) -> None:
     got = case.explainer.explain(case.images, None, method="gradcam")
     np.testing.assert_array_equal(got.targets, got.logits.argmax(axis=1))
