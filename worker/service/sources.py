@@ -31,6 +31,7 @@ from onnxcam.worker.service.store import (
     Store,
     StoreError,
     StoreUnavailableError,
+    classified,
 )
 
 if TYPE_CHECKING:
@@ -135,16 +136,14 @@ def _read_remote(uri: str, store: Store, allowed: AllowList, limits: Limits) -> 
     if any(part in (".", "..") for part in canonical.split("://", 1)[1].split("/")):
         raise ForbiddenPathError(f"{uri}: '.' and '..' are not allowed in a URI")
     protocol = _protocol(uri)
-    timeouts = (allowed.connect_timeout, allowed.read_timeout)
     key = None if store.local else store.owns(canonical)
     if key is not None:
         # The store's own failures stay transient: the job retries, as for its writes.
-        return _read_object(_reader(store.url, protocol, *timeouts), key, uri, limits,
-                            transient=True)
+        return _read_object(store.url, protocol, key, uri, allowed, limits, transient=True)
     for prefix in allowed.prefixes:
         if canonical.startswith(prefix + "/"):
-            return _read_object(_reader(prefix, protocol, *timeouts),
-                                canonical[len(prefix) + 1:], uri, limits, transient=False)
+            return _read_object(prefix, protocol, canonical[len(prefix) + 1:], uri, allowed,
+                                limits, transient=False)
     raise ForbiddenPathError(f"{uri}: outside the store and the allowed roots "
                              "(ONNXCAM_ALLOWED_ROOTS)")
 
@@ -159,9 +158,11 @@ def _reader(url: str, protocol: str, connect_timeout: float, read_timeout: float
     return reader
 
 
-def _read_object(reader: Store, key: str, uri: str, limits: Limits,
-                 transient: bool) -> bytes:
+def _read_object(url: str, protocol: str, key: str, uri: str, allowed: AllowList,
+                 limits: Limits, transient: bool) -> bytes:
     try:
+        with classified(uri):  # some filesystems (ftp) dial when they are made
+            reader = _reader(url, protocol, allowed.connect_timeout, allowed.read_timeout)
         return reader.get(key, max_bytes=limits.max_bytes)
     except NotInStoreError:
         raise MissingImageError(f"{uri}: no such object") from None

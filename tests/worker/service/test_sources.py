@@ -330,28 +330,36 @@ def test_s3_images_only_under_listed_prefixes(moto_s3: str, tree: dict[str, Path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["s3", "ftp"])
 @pytest.mark.parametrize("host", ["silent", "refusing"])
-def test_an_s3_host_that_does_not_answer_ends_only_its_image(
-        host: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    pytest.importorskip("s3fs")
-    import fsspec.config
-
+def test_an_allowed_host_that_does_not_answer_ends_only_its_image(
+        protocol: str, host: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Bounded by the timeouts, and final: a host that refuses is not retried."""
     silent = socket.socket()  # listens, never accepts: connects succeed, reads hang
     silent.bind((REDIS_HOST, 0))
     silent.listen(64)
     port = silent.getsockname()[1] if host == "silent" else closed_port()
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "testing")
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{REDIS_HOST}:{port}"})
-    allowed = AllowList(("s3://bucket/in",), connect_timeout=0.5, read_timeout=0.5)
+    if protocol == "s3":
+        pytest.importorskip("s3fs")
+        import fsspec.config
+
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.setenv(name, "testing")
+        monkeypatch.setitem(fsspec.config.conf, "s3",
+                            {"endpoint_url": f"http://{REDIS_HOST}:{port}"})
+        prefix = "s3://bucket/in"
+    else:
+        prefix = f"ftp://{REDIS_HOST}:{port}/in"
+    allowed = AllowList((prefix,), frozenset({protocol}), connect_timeout=0.5,
+                        read_timeout=0.5)
     started = time.monotonic()
     try:
-        code = code_of(lambda: fetch(ImageRef("a", uri="s3://bucket/in/x.png"),
+        code = code_of(lambda: fetch(ImageRef("a", uri=f"{prefix}/x.png"),
                                      Store(str(tmp_path)), allowed, Limits()))
     finally:
         silent.close()
-    # Four reads of 0.5 s at most (two attempts at each of s3fs's two requests), and
-    # some backoff; without the timeouts and retry caps a silent host held it 292 s.
+    # S3: four reads of 0.5 s at most (two attempts at each of s3fs's two requests) and
+    # some backoff; without the timeouts and the retry cap a silent host held it 292 s.
     assert code == "unreachable_image"
     assert time.monotonic() - started < 8
 
