@@ -110,7 +110,7 @@ def allowed_path(path: str, roots: Iterable[str], shown: str | None = None) -> P
                              "(ONNXCAM_ALLOWED_ROOTS)")
 
 
-def network_options(protocol: str, connect_timeout: float,
+def _network_options(protocol: str, connect_timeout: float,
                     read_timeout: float) -> dict[str, Any]:
     """fsspec storage options that bound a connection and each read, per protocol.
 
@@ -150,7 +150,7 @@ def _read_remote(uri: str, store: Store, allowed: AllowList, limits: Limits) -> 
 
 def _reader(url: str, protocol: str, connect_timeout: float, read_timeout: float) -> Store:
     # Cheap: fsspec keeps one filesystem per set of options (and endpoint).
-    reader = Store(url, **network_options(protocol, connect_timeout, read_timeout))
+    reader = Store(url, **_network_options(protocol, connect_timeout, read_timeout))
     if protocol in ("s3", "s3a"):
         # s3fs retries timeouts five times on its own, over botocore's attempts; this
         # filesystem is the readers' alone (fsspec keys instances by their options).
