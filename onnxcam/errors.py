@@ -9,7 +9,9 @@
     ├── BundleError                 a file is not a usable onnxcam bundle
     ├── BadImageError               not an image, truncated, too large, ...
     │   ├── MissingImageError       no file at that path or URI
-    │   └── ForbiddenPathError      a path outside the allowed roots, or a URI outside them
+    │   ├── ForbiddenPathError      a path outside the allowed roots, or a URI outside them
+    │   ├── InvalidPathError        not a usable path or URI (a NUL byte, empty, too long)
+    │   └── UnreachableImageError   an allowed image host refused or did not answer in time
     ├── BadTargetError              a class index outside [0, K)
     ├── BadMethodError              unknown method, or one the bundle cannot run
     ├── JobError                    a queued job failed or is malformed
@@ -90,6 +92,17 @@ class MissingImageError(BadImageError):
 
 class ForbiddenPathError(BadImageError):
     code = "forbidden_path"
+
+
+class InvalidPathError(BadImageError):
+    code = "bad_path"
+
+
+class UnreachableImageError(BadImageError):
+    """Final, not transient: retrying a job for a host that refused it only delays the
+    others (and would let a message make the worker knock on a port again and again)."""
+
+    code = "unreachable_image"
 
 
 class JobError(OnnxcamError):

@@ -8,6 +8,8 @@ from the header before any pixel is decoded.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,24 +51,50 @@ def _name(source: Any) -> str:
     return str(source) if isinstance(source, (str, Path)) else type(source).__name__
 
 
-def read_bytes(path: str | Path, limits: Limits, name: str | None = None) -> bytes:
-    """A local file's bytes, refused from its size before it is read when over
-    ``limits.max_bytes``. Errors name the file as ``name`` (default: the path)."""
-    path = Path(path)
+def read_bytes(path: str | Path, limits: Limits, name: str | None = None,
+               follow_links: bool = True) -> bytes:
+    """A regular file's bytes, refused from its size before it is read when over
+    ``limits.max_bytes``. Errors name the file as ``name`` (default: the path).
+
+    The checks are on the open file, so what is checked is what is read: a folder, a
+    FIFO or a device is refused (opening never blocks), and with ``follow_links=False`` a
+    link put in the path's last place after a caller resolved it is not followed."""
     shown = name or str(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise BadImageError(f"{shown}: file is {size} bytes, over the {limits.max_bytes} limit")
-        if size == 0:
-            raise BadImageError(f"{shown}: empty file")
-        return path.read_bytes()
+        descriptor = os.open(path, flags)
     except FileNotFoundError as exc:
         raise MissingImageError(f"{shown}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise BadImageError(f"{shown}: is a folder, not an image") from exc
+    except (ValueError, OSError) as exc:  # ValueError: a NUL byte; OSError: ELOOP, EACCES, ...
+        reason = getattr(exc, "strerror", None) or exc
+        raise BadImageError(f"{shown}: cannot read ({reason})") from exc
+    try:
+        return _read_regular(descriptor, limits, shown)
+    finally:
+        os.close(descriptor)
+
+
+def _read_regular(descriptor: int, limits: Limits, shown: str) -> bytes:
+    try:
+        info = os.fstat(descriptor)
+        if stat.S_ISDIR(info.st_mode):
+            raise BadImageError(f"{shown}: is a folder, not an image")
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImageError(f"{shown}: not a regular file")
+        if info.st_size > limits.max_bytes:
+            raise BadImageError(f"{shown}: file is {info.st_size} bytes, over the "
+                                f"{limits.max_bytes} limit")
+        if info.st_size == 0:
+            raise BadImageError(f"{shown}: empty file")
+        with os.fdopen(os.dup(descriptor), "rb") as file:
+            data = file.read(limits.max_bytes + 1)  # a file that grew since fstat stops here
     except OSError as exc:
         raise BadImageError(f"{shown}: cannot read ({exc.strerror or exc})") from exc
+    if len(data) > limits.max_bytes:
+        raise BadImageError(f"{shown}: file grew over the {limits.max_bytes} limit")
+    return data
 
 
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, name: str = "image") -> Image.Image:

@@ -14,14 +14,12 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,13 +27,11 @@ import numpy as np
 from onnxcam.errors import (
     BadImageError,
     BadTargetError,
-    ForbiddenPathError,
     MalformedJobError,
-    MissingImageError,
     OnnxcamError,
 )
 from onnxcam.worker.explainer import DEFAULT_BATCH, Explainer, Explanation
-from onnxcam.worker.images import Limits, decode, read_bytes, to_array
+from onnxcam.worker.images import Limits, decode, to_array
 from onnxcam.worker.outputs import render
 from onnxcam.worker.prefetch import prefetched
 from onnxcam.worker.service.layout import (
@@ -49,7 +45,8 @@ from onnxcam.worker.service.layout import (
     write_summary,
 )
 from onnxcam.worker.service.settings import Settings
-from onnxcam.worker.service.store import NotInStoreError, ObjectTooLargeError, Store
+from onnxcam.worker.service.sources import AllowList, read_path, read_uri
+from onnxcam.worker.service.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -169,47 +166,21 @@ def _parse_ref(item: Any, index: int) -> ImageRef:
 # -- fetching images --------------------------------------------------------------------
 
 
-def allowed_path(path: str, roots: Sequence[str]) -> Path:
-    """``path`` resolved (links followed) if it lies under one of the local ``roots``."""
-    resolved = Path(os.path.realpath(path))
-    for root in roots:
-        if "://" in root:
-            continue
-        base = Path(os.path.realpath(root))
-        if resolved == base or base in resolved.parents:
-            return resolved
-    raise ForbiddenPathError(f"{path}: outside the allowed roots (ONNXCAM_ALLOWED_ROOTS)")
-
-
-def fetch(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits) -> bytes:
-    """The encoded bytes of one image, refusing what the worker may not read."""
+def fetch(ref: ImageRef, store: Store, allowed: AllowList, limits: Limits) -> bytes:
+    """The encoded bytes of one image, refusing what the worker may not read
+    (``onnxcam.worker.service.sources`` holds the allow-list)."""
     if ref.data is not None:
         return ref.data
     if ref.path is not None:
-        return read_bytes(allowed_path(ref.path, roots), limits, name=ref.path)
+        return read_path(ref.path, allowed, limits)
     assert ref.uri is not None
-    key = store.owns(ref.uri)
-    if key is None and ref.uri.startswith("file://"):
-        local = ref.uri[len("file://"):]
-        return read_bytes(allowed_path(local, roots), limits, name=ref.uri)
-    if key is None:
-        if not any("://" in root and ref.uri.startswith(root.rstrip("/") + "/")
-                   for root in roots):
-            raise ForbiddenPathError(f"{ref.uri}: outside the store and the allowed roots")
-        folder, key = ref.uri.rsplit("/", 1)
-        store = Store(folder)
-    try:
-        return store.get(key, max_bytes=limits.max_bytes)
-    except NotInStoreError:
-        raise MissingImageError(f"{ref.uri}: no such object") from None
-    except ObjectTooLargeError as exc:
-        raise BadImageError(f"{ref.uri}: {str(exc).split(': ', 1)[1]}") from None
+    return read_uri(ref.uri, store, allowed, limits)
 
 
-def load(ref: ImageRef, store: Store, roots: Sequence[str], limits: Limits,
+def load(ref: ImageRef, store: Store, allowed: AllowList, limits: Limits,
          channels: int) -> np.ndarray:
     """uint8 [H, W, C] of one image at its own size."""
-    data = fetch(ref, store, roots, limits)
+    data = fetch(ref, store, allowed, limits)
     return to_array(decode(data, limits, ref.name), channels)
 
 
@@ -320,12 +291,13 @@ def _decode(spec: JobSpec, indices: list[int], store: Store, explainer: Explaine
     info = explainer.info
     arrays: dict[int, np.ndarray] = {}
     errors: list[tuple[int, dict[str, Any]]] = []
+    allowed = AllowList.from_settings(settings)
     for index in indices:
         try:
             target = spec.targets[index]
             if target is not None and not 0 <= target < info.num_classes:
                 raise BadTargetError(f"target {target} is outside [0, {info.num_classes})")
-            arrays[index] = load(spec.images[index], store, settings.roots, explainer.limits,
+            arrays[index] = load(spec.images[index], store, allowed, explainer.limits,
                                  info.channels)
         except (BadImageError, BadTargetError) as exc:
             errors.append((index, _error_record(spec, index, exc)))

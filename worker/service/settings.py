@@ -30,6 +30,12 @@ class Settings(BaseSettings):
         "Where bundles and results live (fsspec): a local folder, or s3://bucket/prefix."))
     allowed_roots: str = Field(".", description=(
         "Folders (or URI prefixes) whose images jobs may read, ':'-separated like PATH."))
+    allowed_protocols: str = Field("file,s3", pattern=r"^[A-Za-z0-9+.,-]*$", description=(
+        "URI protocols jobs may name for their images, ','-separated; no other is opened."))
+    connect_timeout: float = Field(5.0, gt=0, description=(
+        "Seconds to connect to an image's host (s3, http, ftp) before the image fails."))
+    read_timeout: float = Field(10.0, gt=0, description=(
+        "Seconds an image's host may stay silent mid-read before the image fails."))
     visibility_timeout: int = Field(3600, gt=0, description=(
         "Seconds before an unacknowledged job is handed to another worker."))
     soft_time_limit: float = Field(600.0, gt=0, description=(
@@ -61,6 +67,12 @@ class Settings(BaseSettings):
     def roots(self) -> list[str]:
         """The allowed roots as a list; empty entries are dropped."""
         return [part for part in _ROOT_SEPARATOR.split(self.allowed_roots) if part]
+
+    @cached_property
+    def protocols(self) -> frozenset[str]:
+        """The allowed protocols, lower case."""
+        return frozenset(p.strip().lower() for p in self.allowed_protocols.split(",")
+                         if p.strip())
 
     @property
     def backend_url(self) -> str:

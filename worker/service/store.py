@@ -33,6 +33,12 @@ class ObjectTooLargeError(StoreError):
     code = "too_large"
 
 
+class NotAnObjectError(StoreError):
+    """A key that names a folder (a common prefix on S3), not an object."""
+
+    code = "not_an_object"
+
+
 @contextmanager
 def classified(what: str) -> Iterator[None]:
     """Turn a filesystem failure into NotInStoreError (final) or StoreUnavailableError."""
@@ -42,7 +48,9 @@ def classified(what: str) -> Iterator[None]:
         raise
     except FileNotFoundError as exc:
         raise NotInStoreError(f"{what}: not in the store") from exc
-    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+    except IsADirectoryError as exc:
+        raise NotAnObjectError(f"{what}: a folder, not an object") from exc
+    except (PermissionError, NotADirectoryError) as exc:
         raise StoreError(f"{what}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - network, 5xx, throttling: all worth a retry
         raise StoreUnavailableError(f"{what}: store unavailable ({type(exc).__name__}: "
@@ -85,7 +93,10 @@ class Store:
         size alone, before any of it is read."""
         with classified(key):
             if max_bytes is not None:
-                size = self.fs.size(self.path(key))
+                info = self.fs.info(self.path(key))
+                if info.get("type") == "directory":
+                    raise NotAnObjectError(f"{key}: a folder, not an object")
+                size = info.get("size")
                 if size is not None and size > max_bytes:
                     raise ObjectTooLargeError(f"{key}: {size} bytes, over the {max_bytes} limit")
             return bytes(self.fs.cat_file(self.path(key)))
@@ -107,9 +118,12 @@ class Store:
                 self.fs.rm(self.path(key))
 
     def owns(self, uri: str) -> str | None:
-        """The key of ``uri`` when it lies inside this store, else None."""
-        fs, path = fsspec.core.url_to_fs(uri)
-        if _protocols(fs) != _protocols(self.fs):
+        """The key of ``uri`` when it lies inside this store, else None.
+
+        Read from the text alone: a URI from a message never instantiates a filesystem
+        here (fsspec would open a chained ``tar://...::file://`` or dial an ``ftp://``)."""
+        protocol, path = fsspec.core.split_protocol(uri)
+        if (protocol or "file") not in _protocols(self.fs) or "::" in uri:
             return None
         if self.local:
             path = os.path.abspath(path)

@@ -33,7 +33,6 @@ from onnxcam.worker.service.jobs import (
     ImageRef,
     JobSpec,
     ModelCache,
-    allowed_path,
     fetch,
     parse_job,
     run_job,
@@ -49,6 +48,7 @@ from onnxcam.worker.service.layout import (
     read_record,
 )
 from onnxcam.worker.service.settings import load_settings
+from onnxcam.worker.service.sources import AllowList, allowed_path
 from onnxcam.worker.service.store import Store
 
 LABELS = models.CNN_LABELS
@@ -161,7 +161,7 @@ def test_allowed_roots_follow_links(tmp_path: Path, images: dict[str, Path]) -> 
 
 
 def test_fetch_sources(store: Store, images: dict[str, Path]) -> None:
-    roots = [str(images["a.png"].parent)]
+    roots = AllowList((str(images["a.png"].parent),))
     data = images["a.png"].read_bytes()
     limits = load_settings().limits
     assert fetch(ImageRef("a", path=str(images["a.png"])), store, roots, limits) == data
@@ -175,7 +175,7 @@ def test_fetch_sources(store: Store, images: dict[str, Path]) -> None:
     with pytest.raises(ForbiddenPathError):
         fetch(ImageRef("a", uri="s3://elsewhere/x.png"), store, roots, limits)
     with pytest.raises(MissingImageError):
-        fetch(ImageRef("a", path=roots[0] + "/missing.png"), store, roots, limits)
+        fetch(ImageRef("a", path=roots.roots[0] + "/missing.png"), store, roots, limits)
 
 
 def test_oversized_objects_are_refused_before_reading(store: Store,
@@ -187,10 +187,11 @@ def test_oversized_objects_are_refused_before_reading(store: Store,
     uri = store.put("images/a.png", data)
     tight = Limits(max_bytes=len(data) - 1)
     with pytest.raises(BadImageError, match=f"{len(data)} bytes, over the {len(data) - 1}"):
-        fetch(ImageRef("a", uri=uri), store, [], tight)
-    assert fetch(ImageRef("a", uri=uri), store, [], Limits(max_bytes=len(data))) == data
+        fetch(ImageRef("a", uri=uri), store, AllowList(()), tight)
+    assert fetch(ImageRef("a", uri=uri), store, AllowList(()),
+                 Limits(max_bytes=len(data))) == data
     # A local file too, by path or file:// URI, named as the job names it.
-    roots = [str(images["a.png"].parent)]
+    roots = AllowList((str(images["a.png"].parent),))
     for ref, shown in ((ImageRef("a", path=str(images["a.png"])), str(images["a.png"])),
                        (ImageRef("a", uri=f"file://{images['a.png']}"),
                         f"file://{images['a.png']}")):
