@@ -7,13 +7,14 @@ worker needs to run it is stored in ``metadata_props`` under ``onnxcam.*`` keys.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxcam.errors import BundleError
+from onnxcam.errors import BadTargetError, BundleError
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 
 FORMAT_VERSION = 1
@@ -178,6 +179,19 @@ class BundleInfo:
     def label(self, index: int) -> str:
         return self.labels[index] if 0 <= index < len(self.labels) else str(index)
 
+    def class_index(self, target: int | str) -> int:
+        """A class by number or by label (``"cat"``); a label wins over a number
+        written as text, so a bundle labelled "0".."9" reads them as labels."""
+        if isinstance(target, str):
+            if target in self.labels:
+                return self.labels.index(target)
+            if not target.strip().lstrip("-").isdigit():
+                raise BadTargetError(f"no class labelled {target!r}{_suggest(target, self.labels)}")
+            target = int(target)
+        if not 0 <= int(target) < self.num_classes:
+            raise BadTargetError(f"target {int(target)} is outside [0, {self.num_classes})")
+        return int(target)
+
     def to_metadata(self) -> dict[str, str]:
         """The ``metadata_props`` entries that describe this bundle."""
         props = {
@@ -322,3 +336,11 @@ def read_bundle_info(source: str | Path | Any) -> BundleInfo:
         raise BundleError(f"{path}: not an ONNX file ({exc.__class__.__name__})") from exc
     return BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
 
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    """"; did you mean ...?" for the nearest of ``choices``, or nothing."""
+    close = difflib.get_close_matches(name, choices, n=3)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    return " (the bundle has no labels; give a class number)" if not choices else ""

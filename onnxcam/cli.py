@@ -172,7 +172,8 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, scorecam; "
                    "with input gradients: saliency, smoothgrad, integrated-gradients; with "
                    "--guided: guided-backprop, guided-gradcam.")
-@click.option("--target", type=int, default=None, help="Class to explain (default: top-1).")
+@click.option("--target", default=None, metavar="CLASS",
+              help="Class to explain, by number or label (default: top-1).")
 @click.option("--raw", "with_raw", is_flag=True, help="Also write the raw layer-resolution map.")
 @click.option("--format", "formats", default="npy,png", show_default=True,
               help="Outputs to write: npy, png or both.")
@@ -186,7 +187,7 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "to late.")
 @with_errors
 def explain(
-    bundle: Path, images: tuple[str, ...], out: Path, method: str, target: int | None,
+    bundle: Path, images: tuple[str, ...], out: Path, method: str, target: str | None,
     with_raw: bool, formats: str, batch_size: int | None, device: str, as_json: bool,
     samples: int, noise: float, steps: int, seed: int, layers_strip: bool,
 ) -> None:
@@ -264,21 +265,38 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--method", default="gradcam", show_default=True, help="CAM method.")
-@click.option("--target", type=int, default=None, help="Class to explain (default: top-1).")
+@click.option("--target", default=None, metavar="CLASS",
+              help="Class to explain, by number or label (default: top-1).")
 @click.option("--chunk-size", type=int, default=None,
               help="Images per job (default: ONNXCAM_CHUNK_SIZE).")
 @method_options
 @with_errors
-def submit(bundle: Path, images: tuple[str, ...], method: str, target: int | None,
+def submit(bundle: Path, images: tuple[str, ...], method: str, target: str | None,
            chunk_size: int | None, samples: int, noise: float, steps: int, seed: int) -> None:
     """Queue explain jobs; print their ids, one per line."""
     from onnxcam.worker.service.client import submit as submit_jobs
 
     options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed}
-    job = submit_jobs(bundle, list(images), method, target, chunk_size=chunk_size,
-                      options=options)
+    job = submit_jobs(bundle, list(images), method, class_number(bundle, target),
+                      chunk_size=chunk_size, options=options)
     for job_id in job.ids:
         click.echo(job_id)
+
+
+def class_number(bundle: Path, target: str | None) -> int | None:
+    """``--target`` as a class number, read as ``explain`` reads it: a label of the
+    bundle's first, then a number. A bundle given by its hash takes numbers only."""
+    from onnxcam.bundle import read_bundle_info
+    from onnxcam.errors import BadTargetError
+
+    if target is None:
+        return None
+    if Path(bundle).is_file():
+        return read_bundle_info(bundle).class_index(target)
+    if target.lstrip("-").isdigit():
+        return int(target)
+    raise BadTargetError(f"--target {target!r}: a label needs the bundle's file, not its hash; "
+                         "give a class number")
 
 
 @main.command()

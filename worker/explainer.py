@@ -156,7 +156,7 @@ class Explainer:
         cam = self.method(method)
         options = MethodOptions(samples, noise, steps, seed)
         images = as_image_list(images)
-        wanted = check_targets(targets, len(images), self.info.num_classes)
+        wanted = check_targets(targets, len(images), self.info)
         results = [self.run_batch(batch, wanted[start : start + len(batch)], cam, options, start,
                                   progress)
                    for start, batch in self._batches(images, batch_size or

@@ -251,16 +251,16 @@ def _stack(images: list[np.ndarray], info: BundleInfo) -> np.ndarray:
     return np.stack(images)
 
 
-def check_targets(targets: Any, count: int, num_classes: int) -> np.ndarray:
-    """None (-1: each image's top-1), one int or ``count`` ints -> int64 [count]."""
+def check_targets(targets: Any, count: int, info: BundleInfo) -> np.ndarray:
+    """None (-1: each image's top-1), one class or ``count`` classes -> int64 [count].
+    A class is its number or its label (``"cat"``)."""
     if targets is None:
         return np.full(count, -1, np.int64)
-    if np.isscalar(targets):
+    if isinstance(targets, str) or np.isscalar(targets):
         targets = [targets] * count
-    array = np.asarray(targets)
-    if array.shape != (count,) or not np.issubdtype(array.dtype, np.integer):
-        raise BadTargetError(f"targets must be None, an int, or {count} ints")
-    bad = array[(array < 0) | (array >= num_classes)]
-    if bad.size:
-        raise BadTargetError(f"target {int(bad[0])} is outside [0, {num_classes})")
-    return array.astype(np.int64)
+    items = list(targets) if not isinstance(targets, np.ndarray) else targets.tolist()
+    if len(items) != count or not all(isinstance(t, (str, int, np.integer)) and
+                                      not isinstance(t, bool) for t in items):
+        raise BadTargetError(f"targets must be None, a class (number or label), or {count} "
+                             "classes")
+    return np.array([info.class_index(t) for t in items], np.int64)

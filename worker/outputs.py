@@ -149,7 +149,7 @@ def explain_files(
     paths: Sequence[str],
     out: Path,
     method: str = "gradcam",
-    target: int | None = None,
+    target: int | str | None = None,
     formats: Sequence[str] = FORMATS,
     with_raw: bool = False,
     batch_size: int | None = None,
@@ -195,7 +195,7 @@ class Settings:
     """What ``explain_files`` was asked for, passed down to each chunk."""
 
     method: str
-    target: int | None
+    target: int | str | None
     formats: Sequence[str]
     with_raw: bool
     layers_strip: bool

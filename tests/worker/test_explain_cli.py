@@ -214,6 +214,23 @@ def test_unknown_method_exits_2_with_one_line(tmp_path: Path, bundle: Path,
     assert not out.exists() or not list(out.iterdir())
 
 
+def test_target_by_label_and_a_typo_with_a_suggestion(tmp_path: Path, bundle: Path,
+                                                      images: dict[str, Path]) -> None:
+    by_number = run(bundle, images["tall"], "--out", tmp_path / "n", "--json", "--target", "1")
+    by_label = run(bundle, images["tall"], "--out", tmp_path / "l", "--json", "--target",
+                   models.CNN_LABELS[1])
+    assert by_label.exit_code == 0, by_label.output
+    assert json.loads(by_label.stdout)["target"] == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "l" / "tall.npy"),
+                                  np.load(tmp_path / "n" / "tall.npy"))
+    assert by_number.exit_code == 0
+    label = models.CNN_LABELS[1]
+    typo = run(bundle, images["tall"], "--out", tmp_path / "t", "--target", label + "x")
+    assert typo.exit_code == 2
+    assert lines(typo.stderr) == [f"onnxcam: error: no class labelled '{label}x'; "
+                                  f"did you mean '{label}'?"]
+
+
 def test_target_out_of_range_exits_2(tmp_path: Path, bundle: Path,
                                      images: dict[str, Path]) -> None:
     result = run(bundle, images["wide"], "--out", tmp_path / "out", "--target", "7")

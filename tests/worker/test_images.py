@@ -378,16 +378,39 @@ def test_prepare_converts_and_resizes_each_image_with_pillow() -> None:
     assert prepare(ready, info) is ready  # a batch that fits is not copied
 
 
+def classes(labels: list[str], count: int = 4) -> BundleInfo:
+    return BundleInfo(height=2, width=2, channels=3, preprocess="unit", layout="nhwc",
+                      activation_layout="nhwc", target_layer="x", num_classes=count,
+                      labels=labels, gradient="analytic")
+
+
 def test_check_targets() -> None:
-    np.testing.assert_array_equal(check_targets(None, 3, 4), [-1, -1, -1])
-    np.testing.assert_array_equal(check_targets(2, 3, 4), [2, 2, 2])
-    got = check_targets(np.array([3, 0, 1], np.int32), 3, 4)
+    info = classes([])
+    np.testing.assert_array_equal(check_targets(None, 3, info), [-1, -1, -1])
+    np.testing.assert_array_equal(check_targets(2, 3, info), [2, 2, 2])
+    got = check_targets(np.array([3, 0, 1], np.int32), 3, info)
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, [3, 0, 1])
     with pytest.raises(BadTargetError, match=r"^target 4 is outside \[0, 4\)$"):
-        check_targets([0, 4, 1], 3, 4)
-    with pytest.raises(BadTargetError, match="^targets must be None, an int, or 3 ints$"):
-        check_targets([0, 1], 3, 4)
+        check_targets([0, 4, 1], 3, info)
+    with pytest.raises(BadTargetError, match="^targets must be None, a class .* or 3 classes$"):
+        check_targets([0, 1], 3, info)
+    with pytest.raises(BadTargetError, match="^targets must be None"):
+        check_targets([0.0, 1.0, 2.0], 3, info)
+
+
+def test_targets_by_label_with_a_suggestion_for_a_typo() -> None:
+    info = classes(["cat", "dog", "coffee mug", "7"])
+    np.testing.assert_array_equal(check_targets("dog", 2, info), [1, 1])
+    np.testing.assert_array_equal(check_targets(["coffee mug", 0, "2"], 3, info), [2, 0, 2])
+    # a label that reads as a number is the label, not the number
+    np.testing.assert_array_equal(check_targets("7", 1, info), [3])
+    with pytest.raises(BadTargetError, match="^no class labelled 'caat'; did you mean 'cat'\\?$"):
+        check_targets("caat", 1, info)
+    with pytest.raises(BadTargetError, match="the bundle has no labels; give a class number"):
+        check_targets("cat", 1, classes([]))
+    with pytest.raises(BadTargetError, match=r"^target 9 is outside \[0, 4\)$"):
+        check_targets("9", 1, info)
 
 
 # ------------------------------------------------------------------------------ resize
