@@ -171,7 +171,10 @@ def read_labels(labels: str | Path | list[str] | None) -> list[str]:
         text = Path(labels).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ExportError(f"cannot read labels file {labels}: {exc}") from exc
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    found = [line.strip() for line in text.splitlines() if line.strip()]
+    if not found:
+        raise ExportError(f"labels file {labels} holds no labels (one class label a line)")
+    return found
 
 
 def build_bundle(

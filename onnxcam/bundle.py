@@ -7,14 +7,13 @@ worker needs to run it is stored in ``metadata_props`` under ``onnxcam.*`` keys.
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxcam.errors import BadTargetError, BundleError
+from onnxcam.errors import BadTargetError, BundleError, nearest
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 
 FORMAT_VERSION = 1
@@ -340,7 +339,7 @@ def read_bundle_info(source: str | Path | Any) -> BundleInfo:
 
 def _suggest(name: str, choices: list[str]) -> str:
     """"; did you mean ...?" for the nearest of ``choices``, or nothing."""
-    close = difflib.get_close_matches(name, choices, n=3)
+    close = nearest(name, choices)
     if close:
         return f"; did you mean {' or '.join(repr(c) for c in close)}?"
     return " (the bundle has no labels; give a class number)" if not choices else ""

@@ -53,7 +53,15 @@ class LayerNotFoundError(ExportError):
     def __init__(self, name: str, candidates: list[str]) -> None:
         self.name = name
         self.candidates = candidates
-        super().__init__(f"no layer named {name!r}; candidates: {', '.join(candidates)}")
+        close = nearest(name, candidates)
+        if close:
+            hint = f"did you mean {' or '.join(map(repr, close))}?"
+        elif len(candidates) <= 12:
+            hint = f"candidates: {', '.join(candidates)}"
+        else:  # a deep net has hundreds; the last ones are where target layers usually are
+            hint = (f"{len(candidates)} candidates, the last: {', '.join(candidates[-6:])} "
+                    "(`onnxcam layers` lists them all)")
+        super().__init__(f"no layer named {name!r}; {hint}")
 
 
 class UnsupportedOpError(ExportError):
@@ -153,3 +161,10 @@ class BadRowError(ManifestError):
     """One row is unusable; the audit records it and goes on."""
 
     code = "bad_row"
+
+
+def nearest(name: str, choices: list[str], count: int = 3) -> list[str]:
+    """The ``choices`` closest to a misspelt ``name``, best first, for "did you mean"."""
+    import difflib
+
+    return difflib.get_close_matches(name, choices, n=count, cutoff=0.75)

@@ -214,6 +214,8 @@ BAD_INPUTS = {
     "unknown-layer": (["--layer", "nope"], "cnn.onnx",
                       ["'nope'", "conv1", "relu1", "pool1", "conv2", "last_relu"]),
     "labels-length": (["--labels", "labels3.txt"], "cnn.onnx", ["3 labels", "5 classes"]),
+    "labels-empty": (["--labels", "/dev/null"], "cnn.onnx", ["/dev/null", "no labels"]),
+    "layer-typo": (["--layer", "last_rel"], "cnn.onnx", ["did you mean 'last_relu'"]),
     "fd-input-gradients": (["--gradient", "fd", "--input-gradients"], "cnn.onnx",
                            ["analytic", "--gradient fd"]),
 }

@@ -394,6 +394,19 @@ def test_layer_by_node_or_tensor_name(tmp_path: Path, cnn, layer: str, node: str
     check_gradients_by_fd(model, tensor, "logits", got, chosen_targets(got, target))
 
 
+def test_a_misspelt_layer_gets_a_suggestion_not_every_layer() -> None:
+    from onnxcam.errors import LayerNotFoundError
+
+    deep = [f"conv{stage}_block{block}_out" for stage in range(2, 6) for block in range(1, 40)]
+    typo = LayerNotFoundError("conv5_blok3_out", deep)
+    assert str(typo).startswith("no layer named 'conv5_blok3_out'; did you mean "
+                                "'conv5_block3_out' or ")  # and two more near ones
+    assert str(typo).count(" or ") == 2 and str(typo).endswith("?")
+    unknown = str(LayerNotFoundError("head", deep))
+    assert unknown.startswith("no layer named 'head'; 156 candidates, the last: conv5_block34_out")
+    assert unknown.endswith("(`onnxcam layers` lists them all)") and len(unknown) < 250
+
+
 def test_unknown_layer_lists_candidates(tmp_path: Path, cnn) -> None:
     _, src, _ = cnn
     with pytest.raises(LayerNotFoundError) as caught:
