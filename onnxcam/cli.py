@@ -14,6 +14,7 @@ import click
 from onnxcam.bundle import GRADIENT_MODES, LAYOUTS, PREPROCESS_MODES
 from onnxcam.errors import OnnxcamError
 from onnxcam.progress import Progress, Stages
+from onnxcam.worker.maps import COLORMAPS
 from onnxcam.worker.methods.base import MethodOptions
 
 EXIT_INTERNAL = 1
@@ -182,6 +183,10 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 @method_options
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="Overlay: the heatmap's opacity over the image.")
+@click.option("--colormap", type=click.Choice(tuple(COLORMAPS)), default="jet",
+              show_default=True, help="Overlay: the heatmap's colours.")
 @click.option("--layers-strip", is_flag=True,
               help="Also write DIR/<stem>.layers.png: the map at each exported layer, early "
                    "to late.")
@@ -189,7 +194,8 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def explain(
     bundle: Path, images: tuple[str, ...], out: Path, method: str, target: str | None,
     with_raw: bool, formats: str, batch_size: int | None, device: str, as_json: bool,
-    samples: int, noise: float, steps: int, seed: int, layers_strip: bool,
+    samples: int, noise: float, steps: int, seed: int, alpha: float, colormap: str,
+    layers_strip: bool,
 ) -> None:
     """Explain IMAGE files with BUNDLE; write DIR/<stem>.npy and DIR/<stem>.png.
 
@@ -199,7 +205,7 @@ def explain(
     import json
 
     from onnxcam.worker import Explainer
-    from onnxcam.worker.outputs import explain_files
+    from onnxcam.worker.outputs import OverlayStyle, explain_files
 
     explainer = Explainer(bundle, device=device)
     failures = 0
@@ -208,7 +214,7 @@ def explain(
     progress = Progress(len(images), unit="images", delay=PROGRESS_DELAY)
     for result in explain_files(explainer, list(images), out, method, target,
                                 parse_formats(formats), with_raw, batch_size, layers_strip,
-                                options, progress.advance):
+                                options, progress.advance, OverlayStyle(alpha, colormap)):
         if result.error is not None:
             failures += 1
             click.echo(f"onnxcam: error: {result.error}", err=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 # A map whose range is under this share of its largest magnitude is flat: what
@@ -73,10 +75,44 @@ def jet(values: np.ndarray) -> np.ndarray:
     return (np.concatenate([red, green, blue], axis=-1) * 255).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend the jet-coloured heatmap over an RGB or grey uint8 image of the same size."""
+def _through(*stops: tuple[int, int, int]) -> Callable[[np.ndarray], np.ndarray]:
+    """A colour map running linearly through evenly spaced RGB ``stops``."""
+    table = np.asarray(stops, np.float64)
+    positions = np.linspace(0.0, 1.0, len(stops))
+
+    def colour(values: np.ndarray) -> np.ndarray:
+        v = np.clip(values, 0.0, 1.0)
+        channels = [np.interp(v, positions, table[:, c]) for c in range(3)]
+        return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+
+    return colour
+
+
+COLORMAPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "jet": jet,  # pytorch-grad-cam's default (cv2.COLORMAP_JET)
+    # perceptually even, and readable in grey print and by most colour-blind readers:
+    # viridis through 17 of its colours, within 2 levels of matplotlib's 256
+    "viridis": _through((68, 1, 84), (72, 24, 106), (71, 45, 123), (66, 64, 134),
+                        (59, 82, 139), (51, 99, 141), (44, 114, 142), (38, 130, 142),
+                        (33, 145, 140), (31, 160, 136), (40, 174, 128), (63, 188, 115),
+                        (94, 201, 98), (132, 212, 75), (173, 220, 48), (216, 226, 25),
+                        (253, 231, 37)),
+    "hot": _through((0, 0, 0), (255, 0, 0), (255, 255, 0), (255, 255, 255)),
+    "gray": _through((0, 0, 0), (255, 255, 255)),
+}
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5,
+            colormap: str = "jet") -> np.ndarray:
+    """The coloured heatmap blended over an RGB or grey uint8 image of the same size:
+    ``(1 - alpha) * image + alpha * colour`` (pytorch-grad-cam's ``show_cam_on_image``
+    calls 1 - alpha its ``image_weight``). ``colormap`` is one of ``COLORMAPS``."""
+    if colormap not in COLORMAPS:
+        raise ValueError(f"unknown colormap {colormap!r}; choose from {', '.join(COLORMAPS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
-    colour = jet(heatmap).astype(np.float32)
+    colour = COLORMAPS[colormap](heatmap).astype(np.float32)
     mixed = (1 - alpha) * image.astype(np.float32) + alpha * colour
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)

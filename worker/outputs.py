@@ -72,9 +72,17 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How overlays are coloured: ``maps.overlay``'s alpha and colour map."""
+
+    alpha: float = 0.5
+    colormap: str = "jet"
+
+
 def render(
     image: np.ndarray, raw: np.ndarray, formats: Sequence[str], with_raw: bool,
-    heatmap_dtype: type = np.float32,
+    heatmap_dtype: type = np.float32, style: OverlayStyle = OverlayStyle(),
 ) -> dict[str, bytes]:
     """The files for one image, by suffix: heatmap at the image's own size, overlay, raw."""
     height, width = image.shape[:2]
@@ -83,7 +91,7 @@ def render(
     if "npy" in formats:
         files[HEATMAP] = npy_bytes(heatmap.astype(heatmap_dtype))
     if "png" in formats:
-        files[OVERLAY] = png_bytes(overlay(image, heatmap))
+        files[OVERLAY] = png_bytes(overlay(image, heatmap, style.alpha, style.colormap))
     if with_raw:
         files[RAW] = npy_bytes(raw.astype(np.float32))
     return files
@@ -95,7 +103,8 @@ STRIP_MIN_HEIGHT = 192  # panels are scaled up to this height at least...
 STRIP_MAX_HEIGHT = 512  # ...and down to this height at most
 
 
-def render_strip(image: np.ndarray, layer_maps: dict[str, np.ndarray]) -> bytes:
+def render_strip(image: np.ndarray, layer_maps: dict[str, np.ndarray],
+                 style: OverlayStyle = OverlayStyle()) -> bytes:
     """One PNG: the image, then the overlay at each layer, left (early) to right (late),
     each labelled. Panels are scaled to between STRIP_MIN_HEIGHT and STRIP_MAX_HEIGHT
     pixels high, so small inputs stay legible and large ones stay a sensible size.
@@ -107,7 +116,8 @@ def render_strip(image: np.ndarray, layer_maps: dict[str, np.ndarray]) -> bytes:
     picture = resize(image, height, width)
     names = ["input", *layer_maps]
     panels = [picture if picture.shape[-1] == 3 else np.repeat(picture, 3, axis=-1)]
-    panels += [overlay(picture, heatmaps(raw[None], height, width)[0])
+    panels += [overlay(picture, heatmaps(raw[None], height, width)[0], style.alpha,
+                       style.colormap)
                for raw in layer_maps.values()]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     cell = max([width, *(int(measure.textlength(name)) + 2 for name in names)])
@@ -156,6 +166,7 @@ def explain_files(
     layers_strip: bool = False,
     options: dict[str, Any] | None = None,
     progress: Callable[[float], None] | None = None,
+    style: OverlayStyle = OverlayStyle(),
 ) -> Iterator[ImageResult]:
     """Explain image files in batches and write their outputs under ``out``.
 
@@ -170,7 +181,7 @@ def explain_files(
         raise BadMethodError(f"{method} has no map per layer; --layers-strip needs a CAM "
                              "method or guided-gradcam")
     settings = Settings(method, target, formats, with_raw, layers_strip, options or {},
-                        progress)
+                        progress, style)
     stems = unique_stems(paths)
     size = batch_size or 8
     channels = explainer.info.channels
@@ -201,6 +212,7 @@ class Settings:
     layers_strip: bool
     options: dict[str, Any]
     progress: Callable[[float], None] | None = None
+    style: OverlayStyle = OverlayStyle()
 
 
 def _explain_chunk(
@@ -225,10 +237,12 @@ def _explain_chunk(
         assert explanation is not None
         position = row[i]
         written = []
-        files = render(item, explanation.raw[position], settings.formats, settings.with_raw)
+        files = render(item, explanation.raw[position], settings.formats, settings.with_raw,
+                       style=settings.style)
         if settings.layers_strip:
             files[".layers.png"] = render_strip(
-                item, {name: maps[position] for name, maps in explanation.layer_maps.items()})
+                item, {name: maps[position] for name, maps in explanation.layer_maps.items()},
+                settings.style)
         for suffix, data in files.items():
             target_path = out / f"{stems[i]}{suffix}"
             atomic_write(target_path, data)

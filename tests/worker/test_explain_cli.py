@@ -15,7 +15,7 @@ from onnxcam.cli import main
 from onnxcam.exporter import export
 from onnxcam.worker import Explainer
 from onnxcam.worker.images import load_image
-from onnxcam.worker.maps import heatmaps
+from onnxcam.worker.maps import heatmaps, overlay
 
 LABELS = models.CNN_LABELS
 SIZES = {"wide": (21, 40), "tall": (50, 19), "grey": (33, 33)}  # H, W; the bundle is 16x16
@@ -340,3 +340,17 @@ def test_explain_help_lists_the_new_options() -> None:
     for option in ("--samples", "--noise", "--steps", "--layers-strip", "saliency",
                    "guided-gradcam"):
         assert option in result.output
+
+
+def test_alpha_and_colormap_shape_the_overlay(tmp_path: Path, bundle: Path,
+                                              images: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    result = run(bundle, images["tall"], "--out", out, "--alpha", "0.3", "--colormap", "viridis")
+    assert result.exit_code == 0, result.output
+    picture = load_image(images["tall"])
+    heatmap = np.load(out / "tall.npy")
+    want = overlay(picture, heatmap, 0.3, "viridis")
+    got = np.asarray(Image.open(out / "tall.png"))
+    np.testing.assert_array_equal(got, want)
+    bad = run(bundle, images["tall"], "--out", tmp_path / "bad", "--alpha", "2")
+    assert bad.exit_code == 2 and "--alpha" in bad.output

@@ -27,7 +27,15 @@ from onnxcam.worker.images import (
     resize,
     to_array,
 )
-from onnxcam.worker.maps import heatmaps, interpolation_matrix, jet, normalize, overlay, resize_maps
+from onnxcam.worker.maps import (
+    COLORMAPS,
+    heatmaps,
+    interpolation_matrix,
+    jet,
+    normalize,
+    overlay,
+    resize_maps,
+)
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -531,3 +539,33 @@ def test_overlay_shapes_and_blend(channels: int) -> None:
     np.testing.assert_array_equal(overlay(image, heat, alpha=1.0), jet(heat))
     want = 0.5 * rgb.astype(np.float64) + 0.5 * jet(heat).astype(np.float64)
     assert np.abs(got.astype(np.float64) - want).max() <= 0.5 + 1e-6
+
+
+def test_colormaps_against_their_references() -> None:
+    """jet against OpenCV (pytorch-grad-cam's colouring), viridis against matplotlib,
+    hot and gray at hand-worked points."""
+    import cv2
+    from matplotlib import colormaps
+
+    values = np.linspace(0, 1, 256)
+    opencv = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None],
+                               cv2.COLORMAP_JET)[:, 0, ::-1]
+    assert np.abs(jet(values).astype(int) - opencv.astype(int)).max() <= 4
+    viridis = np.rint(colormaps["viridis"](values)[:, :3] * 255)
+    assert np.abs(COLORMAPS["viridis"](values).astype(int) - viridis).max() <= 5
+    np.testing.assert_array_equal(COLORMAPS["hot"](np.array([0, 1 / 3, 0.5, 2 / 3, 1])),
+                                  [[0, 0, 0], [255, 0, 0], [255, 128, 0], [255, 255, 0],
+                                   [255, 255, 255]])
+    np.testing.assert_array_equal(COLORMAPS["gray"](np.array([0.0, 0.5, 1.0])),
+                                  [[0, 0, 0], [128, 128, 128], [255, 255, 255]])
+
+
+def test_overlay_colormap_and_alpha_are_checked() -> None:
+    image = np.zeros((4, 4, 3), np.uint8)
+    heat = np.linspace(0, 1, 16).reshape(4, 4)
+    np.testing.assert_array_equal(overlay(image, heat, 1.0, "gray")[..., 0],
+                                  np.rint(heat * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="unknown colormap 'parula'; choose from jet, viridis"):
+        overlay(image, heat, colormap="parula")
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        overlay(image, heat, alpha=1.5)
