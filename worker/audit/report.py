@@ -72,8 +72,9 @@ def write_report(summary: Summary, path: Path, rows: dict[int, AuditRow], out: P
         "<p class='legend'>All rows, the heatmap's mass furthest from the object.</p>",
         _cards(summary.lowest_energy, rows, out),
         "<h2>Confident mistakes</h2>",
-        "<p class='legend'>Wrong predictions, most confident first.</p>",
-        _cards(summary.confident_mistakes, rows, out),
+        "<p class='legend'>Wrong predictions, most confident first; those shown just "
+        "above are not repeated.</p>",
+        _cards(_not_in(summary.confident_mistakes, summary.lowest_energy), rows, out),
         "</body></html>\n",
     ]
     atomic_write(path, "".join(parts).encode("utf-8"))
@@ -93,6 +94,11 @@ def _flagged_galleries(summary: Summary, rows: dict[int, AuditRow], out: Path) -
             "outlined in magenta; the heatmap is for the class named <i>explained</i>.</p>"
             + _cards(summary.flagged_cases(label), rows, out))
     return "".join(parts)
+
+
+def _not_in(rows: list[dict[str, str]], shown: list[dict[str, str]]) -> list[dict[str, str]]:
+    seen = {row["index"] for row in shown}
+    return [row for row in rows if row["index"] not in seen]
 
 
 def _number(value: Any, digits: int = 2) -> str:
@@ -117,8 +123,16 @@ def _flags(data: dict[str, Any]) -> str:
             f"{_number(flag['energy_in_box_mean'])} vs box area "
             f"{_number(flag['box_area_mean'])}; pointing hits "
             f"{_number(100 * flag['pointing_hit_rate'], 0)}% of {flag['boxes']} boxes)</div>")
-    if not data["flags"]:
-        parts.append("<div class='ok'>No class flagged: attention falls on the objects "
+    judged = [label for label, figures in data["per_class"].items()
+              if figures["boxes"] >= data.get("thresholds", {}).get("min_boxes", 1)]
+    if not judged:
+        # Nothing was measured, so nothing may look like a pass.
+        parts.append("<div class='note'>No class judged: no class has enough rows with a "
+                     "box or mask to say where the model looks. Give boxes (bbox or mask "
+                     "columns) to judge attention.</div>")
+    elif not data["flags"]:
+        parts.append(f"<div class='ok'>No class flagged: attention falls on the objects in "
+                     f"the {len(judged)} class{'es' if len(judged) != 1 else ''} judged "
                      "(thresholds below).</div>")
     for note in data.get("notes", []):
         parts.append(f"<div class='note'>{html.escape(note['class'])}: "
@@ -130,7 +144,7 @@ def _table(data: dict[str, Any]) -> str:
     flagged = {flag["class"] for flag in data["flags"]}
     faithful = any("deletion_auc_mean" in f for f in data["per_class"].values())
     head = ["class", "rows", "accuracy", "energy in box", "box area", "pointing hits",
-            "boxes", "errors"] + (["deletion AUC", "insertion AUC"] if faithful else [])
+            "boxes", "errors"] + (["deletion AUC ↓", "insertion AUC ↑"] if faithful else [])
     lines = ["<table><tr>", *(f"<th>{h}</th>" for h in head), "</tr>"]
     for label, f in data["per_class"].items():
         cells = [html.escape(label), str(f["n"]), _number(f["accuracy"]),
@@ -148,7 +162,9 @@ def _table(data: dict[str, Any]) -> str:
         f"or mask; a uniform map scores the box's area share. Flagged below "
         f"{thresholds.get('flag_energy')} (mostly outside), or below "
         f"{thresholds.get('flag_lift')}× the box area (barely above a uniform map); classes "
-        f"with fewer than {thresholds.get('min_boxes')} boxes are not judged.</p>")
+        f"with fewer than {thresholds.get('min_boxes')} boxes are not judged."
+        + (" Deletion AUC: lower is better (the score falls fast as the most salient "
+           "pixels go); insertion AUC: higher is better." if faithful else "") + "</p>")
     return "".join(lines)
 
 

@@ -337,6 +337,43 @@ def test_summary_flags_and_notes_by_hand(tmp_path: Path) -> None:
     assert summary.histograms["bus"][2] == 8 and summary.histograms["bus"][6] == 2
 
 
+def report_text(tmp_path: Path, rows: list[dict[str, str]], min_boxes: int = 2) -> str:
+    import re
+
+    from onnxcam.worker.audit.report import write_report
+
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / "results.csv"
+    write_results(path, rows)
+    summary = summarize(path, Thresholds(flag_energy=0.5, flag_lift=1.5, min_boxes=min_boxes))
+    write_report(summary, tmp_path / "report.html", {}, tmp_path)
+    return re.sub(r"<[^>]+>", " ", (tmp_path / "report.html").read_text())
+
+
+def test_a_report_without_boxes_does_not_look_like_a_pass(tmp_path: Path) -> None:
+    """Issue 12: with no box judged, the report showed a green "No class flagged"."""
+    unboxed = [{"image": f"{i}.png", "label": "cat", "pred": "cat", "score": "0.9",
+                "correct": "1", "explained": "cat"} for i in range(6)]
+    text = report_text(tmp_path / "none", unboxed)
+    assert "No class judged" in text and "No class flagged" not in text
+    boxed = [{**row, "energy_in_box": "0.8", "box_area": "0.2", "pointing_hit": "1"}
+             for row in unboxed]
+    text = report_text(tmp_path / "boxed", boxed)
+    assert "No class flagged: attention falls on the objects in the 1 class judged" in text
+
+
+def test_confident_mistakes_do_not_repeat_the_lowest_energy_tiles(tmp_path: Path) -> None:
+    rows = [{"image": f"{i}.png", "label": "bus", "pred": "car", "score": f"0.9{i}",
+             "correct": "0", "explained": "bus", "energy_in_box": f"0.0{i}",
+             "box_area": "0.2", "pointing_hit": "0"} for i in range(3)]
+    rows += [{"image": "late.png", "label": "bus", "pred": "car", "score": "0.5",
+              "correct": "0", "explained": "bus"}]  # no box: a mistake, no energy
+    text = report_text(tmp_path, rows)
+    lowest, mistakes = text.split("Lowest energy in box")[1].split("Confident mistakes")
+    assert all(f"{i}.png" in lowest for i in range(3))
+    assert "late.png" in mistakes and not any(f" {i}.png" in mistakes for i in range(3))
+
+
 def test_the_public_api_is_pinned() -> None:
 
     assert onnxcam.worker.audit.__all__ == sorted(onnxcam.worker.audit.__all__) == [
