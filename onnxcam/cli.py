@@ -424,6 +424,12 @@ def audit(
     for flag in data["flags"]:
         click.echo(f"flag: {flag['class']}: {flag['reason']} (mean energy-in-box "
                    f"{flag['energy_in_box_mean']:.2f} vs box area {flag['box_area_mean']:.2f})")
+    if data["n"] and data["errors"] == data["n"]:
+        # Nothing was audited: a run that only produced errors must not pass in CI.
+        codes = ", ".join(f"{code} x{count}" for code, count in data["error_codes"].items())
+        click.echo(f"onnxcam: error: every row failed ({codes}); see the error column of "
+                   f"{out / 'results.csv'}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

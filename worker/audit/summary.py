@@ -132,13 +132,17 @@ def summarize(results: Path, thresholds: Thresholds = Thresholds(),
     label names no class (an unknown label's error) out of the per-class figures."""
     stats: dict[str, ClassStats] = {}
     total = errors = labelled = correct = 0
+    error_codes: dict[str, int] = {}
     lowest, mistakes = Worst(worst), Worst(worst)
     lowest_correct_by_class: dict[str, Worst] = {}
     lowest_by_class: dict[str, Worst] = {}
     for index, row in enumerate(read_results(results)):
         row["index"] = str(index)
         total += 1
-        errors += row["status"] != "ok"
+        if row["status"] != "ok":
+            errors += 1
+            code = (row.get("error") or "error").split(":", 1)[0]
+            error_codes[code] = error_codes.get(code, 0) + 1
         if row["label"] and (classes is None or row["label"] in classes):
             stats.setdefault(row["label"], ClassStats()).add(row)
         if row["status"] != "ok":
@@ -161,6 +165,7 @@ def summarize(results: Path, thresholds: Thresholds = Thresholds(),
     data = {
         "n": total,
         "errors": errors,
+        "error_codes": dict(sorted(error_codes.items(), key=lambda item: -item[1])),
         "accuracy": _share(correct, labelled),
         "per_class": per_class,
         "flags": flags,

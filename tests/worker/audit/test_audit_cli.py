@@ -67,6 +67,25 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, manifest: Path, audit_b
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_audit_where_every_row_failed_exits_2(tmp_path: Path, audit_bundle: Path,
+                                                  image_folder: Path) -> None:
+    """Issue 12: 60 rows, every one an error, and the audit exited 0."""
+    rows = [[str(tmp_path / f"gone{i}.png"), "cat", ""] for i in range(3)]
+    rows.append([str(tmp_path / "broken.png"), "dog", ""])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    result = run(manifest, "--model", audit_bundle, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "audited 4 rows (4 errors)" in result.stdout
+    assert "every row failed (missing_image x3, bad_image x1)" in result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["error_codes"] == {"missing_image": 3, "bad_image": 1}
+    # one good row among them: an audit with some errors, which still passes
+    good = write_manifest(tmp_path / "good.csv", [*rows, *manifest_rows(image_folder, 1)])
+    result = run(good, "--model", audit_bundle, "--out", tmp_path / "good")
+    assert result.exit_code == 0 and "audited 5 rows (4 errors)" in result.stdout
+
+
 def test_a_file_that_is_no_manifest_exits_2(tmp_path: Path, audit_bundle: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label\nx.png,cat\n")
