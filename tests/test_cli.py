@@ -159,6 +159,17 @@ def test_layers_of_keras_model(mnist_path: Path) -> None:
     assert default.split()[1] == "pool2"  # the map Flatten reads
 
 
+@pytest.mark.tf
+def test_tensorflows_start_up_notices_are_not_shown(mnist_path: Path, console: str) -> None:
+    """TF 2.21 prints its oneDNN notice twice on import, whatever TF_CPP_MIN_LOG_LEVEL
+    says; `onnxcam layers` shows it only with -v."""
+    quiet = run(console, "layers", mnist_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "pool2" in quiet.stdout
+    assert "oneDNN" not in quiet.stderr and "InitializeLog" not in quiet.stderr
+    assert "oneDNN custom operations are on" in run(console, "-v", "layers", mnist_path).stderr
+
+
 # --------------------------------------------------------------------------- export
 
 

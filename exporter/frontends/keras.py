@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,9 @@ def _import_tf() -> tuple[Any, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     load_triton_first()
     try:
-        import keras
-        import tensorflow as tf
+        with _startup_noise_dropped():
+            import keras
+            import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")
     except ImportError as exc:
@@ -51,6 +54,37 @@ def _import_tf() -> tuple[Any, Any]:
             "Keras models need the export extra: pip install 'onnxcam[export]'"
         ) from exc
     return tf, keras
+
+
+# What TensorFlow's C++ side prints on import, before absl's logging is set up, and
+# so whatever TF_CPP_MIN_LOG_LEVEL says (TF 2.21 prints it twice): not for users.
+_STARTUP_NOISE = re.compile(r"All log messages before absl::InitializeLog|oneDNN custom "
+                            r"operations are on|cpu_feature_guard|rebuild TensorFlow with")
+
+
+@contextmanager
+def _startup_noise_dropped() -> Iterator[None]:
+    """Run the block with the process's stderr (file descriptor 2) caught, and pass on
+    every line of it but TensorFlow's start-up notices (all of it with -v)."""
+    if "tensorflow" in sys.modules:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            verbose = log.isEnabledFor(logging.INFO)
+            lines = caught.read().decode("utf-8", "replace").splitlines(keepends=True)
+            kept = [line for line in lines if verbose or not _STARTUP_NOISE.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def load_triton_first() -> None:
