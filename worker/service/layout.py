@@ -3,8 +3,10 @@
 The store holds ``bundles/<sha256>.onnx`` and, per job, ``jobs/<job id>/``:
 
 - ``request.json``: the job as submitted (without inline pixels), written by the client;
-- per image ``NNNNN.npy`` (float16 heatmap at the image's own size), ``NNNNN.png``
-  (overlay), ``NNNNN.raw.npy`` (float32 map at layer resolution) and ``NNNNN.json``
+  optional, since any Celery client may send jobs: records are found without it;
+- per image ``NNNNN.npy`` (float16 heatmap at the image's own size, its long side at most
+  ONNXCAM_MAX_STORED_SIDE), ``NNNNN.png`` (overlay, the same size), ``NNNNN.raw.npy``
+  (float32 map at layer resolution) and ``NNNNN.json``
   (the image's record, written last: a record that exists is final);
 - ``summary.json`` when the worker is done, or ``error.json`` when the job failed as a whole.
 
