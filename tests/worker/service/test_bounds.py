@@ -271,6 +271,11 @@ def test_result_without_request_json(worker, cnn_bundle: Path, env: dict[str, st
                           "files": records[0]["files"]}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "small0.json", "small0.npy", "small0.png", "small0.raw.npy"]
+    # Once Celery's result has expired, the job folder alone still says done.
+    import redis
+
+    redis.Redis.from_url(env["ONNXCAM_BROKER_URL"]).delete(f"celery-task-meta-{job_id}")
+    assert onnxcam("status", job_id).stdout == "done\n"
 
 
 def child_peak_mib(worker) -> int:  # noqa: ANN001 - WorkerProcess
