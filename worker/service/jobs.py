@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from onnxcam.bundle import BundleInfo
 from onnxcam.errors import (
@@ -36,7 +37,7 @@ from onnxcam.errors import (
     OnnxcamError,
 )
 from onnxcam.worker.explainer import DEFAULT_BATCH, Explainer, Explanation
-from onnxcam.worker.images import Limits, decode, read_bytes, resize, to_array
+from onnxcam.worker.images import RESAMPLING, Limits, decode, read_bytes, resize, to_array
 from onnxcam.worker.outputs import render, stored_size
 from onnxcam.worker.prefetch import prefetched
 from onnxcam.worker.service.layout import (
@@ -260,12 +261,32 @@ class Loaded:
 
 
 def load(data: bytes, name: str, info: BundleInfo, limits: Limits, max_side: int) -> Loaded:
-    """Decode one image and keep it only at the bundle's size and the stored size; the
-    full-size array lives only inside this call."""
-    image = to_array(decode(data, limits, name), info.channels)
-    height, width = image.shape[:2]
-    return Loaded(resize(image, info.height, info.width, info.resize),
-                  resize(image, *stored_size(height, width, max_side)), (height, width))
+    """Decode one image and keep it only at the bundle's size and the stored size.
+
+    The full-size image lives only inside this call, and only as Pillow decoded it:
+    both sizes are resized from it directly, which gives what ``to_array`` and then
+    ``resize`` would, without their two full-size copies (16-bit images, which
+    ``to_array`` scales down, still take that way)."""
+    image = decode(data, limits, name)
+    width, height = image.size
+    stored = stored_size(height, width, max_side)
+    if image.mode.startswith("I"):
+        full = to_array(image, info.channels)
+        return Loaded(resize(full, info.height, info.width, info.resize),
+                      resize(full, *stored), (height, width))
+    mode = "L" if info.channels == 1 else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
+    return Loaded(_resized(image, info.height, info.width, info.resize),
+                  _resized(image, *stored), (height, width))
+
+
+def _resized(image: Image.Image, height: int, width: int, method: str = "bilinear") -> np.ndarray:
+    """uint8 [height, width, C] of an L or RGB image, resampled as ``images.resize`` does."""
+    if image.size != (width, height):
+        image = image.resize((width, height), RESAMPLING.get(method, Image.Resampling.BILINEAR))
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
 
 
 class _InputBudget:

@@ -9,6 +9,7 @@ real ``onnxcam worker`` process.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -26,9 +27,17 @@ from service import console, redis_url, service_env, settings_for, start_worker,
 
 from onnxcam.errors import JobError, MalformedJobError
 from onnxcam.worker import Explainer
+from onnxcam.worker.images import Limits, load_image, resize
 from onnxcam.worker.outputs import stored_size
 from onnxcam.worker.service.client import _app, job_records, job_status, submit
-from onnxcam.worker.service.jobs import ImageRef, JobSpec, ModelCache, parse_job, run_job
+from onnxcam.worker.service.jobs import (
+    ImageRef,
+    JobSpec,
+    ModelCache,
+    load,
+    parse_job,
+    run_job,
+)
 from onnxcam.worker.service.settings import JobBounds, load_settings
 from onnxcam.worker.service.store import Store
 
@@ -122,6 +131,30 @@ def test_images_and_names_per_job_are_bounded() -> None:
 @pytest.fixture()
 def store(tmp_path: Path) -> Store:
     return Store(str(tmp_path / "store"))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "1", "I;16"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_load_gives_what_the_engine_decodes(cnn_bundle: Path, mode: str, channels: int) -> None:
+    """The job's images at the bundle's size and at the stored size are what the engine's
+    own decoding (``load_image``, then ``resize``) gives, to the byte, in every mode."""
+    info = dataclasses.replace(Explainer(cnn_bundle, device="cpu").info, channels=channels)
+    rng = np.random.default_rng(len(mode))
+    pixels = rng.integers(0, 255, (90, 130, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if mode == "I;16":
+        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+    elif mode == "P":
+        image = image.quantize(17)
+    else:
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    loaded = load(buffer.getvalue(), "x.png", info, Limits(), max_side=50)
+    full = load_image(buffer.getvalue(), channels)
+    assert loaded.size == (90, 130)
+    assert np.array_equal(loaded.model_input, resize(full, info.height, info.width, info.resize))
+    assert np.array_equal(loaded.picture, resize(full, 35, 50))  # 90x130 -> 34.6x50
 
 
 def test_input_bytes_per_job_refuse_what_is_over(cnn_bundle: Path, store: Store,
