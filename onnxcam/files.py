@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
+
+# Asked of the kernel for every new file; it takes the process's umask away, so files
+# come out 0644 under umask 022 as with open(). mkstemp's fixed 0600 would leave a
+# worker running as another user (the compose recipe) unable to read what submit wrote.
+FILE_MODE = 0o666
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write under a temporary name beside ``path`` and rename: never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise

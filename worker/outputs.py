@@ -80,6 +80,14 @@ class OverlayStyle:
     colormap: str = "jet"
 
 
+def stored_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """[H, W] scaled down, aspect kept, so that the long side is at most ``max_side``."""
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def render(
     image: np.ndarray, raw: np.ndarray, formats: Sequence[str], with_raw: bool,
     heatmap_dtype: type = np.float32, style: OverlayStyle = OverlayStyle(),

@@ -46,7 +46,10 @@ def make_app(settings: Settings) -> Celery:
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.time_limit,
         task_default_queue=QUEUE,
-        result_extended=True,
+        # Celery's result holds the task's return value only (a summary and URIs):
+        # extended results would keep the job's arguments, inline pixels and all,
+        # in Redis for a day.
+        result_extended=False,
         worker_max_memory_per_child=settings.max_memory_per_child or None,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

@@ -24,16 +24,17 @@ from onnxcam.worker.service.layout import (
     ERROR,
     HEATMAP,
     IMAGE_FILES,
-    REQUEST,
     SHA256,
     SUMMARY,
     bundle_key,
     image_key,
     job_key,
+    job_known,
     json_bytes,
     read_error,
     read_record,
     read_request,
+    record_indices,
     write_request,
 )
 from onnxcam.worker.service.settings import Settings, load_settings
@@ -54,7 +55,10 @@ def _app(settings: Settings) -> Any:
 
 
 def image_ref(image: str | Path | bytes, inline_max_bytes: int, index: int) -> ImageRef:
-    """A store URI stays a URI; a small local file travels inline; a larger one by path."""
+    """A store URI stays a URI; a small local file travels inline; a larger one by path.
+
+    ``inline_max_bytes`` is ONNXCAM_INLINE_MAX_BYTES, capped by what workers accept
+    (ONNXCAM_MAX_INLINE_IMAGE_BYTES)."""
     if isinstance(image, bytes):
         return ImageRef(f"image-{index}", data=image)
     text = str(image)
@@ -133,11 +137,15 @@ def submit(
     knobs = parse_options(dict(options or {}))
     store = Store(settings.store_url)
     sha = publish(bundle, store)
-    refs = [image_ref(image, settings.inline_max_bytes, i) for i, image in enumerate(images)]
+    inline = min(settings.inline_max_bytes, settings.max_inline_image_bytes)
+    refs = [image_ref(image, inline, i) for i, image in enumerate(images)]
     if not refs:
         raise JobError("no images to explain")
     wanted = _per_image(targets, len(refs))
     size = chunk_size or settings.chunk_size
+    if size > settings.max_job_images:  # workers would refuse every job as malformed
+        raise JobError(f"chunks of {size} images; workers take at most "
+                       f"{settings.max_job_images} per job (ONNXCAM_MAX_JOB_IMAGES)")
     app = _app(settings)
     check_broker(app)
     ids = []
@@ -223,7 +231,7 @@ def job_status(job_id: str, settings: Settings) -> str:
     word = celery_status(job_id, settings)
     if word == "pending":  # or Celery's result has expired: the store knows
         store = Store(settings.store_url)
-        if not store.exists(job_key(job_id, REQUEST)):
+        if not job_known(store, job_id):
             raise UnknownJobError(f"no job {job_id}")
         if store.exists(job_key(job_id, ERROR)):
             return "failed"
@@ -238,17 +246,25 @@ def job_error(job_id: str, store: Store) -> dict[str, str] | None:
 
 
 def job_records(job_id: str, store: Store) -> list[dict[str, Any]]:
-    """Every image's record of a finished job, in order (error records included)."""
+    """Every image's record of a finished job, in order (error records included).
+
+    The images are those of ``request.json``; a job sent without one (it is optional)
+    is read from the records in its folder alone."""
     request = read_request(store, job_id)
-    if request is None:
-        raise UnknownJobError(f"no job {job_id}")
+    if request is not None:
+        names = {index: image["name"] for index, image in enumerate(request["images"])}
+    else:
+        found = record_indices(store, job_id)
+        if not found and not job_known(store, job_id):
+            raise UnknownJobError(f"no job {job_id}")
+        names = {index: f"image-{index}" for index in range(found[-1] + 1 if found else 0)}
     failure = read_error(store, job_id)
     records = []
-    for index, image in enumerate(request["images"]):
+    for index, name in names.items():
         record = read_record(store, job_id, index)
         if record is None:
             error = failure or {"code": "missing_result", "message": "no result stored"}
-            record = {"job": job_id, "index": index, "image": image["name"],
+            record = {"job": job_id, "index": index, "image": name,
                       "status": "error", "error": error}
         records.append(record)
     return records

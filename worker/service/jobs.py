@@ -23,7 +23,9 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from onnxcam.bundle import BundleInfo
 from onnxcam.errors import (
     BadImageError,
     BadTargetError,
@@ -31,8 +33,8 @@ from onnxcam.errors import (
     OnnxcamError,
 )
 from onnxcam.worker.explainer import DEFAULT_BATCH, Explainer, Explanation
-from onnxcam.worker.images import Limits, decode, to_array
-from onnxcam.worker.outputs import render
+from onnxcam.worker.images import RESAMPLING, Limits, decode, resize, to_array
+from onnxcam.worker.outputs import render, stored_size
 from onnxcam.worker.prefetch import prefetched
 from onnxcam.worker.service.layout import (
     IMAGE_FILES,
@@ -44,7 +46,7 @@ from onnxcam.worker.service.layout import (
     write_record,
     write_summary,
 )
-from onnxcam.worker.service.settings import Settings
+from onnxcam.worker.service.settings import DEFAULT_BOUNDS, JobBounds, Settings
 from onnxcam.worker.service.sources import AllowList, read_path, read_uri
 from onnxcam.worker.service.store import Store
 
@@ -62,6 +64,7 @@ class ImageRef:
     path: str | None = None
     uri: str | None = None
     data: bytes | None = None
+    refusal: str | None = None  # why the worker refused it unread (inline data over a cap)
 
     def to_message(self) -> dict[str, str]:
         if self.data is not None:
@@ -105,8 +108,11 @@ class JobSpec:
         return message
 
 
-def parse_job(message: Any, job_id: str) -> JobSpec:
-    """Validate a message from the wire; anything off is a MalformedJobError."""
+def parse_job(message: Any, job_id: str, bounds: JobBounds = DEFAULT_BOUNDS) -> JobSpec:
+    """Validate a message from the wire; anything off is a MalformedJobError.
+
+    Inline images over ``bounds``' caps are refused here, before their base64 is
+    decoded; their refs carry the refusal, which ends only their image."""
     if not isinstance(message, Mapping):
         raise MalformedJobError(f"a job message is a JSON object, not {type(message).__name__}")
     if message.get("v") != MESSAGE_VERSION:
@@ -116,7 +122,11 @@ def parse_job(message: Any, job_id: str) -> JobSpec:
         raise MalformedJobError("a job names its bundle and method as strings")
     if not isinstance(images, list) or not images:
         raise MalformedJobError("a job carries a non-empty list of images")
-    refs = [_parse_ref(item, index) for index, item in enumerate(images)]
+    if len(images) > bounds.max_images:
+        raise MalformedJobError(f"{len(images)} images; a job may carry at most "
+                                f"{bounds.max_images} (ONNXCAM_MAX_JOB_IMAGES)")
+    inline = _InlineBudget(bounds)
+    refs = [_parse_ref(item, index, inline) for index, item in enumerate(images)]
     targets = message.get("targets") or [None] * len(refs)
     if not isinstance(targets, list) or len(targets) != len(refs) or not all(
             t is None or (isinstance(t, int) and not isinstance(t, bool)) for t in targets):
@@ -146,7 +156,12 @@ def parse_options(options: Any) -> dict[str, Any]:
     return dict(options)
 
 
-def _parse_ref(item: Any, index: int) -> ImageRef:
+# Names, paths and URIs end up in records, in error messages and in Celery's result:
+# no real one is longer (PATH_MAX is 4096), and a longer one would swell all three.
+MAX_REF_CHARS = 4096
+
+
+def _parse_ref(item: Any, index: int, inline: _InlineBudget) -> ImageRef:
     if not isinstance(item, Mapping):
         raise MalformedJobError(f"image {index} is not an object")
     sources = [key for key in ("path", "uri", "data") if key in item]
@@ -155,12 +170,39 @@ def _parse_ref(item: Any, index: int) -> ImageRef:
     source = sources[0]
     default = f"image-{index}" if source == "data" else str(item[source])
     name = item["name"] if isinstance(item.get("name"), str) and item["name"] else default
+    if len(name) > MAX_REF_CHARS or (source != "data" and len(item[source]) > MAX_REF_CHARS):
+        raise MalformedJobError(f"image {index}: its name, path or URI is over "
+                                f"{MAX_REF_CHARS} characters")
     if source == "data":
+        refusal = inline.refusal(item["data"])
+        if refusal is not None:
+            return ImageRef(name, refusal=f"{name}: {refusal}")
         try:
             return ImageRef(name, data=base64.b64decode(item["data"], validate=True))
         except (binascii.Error, ValueError):
             raise MalformedJobError(f"image {index}: inline data is not base64") from None
     return ImageRef(name, **{source: item[source]})
+
+
+class _InlineBudget:
+    """The inline caps of one job: per image, and for all its inline images together."""
+
+    def __init__(self, bounds: JobBounds) -> None:
+        self.per_image = bounds.max_inline_image_bytes
+        self.left = bounds.max_inline_job_bytes
+
+    def refusal(self, text: str) -> str | None:
+        """Why inline data of this base64 ``text`` is refused, or None (then it is
+        counted): decided from the text's length alone, before any decoding."""
+        size = len(text) * 3 // 4 - len(text[-2:]) + len(text[-2:].rstrip("="))
+        if size > self.per_image:
+            return (f"inline data is {size} bytes, over the {self.per_image} limit "
+                    "(ONNXCAM_MAX_INLINE_IMAGE_BYTES)")
+        if size > self.left:
+            return ("inline data past the job's limit on inline data in all "
+                    "(ONNXCAM_MAX_INLINE_JOB_BYTES)")
+        self.left -= size
+        return None
 
 
 # -- fetching images --------------------------------------------------------------------
@@ -169,6 +211,8 @@ def _parse_ref(item: Any, index: int) -> ImageRef:
 def fetch(ref: ImageRef, store: Store, allowed: AllowList, limits: Limits) -> bytes:
     """The encoded bytes of one image, refusing what the worker may not read
     (``onnxcam.worker.service.sources`` holds the allow-list)."""
+    if ref.refusal is not None:
+        raise BadImageError(ref.refusal)
     if ref.data is not None:
         return ref.data
     if ref.path is not None:
@@ -177,11 +221,57 @@ def fetch(ref: ImageRef, store: Store, allowed: AllowList, limits: Limits) -> by
     return read_uri(ref.uri, store, allowed, limits)
 
 
-def load(ref: ImageRef, store: Store, allowed: AllowList, limits: Limits,
-         channels: int) -> np.ndarray:
-    """uint8 [H, W, C] of one image at its own size."""
-    data = fetch(ref, store, allowed, limits)
-    return to_array(decode(data, limits, ref.name), channels)
+@dataclass(frozen=True)
+class Loaded:
+    """One decoded image at the two sizes a job uses, so that nothing of a job grows with
+    an image's pixel count once it is decoded."""
+
+    model_input: np.ndarray  # uint8 [h, w, C] at the bundle's input size
+    picture: np.ndarray  # uint8 [H', W', C], the long side at most ONNXCAM_MAX_STORED_SIDE
+    size: tuple[int, int]  # the image's own [H, W]
+
+
+def load(data: bytes, name: str, info: BundleInfo, limits: Limits, max_side: int) -> Loaded:
+    """Decode one image and keep it only at the bundle's size and the stored size.
+
+    The full-size image lives only inside this call, and only as Pillow decoded it:
+    both sizes are resized from it directly, which gives what ``to_array`` and then
+    ``resize`` would, without their two full-size copies (16-bit images, which
+    ``to_array`` scales down, still take that way)."""
+    image = decode(data, limits, name)
+    width, height = image.size
+    stored = stored_size(height, width, max_side)
+    if image.mode.startswith("I"):
+        full = to_array(image, info.channels)
+        return Loaded(resize(full, info.height, info.width, info.resize),
+                      resize(full, *stored), (height, width))
+    mode = "L" if info.channels == 1 else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
+    return Loaded(_resized(image, info.height, info.width, info.resize),
+                  _resized(image, *stored), (height, width))
+
+
+def _resized(image: Image.Image, height: int, width: int, method: str = "bilinear") -> np.ndarray:
+    """uint8 [height, width, C] of an L or RGB image, resampled as ``images.resize`` does."""
+    if image.size != (width, height):
+        image = image.resize((width, height), RESAMPLING.get(method, Image.Resampling.BILINEAR))
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+class _InputBudget:
+    """ONNXCAM_MAX_JOB_BYTES: the input bytes a job reads in all; an image that would
+    take it past is refused before it is decoded."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.left = max_bytes
+
+    def take(self, size: int, name: str) -> None:
+        if size > self.left:
+            raise BadImageError(f"{name}: past the job's limit on input bytes in all "
+                                "(ONNXCAM_MAX_JOB_BYTES)")
+        self.left -= size
 
 
 # -- sessions ---------------------------------------------------------------------------
@@ -237,7 +327,8 @@ def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
         log.info("job %s: %d of %d images already done", spec.job_id,
                  len(spec.images) - len(todo), len(spec.images))
     batches = [todo[start:start + batch] for start in range(0, len(todo), batch)]
-    for index, record in _pipeline(spec, batches, store, explainer, settings):
+    inputs = _InputBudget(settings.max_job_bytes)
+    for index, record in _pipeline(spec, batches, store, explainer, settings, inputs):
         summaries[index] = _summary(record, store.uri(image_key(spec.job_id, index, RECORD)))
     images = [s for s in summaries if s is not None]
     failed = sum(1 for s in images if s["status"] == "error")
@@ -261,15 +352,16 @@ def _summary(record: Mapping[str, Any], uri: str) -> dict[str, Any]:
 class _Decoded:
     """One batch after fetching and decoding: good images, and bad ones' error records."""
 
-    arrays: dict[int, np.ndarray]
+    arrays: dict[int, Loaded]
     errors: list[tuple[int, dict[str, Any]]]
     decode_ms: float
 
 
 def _pipeline(spec: JobSpec, batches: list[list[int]], store: Store, explainer: Explainer,
-              settings: Settings) -> Iterator[tuple[int, dict[str, Any]]]:
+              settings: Settings, inputs: _InputBudget) -> Iterator[tuple[int, dict[str, Any]]]:
     """Decode batch i+1 and store batch i-1 in threads while batch i is explained."""
-    decode = partial(_decode, spec, store=store, explainer=explainer, settings=settings)
+    decode = partial(_decode, spec, store=store, explainer=explainer, settings=settings,
+                     inputs=inputs)
     # Storing (PNG encoding, store writes) overlaps the next batch too: its own thread.
     with ThreadPoolExecutor(max_workers=1) as storer:
         storing: Future[list[tuple[int, dict[str, Any]]]] | None = None
@@ -286,10 +378,10 @@ def _pipeline(spec: JobSpec, batches: list[list[int]], store: Store, explainer: 
 
 
 def _decode(spec: JobSpec, indices: list[int], store: Store, explainer: Explainer,
-            settings: Settings) -> _Decoded:
+            settings: Settings, inputs: _InputBudget) -> _Decoded:
     clock = time.perf_counter()
     info = explainer.info
-    arrays: dict[int, np.ndarray] = {}
+    arrays: dict[int, Loaded] = {}
     errors: list[tuple[int, dict[str, Any]]] = []
     allowed = AllowList.from_settings(settings)
     for index in indices:
@@ -297,8 +389,11 @@ def _decode(spec: JobSpec, indices: list[int], store: Store, explainer: Explaine
             target = spec.targets[index]
             if target is not None and not 0 <= target < info.num_classes:
                 raise BadTargetError(f"target {target} is outside [0, {info.num_classes})")
-            arrays[index] = load(spec.images[index], store, allowed, explainer.limits,
-                                 info.channels)
+            ref = spec.images[index]
+            data = fetch(ref, store, allowed, explainer.limits)
+            inputs.take(len(data), ref.name)
+            arrays[index] = load(data, ref.name, info, explainer.limits,
+                                 settings.max_stored_side)
         except (BadImageError, BadTargetError) as exc:
             errors.append((index, _error_record(spec, index, exc)))
     return _Decoded(arrays, errors, _ms(clock, time.perf_counter()))
@@ -328,7 +423,7 @@ class _Explained:
 
 
 def _explain(explainer: Explainer, spec: JobSpec, indices: list[int],
-             arrays: Mapping[int, np.ndarray]) -> dict[int, _Explained]:
+             arrays: Mapping[int, Loaded]) -> dict[int, _Explained]:
     """Explain the decoded images: one engine call for the top-1 ones, one for the rest."""
     found: dict[int, _Explained] = {}
     top1 = [i for i in indices if spec.targets[i] is None]
@@ -336,7 +431,7 @@ def _explain(explainer: Explainer, spec: JobSpec, indices: list[int],
     for group, targets in ((top1, None), (chosen, [spec.targets[i] for i in chosen])):
         if not group:
             continue
-        images = [arrays[i] for i in group]
+        images = [arrays[i].model_input for i in group]
         explanation = explainer.explain(images, targets=targets, method=spec.method,
                                         batch_size=len(group), **spec.options)
         scores = (_faithfulness(explainer, images, explanation, spec.faithfulness_steps)
@@ -358,10 +453,10 @@ def _faithfulness(explainer: Explainer, images: list[np.ndarray], explanation: E
             for d, i in zip(deletion, insertion)]
 
 
-def _store_image(spec: JobSpec, index: int, image: np.ndarray, found: _Explained,
+def _store_image(spec: JobSpec, index: int, image: Loaded, found: _Explained,
                  store: Store, timings: dict[str, float]) -> dict[str, Any]:
     explanation, position = found.explanation, found.position
-    files = render(image, explanation.raw[position], ("npy", "png"), with_raw=True,
+    files = render(image.picture, explanation.raw[position], ("npy", "png"), with_raw=True,
                    heatmap_dtype=np.float16)
     uris = {kind: store.put(image_key(spec.job_id, index, suffix), files[suffix])
             for kind, suffix in IMAGE_FILES.items()}
@@ -372,7 +467,7 @@ def _store_image(spec: JobSpec, index: int, image: np.ndarray, found: _Explained
         "label": explanation.label(int(explanation.targets[position])),
         "logits": [float(v) for v in explanation.logits[position]],
         "top": explanation.top(TOP_K)[position],
-        "image_size": [int(image.shape[0]), int(image.shape[1])],
+        "image_size": [int(image.size[0]), int(image.size[1])],
         "files": uris, "timings": timings,
     }
     if found.faithfulness is not None:

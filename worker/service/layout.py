@@ -3,8 +3,10 @@
 The store holds ``bundles/<sha256>.onnx`` and, per job, ``jobs/<job id>/``:
 
 - ``request.json``: the job as submitted (without inline pixels), written by the client;
-- per image ``NNNNN.npy`` (float16 heatmap at the image's own size), ``NNNNN.png``
-  (overlay), ``NNNNN.raw.npy`` (float32 map at layer resolution) and ``NNNNN.json``
+  optional, since any Celery client may send jobs: records are found without it;
+- per image ``NNNNN.npy`` (float16 heatmap at the image's own size, its long side at most
+  ONNXCAM_MAX_STORED_SIDE), ``NNNNN.png`` (overlay, the same size), ``NNNNN.raw.npy``
+  (float32 map at layer resolution) and ``NNNNN.json``
   (the image's record, written last: a record that exists is final);
 - ``summary.json`` when the worker is done, or ``error.json`` when the job failed as a whole.
 
@@ -36,6 +38,7 @@ ERROR = "error.json"
 # An image's files: the suffix of each (the engine's, see ``outputs.render``), under
 # the name its record's "files" gives it; the record itself is written last.
 RECORD = ".json"
+RECORD_NAME = re.compile(r"^(\d{5,})\.json$")
 IMAGE_FILES = {"heatmap": HEATMAP, "overlay": OVERLAY, "raw": RAW}
 
 
@@ -87,6 +90,19 @@ def write_record(store: Store, job_id: str, index: int, record: dict[str, Any]) 
 def read_record(store: Store, job_id: str, index: int) -> dict[str, Any] | None:
     """Image ``index``'s record, or None while it has none."""
     return _read_json(store, image_key(job_id, index, RECORD))
+
+
+def record_indices(store: Store, job_id: str) -> list[int]:
+    """The indices of the images that have a record, from the job's folder alone."""
+    found = (RECORD_NAME.match(name) for name in store.names(job_key(job_id, "")))
+    return sorted(int(match.group(1)) for match in found if match)
+
+
+def job_known(store: Store, job_id: str) -> bool:
+    """Whether the store has anything of the job: its request (optional), records,
+    summary or error."""
+    return any(store.exists(job_key(job_id, name)) for name in (REQUEST, SUMMARY, ERROR)) \
+        or bool(record_indices(store, job_id))
 
 
 def write_summary(store: Store, job_id: str, summary: dict[str, Any]) -> None:

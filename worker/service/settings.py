@@ -6,6 +6,7 @@ Deployments and tests set exactly these names; ``onnxcam worker --help`` lists t
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import cached_property
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -13,6 +14,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from onnxcam.errors import SettingsError
 from onnxcam.worker.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Limits
+
+
+@dataclass(frozen=True)
+class JobBounds:
+    """What one job may ask of a worker, whatever its images' pixel counts: a job's
+    memory and store footprint stay bounded by these and by what decoding one image
+    at a time needs."""
+
+    max_images: int = 256
+    max_input_bytes: int = 2**30
+    max_inline_image_bytes: int = 2**20
+    max_inline_job_bytes: int = 16 * 2**20
+    max_stored_side: int = 1024
+
+
+DEFAULT_BOUNDS = JobBounds()
 
 # ':' separates roots as in PATH, except the one in a URI scheme ("s3://...").
 _ROOT_SEPARATOR = re.compile(r":(?!//)")
@@ -45,6 +62,18 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0, description="Largest image file.")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description=(
         "Largest image in pixels, checked before decoding (decompression bombs)."))
+    max_job_images: int = Field(DEFAULT_BOUNDS.max_images, gt=0, description=(
+        "Images one job may carry; a job with more fails with malformed_job."))
+    max_job_bytes: int = Field(DEFAULT_BOUNDS.max_input_bytes, gt=0, description=(
+        "Input bytes one job may read in all (files, objects, inline data); images past "
+        "it fail with bad_image."))
+    max_inline_image_bytes: int = Field(DEFAULT_BOUNDS.max_inline_image_bytes, ge=0, description=(
+        "Largest inline image (decoded bytes); a larger one fails with bad_image, undecoded."))
+    max_inline_job_bytes: int = Field(DEFAULT_BOUNDS.max_inline_job_bytes, ge=0, description=(
+        "Inline data one job may carry in all; inline images past it fail with bad_image."))
+    max_stored_side: int = Field(DEFAULT_BOUNDS.max_stored_side, gt=0, description=(
+        "Long side, in pixels, of the heatmaps and overlays a job stores; larger images' "
+        "are scaled down (the raw map stays at layer resolution)."))
     model_cache: int = Field(4, gt=0, description=(
         "onnxruntime sessions each worker process keeps (least recently used go)."))
     max_memory_per_child: int = Field(0, ge=0, description=(
@@ -81,6 +110,11 @@ class Settings(BaseSettings):
     @property
     def limits(self) -> Limits:
         return Limits(max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes)
+
+    @property
+    def bounds(self) -> JobBounds:
+        return JobBounds(self.max_job_images, self.max_job_bytes, self.max_inline_image_bytes,
+                         self.max_inline_job_bytes, self.max_stored_side)
 
 
 def load_settings(**overrides: object) -> Settings:

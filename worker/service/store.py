@@ -112,6 +112,16 @@ class Store:
         with classified(key):
             return bool(self.fs.exists(self.path(key)))
 
+    def names(self, folder: str) -> list[str]:
+        """The names of the objects directly under ``folder``, sorted; none when there is
+        no such folder."""
+        with classified(folder):
+            try:
+                entries = self.fs.ls(self.path(folder), detail=False)
+            except FileNotFoundError:
+                return []
+        return sorted(str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+
     def delete(self, key: str) -> None:
         with classified(key):
             if self.fs.exists(self.path(key)):

@@ -37,7 +37,7 @@ def explain(self: Any, message: Any) -> dict[str, Any]:
     job_id = self.request.id
     settings, store, models = process_state()
     try:
-        spec = parse_job(message, job_id)
+        spec = parse_job(message, job_id, settings.bounds)
         log.info("job %s: %d images, method %s", job_id, len(spec.images), spec.method)
         return run_job(spec, store, models, settings, worker=self.request.hostname or "")
     except SoftTimeLimitExceeded:

@@ -234,7 +234,9 @@ def big_images(folder: Path) -> list[Path]:
 def test_redelivery_after_sigkill(bundle: Path, big_images: list[Path], tmp_path: Path) -> None:
     """kill -9 a worker's whole process group mid-job: the job finishes on another."""
     paths, root = big_images, big_images[0].parent
-    env = service_env(redis_url(10), tmp_path / "store", root, visibility_timeout="4")
+    # Maps stored at the images' full 1500 px: slow enough to catch the job mid-way.
+    env = service_env(redis_url(10), tmp_path / "store", root, visibility_timeout="4",
+                      max_stored_side="1500")
     settings = settings_for(env)
     doomed = start_worker("doomed", env, tmp_path)
     doomed.wait_ready()
