@@ -163,6 +163,25 @@ def list_layers(
     return keras_frontend.list_layers(path)
 
 
+def choose_preprocess(asked: str | None, source: SourceModel) -> str:
+    """``asked``, or when None the known family's mode (keras.applications), else
+    ``unit``. A mode that differs from the family's is kept, with a warning: the model
+    may have been trained another way, but usually it was not."""
+    family = source.family
+    if asked is None:
+        if family is None:
+            return "unit"
+        log.warning("the model is keras.applications' %s: --preprocess %s, as its "
+                    "preprocess_input (pass --preprocess to choose another)",
+                    family.name, family.preprocess)
+        return family.preprocess
+    if family is not None and asked != family.preprocess:
+        log.warning("the model is keras.applications' %s, whose preprocess_input is "
+                    "--preprocess %s, not %s: predictions and maps will be wrong unless it "
+                    "was trained on %s input", family.name, family.preprocess, asked, asked)
+    return asked
+
+
 def read_labels(labels: str | Path | list[str] | None) -> list[str]:
     """The labels, one a line, from a file; a list is taken as it is."""
     if labels is None or isinstance(labels, list):
@@ -244,7 +263,7 @@ def export(
     *,
     example: Any = None,
     layer: str | Sequence[str] | None = None,
-    preprocess: str = "unit",
+    preprocess: str | None = None,
     labels: str | Path | list[str] | None = None,
     gradient: str = "auto",
     input_size: tuple[int, int] | None = None,
@@ -263,14 +282,16 @@ def export(
     exported dynamic), and takes layers by module path (``layer4.1``).
     ``layer`` may name several layers: the first is the primary one. With
     ``input_gradients`` the bundle also returns d logit / d model input, and with
-    ``guided`` the guided-backprop version of it. Nothing is written unless the
-    bundle passes verification (or ``verify`` is off). ``on_stage`` is told each
-    step's name as it starts, for a progress line.
+    ``guided`` the guided-backprop version of it. ``preprocess`` None means the
+    model family's own for keras.applications models (with a warning), else ``unit``.
+    Nothing is written unless the bundle passes verification (or ``verify`` is off).
+    ``on_stage`` is told each step's name as it starts, for a progress line.
     """
     stage = on_stage or (lambda name: None)
     label_list = read_labels(labels)
     stage("loading the model")
     source = load_source(src, layer, layout, input_size, opset, example)
+    preprocess = choose_preprocess(preprocess, source)
     stage("building the bundle")
     bundle, info = build_bundle(source, preprocess, label_list, gradient, input_gradients,
                                 guided)

@@ -93,8 +93,9 @@ def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None) ->
 @click.option("--layer", "layers", multiple=True,
               help="Target layer: Keras layer, ONNX node or tensor. Repeat it for a map per "
                    "layer; the first is the primary one.")
-@click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default="unit",
-              show_default=True, help="Preprocessing embedded in the bundle.")
+@click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=None,
+              help="Preprocessing embedded in the bundle. Default: a keras.applications "
+                   "model's own preprocess_input, else unit.")
 @click.option("--labels", type=click.Path(path_type=Path), default=None,
               help="Text file with one class label per line.")
 @click.option("--gradient", type=click.Choice(("auto", *GRADIENT_MODES)), default="auto",
@@ -109,7 +110,7 @@ def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None) ->
               help="Add guided_input_gradients (guided-backprop, guided-gradcam).")
 @with_errors
 def export(
-    src: Path, out: Path, layers: tuple[str, ...], preprocess: str, labels: Path | None,
+    src: Path, out: Path, layers: tuple[str, ...], preprocess: str | None, labels: Path | None,
     gradient: str, input_size: tuple[int, int] | None, layout: str | None, opset: int,
     no_verify: bool, input_gradients: bool, guided: bool,
 ) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from onnxcam.worker.service.client import image_ref
-from onnxcam.worker.service.jobs import allowed_path
+from onnxcam.worker.service.sources import allowed_path
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx as onnx_lib
 
+from onnxcam.exporter.known_models import Family
 from onnxcam.exporter.layers import LayerInfo
 from onnxcam.layout import ActivationLayout, Layout
 
@@ -65,6 +66,8 @@ class SourceModel:
     removed_activation: str = ""  # a squashing activation the frontend already dropped
     more_layers: list[Tap] = field(default_factory=list)  # further --layer choices, in order
     batch_size: int = 0  # 0: the model runs at any batch; else the only batch it runs at
+    # A model family whose input preprocessing is known (keras.applications), or None.
+    family: Family | None = None
 
 
 def sha256_of(path: Path) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 
 from onnxcam.errors import UnsupportedModelError
 from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of
+from onnxcam.exporter.known_models import Family, keras_family
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from onnxcam.layout import Layout
 
@@ -282,7 +283,8 @@ def load(
     if path.is_dir():
         return load_saved_model(path, layer, opset)
     _, keras = _import_tf()
-    flat, removed = flatten(load_keras_model(path))
+    model = load_keras_model(path)
+    flat, removed = flatten(model)
     layers = feeding_output(flat)
     chosen = choose_layers(layers, layer)
     log.info("target layers: %s", ", ".join(f"{c.name} ({c.op})" for c in chosen))
@@ -306,7 +308,20 @@ def load(
         removed_activation=removed,
         more_layers=[Tap(c.name, tensor, Layout.NHWC)
                      for c, tensor in zip(chosen[1:], tensors[1:])],
+        family=family_of(model, keras),
     )
+
+
+def family_of(model: Any, keras: Any) -> Family | None:
+    """The keras.applications family of ``model`` or of a model nested in it."""
+    names, rescaling, stack = [], False, [model]
+    while stack:
+        layer = stack.pop(0)
+        if isinstance(layer, keras.Model):
+            names.append(layer.name)
+            stack.extend(layer.layers)
+        rescaling |= isinstance(layer, keras.layers.Rescaling)
+    return keras_family(names, rescaling)
 
 
 def load_saved_model(

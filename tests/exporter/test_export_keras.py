@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,6 +399,54 @@ def test_preprocessing_matches_keras(workspace: Workspace, name: str, mode: str)
     assert_close(got["logits"], expected, EXACT, f"logits with {mode} preprocessing")
     assert_close(squash(got["logits"], False), model.predict(x, verbose=0), EXACT,
                  "probabilities vs predict")
+
+
+def test_a_keras_application_gets_its_own_preprocessing_by_default(
+        workspace: Workspace, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 12: a MobileNetV2 exported with the default ``unit`` called coffee a cat.
+    Without --preprocess, a keras.applications model gets its preprocess_input, checked
+    against keras' own; a transfer model keeps its base's; a mode that differs warns."""
+    from keras.applications import imagenet_utils
+
+    with caplog.at_level(logging.WARNING, logger="onnxcam.exporter.pipeline"):
+        chosen = export(workspace.source("mobilenet_v2_small"), tmp_path / "auto.onnx")
+    assert chosen.info.preprocess == "tf"
+    assert "keras.applications' MobileNetV2: --preprocess tf" in caplog.text
+    model = workspace.model("mobilenet_v2_small")
+    image = random_images(tuple(int(d) for d in model.inputs[0].shape[1:]), seed=4)
+    x = imagenet_utils.preprocess_input(image.astype(np.float32), mode="tf")
+    got = run_bundle(chosen.path, image, np.full(BATCH, -1, np.int64))
+    assert_close(got["logits"], np.asarray(workspace.linear("mobilenet_v2_small")(
+        x, training=False)), EXACT, "logits with the family's preprocessing")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnxcam.exporter.pipeline"):
+        kept = export(workspace.source("mobilenet_v2_small"), tmp_path / "unit.onnx",
+                      preprocess="unit")
+    assert kept.info.preprocess == "unit"
+    assert "whose preprocess_input is --preprocess tf, not unit" in caplog.text
+    assert export(workspace.source("vgg_like"), tmp_path / "vgg.onnx").info.preprocess == "unit"
+
+
+@pytest.mark.parametrize(("names", "rescaling", "mode"), [
+    (["mobilenetv2_1.00_224"], False, "tf"),
+    (["my_classifier", "resnet50"], False, "caffe"),  # a transfer model's base
+    (["my_classifier", "resnet50"], True, None),  # its own scaling added in front
+    (["resnet50v2"], False, "tf"),
+    (["densenet121"], False, "torch"),
+    (["efficientnetb0"], True, "none"),
+    (["efficientnetb0"], False, None),  # built with its preprocessing left out
+    (["convnext_tiny"], True, "none"),
+    (["MobileNetV3Small"], True, "none"),
+    (["vgg16"], False, "caffe"),
+    (["resnet50_finetuned"], False, None),
+    (["my_model"], False, None),
+])
+def test_keras_application_families_by_name(names: list[str], rescaling: bool,
+                                            mode: str | None) -> None:
+    from onnxcam.exporter.known_models import keras_family
+
+    family = keras_family(names, rescaling)
+    assert (family.preprocess if family else None) == mode
 
 
 def test_fd_gradient_mode(workspace: Workspace) -> None:
