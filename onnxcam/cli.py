@@ -257,7 +257,14 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
     logging.basicConfig(level=loglevel, force=True, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     from onnxcam.worker.service.app import QUEUE, app
+    from onnxcam.worker.service.settings import load_settings
+    from onnxcam.worker.service.store import Store
 
+    store = Store(load_settings().store_url)
+    # Where results go, absolute: a relative ONNXCAM_STORE_URL means a different store
+    # for a client started in another folder.
+    logging.getLogger("onnxcam.worker").info(
+        "store: %s", store.root if store.local else store.url)
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
@@ -342,8 +349,8 @@ def result(job_id: str, out: Path, wait_seconds: float, as_json: bool) -> None:
         time.sleep(0.2)
         state = job_status(job_id, settings)
     if state == "failed":
-        error = job_error(job_id, Store(settings.store_url)) or {"code": "job_error",
-                                                                 "message": "job failed"}
+        error = job_error(job_id, Store(settings.store_url), settings) or {
+            "code": "job_error", "message": "job failed"}
         raise JobError(f"job {job_id} failed: {error['code']}: {error['message']}")
     if state != "done":
         click.echo(f"onnxcam: job {job_id} is not done yet ({state})", err=True)

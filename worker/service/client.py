@@ -240,9 +240,34 @@ def job_status(job_id: str, settings: Settings) -> str:
     return word
 
 
-def job_error(job_id: str, store: Store) -> dict[str, str] | None:
-    """``{code, message}`` of a job that failed as a whole, or None."""
-    return read_error(store, job_id)
+def job_error(job_id: str, store: Store, settings: Settings | None = None) -> dict[str, str] | None:
+    """``{code, message}`` of a job that failed as a whole, or None.
+
+    The store's error.json says it; when that is missing (the worker writes to another
+    store, or died before writing), Celery's result, given ``settings``, still holds
+    the error's type and message, and the message says where this client looked."""
+    found = read_error(store, job_id)
+    if found is not None or settings is None:
+        return found
+    app = _app(settings)
+    with broker_errors(app):
+        result = app.AsyncResult(job_id)
+        failure = result.result if result.state == "FAILURE" else None
+    if failure is None:
+        return None
+    code = getattr(failure, "code", "job_error")
+    return {"code": code, "message": f"{failure}{_store_hint(store, code)}"}
+
+
+def _store_hint(store: Store, code: str) -> str:
+    """Why a client may not see what a worker wrote: the two use different stores."""
+    where = store.root if store.local else store.url
+    if code == "unknown_bundle":
+        return (f" (this client published it to {where}: the worker reads another store; "
+                "give both the same ONNXCAM_STORE_URL, which, when relative, is relative to "
+                "each process's folder)")
+    return (f" (no error.json in {where}: if the worker writes to another store, give "
+            "both the same ONNXCAM_STORE_URL)")
 
 
 def job_records(job_id: str, store: Store) -> list[dict[str, Any]]:
@@ -259,11 +284,17 @@ def job_records(job_id: str, store: Store) -> list[dict[str, Any]]:
             raise UnknownJobError(f"no job {job_id}")
         names = {index: f"image-{index}" for index in range(found[-1] + 1 if found else 0)}
     failure = read_error(store, job_id)
+    stored = [read_record(store, job_id, index) for index in names]
+    missing = {"code": "missing_result", "message": "no result stored"}
+    if names and not any(stored) and failure is None:
+        where = store.root if store.local else store.url
+        missing["message"] = (f"no result stored in {where}, nor for any image of the job: "
+                              "if a worker ran it, it wrote to another store; give both the "
+                              "same ONNXCAM_STORE_URL")
     records = []
-    for index, name in names.items():
-        record = read_record(store, job_id, index)
+    for (index, name), record in zip(names.items(), stored):
         if record is None:
-            error = failure or {"code": "missing_result", "message": "no result stored"}
+            error = failure or missing
             record = {"job": job_id, "index": index, "image": name,
                       "status": "error", "error": error}
         records.append(record)

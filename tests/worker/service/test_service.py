@@ -401,3 +401,42 @@ def test_redis_with_tls_and_a_password(bundle: Path, images: dict[str, Path],
     finally:
         worker.stop()
         server.stop()
+
+
+def test_a_client_and_a_worker_with_different_stores_are_told_so(
+        bundle: Path, images: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 12: with the default, relative ONNXCAM_STORE_URL, a client and a worker in
+    different folders use different stores. The worker's unknown_bundle reached the
+    client as "job_error: job failed", and a done job's result as missing_result."""
+    import os
+
+    env = service_env(redis_url(12), Path("onnxcam-store"), images["img0.png"].parent)
+    worker_side, client_side = tmp_path / "worker", tmp_path / "client"
+    worker_side.mkdir()
+    client_side.mkdir()
+    worker = start_worker("elsewhere", env, worker_side)
+    try:
+        worker.wait_ready()
+        assert f"store: {worker_side / 'onnxcam-store'}" in worker.text()
+
+        def onnxcam(where: Path, *args: object) -> subprocess.CompletedProcess:
+            return subprocess.run([*console(), *map(str, args)], capture_output=True,
+                                  text=True, env={**os.environ, **env}, cwd=where, timeout=120)
+
+        (job,) = onnxcam(client_side, "submit", bundle, images["img1.png"]).stdout.split()
+        failed = onnxcam(client_side, "result", job, "--out", tmp_path / "a", "--wait", "60")
+        assert failed.returncode == 2
+        assert "unknown_bundle: no bundle" in failed.stderr
+        assert f"this client published it to {client_side / 'onnxcam-store'}" in failed.stderr
+        # the worker's store gets the bundle from a client in its own folder; then a job
+        # from the other folder runs, and its results land where that client cannot see
+        (first,) = onnxcam(worker_side, "submit", bundle, images["img1.png"]).stdout.split()
+        assert onnxcam(worker_side, "result", first, "--out", tmp_path / "b",
+                       "--wait", "60").returncode == 0
+        (job,) = onnxcam(client_side, "submit", bundle, images["img2.png"]).stdout.split()
+        missing = onnxcam(client_side, "result", job, "--out", tmp_path / "c", "--wait", "60")
+        assert missing.returncode == 2
+        assert f"no result stored in {client_side / 'onnxcam-store'}" in missing.stderr
+        assert "same ONNXCAM_STORE_URL" in missing.stderr
+    finally:
+        worker.stop()
