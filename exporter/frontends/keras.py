@@ -326,7 +326,7 @@ def load(
     height, width, channels = (int(d) for d in flat.input.shape[1:])
     model_proto = convert(tap_model, (height, width, channels), opset)
     if flat.rebuilt:
-        # Verification must not trust the rebuilt convs: it taps the model's own layers.
+        # Verification must not trust the rebuilt layers: it taps the model's own.
         log.info("%d layer(s) rebuilt from ops tf2onnx converts", flat.rebuilt)
         tap_model = tap(flatten(model)[0])
     tensors = [output.name for output in model_proto.graph.output[1:]]
