@@ -30,6 +30,7 @@ from onnxcam.exporter.passes.embed_preprocessing import embed_preprocessing
 from onnxcam.exporter.passes.expose_activation import expose_activation
 from onnxcam.exporter.passes.expose_logits import expose_logits
 from onnxcam.exporter.passes.free_reserved_names import free_reserved_names
+from onnxcam.exporter.passes.guard_padded_pools import guard_padded_pools
 from onnxcam.exporter.passes.linearize_logits import linearize_logits
 from onnxcam.exporter.passes.probe_head import probe_head
 from onnxcam.exporter.passes.tidy import tidy
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 # A source model becomes a bundle by these passes, in this order.
 PASSES: tuple[Pass, ...] = (
     free_reserved_names,  # source tensors called logits, cam, ... step aside
+    guard_padded_pools,  # zero Pad -> MaxPool, safe from onnxruntime's Pad fusion
     expose_activation,  # activations, activations.1, ...
     expose_logits,  # the classifier output as logits
     linearize_logits,  # ... taken from before a terminal softmax or sigmoid

@@ -54,10 +54,15 @@ FD_RANDOM_DIRECTIONS = 4  # sparse random directions checked per image
 FD_DENSE_DIRECTIONS = 2  # dense random directions per image, for input gradients
 FD_STEP = 1e-6  # relative to the mean |activation|; float64 keeps it exact
 FD64_TOLERANCE = 1e-3
-# Input gradients cross every layer of the body: two float32 forward passes that
-# differ in the last bit put a few of a deep net's millions of ReLU inputs on
-# opposite sides of zero (Keras ResNet50: 1.3e-4 against TF, 1e-6 for small nets).
-INPUT_GRADIENT_TOLERANCE = 1e-3
+# Input gradients cross every layer of the body: two float32 computations that differ
+# in the last bit put some of a deep net's ReLU inputs (and max-pool ties) on opposite
+# sides, and each such flip moves a few input pixels by the size of the gradient
+# itself. So they are judged in norm (per image, relative L2), not by the worst pixel,
+# and against what float32 rounding alone does to the reference: TF's own input
+# gradients after moving every input value by one ulp (``rounding_noise``). A defect
+# moves the gradient by far more than either. Measured figures are in the README.
+INPUT_GRADIENT_TOLERANCE = 1e-3  # relative L2, the least the tolerance is
+ROUNDING_MARGIN = 10  # tolerance: this many times the rounding noise, where larger
 PROBE_BATCH = 2
 # A float64 head run takes as many moved starts as fit this budget, counting each
 # start's intermediates at HEAD_GROWTH times its own size: the reference evaluator
@@ -70,6 +75,7 @@ HEAD_GROWTH = 32
 class Report:
     errors: dict[str, float] = field(default_factory=dict)
     tolerances: dict[str, float] = field(default_factory=dict)
+    advice: dict[str, str] = field(default_factory=dict)  # said when a tensor is refused
 
     def add(self, name: str, actual: np.ndarray, expected: np.ndarray, tolerance: float,
             floor: float = 0.0) -> None:
@@ -99,6 +105,20 @@ def relative_error(actual: np.ndarray, expected: np.ndarray, floor: float = 0.0)
         return float("inf")
     scale = max(float(np.abs(expected).max(initial=0.0)), floor, 1e-12)
     return float(np.abs(actual - expected).max(initial=0.0)) / scale
+
+
+def norm_error(actual: np.ndarray, expected: np.ndarray, floor: float = 0.0) -> float:
+    """The worst image's ||actual - expected|| over max(||expected||, ``floor`` times the
+    root of its size): ``relative_error`` in L2, for a whole image's gradient."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    if actual.shape != expected.shape:
+        return float("inf")
+    worst = 0.0
+    for got, want in zip(actual, expected):
+        scale = max(float(np.linalg.norm(want)), floor * np.sqrt(want.size), 1e-12)
+        worst = max(worst, float(np.linalg.norm(got - want)) / scale)
+    return worst
 
 
 def squash(logits: np.ndarray, removed: str) -> np.ndarray:
@@ -167,10 +187,8 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
         for entry, (activations, gradients) in zip(layers, pairs):
             tape_check(out, entry, activations, gradients, info.has_gradients, report)
         if with_input and reference.input_gradients is not None:
-            model_input = preprocess_numpy(images, info.preprocess)
-            report.add(OUTPUT_INPUT_GRADIENTS, out[OUTPUT_INPUT_GRADIENTS],
-                       reference.input_gradients, INPUT_GRADIENT_TOLERANCE,
-                       floor=gradient_scale(logits, model_input))
+            input_gradient_tape_check(source, preprocess_numpy(images, info.preprocess),
+                                      chosen, out, reference.input_gradients, report)
     else:
         for entry in layers:
             finite_difference_check(bundle, images, chosen, out, entry, report,
@@ -188,9 +206,40 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
     if not report.ok:
         raise VerificationError(
             f"bundle disagrees with its source: worst tensor {name!r}, relative error "
-            f"{error:.3e} > {tolerance:.0e}"
+            f"{error:.3e} > {tolerance:.0e}{report.advice.get(name, '')}"
         )
     return report
+
+
+def input_gradient_tape_check(
+    source: SourceModel, model_input: np.ndarray, chosen: np.ndarray,
+    out: dict[str, np.ndarray], expected: np.ndarray, report: Report,
+) -> None:
+    """``input_gradients`` against the source's (TF GradientTape), in norm, with a
+    tolerance of ``ROUNDING_MARGIN`` times what float32 rounding alone does to them."""
+    floor = gradient_scale(out[OUTPUT_LOGITS], model_input)
+    noise = rounding_noise(source, model_input, chosen, expected, floor)
+    name = OUTPUT_INPUT_GRADIENTS
+    report.errors[name] = norm_error(out[name], expected, floor)
+    report.tolerances[name] = max(INPUT_GRADIENT_TOLERANCE, ROUNDING_MARGIN * noise)
+    log.info("verification: input gradients %.2e from the source's in norm; float32 "
+             "rounding alone moves the source's own by %.2e", report.errors[name], noise)
+    report.advice[name] = (
+        f" (relative L2 norm; moving the input by one ulp moves the source's own input "
+        f"gradients by {noise:.1e}). Export without --input-gradients and --guided for "
+        f"Grad-CAM alone, or with --no-verify to skip the check")
+
+
+def rounding_noise(source: SourceModel, model_input: np.ndarray, chosen: np.ndarray,
+                   expected: np.ndarray, floor: float) -> float:
+    """How far the source's own input gradients move when every input value moves by
+    one ulp, up or down at random: the scale of float32 rounding alone, which two
+    correct computations in different orders can differ by."""
+    rng = np.random.default_rng(11)
+    away = np.where(rng.random(model_input.shape) < 0.5, -np.inf, np.inf)
+    moved = np.nextafter(model_input.astype(np.float32), away.astype(np.float32))
+    again = source.reference(moved, chosen, input_gradients=True).input_gradients
+    return 0.0 if again is None else norm_error(again, expected, floor)
 
 
 def tape_check(

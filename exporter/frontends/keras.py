@@ -112,6 +112,7 @@ class FlatGraph:
     tensors: dict[str, Any] = field(default_factory=dict)
     layers: list[LayerInfo] = field(default_factory=list)
     made_by: dict[int, str] = field(default_factory=dict)
+    rebuilt: int = 0  # layers rebuilt for tf2onnx
 
 
 def _is_functional(layer: Any) -> bool:
@@ -128,10 +129,12 @@ def _squash_name(layer: Any) -> str:
 class Flattener:
     """Calls layers on new tensors, recursing into Sequential and functional models."""
 
-    def __init__(self, keras: Any, final_layer: Any) -> None:
+    def __init__(self, keras: Any, final_layer: Any, rebuild: bool = False) -> None:
         self.keras = keras
         self.final_layer = final_layer
+        self.rebuild = rebuild  # layers tf2onnx cannot convert, rebuilt (``rebuilt_call``)
         self.removed = ""
+        self.rebuilt = 0
 
     def run(self, model: Any) -> FlatGraph:
         shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
@@ -164,6 +167,10 @@ class Flattener:
             return args[0]
         if layer is self.final_layer:
             return self.call_final(layer, args, kwargs, flat)
+        output = rebuilt_call(self.keras, layer, args[0]) if self.rebuild else None
+        if output is not None:
+            self.rebuilt += 1
+            return self.record(layer, output, args, flat)
         return self.record(layer, layer(*args, **kwargs), args, flat)
 
     def call_final(self, layer: Any, args: tuple, kwargs: dict, flat: FlatGraph) -> Any:
@@ -195,6 +202,59 @@ class Flattener:
         return output
 
 
+def rebuilt_call(keras: Any, layer: Any, x: Any) -> Any:
+    """``layer`` called on ``x`` by ops that tf2onnx converts, where Keras's own call
+    gives TF ops it cannot (None elsewhere). The same function, from the layer's own
+    weights; verification taps the original layers, so it does not take this on trust.
+    """
+    if grouped(layer):
+        return ungrouped_conv(keras, layer, x)
+    if type(layer).__name__ == "Activation" and layer.activation is keras.activations.gelu:
+        # TF's exact gelu is 0.5 x erfc(-x / sqrt 2), and tf2onnx has no Erfc.
+        return 0.5 * x * (1.0 + keras.ops.erf(x * float(1 / np.sqrt(2.0))))
+    return None
+
+
+def grouped(layer: Any) -> bool:
+    """A grouped Conv2D (ConvNeXt's depthwise convs, RegNet's group convs).
+
+    Keras's TensorFlow backend runs these inside an XLA-compiled function, since TF
+    has no grouped convolution on CPU; tf2onnx cannot inline that function and leaves
+    a ``StatefulPartitionedCall`` node no runtime knows.
+    """
+    return type(layer).__name__ == "Conv2D" and getattr(layer, "groups", 1) > 1
+
+
+def ungrouped_conv(keras: Any, layer: Any, x: Any) -> Any:
+    """The grouped Conv2D ``layer`` on ``x``, rebuilt from plain TF convolutions with
+    its own weights: the same sums, which tf2onnx converts to ordinary Conv nodes.
+
+    One group per input channel (depthwise) becomes a DepthwiseConv2D; other groups,
+    one Conv2D per group on its slice of the channels, concatenated.
+    """
+    if layer.data_format != "channels_last":
+        raise UnsupportedModelError(
+            f"layer {layer.name!r}: a grouped Conv2D is supported channels-last only")
+    kernel, *bias = (np.asarray(w) for w in layer.get_weights())
+    height, width, per_group, filters = kernel.shape
+    options = dict(kernel_size=layer.kernel_size, strides=layer.strides,
+                   padding=layer.padding, dilation_rate=layer.dilation_rate,
+                   activation=layer.activation, use_bias=layer.use_bias)
+    if per_group == 1:  # output channel c * multiplier + m reads input channel c
+        multiplier = filters // layer.groups
+        depthwise = keras.layers.DepthwiseConv2D(depth_multiplier=multiplier, **options)
+        output = depthwise(x)
+        depthwise.set_weights([kernel.reshape(height, width, layer.groups, multiplier), *bias])
+        return output
+    outputs, size = [], filters // layer.groups
+    for g in range(layer.groups):
+        conv = keras.layers.Conv2D(size, **options)
+        outputs.append(conv(x[..., g * per_group:(g + 1) * per_group]))
+        conv.set_weights([kernel[..., g * size:(g + 1) * size],
+                          *(b[g * size:(g + 1) * size] for b in bias)])
+    return keras.layers.Concatenate()(outputs)
+
+
 def final_layer(model: Any, keras: Any) -> Any:
     """The layer that produces the model's output, looking inside nested models."""
     if isinstance(model, keras.Sequential):
@@ -212,11 +272,16 @@ def load_keras_model(path: Path) -> Any:
         raise UnsupportedModelError(f"{path}: cannot load the Keras model ({exc})") from exc
 
 
-def flatten(model: Any) -> tuple[FlatGraph, str]:
-    """The flat graph and the name of the squashing activation removed ("" if none)."""
+def flatten(model: Any, rebuild: bool = False) -> tuple[FlatGraph, str]:
+    """The flat graph and the name of the squashing activation removed ("" if none).
+
+    With ``rebuild``, layers tf2onnx cannot convert are rebuilt from ones it can
+    (``rebuilt_call``); the graph's ``rebuilt`` counts them.
+    """
     _, keras = _import_tf()
-    flattener = Flattener(keras, final_layer(model, keras))
+    flattener = Flattener(keras, final_layer(model, keras), rebuild)
     flat = flattener.run(model)
+    flat.rebuilt = flattener.rebuilt
     return flat, flattener.removed
 
 
@@ -284,13 +349,21 @@ def load(
         return load_saved_model(path, layer, opset)
     _, keras = _import_tf()
     model = load_keras_model(path)
-    flat, removed = flatten(model)
+    flat, removed = flatten(model, rebuild=True)
     layers = feeding_output(flat)
     chosen = choose_layers(layers, layer)
     log.info("target layers: %s", ", ".join(f"{c.name} ({c.op})" for c in chosen))
-    tap_model = keras.Model(flat.input, [flat.output, *(flat.tensors[c.name] for c in chosen)])
+
+    def tap(graph: FlatGraph) -> Any:
+        return keras.Model(graph.input, [graph.output, *(graph.tensors[c.name] for c in chosen)])
+
+    tap_model = tap(flat)
     height, width, channels = (int(d) for d in flat.input.shape[1:])
     model_proto = convert(tap_model, (height, width, channels), opset)
+    if flat.rebuilt:
+        # Verification must not trust the rebuilt layers: it taps the model's own.
+        log.info("%d layer(s) rebuilt from ops tf2onnx converts", flat.rebuilt)
+        tap_model = tap(flatten(model)[0])
     tensors = [output.name for output in model_proto.graph.output[1:]]
     return SourceModel(
         model=model_proto,

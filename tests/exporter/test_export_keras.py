@@ -552,3 +552,36 @@ def test_savedmodel_with_maxpool_head(workspace: Workspace, tmp_path: Path, veri
     assert_close(to_nhwc(got["activations"], layout), ref.activations, EXACT, "activations")
     assert_close(to_nhwc(got["gradients"], layout), ref.gradients, EXACT, "gradients")
     assert_close(got["cam"], ref.cam, EXACT, "cam")
+
+
+def tf2onnx_resistant_model() -> Any:
+    """Depthwise (groups = channels, two filters each) and two-group Conv2Ds, which
+    Keras runs through XLA, and an exact gelu, which TF computes with Erfc: tf2onnx
+    alone converts neither (ConvNeXt, RegNet)."""
+    keras = _keras()
+    inputs = keras.Input((12, 12, 4))
+    x = keras.layers.Conv2D(8, 3, padding="same", groups=4, name="depthwise")(inputs)
+    x = keras.layers.Activation("gelu", name="gelu")(x)
+    x = keras.layers.Conv2D(6, 3, strides=2, groups=2, activation="relu", name="grouped")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(11)
+    model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32)
+                       for w in model.get_weights()])
+    return model
+
+
+def test_layers_tf2onnx_cannot_convert(tmp_path: Path) -> None:
+    model = tf2onnx_resistant_model()
+    source = tmp_path / "grouped.keras"
+    model.save(source)
+    out = tmp_path / "bundle.onnx"
+    info = export(source, out, layer="grouped").info
+    assert info.target_layer == "grouped"
+    images, targets = random_images((12, 12, 4), seed=12), mixed_targets(5)
+    got = run_bundle(out, images, targets)
+    want = tape_reference(linear_rebuild(model), "grouped", preprocess(images, "unit"), targets)
+    assert_close(got["logits"], want.logits, EXACT, "logits")
+    assert_close(got["activations"], want.activations, EXACT, "activations")
+    assert_close(got["gradients"], want.gradients, EXACT, "gradients")

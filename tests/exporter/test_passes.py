@@ -32,6 +32,7 @@ from onnxcam.exporter.passes.embed_preprocessing import embed_preprocessing
 from onnxcam.exporter.passes.expose_activation import expose_activation
 from onnxcam.exporter.passes.expose_logits import expose_logits
 from onnxcam.exporter.passes.free_reserved_names import free_reserved_names
+from onnxcam.exporter.passes.guard_padded_pools import guard_padded_pools
 from onnxcam.exporter.passes.linearize_logits import linearize_logits
 from onnxcam.exporter.passes.probe_head import probe_head
 from onnxcam.exporter.passes.tidy import tidy
@@ -113,6 +114,53 @@ def test_free_reserved_names_moves_source_tensors_aside() -> None:
 
 def test_free_reserved_names_leaves_free_names() -> None:
     assert_no_op(free_reserved_names, classifier_draft())
+
+
+# --------------------------------------------------------------------------- guard_padded_pools
+
+
+def zero_padded_pool(pads: list[int], stride: int) -> onnx.ModelProto:
+    """x [2, 3, 7, 7] -> Pad(zeros, ``pads``) -> MaxPool 3x3 -> y, as tf2onnx writes
+    Keras's ZeroPadding2D + MaxPooling2D (ResNet50V2's pool1)."""
+    return model_of(
+        [helper.make_node("Pad", ["x", "pads"], ["padded"]),
+         helper.make_node("MaxPool", ["padded"], ["y"], kernel_shape=[3, 3],
+                          strides=[stride, stride])],
+        [info("x", [None, 3, 7, 7])], [info("y")],
+        [init("pads", np.array(pads, np.int64), np.int64)])
+
+
+def numpy_zero_padded_pool(x: np.ndarray, pads: list[int], stride: int) -> np.ndarray:
+    padded = np.pad(x, [(0, 0), (0, 0), (pads[2], pads[6]), (pads[3], pads[7])])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))
+    return windows[:, :, ::stride, ::stride].max(axis=(4, 5))
+
+
+@pytest.mark.parametrize(("pads", "stride"), [([0, 0, 1, 1, 0, 0, 1, 1], 2),
+                                              ([0, 0, 2, 0, 0, 0, 1, 2], 1)])
+def test_guard_padded_pools_keeps_the_zeros_onnxruntime_would_drop(pads: list[int],
+                                                                   stride: int) -> None:
+    # Negative inputs: a border window's max is then the padding's 0.
+    x = -np.abs(RNG.normal(0, 1, (2, 3, 7, 7))).astype(np.float32)
+    x[:, :, 3, 3] = 1.0
+    want = numpy_zero_padded_pool(x, pads, stride)
+    model = zero_padded_pool(pads, stride)
+    # The bug guarded against: onnxruntime's Pad fusion pads the pool with -inf.
+    assert not np.allclose(outputs_of(model, {"x": x})["y"], want)
+    draft = draft_of(model, "nchw", [], (7, 7, 3))
+    assert guard_padded_pools(draft) is True
+    assert [n.op_type for n in draft.graph.node] == ["MaxPool", "Max"]
+    np.testing.assert_array_equal(outputs_of(draft.model, {"x": x})["y"], want)
+    assert_no_op(guard_padded_pools, draft)
+
+
+def test_guard_padded_pools_leaves_other_pads() -> None:
+    nonzero = zero_padded_pool([0, 0, 1, 1, 0, 0, 1, 1], 2)
+    nonzero.graph.node[0].input.append("value")
+    nonzero.graph.initializer.append(init("value", np.array(-1.0, np.float32)))
+    assert_no_op(guard_padded_pools, draft_of(nonzero, "nchw", [], (7, 7, 3)))
+    tapped = zero_padded_pool([0, 0, 1, 1, 0, 0, 1, 1], 2)
+    assert_no_op(guard_padded_pools, draft_of(tapped, "nchw", [("padded", "nchw")], (7, 7, 3)))
 
 
 # --------------------------------------------------------------------------- expose_activation

@@ -27,6 +27,7 @@ from onnxcam.exporter.verify import (
     Float64Head,
     directional_derivatives,
     gradient_scale,
+    norm_error,
     relative_error,
 )
 from onnxcam.exporter.vjp import Rule, load_rules
@@ -190,3 +191,18 @@ def test_float64_layer_normalization_keeps_float64(axis: int) -> None:
     want = centred / np.sqrt((centred ** 2).mean(axis=axes, keepdims=True) + 1e-12) * scale + bias
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # float32 statistics: ~1e-1
+
+
+def test_input_gradients_are_judged_per_image_in_norm() -> None:
+    """The worst image's L2 error over its own norm (or the floor over its size): a
+    few pixels off by their own size (flipped ReLUs) weigh by their share of the norm,
+    not as the worst pixel does; a doubled gradient is off by 1 either way."""
+    want = np.ones((2, 10, 10, 3))
+    want[1] *= 100.0
+    spiked = want.copy()
+    spiked[0, 0, 0, 0] = 0.0  # one value of 300 off by its own size
+    assert relative_error(spiked, want) == pytest.approx(1e-2)  # against image 1's 100
+    assert norm_error(spiked, want) == pytest.approx(1 / np.sqrt(300))
+    assert norm_error(2 * want, want) == pytest.approx(1.0)
+    tiny = 1e-9 * want
+    assert norm_error(tiny * 1.5, tiny, floor=1.0) == pytest.approx(0.5e-7)  # the floor rules
