@@ -50,6 +50,8 @@ def make_app(settings: Settings) -> Celery:
         worker_max_memory_per_child=settings.max_memory_per_child or None,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
+        # Drops what it cannot run with one log line and an ack (see broker.py).
+        worker_consumer="onnxcam.worker.service.broker:Consumer",
     )
     return app
 

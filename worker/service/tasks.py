@@ -32,12 +32,14 @@ def process_state() -> tuple[Settings, Store, ModelCache]:
 
 @app.task(bind=True, name=EXPLAIN_TASK, autoretry_for=RETRY_FOR, retry_backoff=2,
           retry_backoff_max=60, retry_jitter=True, max_retries=6,
+          Request="onnxcam.worker.service.broker:ExplainRequest",
           throws=(OnnxcamError,))  # expected failures: logged in one line, no traceback
-def explain(self: Any, message: Any) -> dict[str, Any]:
+def explain(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    # Any arguments at all: a message with others fails with malformed_job, not TypeError.
     job_id = self.request.id
     settings, store, models = process_state()
     try:
-        spec = parse_job(message, job_id)
+        spec = parse_job(args[0] if len(args) == 1 and not kwargs else args, job_id)
         log.info("job %s: %d images, method %s", job_id, len(spec.images), spec.method)
         return run_job(spec, store, models, settings, worker=self.request.hostname or "")
     except SoftTimeLimitExceeded:
