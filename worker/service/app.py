@@ -43,7 +43,8 @@ def make_app(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
         task_track_started=True,
-        task_soft_time_limit=settings.soft_time_limit,
+        # The soft limit is the job's own, checked between batches (jobs.run_job):
+        # Celery's would raise at any point, mid-write or while storing goes on.
         task_time_limit=settings.time_limit,
         task_default_queue=QUEUE,
         result_extended=True,

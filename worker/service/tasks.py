@@ -6,7 +6,8 @@ import functools
 import logging
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
+from celery import signals
+from celery.exceptions import TimeLimitExceeded
 
 from onnxcam.errors import JobTimeoutError, OnnxcamError, StoreUnavailableError
 from onnxcam.worker.service.app import EXPLAIN_TASK, app
@@ -42,13 +43,27 @@ def explain(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         spec = parse_job(args[0] if len(args) == 1 and not kwargs else args, job_id)
         log.info("job %s: %d images, method %s", job_id, len(spec.images), spec.method)
         return run_job(spec, store, models, settings, worker=self.request.hostname or "")
-    except SoftTimeLimitExceeded:
-        error: OnnxcamError = JobTimeoutError(
-            f"job ran past ONNXCAM_SOFT_TIME_LIMIT ({settings.soft_time_limit:g} s)")
     except RETRY_FOR:
         raise
-    except OnnxcamError as exc:
-        error = exc
-    log.warning("job %s failed: %s: %s", job_id, error.code, error)
-    write_error(store, job_id, error)
-    raise error
+    except OnnxcamError as error:
+        log.warning("job %s failed: %s: %s", job_id, error.code, error)
+        write_error(store, job_id, error)
+        raise
+
+
+@signals.task_failure.connect
+def hard_time_limit(sender: Any, task_id: str, exception: BaseException, **_: Any) -> None:
+    """In the worker's main process: the process running job ``task_id`` was killed at
+    ONNXCAM_TIME_LIMIT. Its records stand (each was written whole); error.json says why
+    the others are missing."""
+    if getattr(sender, "name", None) != EXPLAIN_TASK or not isinstance(
+            exception, TimeLimitExceeded):
+        return
+    settings = load_settings()
+    error = JobTimeoutError(f"job killed at ONNXCAM_TIME_LIMIT ({settings.time_limit:g} s)")
+    log.warning("job %s failed: %s: %s", task_id, error.code, error)
+    try:
+        # A store of its own: process_state's belongs to pool processes.
+        write_error(Store(settings.store_url), task_id, error)
+    except Exception as exc:  # noqa: BLE001 - the main process must serve on
+        log.error("job %s: cannot write error.json: %s", task_id, exc)
