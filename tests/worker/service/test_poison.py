@@ -28,7 +28,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict:
     image = root / "good.png"
     Image.fromarray(np.random.default_rng(5).integers(0, 255, (24, 20, 3), dtype=np.uint8)
                     ).save(image)
-    env = service_env(redis_url(13), folder / "store", root)
+    env = service_env(redis_url(1), folder / "store", root)
     return {"folder": folder, "image": image, "env": env, "settings": settings_for(env)}
 
 

@@ -49,7 +49,7 @@ def stored_whole(store: Store, record: dict) -> bool:
 def test_soft_limit_stops_between_batches(cnn_bundle: Path, tmp_path: Path) -> None:
     images = gradients(tmp_path / "images", 6 * BATCH, 700)
     soft = 1.0
-    env = service_env(redis_url(14), tmp_path / "store", images[0].parent,
+    env = service_env(redis_url(2), tmp_path / "store", images[0].parent,
                       soft_time_limit=str(soft), time_limit="60")
     settings, store = settings_for(env), Store(str(tmp_path / "store"))
     worker = start_worker("soft", env, tmp_path)
@@ -86,7 +86,7 @@ def test_hard_kill_leaves_time_limit(cnn_bundle: Path, tmp_path: Path, asked: in
     for an hour (its timelimit header) is held to the worker's limits all the same."""
     small = gradients(tmp_path / "small", 4, 64)
     large = gradients(tmp_path / "large", BATCH - 4, 2500)
-    env = service_env(redis_url(15), tmp_path / "store", tmp_path,
+    env = service_env(redis_url(3), tmp_path / "store", tmp_path,
                       soft_time_limit="4.5", time_limit="5")
     settings, store = settings_for(env), Store(str(tmp_path / "store"))
     worker = start_worker("hard", env, tmp_path)
