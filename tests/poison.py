@@ -119,6 +119,7 @@ POISON: dict[str, Callable[[Any], bytes]] = {
     "eta garbage": _with("headers.eta", "not a date"),
     "expires garbage": _with("headers.expires", [1]),
     "timelimit garbage": _with("headers.timelimit", "forever"),
+    "eta in year 9999": _with("headers.eta", "9999-01-01T00:00:00+00:00"),
     "group index a string": _with("headers.group_index", "x"),
     # Celery's body broken (protocol 2)
     "body {'a': 1}": _body({"a": 1}),
@@ -145,4 +146,8 @@ POISON: dict[str, Callable[[Any], bytes]] = {
     "protocol 1 eta garbage": _body({"task": TASK, "id": "p1-eta", "args": [{}],
                                      "kwargs": {}, "eta": "soon"}, protocol=1),
     "protocol 1 body a list": _body([1, 2, 3], protocol=1),
+    "protocol 1 eta in year 9999": _body({"task": TASK, "id": "p1-far", "args": [{}],
+                                          "kwargs": {}, "eta": "9999-01-01T00:00:00"},
+                                         protocol=1),
+    "body nested garbage": _body(_NESTED.encode(), raw=True),
 }

@@ -17,6 +17,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from queue import Empty
 from typing import Any
@@ -125,6 +126,11 @@ class ExplainRequest(Request):  # type: ignore[misc]
             raise InvalidTaskError(f"task id {str(self.id)[:80]!r} is not a job id")
         if not isinstance(self._args, list | tuple) or not isinstance(self._kwargs, dict):
             raise InvalidTaskError("task arguments are not a list and an object")
+        if self._eta is not None and self._eta > datetime.now(timezone.utc) + timedelta(
+                seconds=self._app.conf.broker_transport_options["visibility_timeout"]):
+            # Held unacknowledged past the visibility timeout, it would be handed to
+            # every worker in turn. (Retries' countdowns are far shorter.)
+            raise InvalidTaskError(f"an eta beyond the visibility timeout ({self._eta})")
         embed = self._payload[2]
         # A job runs alone: no canvas, and no other keys, which Celery would copy over
         # the request's own (its id among them).

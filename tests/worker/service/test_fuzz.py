@@ -118,36 +118,52 @@ GARBAGE = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
 HUGE = st.sampled_from([2**64, -(2**63), 10**100, 1e308, float("inf"), -1, 0])
 
 
-def image_items(sources: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[Any]:
-    return st.one_of(sources, GARBAGE, st.fixed_dictionaries(
-        {"name": st.one_of(st.text(max_size=20), GARBAGE)}, optional={
-            "path": GARBAGE, "uri": GARBAGE, "data": GARBAGE}))
+JOB_FIELDS = ["v", "bundle", "method", "images", "targets", "options", "faithfulness_steps"]
 
 
 def jobs(sha: str, sources: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[Any]:
-    """Job messages: each field right, of the wrong type, out of range, or missing."""
-    return st.one_of(GARBAGE, st.fixed_dictionaries({
-        "v": st.one_of(st.just(1), SCALARS, HUGE),
-        "bundle": st.one_of(st.just(sha), st.just("ab" * 32), st.text(max_size=70), GARBAGE),
-        "method": st.one_of(st.sampled_from(["gradcam", "layercam", "saliency", "scorecam",
-                                             "nonsense", "GRADCAM"]), GARBAGE),
-        "images": st.one_of(st.lists(image_items(sources), min_size=1, max_size=4), GARBAGE),
+    """Job messages: a good one, one with a field of the wrong type, out of range or
+    missing, one with a broken image entry, or garbage."""
+    good = st.fixed_dictionaries({
+        "v": st.just(1), "bundle": st.just(sha),
+        "method": st.sampled_from(["gradcam", "layercam", "saliency", "scorecam"]),
+        "images": st.lists(sources, min_size=1, max_size=3),
     }, optional={
-        "targets": st.one_of(st.lists(st.one_of(st.none(), st.integers(0, 6), HUGE, SCALARS),
-                                      max_size=4), GARBAGE),
-        "options": st.one_of(st.dictionaries(st.sampled_from(["samples", "steps", "noise",
-                                                              "seed", "evil"]),
-                                             st.one_of(st.integers(-3, 40), HUGE, SCALARS),
-                                             max_size=3), GARBAGE),
-        "faithfulness_steps": st.one_of(st.integers(-2, 20), HUGE, SCALARS),
-        "extra": GARBAGE,
-    }))
+        "targets": st.lists(st.one_of(st.none(), st.integers(-2, 6), HUGE), min_size=1,
+                            max_size=3),
+        "options": st.dictionaries(st.sampled_from(["samples", "steps", "noise", "seed",
+                                                    "evil"]),
+                                   st.one_of(st.integers(-3, 8), HUGE, SCALARS), max_size=2),
+        "faithfulness_steps": st.one_of(st.integers(-2, 5), HUGE, SCALARS),
+    })
+
+    def broken_field(job: dict[str, Any], field: str, value: Any, remove: bool) -> Any:
+        if remove:
+            job.pop(field, None)
+        else:
+            job[field] = value
+        return job
+
+    def broken_image(job: dict[str, Any], index: int, item: Any) -> Any:
+        job["images"].insert(index % (len(job["images"]) + 1), item)
+        return job
+
+    one_source = st.sampled_from(["path", "uri", "data"]).flatmap(
+        lambda key: st.fixed_dictionaries({key: st.one_of(GARBAGE, HUGE)},
+                                          optional={"name": GARBAGE}))
+    return st.one_of(
+        good,
+        st.builds(broken_field, good, st.sampled_from(JOB_FIELDS), st.one_of(GARBAGE, HUGE),
+                  st.booleans()),
+        st.builds(broken_image, good, st.integers(0, 3), st.one_of(one_source, GARBAGE)),
+        GARBAGE,
+    )
 
 
 def safe_sources(roots: Path) -> st.SearchStrategy[dict[str, Any]]:
     """Images from where a job may read, some missing or broken."""
     good = base64.b64encode(png()).decode()
-    return st.fixed_dictionaries({"name": st.text(max_size=20)}) | st.one_of(
+    return st.one_of(
         st.builds(lambda n: {"name": n, "path": str(roots / "good.png")}, st.text(max_size=9)),
         st.just({"path": str(roots / "missing.png")}),
         st.just({"data": good}), st.just({"data": "not base64!"}),

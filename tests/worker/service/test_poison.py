@@ -14,7 +14,7 @@ from PIL import Image
 from poison import POISON, QUEUE, envelope
 from service import redis_url, service_env, settings_for, start_worker, wait_for
 
-from onnxcam.worker.service.client import job_status, submit
+from onnxcam.worker.service.client import celery_status, submit
 from onnxcam.worker.service.store import Store
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_task_message_of_the_wrong_shape_fails_with_a_code(deployment: dict,
     try:
         worker.wait_ready()
         for job_id in cases:
-            wait_for(lambda job_id=job_id: job_status(job_id, settings) == "failed", 30,
+            wait_for(lambda job_id=job_id: celery_status(job_id, settings) == "failed", 30,
                      f"{job_id} to fail")
             error = json.loads(store.get(f"jobs/{job_id}/error.json"))
             assert error["code"] == "malformed_job", error
