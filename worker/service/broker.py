@@ -89,7 +89,7 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-class Consumer(CeleryConsumer):  # type: ignore[misc]
+class Consumer(CeleryConsumer):
     """Celery's consumer, dropping a message it cannot run with one log line and an
     ack, where Celery logs a traceback and, for an unknown task, writes a failure
     under whatever task id the message gives (another job's, maybe)."""
@@ -112,7 +112,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             message.ack_log_error(log, self.connection_errors)
 
 
-class ExplainRequest(Request):  # type: ignore[misc]
+class ExplainRequest(Request):
     """Celery's request for one explain job, refusing (InvalidTaskError: the consumer
     drops it) a message whose fields Celery would trip on later, in the pool or the
     backend, where no ack or drop could follow."""
