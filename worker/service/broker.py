@@ -1,5 +1,5 @@
-"""A Redis transport and a Celery consumer that drop a poison message instead of
-stalling or dying on it.
+"""A Redis transport, a Celery consumer and a task request that drop a poison
+message instead of stalling or dying on it, and hold a job to the worker's limits.
 
 A queue item is popped by BRPOP, parsed as JSON, turned into a kombu message, noted
 in Redis' ``unacked`` hash, and handed to Celery's consumer. A stray LPUSH or a
@@ -28,6 +28,11 @@ from celery.worker.request import Request
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import RedisError
+
+from onnxcam.errors import JobTimeoutError
+from onnxcam.worker.service.layout import write_error
+from onnxcam.worker.service.settings import load_settings
+from onnxcam.worker.service.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +146,20 @@ class ExplainRequest(Request):
     # The worker's settings bound a job's time, never the message's "timelimit" header
     # (a producer could otherwise lift both limits).
     time_limits = property(lambda self: (None, None), lambda self, value: None)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """In the worker's main process, when the process running this job was killed at
+        ONNXCAM_TIME_LIMIT: error.json says why, before Celery marks the job failed. The
+        records already stored stand (each was written whole)."""
+        if not soft:
+            error = JobTimeoutError(f"job killed at ONNXCAM_TIME_LIMIT ({timeout:g} s)")
+            log.warning("job %s failed: %s: %s", self.id, error.code, error)
+            try:
+                # A store of its own: the pool processes' belongs to them.
+                write_error(Store(load_settings().store_url), self.id, error)
+            except Exception as exc:  # noqa: BLE001 - the main process must serve on
+                log.error("job %s: cannot write error.json: %s", self.id, exc)
+        super().on_timeout(soft, timeout)
 
 
 def dropped(reason: object) -> None:

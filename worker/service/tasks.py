@@ -6,10 +6,7 @@ import functools
 import logging
 from typing import Any
 
-from celery import signals
-from celery.exceptions import TimeLimitExceeded
-
-from onnxcam.errors import JobTimeoutError, OnnxcamError, StoreUnavailableError
+from onnxcam.errors import OnnxcamError, StoreUnavailableError
 from onnxcam.worker.service.app import EXPLAIN_TASK, app
 from onnxcam.worker.service.jobs import ModelCache, parse_job, run_job
 from onnxcam.worker.service.layout import write_error
@@ -50,20 +47,3 @@ def explain(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         write_error(store, job_id, error)
         raise
 
-
-@signals.task_failure.connect
-def hard_time_limit(sender: Any, task_id: str, exception: BaseException, **_: Any) -> None:
-    """In the worker's main process: the process running job ``task_id`` was killed at
-    ONNXCAM_TIME_LIMIT. Its records stand (each was written whole); error.json says why
-    the others are missing."""
-    if getattr(sender, "name", None) != EXPLAIN_TASK or not isinstance(
-            exception, TimeLimitExceeded):
-        return
-    settings = load_settings()
-    error = JobTimeoutError(f"job killed at ONNXCAM_TIME_LIMIT ({settings.time_limit:g} s)")
-    log.warning("job %s failed: %s: %s", task_id, error.code, error)
-    try:
-        # A store of its own: process_state's belongs to pool processes.
-        write_error(Store(settings.store_url), task_id, error)
-    except Exception as exc:  # noqa: BLE001 - the main process must serve on
-        log.error("job %s: cannot write error.json: %s", task_id, exc)
