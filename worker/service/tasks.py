@@ -46,4 +46,3 @@ def explain(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.warning("job %s failed: %s: %s", job_id, error.code, error)
         write_error(store, job_id, error)
         raise
-
