@@ -43,7 +43,8 @@ def make_app(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
         task_track_started=True,
-        task_soft_time_limit=settings.soft_time_limit,
+        # The soft limit is the job's own, checked between batches (jobs.run_job):
+        # Celery's would raise at any point, mid-write or while storing goes on.
         task_time_limit=settings.time_limit,
         task_default_queue=QUEUE,
         # Celery's result holds the task's return value only (a summary and URIs):
@@ -53,6 +54,8 @@ def make_app(settings: Settings) -> Celery:
         worker_max_memory_per_child=settings.max_memory_per_child or None,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
+        # Drops what it cannot run with one log line and an ack (see broker.py).
+        worker_consumer="onnxcam.worker.service.broker:Consumer",
     )
     return app
 

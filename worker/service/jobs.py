@@ -29,6 +29,7 @@ from onnxcam.bundle import BundleInfo
 from onnxcam.errors import (
     BadImageError,
     BadTargetError,
+    JobTimeoutError,
     MalformedJobError,
     OnnxcamError,
 )
@@ -328,7 +329,9 @@ def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
                  len(spec.images) - len(todo), len(spec.images))
     batches = [todo[start:start + batch] for start in range(0, len(todo), batch)]
     inputs = _InputBudget(settings.max_job_bytes)
-    for index, record in _pipeline(spec, batches, store, explainer, settings, inputs):
+    deadline = started + settings.soft_time_limit
+    for index, record in _pipeline(spec, batches, store, explainer, settings, inputs,
+                                   deadline):
         summaries[index] = _summary(record, store.uri(image_key(spec.job_id, index, RECORD)))
     images = [s for s in summaries if s is not None]
     failed = sum(1 for s in images if s["status"] == "error")
@@ -358,8 +361,12 @@ class _Decoded:
 
 
 def _pipeline(spec: JobSpec, batches: list[list[int]], store: Store, explainer: Explainer,
-              settings: Settings, inputs: _InputBudget) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Decode batch i+1 and store batch i-1 in threads while batch i is explained."""
+              settings: Settings, inputs: _InputBudget,
+              deadline: float) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Decode batch i+1 and store batch i-1 in threads while batch i is explained.
+
+    Past ``deadline`` (``time.perf_counter``) no new batch is explained: the one being
+    stored is finished, then JobTimeoutError."""
     decode = partial(_decode, spec, store=store, explainer=explainer, settings=settings,
                      inputs=inputs)
     # Storing (PNG encoding, store writes) overlaps the next batch too: its own thread.
@@ -367,6 +374,11 @@ def _pipeline(spec: JobSpec, batches: list[list[int]], store: Store, explainer: 
         storing: Future[list[tuple[int, dict[str, Any]]]] | None = None
         for _, decoded in prefetched(batches, decode):
             clock = time.perf_counter()
+            if clock > deadline:
+                if storing is not None:
+                    yield from storing.result()
+                raise JobTimeoutError(f"job ran past ONNXCAM_SOFT_TIME_LIMIT "
+                                      f"({settings.soft_time_limit:g} s)")
             explained = _explain(explainer, spec, list(decoded.arrays), decoded.arrays)
             timings = {"decode_ms": decoded.decode_ms,
                        "explain_ms": _ms(clock, time.perf_counter())}

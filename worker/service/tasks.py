@@ -6,9 +6,7 @@ import functools
 import logging
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
-
-from onnxcam.errors import JobTimeoutError, OnnxcamError, StoreUnavailableError
+from onnxcam.errors import OnnxcamError, StoreUnavailableError
 from onnxcam.worker.service.app import EXPLAIN_TASK, app
 from onnxcam.worker.service.jobs import ModelCache, parse_job, run_job
 from onnxcam.worker.service.layout import write_error
@@ -32,21 +30,20 @@ def process_state() -> tuple[Settings, Store, ModelCache]:
 
 @app.task(bind=True, name=EXPLAIN_TASK, autoretry_for=RETRY_FOR, retry_backoff=2,
           retry_backoff_max=60, retry_jitter=True, max_retries=6,
+          Request="onnxcam.worker.service.broker:ExplainRequest",
           throws=(OnnxcamError,))  # expected failures: logged in one line, no traceback
-def explain(self: Any, message: Any) -> dict[str, Any]:
+def explain(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    # Any arguments at all: a message with others fails with malformed_job, not TypeError.
     job_id = self.request.id
     settings, store, models = process_state()
     try:
-        spec = parse_job(message, job_id, settings.bounds)
+        spec = parse_job(args[0] if len(args) == 1 and not kwargs else args, job_id,
+                         settings.bounds)
         log.info("job %s: %d images, method %s", job_id, len(spec.images), spec.method)
         return run_job(spec, store, models, settings, worker=self.request.hostname or "")
-    except SoftTimeLimitExceeded:
-        error: OnnxcamError = JobTimeoutError(
-            f"job ran past ONNXCAM_SOFT_TIME_LIMIT ({settings.soft_time_limit:g} s)")
     except RETRY_FOR:
         raise
-    except OnnxcamError as exc:
-        error = exc
-    log.warning("job %s failed: %s: %s", job_id, error.code, error)
-    write_error(store, job_id, error)
-    raise error
+    except OnnxcamError as error:
+        log.warning("job %s failed: %s: %s", job_id, error.code, error)
+        write_error(store, job_id, error)
+        raise

@@ -369,7 +369,7 @@ def test_app_configuration_holds_the_guarantees() -> None:
     assert conf.broker_transport_options["visibility_timeout"] == 77
     assert conf.broker_transport_options["unacked_restore_interval"] == 77 / 4
     assert conf.worker_max_memory_per_child == 123456
-    assert (conf.task_soft_time_limit, conf.task_time_limit) == (5, 9)
+    assert (conf.task_soft_time_limit, conf.task_time_limit) == (None, 9)  # soft: per batch
 
 
 def test_redis_with_tls_and_a_password(bundle: Path, images: dict[str, Path],
