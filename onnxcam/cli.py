@@ -440,5 +440,40 @@ def audit(
         sys.exit(EXIT_BAD_INPUT)
 
 
+EXIT_DIFF_FLAGGED = 3  # audit-diff: a class moved past a threshold (CI gate)
+
+
+@main.command("audit-diff")
+@click.argument("old", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for diff.json and diff.html (default: NEW).")
+@click.option("--min-similarity", type=float, default=0.5, show_default=True,
+              help="Fail when a class's mean heatmap rank correlation is below this.")
+@click.option("--max-energy-drop", type=float, default=0.1, show_default=True,
+              help="Fail when a class's mean energy-in-box falls by more than this.")
+@with_errors
+def audit_diff(old: Path, new: Path, out: Path | None, min_similarity: float,
+               max_energy_drop: float) -> None:
+    """Compare the audits OLD and NEW of the same manifest: per class the change in
+    accuracy, energy in box and pointing hits, per row the heatmaps' rank correlation.
+    Exits 3 when a class moved past a threshold."""
+    from onnxcam.worker.audit.diff import DiffThresholds, diff_audits, write_diff
+
+    diff = diff_audits(old, new, DiffThresholds(min_similarity, max_energy_drop))
+    out = out or new
+    write_diff(diff, out, old, new)
+    data = diff.data
+    mean = "n/a" if data["similarity_mean"] is None else f"{data['similarity_mean']:.3f}"
+    click.echo(f"compared {data['compared']} of {data['n']} rows, mean similarity {mean}; "
+               f"wrote {out / 'diff.html'}")
+    for flag in data["flags"]:
+        value = flag.get("similarity_mean", flag.get("energy_in_box_change"))
+        click.echo(f"flag: {flag['class']}: {flag['reason']} ({value:.3f}, threshold "
+                   f"{flag['threshold']:.3f})")
+    if diff.failed:
+        sys.exit(EXIT_DIFF_FLAGGED)
+
+
 if __name__ == "__main__":
     main()
