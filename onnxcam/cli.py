@@ -395,15 +395,20 @@ EXIT_INTERRUPTED = 130
 @click.option("--batch-size", type=int, default=None, help="Images per session run (local).")
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto",
               show_default=True)
+@click.option("--label-map", type=click.Path(path_type=Path), default=None,
+              help="COCO/VOC sources: a JSON object of category name -> bundle label; "
+                   "categories it leaves out are not audited.")
 @with_errors
 def audit(
     source: Path, model: Path, out: Path, broker: str | None, method: str, explain_mode: str,
     resume: bool, faithfulness: bool, chunk_size: int, flag_energy: float, flag_lift: float,
-    min_boxes: int, batch_size: int | None, device: str,
+    min_boxes: int, batch_size: int | None, device: str, label_map: Path | None,
 ) -> None:
-    """Audit where the classifier MODEL looks over SOURCE: a CSV manifest or a folder
-    of class subfolders. Writes results.csv, summary.json and report.html to --out."""
+    """Audit where the classifier MODEL looks over SOURCE: a CSV manifest, a folder
+    of class subfolders, a COCO instances JSON or a folder of Pascal VOC XML files.
+    Writes results.csv, summary.json and report.html to --out."""
     from onnxcam.worker.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
+    from onnxcam.worker.audit.manifest import read_label_map
 
     if broker:
         from onnxcam.worker.audit.distributed import DistributedBackend
@@ -418,6 +423,7 @@ def audit(
         settings=ExplainSettings(method=method, explain=explain_mode, faithfulness=faithfulness),
         chunk_size=chunk_size, resume=resume,
         thresholds=Thresholds(flag_energy, flag_lift, min_boxes),
+        label_map=read_label_map(label_map) if label_map else None,
     )
     try:
         summary = run_audit(source, out, backend, options)
