@@ -218,9 +218,9 @@ def read_label_map(path: Path) -> LabelMap:
 def _dataset_rows(source: Path, label_map: LabelMap | None) -> Iterator[Annotated]:
     rows = read_coco(source) if is_coco(source) else read_voc(source)
     for row in rows:
-        if label_map is not None and row.category and not row.problem:
+        if label_map is not None and row.category:
             if row.category not in label_map:
-                continue  # a category the map leaves out: not audited
+                continue  # a category the map leaves out is not audited, broken or not
             row.category = label_map[row.category]
         yield row
 
