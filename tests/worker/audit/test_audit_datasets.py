@@ -257,3 +257,23 @@ def test_a_voc_audit_loses_no_row_to_a_broken_file(tmp_path: Path,
             assert (row["status"], row["box_area"]) == ("ok", expected)
         else:
             assert row["status"] == "error" and row["error"].startswith(f"bad_row: {expected}")
+
+
+def test_the_cli_audits_a_voc_folder_with_a_label_map(tmp_path: Path, audit_bundle: Path) -> None:
+    from click.testing import CliRunner
+
+    from onnxcam.cli import main
+
+    source = voc(tmp_path)
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"dog": "fox", "yak": "yak"}))  # cat and fox left out
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["audit", str(source), "--model", str(audit_bundle),
+                                       "--out", str(out), "--label-map", str(mapping)])
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv", newline="") as stream:
+        rows = [(Path(row["image"]).name, row["label"], row["status"], row["box_area"])
+                for row in csv.DictReader(stream)]
+    assert rows == [("a.png", "fox", "ok", "0.0547"), ("b.png", "", "error", ""),
+                    ("c.png", "yak", "ok", "0.0625"), ("d.xml", "", "error", ""),
+                    ("e.xml", "", "error", "")]
