@@ -166,3 +166,11 @@ def test_rows_that_do_not_correspond_are_refused(tmp_path: Path) -> None:
         diff_audits(old, swapped)
     result = CliRunner().invoke(main, ["audit-diff", str(old), str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "not an audit folder" in result.stderr
+
+
+def test_an_audit_against_itself_moved_nowhere(audits: tuple[Path, Path]) -> None:
+    old, _ = audits
+    data = diff_audits(old, old).data
+    assert data["similarity"] == [1.0] * 6 and data["flags"] == []
+    assert all(figures[name]["change"] == 0 for figures in data["per_class"].values()
+               for name in ("accuracy", "energy_in_box_mean", "pointing_hit_rate"))

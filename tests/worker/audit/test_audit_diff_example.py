@@ -72,18 +72,23 @@ def test_the_shortcut_model_fails_the_gate_on_bus(audits: tuple[Path, Path]) -> 
     result = CliRunner().invoke(main, ["audit-diff", str(control), str(shortcut)])
     assert result.exit_code == 3, result.output
     data = json.loads((shortcut / "diff.json").read_text())
-    log.warning("per class: %s", json.dumps(data["per_class"]))
-    flagged = {flag["class"] for flag in data["flags"]}
-    assert "bus" in flagged and "car" not in flagged
+    log.info("per class: %s", json.dumps(data["per_class"]))
+    flags = {(flag["class"], flag["reason"]) for flag in data["flags"]}
+    # bus lost its energy in box (0.71 -> 0.11 here). The two models' maps agree little
+    # for either class (mean rank correlation near 0: the control finds cars by their
+    # surroundings, the shortcut model by their shape), so car's attention moved too,
+    # but it did not lose energy (0.05 -> 0.61).
+    assert ("bus", "energy in box dropped") in flags
+    assert ("car", "energy in box dropped") not in flags
     bus, car = data["per_class"]["bus"], data["per_class"]["car"]
+    assert bus["energy_in_box_mean"]["change"] < -0.3 < 0 < car["energy_in_box_mean"]["change"]
+    assert bus["accuracy"]["change"] < -0.3 and car["accuracy"]["change"] == 0
     # Against summary.json's own figures: the diff's old and new are the two audits'.
     for side, folder in (("old", control), ("new", shortcut)):
         summary = json.loads((folder / "summary.json").read_text())["per_class"]
         for label, figures in (("bus", bus), ("car", car)):
             for name in ("accuracy", "energy_in_box_mean", "pointing_hit_rate"):
                 assert figures[name][side] == pytest.approx(summary[label][name], abs=1e-4)
-    assert bus["energy_in_box_mean"]["change"] < -0.1
-    assert bus["similarity_mean"] < car["similarity_mean"]
 
 
 def chromium() -> str | None:
