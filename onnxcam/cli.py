@@ -395,15 +395,20 @@ EXIT_INTERRUPTED = 130
 @click.option("--batch-size", type=int, default=None, help="Images per session run (local).")
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto",
               show_default=True)
+@click.option("--label-map", type=click.Path(path_type=Path), default=None,
+              help="COCO/VOC sources: a JSON object of category name -> bundle label; "
+                   "categories it leaves out are not audited.")
 @with_errors
 def audit(
     source: Path, model: Path, out: Path, broker: str | None, method: str, explain_mode: str,
     resume: bool, faithfulness: bool, chunk_size: int, flag_energy: float, flag_lift: float,
-    min_boxes: int, batch_size: int | None, device: str,
+    min_boxes: int, batch_size: int | None, device: str, label_map: Path | None,
 ) -> None:
-    """Audit where the classifier MODEL looks over SOURCE: a CSV manifest or a folder
-    of class subfolders. Writes results.csv, summary.json and report.html to --out."""
+    """Audit where the classifier MODEL looks over SOURCE: a CSV manifest, a folder
+    of class subfolders, a COCO instances JSON or a folder of Pascal VOC XML files.
+    Writes results.csv, summary.json and report.html to --out."""
     from onnxcam.worker.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
+    from onnxcam.worker.audit.manifest import read_label_map
 
     if broker:
         from onnxcam.worker.audit.distributed import DistributedBackend
@@ -418,6 +423,7 @@ def audit(
         settings=ExplainSettings(method=method, explain=explain_mode, faithfulness=faithfulness),
         chunk_size=chunk_size, resume=resume,
         thresholds=Thresholds(flag_energy, flag_lift, min_boxes),
+        label_map=read_label_map(label_map) if label_map else None,
     )
     try:
         summary = run_audit(source, out, backend, options)
@@ -438,6 +444,41 @@ def audit(
         click.echo(f"onnxcam: error: every row failed ({codes}); see the error column of "
                    f"{out / 'results.csv'}", err=True)
         sys.exit(EXIT_BAD_INPUT)
+
+
+EXIT_DIFF_FLAGGED = 3  # audit-diff: a class moved past a threshold (CI gate)
+
+
+@main.command("audit-diff")
+@click.argument("old", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for diff.json and diff.html (default: NEW).")
+@click.option("--min-similarity", type=float, default=0.5, show_default=True,
+              help="Fail when a class's mean heatmap rank correlation is below this.")
+@click.option("--max-energy-drop", type=float, default=0.1, show_default=True,
+              help="Fail when a class's mean energy-in-box falls by more than this.")
+@with_errors
+def audit_diff(old: Path, new: Path, out: Path | None, min_similarity: float,
+               max_energy_drop: float) -> None:
+    """Compare the audits OLD and NEW of the same manifest: per class the change in
+    accuracy, energy in box and pointing hits, per row the heatmaps' rank correlation.
+    Exits 3 when a class moved past a threshold."""
+    from onnxcam.worker.audit.diff import DiffThresholds, diff_audits, write_diff
+
+    diff = diff_audits(old, new, DiffThresholds(min_similarity, max_energy_drop))
+    out = out or new
+    write_diff(diff, out, old, new)
+    data = diff.data
+    mean = "n/a" if data["similarity_mean"] is None else f"{data['similarity_mean']:.3f}"
+    click.echo(f"compared {data['compared']} of {data['n']} rows, mean similarity {mean}; "
+               f"wrote {out / 'diff.html'}")
+    for flag in data["flags"]:
+        value = flag.get("similarity_mean", flag.get("energy_in_box_change"))
+        click.echo(f"flag: {flag['class']}: {flag['reason']} ({value:.3f}, threshold "
+                   f"{flag['threshold']:.3f})")
+    if diff.failed:
+        sys.exit(EXIT_DIFF_FLAGGED)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 
 from onnxcam.bundle import BundleInfo
 from onnxcam.errors import BadImageError, OnnxcamError
+from onnxcam.worker.audit.regions import Shape
 from onnxcam.worker.explainer import DEFAULT_BATCH, Explainer
 from onnxcam.worker.faithfulness import DEFAULT_STEPS, deletion_insertion_auc
 from onnxcam.worker.images import Limits, decode, load_image, read_bytes, resize
@@ -38,6 +39,11 @@ class AuditRow:
     label: int | None = None  # class index
     bbox: tuple[float, float, float, float] | None = None  # x0 y0 x1 y1, image pixels
     mask: str | None = None  # path or URI of a binary mask image
+    shapes: tuple[Shape, ...] = ()  # a data set's objects of the label, one region together
+
+    @property
+    def has_region(self) -> bool:
+        return self.bbox is not None or self.mask is not None or bool(self.shapes)
 
 
 @dataclass(frozen=True)

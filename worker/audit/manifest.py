@@ -1,15 +1,19 @@
-"""Audit sources, read lazily one row at a time: a CSV manifest or a folder of class
-subfolders.
+"""Audit sources, read lazily one row at a time: a CSV manifest, a folder of class
+subfolders, a COCO instances JSON or a folder of Pascal VOC XML files (``datasets``).
 
 A CSV manifest has an ``image`` column (path or URI; relative paths are relative to
 the manifest's folder) and optional ``label`` (class index or name), ``bbox``
 (``x0 y0 x1 y1`` in the image's pixels) and ``mask`` (path of a binary mask image).
 A folder source has one subfolder per class, named by its label, holding images.
+A data set's category names are the bundle's labels, or are mapped to them by a label
+map (a JSON object, category name -> label); with a map, categories it does not name
+are left out.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -22,7 +26,9 @@ import numpy as np
 from onnxcam.bundle import BundleInfo
 from onnxcam.errors import BadRowError, ManifestError
 from onnxcam.worker.audit.backend import AuditRow, load_source
+from onnxcam.worker.audit.datasets import Annotated, is_coco, is_voc, read_coco, read_voc
 from onnxcam.worker.audit.metrics import box_region, mask_region
+from onnxcam.worker.audit.regions import union_region
 from onnxcam.worker.images import DEFAULT_LIMITS
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
@@ -83,15 +89,25 @@ def resolve(reference: str, folder: Path) -> str:
     return os.path.normpath(folder / reference)
 
 
-def read_manifest(source: Path, info: BundleInfo) -> Iterator[Entry]:
-    """The rows of ``source`` in order; unusable rows come as ``RowProblem``s."""
+LabelMap = dict[str, str]
+
+
+def read_manifest(source: Path, info: BundleInfo,
+                  label_map: LabelMap | None = None) -> Iterator[Entry]:
+    """The rows of ``source`` in order; unusable rows come as ``RowProblem``s.
+    ``label_map`` applies to COCO and VOC sources."""
+    if is_coco(source) or is_voc(source):
+        return _read_dataset(_dataset_rows(source, label_map), Labels(info))
     if source.is_dir():
         return _read_folder(source, Labels(info))
     return _read_csv(source, Labels(info))
 
 
-def count_rows(source: Path) -> int:
-    """How many rows ``read_manifest`` will give, by a cheap pass that parses nothing."""
+def count_rows(source: Path, label_map: LabelMap | None = None) -> int:
+    """How many rows ``read_manifest`` will give, by a cheap pass that parses nothing
+    (a data set is parsed: its rows are its images' categories)."""
+    if is_coco(source) or is_voc(source):
+        return sum(1 for _ in _dataset_rows(source, label_map))
     if source.is_dir():
         return sum(1 for _ in _folder_images(source))
     with _open_csv(source) as stream:
@@ -183,8 +199,48 @@ def _read_folder(source: Path, labels: Labels) -> Iterator[Entry]:
             yield RowProblem(index, image, name, exc)
 
 
+# -- COCO and VOC --
+
+
+def read_label_map(path: Path) -> LabelMap:
+    """A label map file: a JSON object from data set category names to bundle labels."""
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not a label map ({exc})") from None
+    if not isinstance(mapping, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in mapping.items()):
+        raise ManifestError(f"{path}: a label map is a JSON object of category name -> "
+                            "bundle label, both strings")
+    return mapping
+
+
+def _dataset_rows(source: Path, label_map: LabelMap | None) -> Iterator[Annotated]:
+    rows = read_coco(source) if is_coco(source) else read_voc(source)
+    for row in rows:
+        if label_map is not None and row.category:
+            if row.category not in label_map:
+                continue  # a category the map leaves out is not audited, broken or not
+            row.category = label_map[row.category]
+        yield row
+
+
+def _read_dataset(rows: Iterator[Annotated], labels: Labels) -> Iterator[Entry]:
+    for index, row in enumerate(rows):
+        try:
+            if row.problem:
+                raise BadRowError(row.problem)
+            yield AuditRow(index=index, image=row.image,
+                           label=labels.parse(row.category) if row.category else None,
+                           shapes=tuple(row.shapes))
+        except BadRowError as exc:
+            yield RowProblem(index, row.image, row.category, exc)
+
+
 def region_of(row: AuditRow, height: int, width: int) -> np.ndarray:
-    """The row's mask if it has one, else its box, as bool [height, width]."""
+    """The row's data set shapes, or its mask, or its box, as bool [height, width]."""
+    if row.shapes:
+        return union_region(row.shapes, height, width)
     if row.mask is not None:
         return mask_region(load_source(row.mask, 1, DEFAULT_LIMITS)[..., 0], height, width)
     assert row.bbox is not None

@@ -254,7 +254,7 @@ def _thumbnail(row: dict[str, str], manifest_row: AuditRow | None,
         height, width = image.shape[:2]
         picture = overlay(image, heatmaps(raw[None].astype(np.float32), height, width)[0])
         region = None
-        if manifest_row is not None and (manifest_row.bbox or manifest_row.mask):
+        if manifest_row is not None and manifest_row.has_region:
             region = region_of(manifest_row, height, width)
     except (OnnxcamError, OSError, ValueError) as exc:
         log.warning("no picture for %s: %s", row["image"], exc)

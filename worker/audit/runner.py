@@ -33,7 +33,13 @@ from onnxcam.worker.audit.backend import (
     ExplainSettings,
     RowOutcome,
 )
-from onnxcam.worker.audit.manifest import RowProblem, count_rows, read_manifest, region_of
+from onnxcam.worker.audit.manifest import (
+    LabelMap,
+    RowProblem,
+    count_rows,
+    read_manifest,
+    region_of,
+)
 from onnxcam.worker.audit.metrics import energy_in_box, pointing_hit
 from onnxcam.worker.audit.report import write_report
 from onnxcam.worker.audit.results import ResultRow, ResultsWriter
@@ -56,6 +62,7 @@ class AuditOptions:
     chunk_size: int = 32
     resume: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
+    label_map: LabelMap | None = None  # COCO/VOC category name -> bundle label
 
 
 def run_audit(
@@ -73,13 +80,14 @@ def run_audit(
     """
     settings = options.settings
     _check(backend, options)
-    total = count_rows(source)
+    total = count_rows(source, options.label_map)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
     if path.exists() and not options.resume:
         raise AuditError(f"{path} exists: pass --resume to carry on with it, or choose "
                          "another --out")
-    done = results_file.resume(path, _images(source, backend)) if options.resume else 0
+    done = (results_file.resume(path, _images(source, backend, options.label_map))
+            if options.resume else 0)
     if done:
         log.info("resuming after %d rows already in %s", done, path)
     progress = progress or Progress(total, done=done)
@@ -96,7 +104,8 @@ def run_audit(
     summary = summarize(path, options.thresholds, classes)
     summary.data.update(_context(backend, settings, time.monotonic() - started, done))
     atomic_write(out / SUMMARY, (json.dumps(summary.data, indent=2) + "\n").encode())
-    write_report(summary, out / REPORT, _worst_rows(source, backend, summary), out)
+    write_report(summary, out / REPORT,
+                 _worst_rows(source, backend, summary, options.label_map), out)
     return summary
 
 
@@ -108,8 +117,8 @@ def _check(backend: Backend, options: AuditOptions) -> None:
         raise AuditError("the chunk size must be at least 1")
 
 
-def _images(source: Path, backend: Backend) -> Iterator[str]:
-    return (entry.image for entry in read_manifest(source, backend.info))
+def _images(source: Path, backend: Backend, label_map: LabelMap | None) -> Iterator[str]:
+    return (entry.image for entry in read_manifest(source, backend.info, label_map))
 
 
 def _context(backend: Backend, settings: ExplainSettings, seconds: float,
@@ -126,13 +135,14 @@ def _context(backend: Backend, settings: ExplainSettings, seconds: float,
     }
 
 
-def _worst_rows(source: Path, backend: Backend, summary: Summary) -> dict[int, AuditRow]:
+def _worst_rows(source: Path, backend: Backend, summary: Summary,
+                label_map: LabelMap | None) -> dict[int, AuditRow]:
     """The manifest rows (boxes, masks) of the worst cases, by one more lazy pass."""
     wanted = {int(row["index"]) for row in summary.shown_rows()}
     found: dict[int, AuditRow] = {}
     if not wanted:
         return found
-    for entry in read_manifest(source, backend.info):
+    for entry in read_manifest(source, backend.info, label_map):
         if entry.index in wanted and isinstance(entry, AuditRow):
             found[entry.index] = entry
             if len(found) == len(wanted):
@@ -176,7 +186,8 @@ class Ordering:
 
     def chunks(self) -> Iterator[list[AuditRow]]:
         chunk: list[AuditRow] = []
-        entries = islice(read_manifest(self.source, self.backend.info), self.next_index, None)
+        entries = islice(read_manifest(self.source, self.backend.info, self.options.label_map),
+                         self.next_index, None)
         for entry in entries:
             if isinstance(entry, RowProblem):
                 self.finished[entry.index] = {"image": entry.image, "label": entry.label,
@@ -238,7 +249,7 @@ class Ordering:
 def measure(row: AuditRow, raw: np.ndarray, image_size: tuple[int, int]) -> dict[str, str]:
     """Energy-in-box, pointing hit and box area of one row, on its heatmap at the
     original image's size; empty when the row has neither box nor mask."""
-    if row.mask is None and row.bbox is None:
+    if not row.has_region:
         return {}
     height, width = image_size
     region = region_of(row, height, width)
