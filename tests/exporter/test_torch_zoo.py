@@ -39,14 +39,6 @@ def _refused(tensor: str, error: str, tolerance: str = "1e-03") -> str:
 
 
 USUAL_FAILS: dict[tuple[str, str], str] = {
-    # Full-depth Swin and ViT are refused by verification (tiny ones verify and match
-    # pytorch-grad-cam to 2e-3 in test_token_layers.py): not yet traced.
-    ("swin_t", "dynamo"): _refused("weights", "2.974e-01"),
-    ("swin_t", "legacy"): _refused("weights", "3.654e-01"),
-    ("swin_v2_t", "dynamo"): _refused("gradients", "1.462e-01"),
-    ("swin_v2_t", "legacy"): _refused("gradients", "1.618e-01"),
-    ("vit_b_16", "dynamo"): _refused("gradients", "5.384e-01"),
-    ("vit_b_16", "legacy"): _refused("gradients", "2.167e-01"),
     # These random EfficientNets amplify float32 noise (logits ~1e3): the harness's
     # weights may be at fault rather than onnxcam; v2_s's layer output is matched by
     # no ONNX tensor within 1e-4.

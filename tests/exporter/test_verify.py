@@ -190,3 +190,27 @@ def test_float64_layer_normalization_keeps_float64(axis: int) -> None:
     want = centred / np.sqrt((centred ** 2).mean(axis=axes, keepdims=True) + 1e-12) * scale + bias
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # float32 statistics: ~1e-1
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_float64_gelu_keeps_float64(approximate: str) -> None:
+    """The float64 head's Gelu, against its closed form: onnx's reference expands
+    Gelu's function body with a float32 Erf, whose noise (~1e-8) made float64
+    differences of ViT-B's last block misread its gradients by 20%."""
+    import math
+
+    from onnxcam.exporter.verify import REFERENCE_OPS
+
+    x = np.linspace(-4.0, 3.0, 29).reshape(1, 29) + 1e-3
+    node = helper.make_node("Gelu", ["x"], ["y"], approximate=approximate)
+    graph = helper.make_graph([node], "gelu", [helper.make_tensor_value_info(
+        "x", TensorProto.DOUBLE, None)], [helper.make_tensor_value_info(
+        "y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    (got,) = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"x": x})
+    if approximate == "tanh":
+        want = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    else:
+        want = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)  # float32's Erf: ~3e-8
