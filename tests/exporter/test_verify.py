@@ -214,3 +214,23 @@ def test_float64_gelu_keeps_float64(approximate: str) -> None:
         want = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)  # float32's Erf: ~3e-8
+
+
+@pytest.mark.parametrize(("left", "right"), [
+    ((17, 1, 8), (8, 5)), ((2, 3, 4, 8), (8, 5)), ((3, 8), (8, 5)), ((8,), (8, 5)),
+    ((2, 3, 8), (2, 8, 5))])
+def test_float64_matmul_is_numpys(left: tuple[int, ...], right: tuple[int, ...]) -> None:
+    """The head's MatMul, which flattens stacks by a matrix into one product."""
+    from onnxcam.exporter.verify import REFERENCE_OPS
+
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(left), rng.standard_normal(right)
+    node = helper.make_node("MatMul", ["a", "b"], ["y"])
+    graph = helper.make_graph([node], "matmul", [helper.make_tensor_value_info(
+        name, TensorProto.DOUBLE, None) for name in "ab"], [helper.make_tensor_value_info(
+        "y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (got,) = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"a": a, "b": b})
+    want = np.matmul(a, b)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
