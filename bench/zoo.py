@@ -99,6 +99,8 @@ def onnxcam_side(name: str, exporter: str, work: Path, default_export: bool
                         preprocess=zoo.PREPROCESS)
         row.update(onnxcam_export=True, gradient=result.info.gradient,
                    onnxcam_layer=result.info.target_layer)
+        if result.report is not None:  # the JSON rows only: (tensor, error, tolerance)
+            row["verify_worst"] = list(result.report.worst)
     except Exception as exc:
         row.update(onnxcam_export=False, onnxcam_error=first_line(exc))
     row["onnxcam_s"] = time.perf_counter() - start

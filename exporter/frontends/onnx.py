@@ -16,7 +16,14 @@ from onnxcam.exporter.batch import BATCH_SYMBOL, free_batch, static_batch
 from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of, sha256_of_bytes
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from onnxcam.exporter.shapes import lean_session, run_with_outputs
-from onnxcam.graph import backward_reachable, opset_version, producers, real_inputs, toposort
+from onnxcam.graph import (
+    backward_reachable,
+    forward_reachable,
+    opset_version,
+    producers,
+    real_inputs,
+    toposort,
+)
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 from onnxcam.runtime import run_each_in_copies
 
@@ -126,6 +133,8 @@ def layer_layout(graph: onnx.GraphProto, layer: LayerInfo, input_layout: Layout
 def tensor_layout(graph: onnx.GraphProto, name: str, input_layout: Layout) -> Layout:
     """The layout of a 4-D tensor: NCHW after ONNX's spatial ops, else traced back."""
     made_by = producers(graph)
+    inputs = real_inputs(graph)
+    live = forward_reachable(graph, inputs[0].name) if inputs else set()
     seen = set()
     while name in made_by and name not in seen:
         seen.add(name)
@@ -138,7 +147,9 @@ def tensor_layout(graph: onnx.GraphProto, name: str, input_layout: Layout) -> La
                 return Layout.NHWC
             if perm == [0, 3, 1, 2]:
                 return Layout.NCHW
-        name = node.input[0]
+        # The first input computed from the image: the legacy torch exporter writes a
+        # Linear's bias first (Add(bias, MatMul)), which Swin V2's post-norm norm1 reads.
+        name = next((i for i in node.input if i in live), node.input[0] if node.input else "")
     return input_layout
 
 

@@ -332,16 +332,15 @@ def grad_cam(model: Any, x: Any, target: int) -> np.ndarray:
 ZOO_CASES = {"resnet18": 0, "shufflenet_v2_x0_5": 0, "vit_b_16": 1}
 
 
-# Full-depth ViT-B is refused by verification (tiny ViTs verify): see test_torch_zoo.py.
-VIT_REFUSED = pytest.mark.xfail(
-    strict=True, reason="VerificationError: bundle disagrees with its source: worst tensor "
-    "'gradients', relative error 5.384e-01 > 1e-03")
+# Wall time, not a tolerance: the ViT-B case took 303 s on two cores shared with other
+# jobs (torch's dynamo export, float64 verification), past pytest's default of 300 s.
+SLOW_CASES = {"vit_b_16": pytest.mark.timeout(900)}
 
 
 @pytest.mark.torch
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(name, marks=VIT_REFUSED) if name == "vit_b_16"
-                                  else name for name in ZOO_CASES])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=SLOW_CASES.get(name, ()))
+                                  for name in ZOO_CASES])
 def test_zoo_plain_export_explains_a_batch_of_four(tmp_path: Path, name: str) -> None:
     """torchvision models exported by the plain default call at batch 1, explained
     four at a time, against pytorch-grad-cam at the usual layer."""

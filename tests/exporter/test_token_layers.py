@@ -221,3 +221,32 @@ def test_several_layers_mix_token_and_nchw_maps(vit: Exported, tmp_path: Path) -
         entry = replace(vit.entry, layer=module, reshape=reshape)
         want = reference_map(entry, vit.model, "gradcam++", batch)
         assert zoo.map_error(got.layer_maps[names[tensors[module]]], want) <= zoo.MAP_TOLERANCE
+
+
+def tiny_swin_v2() -> Any:
+    from torchvision.models import swin_transformer
+
+    return torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[2, 2],
+        num_classes=CLASSES, block=swin_transformer.SwinTransformerBlockV2,
+        downsample_layer=swin_transformer.PatchMergingV2)
+
+
+def test_swin_v2_post_norm_is_channels_last(tmp_path: Path) -> None:
+    """Swin V2 normalises after attention: its norm1 reads the output projection, which
+    the legacy exporter writes as Add(bias, MatMul). The layout is traced through the
+    MatMul, not the bias (read as NCHW, a 4 x 4 x C map was 4 x C)."""
+    entry = zoo.ZooModel("tiny_swin_v2", tiny_swin_v2, SIZE, "features.3.1.norm1", "swin")
+    model = entry.model()
+    source = zoo.export_torch(entry, model, "legacy", tmp_path / "model.onnx")
+    usual = zoo.onnx_layer_name(source, model, entry.layer,
+                                zoo.torch_input(zoo.images(SIZE, 1, seed=99)))
+    result = export(source, tmp_path / "model.cam.onnx", layer=usual,
+                    preprocess=zoo.PREPROCESS)
+    assert result.info.activation_layout == "nhwc"
+    batch = zoo.images(SIZE)
+    ours = Explainer(result.path, device="cpu").explain(batch, list(TARGETS)).raw
+    want = zoo.reference_maps(entry, model, batch, TARGETS)
+    assert ours.shape == want.shape == (len(batch), 4, 4)
+    assert np.ptp(want) > 0
+    assert zoo.map_error(ours, want) <= zoo.MAP_TOLERANCE

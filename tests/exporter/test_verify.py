@@ -206,3 +206,47 @@ def test_input_gradients_are_judged_per_image_in_norm() -> None:
     assert norm_error(2 * want, want) == pytest.approx(1.0)
     tiny = 1e-9 * want
     assert norm_error(tiny * 1.5, tiny, floor=1.0) == pytest.approx(0.5e-7)  # the floor rules
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_float64_gelu_keeps_float64(approximate: str) -> None:
+    """The float64 head's Gelu, against its closed form: onnx's reference expands
+    Gelu's function body with a float32 Erf, whose noise (~1e-8) made float64
+    differences of ViT-B's last block misread its gradients by 20%."""
+    import math
+
+    from onnxcam.exporter.verify import REFERENCE_OPS
+
+    x = np.linspace(-4.0, 3.0, 29).reshape(1, 29) + 1e-3
+    node = helper.make_node("Gelu", ["x"], ["y"], approximate=approximate)
+    graph = helper.make_graph([node], "gelu", [helper.make_tensor_value_info(
+        "x", TensorProto.DOUBLE, None)], [helper.make_tensor_value_info(
+        "y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    (got,) = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"x": x})
+    if approximate == "tanh":
+        want = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    else:
+        want = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)  # float32's Erf: ~3e-8
+
+
+@pytest.mark.parametrize(("left", "right"), [
+    ((17, 1, 8), (8, 5)), ((2, 3, 4, 8), (8, 5)), ((3, 8), (8, 5)), ((8,), (8, 5)),
+    ((2, 3, 8), (2, 8, 5))])
+def test_float64_matmul_is_numpys(left: tuple[int, ...], right: tuple[int, ...]) -> None:
+    """The head's MatMul, which flattens stacks by a matrix into one product."""
+    from onnxcam.exporter.verify import REFERENCE_OPS
+
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(left), rng.standard_normal(right)
+    node = helper.make_node("MatMul", ["a", "b"], ["y"])
+    graph = helper.make_graph([node], "matmul", [helper.make_tensor_value_info(
+        name, TensorProto.DOUBLE, None) for name in "ab"], [helper.make_tensor_value_info(
+        "y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (got,) = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"a": a, "b": b})
+    want = np.matmul(a, b)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -55,11 +55,11 @@ class SharedBias(torch.nn.Module):
         return self.fc(torch.nn.functional.adaptive_avg_pool2d(h, 2).reshape(batch, -1))
 
 
-def legacy_export(model: Any, path: Path, size: int = SIZE) -> Path:
+def legacy_export(model: Any, path: Path, size: int = SIZE, opset: int = 17) -> Path:
     """torch's legacy exporter with a dynamic batch (static batches are another issue)."""
     buffer = io.BytesIO()
     torch.onnx.export(model, (torch.rand(1, 3, size, size),), buffer, dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["y"],
+                      opset_version=opset, input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
     path.write_bytes(buffer.getvalue())
     return path
@@ -167,6 +167,40 @@ def resnet18_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ViT-tiny (one block, 2x2 patches of 8) at 16x16: LayerNorm, attention, GELU."""
     return legacy_export(perturbed(vit), tmp_path_factory.mktemp("vit") / "vit.onnx")
+
+
+@pytest.fixture(scope="module")
+def gelu_vit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same ViT-tiny at opset 20, the legacy exporter's default, which writes each
+    GELU as one Gelu node (as in the zoo's ViT-B and Swin exports), not as Erf."""
+    path = legacy_export(perturbed(vit), tmp_path_factory.mktemp("vit20") / "vit.onnx",
+                         opset=20)
+    assert any(n.op_type == "Gelu" for n in onnx.load(str(path)).graph.node)
+    return path
+
+
+def test_a_vit_with_gelu_nodes_is_verified(gelu_vit_path: Path, tmp_path: Path) -> None:
+    """At the default token layer (the block's ln_1): verified, and the gradients match
+    torch's autograd. With a float32 Gelu in the float64 head (onnx's own expansion)
+    this one-block ViT was refused (weights 1.5e-2 > 1e-3), as ViT-B and Swin were."""
+    model = perturbed(vit)  # the same weights as the fixture's (seeded)
+    result = export(gelu_vit_path, tmp_path / "bundle.onnx", gradient="analytic")
+    assert result.report is not None and result.report.ok
+    assert result.info.activation_layout == "ntc"
+    batch, targets = images(), np.array([2, 4], np.int64)
+    out = run_bundle(tmp_path / "bundle.onnx", batch, targets)
+    want, _ = torch_gradients(model, batch, targets, model.encoder.layers[-1].ln_1)
+    np.testing.assert_allclose(out[OUTPUT_GRADIENTS], want, rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(("op_type", "mutant"), [("Gelu", doubled), ("Softmax", doubled)])
+def test_defects_in_a_gelu_vit_are_refused(gelu_vit_path: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch, op_type: str,
+                                           mutant: Mutant) -> None:
+    """Behind the default token layer: the MLP's Gelu and the attention's Softmax."""
+    replace_rule(monkeypatch, op_type, mutant)
+    assert_refused(gelu_vit_path, tmp_path / "out" / "bundle.onnx", gradient="analytic")
 
 
 def node_output(path: Path, name_part: str, op_type: str) -> str:
