@@ -395,11 +395,14 @@ EXIT_INTERRUPTED = 130
 @click.option("--batch-size", type=int, default=None, help="Images per session run (local).")
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto",
               show_default=True)
+@click.option("--clusters-sample", type=click.IntRange(min=0), default=1000,
+              show_default=True,
+              help="Rows per class sampled for the strategy clusters (0: no clusters).")
 @with_errors
 def audit(
     source: Path, model: Path, out: Path, broker: str | None, method: str, explain_mode: str,
     resume: bool, faithfulness: bool, chunk_size: int, flag_energy: float, flag_lift: float,
-    min_boxes: int, batch_size: int | None, device: str,
+    min_boxes: int, batch_size: int | None, device: str, clusters_sample: int,
 ) -> None:
     """Audit where the classifier MODEL looks over SOURCE: a CSV manifest or a folder
     of class subfolders. Writes results.csv, summary.json and report.html to --out."""
@@ -418,6 +421,7 @@ def audit(
         settings=ExplainSettings(method=method, explain=explain_mode, faithfulness=faithfulness),
         chunk_size=chunk_size, resume=resume,
         thresholds=Thresholds(flag_energy, flag_lift, min_boxes),
+        clusters_sample=clusters_sample,
     )
     try:
         summary = run_audit(source, out, backend, options)

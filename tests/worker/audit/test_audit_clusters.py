@@ -94,6 +94,7 @@ def three_groups(seed: int = 0, sizes: tuple[int, ...] = (40, 25, 15),
     return flat_maps(maps), np.array(truth)
 
 
+@pytest.mark.filterwarnings("ignore:Graph is not fully connected")  # the groups are apart
 def test_spectral_labels_agree_with_scikit_learn() -> None:
     sklearn_cluster = pytest.importorskip("sklearn.cluster")
     metrics = pytest.importorskip("sklearn.metrics")
@@ -189,3 +190,51 @@ def test_the_sample_is_spread_over_the_class_and_stated(tmp_path: Path) -> None:
     data = json.loads(json.dumps(clusters_json(found, 100)))
     assert (data["sample"], data["per_class"]["a"]["rows"],
             data["per_class"]["a"]["sampled"]) == (100, 3_000, 100)
+
+
+def test_the_cli_states_the_sample_and_can_turn_clusters_off(
+        tmp_path: Path, image_folder: Path, audit_bundle: Path) -> None:
+    from click.testing import CliRunner
+    from conftest import manifest_rows, write_manifest
+
+    from onnxcam.cli import main
+
+    manifest = write_manifest(tmp_path / "m.csv", manifest_rows(image_folder, 30))
+
+    def audit(out: str, sample: str) -> tuple[int, dict]:
+        result = CliRunner().invoke(main, ["audit", str(manifest), "--model", str(audit_bundle),
+                                           "--out", str(tmp_path / out),
+                                           "--clusters-sample", sample])
+        path = tmp_path / out / "summary.json"
+        return result.exit_code, json.loads(path.read_text()) if path.exists() else {}
+
+    code, summary = audit("five", "5")
+    assert code == 0 and summary["clusters"]["sample"] == 5
+    # 30 rows over 5 classes: 6 explained per class, 5 of them sampled.
+    assert {(c["rows"], c["sampled"]) for c in summary["clusters"]["per_class"].values()} \
+        == {(6, 5)}
+    assert "at most 5 rows" in (tmp_path / "five" / "report.html").read_text()
+    code, summary = audit("off", "0")
+    assert code == 0 and "clusters" not in summary
+    assert audit("two", "2")[0] == 2
+
+
+def test_a_loose_cluster_is_no_minority_however_far() -> None:
+    """On 4x4 one-hot maps: 20 rows all on cell 0, and 5 rows of a cluster one each on
+    cells 3, 5, 10, 12, 15. The cluster's mean is 0.2 on those cells, so its spread is
+    sqrt(0.8^2 + 4 * 0.2^2) = 0.894 and its separation from the rest sqrt(5 * 0.2^2 +
+    1) = 1.095: more than half of it, so not tight. All five on cell 15 is tight."""
+    from onnxcam.worker.audit.clusters import ClassClusters
+
+    def clusters(cells: list[int]) -> ClassClusters:
+        maps = np.zeros((25, 16))
+        maps[np.arange(25), [0] * 20 + cells] = 1.0
+        labels = np.array([0] * 20 + [1] * 5)
+        return ClassClusters("x", 25, np.arange(25), maps, labels, np.zeros(25), 2, 0.5,
+                             np.zeros((25, 2)))
+
+    assert clusters([3, 5, 10, 12, 15]).minority() is None
+    tight = clusters([15] * 5).minority()
+    assert tight is not None
+    assert (tight["spread"], tight["separation"], tight["rest_spread"]) == (
+        0.0, pytest.approx(np.sqrt(2), abs=1e-5), 0.0)

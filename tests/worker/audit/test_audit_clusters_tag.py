@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +73,7 @@ def train(images: np.ndarray, labels: np.ndarray):  # type: ignore[no-untyped-de
         layers.Dense(len(LABELS), activation="softmax"),
     ])
     model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
-    model.fit(images.astype(np.float32) / 255, labels, batch_size=32, epochs=8,
+    model.fit(images.astype(np.float32) / 255, labels, batch_size=32, epochs=16,
               shuffle=True, verbose=0)
     return model
 
@@ -115,3 +117,36 @@ def test_the_tagged_images_form_their_own_cluster(tag_audit: tuple[Path, np.ndar
     assert purity >= 0.9 and recall >= 0.9, (disc["sizes"], purity, recall)
     assert disc["note"] == "a minority strategy: look here"
     assert set(disc["clusters"][disc["minority"]["cluster"]]["members"]) == best
+    # The model solves the task too: the tag is a shortcut, not its only cue.
+    assert summary["per_class"]["disc"]["accuracy"] >= 0.8
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") \
+        or shutil.which("google-chrome")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium() is None, reason="no headless Chromium")
+def test_the_minority_strategy_shows_in_the_report(tag_audit: tuple[Path, np.ndarray],
+                                                   tmp_path: Path) -> None:
+    out, _ = tag_audit
+    page = (out / "report.html").read_text()
+    assert "disc: a minority strategy: look here" in page.replace("</b>: ", ": ")
+    assert "<script" not in page and "http://" not in page.replace(
+        "http://www.w3.org/2000/svg", "")
+    picture = tmp_path / "report.png"
+    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", f"--screenshot={picture}",
+                    "--window-size=1200,6000", (out / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(picture).convert("RGB")).astype(np.int16)
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+
+    def near(colour: tuple[int, int, int]) -> int:
+        return int(((abs(red - colour[0]) < 12) & (abs(green - colour[1]) < 12)
+                    & (abs(blue - colour[2]) < 12)).sum())
+
+    assert near((217, 119, 6)) > 300, "no amber minority banner"
+    # Dots of both clusters in the embedding (blue: the first, orange: the second).
+    assert near((47, 111, 176)) > 100 and near((224, 123, 0)) > 100
