@@ -196,6 +196,7 @@ class ClassClusters:
     k: int
     eigengap: float
     embedding: np.ndarray  # [S, 2]: the first two non-trivial eigenvectors, D^-1/2 scaled
+    empty: int = 0  # sampled rows left out: flat maps, no evidence for the class anywhere
 
     def members(self, cluster: int) -> np.ndarray:
         return np.flatnonzero(self.labels == cluster)
@@ -236,7 +237,8 @@ class ClassClusters:
         """This class's entry in summary.json's ``clusters.per_class``."""
         minority = self.minority()
         data: dict[str, Any] = {
-            "rows": self.rows, "sampled": len(self.indices), "k": self.k,
+            "rows": self.rows, "sampled": len(self.indices) + self.empty,
+            "empty": self.empty, "k": self.k,
             "eigengap": round(self.eigengap, 4),
             "eigenvalues": [round(float(v), 4) for v in self.eigenvalues[:MAX_CLUSTERS + 1]],
             "sizes": [int((self.labels == c).sum()) for c in range(self.k)],
@@ -269,7 +271,7 @@ def cluster_maps(label: str, rows: int, indices: np.ndarray, maps: np.ndarray,
     count = len(maps)
     if count < 3:
         return ClassClusters(label, rows, indices, maps, np.zeros(count, dtype=int),
-                             np.zeros(count), 1, 0.0, np.zeros((count, 2)))
+                             np.zeros(count), min(count, 1), 0.0, np.zeros((count, 2)))
     affinity = knn_affinity(maps, min(neighbours, math.ceil(math.sqrt(count)), count - 1))
     eigenvalues, vectors, degrees = spectrum(affinity)
     k, gap = choose_k(eigenvalues)
@@ -285,17 +287,22 @@ def cluster_classes(results: Path, out: Path, sample: int = SAMPLE,
     maps and its sample x sample affinity at a time."""
     found: dict[str, ClassClusters] = {}
     for label, reservoir in sorted(sample_rows(results, sample, classes).items()):
-        items = sorted(reservoir.items)
-        maps, indices = [], []
-        for index, reference in items:
+        maps, indices, empty = [], [], 0
+        for index, reference in sorted(reservoir.items):
             try:
-                maps.append(downsize(read_heatmap(reference, out)).ravel())
-                indices.append(index)
+                small = downsize(read_heatmap(reference, out)).ravel()
             except (OnnxcamError, OSError, ValueError) as exc:
                 log.warning("row %d left out of %s's clusters: %s", index, label, exc)
-        if maps:
-            found[label] = cluster_maps(label, reservoir.seen, np.array(indices),
-                                        np.array(maps))
+                continue
+            # Empty maps all coincide: they would make a "strategy" of no evidence.
+            if small.any():
+                maps.append(small)
+                indices.append(index)
+            else:
+                empty += 1
+        found[label] = cluster_maps(label, reservoir.seen, np.array(indices, dtype=int),
+                                    np.array(maps).reshape(len(maps), GRID * GRID))
+        found[label].empty = empty
     return found
 
 

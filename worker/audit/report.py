@@ -311,14 +311,15 @@ def _strategies(summary: Summary, rows: dict[int, AuditRow], out: Path) -> str:
         f"{data['grid']}×{data['grid']} and normalised to unit mass, grouped by spectral "
         f"clustering on a {data['neighbours']}-nearest-neighbour graph; the number of "
         "clusters (1 to " f"{data['max_clusters']}) is where the Laplacian's eigengap is "
-        f"largest. <i>{MINORITY_NOTE}</i>: a cluster of at most {MINORITY_SHARE:.0%} of "
+        "largest. Empty maps (no evidence anywhere) are counted and left out. "
+        f"<i>{MINORITY_NOTE}</i>: a cluster of at most {MINORITY_SHARE:.0%} of "
         f"the sample whose spread is at most {TIGHT}× its distance to the rest's mean map, "
         "and that distance at least the rest's spread.</p>",
         "<table><tr><th>class</th><th>rows</th><th>sampled</th><th>clusters</th>"
         "<th>eigengap</th><th>sizes</th><th>note</th></tr>"]
     for label, entry in per_class.items():
         parts.append(f"<tr><td>{html.escape(label)}</td><td>{entry['rows']}</td>"
-                     f"<td>{entry['sampled']}</td><td>{entry['k']}</td>"
+                     f"<td>{entry['sampled']}{_empty(entry['empty'])}</td><td>{entry['k']}</td>"
                      f"<td>{entry['eigengap']:.3f}</td>"
                      f"<td>{' / '.join(map(str, entry['sizes']))}</td>"
                      f"<td>{html.escape(entry.get('note', ''))}</td></tr>")
@@ -332,6 +333,10 @@ def _strategies(summary: Summary, rows: dict[int, AuditRow], out: Path) -> str:
         parts.append(f"<p class='legend'>{len(several) - STRATEGY_CLASSES} more classes "
                      "with several clusters: see summary.json.</p>")
     return "".join(parts)
+
+
+def _empty(count: int) -> str:
+    return f" ({count} empty, left out)" if count else ""
 
 
 def _class_strategies(found: ClassClusters, entry: dict[str, Any], summary: Summary,

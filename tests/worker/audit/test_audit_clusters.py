@@ -145,13 +145,14 @@ def test_downsize_is_an_area_average_with_unit_mass() -> None:
     assert downsize(np.ones((7, 7), np.float16)).sum() == 0  # a flat map shows nothing
 
 
-def write_results(out: Path, rows: int, maps: int = 50) -> Path:
-    """results.csv of ``rows`` rows of one class, cycling over ``maps`` stored 16x16 maps."""
+def write_results(out: Path, rows: int, maps: int = 50, flat: int = 0) -> Path:
+    """results.csv of ``rows`` rows of one class, cycling over ``maps`` stored 16x16 maps,
+    the first ``flat`` of them constant."""
     rng = np.random.default_rng(0)
     (out / "heatmaps").mkdir(parents=True)
     for index in range(maps):
-        (out / "heatmaps" / f"{index}.npy").write_bytes(
-            npy_bytes(rng.random((16, 16)).astype(np.float16)))
+        raw = np.full((16, 16), 0.5) if index < flat else rng.random((16, 16))
+        (out / "heatmaps" / f"{index}.npy").write_bytes(npy_bytes(raw.astype(np.float16)))
     path = out / "results.csv"
     writer = ResultsWriter(path)
     writer.write({"image": f"{index}.png", "label": "a", "pred": "a", "status": "ok",
@@ -190,6 +191,16 @@ def test_the_sample_is_spread_over_the_class_and_stated(tmp_path: Path) -> None:
     data = json.loads(json.dumps(clusters_json(found, 100)))
     assert (data["sample"], data["per_class"]["a"]["rows"],
             data["per_class"]["a"]["sampled"]) == (100, 3_000, 100)
+
+
+def test_empty_maps_are_counted_and_left_out(tmp_path: Path) -> None:
+    path = write_results(tmp_path, 40, maps=40, flat=6)
+    found = cluster_classes(path, tmp_path, 1000)["a"]
+    assert found.indices.tolist() == list(range(6, 40))
+    assert (found.to_json()["sampled"], found.to_json()["empty"]) == (40, 6)
+    only_empty = write_results(tmp_path / "flat", 5, maps=5, flat=5)
+    data = cluster_classes(only_empty, tmp_path / "flat", 1000)["a"].to_json()
+    assert (data["sampled"], data["empty"], data["k"], data["clusters"]) == (5, 5, 0, [])
 
 
 def test_the_cli_states_the_sample_and_can_turn_clusters_off(
