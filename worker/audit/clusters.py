@@ -238,7 +238,7 @@ class ClassClusters:
         minority = self.minority()
         data: dict[str, Any] = {
             "rows": self.rows, "sampled": len(self.indices) + self.empty,
-            "empty": self.empty, "k": self.k,
+            "empty": self.empty, "neighbours": neighbours_for(len(self.indices)), "k": self.k,
             "eigengap": round(self.eigengap, 4),
             "eigenvalues": [round(float(v), 4) for v in self.eigenvalues[:MAX_CLUSTERS + 1]],
             "sizes": [int((self.labels == c).sum()) for c in range(self.k)],
@@ -265,14 +265,18 @@ def _separation(inside: np.ndarray, rest: np.ndarray) -> dict[str, float]:
             "far": round(separation / max(rest_spread, 1e-12), 4)}
 
 
+def neighbours_for(count: int) -> int:
+    return max(1, min(NEIGHBOURS, math.ceil(math.sqrt(count)), count - 1))
+
+
 def cluster_maps(label: str, rows: int, indices: np.ndarray, maps: np.ndarray,
-                 neighbours: int = NEIGHBOURS, seed: int = SEED) -> ClassClusters:
+                 seed: int = SEED) -> ClassClusters:
     """Cluster one class's downsized maps ([S, GRID * GRID])."""
     count = len(maps)
     if count < 3:
         return ClassClusters(label, rows, indices, maps, np.zeros(count, dtype=int),
                              np.zeros(count), min(count, 1), 0.0, np.zeros((count, 2)))
-    affinity = knn_affinity(maps, min(neighbours, math.ceil(math.sqrt(count)), count - 1))
+    affinity = knn_affinity(maps, neighbours_for(count))
     eigenvalues, vectors, degrees = spectrum(affinity)
     k, gap = choose_k(eigenvalues)
     labels = spectral_labels(vectors, k, seed)
@@ -323,6 +327,6 @@ def rows_at(results: Path, wanted: set[int]) -> dict[int, ResultRow]:
 def clusters_json(found: dict[str, ClassClusters], sample: int) -> dict[str, Any]:
     """summary.json's ``clusters``: the settings, then each class's clusters."""
     per_class = {label: found[label].to_json() for label in sorted(found)}
-    return {"sample": sample, "grid": GRID, "neighbours": NEIGHBOURS,
+    return {"sample": sample, "grid": GRID, "max_neighbours": NEIGHBOURS,
             "max_clusters": MAX_CLUSTERS, "per_class": per_class,
             "minority": [label for label, data in per_class.items() if data["minority"]]}

@@ -309,7 +309,8 @@ def _strategies(summary: Summary, rows: dict[int, AuditRow], out: Path) -> str:
         "<h2>Strategy clusters</h2><p class='legend'>Each explained class's heatmaps (a "
         f"random sample of at most {data['sample']} rows), downsized to "
         f"{data['grid']}×{data['grid']} and normalised to unit mass, grouped by spectral "
-        f"clustering on a {data['neighbours']}-nearest-neighbour graph; the number of "
+        "clustering on a graph joining each map to its min("
+        f"{data['max_neighbours']}, ⌈√sample⌉) nearest; the number of "
         "clusters (1 to " f"{data['max_clusters']}) is where the Laplacian's eigengap is "
         "largest. Empty maps (no evidence anywhere) are counted and left out. "
         f"<i>{MINORITY_NOTE}</i>: a cluster of at most {MINORITY_SHARE:.0%} of "
@@ -371,6 +372,8 @@ def _embedding(found: ClassClusters, width: int = 360, height: int = 240) -> str
     low, high = points.min(axis=0), points.max(axis=0)
     span = np.where(high > low, high - low, 1.0)
     margin = 12
+    key = " ".join(f"<span style='color:{PALETTE[c % len(PALETTE)]}'>●</span> cluster {c + 1} "
+                   f"({(found.labels == c).sum()})" for c in range(found.k))
     xy = margin + (points - low) / span * [width - 2 * margin, height - 2 * margin]
     dots = "".join(
         f"<circle cx='{x:.1f}' cy='{height - y:.1f}' r='3.5' fill-opacity='0.75' "
@@ -378,6 +381,7 @@ def _embedding(found: ClassClusters, width: int = 360, height: int = 240) -> str
         for (x, y), label in zip(xy, found.labels, strict=True))
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}'>"
             f"<rect width='{width}' height='{height}' fill='#fafbfc' stroke='#dde1e7'/>"
-            f"{dots}</svg><p class='legend'>Spectral embedding (the second and third "
-            "eigenvectors of the graph's normalised Laplacian): one dot per sampled row, "
-            "coloured by cluster.</p>")
+            f"{dots}</svg><p class='legend'>{key} · Spectral embedding (the second and "
+            "third eigenvectors of the graph's normalised Laplacian): one dot per sampled "
+            "row, coloured by cluster; a cluster cut off from the rest of the graph may collapse "
+            "onto one point.</p>")
