@@ -103,26 +103,35 @@ def sample_rows(results: Path, size: int, classes: list[str] | None,
     return samples
 
 
-def knn_affinity(points: np.ndarray, neighbours: int) -> np.ndarray:
+def knn_affinity(points: np.ndarray, neighbours: int, block: int = 128) -> np.ndarray:
     """Symmetrised k-nearest-neighbour connectivity: w_ij = 1 when j is among i's
-    ``neighbours`` nearest (Euclidean, ties to the lower index) or i among j's."""
+    ``neighbours`` nearest (Euclidean, ties to the lower index) or i among j's.
+    Distances are taken ``block`` rows at a time, so the only S x S array is the result."""
     squared = (points ** 2).sum(axis=1)
-    distances = squared[:, None] + squared[None, :] - 2 * points @ points.T
-    np.fill_diagonal(distances, np.inf)
-    nearest = np.argsort(distances, axis=1, kind="stable")[:, :neighbours]
-    affinity = np.zeros(distances.shape)
-    np.put_along_axis(affinity, nearest, 1.0, axis=1)
-    return np.maximum(affinity, affinity.T)
+    affinity = np.zeros((len(points), len(points)))
+    for start in range(0, len(points), block):
+        rows = slice(start, start + block)
+        distances = squared[rows, None] + squared[None, :] - 2 * points[rows] @ points.T
+        distances[np.arange(len(distances)), np.arange(len(points))[rows]] = np.inf
+        nearest = np.argsort(distances, axis=1, kind="stable")[:, :neighbours]
+        np.put_along_axis(affinity[rows], nearest, 1.0, axis=1)
+    np.maximum(affinity, affinity.T, out=affinity)
+    return affinity
 
 
 def spectrum(affinity: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and eigenvectors of the normalised Laplacian
-    I - D^-1/2 W D^-1/2, and the degrees."""
+    I - D^-1/2 W D^-1/2, and the degrees. Overwrites ``affinity`` with the Laplacian,
+    sparing an S x S copy."""
     degrees = affinity.sum(axis=1)
     scale = 1 / np.sqrt(np.maximum(degrees, 1e-12))
-    laplacian = np.eye(len(affinity)) - scale[:, None] * affinity * scale[None, :]
+    laplacian = affinity
+    laplacian *= scale[:, None]
+    laplacian *= -scale[None, :]
+    laplacian[np.diag_indices_from(laplacian)] += 1.0
     values, vectors = np.linalg.eigh(laplacian)
-    return np.clip(values, 0.0, 2.0), vectors, degrees
+    # Only the first MAX_CLUSTERS + 1 eigenvectors are ever read.
+    return np.clip(values, 0.0, 2.0), vectors[:, :MAX_CLUSTERS + 1].copy(), degrees
 
 
 def choose_k(eigenvalues: np.ndarray, max_clusters: int = MAX_CLUSTERS) -> tuple[int, float]:
