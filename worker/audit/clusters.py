@@ -289,6 +289,7 @@ def cluster_maps(label: str, rows: int, indices: np.ndarray, maps: np.ndarray,
     eigenvalues, vectors, degrees = spectrum(affinity)
     k, gap = choose_k(eigenvalues)
     labels = spectral_labels(vectors, k, seed)
+    k = int(labels.max()) + 1  # k-means may leave a cluster empty; those are numbered last
     embedding = vectors[:, 1:3] / np.sqrt(degrees)[:, None]
     return ClassClusters(label, rows, indices, maps, labels, eigenvalues, k, gap, embedding)
 
