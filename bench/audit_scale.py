@@ -9,7 +9,8 @@ process, so its peak RSS is its own:
   memory is flat when the peaks stay within 10% of each other;
 - workers: the same audit fanned out to two ``onnxcam worker`` processes
   (concurrency 1 each) through Redis, at the smaller size;
-- report: summarising results.csv and writing report.html again, timed alone.
+- report: summarising results.csv, clustering each class's sample and writing
+  report.html again, timed alone.
 
     python bench/audit_scale.py                 # 10k and 100k rows (about 15 minutes)
     python bench/audit_scale.py --rows 2000 20000 --no-workers
@@ -109,7 +110,8 @@ def one_run(bundle: Path, manifest: Path, out: Path, broker: str | None) -> dict
     from onnxcam.progress import Progress
     from onnxcam.worker.audit import AuditOptions, LocalBackend, run_audit
     from onnxcam.worker.audit.report import write_report
-    from onnxcam.worker.audit.runner import _worst_rows
+    from onnxcam.worker.audit.clusters import SAMPLE
+    from onnxcam.worker.audit.runner import _add_clusters, _worst_rows
     from onnxcam.worker.audit.summary import summarize
 
     if broker:
@@ -126,7 +128,9 @@ def one_run(bundle: Path, manifest: Path, out: Path, broker: str | None) -> dict
     seconds = time.perf_counter() - started
     started = time.perf_counter()
     again = summarize(out / "results.csv", classes=list(backend.info.labels))
-    write_report(again, out / "report-again.html", _worst_rows(manifest, backend, again), out)
+    _add_clusters(again, out, SAMPLE, list(backend.info.labels))
+    write_report(again, out / "report-again.html", _worst_rows(manifest, backend, again, None),
+                 out)
     report_seconds = time.perf_counter() - started
     return {"rows": summary.data["n"], "errors": summary.data["errors"],
             "rows_per_s": summary.data["n"] / seconds, "peak_mb": peak_mb(),

@@ -398,11 +398,15 @@ EXIT_INTERRUPTED = 130
 @click.option("--label-map", type=click.Path(path_type=Path), default=None,
               help="COCO/VOC sources: a JSON object of category name -> bundle label; "
                    "categories it leaves out are not audited.")
+@click.option("--clusters-sample", type=click.IntRange(min=0), default=1000,
+              show_default=True,
+              help="Rows per class sampled for the strategy clusters (0: no clusters).")
 @with_errors
 def audit(
     source: Path, model: Path, out: Path, broker: str | None, method: str, explain_mode: str,
     resume: bool, faithfulness: bool, chunk_size: int, flag_energy: float, flag_lift: float,
     min_boxes: int, batch_size: int | None, device: str, label_map: Path | None,
+    clusters_sample: int,
 ) -> None:
     """Audit where the classifier MODEL looks over SOURCE: a CSV manifest, a folder
     of class subfolders, a COCO instances JSON or a folder of Pascal VOC XML files.
@@ -424,6 +428,7 @@ def audit(
         chunk_size=chunk_size, resume=resume,
         thresholds=Thresholds(flag_energy, flag_lift, min_boxes),
         label_map=read_label_map(label_map) if label_map else None,
+        clusters_sample=clusters_sample,
     )
     try:
         summary = run_audit(source, out, backend, options)

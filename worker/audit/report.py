@@ -2,14 +2,13 @@
 PNG) that opens from disk with no server and no JavaScript.
 
 Top to bottom: the flagged classes in red, the per-class table, energy-in-box per
-class, and overlays of the worst cases with their box drawn.
+class, overlays of the worst cases with their box drawn, and the strategy clusters.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,27 @@ from PIL import Image
 
 from onnxcam.errors import OnnxcamError
 from onnxcam.files import atomic_write
-from onnxcam.worker.audit.backend import AuditRow, load_source, read_source
+from onnxcam.worker.audit.backend import AuditRow, load_source
+from onnxcam.worker.audit.clusters import (
+    MINORITY_NOTE,
+    MINORITY_SHARE,
+    TIGHT,
+    ClassClusters,
+    read_heatmap,
+)
 from onnxcam.worker.audit.manifest import region_of
 from onnxcam.worker.audit.summary import BINS, Summary
 from onnxcam.worker.images import DEFAULT_LIMITS
-from onnxcam.worker.maps import heatmaps, overlay
+from onnxcam.worker.maps import heatmaps, jet, overlay
 from onnxcam.worker.outputs import png_bytes
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL = 176  # longer side of the worst-case pictures, in pixels
 OUTLINE = (255, 0, 255)  # magenta: no colour of the jet map
+STRATEGY_CLASSES = 20  # classes drawn in full in the strategy section, minorities first
+PALETTE = ("#2f6fb0", "#e07b00", "#2f8a4c", "#c81e1e", "#7b4fb0", "#8c564b", "#d15fa8",
+           "#6b7280")  # one colour per cluster (at most MAX_CLUSTERS)
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2330;
@@ -55,6 +64,12 @@ tr.flagged td { background: #fdf0f0; } tr.flagged td:first-child { color: #b11c1
 .frame img { display: block; max-width: 176px; max-height: 176px; }
 .card .name { font-weight: 600; overflow-wrap: anywhere; } .bad { color: #b11c1c; }
 .legend { color: #5a6272; font-size: 12px; }
+.minority { background: #fff4e0; border: 2px solid #d97706; color: #7a3e00;
+        border-radius: 6px; padding: 8px 12px; margin: 8px 0; }
+.strategy { display: flex; gap: 12px; align-items: flex-start; margin: 10px 0; }
+.strategy .mean { width: 120px; font-size: 12px; }
+.strategy .mean img { display: block; width: 96px; height: 96px; image-rendering: pixelated;
+        border: 3px solid; }
 """
 
 
@@ -75,6 +90,7 @@ def write_report(summary: Summary, path: Path, rows: dict[int, AuditRow], out: P
         "<p class='legend'>Wrong predictions, most confident first; those shown just "
         "above are not repeated.</p>",
         _cards(_not_in(summary.confident_mistakes, summary.lowest_energy), rows, out),
+        _strategies(summary, rows, out),
         "</body></html>\n",
     ]
     atomic_write(path, "".join(parts).encode("utf-8"))
@@ -250,7 +266,7 @@ def _thumbnail(row: dict[str, str], manifest_row: AuditRow | None,
     whether the map is empty (no evidence for the class anywhere)."""
     try:
         image = load_source(row["image"], 3, DEFAULT_LIMITS)
-        raw = np.load(io.BytesIO(_heatmap_bytes(row["heatmap"], out)), allow_pickle=False)
+        raw = read_heatmap(row["heatmap"], out)
         height, width = image.shape[:2]
         picture = overlay(image, heatmaps(raw[None].astype(np.float32), height, width)[0])
         region = None
@@ -281,7 +297,91 @@ def outline(region: np.ndarray, thickness: int = 2) -> np.ndarray:
     return region & ~inner
 
 
-def _heatmap_bytes(reference: str, out: Path) -> bytes:
-    if "://" in reference:
-        return read_source(reference, DEFAULT_LIMITS)
-    return (out / reference).read_bytes()
+
+def _strategies(summary: Summary, rows: dict[int, AuditRow], out: Path) -> str:
+    """Per explained class, its clusters of heatmaps (SpRAy): a table of all, then the
+    classes with more than one cluster in full, those with a minority strategy first."""
+    data = summary.data.get("clusters")
+    if not data:
+        return ""
+    per_class = data["per_class"]
+    parts = [
+        "<h2>Strategy clusters</h2><p class='legend'>Each explained class's heatmaps (a "
+        f"random sample of at most {data['sample']} rows), downsized to "
+        f"{data['grid']}×{data['grid']} and normalised to unit mass, grouped by spectral "
+        "clustering on a graph joining each map to its min("
+        f"{data['max_neighbours']}, ⌈√sample⌉) nearest; the number of "
+        "clusters (1 to " f"{data['max_clusters']}) is where the Laplacian's eigengap is "
+        "largest. Empty maps (no evidence anywhere) are counted and left out. "
+        f"<i>{MINORITY_NOTE}</i>: a cluster of at most {MINORITY_SHARE:.0%} of "
+        f"the sample whose spread is at most {TIGHT}× its distance to the rest's mean map, "
+        "and that distance at least the rest's spread.</p>",
+        "<table><tr><th>class</th><th>rows</th><th>sampled</th><th>clusters</th>"
+        "<th>eigengap</th><th>sizes</th><th>note</th></tr>"]
+    for label, entry in per_class.items():
+        parts.append(f"<tr><td>{html.escape(label)}</td><td>{entry['rows']}</td>"
+                     f"<td>{entry['sampled']}{_empty(entry['empty'])}</td><td>{entry['k']}</td>"
+                     f"<td>{entry['eigengap']:.3f}</td>"
+                     f"<td>{' / '.join(map(str, entry['sizes']))}</td>"
+                     f"<td>{html.escape(entry.get('note', ''))}</td></tr>")
+    parts.append("</table>")
+    several = sorted((label for label, entry in per_class.items() if entry["k"] > 1),
+                     key=lambda label: (per_class[label]["minority"] is None, label))
+    for label in several[:STRATEGY_CLASSES]:
+        parts.append(_class_strategies(summary.clusters[label], per_class[label], summary,
+                                       rows, out))
+    if len(several) > STRATEGY_CLASSES:
+        parts.append(f"<p class='legend'>{len(several) - STRATEGY_CLASSES} more classes "
+                     "with several clusters: see summary.json.</p>")
+    return "".join(parts)
+
+
+def _empty(count: int) -> str:
+    return f" ({count} empty, left out)" if count else ""
+
+
+def _class_strategies(found: ClassClusters, entry: dict[str, Any], summary: Summary,
+                      rows: dict[int, AuditRow], out: Path) -> str:
+    parts = [f"<h2>{html.escape(found.label)}: {found.k} strategies</h2>"]
+    minority = entry["minority"]
+    if minority:
+        parts.append(
+            f"<div class='minority'>⚑ <b>{html.escape(found.label)}</b>: {MINORITY_NOTE} "
+            f"(cluster {minority['cluster'] + 1}: {minority['size']} of {entry['sampled']} "
+            f"rows, spread {minority['spread']:.3f}, {minority['far']:.1f}× the rest's "
+            "spread away from the rest)</div>")
+    parts.append(_embedding(found))
+    for cluster, summary_cluster in enumerate(entry["clusters"]):
+        mean = np.asarray(summary_cluster["mean_heatmap"])
+        picture = jet(mean / mean.max() if mean.max() > 0 else mean)
+        exemplars = [summary.cluster_rows[i] for i in summary_cluster["exemplars"]
+                     if i in summary.cluster_rows]
+        parts.append(
+            f"<div class='strategy'><div class='mean'><img alt='' style='border-color:"
+            f"{PALETTE[cluster % len(PALETTE)]}' src='data:image/png;base64,"
+            f"{base64.b64encode(png_bytes(picture)).decode('ascii')}'>cluster {cluster + 1}"
+            f": {summary_cluster['size']} rows, mean map</div>"
+            + _cards(exemplars, rows, out) + "</div>")
+    return "".join(parts)
+
+
+def _embedding(found: ClassClusters, width: int = 360, height: int = 240) -> str:
+    """The sample in the spectral embedding's first two non-trivial coordinates, one
+    dot per row, coloured by cluster."""
+    points = found.embedding
+    low, high = points.min(axis=0), points.max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    margin = 12
+    key = " ".join(f"<span style='color:{PALETTE[c % len(PALETTE)]}'>●</span> cluster {c + 1} "
+                   f"({(found.labels == c).sum()})" for c in range(found.k))
+    xy = margin + (points - low) / span * [width - 2 * margin, height - 2 * margin]
+    dots = "".join(
+        f"<circle cx='{x:.1f}' cy='{height - y:.1f}' r='3.5' fill-opacity='0.75' "
+        f"fill='{PALETTE[label % len(PALETTE)]}'/>"
+        for (x, y), label in zip(xy, found.labels, strict=True))
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}'>"
+            f"<rect width='{width}' height='{height}' fill='#fafbfc' stroke='#dde1e7'/>"
+            f"{dots}</svg><p class='legend'>{key} · Spectral embedding (the second and "
+            "third eigenvectors of the graph's normalised Laplacian): one dot per sampled "
+            "row, coloured by cluster; a cluster cut off from the rest of the graph may collapse "
+            "onto one point.</p>")

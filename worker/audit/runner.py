@@ -33,6 +33,7 @@ from onnxcam.worker.audit.backend import (
     ExplainSettings,
     RowOutcome,
 )
+from onnxcam.worker.audit.clusters import SAMPLE, cluster_classes, clusters_json, rows_at
 from onnxcam.worker.audit.manifest import (
     LabelMap,
     RowProblem,
@@ -63,6 +64,7 @@ class AuditOptions:
     resume: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
     label_map: LabelMap | None = None  # COCO/VOC category name -> bundle label
+    clusters_sample: int = SAMPLE  # rows per class clustered at most; 0: no clusters
 
 
 def run_audit(
@@ -103,10 +105,24 @@ def run_audit(
     classes = [info.label(k) for k in range(info.num_classes)]
     summary = summarize(path, options.thresholds, classes)
     summary.data.update(_context(backend, settings, time.monotonic() - started, done))
+    if options.clusters_sample:
+        _add_clusters(summary, out, options.clusters_sample, classes)
     atomic_write(out / SUMMARY, (json.dumps(summary.data, indent=2) + "\n").encode())
     write_report(summary, out / REPORT,
                  _worst_rows(source, backend, summary, options.label_map), out)
     return summary
+
+
+def _add_clusters(summary: Summary, out: Path, sample: int, classes: list[str]) -> None:
+    """Strategy clusters from results.csv and the stored maps, after the run."""
+    started = time.monotonic()
+    found = cluster_classes(out / RESULTS, out, sample, classes)
+    summary.clusters = found
+    summary.data["clusters"] = clusters_json(found, sample)
+    wanted = {index for clusters in found.values() for cluster in range(clusters.k)
+              for index in clusters.exemplars(cluster)}
+    summary.cluster_rows = rows_at(out / RESULTS, wanted)
+    log.info("clustered %d classes in %.1f s", len(found), time.monotonic() - started)
 
 
 def _check(backend: Backend, options: AuditOptions) -> None:
@@ -115,6 +131,8 @@ def _check(backend: Backend, options: AuditOptions) -> None:
         raise AuditError(f"explain must be one of {', '.join(EXPLAIN_MODES)}")
     if options.chunk_size < 1:
         raise AuditError("the chunk size must be at least 1")
+    if options.clusters_sample < 0 or options.clusters_sample in (1, 2):
+        raise AuditError("the clusters' sample must be 0 (no clusters) or at least 3 rows")
 
 
 def _images(source: Path, backend: Backend, label_map: LabelMap | None) -> Iterator[str]:

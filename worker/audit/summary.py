@@ -95,6 +95,10 @@ class Summary:
     # from the wrong place), and among all its rows.
     lowest_correct_by_class: dict[str, list[ResultRow]]
     lowest_by_class: dict[str, list[ResultRow]]
+    # Strategy clusters per explained class (clusters.ClassClusters), and the
+    # results.csv rows of their exemplars, by index.
+    clusters: dict[str, Any] = field(default_factory=dict)
+    cluster_rows: dict[int, ResultRow] = field(default_factory=dict)
 
     def flagged_cases(self, label: str) -> list[ResultRow]:
         """What to show for a flagged class: its right answers from the wrong place, or
@@ -104,7 +108,8 @@ class Summary:
     def shown_rows(self) -> list[ResultRow]:
         """Every row the report draws."""
         flagged = [row for flag in self.data["flags"] for row in self.flagged_cases(flag["class"])]
-        return flagged + self.lowest_energy + self.confident_mistakes
+        return flagged + self.lowest_energy + self.confident_mistakes + list(
+            self.cluster_rows.values())
 
 
 class Worst:

@@ -4,6 +4,7 @@ the same numbers as in-process, and a worker killed mid-chunk loses nothing."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -67,6 +68,12 @@ def test_distributed_audit_gives_the_local_numbers(tmp_path: Path) -> None:
         raw = np.load(row["heatmap"])  # the workers' raw map in the store
         assert raw.ndim == 2 and raw.dtype == np.float32
     assert (tmp_path / "remote" / "report.html").stat().st_size > 10_000
+    # The strategy clusters read the workers' maps from the store and find the local ones.
+    local_clusters, remote_clusters = (
+        {label: (found["k"], found["empty"], [c["members"] for c in found["clusters"]])
+         for label, found in json.loads((tmp_path / side / "summary.json").read_text())
+         ["clusters"]["per_class"].items()} for side in ("local", "remote"))
+    assert local_clusters == remote_clusters and set(local_clusters) == {"bus", "car"}
 
 
 def test_worker_killed_mid_chunk_still_completes(tmp_path: Path) -> None:
