@@ -109,8 +109,8 @@ def one_run(bundle: Path, manifest: Path, out: Path, broker: str | None) -> dict
     """In a child process: the audit, then the summary and report again, timed."""
     from onnxcam.progress import Progress
     from onnxcam.worker.audit import AuditOptions, LocalBackend, run_audit
-    from onnxcam.worker.audit.report import write_report
     from onnxcam.worker.audit.clusters import SAMPLE
+    from onnxcam.worker.audit.report import write_report
     from onnxcam.worker.audit.runner import _add_clusters, _worst_rows
     from onnxcam.worker.audit.summary import summarize
 
