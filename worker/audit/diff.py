@@ -9,7 +9,6 @@ hits, and the rows whose attention moved most. Writes diff.json and diff.html.
 from __future__ import annotations
 
 import html
-import io
 import json
 import logging
 import math
@@ -23,7 +22,8 @@ import numpy as np
 
 from onnxcam.errors import AuditError
 from onnxcam.files import atomic_write
-from onnxcam.worker.audit.report import CSS, _heatmap_bytes, _thumbnail
+from onnxcam.worker.audit.clusters import read_heatmap
+from onnxcam.worker.audit.report import CSS, _thumbnail
 from onnxcam.worker.audit.results import HEADER, ResultRow, read_results
 from onnxcam.worker.audit.summary import Worst
 from onnxcam.worker.maps import flat, resize_maps
@@ -226,7 +226,7 @@ def _row_similarity(old_row: ResultRow, new_row: ResultRow, old: Path,
     if old_row["status"] != "ok" or new_row["status"] != "ok":
         return None
     try:
-        maps = [np.load(io.BytesIO(_heatmap_bytes(row["heatmap"], folder)), allow_pickle=False)
+        maps = [read_heatmap(row["heatmap"], folder)
                 for row, folder in ((old_row, old), (new_row, new))]
     except (OSError, ValueError) as exc:
         log.warning("row %s: no heatmap to compare (%s)", old_row["image"], exc)
