@@ -16,7 +16,7 @@ EXPLAIN_TASK = "onnxcam.explain"
 
 
 def make_app(settings: Settings) -> Celery:
-    broker.install()
+    broker.install(settings.max_inline_job_bytes)
     app = Celery("onnxcam", broker=settings.broker_url, backend=settings.backend_url,
                  include=["onnxcam.worker.service.tasks"])
     transport = {

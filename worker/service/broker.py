@@ -14,6 +14,7 @@ kombu reconnects as before.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import uuid
 from collections.abc import Callable
@@ -172,7 +173,41 @@ def dropped(reason: object) -> None:
     log.error("dropped a broker message that is not a valid onnxcam job (%s)", text)
 
 
-def install() -> None:
-    """Make redis:// and rediss:// broker URLs use this transport."""
+# Room in a message beside its inline pixels: the envelope, and up to 256 paths of
+# 4096 characters with their names.
+MESSAGE_OVERHEAD = 8 * 2**20
+
+
+def max_message_bytes(max_inline_job_bytes: int) -> int:
+    """The largest queue item a worker parses: a job's inline pixels in base64, twice
+    (Celery's body is base64 of the JSON job, whose inline data is base64 already), plus
+    the envelope. Anything larger is no job a client sends, only a way to swell the
+    worker (a 300 MB field grew it to 4.1 GB), and is dropped unread."""
+    return math.ceil(max_inline_job_bytes * (4 / 3) ** 2) + MESSAGE_OVERHEAD
+
+
+class MessageTooLargeError(ValueError):
+    pass
+
+
+def _bounded(loads: Callable[[str], Any], limit: int) -> Callable[[str], Any]:
+    def bounded_loads(text: Any) -> Any:
+        if len(text) > limit:
+            raise MessageTooLargeError(f"a queue item of {len(text)} bytes, over the "
+                                       f"{limit} a job can need (ONNXCAM_MAX_INLINE_JOB_BYTES)")
+        return loads(text)
+
+    bounded_loads.unbounded = loads  # type: ignore[attr-defined]
+    return bounded_loads
+
+
+def install(max_inline_job_bytes: int | None = None) -> None:
+    """Make redis:// and rediss:// broker URLs use this transport; with
+    ``max_inline_job_bytes``, queue items too large for any job are dropped before
+    they are parsed."""
     for scheme in ("redis", "rediss"):
         TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    if max_inline_job_bytes is not None:
+        # kombu's Redis channel parses every popped item with this module-level loads.
+        plain = getattr(kombu_redis.loads, "unbounded", kombu_redis.loads)
+        kombu_redis.loads = _bounded(plain, max_message_bytes(max_inline_job_bytes))

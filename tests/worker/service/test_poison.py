@@ -91,3 +91,48 @@ def test_task_message_of_the_wrong_shape_fails_with_a_code(deployment: dict,
         assert client.hlen("unacked") == 0
     finally:
         worker.stop()
+
+
+def _peak_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_message_too_large_for_any_job_is_dropped_unparsed(deployment: dict,
+                                                            cnn_bundle: Path) -> None:
+    """Issue 11: a 300 MB field grew the worker to 4.1 GB (2.1 GB in its main process
+    once inline data was capped per image). A queue item larger than any job can be
+    (its inline pixels capped by ONNXCAM_MAX_INLINE_JOB_BYTES) is dropped before it is
+    parsed: the main process grows by what reading it takes, no more."""
+    from poison import b64json
+
+    from onnxcam.worker.service.broker import max_message_bytes
+
+    settings, image = deployment["settings"], deployment["image"]
+    env = {**deployment["env"], "ONNXCAM_MAX_INLINE_JOB_BYTES": str(2**20)}
+    limit = max_message_bytes(2**20)
+    worker = start_worker("swollen", env, deployment["folder"], concurrency=1)
+    try:
+        worker.wait_ready()
+        assert submit(cnn_bundle, [image], settings=settings).wait(timeout=60)[0]["status"] \
+            == "ok"
+        before = _peak_mb(worker.process.pid)
+        job = {"v": 1, "bundle": "ab" * 32, "images": [{"name": "x", "data": "A" * 80 * 2**20}]}
+        item = json.dumps(envelope({}, "job-too-large", body=b64json([[job], {}, {}])))
+        assert len(item) > 3 * limit
+        client = _redis(settings)
+        client.lpush(QUEUE, item)
+        del item, job
+        records = submit(cnn_bundle, [image], settings=settings).wait(timeout=60)
+        assert records[0]["status"] == "ok"
+        wait_for(lambda: client.hlen("unacked") == 0 and client.llen(QUEUE) == 0, 10,
+                 "the queue to empty")
+        grown = _peak_mb(worker.process.pid) - before
+    finally:
+        worker.stop()
+    log = worker.text()
+    assert "a queue item of" in log and "ONNXCAM_MAX_INLINE_JOB_BYTES" in log
+    # ~143 MB as bytes and again as text while it is read; parsed and passed on, many times
+    assert grown < 400, f"the worker's main process grew by {grown:.0f} MB"
