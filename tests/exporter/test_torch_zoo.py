@@ -47,26 +47,8 @@ USUAL_FAILS: dict[tuple[str, str], str] = {
     ("swin_v2_t", "legacy"): _refused("gradients", "1.618e-01"),
     ("vit_b_16", "dynamo"): _refused("gradients", "5.384e-01"),
     ("vit_b_16", "legacy"): _refused("gradients", "2.167e-01"),
-    # These random EfficientNets amplify float32 noise (logits ~1e3): the harness's
-    # weights may be at fault rather than onnxcam; v2_s's layer output is matched by
-    # no ONNX tensor within 1e-4.
-    ("efficientnet_b0", "dynamo"): _refused("logits", "4.229e-02", "1e-04"),
-    ("efficientnet_b0", "legacy"): _refused("logits", "9.258e-04", "1e-04"),
-    **{("efficientnet_v2_s", exporter): "LookupError: no tensor in "
-       f"efficientnet_v2_s-{exporter}.onnx holds the output of features.7"
-       for exporter in ("dynamo", "legacy")},
-}
-# Refused by a hair in some runs and not in others (logits 1.146e-04 > 1e-04: float32
-# rounding of threaded kernels), so these cannot be strict.
-USUAL_FLAKY: dict[tuple[str, str], str] = {
-    ("mobilenet_v3_small", exporter): _refused("logits", "1.146e-04", "1e-04") + " (some runs)"
-    for exporter in ("dynamo", "legacy")
 }
 DEFAULT_FAILS: dict[tuple[str, str], str] = {
-    # The harness finds no ONNX tensor within 1e-4 of the layer's output (see above).
-    **{("efficientnet_v2_s", exporter): "LookupError: no tensor in "
-       f"efficientnet_v2_s-{exporter}.onnx holds the output of features.7"
-       for exporter in ("dynamo", "legacy")},
     # MaxViT: the last block's residual Add, in the grid-partitioned layout, rather than
     # the departitioned map after it.
     ("maxvit_t", "dynamo"): _default("node_add_76"),
@@ -74,15 +56,10 @@ DEFAULT_FAILS: dict[tuple[str, str], str] = {
 }
 
 
-def cases(fails: dict[tuple[str, str], str],
-          flaky: dict[tuple[str, str], str] | None = None) -> list[Any]:
-    flaky = flaky or {}
-
+def cases(fails: dict[tuple[str, str], str]) -> list[Any]:
     def marks(key: tuple[str, str]) -> list[Any]:
         if key in fails:
             return [pytest.mark.xfail(strict=True, reason=fails[key])]
-        if key in flaky:
-            return [pytest.mark.xfail(strict=False, reason=flaky[key])]
         return []
 
     return [pytest.param(name, exporter, id=f"{name}-{exporter}", marks=marks((name, exporter)))
@@ -141,7 +118,7 @@ def default_layer(path: Path) -> tuple[str, str]:
     return chosen.name, chosen.tensor
 
 
-@pytest.mark.parametrize(("name", "exporter"), cases(USUAL_FAILS, USUAL_FLAKY))
+@pytest.mark.parametrize(("name", "exporter"), cases(USUAL_FAILS))
 def test_usual_layer_matches_pytorch_grad_cam(
     torch_zoo: Zoo, tmp_path: Path, name: str, exporter: str
 ) -> None:
