@@ -27,10 +27,6 @@ from onnxcam.exporter import describe, list_layers  # noqa: E402
 pytestmark = pytest.mark.torch
 
 
-def _default(chosen: str) -> str:
-    return f"AssertionError: onnxcam's default layer is {chosen}"
-
-
 # (model, exporter) -> the first line of the error each case gives (torch 2.14.1,
 # torchvision 0.29.1), grouped by cause. A fixed case fails as XPASS(strict): drop it.
 def _refused(tensor: str, error: str, tolerance: str = "1e-03") -> str:
@@ -48,12 +44,7 @@ USUAL_FAILS: dict[tuple[str, str], str] = {
     ("vit_b_16", "dynamo"): _refused("gradients", "5.384e-01"),
     ("vit_b_16", "legacy"): _refused("gradients", "2.167e-01"),
 }
-DEFAULT_FAILS: dict[tuple[str, str], str] = {
-    # MaxViT: the last block's residual Add, in the grid-partitioned layout, rather than
-    # the departitioned map after it.
-    ("maxvit_t", "dynamo"): _default("node_add_76"),
-    ("maxvit_t", "legacy"): _default("/blocks.3/layers.1/layers/grid_attention/Add_1"),
-}
+DEFAULT_FAILS: dict[tuple[str, str], str] = {}  # every default is the usual layer
 
 
 def cases(fails: dict[tuple[str, str], str]) -> list[Any]:
