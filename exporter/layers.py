@@ -89,13 +89,16 @@ def behind_views(layer: LayerInfo, by_name: dict[str, LayerInfo]) -> LayerInfo:
 def before_resampling(layer: LayerInfo, by_name: dict[str, LayerInfo]) -> LayerInfo:
     """The map an adaptive average pool resampled to the same size or larger (AlexNet
     and VGG pool to 6x6 and 7x7 before Flatten, whatever their maps' size): it adds
-    nothing but repeats, so the map it read is taken. A pool that shrinks is kept."""
+    nothing but repeats, so the map it read is taken. A pool that shrinks is kept, and
+    so is a map made by views alone: MaxViT's last block reshapes its grid-partitioned
+    tokens back into the image's map, which is the one to explain."""
     if layer.op not in RESAMPLING:
         return layer
-    current = layer
+    current, resampled = layer, False
     while current.op in RESAMPLING and current.source in by_name:
+        resampled |= current.op not in VIEWS
         current = by_name[current.source]
-    if current.extended and size(current) <= size(layer):
+    if resampled and current.extended and size(current) <= size(layer):
         return current
     return layer
 

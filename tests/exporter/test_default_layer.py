@@ -90,3 +90,14 @@ def test_all_maps_1x1_gives_the_last_map() -> None:
     layers = chain(("conv", "Conv", (1, 8, 1, 1)), ("relu", "Relu", (1, 8, 1, 1)),
                    ("flat", "Flatten", (1, 8)), ("fc", "Gemm", (1, 3)))
     assert default_layer(layers).name == "relu"
+
+
+def test_a_map_made_by_views_alone_stays() -> None:
+    """MaxViT's last block adds its residual on grid-partitioned tokens, then views
+    them back into the image's map: that map is the one the classifier pools."""
+    layers = chain(("add", "Add", (1, 4, 4, 8)), ("swap", "Transpose", (1, 4, 4, 8)),
+                   ("split", "Reshape", (1, 2, 2, 2, 2, 8)),
+                   ("order", "Transpose", (1, 8, 2, 2, 2, 2)), ("map", "Reshape", (1, 8, 4, 4)),
+                   ("gap", "GlobalAveragePool", (1, 8, 1, 1)), ("flat", "Flatten", (1, 8)),
+                   ("fc", "Gemm", (1, 10)))
+    assert default_layer(layers).name == "map"

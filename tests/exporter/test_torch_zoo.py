@@ -27,43 +27,10 @@ from onnxcam.exporter import describe, list_layers  # noqa: E402
 pytestmark = pytest.mark.torch
 
 
-def _default(chosen: str) -> str:
-    return f"AssertionError: onnxcam's default layer is {chosen}"
-
-
-# (model, exporter) -> the first line of the error each case gives (torch 2.14.1,
-# torchvision 0.29.1), grouped by cause. A fixed case fails as XPASS(strict): drop it.
-def _refused(tensor: str, error: str, tolerance: str = "1e-03") -> str:
-    return (f"VerificationError: bundle disagrees with its source: worst tensor {tensor!r}, "
-            f"relative error {error} > {tolerance}")
-
-
-USUAL_FAILS: dict[tuple[str, str], str] = {
-    # These random EfficientNets amplify float32 noise (logits ~1e3): the harness's
-    # weights may be at fault rather than onnxcam; v2_s's layer output is matched by
-    # no ONNX tensor within 1e-4.
-    ("efficientnet_b0", "dynamo"): _refused("logits", "4.229e-02", "1e-04"),
-    ("efficientnet_b0", "legacy"): _refused("logits", "9.258e-04", "1e-04"),
-    **{("efficientnet_v2_s", exporter): "LookupError: no tensor in "
-       f"efficientnet_v2_s-{exporter}.onnx holds the output of features.7"
-       for exporter in ("dynamo", "legacy")},
-}
-# Refused by a hair in some runs and not in others (logits 1.146e-04 > 1e-04: float32
-# rounding of threaded kernels), so these cannot be strict.
-USUAL_FLAKY: dict[tuple[str, str], str] = {
-    ("mobilenet_v3_small", exporter): _refused("logits", "1.146e-04", "1e-04") + " (some runs)"
-    for exporter in ("dynamo", "legacy")
-}
-DEFAULT_FAILS: dict[tuple[str, str], str] = {
-    # The harness finds no ONNX tensor within 1e-4 of the layer's output (see above).
-    **{("efficientnet_v2_s", exporter): "LookupError: no tensor in "
-       f"efficientnet_v2_s-{exporter}.onnx holds the output of features.7"
-       for exporter in ("dynamo", "legacy")},
-    # MaxViT: the last block's residual Add, in the grid-partitioned layout, rather than
-    # the departitioned map after it.
-    ("maxvit_t", "dynamo"): _default("node_add_76"),
-    ("maxvit_t", "legacy"): _default("/blocks.3/layers.1/layers/grid_attention/Add_1"),
-}
+# Known failures, (model, exporter) -> the first line of the error the case gives
+# (torch 2.14.1, torchvision 0.29.1), run as strict xfails: a fixed one shows as XPASS.
+USUAL_FAILS: dict[tuple[str, str], str] = {}  # every family verifies and matches
+DEFAULT_FAILS: dict[tuple[str, str], str] = {}  # every default is the usual layer
 
 
 # Wall time, not a tolerance: each of these took 140 to 300 s (torch's export and the
@@ -72,16 +39,11 @@ DEFAULT_FAILS: dict[tuple[str, str], str] = {
 SLOW = {"swin_t", "swin_v2_t", "vit_b_16"}
 
 
-def cases(fails: dict[tuple[str, str], str],
-          flaky: dict[tuple[str, str], str] | None = None) -> list[Any]:
-    flaky = flaky or {}
-
+def cases(fails: dict[tuple[str, str], str]) -> list[Any]:
     def marks(key: tuple[str, str]) -> list[Any]:
         slow = [pytest.mark.timeout(900)] if key[0] in SLOW else []
         if key in fails:
             return [*slow, pytest.mark.xfail(strict=True, reason=fails[key])]
-        if key in flaky:
-            return [*slow, pytest.mark.xfail(strict=False, reason=flaky[key])]
         return slow
 
     return [pytest.param(name, exporter, id=f"{name}-{exporter}", marks=marks((name, exporter)))
@@ -140,7 +102,7 @@ def default_layer(path: Path) -> tuple[str, str]:
     return chosen.name, chosen.tensor
 
 
-@pytest.mark.parametrize(("name", "exporter"), cases(USUAL_FAILS, USUAL_FLAKY))
+@pytest.mark.parametrize(("name", "exporter"), cases(USUAL_FAILS))
 def test_usual_layer_matches_pytorch_grad_cam(
     torch_zoo: Zoo, tmp_path: Path, name: str, exporter: str
 ) -> None:
