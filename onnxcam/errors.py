@@ -18,7 +18,8 @@
     │   ├── MalformedJobError       the message is not a valid onnxcam job
     │   ├── UnknownBundleError      no bundle with that sha256 in the store
     │   ├── UnknownJobError         no job with that id was ever submitted
-    │   └── JobTimeoutError         the job ran past its soft time limit
+    │   ├── JobTimeoutError         the job ran past its soft time limit
+    │   └── WorkerLostError         the job's worker process died each time it ran it
     ├── StoreError                  the result store failed
     │   └── StoreUnavailableError   a transient failure (network, 5xx): retried
     ├── BrokerUnavailableError      the broker or result backend does not answer
@@ -131,6 +132,10 @@ class UnknownJobError(JobError):
 
 class JobTimeoutError(JobError):
     code = "time_limit"
+
+
+class WorkerLostError(JobError):
+    code = "worker_lost"
 
 
 class StoreError(OnnxcamError):

@@ -8,7 +8,9 @@ The store holds ``bundles/<sha256>.onnx`` and, per job, ``jobs/<job id>/``:
   ONNXCAM_MAX_STORED_SIDE), ``NNNNN.png`` (overlay, the same size), ``NNNNN.raw.npy``
   (float32 map at layer resolution) and ``NNNNN.json``
   (the image's record, written last: a record that exists is final);
-- ``summary.json`` when the worker is done, or ``error.json`` when the job failed as a whole.
+- ``summary.json`` when the worker is done, or ``error.json`` when the job failed as a whole;
+- ``starts.json``: how many times a worker process began the job (a job whose process
+  dies, out of memory say, is handed out again; see ``count_start``).
 
 Users and scripts read these names and records, so they are spelled here once and
 never change.
@@ -34,6 +36,7 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 REQUEST = "request.json"
 SUMMARY = "summary.json"
 ERROR = "error.json"
+STARTS = "starts.json"
 
 # An image's files: the suffix of each (the engine's, see ``outputs.render``), under
 # the name its record's "files" gives it; the record itself is written last.
@@ -103,6 +106,16 @@ def job_known(store: Store, job_id: str) -> bool:
     summary or error."""
     return any(store.exists(job_key(job_id, name)) for name in (REQUEST, SUMMARY, ERROR)) \
         or bool(record_indices(store, job_id))
+
+
+def count_start(store: Store, job_id: str) -> int:
+    """Note one more start of the job; return how many there have been, this one
+    included. (Two workers starting one job at once may count once: the limit it
+    serves is loose.)"""
+    found = _read_json(store, job_key(job_id, STARTS))
+    starts = int(found.get("starts", 0)) + 1 if isinstance(found, dict) else 1
+    store.put(job_key(job_id, STARTS), json_bytes({"starts": starts}))
+    return starts
 
 
 def write_summary(store: Store, job_id: str, summary: dict[str, Any]) -> None:

@@ -6,10 +6,10 @@ import functools
 import logging
 from typing import Any
 
-from onnxcam.errors import OnnxcamError, StoreUnavailableError
+from onnxcam.errors import OnnxcamError, StoreUnavailableError, WorkerLostError
 from onnxcam.worker.service.app import EXPLAIN_TASK, app
 from onnxcam.worker.service.jobs import ModelCache, parse_job, run_job
-from onnxcam.worker.service.layout import write_error
+from onnxcam.worker.service.layout import count_start, write_error
 from onnxcam.worker.service.settings import Settings, load_settings
 from onnxcam.worker.service.store import Store
 
@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 # Transient: worth a retry with backoff. Everything else, bad input above all, is final.
 RETRY_FOR = (StoreUnavailableError, ConnectionError, TimeoutError)
+# Starts of one job before it fails with worker_lost: a job whose process dies (out of
+# memory, a crash in a library) is handed out again, and would go round forever. Room
+# for the retries above and a few real worker deaths.
+MAX_STARTS = 10
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,6 +43,10 @@ def explain(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     try:
         spec = parse_job(args[0] if len(args) == 1 and not kwargs else args, job_id,
                          settings.bounds)
+        starts = count_start(store, job_id)
+        if starts > MAX_STARTS:
+            raise WorkerLostError(f"the job was started {starts - 1} times and its worker "
+                                  "process died each time (out of memory?)")
         log.info("job %s: %d images, method %s", job_id, len(spec.images), spec.method)
         return run_job(spec, store, models, settings, worker=self.request.hostname or "")
     except RETRY_FOR:

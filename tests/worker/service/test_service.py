@@ -203,6 +203,26 @@ def test_bad_input_never_stops_the_worker(worker, bundle: Path, images: dict[str
     assert worker.text().count("dropped a broker message") == 4
 
 
+def test_a_job_whose_process_keeps_dying_ends_with_worker_lost(
+        worker, bundle: Path, images: dict[str, Path], settings) -> None:
+    """A job whose worker process dies (out of memory, say) is handed out again; after
+    MAX_STARTS it fails with worker_lost instead of going round forever. Its earlier
+    starts are written as the store would hold them after that many deaths."""
+    from onnxcam.worker.service.client import _app
+    from onnxcam.worker.service.tasks import MAX_STARTS
+
+    store = Store(settings.store_url)
+    sha = job_sha(store)
+    spec = JobSpec("job-dies-each-time", sha, [ImageRef("a", path=str(images["img0.png"]))])
+    store.put("jobs/job-dies-each-time/starts.json",
+              json.dumps({"starts": MAX_STARTS}).encode())
+    send(_app(settings), spec, store)
+    wait_for(lambda: job_status(spec.job_id, settings) == "failed", 60, "the job to fail")
+    error = json.loads(store.get("jobs/job-dies-each-time/error.json"))
+    assert error["code"] == "worker_lost" and f"started {MAX_STARTS} times" in error["message"]
+    assert not store.exists("jobs/job-dies-each-time/00000.json")  # it did not run again
+
+
 def test_status_words(worker, bundle: Path, images: dict[str, Path], settings) -> None:
     job = submit(bundle, [images["img5.png"]], settings=settings)
     assert job.status() in ("pending", "started", "done")
@@ -260,6 +280,9 @@ def test_redelivery_after_sigkill(bundle: Path, big_images: list[Path], tmp_path
     meta = json.loads(__import__("redis").Redis.from_url(settings.broker_url).get(
         f"celery-task-meta-{job_id}"))
     assert meta["status"] == "SUCCESS" and meta["result"]["worker"].startswith("rescuer@")
+    # the doomed worker's start and the rescuer's (and another when the 4 s visibility
+    # timeout hands the job out again while the rescuer is still on it)
+    assert json.loads(store.get(f"jobs/{job_id}/starts.json"))["starts"] >= 2
     explainer = Explainer(bundle, device="cpu")
     for index in (0, 5, len(paths) - 1):
         check_against_engine(records[index], paths[index], explainer, store)
