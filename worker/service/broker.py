@@ -210,4 +210,5 @@ def install(max_inline_job_bytes: int | None = None) -> None:
     if max_inline_job_bytes is not None:
         # kombu's Redis channel parses every popped item with this module-level loads.
         plain = getattr(kombu_redis.loads, "unbounded", kombu_redis.loads)
-        kombu_redis.loads = _bounded(plain, max_message_bytes(max_inline_job_bytes))
+        kombu_redis.loads = _bounded(  # type: ignore[assignment]
+            plain, max_message_bytes(max_inline_job_bytes))
