@@ -208,11 +208,11 @@ def test_a_job_whose_process_keeps_dying_ends_with_worker_lost(
     """A job whose worker process dies (out of memory, say) is handed out again; after
     MAX_STARTS it fails with worker_lost instead of going round forever. Its earlier
     starts are written as the store would hold them after that many deaths."""
-    from onnxcam.worker.service.client import _app
+    from onnxcam.worker.service.client import _app, publish
     from onnxcam.worker.service.tasks import MAX_STARTS
 
     store = Store(settings.store_url)
-    sha = job_sha(store)
+    sha = publish(bundle, store)
     spec = JobSpec("job-dies-each-time", sha, [ImageRef("a", path=str(images["img0.png"]))])
     store.put("jobs/job-dies-each-time/starts.json",
               json.dumps({"starts": MAX_STARTS}).encode())
