@@ -133,7 +133,7 @@ def export(
     names = info.target_layer + (f" (and {', '.join(others)})" if others else "")
     extra = "".join(f", {name}" for name in info.input_gradients)
     click.echo(f"wrote {result.path}: layer {names}, {info.num_classes} classes, "
-               f"{info.gradient} gradients{extra}, {check}")
+               f"{info.gradient} gradients{extra}, {check}; preprocess {info.preprocess}")
 
 
 def parse_formats(value: str) -> list[str]:

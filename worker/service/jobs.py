@@ -479,6 +479,7 @@ def _store_image(spec: JobSpec, index: int, image: Loaded, found: _Explained,
         "label": explanation.label(int(explanation.targets[position])),
         "logits": [float(v) for v in explanation.logits[position]],
         "top": explanation.top(TOP_K)[position],
+        "flat": bool(explanation.flat[position]),
         "image_size": [int(image.size[0]), int(image.size[1])],
         "files": uris, "timings": timings,
     }
