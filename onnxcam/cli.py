@@ -133,7 +133,7 @@ def export(
     names = info.target_layer + (f" (and {', '.join(others)})" if others else "")
     extra = "".join(f", {name}" for name in info.input_gradients)
     click.echo(f"wrote {result.path}: layer {names}, {info.num_classes} classes, "
-               f"{info.gradient} gradients{extra}, {check}")
+               f"{info.gradient} gradients{extra}, {check}; preprocess {info.preprocess}")
 
 
 def parse_formats(value: str) -> list[str]:
@@ -297,20 +297,16 @@ def submit(bundle: Path, images: tuple[str, ...], method: str, target: str | Non
         click.echo(job_id)
 
 
-def class_number(bundle: Path, target: str | None) -> int | None:
-    """``--target`` as a class number, read as ``explain`` reads it: a label of the
-    bundle's first, then a number. A bundle given by its hash takes numbers only."""
+def class_number(bundle: Path, target: str | None) -> int | str | None:
+    """``--target`` read as ``explain`` reads it, a label of the bundle's first, then a
+    number; checked here when the bundle is a file, else by the worker."""
     from onnxcam.bundle import read_bundle_info
-    from onnxcam.errors import BadTargetError
 
     if target is None:
         return None
     if Path(bundle).is_file():
         return read_bundle_info(bundle).class_index(target)
-    if target.lstrip("-").isdigit():
-        return int(target)
-    raise BadTargetError(f"--target {target!r}: a label needs the bundle's file, not its hash; "
-                         "give a class number")
+    return int(target) if target.lstrip("-").isdigit() else target
 
 
 @main.command()

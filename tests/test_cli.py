@@ -182,6 +182,7 @@ def test_export_writes_bundle(models_dir: Path, out_dir: Path) -> None:
     assert len(lines) == 1
     assert lines[0].startswith(f"wrote {out}: layer last_relu, 5 classes, analytic gradients, "
                                "verified, worst relative error ")
+    assert lines[0].endswith("; preprocess torch")  # the embedded preprocessing, stated
     assert result.stderr == ""
     assert sorted(p.name for p in out_dir.iterdir()) == ["bundle.onnx"]
     info = onnxcam.read_bundle_info(out)
@@ -194,7 +195,7 @@ def test_export_options(models_dir: Path, out_dir: Path) -> None:
     result = invoke("export", models_dir / "cnn.onnx", "--output", out, "--layer", "conv2",
                     "--gradient", "fd", "--no-verify")
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip().endswith("fd gradients, not verified")
+    assert result.stdout.strip().endswith("fd gradients, not verified; preprocess unit")
     info = onnxcam.read_bundle_info(out)
     assert (info.target_layer, info.gradient) == ("conv2", "fd")
     assert [p.name for p in out.parent.iterdir()] == ["bundle.onnx"]

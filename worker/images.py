@@ -153,16 +153,20 @@ def load_image(source: Any, channels: int = 3, limits: Limits = DEFAULT_LIMITS) 
 
 
 def pixel_values(array: np.ndarray) -> np.ndarray:
-    """A caller's pixels as uint8: uint8 as is, integers in 0..255, floats in 0..255 or
-    in [0, 1] (pytorch-grad-cam's ``np.float32(img) / 255``), which are scaled by 255.
+    """A caller's pixels as uint8: uint8 as is, uint16 scaled from 0..65535, other
+    integers in 0..255, floats in 0..255 or in [0, 1] (pytorch-grad-cam's
+    ``np.float32(img) / 255``), which are scaled by 255.
 
     Floats whose maximum is at most 1 are read as [0, 1]: read as 0..255 such an image
     would be black, so that reading is never the meant one. Anything outside these
-    ranges (a normalised tensor with negative values, 16-bit pixels) is refused rather
-    than clipped into a silently different image.
+    ranges (a normalised tensor with negative values, int32 values over 255) is refused
+    rather than clipped into a silently different image.
     """
     if array.dtype == np.uint8:
         return array
+    if array.dtype == np.uint16:  # 16-bit pixels (PNG, TIFF): the full range, scaled down
+        wide = array.astype(np.float64) * (255.0 / 65535.0)
+        return np.clip(np.rint(wide), 0, 255).astype(np.uint8)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) \
             or np.issubdtype(array.dtype, np.complexfloating):
         raise BadImageError(f"an image array must hold real numbers, not {array.dtype}")

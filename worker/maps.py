@@ -91,12 +91,21 @@ def _through(*stops: tuple[int, int, int]) -> Callable[[np.ndarray], np.ndarray]
 COLORMAPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "jet": jet,  # pytorch-grad-cam's default (cv2.COLORMAP_JET)
     # perceptually even, and readable in grey print and by most colour-blind readers:
-    # viridis through 17 of its colours, within 2 levels of matplotlib's 256
+    # viridis through 17 of its colours (these three within 8 levels of matplotlib's)
     "viridis": _through((68, 1, 84), (72, 24, 106), (71, 45, 123), (66, 64, 134),
                         (59, 82, 139), (51, 99, 141), (44, 114, 142), (38, 130, 142),
                         (33, 145, 140), (31, 160, 136), (40, 174, 128), (63, 188, 115),
                         (94, 201, 98), (132, 212, 75), (173, 220, 48), (216, 226, 25),
                         (253, 231, 37)),
+    # turbo (Google's improved jet) and inferno, each through 17 of its colours
+    "turbo": _through((48, 18, 59), (64, 64, 162), (70, 107, 227), (66, 148, 255),
+                      (40, 188, 235), (24, 221, 194), (50, 242, 152), (109, 254, 98),
+                      (164, 252, 60), (205, 236, 52), (238, 207, 58), (253, 172, 52),
+                      (251, 126, 33), (235, 80, 14), (208, 47, 5), (169, 22, 1), (122, 4, 3)),
+    "inferno": _through((0, 0, 4), (11, 7, 36), (33, 12, 74), (61, 9, 101), (87, 16, 110),
+                        (113, 25, 110), (138, 34, 106), (163, 44, 97), (188, 55, 84),
+                        (210, 70, 68), (228, 90, 49), (241, 115, 29), (249, 142, 9),
+                        (252, 172, 17), (249, 203, 53), (242, 234, 105), (252, 255, 164)),
     "hot": _through((0, 0, 0), (255, 0, 0), (255, 255, 0), (255, 255, 255)),
     "gray": _through((0, 0, 0), (255, 255, 255)),
 }

@@ -22,7 +22,7 @@ from onnxcam.errors import BadMethodError, OnnxcamError
 from onnxcam.files import atomic_write
 from onnxcam.worker.explainer import Explainer, Explanation
 from onnxcam.worker.images import load_image, resize
-from onnxcam.worker.maps import heatmaps, overlay
+from onnxcam.worker.maps import flat, heatmaps, overlay
 from onnxcam.worker.prefetch import prefetched
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,27 @@ def render(
     if "npy" in formats:
         files[HEATMAP] = npy_bytes(heatmap.astype(heatmap_dtype))
     if "png" in formats:
-        files[OVERLAY] = png_bytes(overlay(image, heatmap, style.alpha, style.colormap))
+        picture = overlay(image, heatmap, style.alpha, style.colormap)
+        if flat(raw[None])[0]:
+            picture = captioned(picture, FLAT_CAPTION)
+        files[OVERLAY] = png_bytes(picture)
     if with_raw:
         files[RAW] = npy_bytes(raw.astype(np.float32))
     return files
+
+
+FLAT_CAPTION = "flat map: shows nothing"
+
+
+def captioned(picture: np.ndarray, text: str) -> np.ndarray:
+    """``picture`` with ``text`` on a white band along its top edge."""
+    image = Image.fromarray(picture)
+    draw = ImageDraw.Draw(image)
+    width = int(draw.textlength(text)) + 4
+    draw.rectangle((0, 0, min(width, image.width), min(STRIP_LABEL_HEIGHT, image.height)),
+                   fill="white")
+    draw.text((2, 1), text, fill="black")
+    return np.asarray(image)
 
 
 STRIP_LABEL_HEIGHT = 14  # pixels above each panel for its layer name
@@ -147,6 +164,7 @@ def record(image: str, explanation: Explanation, index: int, files: list[str]) -
         "target": int(explanation.targets[index]),
         "logits": [float(v) for v in explanation.logits[index]],
         "top": explanation.top(5)[index],
+        "flat": bool(explanation.flat[index]),
         "files": files,
     }
 

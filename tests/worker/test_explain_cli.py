@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -144,7 +145,8 @@ def test_json_prints_one_line_per_image(
     records = [json.loads(line) for line in lines(result.stdout)]
     assert len(records) == len(images)
     for record, path in zip(records, images.values()):
-        assert set(record) == {"image", "target", "logits", "top", "files"}
+        assert set(record) == {"image", "target", "logits", "top", "flat", "files"}
+        assert record["flat"] is False
         assert record["image"] == str(path)
         want = explainer.explain([path])
         assert record["target"] == int(want.targets[0])
@@ -354,3 +356,18 @@ def test_alpha_and_colormap_shape_the_overlay(tmp_path: Path, bundle: Path,
     np.testing.assert_array_equal(got, want)
     bad = run(bundle, images["tall"], "--out", tmp_path / "bad", "--alpha", "2")
     assert bad.exit_code == 2 and "--alpha" in bad.output
+
+
+def test_a_flat_map_is_captioned_in_its_overlay() -> None:
+    """An all-zero map (no region raises the score) shows nothing: its overlay says so
+    in a white band along the top, and an ordinary map's overlay has none."""
+    from onnxcam.worker.outputs import FLAT_CAPTION, render
+
+    image = np.full((40, 180, 3), 90, np.uint8)
+    flat_files = render(image, np.zeros((4, 4), np.float32), ["png"], False)
+    shown = np.asarray(Image.open(io.BytesIO(flat_files[".png"])))
+    assert FLAT_CAPTION and (shown[0, :20] == 255).all()  # the band
+    assert ((shown[1:13, :120] < 128).all(axis=-1)).any()  # dark text in it
+    varied = np.arange(16, dtype=np.float32).reshape(4, 4)
+    plain = np.asarray(Image.open(io.BytesIO(render(image, varied, ["png"], False)[".png"])))
+    np.testing.assert_array_equal(plain, overlay(image, heatmaps(varied[None], 40, 180)[0]))

@@ -289,6 +289,15 @@ def test_float_images_in_unit_range_mean_what_pytorch_grad_cam_users_mean(
     assert np.abs(misread.heatmaps - want.heatmaps).max() > 0.05
 
 
+def test_sixteen_bit_pixels_are_scaled_from_their_full_range(rgb: Explainer) -> None:
+    """uint16 arrays (16-bit PNG or TIFF pixels) are 0..65535: x * 255 / 65535."""
+    rng = np.random.default_rng(9)
+    deep = rng.integers(0, 65536, (2, 16, 16, 3), dtype=np.uint16)
+    want = np.clip(np.rint(deep / 257.0), 0, 255).astype(np.uint8)  # 65535 / 255 = 257
+    assert_same(rgb.explain(deep), rgb.explain(want))
+    assert_same(rgb.explain(list(deep)), rgb.explain(want))
+
+
 def test_a_dark_image_in_a_float_batch_is_read_like_the_others(rgb: Explainer) -> None:
     """[0, 1] or 0..255 is judged over the whole batch, not image by image."""
     rng = np.random.default_rng(8)
@@ -301,7 +310,7 @@ def test_a_dark_image_in_a_float_batch_is_read_like_the_others(rgb: Explainer) -
 @pytest.mark.parametrize(("values", "message"), [
     (np.full((16, 16, 3), -0.4, np.float32), "a normalised tensor?"),
     (np.full((16, 16, 3), 300.0), r"image values span \[300, 300\]"),
-    (np.full((16, 16, 3), 4000, np.uint16), "expected uint8, 0..255 or floats in"),
+    (np.full((16, 16, 3), 4000, np.int32), "expected uint8, 0..255 or floats in"),
     (np.full((16, 16, 3), np.nan, np.float32), "finite numbers"),
     (np.ones((16, 16, 3), bool), "real numbers"),
 ])

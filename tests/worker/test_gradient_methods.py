@@ -222,7 +222,8 @@ class KerasCase:
         source = folder / f"{name}.keras"
         models.KERAS_BUILDERS[name]().save(source)
         self.bundle = folder / f"{name}.bundle.onnx"
-        export(source, self.bundle, input_gradients=True, guided=True, verify=False)
+        export(source, self.bundle, preprocess="unit", input_gradients=True, guided=True,
+               verify=False)
         self.explainer = Explainer(self.bundle, device="cpu")
         model = keras.saving.load_model(source, compile=False)
         self.plain = tape_gradients(linear_copy(model, guided=False))

@@ -120,7 +120,7 @@ def submit(
     bundle: str | Path | bytes,
     images: Iterable[str | Path | bytes],
     method: str = "gradcam",
-    targets: int | Sequence[int | None] | None = None,
+    targets: int | str | Sequence[int | str | None] | None = None,
     *,
     chunk_size: int | None = None,
     settings: Settings | None = None,
@@ -206,10 +206,11 @@ def publish(bundle: str | Path | bytes, store: Store) -> str:
     return store.put_bundle(read_bundle(text).data)
 
 
-def _per_image(targets: int | Sequence[int | None] | None, count: int) -> list[int | None]:
+def _per_image(targets: int | str | Sequence[int | str | None] | None,
+               count: int) -> list[int | str | None]:
     if targets is None:
         return [None] * count
-    if isinstance(targets, int):
+    if isinstance(targets, int | str):
         return [targets] * count
     wanted = list(targets)
     if len(wanted) != count:

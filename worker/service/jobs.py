@@ -54,6 +54,7 @@ from onnxcam.worker.service.store import Store
 log = logging.getLogger(__name__)
 
 MESSAGE_VERSION = 1
+MAX_LABEL_CHARS = 200  # a target given by label: longer is no label
 TOP_K = 5
 
 
@@ -83,7 +84,8 @@ class JobSpec:
     bundle: str
     images: list[ImageRef]
     method: str = "gradcam"
-    targets: list[int | None] = field(default_factory=list)  # per image; None: top-1
+    # per image: a class number or label; None: top-1
+    targets: list[int | str | None] = field(default_factory=list)
     faithfulness_steps: int = 0  # > 0: also deletion and insertion AUCs, with this many steps
     options: dict[str, Any] = field(default_factory=dict)  # samples, noise, steps, seed
 
@@ -130,8 +132,10 @@ def parse_job(message: Any, job_id: str, bounds: JobBounds = DEFAULT_BOUNDS) -> 
     refs = [_parse_ref(item, index, inline) for index, item in enumerate(images)]
     targets = message.get("targets") or [None] * len(refs)
     if not isinstance(targets, list) or len(targets) != len(refs) or not all(
-            t is None or (isinstance(t, int) and not isinstance(t, bool)) for t in targets):
-        raise MalformedJobError("targets must be a list of ints or nulls, one per image")
+            t is None or (isinstance(t, int) and not isinstance(t, bool))
+            or (isinstance(t, str) and 0 < len(t) <= MAX_LABEL_CHARS) for t in targets):
+        raise MalformedJobError("targets must be a list of class numbers, labels or nulls, "
+                                "one per image")
     steps = message.get("faithfulness_steps", 0)
     if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= 1000:
         raise MalformedJobError("faithfulness_steps must be an int in [0, 1000]")
@@ -399,8 +403,8 @@ def _decode(spec: JobSpec, indices: list[int], store: Store, explainer: Explaine
     for index in indices:
         try:
             target = spec.targets[index]
-            if target is not None and not 0 <= target < info.num_classes:
-                raise BadTargetError(f"target {target} is outside [0, {info.num_classes})")
+            if target is not None:
+                info.class_index(target)  # a number in range, or one of the labels
             ref = spec.images[index]
             data = fetch(ref, store, allowed, explainer.limits)
             inputs.take(len(data), ref.name)
@@ -479,6 +483,7 @@ def _store_image(spec: JobSpec, index: int, image: Loaded, found: _Explained,
         "label": explanation.label(int(explanation.targets[position])),
         "logits": [float(v) for v in explanation.logits[position]],
         "top": explanation.top(TOP_K)[position],
+        "flat": bool(explanation.flat[position]),
         "image_size": [int(image.size[0]), int(image.size[1])],
         "files": uris, "timings": timings,
     }

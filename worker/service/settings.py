@@ -5,6 +5,7 @@ Deployments and tests set exactly these names; ``onnxcam worker --help`` lists t
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,7 +44,7 @@ class Settings(BaseSettings):
     broker_url: str = Field("redis://localhost:6379/0", description=(
         "Celery broker; redis://[:password@]host:port/db, or rediss:// for TLS."))
     result_backend: str = Field("", description="Celery result backend (default: the broker).")
-    store_url: str = Field("onnxcam-store", description=(
+    store_url: str = Field(default_factory=lambda: default_store(), description=(
         "Where bundles and results live (fsspec): a local folder, or s3://bucket/prefix."))
     allowed_roots: str = Field(".", description=(
         "Folders (or URI prefixes) whose images jobs may read, ':'-separated like PATH."))
@@ -128,10 +129,20 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError(f"{where}{first['msg']}") from None
 
 
+def default_store() -> str:
+    """One folder per user whatever the current folder, so that a client and a worker
+    on one machine agree without settings: $XDG_DATA_HOME/onnxcam/store, by default
+    ~/.local/share/onnxcam/store."""
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "share")
+    return os.path.join(os.path.abspath(data), "onnxcam", "store")
+
+
 def describe_settings() -> str:
     """One line per variable, for ``onnxcam worker --help``."""
     lines = []
     for name, field in Settings.model_fields.items():
-        default = field.default if field.default != "" else "(unset)"
+        default = field.get_default(call_default_factory=True)
+        default = default if default != "" else "(unset)"
         lines.append(f"ONNXCAM_{name.upper()}: {field.description} [default: {default}]")
     return "\n".join(lines)

@@ -125,7 +125,9 @@ def test_message_round_trip(images: dict[str, Path]) -> None:
      "exactly one"),
     ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"data": "%%%"}]}, "base64"),
     ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
-      "targets": ["1"]}, "targets"),
+      "targets": [[1]]}, "targets"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
+      "targets": ["x" * 201]}, "targets"),
     ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
       "targets": [1, 2]}, "targets"),
     ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
@@ -210,7 +212,8 @@ def test_run_job_matches_the_engine(bundle: bytes, store: Store, settings,
     sha = store.put_bundle(bundle)
     names = ["a.png", "b.jpg", "c.png"]
     refs = [ImageRef(n, path=str(images[n])) for n in names]
-    summary = run_job(spec_for(sha, refs, targets=[None, 2, None]), store,
+    # a target by label, as --target dog sends it: the worker looks it up
+    summary = run_job(spec_for(sha, refs, targets=[None, LABELS[2], None]), store,
                       ModelCache(store, 2, "cpu"), settings)
     assert (summary["n"], summary["ok"], summary["errors"]) == (3, 3, 0)
 

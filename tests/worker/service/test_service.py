@@ -463,3 +463,22 @@ def test_a_client_and_a_worker_with_different_stores_are_told_so(
         assert "same ONNXCAM_STORE_URL" in missing.stderr
     finally:
         worker.stop()
+
+
+def test_the_default_store_is_one_per_user_whatever_the_folder(tmp_path: Path) -> None:
+    """Issue 12: the default store was relative ("onnxcam-store"), so a client and a
+    worker started in different folders used different stores."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONNXCAM_STORE_URL"}
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    seen = set()
+    for folder in (tmp_path / "a", tmp_path / "b" / "c"):
+        folder.mkdir(parents=True)
+        shown = subprocess.run(
+            [sys.executable, "-c", "from onnxcam.worker.service.settings import load_settings;"
+             " print(load_settings().store_url)"], cwd=folder, env=env, capture_output=True,
+            text=True, check=True)
+        seen.add(shown.stdout.strip())
+    assert seen == {str(tmp_path / "data" / "onnxcam" / "store")}
