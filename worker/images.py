@@ -153,9 +153,9 @@ def load_image(source: Any, channels: int = 3, limits: Limits = DEFAULT_LIMITS) 
 
 
 def pixel_values(array: np.ndarray) -> np.ndarray:
-    """A caller's pixels as uint8: uint8 as is, uint16 scaled from 0..65535, other
-    integers in 0..255, floats in 0..255 or in [0, 1] (pytorch-grad-cam's
-    ``np.float32(img) / 255``), which are scaled by 255.
+    """A caller's pixels as uint8: uint8 as is, uint16 scaled from 0..65535 (unless all
+    its values fit 0..255), other integers in 0..255, floats in 0..255 or in [0, 1]
+    (pytorch-grad-cam's ``np.float32(img) / 255``), which are scaled by 255.
 
     Floats whose maximum is at most 1 are read as [0, 1]: read as 0..255 such an image
     would be black, so that reading is never the meant one. Anything outside these
@@ -164,7 +164,10 @@ def pixel_values(array: np.ndarray) -> np.ndarray:
     """
     if array.dtype == np.uint8:
         return array
-    if array.dtype == np.uint16:  # 16-bit pixels (PNG, TIFF): the full range, scaled down
+    if array.dtype == np.uint16 and array.size and int(array.max()) > 255:
+        # 16-bit pixels (PNG, TIFF): the full range, scaled down. One whose values all
+        # fit 0..255 is read as those values, as for floats: read as 16-bit it would be
+        # black, so that reading is never the meant one.
         wide = array.astype(np.float64) * (255.0 / 65535.0)
         return np.clip(np.rint(wide), 0, 255).astype(np.uint8)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) \
