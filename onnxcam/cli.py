@@ -341,9 +341,11 @@ def result(job_id: str, out: Path, wait_seconds: float, as_json: bool) -> None:
     settings = load_settings()
     deadline = time.monotonic() + wait_seconds
     state = job_status(job_id, settings)
-    while state in ("pending", "started") and time.monotonic() < deadline:
-        time.sleep(0.2)
-        state = job_status(job_id, settings)
+    with Stages(f"job {job_id}", delay=PROGRESS_DELAY) as waiting:
+        while state in ("pending", "started") and time.monotonic() < deadline:
+            waiting.enter(state)
+            time.sleep(0.2)
+            state = job_status(job_id, settings)
     if state == "failed":
         error = job_error(job_id, Store(settings.store_url), settings) or {
             "code": "job_error", "message": "job failed"}
