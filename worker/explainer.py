@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ class Explanation:
     def labels(self) -> list[str]:
         return list(self.info.labels)
 
-    @property
+    @cached_property  # read once per image when records are written
     def flat(self) -> np.ndarray:
         """bool [N]: maps that are constant up to rounding (all zero, say, when no
         region raises the target's score), whose heatmaps are zeros and show nothing."""
