@@ -264,7 +264,7 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
     # Where results go, absolute: a relative ONNXCAM_STORE_URL means a different store
     # for a client started in another folder.
     logging.getLogger("onnxcam.worker").info(
-        "store: %s", store.root if store.local else store.url)
+        "store: %s", store.location)
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")

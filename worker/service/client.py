@@ -262,7 +262,7 @@ def job_error(job_id: str, store: Store, settings: Settings | None = None) -> di
 
 def _store_hint(store: Store, code: str) -> str:
     """Why a client may not see what a worker wrote: the two use different stores."""
-    where = store.root if store.local else store.url
+    where = store.location
     if code == "unknown_bundle":
         return (f" (this client published it to {where}: the worker reads another store; "
                 "give both the same ONNXCAM_STORE_URL, which, when relative, is relative to "
@@ -288,7 +288,7 @@ def job_records(job_id: str, store: Store) -> list[dict[str, Any]]:
     stored = [read_record(store, job_id, index) for index in names]
     missing = {"code": "missing_result", "message": "no result stored"}
     if names and not any(stored) and failure is None:
-        where = store.root if store.local else store.url
+        where = store.location
         missing["message"] = (f"no result stored in {where}, nor for any image of the job: "
                               "if a worker ran it, it wrote to another store; give both the "
                               "same ONNXCAM_STORE_URL")

@@ -68,6 +68,11 @@ class Store:
         if self.local:
             self.root = os.path.abspath(self.root)
 
+    @property
+    def location(self) -> str:
+        """The store as a person would name it: an absolute folder, or its URL."""
+        return self.root if self.local else self.url
+
     def path(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/"):
             raise StoreError(f"{key!r} is not a store key")
