@@ -23,7 +23,7 @@ import numpy as np
 from onnxcam.errors import AuditError
 from onnxcam.files import atomic_write
 from onnxcam.worker.audit.clusters import read_heatmap
-from onnxcam.worker.audit.report import CSS, _thumbnail
+from onnxcam.worker.audit.report import CSS, thumbnail
 from onnxcam.worker.audit.results import HEADER, ResultRow, read_results
 from onnxcam.worker.audit.summary import Worst
 from onnxcam.worker.maps import flat, resize_maps
@@ -317,7 +317,7 @@ def _pairs_html(diff: Diff, old: Path, new: Path) -> str:
         index = int(new_row["index"])
         frames = []
         for row, folder in ((old_row, old), (new_row, new)):
-            picture, _empty = _thumbnail(row, None, folder)
+            picture, _empty = thumbnail(row, None, folder)
             frames.append(f"<div class='frame'><img alt='' src='data:image/png;base64,"
                           f"{picture}'></div>" if picture
                           else "<div class='frame'>image unavailable</div>")

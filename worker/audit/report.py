@@ -244,7 +244,7 @@ def _cards(rows: list[dict[str, str]], manifest_rows: dict[int, AuditRow], out: 
         return "<p class='legend'>None.</p>"
     cards = ["<div class='cards'>"]
     for row in rows:
-        picture, empty = _thumbnail(row, manifest_rows.get(int(row["index"])), out)
+        picture, empty = thumbnail(row, manifest_rows.get(int(row["index"])), out)
         image = (f"<div class='frame'><img alt='' src='data:image/png;base64,{picture}'></div>"
                  if picture else "<div class='frame'>image unavailable</div>")
         verdict = "" if row["correct"] != "0" else " class='bad'"
@@ -260,7 +260,7 @@ def _cards(rows: list[dict[str, str]], manifest_rows: dict[int, AuditRow], out: 
     return "".join(cards)
 
 
-def _thumbnail(row: dict[str, str], manifest_row: AuditRow | None,
+def thumbnail(row: dict[str, str], manifest_row: AuditRow | None,
                out: Path) -> tuple[str | None, bool]:
     """A base64 PNG of the heatmap over the image, box or mask outlined, or None; and
     whether the map is empty (no evidence for the class anywhere)."""
