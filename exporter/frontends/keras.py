@@ -206,13 +206,22 @@ def rebuilt_call(keras: Any, layer: Any, x: Any) -> Any:
     """``layer`` called on ``x`` by ops that tf2onnx converts, where Keras's own call
     gives TF ops it cannot (None elsewhere). The same function, from the layer's own
     weights; verification taps the original layers, so it does not take this on trust.
+    Each layer made here is named after ``layer``: Keras's automatic names start afresh
+    in each process, and a loaded model holds them too (ConvNeXt has an ``add``).
     """
     if grouped(layer):
         return ungrouped_conv(keras, layer, x)
     if type(layer).__name__ == "Activation" and layer.activation is keras.activations.gelu:
         # TF's exact gelu is 0.5 x erfc(-x / sqrt 2), and tf2onnx has no Erfc.
-        return 0.5 * x * (1.0 + keras.ops.erf(x * float(1 / np.sqrt(2.0))))
+        return keras.layers.Activation(erf_gelu, name=f"{layer.name}_erf")(x)
     return None
+
+
+def erf_gelu(x: Any) -> Any:
+    """The exact gelu by way of erf."""
+    import keras
+
+    return 0.5 * x * (1.0 + keras.ops.erf(x * float(1 / np.sqrt(2.0))))
 
 
 def grouped(layer: Any) -> bool:
@@ -242,17 +251,20 @@ def ungrouped_conv(keras: Any, layer: Any, x: Any) -> Any:
                    activation=layer.activation, use_bias=layer.use_bias)
     if per_group == 1:  # output channel c * multiplier + m reads input channel c
         multiplier = filters // layer.groups
-        depthwise = keras.layers.DepthwiseConv2D(depth_multiplier=multiplier, **options)
+        depthwise = keras.layers.DepthwiseConv2D(depth_multiplier=multiplier,
+                                                 name=f"{layer.name}_depthwise", **options)
         output = depthwise(x)
         depthwise.set_weights([kernel.reshape(height, width, layer.groups, multiplier), *bias])
         return output
     outputs, size = [], filters // layer.groups
     for g in range(layer.groups):
-        conv = keras.layers.Conv2D(size, **options)
-        outputs.append(conv(x[..., g * per_group:(g + 1) * per_group]))
+        conv = keras.layers.Conv2D(size, name=f"{layer.name}_group{g}", **options)
+        channels = keras.layers.Lambda(lambda t, g=g: t[..., g * per_group:(g + 1) * per_group],
+                                       name=f"{layer.name}_slice{g}")(x)
+        outputs.append(conv(channels))
         conv.set_weights([kernel[..., g * size:(g + 1) * size],
                           *(b[g * size:(g + 1) * size] for b in bias)])
-    return keras.layers.Concatenate()(outputs)
+    return keras.layers.Concatenate(name=f"{layer.name}_groups")(outputs)
 
 
 def final_layer(model: Any, keras: Any) -> Any:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -570,6 +572,31 @@ def tf2onnx_resistant_model() -> Any:
     model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32)
                        for w in model.get_weights()])
     return model
+
+
+def test_rebuilt_layers_in_a_fresh_process(tmp_path: Path) -> None:
+    """The rebuilt layers' names cannot meet the model's own. Keras numbers its
+    automatic names per process, so in a new one they start at ``add``, ``multiply``
+    and ``concatenate``, which a loaded ConvNeXt also holds: the rebuild once failed
+    there with 'The name "add" is used 2 times', though it passed inside this suite."""
+    keras = _keras()
+    inputs = keras.Input((12, 12, 4))
+    x = keras.layers.Conv2D(8, 3, padding="same", groups=4, name="conv2d")(inputs)
+    gelu = keras.layers.Activation("gelu", name="erf")(x)
+    x = keras.layers.Add(name="add")([x, gelu])
+    x = keras.layers.Multiply(name="multiply")([x, gelu])
+    x = keras.layers.Conv2D(6, 3, groups=2, name="depthwise_conv2d")(x)
+    x = keras.layers.Concatenate(name="concatenate")([x, x])
+    x = keras.layers.GlobalAveragePooling2D(name="get_item")(x)
+    model = keras.Model(inputs, keras.layers.Dense(5, name="predictions")(x))
+    model.save(tmp_path / "named.keras")
+    script = ("import sys, onnxcam; info = onnxcam.export(sys.argv[1], sys.argv[2], "
+              "layer='depthwise_conv2d').info; print(info.target_layer)")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "named.keras"),
+                           str(tmp_path / "named.onnx")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["depthwise_conv2d"]
 
 
 def test_layers_tf2onnx_cannot_convert(tmp_path: Path) -> None:
