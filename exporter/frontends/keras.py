@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from onnxcam.errors import UnsupportedModelError
-from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of
+from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of, tf2onnx_lean
 from onnxcam.exporter.known_models import Family, keras_family
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from onnxcam.layout import Layout
@@ -315,15 +315,16 @@ def feeding_output(flat: FlatGraph) -> list[LayerInfo]:
 
 
 def convert(tap_model: Any, shape: tuple[int, ...], opset: int) -> Any:
+    """``tap_model`` through tf2onnx, in as little memory as it allows (``tf2onnx_lean``)."""
     tf, _ = _import_tf()
     import tf2onnx
 
     spec = [tf.TensorSpec((None, *shape), tf.float32, name="input")]
     try:
-        model_proto, _ = tf2onnx.convert.from_keras(tap_model, input_signature=spec, opset=opset)
+        return tf2onnx_lean.convert(tf2onnx.convert.from_keras, tap_model, input_signature=spec,
+                                    opset=opset, optimizers=tf2onnx_lean.one_update_optimizer())
     except Exception as exc:
         raise UnsupportedModelError(f"tf2onnx could not convert the model: {exc}") from exc
-    return model_proto
 
 
 def gradient_tape_reference(tap_model: Any) -> Any:
@@ -436,7 +437,8 @@ def load_saved_model(
         return signature(**{key: images})[output_key]
 
     try:
-        model_proto, _ = tf2onnx.convert.from_function(serve, input_signature=[spec], opset=opset)
+        model_proto = tf2onnx_lean.convert(tf2onnx.convert.from_function, serve,
+                                           input_signature=[spec], opset=opset)
     except Exception as exc:
         raise UnsupportedModelError(f"tf2onnx could not convert the SavedModel: {exc}") from exc
     with tempfile.TemporaryDirectory() as folder:
