@@ -34,7 +34,7 @@ from onnxcam.errors import VerificationError
 from onnxcam.exporter.frontends import SourceModel
 from onnxcam.exporter.preprocess import preprocess_numpy
 from onnxcam.exporter.shapes import OutputRunner, lean_session, random_images
-from onnxcam.graph import head_nodes, source_of
+from onnxcam.graph import constant_tensors, head_nodes, source_of
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 from onnxcam.runtime import run_each_in_copies
 from onnxcam.scores import softmax
@@ -415,11 +415,43 @@ class FlatMatMul(OpRun):
     def _run(self, a, b):
         if a.ndim < 2 or b.ndim != 2:
             return (np.matmul(a, b),)
-        flat = a.reshape(-1, a.shape[-1]) @ np.ascontiguousarray(b)
+        flat = product(a.reshape(-1, a.shape[-1]), b)
         return (flat.reshape(*a.shape[:-1], b.shape[-1]),)
 
 
 FlatMatMul.__name__ = "MatMul"
+
+
+class WeightGemm(OpRun):
+    """Gemm whose weight may stay float32 (``float64_head``), exact in float64."""
+
+    op_domain = ""
+
+    def _run(self, a, b, c=None, alpha=None, beta=None, transA=None, transB=None):
+        out = product(a.T if transA else a, b.T if transB else b)
+        out *= 1.0 if alpha is None else alpha
+        if c is not None and beta != 0:
+            out = out + c * (1.0 if beta is None else beta)
+        return (out.astype(a.dtype),)
+
+
+WeightGemm.__name__ = "Gemm"
+
+# Bytes of a float64 block of a float32 weight, in ``product``.
+PRODUCT_BLOCK_BYTES = 64 << 20
+
+
+def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for 2-D arrays, in ``a``'s precision. A float32 ``b`` beside a float64
+    ``a`` is widened a block of columns at a time (exactly: float32 to float64 loses
+    nothing), never whole: VGG's first Dense weight is 800 MB in float64."""
+    if b.dtype == a.dtype:
+        return a @ np.ascontiguousarray(b)
+    out = np.empty((a.shape[0], b.shape[1]), a.dtype)
+    step = max(1, PRODUCT_BLOCK_BYTES // (a.itemsize * max(1, b.shape[0])))
+    for first in range(0, b.shape[1], step):
+        out[:, first : first + step] = a @ b[:, first : first + step].astype(a.dtype)
+    return out
 
 
 class ExactLayerNormalization(OpRun):
@@ -443,7 +475,7 @@ class ExactLayerNormalization(OpRun):
 
 ExactLayerNormalization.__name__ = "LayerNormalization"
 REFERENCE_OPS = [ChannelLRN, CeilMaxPool, WindowAveragePool, ExactErf, ExactGelu,
-                 ExactLayerNormalization, FlatMatMul]
+                 ExactLayerNormalization, FlatMatMul, WeightGemm]
 
 
 @dataclass
@@ -497,17 +529,6 @@ def _as_float64(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float64) if array.dtype == np.float32 else array
 
 
-def constant_tensors(graph: onnx.GraphProto) -> set[str]:
-    """Tensors whose value depends on no graph input: initializers, Constant nodes and
-    what is computed from them alone (a parameter shared through Identity, a Cast)."""
-    constant = {i.name for i in graph.initializer} | {""}
-    for node in graph.node:
-        if node.op_type not in ("Loop", "If", "Scan") and "Random" not in node.op_type \
-                and all(i in constant for i in node.input):
-            constant.update(node.output)
-    return constant
-
-
 def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray,
                  start: str = "", batch_size: int = 0) -> Float64Head:
     """The head alone (target layer, or the tensor ``start``, -> logits) in float64,
@@ -541,8 +562,11 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
     del runner  # a session of the whole bundle: gone before the float64 parameters come
     used = {i for n in nodes for i in n.input if i in initializers and i not in made}
     # Parameters are fed, not stored in the head's proto: VGG's first Dense layer is
-    # 800 MB in float64, and the proto and the evaluator would each hold a copy.
-    parameters = {i.name: _as_float64(numpy_helper.to_array(i))
+    # 800 MB in float64, and the proto and the evaluator would each hold a copy. Large
+    # weights that only products read stay float32 (``product`` widens them by blocks).
+    narrow = product_weights(nodes, graph)
+    parameters = {i.name: numpy_helper.to_array(i) if i.name in narrow
+                  else _as_float64(numpy_helper.to_array(i))
                   for i in graph.initializer if i.name in used}
     head = helper.make_graph(
         [_to_float64(n) for n in nodes], "head",
@@ -566,6 +590,23 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
         per_image[start] = per_image[start][:1]
     return Float64Head(evaluator, start, batched, invariant, fixed, values, parameters,
                        batch_size)
+
+
+# A float32 weight at least this large stays float32 in the float64 head.
+NARROW_WEIGHT_ELEMENTS = 1 << 20
+
+
+def product_weights(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> set[str]:
+    """Large 2-D float32 initializers that ``nodes`` read only as the weight of a Gemm
+    or MatMul (its second input), which the float64 head multiplies by blocks."""
+    sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer
+             if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}
+    large = {name for name, size in sizes.items() if size >= NARROW_WEIGHT_ELEMENTS}
+    for node in nodes:
+        for position, name in enumerate(node.input):
+            if name in large and (node.op_type not in ("Gemm", "MatMul") or position != 1):
+                large.discard(name)
+    return large
 
 
 def constant_producers(graph: onnx.GraphProto, names: set[str]) -> set[str]:

@@ -250,3 +250,51 @@ def test_float64_matmul_is_numpys(left: tuple[int, ...], right: tuple[int, ...])
     want = np.matmul(a, b)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm", "GemmTransposed"])
+def test_float64_products_widen_float32_weights_by_blocks(
+        op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 weight beside float64 activations (VGG's Dense weights stay float32 in
+    the float64 head): the product is float64's, though the weight is widened a few
+    columns at a time (blocks of 5 columns here, 37 columns in all)."""
+    from onnxcam.exporter import verify
+
+    monkeypatch.setattr(verify, "PRODUCT_BLOCK_BYTES", 8 * 11 * 5)
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((3, 11))
+    weight = rng.standard_normal((11, 37)).astype(np.float32)
+    bias = rng.standard_normal(37)
+    transposed = op == "GemmTransposed"
+    b = np.ascontiguousarray(weight.T) if transposed else weight
+    if op == "MatMul":
+        node = helper.make_node("MatMul", ["a", "b"], ["y"])
+        want = a @ weight.astype(np.float64)
+    else:
+        node = helper.make_node("Gemm", ["a", "b", "c"], ["y"], alpha=0.5, beta=2.0,
+                                transB=int(transposed))
+        want = 0.5 * (a @ weight.astype(np.float64)) + 2.0 * bias
+    graph = helper.make_graph([node], "product", [helper.make_tensor_value_info(
+        name, TensorProto.UNDEFINED, None) for name in node.input],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (got,) = ReferenceEvaluator(model, new_ops=verify.REFERENCE_OPS).run(
+        None, {"a": a, "b": b, "c": bias})
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_only_large_product_weights_stay_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxcam.exporter import verify
+
+    monkeypatch.setattr(verify, "NARROW_WEIGHT_ELEMENTS", 12)
+    weights = {"w": np.ones((4, 3)), "shared": np.ones((4, 3)), "small": np.ones((2, 3)),
+               "bias": np.ones(12)}
+    nodes = [helper.make_node("Gemm", ["x", "w", "bias"], ["y"]),
+             helper.make_node("MatMul", ["x", "shared"], ["z"]),
+             helper.make_node("Add", ["shared", "shared"], ["s"]),
+             helper.make_node("MatMul", ["x", "small"], ["t"])]
+    graph = helper.make_graph(nodes, "head", [], [], initializer=[
+        numpy_helper.from_array(value.astype(np.float32), name)
+        for name, value in weights.items()])
+    assert verify.product_weights(nodes, graph) == {"w"}
