@@ -8,7 +8,8 @@ once, from the finished draft.
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import onnx
@@ -89,9 +90,25 @@ class Draft:
     def graph(self) -> onnx.GraphProto:
         return self.model.graph
 
-    def copy(self) -> Draft:
-        """An independent draft, to try a pass that may fail half way."""
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        return dataclasses.replace(self, model=model, taps=list(self.taps),
-                                   shapes=dict(self.shapes))
+    @contextmanager
+    def undone_on_error(self) -> Iterator[None]:
+        """Run the block; should it raise, take back what it added to the graph.
+
+        For passes that only add (nodes, initializers, inputs, outputs; an output to an
+        existing node, as the MaxPool rule adds its indices), as ``add_gradients`` does:
+        trying one on a copy of the model would copy the weights (VGG's 500 MB).
+        """
+        graph = self.graph
+        parts = ("node", "initializer", "input", "output", "value_info")
+        sizes = {part: len(getattr(graph, part)) for part in parts}
+        outputs = [list(node.output) for node in graph.node]
+        try:
+            yield
+        except BaseException:
+            for part, size in sizes.items():
+                del getattr(graph, part)[size:]
+            for node, names in zip(graph.node, outputs):
+                if list(node.output) != names:
+                    del node.output[:]
+                    node.output.extend(names)
+            raise

@@ -34,8 +34,10 @@ from onnxcam.exporter.passes.guard_padded_pools import guard_padded_pools
 from onnxcam.exporter.passes.linearize_logits import linearize_logits
 from onnxcam.exporter.passes.probe_head import probe_head
 from onnxcam.exporter.passes.tidy import tidy
+from onnxcam.exporter.shapes import check_model
 from onnxcam.exporter.verify import Report, verify_bundle
 from onnxcam.files import atomic_write
+from onnxcam.graph import serialized_in_parts
 from onnxcam.layout import ActivationLayout, TokenGrid
 
 log = logging.getLogger(__name__)
@@ -255,7 +257,7 @@ def seal(model: onnx.ModelProto, info: BundleInfo) -> onnx.ModelProto:
         model.metadata_props.add(key=key, value=value)
     model.producer_name = "onnxcam"
     model.producer_version = __version__
-    onnx.checker.check_model(model)
+    check_model(model)
     return model
 
 
@@ -301,5 +303,5 @@ def export(
         stage("verifying the bundle against the model")
     report = verify_bundle(bundle, info, source) if verify else None
     stage("writing the bundle")
-    atomic_write(Path(out), bundle.SerializeToString())
+    atomic_write(Path(out), serialized_in_parts(bundle))
     return ExportResult(Path(out), info, report)

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from onnxcam.bundle import INPUT_IMAGE
 from onnxcam.errors import UnsupportedModelError
 from onnxcam.exporter.vjp.context import TensorShape
+from onnxcam.graph import LARGE_TENSOR_BYTES, constant_tensors, shell_of, tensor_bytes
 from onnxcam.runtime import cpu_session
 
 
@@ -46,8 +48,11 @@ class OutputRunner:
         else:
             self.session = cpu_session(serialized_with_outputs(model, self.names))
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.names, self.session.run(self.names, feeds)))
+    def __call__(self, feeds: dict[str, np.ndarray], names: list[str] | None = None
+                 ) -> dict[str, np.ndarray]:
+        """The outputs ``names`` (a subset of the runner's; all of them by default)."""
+        names = self.names if names is None else names
+        return dict(zip(names, self.session.run(names, feeds)))
 
 
 def serialized_with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
@@ -63,12 +68,50 @@ def serialized_with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 
 def lean_session(model: onnx.ModelProto, names: list[str] | None = None) -> ort.InferenceSession:
     """A ``lean`` CPU session (see ``cpu_session``) of ``model`` with ``names`` as extra
-    outputs, loaded from a temporary file: the serialized bytes are gone before
-    onnxruntime builds its own copy of the weights."""
+    outputs, loaded from temporary files, its large weights beside the graph
+    (``write_weights_apart``): onnxruntime then reads them straight into its tensors,
+    without first holding the whole model as a protobuf of its own."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        path.write_bytes(serialized_with_outputs(model, names or []))
+        write_weights_apart(model, names or [], path)
         return cpu_session(str(path), lean=True)
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model`` on ``model``, its large weights written apart
+    (``write_weights_apart``): given the model itself, the checker serializes it and
+    parses it again, two more copies of the weights (1 GB for VGG)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        write_weights_apart(model, [], path)
+        onnx.checker.check_model(str(path))
+
+
+def write_weights_apart(model: onnx.ModelProto, names: list[str], path: Path) -> None:
+    """``model`` with ``names`` as extra outputs to ``path``, its large initializers as
+    ONNX external data in ``path.name + '.weights'`` beside it. ``model`` is left as
+    it is, and no second copy of its weights is made: the file's graph is built from
+    the nodes and small tensors, and the weights are written one at a time."""
+    shell = shell_of(model)
+    existing = {o.name for o in model.graph.output}
+    shell.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    weights = path.with_name(path.name + ".weights")
+    with weights.open("wb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or \
+                    tensor_bytes(tensor) < LARGE_TENSOR_BYTES:
+                shell.graph.initializer.append(tensor)
+                continue
+            stub = shell.graph.initializer.add(name=tensor.name, data_type=tensor.data_type,
+                                         dims=tensor.dims)
+            raw = tensor.raw_data if tensor.HasField("raw_data") else \
+                numpy_helper.to_array(tensor).tobytes()
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", weights.name), ("offset", str(data.tell())),
+                               ("length", str(len(raw)))):
+                stub.external_data.add(key=key, value=value)
+            data.write(raw)
+    path.write_bytes(shell.SerializeToString())
 
 
 def random_images(batch: int, height: int, width: int, channels: int, seed: int = 0) -> np.ndarray:
@@ -87,13 +130,20 @@ def probe_shapes(
     Precondition: the model's input is the bundle's uint8 ``image``.
     """
     names = list(names)
-    runs = []
+    # Parameters are not run for (VGG's head reads 450 MB of them), and what is computed
+    # from them alone is run at batch 1 only: neither grows with the batch.
+    parameters = {i.name: tuple(int(d) for d in i.dims) for i in model.graph.initializer}
+    computed = [name for name in names if name not in parameters]
+    constant = constant_tensors(model.graph)
+    runs: list[dict[str, tuple[int, ...]]] = []
     runner: OutputRunner | None = None
     for batch in (fixed_batch,) if fixed_batch else (1, 2):
         feeds = {INPUT_IMAGE: random_images(batch, height, width, channels, seed=batch)}
+        fetched = [n for n in computed if not runs or n not in constant]
         try:
-            runner = runner or OutputRunner(model, names, lean=True)
-            runs.append(runner(feeds))
+            runner = runner or OutputRunner(model, computed, lean=True)
+            shapes = {name: value.shape for name, value in runner(feeds, fetched).items()}
+            runs.append({**parameters, **(runs[0] if runs else {}), **shapes})
         except Exception as exc:
             raise UnsupportedModelError(
                 f"the model does not run at batch size {batch}: {str(exc).splitlines()[0]}. "
@@ -103,7 +153,7 @@ def probe_shapes(
             ) from exc
     shapes = {}
     for name in names:
-        one, two = runs[0][name].shape, runs[-1][name].shape
+        one, two = runs[0][name], runs[-1][name]
         if len(one) != len(two):
             raise UnsupportedModelError(f"tensor {name!r} changes rank with the batch size")
         shapes[name] = TensorShape(tuple(int(d) for d in one),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 # Asked of the kernel for every new file; it takes the process's umask away, so files
@@ -12,14 +13,16 @@ from pathlib import Path
 FILE_MODE = 0o666
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write under a temporary name beside ``path`` and rename: never a partial file."""
+def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (or its parts, in order) under a temporary name beside ``path``
+    and rename: never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
+            for part in [data] if isinstance(data, bytes) else data:
+                stream.write(part)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

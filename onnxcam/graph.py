@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -100,21 +100,131 @@ def tensor_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def initializer_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Constant tensors: initializers and the outputs of Constant nodes."""
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+# Initializers at least this large (bytes) are weights: worth not copying.
+LARGE_TENSOR_BYTES = 1 << 16
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """The size of a numeric tensor's values, from its shape (0 for strings): cheaper
+    than ``ByteSize``, which encodes the whole tensor to count it."""
+    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return 0
+    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def shell_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` but for its initializers, which it does not hold: cheap
+    where a copy of the whole model would copy the weights."""
+    shell = onnx.ModelProto()
+    copy_fields(model, shell, skip="graph")
+    copy_fields(model.graph, shell.graph, skip="initializer")
+    return shell
+
+
+def copy_fields(source: Any, target: Any, skip: str) -> None:
+    """Every field of the message ``source`` that is set, but ``skip``, into ``target``."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else \
+            descriptor.label == descriptor.LABEL_REPEATED  # protobuf before 5.28
+        if repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+# Wire-format tags (field number << 3 | length-delimited) of ModelProto.graph and
+# GraphProto.initializer.
+GRAPH_TAG, INITIALIZER_TAG = b"\x3a", b"\x2a"
+
+
+def serialized_in_parts(model: onnx.ModelProto) -> Iterator[bytes]:
+    """``model`` serialized, in parts to be written one after another: the model and
+    graph but for the weights, then each initializer. What protobuf reads back is
+    the same model; what it holds at once is one initializer's bytes, where
+    ``SerializeToString`` holds the whole model twice over (1 GB for VGG)."""
+    shell = shell_of(model)
+    graph = shell.graph.SerializeToString()
+    sizes = [tensor.ByteSize() for tensor in model.graph.initializer]
+    graph_size = len(graph) + sum(len(INITIALIZER_TAG) + len(varint(size)) + size
+                                  for size in sizes)
+    shell.ClearField("graph")
+    yield shell.SerializeToString() + GRAPH_TAG + varint(graph_size) + graph
+    for tensor, size in zip(model.graph.initializer, sizes):
+        yield INITIALIZER_TAG + varint(size)
+        yield tensor.SerializeToString()
+
+
+def varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf varint."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def initializer_values(graph: onnx.GraphProto) -> ConstantValues:
+    """Constant tensors: initializers and the outputs of Constant nodes, by name."""
+    return ConstantValues(graph)
+
+
+class ConstantValues(Mapping[str, np.ndarray]):
+    """A graph's constant tensors as arrays, each made when first read: the passes read
+    shapes, pads and axes, and converting every weight up front copied them all (VGG's
+    500 MB) while a pass ran. Like a dict made at the start, it holds the constants the
+    graph had then."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.tensors: dict[str, onnx.TensorProto | onnx.AttributeProto] = {
+            init.name: init for init in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name in ("value", "value_ints", "value_int", "value_floats",
+                                     "value_float"):
+                        self.tensors[node.output[0]] = attr
+        self.made: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.made:
+            self.made[name] = constant_array(self.tensors[name])
+        return self.made[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def constant_array(value: onnx.TensorProto | onnx.AttributeProto) -> np.ndarray:
+    """An initializer, or a Constant node's value attribute, as an array."""
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if value.name == "value":
+        return numpy_helper.to_array(value.t)
+    dtype = np.int64 if value.name in ("value_ints", "value_int") else np.float32
+    return np.asarray(helper.get_attribute_value(value), dtype)
+
+
+def constant_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Tensors whose value depends on no graph input: initializers, Constant nodes and
+    what is computed from them alone (a parameter shared through Identity, a Cast)."""
+    constant = {i.name for i in graph.initializer} | {""}
     for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-                elif attr.name in ("value_ints", "value_int"):
-                    values[node.output[0]] = np.asarray(helper.get_attribute_value(attr), np.int64)
-                elif attr.name in ("value_floats", "value_float"):
-                    values[node.output[0]] = np.asarray(
-                        helper.get_attribute_value(attr), np.float32
-                    )
-    return values
+        if node.op_type not in ("Loop", "If", "Scan") and "Random" not in node.op_type \
+                and all(i in constant for i in node.input):
+            constant.update(node.output)
+    return constant
 
 
 def source_of(graph: onnx.GraphProto, output: str) -> str:

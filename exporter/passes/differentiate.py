@@ -47,17 +47,15 @@ def try_analytic(draft: Draft) -> bool:
         log.warning("no gradient rule for %s in the head; using finite differences",
                     ", ".join(missing))
         return False
-    # A rule may still refuse a node's attributes half way: try on a copy.
-    attempt = draft.copy()
+    # A rule may still refuse a node's attributes half way: what it added goes again.
     try:
-        add_gradients(attempt)
+        with draft.undone_on_error():
+            add_gradients(draft)
     except UnsupportedOpError as exc:
         if analytic_only:
             raise
         log.warning("falling back to finite differences: %s", exc)
         return False
-    draft.model.CopyFrom(attempt.model)
-    draft.gradient = attempt.gradient
     return True
 
 

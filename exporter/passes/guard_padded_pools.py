@@ -10,6 +10,7 @@ Keras ResNet50V2 pads and pools a convolution with no ReLU before it
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -58,7 +59,7 @@ def guard_padded_pools(draft: Draft) -> bool:
 
 
 def fusable_pool(pad: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]],
-                 kept: set[str], constants: dict[str, np.ndarray]) -> onnx.NodeProto | None:
+                 kept: set[str], constants: Mapping[str, np.ndarray]) -> onnx.NodeProto | None:
     """The MaxPool that ``pad`` alone feeds, where onnxruntime would fuse them; else None."""
     if pad.op_type != "Pad" or len(pad.input) < 2 or len(pad.input) > 3:
         return None  # opset < 11 (pads as an attribute), or padded axes given

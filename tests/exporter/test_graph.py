@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from micrographs import info, init, model_of, run
 from onnx import TensorProto, helper
 
+from onnxcam.files import atomic_write
 from onnxcam.graph import (
     GraphBuilder,
     forward_reachable,
     head_nodes,
     on_path,
     prune_unused,
+    serialized_in_parts,
+    shell_of,
     source_of,
     toposort,
+    varint,
 )
 
 
@@ -191,3 +197,44 @@ def test_child_builder_names_never_collide_with_the_outer_graph() -> None:
     made += [outer.fresh("t") for _ in range(3)]
     assert "p/t_0" not in made
     assert len(set(made)) == len(made) == 9
+
+
+def model_with_weights() -> onnx.ModelProto:
+    """Two MatMuls by weights, one large, one held as float_data, not raw bytes; empty
+    strings set explicitly (protobuf 2 keeps that apart from unset), and metadata."""
+    rng = np.random.default_rng(3)
+    large = rng.standard_normal((300, 200)).astype(np.float32)
+    small = helper.make_tensor("small", TensorProto.FLOAT, [200, 4],
+                               rng.standard_normal(800).astype(np.float32).tolist())
+    model = model_of([helper.make_node("MatMul", ["x", "large"], ["h"]),
+                      helper.make_node("MatMul", ["h", "small"], ["y"])],
+                     [info("x", [None, 300])], [info("y", [None, 4])],
+                     [init("large", large), small])
+    model.graph.doc_string = ""
+    model.doc_string, model.domain = "", ""
+    model.metadata_props.add(key="k", value="v")
+    return model
+
+
+def test_serialized_in_parts_reads_back_as_the_model(tmp_path: Path) -> None:
+    model = model_with_weights()
+    parts = list(serialized_in_parts(model))
+    assert len(parts) == 1 + 2 * len(model.graph.initializer)
+    assert onnx.load_from_string(b"".join(parts)) == model
+    atomic_write(tmp_path / "m.onnx", serialized_in_parts(model))
+    assert onnx.load(str(tmp_path / "m.onnx")) == model
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 16383, 16384, 2**31, 2**40 + 5])
+def test_varint_is_protobufs(value: int) -> None:
+    from google.protobuf.internal import encoder
+
+    assert varint(value) == encoder._VarintBytes(value)
+
+
+def test_shell_holds_all_but_the_weights() -> None:
+    model = model_with_weights()
+    shell = shell_of(model)
+    assert not shell.graph.initializer
+    shell.graph.initializer.extend(model.graph.initializer)
+    assert shell == model
