@@ -189,6 +189,15 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
         if with_input and reference.input_gradients is not None:
             input_gradient_tape_check(source, preprocess_numpy(images, info.preprocess),
                                       chosen, out, reference.input_gradients, report)
+            if report.errors[OUTPUT_INPUT_GRADIENTS] > report.tolerances[OUTPUT_INPUT_GRADIENTS]:
+                # TF's own float32 input gradients are at times the ones off: DenseNet121's
+                # were 2.2e-3 from a float64 run of the same model in one process and
+                # 6.6e-7 in another (the bundle's: 5e-7 in both). The forward graph has
+                # just matched TF, so float64 differences of it say which is right.
+                log.info("verification: input gradients %.2e from TF's; judging them by "
+                         "float64 differences of the forward graph instead",
+                         report.errors[OUTPUT_INPUT_GRADIENTS])
+                input_gradient_check(bundle, info, images, chosen, out, report)
     else:
         for entry in layers:
             finite_difference_check(bundle, images, chosen, out, entry, report,
