@@ -39,13 +39,23 @@ KERAS_FAMILIES = ("ConvNeXtTiny", "DenseNet121", "EfficientNetB0", "EfficientNet
 
 def write_source(name: str, size: int, work: Path) -> None:
     """Child 1: the dynamic-batch ONNX file and the usual layer's tensor name."""
-    entry = zoo.ZOO[name]
+    entry = at_size(zoo.ZOO[name], size)
     model = entry.model()
-    path = zoo.export_torch(entry, model, "dynamic", work / "model.onnx") if size == \
-        entry.size else export_at(entry, model, size, work / "model.onnx")
+    path = zoo.export_torch(entry, model, "dynamic", work / "model.onnx")
     example = zoo.torch_input(zoo.images(size, 1, seed=99))
     layer = zoo.onnx_layer_name(path, model, entry.layer, example)
     (work / "layer.txt").write_text(layer)
+
+
+def at_size(entry: Any, size: int) -> Any:
+    """The zoo's ``entry`` at input ``size``: its BatchNorm calibrated there (statistics
+    from 64-pixel images blow up 224-pixel activations) and ViT built for it."""
+    import dataclasses
+
+    if size == entry.size:
+        return entry
+    build = zoo._tv(entry.name, image_size=size) if entry.reshape == "vit" else entry.build
+    return dataclasses.replace(entry, size=size, build=build)
 
 
 def write_keras_source(name: str, size: int, work: Path) -> None:
@@ -54,13 +64,6 @@ def write_keras_source(name: str, size: int, work: Path) -> None:
 
     model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
     model.save(work / "model.keras")
-
-
-def export_at(entry: Any, model: Any, size: int, path: Path) -> Path:
-    """``zoo.export_torch``'s dynamic export at another input size."""
-    import dataclasses
-
-    return zoo.export_torch(dataclasses.replace(entry, size=size), model, "dynamic", path)
 
 
 def measure_export(work: Path) -> dict[str, Any]:

@@ -102,8 +102,8 @@ def write_weights_apart(model: onnx.ModelProto, names: list[str], path: Path) ->
                     tensor_bytes(tensor) < LARGE_TENSOR_BYTES:
                 shell.graph.initializer.append(tensor)
                 continue
-            stub = shell.graph.initializer.add(name=tensor.name, data_type=tensor.data_type,
-                                         dims=tensor.dims)
+            stub = shell.graph.initializer.add(name=tensor.name,
+                                               data_type=tensor.data_type, dims=tensor.dims)
             raw = tensor.raw_data if tensor.HasField("raw_data") else \
                 numpy_helper.to_array(tensor).tobytes()
             stub.data_location = onnx.TensorProto.EXTERNAL
