@@ -35,7 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcam.graph import forward_reachable, real_inputs
+from onnxcam.graph import SKELETON_MAX_ELEMENTS, forward_reachable, real_inputs
+from onnxcam.graph import skeleton as skeleton_of
 from onnxcam.runtime import cpu_session
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,6 @@ PROOF_BATCHES = (2, 3)
 # Relative to each output's largest magnitude: another batch size may pick another
 # convolution algorithm, which moves float32 results by a few ulps, no more.
 PROOF_TOLERANCE = 1e-4
-# Initializers larger than this leave the copy shape inference reads: only their
-# shape matters there, and copying a large model's weights per round is slow.
-SKELETON_MAX_ELEMENTS = 64
 
 # float images in the model's layout, [n, ...] -> for the proof
 ImagesFn = Callable[[int], np.ndarray]
@@ -128,7 +126,7 @@ def rewrite_shape_operands(model: onnx.ModelProto, batch: int) -> list[str]:
     Each round infers shapes once and rewrites every node that already sees the
     batch; what that frees downstream is found by the next round.
     """
-    skeleton = _skeleton(model)
+    skeleton = skeleton_of(model)
     rewritten: list[str] = []
     for _ in range(len(model.graph.node) + 1):
         dims = _inferred_dims(skeleton)
@@ -156,20 +154,6 @@ def rewrite_shape_operands(model: onnx.ModelProto, batch: int) -> list[str]:
                 edit(graph, index)
     del model.graph.value_info[:]  # the hints for inference; typeless, so not kept
     return rewritten
-
-
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its large initializers replaced by inputs of the same type and
-    shape: what shape inference needs, at a fraction of the size."""
-    graph = model.graph
-    small = [t for t in graph.initializer if int(np.prod(t.dims)) <= SKELETON_MAX_ELEMENTS]
-    large = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-             for t in graph.initializer if int(np.prod(t.dims)) > SKELETON_MAX_ELEMENTS]
-    skeleton_graph = helper.make_graph(list(graph.node), graph.name,
-                                       [*real_inputs(graph), *large], list(graph.output), small)
-    skeleton = helper.make_model(skeleton_graph, opset_imports=list(model.opset_import))
-    skeleton.ir_version = model.ir_version
-    return skeleton
 
 
 def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxcam.exporter.vjp.context import TensorShape
-from onnxcam.graph import GraphBuilder, attrs
+from onnxcam.graph import GraphBuilder, attrs, skeleton
 
 FLOAT, DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 OTHER_FLOATS = frozenset({DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
@@ -50,7 +50,7 @@ ERF_CLIP = 3.5
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element types of the tensors that shape inference and the initializers name."""
     try:
-        graph = onnx.shape_inference.infer_shapes(model).graph
+        graph = onnx.shape_inference.infer_shapes(skeleton(model)).graph
     except Exception:  # noqa: BLE001 - without types the tail just stays in float32
         graph = model.graph
     types = {init.name: init.data_type for init in graph.initializer}

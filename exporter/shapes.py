@@ -142,8 +142,8 @@ def probe_shapes(
         fetched = [n for n in computed if not runs or n not in constant]
         try:
             runner = runner or OutputRunner(model, computed, lean=True)
-            shapes = {name: value.shape for name, value in runner(feeds, fetched).items()}
-            runs.append({**parameters, **(runs[0] if runs else {}), **shapes})
+            got = {name: value.shape for name, value in runner(feeds, fetched).items()}
+            runs.append({**parameters, **(runs[0] if runs else {}), **got})
         except Exception as exc:
             raise UnsupportedModelError(
                 f"the model does not run at batch size {batch}: {str(exc).splitlines()[0]}. "

@@ -113,6 +113,31 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
+# Initializers of up to this many elements stay in a skeleton: shape operands, axes.
+SKELETON_MAX_ELEMENTS = 64
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its large initializers replaced by inputs of the same type and
+    shape: what shape inference needs, without a copy of the weights (which
+    ``infer_shapes`` on the model itself makes twice over)."""
+    light = helper.make_model(skeleton_graph(model.graph),
+                              opset_imports=list(model.opset_import))
+    light.ir_version = model.ir_version
+    light.functions.extend(model.functions)
+    return light
+
+
+def skeleton_graph(graph: onnx.GraphProto) -> onnx.GraphProto:
+    """``graph``'s nodes, inputs and outputs; its small initializers, and its large ones
+    as typed inputs (``skeleton``)."""
+    small = [t for t in graph.initializer if int(np.prod(t.dims)) <= SKELETON_MAX_ELEMENTS]
+    large = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+             for t in graph.initializer if int(np.prod(t.dims)) > SKELETON_MAX_ELEMENTS]
+    return helper.make_graph(list(graph.node), graph.name,
+                             [*real_inputs(graph), *large], list(graph.output), small)
+
+
 def shell_of(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` but for its initializers, which it does not hold: cheap
     where a copy of the whole model would copy the weights."""

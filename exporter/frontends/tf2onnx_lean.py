@@ -78,14 +78,16 @@ def one_update_optimizer() -> dict[str, Any]:
     from tf2onnx import optimizer
     from tf2onnx.optimizer.optimizer_base import GraphOptimizerBase
 
-    class OneUpdate(GraphOptimizerBase):  # type: ignore[misc]
+    class OneUpdate(GraphOptimizerBase):
         def _optimize(self, graph: Any) -> Any:
+            changed = False
             for factory in optimizer._get_optimizers().values():
                 step = factory()
                 step.opt_iteration = self.opt_iteration
                 graph = step._optimize(graph)
                 graph.delete_unused_nodes(graph.outputs)
-                self.graph_been_opt = self.graph_been_opt or step.graph_been_opt
+                changed = changed or bool(step.graph_been_opt)
+            self.graph_been_opt = changed  # tf2onnx runs another round while this is True
             return graph
 
     return {"tf2onnx": OneUpdate}

@@ -14,6 +14,7 @@ from onnxcam.graph import (
     consumers,
     float_output,
     producers,
+    skeleton_graph,
     source_of,
     tensor_names,
     toposort,
@@ -27,7 +28,7 @@ def static_tail(graph: onnx.GraphProto, name: str) -> list[int] | None:
     A constant shape keeps the rerouted Reshape valid at any batch size, which a
     ``Shape`` of the batch-sized source would not be inside the fd Loop.
     """
-    model = helper.make_model(graph)
+    model = helper.make_model(skeleton_graph(graph))
     try:
         inferred = onnx.shape_inference.infer_shapes(model).graph
     except Exception:  # noqa: BLE001 - no shape means no reroute

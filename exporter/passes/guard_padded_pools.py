@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 from onnxcam.exporter.draft import Draft
-from onnxcam.graph import GraphBuilder, attrs, consumers, initializer_values
+from onnxcam.graph import GraphBuilder, attrs, consumers, initializer_values, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def fusable_pool(pad: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]],
 
 def spatial_sizes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Each tensor's static spatial dims (all but the first two), from shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(skeleton(model))
     sizes = {}
     for info in [*inferred.graph.value_info, *inferred.graph.input]:
         dims = info.type.tensor_type.shape.dim
