@@ -50,8 +50,10 @@ def stored_whole(store: Store, record: dict) -> bool:
 
 
 def test_soft_limit_stops_between_batches(cnn_bundle: Path, tmp_path: Path) -> None:
-    images = gradients(tmp_path / "images", 6 * BATCH, 700)
-    soft = 1.0
+    # Enough batches to outlast the limit on a fast machine (6 of them once took under
+    # a second here); on a slow one the limit still falls after the first batch.
+    images = gradients(tmp_path / "images", 12 * BATCH, 700)
+    soft = 0.5
     env = service_env(redis_url(2), tmp_path / "store", images[0].parent,
                       soft_time_limit=str(soft), time_limit="60")
     settings, store = settings_for(env), Store(str(tmp_path / "store"))
