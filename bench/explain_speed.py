@@ -1,4 +1,5 @@
-"""Grad-CAM throughput: onnxcam against plain inference and TF GradientTape.
+"""Grad-CAM throughput: onnxcam against plain inference, TF GradientTape and
+pytorch-grad-cam.
 
 Each side runs in its own process (TensorFlow and onnxruntime slow each other
 down when they share one), one after the other in a single invocation, so the
@@ -6,6 +7,8 @@ ratios are measured side by side. Prints images/s and peak RSS per side.
 
     python bench/explain_speed.py                 # Keras ResNet50, 224x224, batch 8
     python bench/explain_speed.py --quick         # a tiny CNN, for CI
+    python bench/explain_speed.py --source torch  # torch ResNet50, and pytorch-grad-cam
+    python bench/explain_speed.py --source torch --device cuda   # all of it on the GPU
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).parent))
-SIDES = ("plain", "gradcam", "fd", "tf")
+SIDES = ("plain", "gradcam", "fd", "tf", "pgc")
+# The reference each source is held against: TF GradientTape for Keras, pytorch-grad-cam
+# (the ``grad-cam`` package) for torch.
+REFERENCE_SIDE = {"keras": "tf", "torch": "pgc"}
 
 
 def build_torch(workdir: Path, quick: bool) -> dict:
@@ -122,6 +128,8 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
         used = explainer.device
         rate = timed(lambda b: explainer.explain(b, method="gradcam", batch_size=len(b)),
                      batches)
+    elif side == "pgc":
+        rate, used = pytorch_grad_cam_rate(workdir, batches, device)
     else:
         import keras
         import tensorflow as tf
@@ -147,6 +155,29 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
         rate = timed(lambda b: gradcam(tf.constant(preprocess_numpy(b, preprocess))).numpy(),
                      batches)
     return {"side": side, "images_per_s": rate, "peak_rss_mb": peak_rss_mb(), "device": used}
+
+
+def pytorch_grad_cam_rate(workdir: Path, batches: list, device: str) -> tuple[float, str]:
+    """pytorch-grad-cam's GradCAM on the torch model the ONNX file was exported from, at
+    its last bottleneck (the bundle's default layer), each image's top class."""
+    import numpy as np
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from torch_resnet import resnet50
+
+    used = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    model = resnet50()
+    model.load_state_dict(torch.load(workdir / "plain.pt"))
+    model = model.to(used).eval()
+    cam = GradCAM(model=model, target_layers=[model[-4]])
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+
+    def explain(b: np.ndarray) -> None:
+        x = ((b.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+        cam(input_tensor=torch.from_numpy(np.ascontiguousarray(x)).to(used), targets=None)
+
+    return timed(explain, batches), used
 
 
 def peak_rss_mb() -> float:
@@ -185,7 +216,8 @@ def main() -> None:
                   "batch": args.batch, "preprocess": built["preprocess"],
                   "device": args.device, "layout": built["layout"]}
         results = {}
-        sides = args.sides or ",".join(s for s in SIDES if s != "tf" or args.source == "keras")
+        others = {side for source, side in REFERENCE_SIDE.items() if source != args.source}
+        sides = args.sides or ",".join(s for s in SIDES if s not in others)
         for side in sides.split(","):
             output = subprocess.run(
                 [sys.executable, __file__, "--side", side, "--config", json.dumps(config)],

@@ -1,7 +1,7 @@
 """A torchvision-shaped ResNet50 in plain torch, exported to ONNX for the benchmark.
 
-torchvision has no CPU build here, so the architecture (bottleneck blocks
-[3, 4, 6, 3], stride on the 3x3 conv) is written out; weights are random.
+The architecture (bottleneck blocks [3, 4, 6, 3], stride on the 3x3 conv) is written
+out, so the benchmark needs torch but not torchvision; weights are random.
 """
 
 from __future__ import annotations
@@ -47,10 +47,12 @@ def resnet50():  # type: ignore[no-untyped-def]
 
 
 def export_onnx(path: Path, size: int = 224) -> None:
+    """The model to ``path``, and its weights beside it (``.pt``) for pytorch-grad-cam."""
     import torch
 
     torch.manual_seed(0)
     model = resnet50()
+    torch.save(model.state_dict(), path.with_suffix(".pt"))
     example = torch.randn(1, 3, size, size)
     torch.onnx.export(model, (example,), str(path), input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "N"}},
