@@ -28,13 +28,16 @@ engine then runs it in chunks of exactly that size.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcam.exporter.shapes import write_weights_apart
 from onnxcam.graph import SKELETON_MAX_ELEMENTS, forward_reachable, real_inputs
 from onnxcam.graph import skeleton as skeleton_of
 from onnxcam.runtime import cpu_session
@@ -81,23 +84,46 @@ def free_batch(model: onnx.ModelProto, images: ImagesFn) -> BatchPlan:
 
     Preconditions: one rank-4 graph input whose spatial size is fixed, the graph
     topologically sorted. ``images(n)`` gives n different float inputs in the
-    model's layout. ``model`` itself is left as it is.
+    model's layout. Where the batch is freed, ``model`` itself is rewritten (and
+    returned in the plan); else it is left as it is. The weights are never copied:
+    the rewrite and the proof work on a copy without them, which reads them from a
+    file (``write_weights_apart``); VGG's would otherwise be held three times over.
     """
     batch = static_batch(model)
     if not batch:
         return BatchPlan(model, 0)
-    candidate = onnx.ModelProto()
-    candidate.CopyFrom(model)
-    set_batch_dim(candidate, BATCH_SYMBOL)
-    rewritten = rewrite_shape_operands(candidate, batch)
-    try:
-        prove(model, candidate, batch, images)
-    except NotProved as exc:
-        log.info("the model keeps its batch size %d: %s", batch, exc)
-        return BatchPlan(model, batch, (), str(exc))
+    with tempfile.TemporaryDirectory() as folder:
+        original = Path(folder) / "original.onnx"
+        write_weights_apart(model, [], original)
+        candidate = onnx.load(str(original), load_external_data=False)
+        set_batch_dim(candidate, BATCH_SYMBOL)
+        rewritten = rewrite_shape_operands(candidate, batch)
+        freed = original.with_name("freed.onnx")  # beside the weights it reads
+        freed.write_bytes(candidate.SerializeToString())
+        try:
+            prove(original, freed, batch, images)
+        except NotProved as exc:
+            log.info("the model keeps its batch size %d: %s", batch, exc)
+            return BatchPlan(model, batch, (), str(exc))
+    take_structure(model, candidate)
     log.info("the model's batch size %d is freed (%d shape operands rewritten; "
              "proved at batches %s)", batch, len(rewritten), PROOF_BATCHES)
-    return BatchPlan(candidate, 0, tuple(rewritten))
+    return BatchPlan(model, 0, tuple(rewritten))
+
+
+def take_structure(model: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+    """Make ``model`` what ``candidate`` (a copy of it whose weights are external
+    stubs, since rewritten) says: its nodes, inputs, outputs and inline initializers,
+    and ``model``'s own data for the weights."""
+    graph, done = model.graph, candidate.graph
+    for part in ("node", "input", "output", "value_info"):
+        del getattr(graph, part)[:]
+        getattr(graph, part).extend(getattr(done, part))
+    external = {t.name for t in done.initializer if t.data_location == TensorProto.EXTERNAL}
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in external:
+            del graph.initializer[index]
+    graph.initializer.extend(t for t in done.initializer if t.name not in external)
 
 
 def set_batch_dim(model: onnx.ModelProto, value: str | int) -> None:
@@ -381,17 +407,20 @@ def _expand_to_batch(constant: str, like: str, out: str, rank: int) -> list[onnx
 # --------------------------------------------------------------------------- proof
 
 
-def prove(original: onnx.ModelProto, candidate: onnx.ModelProto, batch: int,
-          images: ImagesFn) -> None:
-    """Raise ``NotProved`` unless ``candidate`` at batches 2 and 3 gives, sample by
-    sample, the outputs ``original`` gives at its own batch."""
+def prove(original: Path, candidate: Path, batch: int, images: ImagesFn) -> None:
+    """Raise ``NotProved`` unless the model in ``candidate`` at batches 2 and 3 gives,
+    sample by sample, the outputs the one in ``original`` gives at its own batch."""
     groups = -(-max(PROOF_BATCHES) // batch)
     inputs = images(groups * batch).astype(np.float32)
-    input_name = real_inputs(original.graph)[0].name
-    names = [o.name for o in original.graph.output]
-    expected = _grouped_outputs(original, names, input_name, inputs, batch)
+    session = cpu_session(str(original), lean=True)
+    input_name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    parts = [session.run(names, {input_name: inputs[start : start + batch]})
+             for start in range(0, len(inputs), batch)]
+    expected = [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
+    del session  # a large model is held once at a time
     try:
-        freed = cpu_session(candidate.SerializeToString())
+        freed = cpu_session(str(candidate), lean=True)
     except Exception as exc:  # noqa: BLE001 - any load failure means not proved
         raise NotProved(f"onnxruntime cannot load it at a free batch ({_first_line(exc)})"
                         ) from exc
@@ -411,16 +440,6 @@ def prove(original: onnx.ModelProto, candidate: onnx.ModelProto, batch: int,
             if not error <= PROOF_TOLERANCE:
                 raise NotProved(f"at batch size {size} output {name!r} differs from "
                                 f"per-sample runs by {error:.2e} (relative)")
-
-
-def _grouped_outputs(model: onnx.ModelProto, names: list[str], input_name: str,
-                     inputs: np.ndarray, batch: int) -> list[np.ndarray]:
-    """``model``'s outputs on ``inputs`` in groups of its batch; its session is gone
-    when this returns, so a large model is held once at a time."""
-    session = cpu_session(model.SerializeToString())
-    parts = [session.run(names, {input_name: inputs[start : start + batch]})
-             for start in range(0, len(inputs), batch)]
-    return [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
 
 
 def _first_line(exc: Exception) -> str:

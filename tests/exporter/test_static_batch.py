@@ -62,6 +62,25 @@ def test_a_baked_reshape_is_freed_and_proved_per_sample() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_a_freed_model_keeps_its_own_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rewrite and the proof work on a copy whose weights are external stubs,
+    read from a file (here every tensor over 64 bytes); the freed model gets its
+    own weights back, inline, and is the model it was."""
+    from onnxcam.exporter import shapes
+
+    monkeypatch.setattr(shapes, "LARGE_TENSOR_BYTES", 64)
+    plan = free_batch(reshape_model(), nchw_inputs)
+    assert plan.fixed == 0
+    tensors = {t.name: t for t in plan.model.graph.initializer}
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in tensors.values())
+    np.testing.assert_array_equal(numpy_helper.to_array(tensors["w"]), CONV)
+    np.testing.assert_array_equal(numpy_helper.to_array(tensors["g"]), DENSE)
+    inputs = nchw_inputs(4)
+    (got,) = cpu_session(plan.model.SerializeToString()).run(["y"], {"x": inputs})
+    (want,) = per_image(reshape_model(), inputs, ["y"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_a_class_token_is_expanded_to_the_batch() -> None:
     """The Reshape frees the tokens; the batch-1 token concatenated with them then
     gets one copy per sample (ViT's pattern)."""
@@ -82,7 +101,7 @@ def test_a_batch_mixing_model_keeps_its_batch() -> None:
 
 
 def test_mutation_a_rule_without_its_condition_is_caught_by_the_proof(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     """Break the rule (rewrite whatever the data's batch axis) on the mixing model: the
     rewritten graph runs at batch 2, and only the per-sample comparison can tell."""
@@ -94,8 +113,10 @@ def test_mutation_a_rule_without_its_condition_is_caught_by_the_proof(
     assert rewrite_shape_operands(candidate, 1)  # the broken rule fires
     session = cpu_session(candidate.SerializeToString())
     assert session.run(["y"], {"x": nchw_inputs(2)})[0].shape == (2, CLASSES)  # and runs
+    (tmp_path / "original.onnx").write_bytes(original.SerializeToString())
+    (tmp_path / "freed.onnx").write_bytes(candidate.SerializeToString())
     with pytest.raises(NotProved, match="differs from per-sample runs"):
-        prove(original, candidate, 1, nchw_inputs)
+        prove(tmp_path / "original.onnx", tmp_path / "freed.onnx", 1, nchw_inputs)
     assert free_batch(original, nchw_inputs).fixed == 1
     monkeypatch.undo()
     assert free_batch(original, nchw_inputs).fixed == 1  # the real condition refuses it
