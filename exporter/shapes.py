@@ -70,8 +70,10 @@ def lean_session(model: onnx.ModelProto, names: list[str] | None = None) -> ort.
     """A ``lean`` CPU session (see ``cpu_session``) of ``model`` with ``names`` as extra
     outputs, loaded from temporary files, its large weights beside the graph
     (``write_weights_apart``): onnxruntime then reads them straight into its tensors,
-    without first holding the whole model as a protobuf of its own."""
-    with tempfile.TemporaryDirectory() as folder:
+    without first holding the whole model as a protobuf of its own. The session may
+    map the weights file after the folder is gone: Linux keeps a deleted file for
+    whoever maps it; where a mapped file cannot be deleted, the folder is left behind."""
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as folder:
         path = Path(folder) / "model.onnx"
         write_weights_apart(model, names or [], path)
         return cpu_session(str(path), lean=True)
