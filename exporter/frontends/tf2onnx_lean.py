@@ -1,11 +1,11 @@
 """tf2onnx's conversion in a fraction of its memory, for the Keras frontend.
 
 tf2onnx's usual path holds many copies of the weights at once: grappler's copies of
-the frozen graph, and one re-serialised copy per optimizer run. Keras VGG16 (550 MB
-of weights) peaked at 11.9 GB and took 75 s, ResNet50 at 2.75 GB. Its large-model
-path freezes without grappler and keeps the big constants out of TensorFlow's
-graph; run with its optimizers as one (``one_update_optimizer``) it peaks at 7.3 GB
-and 1.7 GB. The graph differs from the usual one only in what onnxruntime fuses
+the frozen graph, and one re-serialised copy per optimizer run. Converting Keras
+VGG16 (550 MB of weights) peaked at 11.9 GB and took 75 s, ResNet50 at 2.75 GB. Its
+large-model path freezes without grappler and keeps the big constants out of
+TensorFlow's graph; run with its optimizers as one (``one_update_optimizer``) it
+peaks at 6.4 GB and 1.8 GB. The graph differs from the usual one only in what onnxruntime fuses
 when it loads it (BatchNormalization stays Mul and Add), and verification holds
 the bundle against the Keras model either way. Should the lean path fail, the usual
 one runs.
