@@ -608,9 +608,8 @@ NARROW_WEIGHT_ELEMENTS = 1 << 20
 def product_weights(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> set[str]:
     """Large 2-D float32 initializers that ``nodes`` read only as the weight of a Gemm
     or MatMul (its second input), which the float64 head multiplies by blocks."""
-    sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer
-             if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}
-    large = {name for name, size in sizes.items() if size >= NARROW_WEIGHT_ELEMENTS}
+    large = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+             and len(i.dims) == 2 and int(np.prod(i.dims)) >= NARROW_WEIGHT_ELEMENTS}
     for node in nodes:
         for position, name in enumerate(node.input):
             if name in large and (node.op_type not in ("Gemm", "MatMul") or position != 1):
