@@ -107,19 +107,19 @@ def peak_mb() -> float:
 
 def one_run(bundle: Path, manifest: Path, out: Path, broker: str | None) -> dict:
     """In a child process: the audit, then the summary and report again, timed."""
+    from onnxcam.audit import AuditOptions, LocalBackend, run_audit
+    from onnxcam.audit.clusters import SAMPLE
+    from onnxcam.audit.report import write_report
+    from onnxcam.audit.runner import _add_clusters, _worst_rows
+    from onnxcam.audit.summary import summarize
     from onnxcam.progress import Progress
-    from onnxcam.worker.audit import AuditOptions, LocalBackend, run_audit
-    from onnxcam.worker.audit.clusters import SAMPLE
-    from onnxcam.worker.audit.report import write_report
-    from onnxcam.worker.audit.runner import _add_clusters, _worst_rows
-    from onnxcam.worker.audit.summary import summarize
 
     if broker:
-        from onnxcam.worker.audit.distributed import DistributedBackend
+        from onnxcam.audit.distributed import DistributedBackend
 
         backend = DistributedBackend(broker, model=bundle)
     else:
-        from onnxcam.worker import Explainer
+        from onnxcam.engine import Explainer
 
         backend = LocalBackend(Explainer(bundle, device="cpu"))
     quiet = open(os.devnull, "w")

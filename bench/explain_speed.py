@@ -121,7 +121,7 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
 
         rate = timed(infer, batches)
     elif side in ("gradcam", "fd"):
-        from onnxcam.worker import Explainer
+        from onnxcam.engine import Explainer
 
         explainer = Explainer(workdir / ("bundle.onnx" if side == "gradcam" else "fd.onnx"),
                               device=device)

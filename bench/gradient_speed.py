@@ -53,7 +53,7 @@ def run_side(side: str, workdir: Path, size: int, preprocess: str, count: int, b
         rate = timed(lambda b: session.run(None, {name: preprocess_numpy(b, preprocess)}),
                      batches)
     else:
-        from onnxcam.worker import Explainer
+        from onnxcam.engine import Explainer
 
         explainer = Explainer(workdir / "bundle.onnx", device=device)
         used = explainer.device

@@ -36,7 +36,7 @@ def images(count: int, size: int):  # type: ignore[no-untyped-def]
 
 
 def onnxcam_side(workdir: Path, count: int, size: int, batch: int) -> float:
-    from onnxcam.worker import Explainer
+    from onnxcam.engine import Explainer
 
     explainer = Explainer(workdir / "bundle.onnx", device="cpu")
     data = images(count, size)

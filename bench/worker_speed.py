@@ -46,7 +46,7 @@ def write_images(folder: Path, count: int, size: int) -> list[Path]:
 
 
 def engine_side(bundle: Path, paths: list[Path], batch: int) -> float:
-    from onnxcam.worker import Explainer
+    from onnxcam.engine import Explainer
 
     explainer = Explainer(bundle)
     explainer.explain([str(p) for p in paths[:batch]], batch_size=batch)  # warm-up
@@ -56,8 +56,8 @@ def engine_side(bundle: Path, paths: list[Path], batch: int) -> float:
 
 
 def worker_side(bundle: Path, paths: list[Path], workdir: Path, chunk: int) -> float:
-    from onnxcam.worker.service.client import submit
-    from onnxcam.worker.service.settings import load_settings
+    from onnxcam.worker.client import submit
+    from onnxcam.worker.settings import load_settings
 
     env = {
         "ONNXCAM_BROKER_URL": os.environ.get("ONNXCAM_BROKER_URL",

@@ -5,9 +5,9 @@ The public API, from one import name. Names load on first use, so importing
 
     onnxcam.errors, onnxcam.bundle   the shared floor: error tree and bundle format
     onnxcam.exporter                 models in, bundles out (TensorFlow, torch lazily)
-    onnxcam.worker                   the engine: bundles and images in, heatmaps out
-    onnxcam.worker.service           Celery workers, jobs, client and store
-    onnxcam.worker.audit             explains whole data sets
+    onnxcam.engine                   bundles and images in, heatmaps out
+    onnxcam.worker                   the Celery worker service: jobs, client and store
+    onnxcam.audit                    explains whole data sets
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from onnxcam._version import __version__
 
 # Public name -> the module that defines it.
 _EXPORTS = {
@@ -24,16 +24,16 @@ _EXPORTS = {
     "BadTargetError": "onnxcam.errors",
     "BundleError": "onnxcam.errors",
     "BundleInfo": "onnxcam.bundle",
-    "Explainer": "onnxcam.worker.explainer",
-    "Explanation": "onnxcam.worker.explainer",
+    "Explainer": "onnxcam.engine.explainer",
+    "Explanation": "onnxcam.engine.explainer",
     "ExportError": "onnxcam.errors",
     "ExportResult": "onnxcam.exporter",
     "JobError": "onnxcam.errors",
     "OnnxcamError": "onnxcam.errors",
     "export": "onnxcam.exporter",
-    "heatmaps": "onnxcam.worker",
+    "heatmaps": "onnxcam.engine",
     "list_layers": "onnxcam.exporter",
-    "overlay": "onnxcam.worker",
+    "overlay": "onnxcam.engine",
     "read_bundle_info": "onnxcam.bundle",
 }
 
@@ -59,6 +59,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from onnxcam.bundle import BundleInfo, read_bundle_info
+    from onnxcam.engine import heatmaps, overlay
+    from onnxcam.engine.explainer import Explainer, Explanation
     from onnxcam.errors import (
         BadImageError,
         BadMethodError,
@@ -69,8 +71,6 @@ if TYPE_CHECKING:
         OnnxcamError,
     )
     from onnxcam.exporter import ExportResult, export, list_layers
-    from onnxcam.worker import heatmaps, overlay
-    from onnxcam.worker.explainer import Explainer, Explanation
 
 
 def __getattr__(name: str) -> Any:

@@ -12,10 +12,10 @@ from typing import Any
 import click
 
 from onnxcam.bundle import GRADIENT_MODES, LAYOUTS, PREPROCESS_MODES
+from onnxcam.engine.maps import COLORMAPS
+from onnxcam.engine.methods.base import MethodOptions
 from onnxcam.errors import OnnxcamError
 from onnxcam.progress import Progress, Stages
-from onnxcam.worker.maps import COLORMAPS
-from onnxcam.worker.methods.base import MethodOptions
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -137,7 +137,7 @@ def export(
 
 
 def parse_formats(value: str) -> list[str]:
-    from onnxcam.worker.outputs import FORMATS
+    from onnxcam.engine.outputs import FORMATS
 
     formats = [part.strip() for part in value.split(",") if part.strip()]
     unknown = [f for f in formats if f not in FORMATS]
@@ -205,8 +205,8 @@ def explain(
     """
     import json
 
-    from onnxcam.worker import Explainer
-    from onnxcam.worker.outputs import OverlayStyle, explain_files
+    from onnxcam.engine import Explainer
+    from onnxcam.engine.outputs import OverlayStyle, explain_files
 
     explainer = Explainer(bundle, device=device)
     failures = 0
@@ -239,7 +239,7 @@ EXIT_NOT_DONE = 3
 
 
 def _settings_help() -> str:
-    from onnxcam.worker.service.settings import describe_settings
+    from onnxcam.worker.settings import describe_settings
 
     return "\b\nSettings (environment variables):\n" + describe_settings()
 
@@ -256,14 +256,14 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
     """Run a Celery worker that explains queued jobs (ONNXCAM_* settings below)."""
     logging.basicConfig(level=loglevel, force=True, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    from onnxcam.worker.service.app import QUEUE, app
-    from onnxcam.worker.service.settings import load_settings
-    from onnxcam.worker.service.store import Store
+    from onnxcam.worker.app import QUEUE, app
+    from onnxcam.worker.settings import load_settings
+    from onnxcam.worker.store import Store
 
     store = Store(load_settings().store_url)
     # Where results go, absolute: a relative ONNXCAM_STORE_URL means a different store
     # for a client started in another folder.
-    logging.getLogger("onnxcam.worker").info(
+    logging.getLogger("onnxcam.engine").info(
         "store: %s", store.location)
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
     if concurrency:
@@ -288,7 +288,7 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
 def submit(bundle: Path, images: tuple[str, ...], method: str, target: str | None,
            chunk_size: int | None, samples: int, noise: float, steps: int, seed: int) -> None:
     """Queue explain jobs; print their ids, one per line."""
-    from onnxcam.worker.service.client import submit as submit_jobs
+    from onnxcam.worker.client import submit as submit_jobs
 
     options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed}
     job = submit_jobs(bundle, list(images), method, class_number(bundle, target),
@@ -314,8 +314,8 @@ def class_number(bundle: Path, target: str | None) -> int | str | None:
 @with_errors
 def status(job_id: str) -> None:
     """Print a job's status: pending, started, done or failed."""
-    from onnxcam.worker.service.client import job_status
-    from onnxcam.worker.service.settings import load_settings
+    from onnxcam.worker.client import job_status
+    from onnxcam.worker.settings import load_settings
 
     click.echo(job_status(job_id, load_settings()))
 
@@ -334,9 +334,9 @@ def result(job_id: str, out: Path, wait_seconds: float, as_json: bool) -> None:
     import time
 
     from onnxcam.errors import JobError
-    from onnxcam.worker.service.client import download, job_error, job_status
-    from onnxcam.worker.service.settings import load_settings
-    from onnxcam.worker.service.store import Store
+    from onnxcam.worker.client import download, job_error, job_status
+    from onnxcam.worker.settings import load_settings
+    from onnxcam.worker.store import Store
 
     settings = load_settings()
     deadline = time.monotonic() + wait_seconds
@@ -409,16 +409,16 @@ def audit(
     """Audit where the classifier MODEL looks over SOURCE: a CSV manifest, a folder
     of class subfolders, a COCO instances JSON or a folder of Pascal VOC XML files.
     Writes results.csv, summary.json and report.html to --out."""
-    from onnxcam.worker.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
-    from onnxcam.worker.audit.manifest import read_label_map
+    from onnxcam.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
+    from onnxcam.audit.manifest import read_label_map
 
     if broker:
-        from onnxcam.worker.audit.distributed import DistributedBackend
+        from onnxcam.audit.distributed import DistributedBackend
 
         backend: Any = DistributedBackend(broker, model=model)
     else:
-        from onnxcam.worker import Explainer
-        from onnxcam.worker.audit import LocalBackend
+        from onnxcam.audit import LocalBackend
+        from onnxcam.engine import Explainer
 
         backend = LocalBackend(Explainer(model, device=device), batch_size=batch_size)
     options = AuditOptions(
@@ -467,7 +467,7 @@ def audit_diff(old: Path, new: Path, out: Path | None, min_similarity: float,
     """Compare the audits OLD and NEW of the same manifest: per class the change in
     accuracy, energy in box and pointing hits, per row the heatmaps' rank correlation.
     Exits 3 when a class moved past a threshold."""
-    from onnxcam.worker.audit.diff import DiffThresholds, diff_audits, write_diff
+    from onnxcam.audit.diff import DiffThresholds, diff_audits, write_diff
 
     diff = diff_audits(old, new, DiffThresholds(min_similarity, max_energy_drop))
     out = out or new

@@ -1,7 +1,7 @@
 """Independent float64 references for the CAM methods, shared by the method and
 explainer tests: pytorch-grad-cam's definitions written out again in numpy, and
 plain onnxruntime runs of bundles and source models. Nothing here imports
-``onnxcam.worker``, so a defect there cannot leak into an expected value.
+``onnxcam.engine``, so a defect there cannot leak into an expected value.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from onnxcam.worker.service.settings import Settings
+    from onnxcam.worker.settings import Settings
 
 REDIS_HOST = "127.0.0.1"
 # Another port keeps runs that share a machine (and Redis's numbered databases) apart.
@@ -53,7 +53,7 @@ def service_env(broker_url: str, store: Path, roots: Path, **extra: str) -> dict
 
 def settings_for(env: Mapping[str, str]) -> Settings:
     """What a client in ``env`` would read."""
-    from onnxcam.worker.service.settings import load_settings
+    from onnxcam.worker.settings import load_settings
 
     return load_settings(**{k[len("ONNXCAM_"):].lower(): v for k, v in env.items()
                             if k.startswith("ONNXCAM_")})

@@ -18,8 +18,8 @@ from click.testing import CliRunner, Result
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcam
+import onnxcam.engine.explainer
 import onnxcam.exporter.pipeline
-import onnxcam.worker.explainer
 from onnxcam.cli import main
 from onnxcam.exporter.vjp import load_rules
 
@@ -333,7 +333,7 @@ def test_public_api_is_pinned_sorted_and_importable() -> None:
     exec("from onnxcam import *", namespace)
     assert set(PUBLIC_API) <= set(namespace)
     # Each name is the object its defining module holds, not a copy or a stub.
-    assert onnxcam.Explainer is onnxcam.worker.explainer.Explainer
+    assert onnxcam.Explainer is onnxcam.engine.explainer.Explainer
     assert onnxcam.export is onnxcam.exporter.pipeline.export
     assert issubclass(onnxcam.BadImageError, onnxcam.OnnxcamError)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):

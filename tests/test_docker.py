@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from onnxcam.worker.service.client import image_ref
-from onnxcam.worker.service.sources import allowed_path
+from onnxcam.worker.client import image_ref
+from onnxcam.worker.sources import allowed_path
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 

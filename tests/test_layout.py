@@ -1,16 +1,18 @@
-"""The package's shape: one import name, and layers that only point down.
+"""The package's shape: one tree, one import name, and layers that only point down.
 
 Layers, lowest first (an arrow reads "may import"):
 
-    onnxcam (errors, bundle, graph, runtime, files, layout, progress, scores)   the floor
-    onnxcam.exporter            -> floor                     never the worker side
-    onnxcam.worker (the engine) -> floor                     never service, audit, exporter
-    onnxcam.worker.service      -> engine, floor             never the audit
-    onnxcam.worker.audit        -> service, engine, floor
-    onnxcam.cli, onnxcam        -> everything (the command line, and the public API)
+    onnxcam (errors, bundle, graph, runtime, files, layout, progress, scores, _version)
+                                the floor: imports nothing above it
+    onnxcam.exporter   -> floor            never the engine, worker or audit
+    onnxcam.engine     -> floor            never the worker, audit or exporter
+    onnxcam.worker     -> engine, floor    never the audit or the exporter
+    onnxcam.audit      -> worker, engine, floor
+    onnxcam.cli, onnxcam  -> everything (the command line, and the public API)
 
-Imports inside functions count too: a cycle broken only by a lazy import is still a
-cycle. The worker side never imports TensorFlow or torch, lazily or not.
+Imports inside functions and under ``TYPE_CHECKING`` count too: a cycle broken only by
+a lazy import is still a cycle. The engine, the worker and the audit never import
+TensorFlow or torch, lazily or not.
 """
 
 from __future__ import annotations
@@ -26,24 +28,21 @@ import pytest
 import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-# Installed package -> folder in the repository (pyproject's package-dir).
-ROOTS = {"onnxcam": REPO / "onnxcam", "onnxcam.exporter": REPO / "exporter",
-         "onnxcam.worker": REPO / "worker"}
+PACKAGE = REPO / "onnxcam"
 FRAMEWORKS = ("tensorflow", "keras", "tf2onnx", "torch", "torchvision")
 FLOOR = ("onnxcam.errors", "onnxcam.bundle", "onnxcam.graph", "onnxcam.runtime",
-         "onnxcam.files", "onnxcam.layout", "onnxcam.progress", "onnxcam.scores")
+         "onnxcam.files", "onnxcam.layout", "onnxcam.progress", "onnxcam.scores",
+         "onnxcam._version")
+LAYERS = ("onnxcam.exporter", "onnxcam.engine", "onnxcam.worker", "onnxcam.audit",
+          "onnxcam.cli", "onnxcam.__main__")
 
 
 def source_modules() -> dict[str, Path]:
-    """Every module of the installed package, by its dotted name."""
+    """Every module of the package, by its dotted name, read from the tree as it is."""
     modules: dict[str, Path] = {}
-    for package, folder in ROOTS.items():
-        for path in folder.rglob("*.py"):
-            relative = path.relative_to(folder).with_suffix("")
-            parts = [p for p in relative.parts if p != "__init__"]
-            if package == "onnxcam" and parts and parts[0] in ("exporter", "worker"):
-                continue
-            modules[".".join([package, *parts])] = path
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(REPO).with_suffix("")
+        modules[".".join(p for p in relative.parts if p != "__init__")] = path
     return modules
 
 
@@ -65,8 +64,7 @@ def imported(path: Path, module: str) -> set[str]:
 
 
 def layer_of(module: str) -> str:
-    for prefix in ("onnxcam.worker.service", "onnxcam.worker.audit", "onnxcam.worker",
-                   "onnxcam.exporter", "onnxcam.cli", "onnxcam.__main__"):
+    for prefix in LAYERS:
         if module == prefix or module.startswith(prefix + "."):
             return prefix
     # The package itself is the public façade: it names the API of every layer (lazily).
@@ -74,13 +72,13 @@ def layer_of(module: str) -> str:
 
 
 FORBIDDEN = {
-    "floor": ("onnxcam.exporter", "onnxcam.worker", "onnxcam.cli", *FRAMEWORKS),
-    "onnxcam.exporter": ("onnxcam.worker", "onnxcam.cli"),
-    "onnxcam.worker": ("onnxcam.worker.service", "onnxcam.worker.audit", "onnxcam.exporter",
-                       "onnxcam.cli", *FRAMEWORKS),
-    "onnxcam.worker.service": ("onnxcam.worker.audit", "onnxcam.exporter", "onnxcam.cli",
-                               *FRAMEWORKS),
-    "onnxcam.worker.audit": ("onnxcam.exporter", "onnxcam.cli", *FRAMEWORKS),
+    "floor": ("onnxcam.exporter", "onnxcam.engine", "onnxcam.worker", "onnxcam.audit",
+              "onnxcam.cli", "onnxcam.__main__", *FRAMEWORKS),
+    "onnxcam.exporter": ("onnxcam.engine", "onnxcam.worker", "onnxcam.audit", "onnxcam.cli"),
+    "onnxcam.engine": ("onnxcam.worker", "onnxcam.audit", "onnxcam.exporter", "onnxcam.cli",
+                       *FRAMEWORKS),
+    "onnxcam.worker": ("onnxcam.audit", "onnxcam.exporter", "onnxcam.cli", *FRAMEWORKS),
+    "onnxcam.audit": ("onnxcam.exporter", "onnxcam.cli", *FRAMEWORKS),
 }
 
 
@@ -97,7 +95,7 @@ def violations(modules: dict[str, Path]) -> list[str]:
 def test_every_module_is_found() -> None:
     modules = source_modules()
     assert {"onnxcam.cli", "onnxcam.bundle", "onnxcam.exporter.pipeline",
-            "onnxcam.worker.service.tasks", "onnxcam.worker.audit.runner"} <= set(modules)
+            "onnxcam.worker.tasks", "onnxcam.audit.runner"} <= set(modules)
     assert not [m for m in modules if m.startswith(("worker", "exporter"))]
 
 
@@ -108,43 +106,101 @@ def test_layers_only_point_down() -> None:
 def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
     """Mutation: an engine module that imports the service (even lazily) is caught."""
     leaky = tmp_path / "maps.py"
-    leaky.write_text("def f():\n    from onnxcam.worker.service.store import Store\n")
+    leaky.write_text("def f():\n    from onnxcam.worker.store import Store\n")
     relative = tmp_path / "engine_bit.py"
-    relative.write_text("from .service import jobs\n")
-    assert violations({"onnxcam.worker.maps": leaky, "onnxcam.worker.bit": relative}) == [
-        "onnxcam.worker.bit imports onnxcam.worker.service",
-        "onnxcam.worker.bit imports onnxcam.worker.service.jobs",
-        "onnxcam.worker.maps imports onnxcam.worker.service.store",
-        "onnxcam.worker.maps imports onnxcam.worker.service.store.Store",
+    relative.write_text("from ..worker import jobs\n")
+    hinted = tmp_path / "hinted.py"
+    hinted.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                      "    from onnxcam.engine.maps import flat\n")
+    assert violations({"onnxcam.engine.maps": leaky, "onnxcam.engine.bit": relative,
+                       "onnxcam.exporter.hinted": hinted}) == [
+        "onnxcam.engine.bit imports onnxcam.worker",
+        "onnxcam.engine.bit imports onnxcam.worker.jobs",
+        "onnxcam.engine.maps imports onnxcam.worker.store",
+        "onnxcam.engine.maps imports onnxcam.worker.store.Store",
+        "onnxcam.exporter.hinted imports onnxcam.engine.maps",
+        "onnxcam.exporter.hinted imports onnxcam.engine.maps.flat",
     ]
 
 
+def import_cycles(modules: dict[str, Path]) -> list[list[str]]:
+    """Groups of modules that import each other, directly or round a loop (a package
+    and the modules it re-exports are not counted: that is how packages work)."""
+    edges: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        targets = {name if name in modules else name.rsplit(".", 1)[0]
+                   for name in imported(path, module)}
+        edges[module] = {t for t in targets if t in modules and t != module
+                         and not module.startswith(t + ".") and not t.startswith(module + ".")
+                         and path.name != "__init__.py"}
+    cycles, seen = [], set()
+    for start in sorted(edges):
+        stack, reach = [start], set()
+        while stack:
+            for nxt in edges[stack.pop()]:
+                if nxt not in reach:
+                    reach.add(nxt)
+                    stack.append(nxt)
+        if start in reach and start not in seen:
+            group = sorted(m for m in reach if start in _reach(edges, m))
+            seen.update(group)
+            cycles.append(group)
+    return cycles
+
+
+def _reach(edges: dict[str, set[str]], start: str) -> set[str]:
+    stack, reach = [start], set()
+    while stack:
+        for nxt in edges[stack.pop()]:
+            if nxt not in reach:
+                reach.add(nxt)
+                stack.append(nxt)
+    return reach
+
+
+def test_no_two_modules_import_each_other() -> None:
+    assert import_cycles(source_modules()) == []
+
+
+def test_the_cycle_check_catches_a_lazy_circle(tmp_path: Path) -> None:
+    """Mutation: keys and store importing each other, one of them lazily, is caught."""
+    keys, store = tmp_path / "keys.py", tmp_path / "store.py"
+    keys.write_text("def f():\n    from onnxcam.worker.store import Store\n")
+    store.write_text("from onnxcam.worker.keys import bundle_key\n")
+    assert import_cycles({"onnxcam.worker.keys": keys, "onnxcam.worker.store": store}) == [
+        ["onnxcam.worker.keys", "onnxcam.worker.store"]]
+
+
 def test_source_code_uses_the_one_import_name() -> None:
-    """No file imports the folders by their repository names."""
+    """Nothing installable lies outside onnxcam/, and no file imports a folder by a
+    repository name of its own."""
+    assert not (REPO / "exporter").exists() and not (REPO / "worker").exists()
     offenders = []
-    for folder in ("onnxcam", "exporter", "worker", "tests", "bench", "examples"):
+    for folder in ("onnxcam", "tests", "bench", "examples"):
         for path in (REPO / folder).rglob("*.py"):
             for name in imported(path, "x"):
-                if name.split(".")[0] in ("worker", "exporter"):
+                if name.split(".")[0] in ("worker", "exporter", "engine", "audit"):
                     offenders.append(f"{path.relative_to(REPO)}: {name}")
     assert offenders == []
 
 
-def test_pyproject_lists_every_package_under_its_folder() -> None:
+def test_pyproject_maps_no_folders() -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    mapping = {name: REPO / folder for name, folder in config["package-dir"].items()}
-    assert mapping == ROOTS
-    on_disk = {module for module, path in source_modules().items()
-               if path.name == "__init__.py"}
-    assert sorted(config["packages"]) == sorted(on_disk)
+    assert "package-dir" not in config
+    assert config["packages"]["find"]["include"] == ["onnxcam*"]
+
+
+def test_tests_mirror_the_tree() -> None:
+    """Each test folder is named after a sub-package that exists."""
+    for folder in (REPO / "tests").iterdir():
+        if folder.is_dir() and any(folder.glob("test_*.py")):
+            assert (PACKAGE / folder.name / "__init__.py").exists(), folder.name
 
 
 @pytest.mark.slow
 def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the repository
-    for name in ("onnxcam", "exporter", "worker"):
-        shutil.copytree(REPO / name, source / name,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PACKAGE, source / "onnxcam", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
@@ -155,16 +211,38 @@ def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
     tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(
         ".dist-info")}
     assert tops == {"onnxcam"}
-    assert "onnxcam/worker/service/tasks.py" in names
-    assert "onnxcam/exporter/pipeline.py" in names
+    on_disk = {f"onnxcam/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert on_disk <= set(names)
     top_level = next(n for n in names if n.endswith("top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["onnxcam"]
 
 
+def test_the_old_celery_app_path_still_works() -> None:
+    """0.1's ``onnxcam.worker.service.app`` is the same app until 0.3, with a warning."""
+    code = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+            "try:\n    import onnxcam.worker.service.app\nexcept DeprecationWarning as w:\n"
+            "    print('warned:', w)\n"
+            "warnings.simplefilter('ignore')\n"
+            "from onnxcam.worker.service.app import app as old\n"
+            "from onnxcam.worker.service.layout import bundle_key, write_error\n"
+            "from onnxcam.worker.app import app\nprint(old is app)")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, cwd=REPO.parent)
+    assert "warned: onnxcam.worker.service is onnxcam.worker now" in shown.stdout
+    assert shown.stdout.strip().endswith("True")
+
+
+def test_the_package_imports_from_the_repository_root() -> None:
+    """The local folder is the package itself, so running from the root finds it all."""
+    code = "from onnxcam import Explainer, export; import onnxcam.worker.tasks, onnxcam.audit"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True)
+
+
 def test_serving_imports_load_no_framework() -> None:
     """The worker's and the audit's import paths, and the CLI's, stay free of TF and torch."""
-    code = ("import sys, onnxcam, onnxcam.worker, onnxcam.worker.service.tasks, "
-            "onnxcam.worker.audit, onnxcam.cli; "
+    code = ("import sys, onnxcam, onnxcam.engine, onnxcam.worker.tasks, "
+            "onnxcam.audit, onnxcam.cli; "
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))")
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True, cwd=REPO.parent)
@@ -176,4 +254,4 @@ def test_the_package_imports_nothing_heavy_until_asked() -> None:
             "('onnxcam.', 'onnxruntime', 'PIL', 'celery'))))")
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True, cwd=REPO.parent)
-    assert shown.stdout.strip() == "[]"
+    assert shown.stdout.strip() == "['onnxcam._version']"

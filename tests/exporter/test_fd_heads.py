@@ -169,7 +169,7 @@ def test_fd_maps_match_analytic_maps(head: str, tmp_path: Path) -> None:
     in float32 were 1e-2 off on Dense+ReLU, 9e-3 on GELU), and its weights within
     1e-5 of float64 central differences in numpy."""
     src = source(tmp_path, head)
-    # verify=False for GELU only: exporter/verify.py refuses this correct analytic
+    # verify=False for GELU only: the verification refuses this correct analytic
     # bundle ('gradients', relative error 0.14; the weights match numpy to 2e-7).
     exact = bundle_outputs(src, "analytic", tmp_path, verify=head != "gelu")
     approx = bundle_outputs(src, "fd", tmp_path)
@@ -228,7 +228,7 @@ def test_tiny_vit_fd_export_completes_and_matches(tmp_path: Path) -> None:
     feeds = {INPUT_IMAGE: np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), np.uint8),
              INPUT_TARGET: np.array([1, -1], np.int64)}
     started = time.monotonic()
-    # verify=False: exporter/verify.py's fd check indexes a scalar the head reads from
+    # verify=False: the verification's fd check indexes a scalar the head reads from
     # outside (IndexError on a 0-d array), a verification defect owned elsewhere.
     export(src, tmp_path / "fd.onnx", layer="/conv_proj/Conv", gradient="fd", verify=False)
     approx = outputs_of(onnx.load(tmp_path / "fd.onnx"), feeds)

@@ -244,7 +244,7 @@ def test_fixed_batch_is_recorded_and_pinned(fixed_bundle: Path) -> None:
 
 def test_fixed_batch_bundle_matches_the_source(fixed_bundle: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="onnxcam.worker.sessions"):
+    with caplog.at_level(logging.INFO, logger="onnxcam.engine.sessions"):
         explainer = Explainer(fixed_bundle, device="cpu")
     assert sum("runs at batch size 1 only" in r.getMessage() for r in caplog.records) == 1
     batch, targets = images(5), np.array([4, 3, 2, 1, 0])

@@ -171,7 +171,7 @@ def test_layers_listing_shows_grids(exported: Exported) -> None:
 
 
 def test_audit_runs_on_the_vit_bundle(vit: Exported, tmp_path: Path) -> None:
-    from onnxcam.worker.audit import AuditOptions, LocalBackend, run_audit
+    from onnxcam.audit import AuditOptions, LocalBackend, run_audit
 
     batch = zoo.images(SIZE, 4, seed=5)
     rows = []

@@ -23,13 +23,13 @@ from onnxcam.bundle import OUTPUT_ACTIVATIONS
 from onnxcam.errors import VerificationError
 from onnxcam.exporter import export
 from onnxcam.exporter.draft import Draft
-from onnxcam.exporter.verify import (
-    Float64Head,
+from onnxcam.exporter.verify.checks import (
     directional_derivatives,
     gradient_scale,
     norm_error,
     relative_error,
 )
+from onnxcam.exporter.verify.float64_head import Float64Head
 from onnxcam.exporter.vjp import Rule, load_rules
 from onnxcam.exporter.vjp.context import VjpContext
 from onnxcam.graph import producers, toposort
@@ -171,7 +171,7 @@ def test_a_direction_across_a_max_pool_tie_is_a_kink_and_smooth_heads_have_none(
 def test_float64_layer_normalization_keeps_float64(axis: int) -> None:
     """The float64 head's LayerNormalization: statistics in float64, any stash_type
     (dynamo writes stash_type explicitly, which the head lifts to double)."""
-    from onnxcam.exporter.verify import REFERENCE_OPS
+    from onnxcam.exporter.verify.kernels import REFERENCE_OPS
 
     rng = np.random.default_rng(0)
     x = 1.0 + 1e-6 * rng.standard_normal((2, 3, 5))  # tiny variance: float32 would lose it
@@ -215,7 +215,7 @@ def test_float64_gelu_keeps_float64(approximate: str) -> None:
     differences of ViT-B's last block misread its gradients by 20%."""
     import math
 
-    from onnxcam.exporter.verify import REFERENCE_OPS
+    from onnxcam.exporter.verify.kernels import REFERENCE_OPS
 
     x = np.linspace(-4.0, 3.0, 29).reshape(1, 29) + 1e-3
     node = helper.make_node("Gelu", ["x"], ["y"], approximate=approximate)
@@ -237,7 +237,7 @@ def test_float64_gelu_keeps_float64(approximate: str) -> None:
     ((2, 3, 8), (2, 8, 5))])
 def test_float64_matmul_is_numpys(left: tuple[int, ...], right: tuple[int, ...]) -> None:
     """The head's MatMul, which flattens stacks by a matrix into one product."""
-    from onnxcam.exporter.verify import REFERENCE_OPS
+    from onnxcam.exporter.verify.kernels import REFERENCE_OPS
 
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal(left), rng.standard_normal(right)
@@ -258,9 +258,9 @@ def test_float64_products_widen_float32_weights_by_blocks(
     """A float32 weight beside float64 activations (VGG's Dense weights stay float32 in
     the float64 head): the product is float64's, though the weight is widened a few
     columns at a time (blocks of 5 columns here, 37 columns in all)."""
-    from onnxcam.exporter import verify
+    from onnxcam.exporter.verify import kernels
 
-    monkeypatch.setattr(verify, "PRODUCT_BLOCK_BYTES", 8 * 11 * 5)
+    monkeypatch.setattr(kernels, "PRODUCT_BLOCK_BYTES", 8 * 11 * 5)
     rng = np.random.default_rng(2)
     a = rng.standard_normal((3, 11))
     weight = rng.standard_normal((11, 37)).astype(np.float32)
@@ -278,16 +278,16 @@ def test_float64_products_widen_float32_weights_by_blocks(
         name, TensorProto.UNDEFINED, None) for name in node.input],
         [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    (got,) = ReferenceEvaluator(model, new_ops=verify.REFERENCE_OPS).run(
+    (got,) = ReferenceEvaluator(model, new_ops=kernels.REFERENCE_OPS).run(
         None, {"a": a, "b": b, "c": bias})
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
 
 
 def test_only_large_product_weights_stay_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxcam.exporter import verify
+    from onnxcam.exporter.verify import float64_head
 
-    monkeypatch.setattr(verify, "NARROW_WEIGHT_ELEMENTS", 12)
+    monkeypatch.setattr(float64_head, "NARROW_WEIGHT_ELEMENTS", 12)
     weights = {"w": np.ones((4, 3)), "shared": np.ones((4, 3)), "small": np.ones((2, 3)),
                "bias": np.ones(12)}
     nodes = [helper.make_node("Gemm", ["x", "w", "bias"], ["y"]),
@@ -297,4 +297,4 @@ def test_only_large_product_weights_stay_float32(monkeypatch: pytest.MonkeyPatch
     graph = helper.make_graph(nodes, "head", [], [], initializer=[
         numpy_helper.from_array(value.astype(np.float32), name)
         for name, value in weights.items()])
-    assert verify.product_weights(nodes, graph) == {"w"}
+    assert float64_head.product_weights(nodes, graph) == {"w"}

@@ -22,7 +22,7 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_GRADIENTS, OUTPUT_INPUT_GRADIENTS
 from onnxcam.exporter import export
-from onnxcam.exporter.verify import REFERENCE_OPS
+from onnxcam.exporter.verify.kernels import REFERENCE_OPS
 from onnxcam.exporter.vjp import Rule
 from onnxcam.exporter.vjp.context import VjpContext
 from onnxcam.runtime import cpu_session

@@ -1,0 +1,200 @@
+"""The seam between the audit runner and whatever computes explanations.
+
+The runner hands a backend chunks of ``AuditRow``s and gets back one list of
+``RowOutcome``s per chunk, in any order. ``LocalBackend`` explains in this process;
+a distributed backend fans the chunks out to workers, whose task body can call
+``explain_rows`` as the local one does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
+
+import numpy as np
+
+from onnxcam.audit.regions import Shape
+from onnxcam.bundle import BundleInfo
+from onnxcam.engine.explainer import DEFAULT_BATCH, Explainer
+from onnxcam.engine.faithfulness import DEFAULT_STEPS, deletion_insertion_auc
+from onnxcam.engine.images import Limits, decode, load_image, read_bytes, resize
+from onnxcam.engine.maps import heatmaps
+from onnxcam.engine.prefetch import prefetched
+from onnxcam.errors import BadImageError, OnnxcamError
+
+log = logging.getLogger(__name__)
+
+EXPLAIN_MODES = ("label", "pred")
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One manifest row, resolved and checked against the bundle's labels."""
+
+    index: int  # 0-based position in the manifest
+    image: str  # a path (relative ones already joined to the manifest's folder) or a URI
+    label: int | None = None  # class index
+    bbox: tuple[float, float, float, float] | None = None  # x0 y0 x1 y1, image pixels
+    mask: str | None = None  # path or URI of a binary mask image
+    shapes: tuple[Shape, ...] = ()  # a data set's objects of the label, one region together
+
+    @property
+    def has_region(self) -> bool:
+        return self.bbox is not None or self.mask is not None or bool(self.shapes)
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What every chunk of one audit is explained with."""
+
+    method: str = "gradcam"
+    explain: str = "label"  # "label": the row's label when it has one; "pred": top-1
+    faithfulness: bool = False
+    steps: int = DEFAULT_STEPS  # deletion/insertion curve points, minus one
+
+    def target(self, row: AuditRow) -> int:
+        """The class to explain for ``row``; -1 means the prediction."""
+        if self.explain == "label" and row.label is not None:
+            return row.label
+        return -1
+
+
+@dataclass
+class RowOutcome:
+    """What a backend found for one row: the map and logits, or why it failed."""
+
+    index: int
+    raw: np.ndarray | None = None  # float32 [h, w], layer resolution, after ReLU
+    logits: np.ndarray | None = None  # float32 [K]
+    target: int = -1  # the class explained
+    image_size: tuple[int, int] = (0, 0)  # (H, W) of the original image
+    heatmap: str | None = None  # where the backend stored the map; None: the runner does
+    error_code: str = ""  # an OnnxcamError code, e.g. "bad_image"
+    error: str = ""
+    faithfulness: dict[str, float] | None = None  # {"deletion_auc", "insertion_auc"}
+
+    @property
+    def ok(self) -> bool:
+        return not self.error_code
+
+    @classmethod
+    def failed(cls, index: int, error: OnnxcamError) -> RowOutcome:
+        return cls(index, error_code=error.code, error=str(error))
+
+
+class Backend(Protocol):
+    """Computes explanations for an audit.
+
+    ``run`` is a generator: it pulls chunks from ``chunks`` as it has room, and yields
+    the outcomes of each chunk as a list (one per row, any order within and across
+    chunks) as soon as that chunk is done. A bad row must become an error outcome,
+    never an exception. The runner closes the generator on Ctrl-C or failure, so
+    cleanup belongs in a ``finally``. Keep only a few chunks in flight: the runner
+    buffers what arrives ahead of the oldest unfinished chunk.
+    """
+
+    info: BundleInfo  # the bundle explained: labels and class count for the manifest
+
+    def run(
+        self, chunks: Iterable[list[AuditRow]], settings: ExplainSettings
+    ) -> Iterator[list[RowOutcome]]: ...
+
+
+def read_source(source: str, limits: Limits) -> bytes:
+    """The bytes of a local path, or of a URI (``scheme://...``) through fsspec."""
+    if "://" not in source:
+        return read_bytes(source, limits)
+    import fsspec
+
+    try:
+        with fsspec.open(source, "rb") as stream:
+            data = stream.read(limits.max_bytes + 1)
+    except FileNotFoundError as exc:
+        raise BadImageError(f"{source}: no such object") from exc
+    except Exception as exc:  # any fsspec backend's error: unknown scheme, no access, ...
+        raise BadImageError(f"{source}: cannot read ({exc.__class__.__name__}: {exc})") from exc
+    if len(data) > limits.max_bytes:
+        raise BadImageError(f"{source}: over the {limits.max_bytes}-byte limit")
+    return bytes(data)
+
+
+def load_source(source: str, channels: int, limits: Limits) -> np.ndarray:
+    """A path or URI -> uint8 [H, W, C], with the engine's safe decoding."""
+    return load_image(decode(read_source(source, limits), limits, source), channels, limits)
+
+
+Decoded = list[np.ndarray | OnnxcamError]
+
+
+def decode_rows(explainer: Explainer, rows: list[AuditRow]) -> Decoded:
+    """Each row's image at its own size, or the error that stopped it."""
+    decoded: Decoded = []
+    for row in rows:
+        try:
+            decoded.append(load_source(row.image, explainer.info.channels, explainer.limits))
+        except OnnxcamError as exc:
+            decoded.append(exc)
+    return decoded
+
+
+def explain_rows(
+    explainer: Explainer,
+    rows: list[AuditRow],
+    settings: ExplainSettings,
+    decoded: Decoded | None = None,
+    batch_size: int | None = None,
+) -> list[RowOutcome]:
+    """Explain one chunk: decode, resize to the bundle, run in batches, and with
+    ``settings.faithfulness`` add the deletion and insertion AUCs. Bad images become
+    error outcomes. ``decoded`` may hold the images already decoded."""
+    decoded = decode_rows(explainer, rows) if decoded is None else decoded
+    outcomes = [RowOutcome.failed(row.index, item) if isinstance(item, OnnxcamError)
+                else RowOutcome(row.index) for row, item in zip(rows, decoded)]
+    good = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
+    if not good:
+        return outcomes
+    info = explainer.info
+    arrays = [decoded[i] for i in good]
+    batch = np.stack([resize(a, info.height, info.width, info.resize)  # type: ignore[arg-type]
+                      for a in arrays])
+    wanted = np.array([settings.target(rows[i]) for i in good], np.int64)
+    cam = explainer.method(settings.method)
+    size = batch_size or DEFAULT_BATCH[explainer.device]
+    parts = [explainer.run_batch(batch[s : s + size], wanted[s : s + size], cam)
+             for s in range(0, len(batch), size)]
+    raw = np.concatenate([p.raw for p in parts])
+    logits = np.concatenate([p.logits for p in parts])
+    targets = np.concatenate([p.targets for p in parts])
+    if settings.faithfulness:
+        deletion, insertion = deletion_insertion_auc(
+            explainer, batch, heatmaps(raw, info.height, info.width), targets, settings.steps)
+    for position, i in enumerate(good):
+        outcome = outcomes[i]
+        outcome.raw = raw[position]
+        outcome.logits = logits[position]
+        outcome.target = int(targets[position])
+        outcome.image_size = arrays[position].shape[:2]  # type: ignore[union-attr]
+        if settings.faithfulness:
+            outcome.faithfulness = {"deletion_auc": float(deletion[position]),
+                                    "insertion_auc": float(insertion[position])}
+    return outcomes
+
+
+class LocalBackend:
+    """Explains in this process with one ``Explainer``; the next chunk's images decode
+    in a thread while the current chunk runs."""
+
+    def __init__(self, explainer: Explainer, batch_size: int | None = None) -> None:
+        self.explainer = explainer
+        self.info = explainer.info
+        self.batch_size = batch_size
+
+    def run(
+        self, chunks: Iterable[list[AuditRow]], settings: ExplainSettings
+    ) -> Iterator[list[RowOutcome]]:
+        self.explainer.method(settings.method)
+        for rows, decoded in prefetched(chunks, partial(decode_rows, self.explainer)):
+            yield explain_rows(self.explainer, rows, settings, decoded, self.batch_size)

@@ -1,0 +1,332 @@
+"""audit-diff: two audits of the same manifest, compared row by row, so that a release
+can be gated on "does the new model still look where the old one did?".
+
+One streaming pass over both results.csv files: per row the Spearman rank correlation
+of the two raw heatmaps, per class the change in accuracy, energy in box and pointing
+hits, and the rows whose attention moved most. Writes diff.json and diff.html.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxcam.audit.clusters import read_heatmap
+from onnxcam.audit.report import CSS, thumbnail
+from onnxcam.audit.results import HEADER, ResultRow, read_results
+from onnxcam.audit.summary import Worst
+from onnxcam.engine.maps import flat, resize_maps
+from onnxcam.errors import AuditError
+from onnxcam.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.csv"
+DIFF_JSON = "diff.json"
+DIFF_HTML = "diff.html"
+MOVED = 12  # rows shown side by side, lowest similarity first
+
+
+@dataclass(frozen=True)
+class DiffThresholds:
+    """When a class fails the comparison: its mean heatmap similarity is below
+    ``min_similarity``, or its mean energy in box fell by more than ``max_energy_drop``."""
+
+    min_similarity: float = 0.5
+    max_energy_drop: float = 0.1
+
+
+# -- rank correlation --
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of a flat array, ties sharing their mean rank (as scipy's rankdata)."""
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts_group = np.r_[True, ordered[1:] != ordered[:-1]]
+    starts = np.flatnonzero(starts_group)
+    ends = np.r_[starts[1:], len(values)]
+    mean_rank = (starts + ends + 1) / 2.0  # mean of starts+1 .. ends
+    ranks = np.empty(len(values), np.float64)
+    ranks[order] = mean_rank[np.cumsum(starts_group) - 1]
+    return ranks
+
+
+def common_grid(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both maps at the finer of the two layer grids (bilinear), when their sizes differ."""
+    if old.shape == new.shape:
+        return old.astype(np.float64), new.astype(np.float64)
+    height, width = max(old.shape[0], new.shape[0]), max(old.shape[1], new.shape[1])
+    pair = [resize_maps(m[None].astype(np.float32), height, width)[0] for m in (old, new)]
+    return pair[0].astype(np.float64), pair[1].astype(np.float64)
+
+
+def similarity(old: np.ndarray, new: np.ndarray) -> float:
+    """Spearman's rank correlation of two raw heatmaps. The rank correlation is not
+    defined for a flat map; two flat maps (no evidence in either) count as 1, one
+    flat map against a shaped one as 0."""
+    old, new = common_grid(old, new)
+    flat_old, flat_new = (bool(flat(m[None])[0]) for m in (old, new))
+    if flat_old or flat_new:
+        return 1.0 if flat_old and flat_new else 0.0
+    ranks_old, ranks_new = average_ranks(old.ravel()), average_ranks(new.ravel())
+    return float(np.corrcoef(ranks_old, ranks_new)[0, 1])
+
+
+# -- per class --
+
+
+@dataclass
+class ClassDiff:
+    """Sums over the rows that ran in both audits."""
+
+    n: int = 0
+    labelled: int = 0
+    correct: list[int] = field(default_factory=lambda: [0, 0])  # old, new
+    boxes: int = 0
+    energy: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    hits: list[int] = field(default_factory=lambda: [0, 0])
+    compared: int = 0
+    similarity: float = 0.0
+
+    def add(self, old: ResultRow, new: ResultRow, score: float | None) -> None:
+        self.n += 1
+        if old["correct"] and new["correct"]:
+            self.labelled += 1
+            for side, row in enumerate((old, new)):
+                self.correct[side] += row["correct"] == "1"
+        if old["energy_in_box"] and new["energy_in_box"]:
+            self.boxes += 1
+            for side, row in enumerate((old, new)):
+                self.energy[side] += float(row["energy_in_box"])
+                self.hits[side] += row["pointing_hit"] == "1"
+        if score is not None:
+            self.compared += 1
+            self.similarity += score
+
+    def figures(self) -> dict[str, Any]:
+        figures: dict[str, Any] = {"n": self.n, "boxes": self.boxes, "compared": self.compared,
+                                   "similarity_mean": _mean(self.similarity, self.compared)}
+        for name, sums, count in (("accuracy", self.correct, self.labelled),
+                                  ("energy_in_box_mean", self.energy, self.boxes),
+                                  ("pointing_hit_rate", self.hits, self.boxes)):
+            old, new = _mean(sums[0], count), _mean(sums[1], count)
+            figures[name] = {"old": old, "new": new,
+                             "change": None if old is None or new is None else round(new - old, 4)}
+        return figures
+
+
+def _mean(total: float, count: int) -> float | None:
+    return round(total / count, 4) if count else None
+
+
+def judge(per_class: dict[str, dict[str, Any]], thresholds: DiffThresholds) -> list[dict[str, Any]]:
+    """The classes that fail the comparison, with why."""
+    flags = []
+    for label, figures in per_class.items():
+        score = figures["similarity_mean"]
+        if score is not None and score < thresholds.min_similarity:
+            flags.append({"class": label, "reason": "attention moved",
+                          "similarity_mean": score, "threshold": thresholds.min_similarity})
+        change = figures["energy_in_box_mean"]["change"]
+        if change is not None and -change > thresholds.max_energy_drop:
+            flags.append({"class": label, "reason": "energy in box dropped",
+                          "energy_in_box_change": change,
+                          "threshold": thresholds.max_energy_drop})
+    return flags
+
+
+# -- the comparison --
+
+
+@dataclass
+class Diff:
+    """diff.json's content, plus the rows the page draws side by side."""
+
+    data: dict[str, Any]
+    moved: list[tuple[ResultRow, ResultRow]]
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.data["flags"])
+
+
+def diff_audits(old: Path, new: Path, thresholds: DiffThresholds = DiffThresholds(),
+                moved: int = MOVED) -> Diff:
+    """Compare the audit folders ``old`` and ``new`` (see the module docstring).
+
+    Raises AuditError when either is not an audit folder, or their rows do not
+    correspond (another manifest, or one audit unfinished)."""
+    stats: dict[str, ClassDiff] = {}
+    scores: list[float | None] = []
+    worst = Worst(moved)
+    for index, (old_row, new_row) in enumerate(_pairs(old, new)):
+        score = _row_similarity(old_row, new_row, old, new)
+        scores.append(None if score is None else round(score, 4))
+        if old_row["status"] != "ok" or new_row["status"] != "ok":
+            continue
+        if old_row["label"]:
+            stats.setdefault(old_row["label"], ClassDiff()).add(old_row, new_row, score)
+        if score is not None:
+            worst.offer(-score, index, {**new_row, "index": str(index)})
+    per_class = {label: stats[label].figures() for label in sorted(stats)}
+    compared = [score for score in scores if score is not None]
+    data = {
+        "old": str(old), "new": str(new), "n": len(scores), "compared": len(compared),
+        "similarity_mean": _mean(sum(compared), len(compared)),
+        "per_class": per_class,
+        "flags": judge(per_class, thresholds),
+        "thresholds": {"min_similarity": thresholds.min_similarity,
+                       "max_energy_drop": thresholds.max_energy_drop},
+        "similarity": scores,
+    }
+    return Diff(data, _moved_rows(worst, old))
+
+
+def _pairs(old: Path, new: Path) -> Iterator[tuple[ResultRow, ResultRow]]:
+    """(old row, new row) in manifest order, checked to be the same row."""
+    streams = (_results(old), _results(new))
+    for index, (old_row, new_row) in enumerate(zip_longest(*streams)):
+        if old_row is None or new_row is None:
+            shorter = old if old_row is None else new
+            raise AuditError(f"the audits' rows do not correspond: {shorter} ends after "
+                             f"{index} rows and the other goes on; audits of the same "
+                             "manifest, both finished, are needed")
+        if (old_row["image"], old_row["label"]) != (new_row["image"], new_row["label"]):
+            raise AuditError(
+                f"the audits' rows do not correspond: row {index} is "
+                f"{old_row['image']!r} (label {old_row['label']!r}) in {old} but "
+                f"{new_row['image']!r} (label {new_row['label']!r}) in {new}; audits of the "
+                "same manifest are needed")
+        yield old_row, new_row
+
+
+def _results(folder: Path) -> Iterator[ResultRow]:
+    path = folder / RESULTS
+    if not path.is_file():
+        raise AuditError(f"{folder}: not an audit folder (no {RESULTS})")
+    with open(path, encoding="utf-8") as stream:
+        if stream.readline() != HEADER:
+            raise AuditError(f"{path}: not an onnxcam audit results file (header differs)")
+    return read_results(path)
+
+
+def _row_similarity(old_row: ResultRow, new_row: ResultRow, old: Path,
+                    new: Path) -> float | None:
+    """The two heatmaps' similarity, or None when either row has no map."""
+    if old_row["status"] != "ok" or new_row["status"] != "ok":
+        return None
+    try:
+        maps = [read_heatmap(row["heatmap"], folder)
+                for row, folder in ((old_row, old), (new_row, new))]
+    except (OSError, ValueError) as exc:
+        log.warning("row %s: no heatmap to compare (%s)", old_row["image"], exc)
+        return None
+    if any(m.ndim != 2 for m in maps):
+        log.warning("row %s: a heatmap is not 2-D", old_row["image"])
+        return None
+    score = similarity(maps[0], maps[1])
+    return score if math.isfinite(score) else None
+
+
+def _moved_rows(worst: Worst, old: Path) -> list[tuple[ResultRow, ResultRow]]:
+    """The old and new results of the least similar rows, by one more pass over old."""
+    chosen = {int(row["index"]): row for row in worst.rows()}
+    found: dict[int, ResultRow] = {}
+    if chosen:
+        for index, row in enumerate(read_results(old / RESULTS)):
+            if index in chosen:
+                found[index] = row
+    return [(found[index], chosen[index]) for index in chosen if index in found]
+
+
+# -- writing --
+
+
+def write_diff(diff: Diff, out: Path, old: Path, new: Path) -> None:
+    """diff.json and diff.html into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / DIFF_JSON, (json.dumps(diff.data, indent=2) + "\n").encode())
+    atomic_write(out / DIFF_HTML, render(diff, old, new).encode("utf-8"))
+
+
+def render(diff: Diff, old: Path, new: Path) -> str:
+    """diff.html: self-contained, as report.html."""
+    data = diff.data
+    return "".join([
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>onnxcam audit-diff</title><style>", CSS, "</style></head><body>",
+        "<h1>onnxcam audit-diff</h1>",
+        f"<div class='meta'>old {html.escape(data['old'])} · new {html.escape(data['new'])} · "
+        f"{data['n']} rows, {data['compared']} compared · mean similarity "
+        f"{_number(data['similarity_mean'])}</div>",
+        _verdict(data), "<h2>Per class</h2>", _table(data),
+        "<h2>Attention moved most</h2>",
+        "<p class='legend'>Lowest rank correlation between the two heatmaps first; "
+        "old model left, new model right.</p>",
+        _pairs_html(diff, old, new), "</body></html>\n",
+    ])
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _verdict(data: dict[str, Any]) -> str:
+    if not data["flags"]:
+        return "<div class='ok'>No class moved past the thresholds.</div>"
+    parts = []
+    for flag in data["flags"]:
+        value = flag.get("similarity_mean", flag.get("energy_in_box_change"))
+        parts.append(f"<div class='flag'><b>{html.escape(flag['class'])}</b>: "
+                     f"{html.escape(flag['reason'])} ({value:.3f}, threshold "
+                     f"{flag['threshold']:.3f})</div>")
+    return "".join(parts)
+
+
+def _table(data: dict[str, Any]) -> str:
+    flagged = {flag["class"] for flag in data["flags"]}
+    rows = ["<table><tr><th>class</th><th>rows</th><th>similarity</th><th>accuracy</th>"
+            "<th>energy in box</th><th>pointing hits</th></tr>"]
+    for label, figures in data["per_class"].items():
+        cells = [f"{_number(figures[name]['old'])} → {_number(figures[name]['new'])}"
+                 for name in ("accuracy", "energy_in_box_mean", "pointing_hit_rate")]
+        mark = " class='flagged'" if label in flagged else ""
+        rows.append(f"<tr{mark}><td>{html.escape(label)}</td><td>{figures['n']}</td>"
+                    f"<td>{_number(figures['similarity_mean'])}</td>"
+                    + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _pairs_html(diff: Diff, old: Path, new: Path) -> str:
+    if not diff.moved:
+        return "<p class='legend'>None.</p>"
+    scores = diff.data["similarity"]
+    parts = ["<div class='cards'>"]
+    for old_row, new_row in diff.moved:
+        index = int(new_row["index"])
+        frames = []
+        for row, folder in ((old_row, old), (new_row, new)):
+            picture, _empty = thumbnail(row, None, folder)
+            frames.append(f"<div class='frame'><img alt='' src='data:image/png;base64,"
+                          f"{picture}'></div>" if picture
+                          else "<div class='frame'>image unavailable</div>")
+        name = html.escape(Path(new_row["image"]).name)
+        parts.append(
+            "<div class='card' style='width:372px'><div style='display:flex;gap:4px'>"
+            + "".join(frames) + f"</div><div class='name'>{name}</div>"
+            f"label {html.escape(new_row['label'] or '–')} · similarity "
+            f"{_number(scores[index])}<br>pred {html.escape(old_row['pred'])} → "
+            f"{html.escape(new_row['pred'])}</div>")
+    parts.append("</div>")
+    return "".join(parts)

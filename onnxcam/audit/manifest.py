@@ -1,0 +1,247 @@
+"""Audit sources, read lazily one row at a time: a CSV manifest, a folder of class
+subfolders, a COCO instances JSON or a folder of Pascal VOC XML files (``datasets``).
+
+A CSV manifest has an ``image`` column (path or URI; relative paths are relative to
+the manifest's folder) and optional ``label`` (class index or name), ``bbox``
+(``x0 y0 x1 y1`` in the image's pixels) and ``mask`` (path of a binary mask image).
+A folder source has one subfolder per class, named by its label, holding images.
+A data set's category names are the bundle's labels, or are mapped to them by a label
+map (a JSON object, category name -> label); with a map, categories it does not name
+are left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from onnxcam.audit.backend import AuditRow, load_source
+from onnxcam.audit.datasets import Annotated, is_coco, is_voc, read_coco, read_voc
+from onnxcam.audit.metrics import box_region, mask_region
+from onnxcam.audit.regions import union_region
+from onnxcam.bundle import BundleInfo
+from onnxcam.engine.images import DEFAULT_LIMITS
+from onnxcam.errors import BadRowError, ManifestError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
+                            ".webp", ".ppm", ".pgm"})
+COLUMNS = ("image", "label", "bbox", "mask")
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A manifest row the audit cannot run, with the values it had as written."""
+
+    index: int
+    image: str
+    label: str
+    error: BadRowError
+
+
+Entry = AuditRow | RowProblem
+
+
+class Labels:
+    """Turns a manifest's label (a name, or an index as text) into a class index."""
+
+    def __init__(self, info: BundleInfo) -> None:
+        self.names = {name: i for i, name in enumerate(info.labels)}
+        self.count = info.num_classes
+        self.listing = ", ".join(info.labels) if info.labels else f"0..{self.count - 1}"
+
+    def parse(self, text: str) -> int:
+        if text in self.names:
+            return self.names[text]
+        try:
+            index = int(text)
+        except ValueError:
+            raise BadRowError(f"label {text!r} is not one of the bundle's labels "
+                              f"({self.listing})") from None
+        if not 0 <= index < self.count:
+            raise BadRowError(f"label {index} is outside [0, {self.count})")
+        return index
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float]:
+    parts = text.replace(",", " ").split()
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) \
+            or values[2] <= values[0] or values[3] <= values[1]:
+        raise BadRowError(f"bbox must be 'x0 y0 x1 y1' with x0 < x1 and y0 < y1, got {text!r}")
+    return values
+
+
+def resolve(reference: str, folder: Path) -> str:
+    """A URI as is; a relative path joined to ``folder``."""
+    if "://" in reference or os.path.isabs(reference):
+        return reference
+    return os.path.normpath(folder / reference)
+
+
+LabelMap = dict[str, str]
+
+
+def read_manifest(source: Path, info: BundleInfo,
+                  label_map: LabelMap | None = None) -> Iterator[Entry]:
+    """The rows of ``source`` in order; unusable rows come as ``RowProblem``s.
+    ``label_map`` applies to COCO and VOC sources."""
+    if is_coco(source) or is_voc(source):
+        return _read_dataset(_dataset_rows(source, label_map), Labels(info))
+    if source.is_dir():
+        return _read_folder(source, Labels(info))
+    return _read_csv(source, Labels(info))
+
+
+def count_rows(source: Path, label_map: LabelMap | None = None) -> int:
+    """How many rows ``read_manifest`` will give, by a cheap pass that parses nothing
+    (a data set is parsed: its rows are its images' categories)."""
+    if is_coco(source) or is_voc(source):
+        return sum(1 for _ in _dataset_rows(source, label_map))
+    if source.is_dir():
+        return sum(1 for _ in _folder_images(source))
+    with _open_csv(source) as stream:
+        try:
+            return max(0, sum(1 for _ in csv.reader(stream)) - 1)
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise ManifestError(f"{source}: not a CSV manifest ({exc})") from None
+
+
+# -- CSV manifests --
+
+
+def _open_csv(source: Path) -> TextIO:
+    try:
+        return open(source, newline="", encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ManifestError(f"{source}: no such manifest or folder") from None
+    except OSError as exc:
+        raise ManifestError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _read_csv(source: Path, labels: Labels) -> Iterator[Entry]:
+    folder = source.parent
+    with _open_csv(source) as stream:
+        reader = csv.reader(stream)
+        try:
+            header = [name.strip().lower() for name in next(reader, [])]
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise ManifestError(f"{source}: not a CSV manifest ({exc})") from None
+        if "image" not in header:
+            raise ManifestError(f"{source}: not a manifest: no 'image' column in the header "
+                                f"(columns: {', '.join(COLUMNS)})")
+        where = {name: header.index(name) for name in COLUMNS if name in header}
+        index = 0
+        while True:
+            try:
+                cells = next(reader, None)
+            except (UnicodeDecodeError, csv.Error) as exc:
+                raise ManifestError(f"{source}: unreadable after row {index} ({exc})") from None
+            if cells is None:
+                return
+            yield _csv_row(index, cells, where, folder, labels)
+            index += 1
+
+
+def _csv_row(index: int, cells: list[str], where: dict[str, int], folder: Path,
+             labels: Labels) -> Entry:
+    def cell(name: str) -> str:
+        position = where.get(name)
+        return cells[position].strip() if position is not None and position < len(cells) else ""
+
+    image, label, bbox, mask = (cell(name) for name in COLUMNS)
+    try:
+        if not image:
+            raise BadRowError("the image cell is empty")
+        return AuditRow(
+            index=index,
+            image=resolve(image, folder),
+            label=labels.parse(label) if label else None,
+            bbox=parse_bbox(bbox) if bbox else None,
+            mask=resolve(mask, folder) if mask else None,
+        )
+    except BadRowError as exc:
+        return RowProblem(index, resolve(image, folder) if image else "", label, exc)
+
+
+# -- folders of class subfolders --
+
+
+def _folder_images(source: Path) -> Iterator[tuple[str, str]]:
+    """(class folder name, image path) in sorted order, one class folder listed at a time."""
+    classes = sorted(entry.name for entry in os.scandir(source)
+                     if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise ManifestError(f"{source}: no class subfolders (expected one folder per label)")
+    for name in classes:
+        files = sorted(entry.name for entry in os.scandir(source / name)
+                       if entry.is_file() and not entry.name.startswith(".")
+                       and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES)
+        for file in files:
+            yield name, str(source / name / file)
+
+
+def _read_folder(source: Path, labels: Labels) -> Iterator[Entry]:
+    for index, (name, image) in enumerate(_folder_images(source)):
+        try:
+            yield AuditRow(index=index, image=image, label=labels.parse(name))
+        except BadRowError as exc:
+            yield RowProblem(index, image, name, exc)
+
+
+# -- COCO and VOC --
+
+
+def read_label_map(path: Path) -> LabelMap:
+    """A label map file: a JSON object from data set category names to bundle labels."""
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not a label map ({exc})") from None
+    if not isinstance(mapping, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in mapping.items()):
+        raise ManifestError(f"{path}: a label map is a JSON object of category name -> "
+                            "bundle label, both strings")
+    return mapping
+
+
+def _dataset_rows(source: Path, label_map: LabelMap | None) -> Iterator[Annotated]:
+    rows = read_coco(source) if is_coco(source) else read_voc(source)
+    for row in rows:
+        if label_map is not None and row.category:
+            if row.category not in label_map:
+                continue  # a category the map leaves out is not audited, broken or not
+            row.category = label_map[row.category]
+        yield row
+
+
+def _read_dataset(rows: Iterator[Annotated], labels: Labels) -> Iterator[Entry]:
+    for index, row in enumerate(rows):
+        try:
+            if row.problem:
+                raise BadRowError(row.problem)
+            yield AuditRow(index=index, image=row.image,
+                           label=labels.parse(row.category) if row.category else None,
+                           shapes=tuple(row.shapes))
+        except BadRowError as exc:
+            yield RowProblem(index, row.image, row.category, exc)
+
+
+def region_of(row: AuditRow, height: int, width: int) -> np.ndarray:
+    """The row's data set shapes, or its mask, or its box, as bool [height, width]."""
+    if row.shapes:
+        return union_region(row.shapes, height, width)
+    if row.mask is not None:
+        return mask_region(load_source(row.mask, 1, DEFAULT_LIMITS)[..., 0], height, width)
+    assert row.bbox is not None
+    return box_region(row.bbox, height, width)

@@ -1,0 +1,77 @@
+"""The CAM and gradient methods, one module each, by the names users pass as ``method``."""
+
+from __future__ import annotations
+
+from onnxcam.bundle import OUTPUT_GUIDED_INPUT_GRADIENTS, OUTPUT_INPUT_GRADIENTS, BundleInfo
+from onnxcam.engine.methods.base import (
+    CamMethod,
+    ChannelWeightCam,
+    GradientMethod,
+    Method,
+    MethodContext,
+    MethodOptions,
+    MethodResult,
+    SampledGradientMethod,
+)
+from onnxcam.engine.methods.eigencam import EigenCAM
+from onnxcam.engine.methods.gradcam import GradCAM
+from onnxcam.engine.methods.gradcam_plus_plus import GradCAMPlusPlus
+from onnxcam.engine.methods.guided_backprop import GuidedBackprop
+from onnxcam.engine.methods.guided_gradcam import GuidedGradCAM
+from onnxcam.engine.methods.hirescam import HiResCAM
+from onnxcam.engine.methods.integrated_gradients import IntegratedGradients
+from onnxcam.engine.methods.layercam import LayerCAM
+from onnxcam.engine.methods.saliency import Saliency
+from onnxcam.engine.methods.scorecam import ScoreCAM
+from onnxcam.engine.methods.smoothgrad import SmoothGrad
+from onnxcam.engine.methods.xgradcam import XGradCAM
+from onnxcam.errors import BadMethodError
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, EigenCAM, ScoreCAM,
+                Saliency, SmoothGrad, GuidedBackprop, GuidedGradCAM, IntegratedGradients)
+}
+# The export flag that adds each whole-network output, for error messages.
+EXPORT_FLAGS = {OUTPUT_INPUT_GRADIENTS: "--input-gradients",
+                OUTPUT_GUIDED_INPUT_GRADIENTS: "--guided"}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]()
+    except KeyError:
+        raise BadMethodError(
+            f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def method_for(info: BundleInfo, name: str) -> Method:
+    """The method ``name``, if bundles like ``info`` can run it."""
+    method = get_method(name)
+    if method.needs_gradient_map and not info.has_gradients:
+        raise BadMethodError(
+            f"{name} needs the full gradient map; this bundle was exported with "
+            "finite differences (--gradient fd), which give Grad-CAM weights only"
+        )
+    for output in method.needed_input_gradients():
+        if output not in info.input_gradients:
+            raise BadMethodError(f"{name} needs the bundle output {output!r}; export the "
+                                 f"bundle with {EXPORT_FLAGS[output]}")
+    return method
+
+
+__all__ = [
+    "EXPORT_FLAGS",
+    "METHODS",
+    "CamMethod",
+    "ChannelWeightCam",
+    "GradientMethod",
+    "Method",
+    "MethodContext",
+    "MethodOptions",
+    "MethodResult",
+    "SampledGradientMethod",
+    "get_method",
+    "method_for",
+]

@@ -1,0 +1,14 @@
+"""HiResCAM (Draelos & Carin): the element-wise gradient x activation, summed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxcam.engine.methods.base import CamMethod, MethodContext
+
+
+class HiResCAM(CamMethod):
+    name = "hirescam"
+
+    def cam(self, context: MethodContext) -> np.ndarray:
+        return (context.gradients * context.activations).sum(axis=1)

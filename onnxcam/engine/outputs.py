@@ -1,0 +1,277 @@
+"""Writing explanations to disk: heatmaps (.npy), overlays (.png) and JSON records.
+
+Files are written under a temporary name and renamed, so a reader never sees a
+half-written heatmap.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from onnxcam.engine.explainer import Explainer, Explanation
+from onnxcam.engine.images import load_image, resize
+from onnxcam.engine.maps import flat, heatmaps, overlay
+from onnxcam.engine.prefetch import prefetched
+from onnxcam.errors import BadMethodError, OnnxcamError
+from onnxcam.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("npy", "png")
+# The suffix of each file written per image (explain's folder and a job's store alike).
+HEATMAP, OVERLAY, RAW = ".npy", ".png", ".raw.npy"
+
+
+@dataclass
+class ImageResult:
+    """One image's outcome: its record for --json, or its error."""
+
+    image: str
+    record: dict[str, Any] = field(default_factory=dict)
+    error: OnnxcamError | None = None
+    flat: bool = False  # the map is constant up to rounding: it shows nothing
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def png_bytes(array: np.ndarray, level: int = 1) -> bytes:
+    """An 8-bit RGB or grey PNG, quickly: no row filters and a fast deflate.
+
+    Pillow's encoder tries every row filter, which for an overlay costs as much
+    as explaining the image; unfiltered rows at deflate level 1 take a tenth of
+    that, and zlib lets other threads run meanwhile.
+    """
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    height, width = array.shape[:2]
+    colour = 2 if array.ndim == 3 else 0
+    rows = np.zeros((height, 1 + array[0].size), np.uint8)  # filter byte 0 (none) per row
+    rows[:, 1:] = np.ascontiguousarray(array, np.uint8).reshape(height, -1)
+    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    return b"".join((b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", header),
+                     _chunk(b"IDAT", zlib.compress(rows.tobytes(), level)),
+                     _chunk(b"IEND", b"")))
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How overlays are coloured: ``maps.overlay``'s alpha and colour map."""
+
+    alpha: float = 0.5
+    colormap: str = "jet"
+
+
+def stored_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """[H, W] scaled down, aspect kept, so that the long side is at most ``max_side``."""
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def render(
+    image: np.ndarray, raw: np.ndarray, formats: Sequence[str], with_raw: bool,
+    heatmap_dtype: type = np.float32, style: OverlayStyle = OverlayStyle(),
+) -> dict[str, bytes]:
+    """The files for one image, by suffix: heatmap at the image's own size, overlay, raw."""
+    height, width = image.shape[:2]
+    heatmap = heatmaps(raw[None], height, width)[0]
+    files: dict[str, bytes] = {}
+    if "npy" in formats:
+        files[HEATMAP] = npy_bytes(heatmap.astype(heatmap_dtype))
+    if "png" in formats:
+        picture = overlay(image, heatmap, style.alpha, style.colormap)
+        if flat(raw[None])[0]:
+            picture = captioned(picture, FLAT_CAPTION)
+        files[OVERLAY] = png_bytes(picture)
+    if with_raw:
+        files[RAW] = npy_bytes(raw.astype(np.float32))
+    return files
+
+
+FLAT_CAPTION = "flat map: shows nothing"
+
+
+def captioned(picture: np.ndarray, text: str) -> np.ndarray:
+    """``picture`` with ``text`` on a white band along its top edge."""
+    image = Image.fromarray(picture)
+    draw = ImageDraw.Draw(image)
+    width = int(draw.textlength(text)) + 4
+    draw.rectangle((0, 0, min(width, image.width), min(STRIP_LABEL_HEIGHT, image.height)),
+                   fill="white")
+    draw.text((2, 1), text, fill="black")
+    return np.asarray(image)
+
+
+STRIP_LABEL_HEIGHT = 14  # pixels above each panel for its layer name
+STRIP_GAP = 4
+STRIP_MIN_HEIGHT = 192  # panels are scaled up to this height at least...
+STRIP_MAX_HEIGHT = 512  # ...and down to this height at most
+
+
+def render_strip(image: np.ndarray, layer_maps: dict[str, np.ndarray],
+                 style: OverlayStyle = OverlayStyle()) -> bytes:
+    """One PNG: the image, then the overlay at each layer, left (early) to right (late),
+    each labelled. Panels are scaled to between STRIP_MIN_HEIGHT and STRIP_MAX_HEIGHT
+    pixels high, so small inputs stay legible and large ones stay a sensible size.
+
+    ``layer_maps`` holds one image's raw map per layer, in that order.
+    """
+    scale = min(max(1.0, STRIP_MIN_HEIGHT / image.shape[0]), STRIP_MAX_HEIGHT / image.shape[0])
+    height, width = (max(1, round(side * scale)) for side in image.shape[:2])
+    picture = resize(image, height, width)
+    names = ["input", *layer_maps]
+    panels = [picture if picture.shape[-1] == 3 else np.repeat(picture, 3, axis=-1)]
+    panels += [overlay(picture, heatmaps(raw[None], height, width)[0], style.alpha,
+                       style.colormap)
+               for raw in layer_maps.values()]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell = max([width, *(int(measure.textlength(name)) + 2 for name in names)])
+    strip = Image.new("RGB", (len(panels) * (cell + STRIP_GAP) - STRIP_GAP,
+                              height + STRIP_LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (name, panel) in enumerate(zip(names, panels)):
+        left = i * (cell + STRIP_GAP)
+        strip.paste(Image.fromarray(panel), (left + (cell - width) // 2, STRIP_LABEL_HEIGHT))
+        draw.text((left + 1, 1), name, fill="black")
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def record(image: str, explanation: Explanation, index: int, files: list[str]) -> dict[str, Any]:
+    return {
+        "image": image,
+        "target": int(explanation.targets[index]),
+        "logits": [float(v) for v in explanation.logits[index]],
+        "top": explanation.top(5)[index],
+        "flat": bool(explanation.flat[index]),
+        "files": files,
+    }
+
+
+def unique_stems(paths: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = Path(path).stem
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        stems.append(stem if count == 0 else f"{stem}-{count}")
+    return stems
+
+
+def explain_files(
+    explainer: Explainer,
+    paths: Sequence[str],
+    out: Path,
+    method: str = "gradcam",
+    target: int | str | None = None,
+    formats: Sequence[str] = FORMATS,
+    with_raw: bool = False,
+    batch_size: int | None = None,
+    layers_strip: bool = False,
+    options: dict[str, Any] | None = None,
+    progress: Callable[[float], None] | None = None,
+    style: OverlayStyle = OverlayStyle(),
+) -> Iterator[ImageResult]:
+    """Explain image files in batches and write their outputs under ``out``.
+
+    A bad image yields its error and the rest carry on. Decoding of the next
+    batch overlaps the current one. ``layers_strip`` also writes
+    ``<stem>.layers.png``, the map at every exported layer; ``options`` are passed
+    on to ``Explainer.explain`` (samples, noise, steps, seed); ``progress`` is told
+    the images done, a bad one included.
+    """
+    cam = explainer.method(method)  # fail early on a bad method, before any decoding
+    if layers_strip and not cam.per_layer():
+        raise BadMethodError(f"{method} has no map per layer; --layers-strip needs a CAM "
+                             "method or guided-gradcam")
+    settings = Settings(method, target, formats, with_raw, layers_strip, options or {},
+                        progress, style)
+    stems = unique_stems(paths)
+    size = batch_size or 8
+    channels = explainer.info.channels
+
+    def decode(chunk: Sequence[str]) -> list[np.ndarray | OnnxcamError]:
+        decoded: list[np.ndarray | OnnxcamError] = []
+        for path in chunk:
+            try:
+                decoded.append(load_image(path, channels, explainer.limits))
+            except OnnxcamError as exc:
+                decoded.append(exc)
+        return decoded
+
+    starts = range(0, len(paths), size)
+    for start, decoded in prefetched(starts, lambda s: decode(paths[s : s + size])):
+        yield from _explain_chunk(explainer, paths[start : start + size],
+                                  stems[start : start + size], decoded, out, settings)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``explain_files`` was asked for, passed down to each chunk."""
+
+    method: str
+    target: int | str | None
+    formats: Sequence[str]
+    with_raw: bool
+    layers_strip: bool
+    options: dict[str, Any]
+    progress: Callable[[float], None] | None = None
+    style: OverlayStyle = OverlayStyle()
+
+
+def _explain_chunk(
+    explainer: Explainer, paths: Sequence[str], stems: Sequence[str],
+    decoded: list[np.ndarray | OnnxcamError], out: Path, settings: Settings,
+) -> Iterator[ImageResult]:
+    good = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
+    explanation = None
+    if good:
+        arrays = [decoded[i] for i in good]
+        explanation = explainer.explain(arrays, targets=settings.target,
+                                        method=settings.method, batch_size=len(arrays),
+                                        progress=settings.progress, **settings.options)
+    if settings.progress is not None and len(good) < len(paths):
+        settings.progress(len(paths) - len(good))
+    row = {index: position for position, index in enumerate(good)}
+    for i, path in enumerate(paths):
+        item = decoded[i]
+        if isinstance(item, OnnxcamError):
+            yield ImageResult(path, error=item)
+            continue
+        assert explanation is not None
+        position = row[i]
+        written = []
+        files = render(item, explanation.raw[position], settings.formats, settings.with_raw,
+                       style=settings.style)
+        if settings.layers_strip:
+            files[".layers.png"] = render_strip(
+                item, {name: maps[position] for name, maps in explanation.layer_maps.items()},
+                settings.style)
+        for suffix, data in files.items():
+            target_path = out / f"{stems[i]}{suffix}"
+            atomic_write(target_path, data)
+            written.append(str(target_path))
+        yield ImageResult(path, record(path, explanation, position, written),
+                          flat=bool(explanation.flat[position]))

@@ -1,0 +1,333 @@
+"""Submitting explain jobs and collecting their results, from any process.
+
+``submit`` publishes the bundle to the store under its sha256, splits the images
+into chunks (one job each, so a worker sees whole batches) and queues them; it
+needs no worker to be up. ``Job`` follows them by id.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onnxcam.bundle import read_bundle
+from onnxcam.engine.methods import get_method
+from onnxcam.errors import BrokerUnavailableError, JobError, UnknownBundleError, UnknownJobError
+from onnxcam.worker.keys import (
+    ERROR,
+    HEATMAP,
+    IMAGE_FILES,
+    SHA256,
+    SUMMARY,
+    bundle_key,
+    image_key,
+    job_key,
+    json_bytes,
+)
+from onnxcam.worker.message import ImageRef, JobSpec, parse_options
+from onnxcam.worker.records import (
+    job_known,
+    read_error,
+    read_record,
+    read_request,
+    record_indices,
+    write_request,
+)
+from onnxcam.worker.settings import Settings, load_settings
+from onnxcam.worker.store import Store
+
+STATUSES = ("pending", "started", "done", "failed")
+_CELERY_STATES = {
+    "PENDING": "pending", "RECEIVED": "pending", "STARTED": "started", "RETRY": "started",
+    "SUCCESS": "done", "FAILURE": "failed", "REVOKED": "failed",
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _app(settings: Settings) -> Any:
+    from onnxcam.worker.app import make_app
+
+    return make_app(settings)
+
+
+def image_ref(image: str | Path | bytes, inline_max_bytes: int, index: int) -> ImageRef:
+    """A store URI stays a URI; a small local file travels inline; a larger one by path.
+
+    ``inline_max_bytes`` is ONNXCAM_INLINE_MAX_BYTES, capped by what workers accept
+    (ONNXCAM_MAX_INLINE_IMAGE_BYTES)."""
+    if isinstance(image, bytes):
+        return ImageRef(f"image-{index}", data=image)
+    text = str(image)
+    if "://" in text:
+        return ImageRef(text.rsplit("/", 1)[-1], uri=text)
+    path = Path(text).absolute()
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = None  # the worker reports a missing file as that image's error
+    if size is not None and 0 < size <= inline_max_bytes:
+        return ImageRef(path.name, data=path.read_bytes())
+    return ImageRef(path.name, path=str(path))
+
+
+@dataclass
+class Job:
+    """Queued explain jobs, one per chunk of images, followed through the store and
+    Celery's result backend."""
+
+    ids: list[str]
+    settings: Settings
+
+    @property
+    def store(self) -> Store:
+        return Store(self.settings.store_url)
+
+    def statuses(self) -> list[str]:
+        return [job_status(job_id, self.settings) for job_id in self.ids]
+
+    def status(self) -> str:
+        """One word for all chunks: failed, pending or started until all are done."""
+        states = set(self.statuses())
+        if "failed" in states:
+            return "failed"
+        if states == {"done"}:
+            return "done"
+        return "started" if states & {"started", "done"} else "pending"
+
+    def wait(self, timeout: float | None = None, interval: float = 0.2) -> list[dict[str, Any]]:
+        """Block until every chunk has ended; return every image's record, in order.
+
+        A chunk that failed as a whole gives each of its images an error record.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(self.ids)
+        while pending:
+            pending = [j for j in pending if celery_status(j, self.settings) not in ("done",
+                                                                                   "failed")]
+            if pending and deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} of {len(self.ids)} jobs not done after "
+                                   f"{timeout} s")
+            if pending:
+                time.sleep(interval)
+        return [record for job_id in self.ids for record in job_records(job_id, self.store)]
+
+
+def submit(
+    bundle: str | Path | bytes,
+    images: Iterable[str | Path | bytes],
+    method: str = "gradcam",
+    targets: int | str | Sequence[int | str | None] | None = None,
+    *,
+    chunk_size: int | None = None,
+    settings: Settings | None = None,
+    faithfulness_steps: int = 0,
+    options: Mapping[str, float] | None = None,
+) -> Job:
+    """Queue explain jobs for ``images`` with ``bundle`` (a path, bytes or published hash).
+
+    ``faithfulness_steps`` > 0 adds each image's deletion and insertion AUCs to its
+    record (what ``onnxcam audit --faithfulness`` asks the workers for). ``options``
+    sets the sampling methods' knobs: samples, noise, steps, seed."""
+    settings = settings or load_settings()
+    get_method(method)  # an unknown name fails here, before anything is queued
+    knobs = parse_options(dict(options or {}))
+    store = Store(settings.store_url)
+    sha = publish(bundle, store)
+    inline = min(settings.inline_max_bytes, settings.max_inline_image_bytes)
+    refs = [image_ref(image, inline, i) for i, image in enumerate(images)]
+    if not refs:
+        raise JobError("no images to explain")
+    wanted = _per_image(targets, len(refs))
+    size = chunk_size or settings.chunk_size
+    if size > settings.max_job_images:  # workers would refuse every job as malformed
+        raise JobError(f"chunks of {size} images; workers take at most "
+                       f"{settings.max_job_images} per job (ONNXCAM_MAX_JOB_IMAGES)")
+    app = _app(settings)
+    check_broker(app)
+    ids = []
+    for start in range(0, len(refs), size):
+        spec = JobSpec(str(uuid.uuid4()), sha, refs[start:start + size], method,
+                       wanted[start:start + size], faithfulness_steps, knobs)
+        send(app, spec, store)
+        ids.append(spec.job_id)
+    return Job(ids, settings)
+
+
+def send(app: Any, spec: JobSpec, store: Store) -> None:
+    """Record the request in the store, then queue the message."""
+    from onnxcam.worker.app import EXPLAIN_TASK
+
+    write_request(store, spec.job_id, spec.request_record())
+    with broker_errors(app):
+        app.send_task(EXPLAIN_TASK, args=[spec.to_message()], task_id=spec.job_id)
+
+
+@contextmanager
+def broker_errors(app: Any) -> Iterator[None]:
+    """A broker or result backend that does not answer: one clear error, not a traceback."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
+    try:
+        yield
+    except (OperationalError, RedisError, ConnectionError, TimeoutError) as exc:
+        where = app.conf.broker_url and _redacted(app.conf.broker_url)
+        raise BrokerUnavailableError(f"cannot reach the broker at {where} "
+                                     f"({type(exc).__name__}: {exc})") from None
+
+
+def _redacted(url: str) -> str:
+    """A URL without its password."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
+
+
+def check_broker(app: Any) -> None:
+    """Fail fast, before anything is queued, when the broker does not answer."""
+    with broker_errors(app), app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=5)
+
+
+def publish(bundle: str | Path | bytes, store: Store) -> str:
+    """Put a bundle in the store (a no-op when it is there); return its hash."""
+    if isinstance(bundle, bytes):
+        return store.put_bundle(bundle)
+    text = str(bundle)
+    if SHA256.match(text) and not Path(text).exists():
+        if not store.exists(bundle_key(text)):
+            raise UnknownBundleError(f"no bundle {text} in the store (publish it first)")
+        return text
+    # A file that is no onnxcam bundle is refused here, before it reaches any worker.
+    return store.put_bundle(read_bundle(text).data)
+
+
+def _per_image(targets: int | str | Sequence[int | str | None] | None,
+               count: int) -> list[int | str | None]:
+    if targets is None:
+        return [None] * count
+    if isinstance(targets, int | str):
+        return [targets] * count
+    wanted = list(targets)
+    if len(wanted) != count:
+        raise JobError(f"{len(wanted)} targets for {count} images")
+    return wanted
+
+
+def celery_status(job_id: str, settings: Settings) -> str:
+    """The status word from Celery's result backend alone: one Redis read. Enough
+    while waiting on jobs just submitted, whose results cannot have expired yet."""
+    app = _app(settings)
+    with broker_errors(app):
+        state = app.AsyncResult(job_id).state
+    return _CELERY_STATES.get(state, "pending")
+
+
+def job_status(job_id: str, settings: Settings) -> str:
+    """pending, started, done or failed; UnknownJobError for an id never submitted."""
+    word = celery_status(job_id, settings)
+    if word == "pending":  # or Celery's result has expired: the store knows
+        store = Store(settings.store_url)
+        if not job_known(store, job_id):
+            raise UnknownJobError(f"no job {job_id}")
+        if store.exists(job_key(job_id, ERROR)):
+            return "failed"
+        if store.exists(job_key(job_id, SUMMARY)):
+            return "done"
+    return word
+
+
+def job_error(job_id: str, store: Store, settings: Settings | None = None) -> dict[str, str] | None:
+    """``{code, message}`` of a job that failed as a whole, or None.
+
+    The store's error.json says it; when that is missing (the worker writes to another
+    store, or died before writing), Celery's result, given ``settings``, still holds
+    the error's type and message, and the message says where this client looked."""
+    found = read_error(store, job_id)
+    if found is not None or settings is None:
+        return found
+    app = _app(settings)
+    with broker_errors(app):
+        result = app.AsyncResult(job_id)
+        failure = result.result if result.state == "FAILURE" else None
+    if failure is None:
+        return None
+    code = getattr(failure, "code", "job_error")
+    return {"code": code, "message": f"{failure}{_store_hint(store, code)}"}
+
+
+def _store_hint(store: Store, code: str) -> str:
+    """Why a client may not see what a worker wrote: the two use different stores."""
+    where = store.location
+    if code == "unknown_bundle":
+        return (f" (this client published it to {where}: the worker reads another store; "
+                "give both the same ONNXCAM_STORE_URL, which, when relative, is relative to "
+                "each process's folder)")
+    return (f" (no error.json in {where}: if the worker writes to another store, give "
+            "both the same ONNXCAM_STORE_URL)")
+
+
+def job_records(job_id: str, store: Store) -> list[dict[str, Any]]:
+    """Every image's record of a finished job, in order (error records included).
+
+    The images are those of ``request.json``; a job sent without one (it is optional)
+    is read from the records in its folder alone."""
+    request = read_request(store, job_id)
+    if request is not None:
+        names = {index: image["name"] for index, image in enumerate(request["images"])}
+    else:
+        found = record_indices(store, job_id)
+        if not found and not job_known(store, job_id):
+            raise UnknownJobError(f"no job {job_id}")
+        names = {index: f"image-{index}" for index in range(found[-1] + 1 if found else 0)}
+    failure = read_error(store, job_id)
+    stored = [read_record(store, job_id, index) for index in names]
+    missing = {"code": "missing_result", "message": "no result stored"}
+    if names and not any(stored) and failure is None:
+        where = store.location
+        missing["message"] = (f"no result stored in {where}, nor for any image of the job: "
+                              "if a worker ran it, it wrote to another store; give both the "
+                              "same ONNXCAM_STORE_URL")
+    records = []
+    for (index, name), record in zip(names.items(), stored):
+        if record is None:
+            error = failure or missing
+            record = {"job": job_id, "index": index, "image": name,
+                      "status": "error", "error": error}
+        records.append(record)
+    return records
+
+
+def download(job_id: str, out: Path, settings: Settings) -> list[dict[str, Any]]:
+    """Copy a finished job's files to ``out`` as ``onnxcam explain`` names them:
+    ``<stem>.npy`` (float32 heatmap), ``<stem>.png``, ``<stem>.raw.npy`` and
+    ``<stem>.json``. Returns the records, error records included."""
+    import io
+
+    import numpy as np
+
+    from onnxcam.engine.outputs import npy_bytes, unique_stems
+    from onnxcam.files import atomic_write
+
+    store = Store(settings.store_url)
+    records = job_records(job_id, store)
+    stems = unique_stems([record["image"] for record in records])
+    for stem, record in zip(stems, records):
+        if record["status"] != "ok":
+            continue
+        local: dict[str, str] = {}
+        for kind, suffix in IMAGE_FILES.items():
+            data = store.get(image_key(job_id, record["index"], suffix))
+            if suffix == HEATMAP:  # stored as float16; handed out as explain writes it
+                data = npy_bytes(np.load(io.BytesIO(data)).astype(np.float32))
+            atomic_write(out / f"{stem}{suffix}", data)
+            local[kind] = str(out / f"{stem}{suffix}")
+        record = {**record, "files": local}
+        atomic_write(out / f"{stem}.json", json_bytes(record))
+    return records

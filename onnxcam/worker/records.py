@@ -1,0 +1,87 @@
+"""The JSON records a job leaves in the store: its request, per-image records, summary,
+error, and start count, under the names ``keys`` gives them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from onnxcam.errors import OnnxcamError
+from onnxcam.worker.keys import (
+    ERROR,
+    RECORD,
+    RECORD_NAME,
+    REQUEST,
+    STARTS,
+    SUMMARY,
+    image_key,
+    job_key,
+    json_bytes,
+)
+from onnxcam.worker.store import Store
+
+
+def _read_json(store: Store, key: str) -> dict[str, Any] | None:
+    data = store.find(key)
+    return None if data is None else dict(json.loads(data))
+
+
+def write_request(store: Store, job_id: str, request: dict[str, Any]) -> None:
+    # Key order as the client has always written it (unsorted): the bytes stay the same.
+    store.put(job_key(job_id, REQUEST), json.dumps(request).encode())
+
+
+def read_request(store: Store, job_id: str) -> dict[str, Any] | None:
+    return _read_json(store, job_key(job_id, REQUEST))
+
+
+def write_record(store: Store, job_id: str, index: int, record: dict[str, Any]) -> str:
+    """Store image ``index``'s record; return its URI."""
+    return store.put(image_key(job_id, index, RECORD), json_bytes(record))
+
+
+def read_record(store: Store, job_id: str, index: int) -> dict[str, Any] | None:
+    """Image ``index``'s record, or None while it has none."""
+    return _read_json(store, image_key(job_id, index, RECORD))
+
+
+def record_indices(store: Store, job_id: str) -> list[int]:
+    """The indices of the images that have a record, from the job's folder alone."""
+    found = (RECORD_NAME.match(name) for name in store.names(job_key(job_id, "")))
+    return sorted(int(match.group(1)) for match in found if match)
+
+
+def job_known(store: Store, job_id: str) -> bool:
+    """Whether the store has anything of the job: its request (optional), records,
+    summary or error."""
+    return any(store.exists(job_key(job_id, name)) for name in (REQUEST, SUMMARY, ERROR)) \
+        or bool(record_indices(store, job_id))
+
+
+def count_start(store: Store, job_id: str) -> int:
+    """Note one more start of the job; return how many there have been, this one
+    included. (Two workers starting one job at once may count once: the limit it
+    serves is loose.)"""
+    found = _read_json(store, job_key(job_id, STARTS))
+    starts = int(found.get("starts", 0)) + 1 if isinstance(found, dict) else 1
+    store.put(job_key(job_id, STARTS), json_bytes({"starts": starts}))
+    return starts
+
+
+def write_summary(store: Store, job_id: str, summary: dict[str, Any]) -> None:
+    store.put(job_key(job_id, SUMMARY), json_bytes(summary))
+
+
+def write_error(store: Store, job_id: str, exc: OnnxcamError) -> None:
+    """Record why a whole job failed, for ``onnxcam result``."""
+    store.put(job_key(job_id, ERROR), json_bytes(error_entry(exc)))
+
+
+def read_error(store: Store, job_id: str) -> dict[str, str] | None:
+    """``{code, message}`` of a job that failed as a whole, or None."""
+    return _read_json(store, job_key(job_id, ERROR))
+
+
+def error_entry(exc: OnnxcamError) -> dict[str, str]:
+    """How records and error.json name an error."""
+    return {"code": exc.code, "message": str(exc)}

@@ -1,0 +1,148 @@
+"""The worker service's settings, read once from ``ONNXCAM_*`` environment variables.
+
+Deployments and tests set exactly these names; ``onnxcam worker --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from onnxcam.engine.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Limits
+from onnxcam.errors import SettingsError
+
+
+@dataclass(frozen=True)
+class JobBounds:
+    """What one job may ask of a worker, whatever its images' pixel counts: a job's
+    memory and store footprint stay bounded by these and by what decoding one image
+    at a time needs."""
+
+    max_images: int = 256
+    max_input_bytes: int = 2**30
+    max_inline_image_bytes: int = 2**20
+    max_inline_job_bytes: int = 16 * 2**20
+    max_stored_side: int = 1024
+
+
+DEFAULT_BOUNDS = JobBounds()
+
+# ':' separates roots as in PATH, except the one in a URI scheme ("s3://...").
+_ROOT_SEPARATOR = re.compile(r":(?!//)")
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker service; each field is ``ONNXCAM_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ONNXCAM_", frozen=True, extra="ignore")
+
+    broker_url: str = Field("redis://localhost:6379/0", description=(
+        "Celery broker; redis://[:password@]host:port/db, or rediss:// for TLS."))
+    result_backend: str = Field("", description="Celery result backend (default: the broker).")
+    store_url: str = Field(default_factory=lambda: default_store(), description=(
+        "Where bundles and results live (fsspec): a local folder, or s3://bucket/prefix."))
+    allowed_roots: str = Field(".", description=(
+        "Folders (or URI prefixes) whose images jobs may read, ':'-separated like PATH."))
+    allowed_protocols: str = Field("file,s3", pattern=r"^[A-Za-z0-9+.,-]*$", description=(
+        "URI protocols jobs may name for their images, ','-separated; no other is opened."))
+    connect_timeout: float = Field(5.0, gt=0, description=(
+        "Seconds to connect to an image's host (s3, http, ftp) before the image fails."))
+    read_timeout: float = Field(10.0, gt=0, description=(
+        "Seconds an image's host may stay silent mid-read before the image fails."))
+    visibility_timeout: int = Field(3600, gt=0, description=(
+        "Seconds before an unacknowledged job is handed to another worker."))
+    soft_time_limit: float = Field(600.0, gt=0, description=(
+        "Seconds after which a job is stopped and fails with time_limit."))
+    time_limit: float = Field(660.0, gt=0, description=(
+        "Seconds after which the process running a job is killed."))
+    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0, description="Largest image file.")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description=(
+        "Largest image in pixels, checked before decoding (decompression bombs)."))
+    max_job_images: int = Field(DEFAULT_BOUNDS.max_images, gt=0, description=(
+        "Images one job may carry; a job with more fails with malformed_job."))
+    max_job_bytes: int = Field(DEFAULT_BOUNDS.max_input_bytes, gt=0, description=(
+        "Input bytes one job may read in all (files, objects, inline data); images past "
+        "it fail with bad_image."))
+    max_inline_image_bytes: int = Field(DEFAULT_BOUNDS.max_inline_image_bytes, ge=0, description=(
+        "Largest inline image (decoded bytes); a larger one fails with bad_image, undecoded."))
+    max_inline_job_bytes: int = Field(DEFAULT_BOUNDS.max_inline_job_bytes, ge=0, description=(
+        "Inline data one job may carry in all; inline images past it fail with bad_image."))
+    max_stored_side: int = Field(DEFAULT_BOUNDS.max_stored_side, gt=0, description=(
+        "Long side, in pixels, of the heatmaps and overlays a job stores; larger images' "
+        "are scaled down (the raw map stays at layer resolution)."))
+    model_cache: int = Field(4, gt=0, description=(
+        "onnxruntime sessions each worker process keeps (least recently used go)."))
+    max_memory_per_child: int = Field(0, ge=0, description=(
+        "KiB of resident memory after which a worker process is replaced (0: never)."))
+    inline_max_bytes: int = Field(256 * 1024, ge=0, description=(
+        "Client side: local images up to this size travel inside the message (0: never)."))
+    chunk_size: int = Field(16, gt=0, description="Client side: images per job.")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description=(
+        "Where workers run bundles: auto, cpu or cuda."))
+
+    @field_validator("time_limit")
+    @classmethod
+    def _hard_after_soft(cls, value: float, info: ValidationInfo) -> float:
+        soft = info.data.get("soft_time_limit")
+        if soft is not None and value <= soft:
+            raise ValueError("ONNXCAM_TIME_LIMIT must be larger than ONNXCAM_SOFT_TIME_LIMIT")
+        return value
+
+    @cached_property
+    def roots(self) -> list[str]:
+        """The allowed roots as a list; empty entries are dropped."""
+        return [part for part in _ROOT_SEPARATOR.split(self.allowed_roots) if part]
+
+    @cached_property
+    def protocols(self) -> frozenset[str]:
+        """The allowed protocols, lower case."""
+        return frozenset(p.strip().lower() for p in self.allowed_protocols.split(",")
+                         if p.strip())
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes)
+
+    @property
+    def bounds(self) -> JobBounds:
+        return JobBounds(self.max_job_images, self.max_job_bytes, self.max_inline_image_bytes,
+                         self.max_inline_job_bytes, self.max_stored_side)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and ``overrides``); a bad value is a SettingsError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]).upper() if first["loc"] else ""
+        where = f"ONNXCAM_{field}: " if field else ""
+        raise SettingsError(f"{where}{first['msg']}") from None
+
+
+def default_store() -> str:
+    """One folder per user whatever the current folder, so that a client and a worker
+    on one machine agree without settings: $XDG_DATA_HOME/onnxcam/store, by default
+    ~/.local/share/onnxcam/store."""
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "share")
+    return os.path.join(os.path.abspath(data), "onnxcam", "store")
+
+
+def describe_settings() -> str:
+    """One line per variable, for ``onnxcam worker --help``."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        default = default if default != "" else "(unset)"
+        lines.append(f"ONNXCAM_{name.upper()}: {field.description} [default: {default}]")
+    return "\n".join(lines)

@@ -1,4 +1,0 @@
-"""The worker service: Celery workers that take explain jobs from Redis and store heatmaps.
-
-It stands on the engine (``onnxcam.worker``); the engine never imports it.
-"""
