@@ -36,6 +36,7 @@ class Progress:
         self.shown = 0.0
         self.delay = delay
         self.visible = False
+        self.shown_done: float | None = None  # the count on the last line shown
 
     def advance(self, count: float = 1) -> None:
         """``count`` more done; fractions let slow work (Score-CAM's masked runs)
@@ -61,16 +62,19 @@ class Progress:
 
     def show(self, now: float) -> None:
         self.visible = True
+        self.shown_done = self.done
         text = self.line(now)
         self.stream.write(f"\r{text}" if self.tty else f"{text}\n")
         self.stream.flush()
 
     def finish(self) -> None:
-        """The last line; nothing when the work ended before the delay."""
+        """The last line; nothing when the work ended before the delay, nor when the
+        last line shown already counts everything (a log would hold it twice)."""
         now = time.monotonic()
         if now - self.started < self.delay and not self.visible:
             return
-        self.show(now)
+        if self.shown_done != self.done:
+            self.show(now)
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()

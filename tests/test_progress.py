@@ -72,3 +72,26 @@ def test_stages_name_the_step_running_once_the_delay_has_passed() -> None:
     with Stages("export", quiet, delay=5.0):
         pass
     assert quiet.getvalue() == ""  # a quick export prints nothing extra, and does not wait
+
+
+def test_the_final_line_appears_once(fake_clock: Clock) -> None:
+    stream = io.StringIO()
+    progress = Progress(2, stream, every=0.0, unit="images")
+    fake_clock.now += 1.0
+    progress.advance()
+    fake_clock.now += 1.0
+    progress.advance()  # 2/2 shown here: 1 image/s, nothing left
+    progress.finish()
+    final = f"[{'#' * 30}] 2/2 100% 1.0 images/s ETA 00:00"
+    assert stream.getvalue().splitlines() == [
+        f"[{'#' * 15:<30}] 1/2  50% 1.0 images/s ETA 00:01", final]
+    late = io.StringIO()
+    progress = Progress(2, late, every=10.0, unit="images")
+    fake_clock.now += 2.0
+    progress.advance()
+    fake_clock.now += 1.0
+    progress.advance()  # within 10 s of the last line: not shown, so finish shows it
+    progress.finish()
+    assert late.getvalue().splitlines() == [
+        f"[{'#' * 15:<30}] 1/2  50% 0.5 images/s ETA 00:02",
+        f"[{'#' * 30}] 2/2 100% 0.7 images/s ETA 00:00"]
