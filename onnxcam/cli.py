@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from onnxcam.progress import Progress, Stages
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer `head` closed
 PROGRESS_DELAY = 2.0  # seconds of work before a progress line appears
 
 
@@ -33,12 +35,27 @@ def reported_errors() -> Iterator[None]:
         sys.exit(EXIT_BAD_INPUT)
     except (click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
         raise
+    except BrokenPipeError:
+        # The reader of stdout went away (`onnxcam layers m.onnx | head -1`): stop
+        # quietly, as a writer killed by SIGPIPE would.
+        discard_stdout()
+        sys.exit(EXIT_BROKEN_PIPE)
     except Exception as exc:
         if logging.getLogger().isEnabledFor(logging.INFO):
             raise
         click.echo(f"onnxcam: internal error: {exc.__class__.__name__}: {exc} "
                    "(run with -v for the traceback)", err=True)
         sys.exit(EXIT_INTERNAL)
+
+
+def discard_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush of what is still buffered, at
+    exit, does not hit the closed pipe again ("Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a test runner's stream)
+        pass
 
 
 def with_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -317,6 +317,22 @@ def test_console_script_version(console: str) -> None:
     assert onnxcam.__version__ in shown.stdout
 
 
+def test_a_closed_stdout_ends_the_command_quietly(console: str, models_dir: Path) -> None:
+    """`onnxcam layers m.onnx | head -1`, with the reader gone before the first line."""
+    import os
+
+    reader, writer = os.pipe()
+    os.close(reader)  # every write to the pipe now fails with EPIPE
+    try:
+        listed = subprocess.run([console, "layers", str(models_dir / "cnn.onnx")],
+                                stdout=writer, stderr=subprocess.PIPE, text=True,
+                                timeout=300, check=False)
+    finally:
+        os.close(writer)
+    assert listed.returncode == 141  # 128 + SIGPIPE, as a shell reports `yes | head -1`
+    assert listed.stderr == ""  # no traceback, no "internal error", no "Exception ignored"
+
+
 # --------------------------------------------------------------------------- public API
 
 
