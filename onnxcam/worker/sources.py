@@ -24,6 +24,7 @@ from onnxcam.errors import (
     MissingImageError,
     UnreachableImageError,
 )
+from onnxcam.worker.settings import DEFAULT_BOUNDS
 from onnxcam.worker.store import (
     NotAnObjectError,
     NotInStoreError,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from onnxcam.worker.settings import Settings
 
 DEFAULT_PROTOCOLS = frozenset({"file", "s3"})
+DEFAULT_INLINE_LIMIT = DEFAULT_BOUNDS.max_inline_image_bytes
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _PATH_MAX = 4096  # bytes, as Linux's PATH_MAX
 
@@ -51,11 +53,17 @@ class AllowList:
     protocols: frozenset[str] = DEFAULT_PROTOCOLS
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
+    inline_limit: int = DEFAULT_INLINE_LIMIT  # the largest inline image, for refusals' hint
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AllowList:
         return cls(tuple(settings.roots), settings.protocols, settings.connect_timeout,
-                   settings.read_timeout)
+                   settings.read_timeout, settings.max_inline_image_bytes)
+
+    def outside(self, what: str = "the allowed roots") -> str:
+        """Why a path or URI outside every root is refused, and the way round it: the
+        same words whether the target exists or not."""
+        return outside_roots(self.roots, self.inline_limit, what)
 
     @property
     def folders(self) -> list[str]:
@@ -72,7 +80,7 @@ class AllowList:
 def read_path(path: str, allowed: AllowList, limits: Limits) -> bytes:
     """A local image named by a job's ``path``."""
     _check_text(path)
-    resolved = allowed_path(path, allowed.folders)
+    resolved = allowed_path(path, allowed.folders, refusal=allowed.outside())
     return read_bytes(resolved, limits, name=path, follow_links=False)
 
 
@@ -88,26 +96,46 @@ def read_uri(uri: str, store: Store, allowed: AllowList, limits: Limits) -> byte
                                  "(ONNXCAM_ALLOWED_PROTOCOLS)")
     if protocol == "file":
         folders = [*allowed.folders, *([store.root] if store.local else [])]
-        resolved = allowed_path(_local_part(uri), folders, shown=uri)
+        resolved = allowed_path(_local_part(uri), folders, shown=uri,
+                                refusal=allowed.outside())
         return read_bytes(resolved, limits, name=uri, follow_links=False)
     return _read_remote(uri, store, allowed, limits)
 
 
-def allowed_path(path: str, roots: Iterable[str], shown: str | None = None) -> Path:
+def allowed_path(path: str, roots: Iterable[str], shown: str | None = None,
+                 refusal: str | None = None) -> Path:
     """``path``'s real path (links followed, ``..`` resolved) when it lies under one of
     the local ``roots``; a root's name is compared whole, so ``/rootfoo`` is not under
-    ``/root``.
+    ``/root``. ``refusal`` is the error's text after the path (default: the roots).
 
     A path outside every root even as written is refused before any system call on it;
     the check that counts is on the real path, against each root's real path."""
     written = os.path.abspath(path)
+    roots = list(roots)
     bases = [(os.path.abspath(root), os.path.realpath(root)) for root in roots]
     if any(_under(written, lexical) or _under(written, real) for lexical, real in bases):
         resolved = os.path.realpath(written)
         if any(_under(resolved, real) for _, real in bases):
             return Path(resolved)
-    raise ForbiddenPathError(f"{shown or path}: outside the allowed roots "
-                             "(ONNXCAM_ALLOWED_ROOTS)")
+    raise ForbiddenPathError(f"{shown or path}: {refusal or outside_roots(roots)}")
+
+
+def outside_roots(roots: Iterable[str], inline_limit: int | None = None,
+                  what: str = "the allowed roots") -> str:
+    """The reason of a refusal outside ``roots``: the setting and the roots in force
+    (local ones as absolute paths, as the worker resolves them), and, given the
+    worker's ``inline_limit``, that small images can travel inside the job instead."""
+    shown = [root if _protocol(root) != "file" else os.path.abspath(_local_part(root))
+             for root in roots]
+    in_force = f"ONNXCAM_ALLOWED_ROOTS={':'.join(shown)}" if shown else \
+        "ONNXCAM_ALLOWED_ROOTS is empty: no roots are set"
+    reason = f"outside {what} ({in_force})"
+    if inline_limit is None:
+        return reason
+    if inline_limit <= 0:
+        return f"{reason}; inline images are off too (ONNXCAM_MAX_INLINE_IMAGE_BYTES=0)"
+    return (f"{reason}; images up to {inline_limit} bytes can be sent inline (as data) "
+            "instead (ONNXCAM_MAX_INLINE_IMAGE_BYTES)")
 
 
 def _network_options(protocol: str, connect_timeout: float,
@@ -144,8 +172,7 @@ def _read_remote(uri: str, store: Store, allowed: AllowList, limits: Limits) -> 
         if canonical.startswith(prefix + "/"):
             return _read_object(prefix, protocol, canonical[len(prefix) + 1:], uri, allowed,
                                 limits, transient=False)
-    raise ForbiddenPathError(f"{uri}: outside the store and the allowed roots "
-                             "(ONNXCAM_ALLOWED_ROOTS)")
+    raise ForbiddenPathError(f"{uri}: {allowed.outside('the store and the allowed roots')}")
 
 
 def _reader(url: str, protocol: str, connect_timeout: float, read_timeout: float) -> Store:

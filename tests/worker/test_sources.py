@@ -252,6 +252,39 @@ def test_roots_compare_whole_names(tmp_path: Path) -> None:
     assert allowed_path("/etc/hostname", ["/"]) == Path("/etc/hostname").resolve()
 
 
+def test_a_refusal_names_the_setting_the_roots_and_the_inline_way(tmp_path: Path) -> None:
+    """The same image is taken inline from anywhere: the refusal of its path says so."""
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "elsewhere" / "x.png"
+
+    def refusal(settings: dict[str, object], ref: ImageRef) -> str:
+        allowed = AllowList.from_settings(load_settings(**settings))
+        with pytest.raises(OnnxcamError) as caught:
+            fetch(ref, Store(str(tmp_path / "store")), allowed, Limits())
+        assert caught.value.code == "forbidden_path"
+        return str(caught.value)
+
+    two_roots = {"allowed_roots": f"{root}:s3://bucket/in", "max_inline_image_bytes": 5000}
+    assert refusal(two_roots, ImageRef("x.png", path=str(outside))) == (
+        f"{outside}: outside the allowed roots (ONNXCAM_ALLOWED_ROOTS={root}:s3://bucket/in); "
+        "images up to 5000 bytes can be sent inline (as data) instead "
+        "(ONNXCAM_MAX_INLINE_IMAGE_BYTES)")
+    none_set = {"allowed_roots": ""}  # the default inline limit: 1 MiB
+    assert refusal(none_set, ImageRef("x.png", uri=f"file://{outside}")) == (
+        f"file://{outside}: outside the allowed roots (ONNXCAM_ALLOWED_ROOTS is empty: no "
+        "roots are set); images up to 1048576 bytes can be sent inline (as data) instead "
+        "(ONNXCAM_MAX_INLINE_IMAGE_BYTES)")
+    no_inline = {"allowed_roots": "s3://bucket/in", "max_inline_image_bytes": 0}
+    assert refusal(no_inline, ImageRef("x.png", uri="s3://bucket/other/x.png")) == (
+        "s3://bucket/other/x.png: outside the store and the allowed roots "
+        "(ONNXCAM_ALLOWED_ROOTS=s3://bucket/in); inline images are off too "
+        "(ONNXCAM_MAX_INLINE_IMAGE_BYTES=0)")
+    relative = {"allowed_roots": "."}  # shown as the worker resolves it
+    assert f"(ONNXCAM_ALLOWED_ROOTS={Path.cwd()});" in refusal(
+        relative, ImageRef("x.png", path=str(outside)))
+
+
 def test_a_job_keeps_its_good_image_beside_every_attack(bundle: bytes, tree: dict[str, Path],
                                                          listener: Listener,
                                                          tmp_path: Path) -> None:
