@@ -2,7 +2,8 @@
 
 A tiny synthetic data set of bus-like and car-like objects on snow, grass and night
 backgrounds, where every training bus stands on snow (and cars stand anywhere); a
-small Keras CNN trained on it; its onnxcam bundle (``model.onnx``); and test images
+small Keras CNN trained on it (``model.keras``, ``labels.txt``); its onnxcam bundle
+(``model.onnx``); and test images
 of both classes on all three backgrounds with their boxes (``manifest.csv``).
 
 Needs the export extra (TensorFlow). Deterministic for a given TensorFlow build:
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -186,12 +186,13 @@ def main() -> None:
 
     rng = np.random.default_rng(2024)
     model = train(*training_set(rng))
-    with tempfile.TemporaryDirectory() as scratch:
-        source = Path(scratch) / "shortcut.keras"
-        model.save(source)
-        export(source, out / "model.onnx", labels=list(LABELS), preprocess="unit")
+    # The Keras model and its labels ship too: the README's quick start exports them.
+    model.save(out / "model.keras")
+    (out / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS))
+    export(out / "model.keras", out / "model.onnx", labels=list(LABELS), preprocess="unit")
     write_tests(out, np.random.default_rng(7))
-    print(f"wrote {out / 'model.onnx'}, {out / 'manifest.csv'} and {out / 'images'}")
+    print(f"wrote {out / 'model.keras'}, {out / 'model.onnx'}, {out / 'manifest.csv'} and "
+          f"{out / 'images'}")
 
 
 if __name__ == "__main__":
