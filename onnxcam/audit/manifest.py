@@ -13,6 +13,7 @@ are left out.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -87,6 +88,18 @@ def resolve(reference: str, folder: Path) -> str:
     if "://" in reference or os.path.isabs(reference):
         return reference
     return os.path.normpath(folder / reference)
+
+
+def source_record(source: Path) -> dict[str, str | None]:
+    """Where an audit's rows came from: the source as given, its resolved path, the
+    working folder that its relative paths (and so results.csv's) are relative to, and
+    a file's SHA-256 (None for a folder). audit-diff matches two audits' rows by it."""
+    digest = None
+    if source.is_file():
+        with open(source, "rb") as stream:
+            digest = hashlib.file_digest(stream, "sha256").hexdigest()
+    return {"path": str(source), "resolved": os.path.realpath(source), "cwd": os.getcwd(),
+            "sha256": digest}
 
 
 LabelMap = dict[str, str]

@@ -36,6 +36,7 @@ from onnxcam.audit.manifest import (
     count_rows,
     read_manifest,
     region_of,
+    source_record,
 )
 from onnxcam.audit.metrics import energy_in_box, pointing_hit
 from onnxcam.audit.report import write_report
@@ -105,6 +106,7 @@ def run_audit(
     classes = [info.label(k) for k in range(info.num_classes)]
     summary = summarize(path, options.thresholds, classes)
     summary.data.update(_context(backend, settings, time.monotonic() - started, done))
+    summary.data["source"] = source_record(source)
     if options.clusters_sample:
         _add_clusters(summary, out, options.clusters_sample, classes)
     atomic_write(out / SUMMARY, (json.dumps(summary.data, indent=2) + "\n").encode())
