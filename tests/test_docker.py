@@ -49,3 +49,12 @@ def test_images_leave_data_open_to_any_user() -> None:
     for name in ("Dockerfile", "Dockerfile.gpu"):
         text = (DOCKER / name).read_text()
         assert "chmod 0755 /data" in text, name
+
+
+def test_images_copy_only_what_the_repository_has() -> None:
+    """Each COPY names a file or folder of the build context (the repository's root)."""
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        for line in (DOCKER / name).read_text().splitlines():
+            if line.startswith("COPY "):
+                for source in line.split()[1:-1]:
+                    assert (DOCKER.parent / source).exists(), f"{name}: {line}"
