@@ -17,6 +17,7 @@ from onnxcam.engine.maps import COLORMAPS
 from onnxcam.engine.methods.base import MethodOptions
 from onnxcam.errors import OnnxcamError
 from onnxcam.progress import Progress, Stages
+from onnxcam.words import plural
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -304,12 +305,17 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
 @with_errors
 def submit(bundle: Path, images: tuple[str, ...], method: str, target: str | None,
            chunk_size: int | None, samples: int, noise: float, steps: int, seed: int) -> None:
-    """Queue explain jobs; print their ids, one per line."""
+    """Queue explain jobs; print their ids, one per line (and on stderr, where to)."""
+    from onnxcam.worker.client import endpoints
     from onnxcam.worker.client import submit as submit_jobs
+    from onnxcam.worker.settings import load_settings
 
+    settings = load_settings()
     options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed}
     job = submit_jobs(bundle, list(images), method, class_number(bundle, target),
-                      chunk_size=chunk_size, options=options)
+                      chunk_size=chunk_size, settings=settings, options=options)
+    click.echo(f"onnxcam: queued {plural(len(job.ids), 'job')} of "
+               f"{plural(len(images), 'image')}: {endpoints(settings)}", err=True)
     for job_id in job.ids:
         click.echo(job_id)
 
@@ -330,31 +336,43 @@ def class_number(bundle: Path, target: str | None) -> int | str | None:
 @click.argument("job_id")
 @with_errors
 def status(job_id: str) -> None:
-    """Print a job's status: pending, started, done or failed."""
-    from onnxcam.worker.client import job_status
+    """Print a job's status: pending, started, done or failed (and on stderr, how many
+    of its images are done)."""
+    from onnxcam.worker.client import job_progress, job_status
     from onnxcam.worker.settings import load_settings
 
-    click.echo(job_status(job_id, load_settings()))
+    settings = load_settings()
+    click.echo(job_status(job_id, settings))
+    progress = job_progress(job_id, settings)
+    done = plural(progress.done, "image") if progress.total is None else \
+        f"{progress.done} of {plural(progress.total, 'image')}"
+    click.echo(f"onnxcam: job {job_id}: {done} done (Celery state {progress.celery_state})",
+               err=True)
 
 
 @main.command()
 @click.argument("job_id")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", default=None, type=click.Path(path_type=Path),
               help="Folder for the heatmaps, overlays and JSON records.")
 @click.option("--wait", "wait_seconds", type=float, default=0.0,
               help="Wait up to this many seconds for the job to end.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON record per image.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON record per image (alone, without --out: no files).")
 @with_errors
-def result(job_id: str, out: Path, wait_seconds: float, as_json: bool) -> None:
-    """Write a done job's heatmaps, overlays and records to --out."""
+def result(job_id: str, out: Path | None, wait_seconds: float, as_json: bool) -> None:
+    """Write a done job's heatmaps, overlays and records to --out, or print its records
+    with --json."""
     import json
     import time
 
     from onnxcam.errors import JobError
-    from onnxcam.worker.client import download, job_error, job_status
+    from onnxcam.worker.client import download, job_error, job_records, job_status
     from onnxcam.worker.settings import load_settings
     from onnxcam.worker.store import Store
 
+    if out is None and not as_json:
+        raise click.UsageError("give --out DIR for the files, --json for the records on "
+                               "stdout, or both")
     settings = load_settings()
     deadline = time.monotonic() + wait_seconds
     state = job_status(job_id, settings)
@@ -371,7 +389,9 @@ def result(job_id: str, out: Path, wait_seconds: float, as_json: bool) -> None:
         click.echo(f"onnxcam: job {job_id} is not done yet ({state})", err=True)
         sys.exit(EXIT_NOT_DONE)
     failures = 0
-    for record in download(job_id, out, settings):
+    records = download(job_id, out, settings) if out is not None else \
+        job_records(job_id, Store(settings.store_url))
+    for record in records:
         if record["status"] != "ok":
             failures += 1
             click.echo(f"onnxcam: error: {record['error']['message']} "
@@ -453,8 +473,8 @@ def audit(
         sys.exit(EXIT_INTERRUPTED)
     data = summary.data
     accuracy = "n/a" if data["accuracy"] is None else f"{100 * data['accuracy']:.1f}%"
-    click.echo(f"audited {data['n']} rows ({data['errors']} errors), accuracy {accuracy}; "
-               f"wrote {out / 'report.html'}")
+    click.echo(f"audited {plural(data['n'], 'row')} ({plural(data['errors'], 'error')}), "
+               f"accuracy {accuracy}; wrote {out / 'report.html'}")
     for flag in data["flags"]:
         click.echo(f"flag: {flag['class']}: {flag['reason']} (mean energy-in-box "
                    f"{flag['energy_in_box_mean']:.2f} vs box area {flag['box_area_mean']:.2f})")

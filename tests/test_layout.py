@@ -2,7 +2,8 @@
 
 Layers, lowest first (an arrow reads "may import"):
 
-    onnxcam (errors, bundle, graph, runtime, files, layout, progress, scores, _version)
+    onnxcam (errors, bundle, graph, runtime, files, layout, progress, scores, words,
+             _version)
                                 the floor: imports nothing above it
     onnxcam.exporter   -> floor            never the engine, worker or audit
     onnxcam.engine     -> floor            never the worker, audit or exporter
@@ -32,7 +33,7 @@ PACKAGE = REPO / "onnxcam"
 FRAMEWORKS = ("tensorflow", "keras", "tf2onnx", "torch", "torchvision")
 FLOOR = ("onnxcam.errors", "onnxcam.bundle", "onnxcam.graph", "onnxcam.runtime",
          "onnxcam.files", "onnxcam.layout", "onnxcam.progress", "onnxcam.scores",
-         "onnxcam._version")
+         "onnxcam.words", "onnxcam._version")
 LAYERS = ("onnxcam.exporter", "onnxcam.engine", "onnxcam.worker", "onnxcam.audit",
           "onnxcam.cli", "onnxcam.__main__")
 

@@ -19,6 +19,7 @@ from typing import Any
 from onnxcam.bundle import read_bundle
 from onnxcam.engine.methods import get_method
 from onnxcam.errors import BrokerUnavailableError, JobError, UnknownBundleError, UnknownJobError
+from onnxcam.words import plural
 from onnxcam.worker.keys import (
     ERROR,
     HEATMAP,
@@ -111,8 +112,8 @@ class Job:
             pending = [j for j in pending if celery_status(j, self.settings) not in ("done",
                                                                                    "failed")]
             if pending and deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{len(pending)} of {len(self.ids)} jobs not done after "
-                                   f"{timeout} s")
+                raise TimeoutError(f"{len(pending)} of {plural(len(self.ids), 'job')} not "
+                                   f"done after {timeout} s")
             if pending:
                 time.sleep(interval)
         return [record for job_id in self.ids for record in job_records(job_id, self.store)]
@@ -189,6 +190,27 @@ def _redacted(url: str) -> str:
     return str(maybe_sanitize_url(url))
 
 
+def masked(url: str) -> str:
+    """``url`` as written, its password (if any) shown as ``***``:
+    ``redis://:***@host:6379/0``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc or parts.password is None:
+        return url
+    credentials, host = parts.netloc.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def endpoints(settings: Settings) -> str:
+    """The broker and store a client uses, passwords masked: with no settings at all
+    they are a local Redis's database 0 and a folder in the user's home, which may
+    be another program's or another deployment's."""
+    return (f"broker {masked(settings.broker_url)}, "
+            f"store {masked(Store(settings.store_url).location)}")
+
+
 def check_broker(app: Any) -> None:
     """Fail fast, before anything is queued, when the broker does not answer."""
     with broker_errors(app), app.connection_for_write() as connection:
@@ -216,7 +238,7 @@ def _per_image(targets: int | str | Sequence[int | str | None] | None,
         return [targets] * count
     wanted = list(targets)
     if len(wanted) != count:
-        raise JobError(f"{len(wanted)} targets for {count} images")
+        raise JobError(f"{plural(len(wanted), 'target')} for {plural(count, 'image')}")
     return wanted
 
 
@@ -241,6 +263,29 @@ def job_status(job_id: str, settings: Settings) -> str:
         if store.exists(job_key(job_id, SUMMARY)):
             return "done"
     return word
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """How far one job has got: images with a record in the store, of the images its
+    request names (None when it was sent without one), and Celery's own state."""
+
+    done: int
+    total: int | None
+    celery_state: str
+
+
+def job_progress(job_id: str, settings: Settings) -> JobProgress:
+    """A job's per-image progress, from its folder in the store (the records a worker
+    writes as each image ends) and its request; Celery's state as the backend holds it
+    (PENDING for a job it does not know, or whose result has expired)."""
+    store = Store(settings.store_url)
+    request = read_request(store, job_id)
+    total = len(request["images"]) if request is not None else None
+    app = _app(settings)
+    with broker_errors(app):
+        state = str(app.AsyncResult(job_id).state)
+    return JobProgress(len(record_indices(store, job_id)), total, state)
 
 
 def job_error(job_id: str, store: Store, settings: Settings | None = None) -> dict[str, str] | None:

@@ -8,6 +8,7 @@ from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.head import head_tensors
 from onnxcam.exporter.shapes import probe_shapes
 from onnxcam.graph import source_of
+from onnxcam.words import plural
 
 
 def probe_head(draft: Draft) -> bool:
@@ -28,6 +29,6 @@ def probe_head(draft: Draft) -> bool:
     draft.num_classes = logits.dims[1]
     labels = draft.options.labels
     if labels and len(labels) != draft.num_classes:
-        raise ExportError(f"the labels file has {len(labels)} labels; the model has "
-                          f"{draft.num_classes} classes")
+        raise ExportError(f"the labels file has {plural(len(labels), 'label')}; the model "
+                          f"has {plural(draft.num_classes, 'class')}")
     return False

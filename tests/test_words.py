@@ -1,0 +1,35 @@
+"""Counts in messages agree with their nouns: 1 image, 2 images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import models
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnxcam.cli import main
+from onnxcam.words import plural
+
+
+def test_plural_of_one_and_two() -> None:
+    assert [plural(1, "image"), plural(2, "image"), plural(0, "image")] == [
+        "1 image", "2 images", "0 images"]
+    assert [plural(1, "class"), plural(2, "class"), plural(2, "box")] == [
+        "1 class", "2 classes", "2 boxes"]
+    assert plural(3, "matrix", "matrices") == "3 matrices"
+
+
+@pytest.mark.parametrize(("labels", "wanted"), [
+    (["cat"], "the labels file has 1 label; the model has 5 classes"),
+    (["cat", "dog"], "the labels file has 2 labels; the model has 5 classes"),
+])
+def test_the_labels_count_agrees(tmp_path: Path, labels: list[str], wanted: str) -> None:
+    source = tmp_path / "cnn.onnx"
+    onnx.save(models.onnx_cnn(), str(source))
+    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["export", str(source), "-o", str(tmp_path / "b.onnx"),
+                                       "--labels", str(tmp_path / "labels.txt")])
+    assert result.exit_code == 2
+    assert result.stderr == f"onnxcam: error: {wanted}\n"
