@@ -486,7 +486,7 @@ def audit(
         sys.exit(EXIT_BAD_INPUT)
 
 
-EXIT_DIFF_FLAGGED = 3  # audit-diff: a class moved past a threshold (CI gate)
+EXIT_DIFF_FLAGGED = 3  # audit-diff: a class regressed past a threshold (CI gate)
 
 
 @main.command("audit-diff")
@@ -495,18 +495,22 @@ EXIT_DIFF_FLAGGED = 3  # audit-diff: a class moved past a threshold (CI gate)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for diff.json and diff.html (default: NEW).")
 @click.option("--min-similarity", type=float, default=0.5, show_default=True,
-              help="Fail when a class's mean heatmap rank correlation is below this.")
+              help="Fail when a class's mean heatmap rank correlation is below this "
+                   "and its energy-in-box fell.")
 @click.option("--max-energy-drop", type=float, default=0.1, show_default=True,
               help="Fail when a class's mean energy-in-box falls by more than this.")
+@click.option("--max-accuracy-drop", type=float, default=0.0, show_default=True,
+              help="Fail when a class's accuracy falls by more than this.")
 @with_errors
 def audit_diff(old: Path, new: Path, out: Path | None, min_similarity: float,
-               max_energy_drop: float) -> None:
+               max_energy_drop: float, max_accuracy_drop: float) -> None:
     """Compare the audits OLD and NEW of the same manifest: per class the change in
-    accuracy, energy in box and pointing hits, per row the heatmaps' rank correlation.
-    Exits 3 when a class moved past a threshold."""
-    from onnxcam.audit.diff import DiffThresholds, diff_audits, write_diff
+    accuracy, energy in box and pointing hits and which way each went, per row the
+    heatmaps' rank correlation. Exits 3 when a class regressed past a threshold."""
+    from onnxcam.audit.diff import DiffThresholds, diff_audits, flag_value, movement, write_diff
 
-    diff = diff_audits(old, new, DiffThresholds(min_similarity, max_energy_drop))
+    diff = diff_audits(old, new, DiffThresholds(min_similarity, max_energy_drop,
+                                                max_accuracy_drop))
     out = out or new
     write_diff(diff, out, old, new)
     data = diff.data
@@ -514,9 +518,10 @@ def audit_diff(old: Path, new: Path, out: Path | None, min_similarity: float,
     click.echo(f"compared {data['compared']} of {data['n']} rows, mean similarity {mean}; "
                f"wrote {out / 'diff.html'}")
     for flag in data["flags"]:
-        value = flag.get("similarity_mean", flag.get("energy_in_box_change"))
-        click.echo(f"flag: {flag['class']}: {flag['reason']} ({value:.3f}, threshold "
-                   f"{flag['threshold']:.3f})")
+        click.echo(f"flag: {flag['class']}: {flag['reason']} ({flag_value(flag):.3f}, "
+                   f"threshold {flag['threshold']:.3f})")
+    for label, figures in data["per_class"].items():
+        click.echo(f"{figures['verdict']}: {label}: {movement(figures)}")
     if diff.failed:
         sys.exit(EXIT_DIFF_FLAGGED)
 

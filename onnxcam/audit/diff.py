@@ -3,7 +3,14 @@ can be gated on "does the new model still look where the old one did?".
 
 One streaming pass over both results.csv files: per row the Spearman rank correlation
 of the two raw heatmaps, per class the change in accuracy, energy in box and pointing
-hits, and the rows whose attention moved most. Writes diff.json and diff.html.
+hits and which way each went, and the rows whose attention moved most. Only
+regressions fail the comparison; an improvement is reported as one. Writes diff.json
+and diff.html.
+
+Rows are matched by position. Each audit's summary.json records its source and the
+working folder its relative image paths are relative to: two audits of the same
+manifest (same resolved file or same content) match row for row, others by their
+resolved image paths; audits that record neither compare the paths as written.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import html
 import json
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -21,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from onnxcam.audit.clusters import read_heatmap
+from onnxcam.audit.manifest import resolve
 from onnxcam.audit.report import CSS, thumbnail
 from onnxcam.audit.results import HEADER, ResultRow, read_results
 from onnxcam.audit.summary import Worst
@@ -31,18 +40,35 @@ from onnxcam.files import atomic_write
 log = logging.getLogger(__name__)
 
 RESULTS = "results.csv"
+SUMMARY = "summary.json"
 DIFF_JSON = "diff.json"
 DIFF_HTML = "diff.html"
 MOVED = 12  # rows shown side by side, lowest similarity first
+# Regressions red (report.html's .flag), improvements green; up and down coloured so
+# the table reads at a glance.
+DIFF_CSS = """
+.improved { background: #e7f6ec; border: 2px solid #2f8a4c; color: #1c5230;
+        border-radius: 6px; padding: 10px 14px; margin: 8px 0; font-size: 16px; }
+tr.better td { background: #eef8f1; } tr.better td:first-child { color: #1c5230;
+        font-weight: 600; }
+.up { color: #1f7a3d; font-weight: 600; } .down { color: #b11c1c; font-weight: 600; }
+.verdict-regressed { color: #b11c1c; font-weight: 600; }
+.verdict-improved { color: #1f7a3d; font-weight: 600; }
+"""
+ARROWS = {"up": "▲", "down": "▼", "same": "="}
 
 
 @dataclass(frozen=True)
 class DiffThresholds:
-    """When a class fails the comparison: its mean heatmap similarity is below
-    ``min_similarity``, or its mean energy in box fell by more than ``max_energy_drop``."""
+    """When a class regressed: its mean energy in box fell by more than
+    ``max_energy_drop``, its accuracy by more than ``max_accuracy_drop``, or its mean
+    heatmap similarity is below ``min_similarity`` while its energy in box fell (or has
+    no boxes to tell). A rise by more than the same amounts, with no regression, is an
+    improvement."""
 
     min_similarity: float = 0.5
     max_energy_drop: float = 0.1
+    max_accuracy_drop: float = 0.0
 
 
 # -- rank correlation --
@@ -120,8 +146,9 @@ class ClassDiff:
                                   ("energy_in_box_mean", self.energy, self.boxes),
                                   ("pointing_hit_rate", self.hits, self.boxes)):
             old, new = _mean(sums[0], count), _mean(sums[1], count)
-            figures[name] = {"old": old, "new": new,
-                             "change": None if old is None or new is None else round(new - old, 4)}
+            change = None if old is None or new is None else round(new - old, 4)
+            figures[name] = {"old": old, "new": new, "change": change,
+                             "direction": direction(change)}
         return figures
 
 
@@ -129,20 +156,111 @@ def _mean(total: float, count: int) -> float | None:
     return round(total / count, 4) if count else None
 
 
+def direction(change: float | None) -> str | None:
+    """"up", "down" or "same"; None where there was nothing to compare."""
+    if change is None:
+        return None
+    return "up" if change > 0 else "down" if change < 0 else "same"
+
+
 def judge(per_class: dict[str, dict[str, Any]], thresholds: DiffThresholds) -> list[dict[str, Any]]:
-    """The classes that fail the comparison, with why."""
-    flags = []
+    """The classes that regressed, with why; sets each class's ``attention`` and
+    ``verdict`` (regressed, improved, moved or steady)."""
+    flags: list[dict[str, Any]] = []
     for label, figures in per_class.items():
         score = figures["similarity_mean"]
-        if score is not None and score < thresholds.min_similarity:
-            flags.append({"class": label, "reason": "attention moved",
-                          "similarity_mean": score, "threshold": thresholds.min_similarity})
-        change = figures["energy_in_box_mean"]["change"]
-        if change is not None and -change > thresholds.max_energy_drop:
-            flags.append({"class": label, "reason": "energy in box dropped",
-                          "energy_in_box_change": change,
+        energy = figures["energy_in_box_mean"]["change"]
+        accuracy = figures["accuracy"]["change"]
+        moved = score is not None and score < thresholds.min_similarity
+        figures["attention"] = None if score is None else "moved" if moved else "kept"
+        found = []
+        # Attention elsewhere is a regression only when it left the object; without
+        # boxes there is no telling, so it stays one.
+        if moved and (energy is None or energy < 0):
+            found.append({"reason": "attention moved", "similarity_mean": score,
+                          "threshold": thresholds.min_similarity,
+                          "energy_in_box_change": energy})
+        if energy is not None and -energy > thresholds.max_energy_drop:
+            found.append({"reason": "energy in box dropped", "energy_in_box_change": energy,
                           "threshold": thresholds.max_energy_drop})
+        if accuracy is not None and -accuracy > thresholds.max_accuracy_drop:
+            found.append({"reason": "accuracy dropped", "accuracy_change": accuracy,
+                          "threshold": thresholds.max_accuracy_drop})
+        flags.extend({"class": label, **flag} for flag in found)
+        rose = (energy is not None and energy > thresholds.max_energy_drop) or \
+            (accuracy is not None and accuracy > thresholds.max_accuracy_drop)
+        figures["verdict"] = ("regressed" if found else "improved" if rose
+                              else "moved" if moved else "steady")
     return flags
+
+
+def improvements(per_class: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The classes judged improved, with their changes."""
+    return [{"class": label, "reason": "improved",
+             "energy_in_box_change": figures["energy_in_box_mean"]["change"],
+             "accuracy_change": figures["accuracy"]["change"],
+             "similarity_mean": figures["similarity_mean"]}
+            for label, figures in per_class.items() if figures["verdict"] == "improved"]
+
+
+def movement(figures: dict[str, Any], arrow: str = "->") -> str:
+    """Which way a class moved, in words: "energy in box up 0.110 -> 0.710 (+0.600), ..."."""
+    parts = []
+    for name, title in (("energy_in_box_mean", "energy in box"), ("accuracy", "accuracy"),
+                        ("pointing_hit_rate", "pointing hits")):
+        pair = figures[name]
+        if pair["direction"] is not None:
+            parts.append(f"{title} {pair['direction']} {pair['old']:.3f} {arrow} "
+                         f"{pair['new']:.3f} ({pair['change']:+.3f})")
+    if figures["similarity_mean"] is not None:
+        parts.append(f"map similarity {figures['similarity_mean']:.3f} "
+                     f"(attention {figures['attention']})")
+    return ", ".join(parts) or "nothing to compare"
+
+
+# -- matching rows --
+
+
+@dataclass(frozen=True)
+class Source:
+    """What an audit's summary.json records of its source; all None for audits that
+    predate the record (or are unfinished)."""
+
+    cwd: str | None = None
+    sha256: str | None = None
+
+    def image(self, path: str) -> str:
+        """A row's image path resolved against the audit's working folder."""
+        return path if self.cwd is None else resolve(path, Path(self.cwd))
+
+
+def read_source(folder: Path) -> Source:
+    try:
+        record = json.loads((folder / SUMMARY).read_text(encoding="utf-8")).get("source")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return Source()
+    if not isinstance(record, dict):
+        return Source()
+    cwd, sha256 = (value if isinstance(value, str) else None
+                   for value in (record.get("cwd"), record.get("sha256")))
+    return Source(cwd if cwd and os.path.isabs(cwd) else None, sha256)
+
+
+def matching(old: Source, new: Source) -> str:
+    """How rows are matched: "manifest" (the same manifest content: by position),
+    "resolved path" (both audits say where their paths are relative to; also for one
+    manifest file edited between the audits, or a folder source) or, for audits that
+    do not, "image path" (as written)."""
+    if old.sha256 is not None and old.sha256 == new.sha256:
+        return "manifest"
+    if old.cwd is not None and new.cwd is not None:
+        return "resolved path"
+    return "image path"
+
+
+def _row_key(row: ResultRow, source: Source, how: str) -> tuple[str, str]:
+    image = {"manifest": "", "resolved path": source.image(row["image"])}.get(how, row["image"])
+    return image, row["label"]
 
 
 # -- the comparison --
@@ -154,6 +272,7 @@ class Diff:
 
     data: dict[str, Any]
     moved: list[tuple[ResultRow, ResultRow]]
+    sources: tuple[Source, Source] = (Source(), Source())
 
     @property
     def failed(self) -> bool:
@@ -169,7 +288,9 @@ def diff_audits(old: Path, new: Path, thresholds: DiffThresholds = DiffThreshold
     stats: dict[str, ClassDiff] = {}
     scores: list[float | None] = []
     worst = Worst(moved)
-    for index, (old_row, new_row) in enumerate(_pairs(old, new)):
+    sources = (read_source(old), read_source(new))
+    how = matching(*sources)
+    for index, (old_row, new_row) in enumerate(_pairs(old, new, sources, how)):
         score = _row_similarity(old_row, new_row, old, new)
         scores.append(None if score is None else round(score, 4))
         if old_row["status"] != "ok" or new_row["status"] != "ok":
@@ -180,19 +301,24 @@ def diff_audits(old: Path, new: Path, thresholds: DiffThresholds = DiffThreshold
             worst.offer(-score, index, {**new_row, "index": str(index)})
     per_class = {label: stats[label].figures() for label in sorted(stats)}
     compared = [score for score in scores if score is not None]
+    flags = judge(per_class, thresholds)
     data = {
         "old": str(old), "new": str(new), "n": len(scores), "compared": len(compared),
         "similarity_mean": _mean(sum(compared), len(compared)),
         "per_class": per_class,
-        "flags": judge(per_class, thresholds),
+        "flags": flags,
         "thresholds": {"min_similarity": thresholds.min_similarity,
-                       "max_energy_drop": thresholds.max_energy_drop},
+                       "max_energy_drop": thresholds.max_energy_drop,
+                       "max_accuracy_drop": thresholds.max_accuracy_drop},
         "similarity": scores,
+        "improvements": improvements(per_class),
+        "matched_by": how,
     }
-    return Diff(data, _moved_rows(worst, old))
+    return Diff(data, _moved_rows(worst, old), sources)
 
 
-def _pairs(old: Path, new: Path) -> Iterator[tuple[ResultRow, ResultRow]]:
+def _pairs(old: Path, new: Path, sources: tuple[Source, Source],
+           how: str) -> Iterator[tuple[ResultRow, ResultRow]]:
     """(old row, new row) in manifest order, checked to be the same row."""
     streams = (_results(old), _results(new))
     for index, (old_row, new_row) in enumerate(zip_longest(*streams)):
@@ -201,12 +327,14 @@ def _pairs(old: Path, new: Path) -> Iterator[tuple[ResultRow, ResultRow]]:
             raise AuditError(f"the audits' rows do not correspond: {shorter} ends after "
                              f"{index} rows and the other goes on; audits of the same "
                              "manifest, both finished, are needed")
-        if (old_row["image"], old_row["label"]) != (new_row["image"], new_row["label"]):
+        (old_image, old_label), (new_image, new_label) = (
+            _row_key(row, source, how) for row, source in zip((old_row, new_row), sources))
+        if (old_image, old_label) != (new_image, new_label):
             raise AuditError(
                 f"the audits' rows do not correspond: row {index} is "
-                f"{old_row['image']!r} (label {old_row['label']!r}) in {old} but "
-                f"{new_row['image']!r} (label {new_row['label']!r}) in {new}; audits of the "
-                "same manifest are needed")
+                f"{old_image or old_row['image']!r} (label {old_label!r}) in {old} but "
+                f"{new_image or new_row['image']!r} (label {new_label!r}) in {new}; audits "
+                "of the same manifest are needed")
         yield old_row, new_row
 
 
@@ -264,11 +392,12 @@ def render(diff: Diff, old: Path, new: Path) -> str:
     data = diff.data
     return "".join([
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        "<title>onnxcam audit-diff</title><style>", CSS, "</style></head><body>",
+        "<title>onnxcam audit-diff</title><style>", CSS, DIFF_CSS, "</style></head><body>",
         "<h1>onnxcam audit-diff</h1>",
         f"<div class='meta'>old {html.escape(data['old'])} · new {html.escape(data['new'])} · "
         f"{data['n']} rows, {data['compared']} compared · mean similarity "
-        f"{_number(data['similarity_mean'])}</div>",
+        f"{_number(data['similarity_mean'])} · rows matched by "
+        f"{html.escape(data['matched_by'])}</div>",
         _verdict(data), "<h2>Per class</h2>", _table(data),
         "<h2>Attention moved most</h2>",
         "<p class='legend'>Lowest rank correlation between the two heatmaps first; "
@@ -281,29 +410,57 @@ def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def flag_value(flag: dict[str, Any]) -> float:
+    """The figure a flag is about: the similarity for a move, else the change."""
+    for key in ("similarity_mean", "energy_in_box_change", "accuracy_change"):
+        if flag.get(key) is not None:
+            return float(flag[key])
+    return math.nan
+
+
 def _verdict(data: dict[str, Any]) -> str:
-    if not data["flags"]:
-        return "<div class='ok'>No class moved past the thresholds.</div>"
-    parts = []
+    per_class = data["per_class"]
+    parts = [] if data["flags"] else \
+        ["<div class='ok'>No class regressed past the thresholds.</div>"]
+    reasons: dict[str, list[str]] = {}
     for flag in data["flags"]:
-        value = flag.get("similarity_mean", flag.get("energy_in_box_change"))
-        parts.append(f"<div class='flag'><b>{html.escape(flag['class'])}</b>: "
-                     f"{html.escape(flag['reason'])} ({value:.3f}, threshold "
-                     f"{flag['threshold']:.3f})</div>")
+        reasons.setdefault(flag["class"], []).append(
+            f"{flag['reason']} ({flag_value(flag):.3f}, threshold {flag['threshold']:.3f})")
+    for label, found in reasons.items():
+        parts.append(f"<div class='flag'><b>{html.escape(label)}</b>: regressed, "
+                     f"{html.escape('; '.join(found))}: "
+                     f"{html.escape(movement(per_class[label], '→'))}</div>")
+    for found in data["improvements"]:
+        label = found["class"]
+        parts.append(f"<div class='improved'><b>{html.escape(label)}</b>: improved: "
+                     f"{html.escape(movement(per_class[label], '→'))}</div>")
     return "".join(parts)
 
 
+def _change(pair: dict[str, Any]) -> str:
+    """"old → new" and, coloured, which way and by how much."""
+    cell = f"{_number(pair['old'])} → {_number(pair['new'])}"
+    way = pair.get("direction")
+    if way is None:
+        return cell
+    return (f"{cell} <span class='{way}'>{ARROWS[way]} {way} "
+            f"{pair['change']:+.3f}</span>")
+
+
 def _table(data: dict[str, Any]) -> str:
-    flagged = {flag["class"] for flag in data["flags"]}
     rows = ["<table><tr><th>class</th><th>rows</th><th>similarity</th><th>accuracy</th>"
-            "<th>energy in box</th><th>pointing hits</th></tr>"]
+            "<th>energy in box</th><th>pointing hits</th><th>verdict</th></tr>"]
+    marks = {"regressed": " class='flagged'", "improved": " class='better'"}
     for label, figures in data["per_class"].items():
-        cells = [f"{_number(figures[name]['old'])} → {_number(figures[name]['new'])}"
+        cells = [_change(figures[name])
                  for name in ("accuracy", "energy_in_box_mean", "pointing_hit_rate")]
-        mark = " class='flagged'" if label in flagged else ""
-        rows.append(f"<tr{mark}><td>{html.escape(label)}</td><td>{figures['n']}</td>"
-                    f"<td>{_number(figures['similarity_mean'])}</td>"
-                    + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+        verdict = figures["verdict"]
+        attention = f" ({figures['attention']})" if figures["attention"] else ""
+        rows.append(f"<tr{marks.get(verdict, '')}><td>{html.escape(label)}</td>"
+                    f"<td>{figures['n']}</td>"
+                    f"<td>{_number(figures['similarity_mean'])}{attention}</td>"
+                    + "".join(f"<td>{cell}</td>" for cell in cells)
+                    + f"<td class='verdict-{verdict}'>{verdict}</td></tr>")
     rows.append("</table>")
     return "".join(rows)
 
@@ -316,8 +473,10 @@ def _pairs_html(diff: Diff, old: Path, new: Path) -> str:
     for old_row, new_row in diff.moved:
         index = int(new_row["index"])
         frames = []
-        for row, folder in ((old_row, old), (new_row, new)):
-            picture, _empty = thumbnail(row, None, folder)
+        for row, folder, source in zip((old_row, new_row), (old, new), diff.sources):
+            # the image path as written is relative to the audit's working folder
+            picture, _empty = thumbnail({**row, "image": source.image(row["image"])}, None,
+                                        folder)
             frames.append(f"<div class='frame'><img alt='' src='data:image/png;base64,"
                           f"{picture}'></div>" if picture
                           else "<div class='frame'>image unavailable</div>")

@@ -110,31 +110,52 @@ def test_diff_figures_per_row_and_class(audits: tuple[Path, Path]) -> None:
     # cat: rows a, b (f failed in new and is left out)
     assert (cat["n"], cat["boxes"], cat["compared"]) == (2, 2, 2)
     assert cat["similarity_mean"] == pytest.approx((-1 + expected_rows[1]) / 2, abs=1e-4)
-    assert cat["accuracy"] == {"old": 1.0, "new": 0.5, "change": -0.5}
-    assert cat["energy_in_box_mean"] == {"old": 0.8, "new": 0.75, "change": -0.05}
-    assert cat["pointing_hit_rate"] == {"old": 1.0, "new": 0.5, "change": -0.5}
+    assert cat["accuracy"] == {"old": 1.0, "new": 0.5, "change": -0.5, "direction": "down"}
+    assert cat["energy_in_box_mean"] == {"old": 0.8, "new": 0.75, "change": -0.05,
+                                         "direction": "down"}
+    assert cat["pointing_hit_rate"] == {"old": 1.0, "new": 0.5, "change": -0.5,
+                                        "direction": "down"}
     # dog: rows c, d, e
     assert dog["similarity_mean"] == pytest.approx((expected_rows[2] + 1 + 0) / 3, abs=1e-4)
-    assert dog["accuracy"] == {"old": round(2 / 3, 4), "new": 1.0, "change": round(1 / 3, 4)}
+    assert dog["accuracy"] == {"old": round(2 / 3, 4), "new": 1.0, "change": round(1 / 3, 4),
+                               "direction": "up"}
     assert dog["energy_in_box_mean"]["old"] == pytest.approx((0.8 + 0.6 + 0.5) / 3, abs=1e-4)
     assert dog["energy_in_box_mean"]["new"] == pytest.approx((0.5 + 0.3 + 0.1) / 3, abs=1e-4)
     assert dog["energy_in_box_mean"]["change"] == pytest.approx(-1.0 / 3, abs=1e-4)
     assert dog["pointing_hit_rate"] == {"old": round(2 / 3, 4), "new": 0.0,
-                                        "change": round(-2 / 3, 4)}
-    # cat's attention moved (mean similarity about -0.53); dog lost a third of its energy
+                                        "change": round(-2 / 3, 4), "direction": "down"}
+    # cat's attention moved (mean similarity about -0.53) as its energy fell, and it
+    # lost half its accuracy; dog lost a third of its energy though its accuracy rose
     assert [(flag["class"], flag["reason"]) for flag in data["flags"]] == [
-        ("cat", "attention moved"), ("dog", "energy in box dropped")]
+        ("cat", "attention moved"), ("cat", "accuracy dropped"),
+        ("dog", "energy in box dropped")]
+    assert (cat["attention"], dog["attention"]) == ("moved", "kept")
+    assert (cat["verdict"], dog["verdict"]) == ("regressed", "regressed")
+    assert data["improvements"] == [] and data["matched_by"] == "image path"
     # the moved rows, least similar first: a (-1), b (-0.053), e (0)
     assert [Path(new_row["image"]).name for _, new_row in diff.moved][:3] == \
         ["a.png", "b.png", "e.png"]
 
 
 def test_thresholds_decide_the_flags(audits: tuple[Path, Path]) -> None:
-    lax = diff_audits(*audits, DiffThresholds(min_similarity=-1.0, max_energy_drop=0.34))
+    lax = diff_audits(*audits, DiffThresholds(min_similarity=-1.0, max_energy_drop=0.34,
+                                              max_accuracy_drop=0.5))
     assert lax.data["flags"] == [] and not lax.failed
     # dog's mean similarity is about 0.66 and cat's -0.53: 0.6 flags cat only
-    only_cat = diff_audits(*audits, DiffThresholds(min_similarity=0.6, max_energy_drop=0.5))
+    only_cat = diff_audits(*audits, DiffThresholds(min_similarity=0.6, max_energy_drop=0.5,
+                                                   max_accuracy_drop=0.5))
     assert [flag["class"] for flag in only_cat.data["flags"]] == ["cat"]
+    # any accuracy drop regresses cat; dog's accuracy rose by a third, an improvement
+    # once its energy drop is allowed (a rise within the tolerance is no improvement)
+    strict = diff_audits(*audits, DiffThresholds(min_similarity=-1.0, max_energy_drop=0.34))
+    assert [(flag["class"], flag["reason"]) for flag in strict.data["flags"]] == [
+        ("cat", "accuracy dropped")]
+    assert strict.data["improvements"] == [{
+        "class": "dog", "reason": "improved", "energy_in_box_change": pytest.approx(-1 / 3,
+                                                                                  abs=1e-4),
+        "accuracy_change": round(1 / 3, 4),
+        "similarity_mean": strict.data["per_class"]["dog"]["similarity_mean"]}]
+    assert lax.data["improvements"] == []
 
 
 def test_cli_writes_json_and_html_and_exits_3_when_flagged(audits: tuple[Path, Path],
@@ -145,13 +166,17 @@ def test_cli_writes_json_and_html_and_exits_3_when_flagged(audits: tuple[Path, P
     assert result.exit_code == 3, result.output
     assert "flag: cat: attention moved" in result.stdout
     assert "flag: dog: energy in box dropped (-0.333, threshold 0.100)" in result.stdout
+    assert "regressed: dog: energy in box down 0.633 -> 0.300 (-0.333), accuracy up " \
+        "0.667 -> 1.000 (+0.333)" in result.stdout
     data = json.loads((out / "diff.json").read_text())
-    assert data["thresholds"] == {"min_similarity": 0.5, "max_energy_drop": 0.1}
+    assert data["thresholds"] == {"min_similarity": 0.5, "max_energy_drop": 0.1,
+                                  "max_accuracy_drop": 0.0}
     page = (out / "diff.html").read_text()
     assert page.count("data:image/png;base64,") == 2 * 5  # old and new of 5 compared rows
     assert "http" not in page.replace("http-equiv", "")  # self-contained
     result = CliRunner().invoke(main, ["audit-diff", str(old), str(new), "--min-similarity",
-                                       "-1", "--max-energy-drop", "0.5"])
+                                       "-1", "--max-energy-drop", "0.5",
+                                       "--max-accuracy-drop", "0.5"])
     assert result.exit_code == 0, result.output
     assert (new / "diff.json").exists()
 
