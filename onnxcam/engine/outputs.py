@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from onnxcam.engine.explainer import Explainer, Explanation
 from onnxcam.engine.images import load_image, resize
-from onnxcam.engine.maps import flat, heatmaps, overlay
+from onnxcam.engine.maps import COLORMAPS, flat, heatmaps, overlay
 from onnxcam.engine.prefetch import prefetched
 from onnxcam.errors import BadMethodError, OnnxcamError
 from onnxcam.files import atomic_write
@@ -116,23 +116,30 @@ def captioned(picture: np.ndarray, text: str) -> np.ndarray:
     image = Image.fromarray(picture)
     draw = ImageDraw.Draw(image)
     width = int(draw.textlength(text)) + 4
-    draw.rectangle((0, 0, min(width, image.width), min(STRIP_LABEL_HEIGHT, image.height)),
+    draw.rectangle((0, 0, min(width, image.width), min(CAPTION_HEIGHT, image.height)),
                    fill="white")
     draw.text((2, 1), text, fill="black")
     return np.asarray(image)
 
 
-STRIP_LABEL_HEIGHT = 14  # pixels above each panel for its layer name
+CAPTION_HEIGHT = 14  # the flat-map caption's band, in Pillow's small default font
+STRIP_FONT_SIZE = 16  # the layer names: readable beside a 192-pixel panel
+STRIP_TICK_FONT_SIZE = 13
+STRIP_LABEL_HEIGHT = 24  # pixels above each panel for its layer name
 STRIP_GAP = 4
 STRIP_MIN_HEIGHT = 192  # panels are scaled up to this height at least...
 STRIP_MAX_HEIGHT = 512  # ...and down to this height at most
+STRIP_BAR_HEIGHT = 14  # the colour bar under the panels
+STRIP_BAR_MARGIN = 16  # on each side of the bar, room for its end ticks' labels
+STRIP_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def render_strip(image: np.ndarray, layer_maps: dict[str, np.ndarray],
                  style: OverlayStyle = OverlayStyle()) -> bytes:
     """One PNG: the image, then the overlay at each layer, left (early) to right (late),
-    each labelled. Panels are scaled to between STRIP_MIN_HEIGHT and STRIP_MAX_HEIGHT
-    pixels high, so small inputs stay legible and large ones stay a sensible size.
+    each labelled, above a colour bar of the colormap from 0 to 1. Panels are scaled to
+    between STRIP_MIN_HEIGHT and STRIP_MAX_HEIGHT pixels high, so small inputs stay
+    legible and large ones stay a sensible size.
 
     ``layer_maps`` holds one image's raw map per layer, in that order.
     """
@@ -144,18 +151,42 @@ def render_strip(image: np.ndarray, layer_maps: dict[str, np.ndarray],
     panels += [overlay(picture, heatmaps(raw[None], height, width)[0], style.alpha,
                        style.colormap)
                for raw in layer_maps.values()]
+    font = ImageFont.load_default(size=STRIP_FONT_SIZE)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    cell = max([width, *(int(measure.textlength(name)) + 2 for name in names)])
+    cell = max([width, *(int(measure.textlength(name, font=font)) + 4 for name in names)])
     strip = Image.new("RGB", (len(panels) * (cell + STRIP_GAP) - STRIP_GAP,
-                              height + STRIP_LABEL_HEIGHT), "white")
+                              STRIP_LABEL_HEIGHT + height + _bar_band_height()), "white")
     draw = ImageDraw.Draw(strip)
     for i, (name, panel) in enumerate(zip(names, panels)):
         left = i * (cell + STRIP_GAP)
         strip.paste(Image.fromarray(panel), (left + (cell - width) // 2, STRIP_LABEL_HEIGHT))
-        draw.text((left + 1, 1), name, fill="black")
+        draw.text((left + 2, 2), name, fill="black", font=font)
+    _draw_colour_bar(strip, STRIP_LABEL_HEIGHT + height, style.colormap)
     buffer = io.BytesIO()
     strip.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _bar_band_height() -> int:
+    """The colour bar's band: a gap, the bar, its tick marks and their labels."""
+    return STRIP_GAP * 2 + STRIP_BAR_HEIGHT + 4 + STRIP_TICK_FONT_SIZE + 6
+
+
+def _draw_colour_bar(strip: Image.Image, top: int, colormap: str) -> None:
+    """The colormap from 0 (left) to 1 (right) across the strip, under the panels, with
+    tick labels: what a colour in the overlays means (the maps are normalised to [0, 1])."""
+    left, right = STRIP_BAR_MARGIN, strip.width - STRIP_BAR_MARGIN
+    values = np.linspace(0.0, 1.0, right - left)
+    bar = np.repeat(COLORMAPS[colormap](values)[None], STRIP_BAR_HEIGHT, axis=0)
+    top += STRIP_GAP * 2
+    strip.paste(Image.fromarray(np.ascontiguousarray(bar)), (left, top))
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=STRIP_TICK_FONT_SIZE)
+    below = top + STRIP_BAR_HEIGHT
+    for tick in STRIP_TICKS:
+        x = left + round(tick * (right - left - 1))
+        draw.line((x, below, x, below + 3), fill="black")
+        draw.text((x, below + 4), f"{tick:g}", fill="black", font=font, anchor="mt")
 
 
 def record(image: str, explanation: Explanation, index: int, files: list[str]) -> dict[str, Any]:

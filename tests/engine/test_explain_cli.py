@@ -294,7 +294,12 @@ def test_gradient_methods_write_maps_at_the_images_size(
 def test_layers_strip(tmp_path: Path, gradient_bundle: Path, images: dict[str, Path]) -> None:
     from onnxcam.engine.images import resize
     from onnxcam.engine.maps import overlay
-    from onnxcam.engine.outputs import STRIP_GAP, STRIP_MAX_HEIGHT, STRIP_MIN_HEIGHT
+    from onnxcam.engine.outputs import (
+        STRIP_GAP,
+        STRIP_LABEL_HEIGHT,
+        STRIP_MAX_HEIGHT,
+        STRIP_MIN_HEIGHT,
+    )
 
     out = tmp_path / "out"
     result = run(gradient_bundle, *images.values(), "--out", out, "--layers-strip")
@@ -313,12 +318,13 @@ def test_layers_strip(tmp_path: Path, gradient_bundle: Path, images: dict[str, P
         maps = explainer.explain([path]).layer_maps
         assert list(maps) == ["relu1", "last_relu"]
         cell = (strip.size[0] + STRIP_GAP) // 3 - STRIP_GAP
+        panels = pixels[STRIP_LABEL_HEIGHT : STRIP_LABEL_HEIGHT + ph]  # the colour bar below
         for column, layer in ((1, "relu1"), (2, "last_relu")):
             left = column * (cell + STRIP_GAP) + (cell - pw) // 2
             expected = overlay(picture, heatmaps(maps[layer], ph, pw)[0])
             # the CLI ran all images as one batch: last-bit float differences, 1 level
-            np.testing.assert_allclose(pixels[-ph:, left : left + pw], expected, atol=1)
-        np.testing.assert_array_equal(pixels[-ph:, (cell - pw) // 2 : (cell - pw) // 2 + pw],
+            np.testing.assert_allclose(panels[:, left : left + pw], expected, atol=1)
+        np.testing.assert_array_equal(panels[:, (cell - pw) // 2 : (cell - pw) // 2 + pw],
                                       picture)
 
 
