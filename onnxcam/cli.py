@@ -447,6 +447,7 @@ def audit(
     of class subfolders, a COCO instances JSON or a folder of Pascal VOC XML files.
     Writes results.csv, summary.json and report.html to --out."""
     from onnxcam.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
+    from onnxcam.audit.advice import advice_lines
     from onnxcam.audit.manifest import read_label_map
 
     if broker:
@@ -478,6 +479,8 @@ def audit(
     for flag in data["flags"]:
         click.echo(f"flag: {flag['class']}: {flag['reason']} (mean energy-in-box "
                    f"{flag['energy_in_box_mean']:.2f} vs box area {flag['box_area_mean']:.2f})")
+    for line in advice_lines(data):
+        click.echo(line)
     if data["n"] and data["errors"] == data["n"]:
         # Nothing was audited: a run that only produced errors must not pass in CI.
         codes = ", ".join(f"{code} x{count}" for code, count in data["error_codes"].items())

@@ -20,7 +20,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -30,6 +30,9 @@ from onnxcam.audit.results import ResultRow, read_results
 from onnxcam.engine.images import DEFAULT_LIMITS
 from onnxcam.engine.maps import normalize
 from onnxcam.errors import OnnxcamError
+
+if TYPE_CHECKING:  # summary reads maps through this module: no import back at run time
+    from onnxcam.audit.summary import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,12 @@ MINORITY_SHARE = 0.35
 MINORITY_MIN = 3
 TIGHT = 0.5
 MINORITY_NOTE = "a minority strategy: look here"
+# A cluster explained by the background: of a class with several clusters, not all of
+# them so, with at least MINORITY_MIN rows with a box, its mean energy-in-box below the
+# flag threshold and either below the lift threshold times its box area (no better than
+# a uniform map) or at most FAR_BELOW times the mean of the class's other rows with a box.
+FAR_BELOW = 0.5
+BACKGROUND_NOTE = "these {count} images are explained by the background"
 
 
 def read_heatmap(reference: str, out: Path) -> np.ndarray:
@@ -69,15 +78,37 @@ def downsize(raw: np.ndarray) -> np.ndarray:
     return small / total if total > 0 else small
 
 
+class Sampled(NamedTuple):
+    """What the sample keeps of a row: where its map is, and the figures its cluster's
+    means are taken over (nan where the row has no box or no label)."""
+
+    row: int  # index in results.csv
+    heatmap: str
+    energy_in_box: float
+    box_area: float
+    correct: float
+
+
+NAN = float("nan")
+
+
+def sampled(index: int, row: ResultRow) -> Sampled:
+    def number(name: str) -> float:
+        return float(row[name]) if row.get(name) else NAN
+
+    return Sampled(index, row["heatmap"], number("energy_in_box"), number("box_area"),
+                   number("correct"))
+
+
 class Reservoir:
     """A uniform random sample of at most ``size`` items of a stream (Algorithm R)."""
 
     def __init__(self, size: int, rng: random.Random) -> None:
         self.size, self.rng = size, rng
         self.seen = 0
-        self.items: list[tuple[int, str]] = []
+        self.items: list[Sampled] = []
 
-    def offer(self, item: tuple[int, str]) -> None:
+    def offer(self, item: Sampled) -> None:
         self.seen += 1
         if len(self.items) < self.size:
             self.items.append(item)
@@ -89,8 +120,8 @@ class Reservoir:
 
 def sample_rows(results: Path, size: int, classes: list[str] | None,
                 seed: int = SEED) -> dict[str, Reservoir]:
-    """Per explained class, a sample of (row index, heatmap reference) of its ok rows.
-    Only indices and references are held, never maps, while streaming."""
+    """Per explained class, a sample of its ok rows: index, heatmap reference and
+    three numbers each. Only these are held, never maps, while streaming."""
     rng = random.Random(seed)
     samples: dict[str, Reservoir] = {}
     for index, row in enumerate(read_results(results)):
@@ -99,7 +130,7 @@ def sample_rows(results: Path, size: int, classes: list[str] | None,
             continue
         if classes is not None and label not in classes:
             continue
-        samples.setdefault(label, Reservoir(size, rng)).offer((index, row["heatmap"]))
+        samples.setdefault(label, Reservoir(size, rng)).offer(sampled(index, row))
     return samples
 
 
@@ -206,6 +237,8 @@ class ClassClusters:
     eigengap: float
     embedding: np.ndarray  # [S, 2]: the first two non-trivial eigenvectors, D^-1/2 scaled
     empty: int = 0  # sampled rows left out: flat maps, no evidence for the class anywhere
+    # [S, 3]: each sampled row's energy-in-box, box area and correct (nan: none)
+    figures: np.ndarray | None = None
 
     def members(self, cluster: int) -> np.ndarray:
         return np.flatnonzero(self.labels == cluster)
@@ -242,8 +275,35 @@ class ClassClusters:
                          "share": round(size / len(self.labels), 4), **figures}
         return found
 
-    def to_json(self) -> dict[str, Any]:
-        """This class's entry in summary.json's ``clusters.per_class``."""
+    def cluster_figures(self, cluster: int) -> dict[str, Any]:
+        """Count, mean energy-in-box, mean box area and accuracy of a cluster's rows;
+        the means over its rows with a box (``boxes`` of them) or a label."""
+        members = self.members(cluster)
+        figures = (self.figures[members] if self.figures is not None
+                   else np.full((len(members), 3), np.nan))
+        energy, area, correct = figures.T
+        boxed, labelled = ~np.isnan(energy), ~np.isnan(correct)
+        return {"count": len(members), "boxes": int(boxed.sum()),
+                "energy_in_box_mean": _mean(energy[boxed]),
+                "box_area_mean": _mean(area[boxed]), "accuracy": _mean(correct[labelled])}
+
+    def background(self, cluster: int, thresholds: Thresholds) -> bool:
+        """Whether a cluster's rows are explained by the background (see FAR_BELOW)."""
+        figures = self.cluster_figures(cluster)
+        if self.k < 2 or figures["boxes"] < MINORITY_MIN or self.figures is None:
+            return False
+        energy = figures["energy_in_box_mean"]
+        if energy >= thresholds.flag_energy:
+            return False
+        if energy < thresholds.flag_lift * figures["box_area_mean"]:
+            return True
+        rest = self.figures[self.labels != cluster, 0]
+        rest = rest[~np.isnan(rest)]
+        return bool(len(rest)) and energy <= FAR_BELOW * float(rest.mean())
+
+    def to_json(self, thresholds: Thresholds | None = None) -> dict[str, Any]:
+        """This class's entry in summary.json's ``clusters.per_class``; with
+        ``thresholds``, clusters explained by the background get a note."""
         minority = self.minority()
         data: dict[str, Any] = {
             "rows": self.rows, "sampled": len(self.indices) + self.empty,
@@ -255,13 +315,25 @@ class ClassClusters:
                           "members": sorted(int(self.indices[m]) for m in self.members(c))
                           [:MEMBERS],
                           "exemplars": self.exemplars(c),
-                          "mean_heatmap": np.round(self.mean_map(c), 5).tolist()}
+                          "mean_heatmap": np.round(self.mean_map(c), 5).tolist(),
+                          **self.cluster_figures(c)}
                          for c in range(self.k)],
             "minority": minority,
         }
         if minority is not None:
             data["note"] = MINORITY_NOTE
+        background = [] if thresholds is None else [
+            c for c in range(self.k) if self.background(c, thresholds)]
+        if len(background) == self.k:  # the whole class: its flag says so, not a cluster
+            background = []
+        for c in background:
+            data["clusters"][c]["note"] = BACKGROUND_NOTE.format(count=len(self.members(c)))
+        data["background"] = background
         return data
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return round(float(values.mean()), 4) if len(values) else None
 
 
 def _separation(inside: np.ndarray, rest: np.ndarray) -> dict[str, float]:
@@ -301,10 +373,11 @@ def cluster_classes(results: Path, out: Path, sample: int = SAMPLE,
     maps and its sample x sample affinity at a time."""
     found: dict[str, ClassClusters] = {}
     for label, reservoir in sorted(sample_rows(results, sample, classes).items()):
-        maps, indices, empty = [], [], 0
-        for index, reference in sorted(reservoir.items):
+        maps, indices, figures, empty = [], [], [], 0
+        for item in sorted(reservoir.items):
+            index = item.row
             try:
-                small = downsize(read_heatmap(reference, out)).ravel()
+                small = downsize(read_heatmap(item.heatmap, out)).ravel()
             except (OnnxcamError, OSError, ValueError) as exc:
                 log.warning("row %d left out of %s's clusters: %s", index, label, exc)
                 continue
@@ -312,11 +385,13 @@ def cluster_classes(results: Path, out: Path, sample: int = SAMPLE,
             if small.any():
                 maps.append(small)
                 indices.append(index)
+                figures.append(item[2:])
             else:
                 empty += 1
         found[label] = cluster_maps(label, reservoir.seen, np.array(indices, dtype=int),
                                     np.array(maps).reshape(len(maps), GRID * GRID))
         found[label].empty = empty
+        found[label].figures = np.array(figures, dtype=np.float64).reshape(len(figures), 3)
     return found
 
 
@@ -334,9 +409,12 @@ def rows_at(results: Path, wanted: set[int]) -> dict[int, ResultRow]:
     return found
 
 
-def clusters_json(found: dict[str, ClassClusters], sample: int) -> dict[str, Any]:
+def clusters_json(found: dict[str, ClassClusters], sample: int,
+                  thresholds: Thresholds | None = None) -> dict[str, Any]:
     """summary.json's ``clusters``: the settings, then each class's clusters."""
-    per_class = {label: found[label].to_json() for label in sorted(found)}
+    per_class = {label: found[label].to_json(thresholds) for label in sorted(found)}
     return {"sample": sample, "grid": GRID, "max_neighbours": NEIGHBOURS,
             "max_clusters": MAX_CLUSTERS, "per_class": per_class,
-            "minority": [label for label, data in per_class.items() if data["minority"]]}
+            "minority": [label for label, data in per_class.items() if data["minority"]],
+            "background": [label for label, data in per_class.items()
+                           if data["background"]]}

@@ -1,8 +1,9 @@
 """report.html: one self-contained page (inline CSS, inline SVG, images as base64
 PNG) that opens from disk with no server and no JavaScript.
 
-Top to bottom: the flagged classes in red, the per-class table, energy-in-box per
-class, overlays of the worst cases with their box drawn, and the strategy clusters.
+Top to bottom: the flagged classes in red, what to try (advice.RULES), the per-class
+table, energy-in-box per class, overlays of the worst cases with their box drawn, and
+the strategy clusters.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from PIL import Image
 
 from onnxcam.audit.backend import AuditRow, load_source
 from onnxcam.audit.clusters import (
+    FAR_BELOW,
+    MINORITY_MIN,
     MINORITY_NOTE,
     MINORITY_SHARE,
     TIGHT,
@@ -66,6 +69,8 @@ tr.flagged td { background: #fdf0f0; } tr.flagged td:first-child { color: #b11c1
 .legend { color: #5a6272; font-size: 12px; }
 .minority { background: #fff4e0; border: 2px solid #d97706; color: #7a3e00;
         border-radius: 6px; padding: 8px 12px; margin: 8px 0; }
+.advice td, .advice th { text-align: left; vertical-align: top; }
+.minority a { color: #7a3e00; }
 .strategy { display: flex; gap: 12px; align-items: flex-start; margin: 10px 0; }
 .strategy .mean { width: 120px; font-size: 12px; }
 .strategy .mean img { display: block; width: 96px; height: 96px; image-rendering: pixelated;
@@ -80,7 +85,7 @@ def write_report(summary: Summary, path: Path, rows: dict[int, AuditRow], out: P
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<title>onnxcam audit</title><style>", CSS, "</style></head><body>",
-        _heading(data), _flags(data), "<h2>Per class</h2>", _table(data),
+        _heading(data), _flags(data), _advice(data), "<h2>Per class</h2>", _table(data),
         "<h2>Energy in box per class</h2>", _plot(data, summary.histograms),
         _flagged_galleries(summary, rows, out),
         "<h2>Lowest energy in box</h2>",
@@ -138,9 +143,11 @@ def _flags(data: dict[str, Any]) -> str:
             f"{html.escape(flag['reason'])} (mean energy-in-box "
             f"{_number(flag['energy_in_box_mean'])} vs box area "
             f"{_number(flag['box_area_mean'])}; pointing hits "
-            f"{_number(100 * flag['pointing_hit_rate'], 0)}% of {flag['boxes']} boxes)</div>")
+            f"{_number(100 * flag['pointing_hit_rate'], 0)}% of "
+            f"{flag['boxes'] - flag.get('empty_maps', 0)} boxes{_empty_maps(flag)})</div>")
     judged = [label for label, figures in data["per_class"].items()
-              if figures["boxes"] >= data.get("thresholds", {}).get("min_boxes", 1)]
+              if figures["boxes"] - figures.get("empty_maps", 0)
+              >= data.get("thresholds", {}).get("min_boxes", 1)]
     if not judged:
         # Nothing was measured, so nothing may look like a pass.
         parts.append("<div class='note'>No class judged: no class has enough rows with a "
@@ -156,16 +163,37 @@ def _flags(data: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _empty_maps(figures: dict[str, Any]) -> str:
+    count = figures.get("empty_maps", 0)
+    return f"; {count} empty map{'s' if count != 1 else ''} left out" if count else ""
+
+
+def _advice(data: dict[str, Any]) -> str:
+    """What each finding means and what to try, one row per finding."""
+    advice = data.get("advice", [])
+    if not advice:
+        return ""
+    lines = ["<h2>What to try</h2><table class='advice'><tr><th>class</th><th>finding</th>"
+             "<th>what it means</th><th>what to try</th></tr>"]
+    for item in advice:
+        lines.append("<tr>" + "".join(f"<td>{html.escape(str(item[key]))}</td>" for key in
+                                      ("class", "finding", "meaning", "try")) + "</tr>")
+    lines.append("</table>")
+    return "".join(lines)
+
+
 def _table(data: dict[str, Any]) -> str:
     flagged = {flag["class"] for flag in data["flags"]}
     faithful = any("deletion_auc_mean" in f for f in data["per_class"].values())
     head = ["class", "rows", "accuracy", "energy in box", "box area", "pointing hits",
-            "boxes", "errors"] + (["deletion AUC ↓", "insertion AUC ↑"] if faithful else [])
+            "boxes", "errors", "empty maps"] + (
+        ["deletion AUC ↓", "insertion AUC ↑"] if faithful else [])
     lines = ["<table><tr>", *(f"<th>{h}</th>" for h in head), "</tr>"]
     for label, f in data["per_class"].items():
         cells = [html.escape(label), str(f["n"]), _number(f["accuracy"]),
                  _number(f["energy_in_box_mean"]), _number(f["box_area_mean"]),
-                 _number(f["pointing_hit_rate"]), str(f["boxes"]), str(f["errors"])]
+                 _number(f["pointing_hit_rate"]), str(f["boxes"]), str(f["errors"]),
+                 str(f.get("empty_maps", 0))]
         if faithful:
             cells += [_number(f.get("deletion_auc_mean"), 3),
                       _number(f.get("insertion_auc_mean"), 3)]
@@ -178,7 +206,9 @@ def _table(data: dict[str, Any]) -> str:
         f"or mask; a uniform map scores the box's area share. Flagged below "
         f"{thresholds.get('flag_energy')} (mostly outside), or below "
         f"{thresholds.get('flag_lift')}× the box area (barely above a uniform map); classes "
-        f"with fewer than {thresholds.get('min_boxes')} boxes are not judged."
+        f"with fewer than {thresholds.get('min_boxes')} boxes are not judged. Empty maps "
+        "(flat: no evidence for the class anywhere, so no location) are counted apart and "
+        "left out of energy in box, box area and pointing hits."
         + (" Deletion AUC: lower is better (the score falls fast as the most salient "
            "pixels go); insertion AUC: higher is better." if faithful else "") + "</p>")
     return "".join(lines)
@@ -187,7 +217,8 @@ def _table(data: dict[str, Any]) -> str:
 def _plot(data: dict[str, Any], histograms: dict[str, list[int]]) -> str:
     """Per class: a histogram of energy-in-box over [0, 1], its mean (a bar, red when
     flagged) and the mean box area (dashed: what a uniform map would score)."""
-    classes = [label for label in histograms if data["per_class"][label]["boxes"]]
+    classes = [label for label in histograms
+               if data["per_class"][label]["energy_in_box_mean"] is not None]
     if not classes:
         return "<p class='legend'>No row has a box or mask.</p>"
     flagged = {flag["class"] for flag in data["flags"]}
@@ -305,6 +336,7 @@ def _strategies(summary: Summary, rows: dict[int, AuditRow], out: Path) -> str:
     if not data:
         return ""
     per_class = data["per_class"]
+    thresholds = summary.data.get("thresholds", {})
     parts = [
         "<h2>Strategy clusters</h2><p class='legend'>Each explained class's heatmaps (a "
         f"random sample of at most {data['sample']} rows), downsized to "
@@ -315,18 +347,31 @@ def _strategies(summary: Summary, rows: dict[int, AuditRow], out: Path) -> str:
         "largest. Empty maps (no evidence anywhere) are counted and left out. "
         f"<i>{MINORITY_NOTE}</i>: a cluster of at most {MINORITY_SHARE:.0%} of "
         f"the sample whose spread is at most {TIGHT}× its distance to the rest's mean map, "
-        "and that distance at least the rest's spread.</p>",
+        "and that distance at least the rest's spread. Per cluster, in the order of the "
+        "sizes: the mean energy in box of its rows with a box and their accuracy. "
+        "<i>Explained by the background</i>: a cluster of a class with several (not all "
+        f"of them so), with at least {MINORITY_MIN} rows with a box, whose mean energy in "
+        "box is below "
+        f"{thresholds.get('flag_energy')} and either below {thresholds.get('flag_lift')}× "
+        f"its mean box area or at most {FAR_BELOW}× the mean of the class's other rows.</p>",
         "<table><tr><th>class</th><th>rows</th><th>sampled</th><th>clusters</th>"
-        "<th>eigengap</th><th>sizes</th><th>note</th></tr>"]
+        "<th>eigengap</th><th>sizes</th><th>energy in box</th><th>accuracy</th>"
+        "<th>note</th></tr>"]
     for label, entry in per_class.items():
+        clusters = entry["clusters"]
+        notes = [entry.get("note", "")] + [f"cluster {c + 1}: {clusters[c]['note']}"
+                                           for c in entry.get("background", [])]
         parts.append(f"<tr><td>{html.escape(label)}</td><td>{entry['rows']}</td>"
                      f"<td>{entry['sampled']}{_empty(entry['empty'])}</td><td>{entry['k']}</td>"
                      f"<td>{entry['eigengap']:.3f}</td>"
                      f"<td>{' / '.join(map(str, entry['sizes']))}</td>"
-                     f"<td>{html.escape(entry.get('note', ''))}</td></tr>")
+                     f"<td>{_per_cluster(clusters, 'energy_in_box_mean')}</td>"
+                     f"<td>{_per_cluster(clusters, 'accuracy')}</td>"
+                     f"<td>{html.escape('; '.join(note for note in notes if note))}</td></tr>")
     parts.append("</table>")
     several = sorted((label for label, entry in per_class.items() if entry["k"] > 1),
-                     key=lambda label: (per_class[label]["minority"] is None, label))
+                     key=lambda label: (per_class[label]["minority"] is None
+                                        and not per_class[label].get("background"), label))
     for label in several[:STRATEGY_CLASSES]:
         parts.append(_class_strategies(summary.clusters[label], per_class[label], summary,
                                        rows, out))
@@ -340,6 +385,30 @@ def _empty(count: int) -> str:
     return f" ({count} empty, left out)" if count else ""
 
 
+def _per_cluster(clusters: list[dict[str, Any]], key: str) -> str:
+    return " / ".join(_number(cluster.get(key)) for cluster in clusters)
+
+
+def _background(label: str, cluster: int, entry: dict[str, Any], summary: Summary) -> str:
+    """The note on a cluster explained by the background, its images listed."""
+    found = entry["clusters"][cluster]
+    members = found["members"]
+    links = []
+    for index in members:
+        row = summary.cluster_rows.get(index)
+        if row is not None:
+            image = row["image"]
+            href = image if "://" in image else Path(image).resolve().as_uri()
+            links.append(f"<a href='{html.escape(href)}'>{html.escape(Path(image).name)}</a>")
+    more = found["count"] - len(links)
+    return (f"<div class='minority'>⚑ <b>{html.escape(label)}</b>, cluster {cluster + 1}: "
+            f"{html.escape(found['note'])} (energy in box {_number(found['energy_in_box_mean'])}"
+            f" against box area {_number(found['box_area_mean'])}, accuracy "
+            f"{_number(found['accuracy'])}): {', '.join(links)}"
+            + (f" and {more} more (summary.json lists the first {len(members)})" if more > 0
+               else "") + "</div>")
+
+
 def _class_strategies(found: ClassClusters, entry: dict[str, Any], summary: Summary,
                       rows: dict[int, AuditRow], out: Path) -> str:
     parts = [f"<h2>{html.escape(found.label)}: {found.k} strategies</h2>"]
@@ -350,6 +419,8 @@ def _class_strategies(found: ClassClusters, entry: dict[str, Any], summary: Summ
             f"(cluster {minority['cluster'] + 1}: {minority['size']} of {entry['sampled']} "
             f"rows, spread {minority['spread']:.3f}, {minority['far']:.1f}× the rest's "
             "spread away from the rest)</div>")
+    for cluster in entry.get("background", []):
+        parts.append(_background(found.label, cluster, entry, summary))
     parts.append(_embedding(found))
     for cluster, summary_cluster in enumerate(entry["clusters"]):
         mean = np.asarray(summary_cluster["mean_heatmap"])
@@ -360,7 +431,9 @@ def _class_strategies(found: ClassClusters, entry: dict[str, Any], summary: Summ
             f"<div class='strategy'><div class='mean'><img alt='' style='border-color:"
             f"{PALETTE[cluster % len(PALETTE)]}' src='data:image/png;base64,"
             f"{base64.b64encode(png_bytes(picture)).decode('ascii')}'>cluster {cluster + 1}"
-            f": {summary_cluster['size']} rows, mean map</div>"
+            f": {summary_cluster['size']} rows, mean map; energy in box "
+            f"{_number(summary_cluster.get('energy_in_box_mean'))}, accuracy "
+            f"{_number(summary_cluster.get('accuracy'))}</div>"
             + _cards(exemplars, rows, out) + "</div>")
     return "".join(parts)
 

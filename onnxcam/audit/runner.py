@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from onnxcam.audit import results as results_file
+from onnxcam.audit.advice import advise
 from onnxcam.audit.backend import (
     EXPLAIN_MODES,
     AuditRow,
@@ -108,21 +109,27 @@ def run_audit(
     summary.data.update(_context(backend, settings, time.monotonic() - started, done))
     summary.data["source"] = source_record(source)
     if options.clusters_sample:
-        _add_clusters(summary, out, options.clusters_sample, classes)
+        _add_clusters(summary, out, options.clusters_sample, classes, options.thresholds)
+    summary.data["advice"] = advise(summary.data)
     atomic_write(out / SUMMARY, (json.dumps(summary.data, indent=2) + "\n").encode())
     write_report(summary, out / REPORT,
                  _worst_rows(source, backend, summary, options.label_map), out)
     return summary
 
 
-def _add_clusters(summary: Summary, out: Path, sample: int, classes: list[str]) -> None:
+def _add_clusters(summary: Summary, out: Path, sample: int, classes: list[str],
+                  thresholds: Thresholds) -> None:
     """Strategy clusters from results.csv and the stored maps, after the run."""
     started = time.monotonic()
     found = cluster_classes(out / RESULTS, out, sample, classes)
     summary.clusters = found
-    summary.data["clusters"] = clusters_json(found, sample)
+    summary.data["clusters"] = clusters_json(found, sample, thresholds)
     wanted = {index for clusters in found.values() for cluster in range(clusters.k)
               for index in clusters.exemplars(cluster)}
+    # The report lists the images of clusters explained by the background.
+    wanted |= {index for entry in summary.data["clusters"]["per_class"].values()
+               for cluster in entry["background"]
+               for index in entry["clusters"][cluster]["members"]}
     summary.cluster_rows = rows_at(out / RESULTS, wanted)
     log.info("clustered %d classes in %.1f s", len(found), time.monotonic() - started)
 

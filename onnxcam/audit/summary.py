@@ -1,16 +1,29 @@
 """Per-class figures, flags and the worst cases, from one streaming pass over
 results.csv. Memory is bounded: counters per class, a fixed histogram of
 energy-in-box per class, and the K worst rows of each kind.
+
+An empty map (flat: no evidence for the class anywhere) has no location, so it is
+counted apart and left out of the energy-in-box figures rather than scored as
+attention outside the object. Only rows whose energy and pointing hit are both 0 can
+be empty; their stored maps are read to tell.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from onnxcam.audit.clusters import read_heatmap
 from onnxcam.audit.results import ResultRow, read_results
+from onnxcam.engine.maps import flat
+from onnxcam.errors import OnnxcamError
+
+log = logging.getLogger(__name__)
 
 BINS = 20  # energy-in-box histogram bins over [0, 1]
 WORST = 10  # worst cases kept of each kind
@@ -37,23 +50,29 @@ class ClassStats:
     correct: int = 0
     errors: int = 0
     boxes: int = 0  # rows with a box or mask
+    empty_maps: int = 0  # of those, rows whose map is empty: left out of the sums below
     energy: float = 0.0
     area: float = 0.0
     hits: int = 0
+    located_correct: int = 0  # right predictions among the rows measured in the box
     faithful: int = 0
     deletion: float = 0.0
     insertion: float = 0.0
     histogram: list[int] = field(default_factory=lambda: [0] * BINS)
 
-    def add(self, row: ResultRow) -> None:
+    def add(self, row: ResultRow, empty: bool = False) -> None:
         if row["status"] != "ok":
             self.errors += 1
             return
         self.n += 1
         self.correct += row["correct"] == "1"
         if row["energy_in_box"]:
-            energy = float(row["energy_in_box"])
             self.boxes += 1
+        if empty:
+            self.empty_maps += 1
+        elif row["energy_in_box"]:
+            energy = float(row["energy_in_box"])
+            self.located_correct += row["correct"] == "1"
             self.energy += energy
             self.area += float(row["box_area"])
             self.hits += row["pointing_hit"] == "1"
@@ -63,15 +82,22 @@ class ClassStats:
             self.deletion += float(row["deletion_auc"])
             self.insertion += float(row["insertion_auc"])
 
+    @property
+    def located(self) -> int:
+        """Rows with a box or mask and a map that is not empty."""
+        return self.boxes - self.empty_maps
+
     def figures(self) -> dict[str, Any]:
         figures: dict[str, Any] = {
             "n": self.n,
             "accuracy": _share(self.correct, self.n),
-            "energy_in_box_mean": _share(self.energy, self.boxes),
-            "pointing_hit_rate": _share(self.hits, self.boxes),
-            "box_area_mean": _share(self.area, self.boxes),
+            "energy_in_box_mean": _share(self.energy, self.located),
+            "pointing_hit_rate": _share(self.hits, self.located),
+            "box_area_mean": _share(self.area, self.located),
             "boxes": self.boxes,
             "errors": self.errors,
+            "empty_maps": self.empty_maps,
+            "accuracy_located": _share(self.located_correct, self.located),
         }
         if self.faithful:
             figures["deletion_auc_mean"] = _share(self.deletion, self.faithful)
@@ -131,10 +157,25 @@ class Worst:
         return [row for _, _, row in sorted(self.heap, reverse=True)]
 
 
+def empty_map(row: ResultRow, out: Path) -> bool:
+    """Whether a row with a box has an empty map. A flat map scores energy 0 and
+    misses, so only such rows are read; an unreadable map counts as not empty."""
+    if row["energy_in_box"] == "" or float(row["energy_in_box"]) > 0 \
+            or row["pointing_hit"] != "0" or not row.get("heatmap"):
+        return False
+    try:
+        raw = read_heatmap(row["heatmap"], out)
+    except (OnnxcamError, OSError, ValueError) as exc:
+        log.warning("cannot tell whether %s's map is empty: %s", row["image"], exc)
+        return False
+    return bool(flat(np.asarray(raw, np.float32)[None])[0])
+
+
 def summarize(results: Path, thresholds: Thresholds = Thresholds(),
               classes: list[str] | None = None, worst: int = WORST) -> Summary:
     """Aggregate results.csv. ``classes`` (the bundle's class names) keeps rows whose
-    label names no class (an unknown label's error) out of the per-class figures."""
+    label names no class (an unknown label's error) out of the per-class figures.
+    Heatmap references are relative to the folder of ``results``."""
     stats: dict[str, ClassStats] = {}
     total = errors = labelled = correct = 0
     error_codes: dict[str, int] = {}
@@ -148,14 +189,15 @@ def summarize(results: Path, thresholds: Thresholds = Thresholds(),
             errors += 1
             code = (row.get("error") or "error").split(":", 1)[0]
             error_codes[code] = error_codes.get(code, 0) + 1
+        empty = row["status"] == "ok" and empty_map(row, results.parent)
         if row["label"] and (classes is None or row["label"] in classes):
-            stats.setdefault(row["label"], ClassStats()).add(row)
+            stats.setdefault(row["label"], ClassStats()).add(row, empty)
         if row["status"] != "ok":
             continue
         if row["correct"]:
             labelled += 1
             correct += row["correct"] == "1"
-        if row["energy_in_box"]:
+        if row["energy_in_box"] and not empty:
             key = -float(row["energy_in_box"])
             lowest.offer(key, index, row)
             if row["label"] in stats:
@@ -191,16 +233,18 @@ def judge(per_class: dict[str, dict[str, Any]],
     flags: list[dict[str, Any]] = []
     notes: list[dict[str, Any]] = []
     for label, figures in per_class.items():
-        boxes = figures["boxes"]
-        if boxes < thresholds.min_boxes:
+        boxes, empty = figures["boxes"], figures["empty_maps"]
+        if boxes - empty < thresholds.min_boxes:
             if figures["n"]:
+                left_out = f" and {empty} more with an empty map" if empty else ""
                 notes.append({"class": label, "note": (
-                    f"{boxes} row(s) with a box or mask, fewer than min_boxes="
-                    f"{thresholds.min_boxes}: attention not judged")})
+                    f"{boxes - empty} row(s) with a box or mask{left_out}, fewer than "
+                    f"min_boxes={thresholds.min_boxes}: attention not judged")})
             continue
         energy, area = figures["energy_in_box_mean"], figures["box_area_mean"]
         found = {"energy_in_box_mean": energy, "box_area_mean": area, "boxes": boxes,
-                 "pointing_hit_rate": figures["pointing_hit_rate"]}
+                 "pointing_hit_rate": figures["pointing_hit_rate"], "empty_maps": empty,
+                 "accuracy_located": figures["accuracy_located"]}
         if energy < thresholds.flag_energy:
             flags.append({"class": label, "reason": "attention mostly outside the object",
                           **found, "threshold": thresholds.flag_energy})

@@ -324,7 +324,8 @@ def test_summary_flags_and_notes_by_hand(tmp_path: Path) -> None:
     assert data["accuracy"] == pytest.approx(31 / 33, abs=1e-4)
     bus = data["per_class"]["bus"]
     assert bus == {"n": 10, "accuracy": 0.8, "energy_in_box_mean": 0.14,
-                   "pointing_hit_rate": 0.2, "box_area_mean": 0.2, "boxes": 10, "errors": 0}
+                   "pointing_hit_rate": 0.2, "box_area_mean": 0.2, "boxes": 10, "errors": 0,
+                   "empty_maps": 0, "accuracy_located": 0.8}
     assert data["per_class"]["car"]["errors"] == 1
     flags = {flag["class"]: flag for flag in data["flags"]}
     assert set(flags) == {"bus", "big"}
