@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -295,15 +296,21 @@ class ShapeValues:
     """Shape arithmetic that does not depend on the batch, folded to constants.
 
     The legacy exporter splits channels with bounds computed from ``Shape``
-    (``Shape -> Gather(1) -> Div -> Slice``); shape inference cannot see through
-    them, so the batch would be lost there. Each integer element is evaluated at
-    the fixed batch with a flag saying whether it comes from the batch; a node
-    whose every output element is free of it becomes a Constant, valid at any batch.
-    Precondition: nodes are visited in topological order.
+    (``Shape -> Gather(1) -> Div -> Slice``), and lowers ``F.pad`` to pads built by
+    ``ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose -> Reshape -> Cast``
+    (from constants, or from the input's spatial size for TensorFlow-style "same"
+    padding, as EfficientNet-Lite's); shape inference cannot see through them, so
+    the batch would be lost there, and with it every shape downstream. Each small
+    integer element is evaluated at the fixed batch with a flag saying whether it
+    comes from the batch; a node whose every output element is free of it becomes
+    a Constant, valid at any batch. A node whose output's *shape* depends on the
+    batch (``ConstantOfShape`` or ``Reshape`` of a batch-bearing shape) is wholly
+    flagged. Precondition: nodes are visited in topological order.
     """
 
     FOLDABLE = ("Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast",
-                "Identity", "Add", "Sub", "Mul", "Div")
+                "Identity", "Add", "Sub", "Mul", "Div", "ConstantOfShape", "Reshape",
+                "Transpose")
 
     def __init__(self, dims: dict[str, list[int | str | None]],
                  constants: dict[str, np.ndarray], batch: int) -> None:
@@ -363,11 +370,9 @@ class ShapeValues:
             return (np.take(values[0], values[1], axis=axis),
                     np.take(taints[0], values[1], axis=axis))
         if op == "Slice":
-            if taints[1].any() or taints[2].any() or values[0].ndim != 1:
-                return None
-            step = int(values[4][0]) if len(values) > 4 else 1
-            cut = slice(int(values[1][0]), int(values[2][0]), step)
-            return values[0][cut], taints[0][cut]
+            return _slice(values, taints) if len(values) == len(node.input) else None
+        if op in ("ConstantOfShape", "Reshape", "Transpose"):
+            return _rearranged(op, values, taints, attributes)
         if op == "Concat":
             axis = attributes.get("axis", 0)
             return np.concatenate(values, axis=axis), np.concatenate(taints, axis=axis)
@@ -390,6 +395,48 @@ class ShapeValues:
         if left.dtype.kind in "iu":  # ONNX integer Div truncates toward zero
             return (np.trunc(left / right).astype(left.dtype), taint)
         return left / right, taint
+
+
+Known = tuple[np.ndarray, np.ndarray]  # a value and its batch taint, element by element
+
+
+def _slice(values: list[np.ndarray], taints: list[np.ndarray]) -> Known | None:
+    """ONNX Slice on any axes (numpy's slicing clamps the bounds as ONNX does); None
+    when a bound comes from the batch."""
+    if any(taint.any() for taint in taints[1:]):
+        return None
+    data, starts, ends = values[0], values[1], values[2]
+    axes = values[3] if len(values) > 3 else np.arange(len(starts))
+    steps = values[4] if len(values) > 4 else np.ones(len(starts), np.int64)
+    cut = [slice(None)] * data.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        cut[int(axis) % data.ndim] = slice(int(start), int(end), int(step))
+    return data[tuple(cut)], taints[0][tuple(cut)]
+
+
+def _rearranged(op: str, values: list[np.ndarray], taints: list[np.ndarray],
+                attributes: dict[str, Any]) -> Known | None:
+    """ConstantOfShape, Reshape or Transpose of small values (the pads ``F.pad``
+    builds); None past ``SKELETON_MAX_ELEMENTS``, as an activation-sized
+    ConstantOfShape would be."""
+    if op == "Transpose":
+        perm = attributes.get("perm") or list(reversed(range(values[0].ndim)))
+        return np.transpose(values[0], perm), np.transpose(taints[0], perm)
+    shape = [int(d) for d in values[-1]]
+    batch_shaped = bool(taints[-1].any())  # the output's size follows the batch
+    if op == "Reshape":
+        if any(a == 0 for a in shape) and not attributes.get("allowzero"):
+            shape = [values[0].shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        value, taint = values[0].reshape(shape), taints[0].reshape(shape)
+    else:
+        if int(np.prod(shape)) > SKELETON_MAX_ELEMENTS:
+            return None
+        fill = attributes.get("value")
+        scalar = (numpy_helper.to_array(fill) if isinstance(fill, TensorProto)
+                  else np.zeros(1, np.float32))
+        value = np.full(shape, scalar.reshape(-1)[0], scalar.dtype)
+        taint = np.zeros(shape, bool)
+    return value, (taint | batch_shaped)
 
 
 def _expand_to_batch(constant: str, like: str, out: str, rank: int) -> list[onnx.NodeProto]:
