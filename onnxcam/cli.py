@@ -109,8 +109,8 @@ def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None) ->
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Where to write the bundle (.onnx).")
 @click.option("--layer", "layers", multiple=True,
-              help="Target layer: Keras layer, ONNX node or tensor. Repeat it for a map per "
-                   "layer; the first is the primary one.")
+              help="Target layer: Keras layer, ONNX node or tensor, or a torch module path "
+                   "(layer4.1). Repeat it for a map per layer; the first is the primary one.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=None,
               help="Preprocessing embedded in the bundle. Default: a keras.applications "
                    "model's own preprocess_input, else unit.")

@@ -34,6 +34,8 @@ class LayerInfo:
     source: str | None  # the candidate layer feeding this one's main input, if any
     tensor: str = ""  # ONNX frontend: the output tensor
     grid: TokenGrid | None = None  # a token layer [N, T, C]: where its tokens lie
+    # Files torch wrote: the module paths whose output this is, outermost first.
+    modules: tuple[str, ...] = ()
 
     @property
     def spatial(self) -> bool:
@@ -150,16 +152,40 @@ def last_block_norm(layers: list[LayerInfo], norm: LayerInfo) -> LayerInfo | Non
 
 
 def find_layer(layers: list[LayerInfo], name: str) -> LayerInfo:
-    """The layer (or, for ONNX, node or tensor) called ``name``."""
+    """The layer (or, for ONNX, node or tensor) called ``name``; else the layer that is
+    the output of the torch module at path ``name`` (``layer4.1``)."""
     for layer in layers:
         if name in (layer.name, layer.tensor) and layer.spatial:
             return layer
+    named = next((layer for layer in layers if name in (layer.name, layer.tensor)), None)
+    found = named or module_output(layers, name)
+    if found is None:
+        raise LayerNotFoundError(name, candidate_names(layers))
+    if not found.spatial:
+        raise UnsupportedModelError(
+            f"layer {name!r} has output shape {list(found.shape)}; Grad-CAM needs a 4-D map"
+        )
+    return found
+
+
+def module_output(layers: list[LayerInfo], path: str) -> LayerInfo | None:
+    """The layer that is the output of the module at ``path``, or None if none is."""
+    made = [layer for layer in layers if path in layer.modules]
+    if len(made) > 1:
+        raise UnsupportedModelError(
+            f"module {path!r} has {len(made)} outputs (it runs more than once, or returns "
+            f"several tensors): {', '.join(layer.tensor for layer in made)}; pass one of "
+            "these tensors instead")
+    return made[0] if made else None
+
+
+def candidate_names(layers: list[LayerInfo]) -> list[str]:
+    """What ``--layer`` may name among the spatial layers: names, then module paths."""
+    names = dict.fromkeys(layer.name for layer in layers if layer.spatial)
     for layer in layers:
-        if name in (layer.name, layer.tensor):
-            raise UnsupportedModelError(
-                f"layer {name!r} has output shape {list(layer.shape)}; Grad-CAM needs a 4-D map"
-            )
-    raise LayerNotFoundError(name, [layer.name for layer in layers if layer.spatial])
+        if layer.spatial:
+            names.update(dict.fromkeys(layer.modules))
+    return list(names)
 
 
 def choose_layers(layers: list[LayerInfo], names: str | Sequence[str] | None) -> list[LayerInfo]:
@@ -189,5 +215,7 @@ def describe(layers: list[LayerInfo]) -> list[str]:
         if layer.grid is not None:  # after the shape, so the columns read as before
             grid = layer.grid
             line += f"  (tokens: {grid.leading} + {grid.height}x{grid.width} grid)"
+        if layer.modules:  # last, for the same reason
+            line = f"{line:<84}  {', '.join(layer.modules)}"
         lines.append(line)
     return lines

@@ -161,13 +161,15 @@ def test_layers_listing_shows_grids(exported: Exported) -> None:
     assert default.split()[1] == exported.result.info.target_layer
     tokens = [line for line in lines if "tokens:" in line]
     if exported.entry.reshape == "vit":
-        assert default.endswith(" 17x32  (tokens: 1 + 4x4 grid)")
+        # Then the module the layer is the output of (torch wrote the file).
+        assert default.endswith(" 17x32  (tokens: 1 + 4x4 grid)  " + exported.entry.layer)
         # name, op, shape as for any layer; the patches before the class token have no lead
-        shapes = {line[2:].split()[2]: line.split("(tokens: ")[1] for line in tokens}
+        shapes = {line[2:].split()[2]: line.split("(tokens: ")[1].split("  ")[0]
+                  for line in tokens}
         assert shapes == {"16x32": "0 + 4x4 grid)", "17x32": "1 + 4x4 grid)",
                           "17x64": "1 + 4x4 grid)"}
     else:
-        assert not tokens and default.split()[-1] == "4x4x32"
+        assert not tokens and default.split()[3:] == ["4x4x32", exported.entry.layer]
 
 
 def test_audit_runs_on_the_vit_bundle(vit: Exported, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from onnxcam.errors import UnsupportedModelError
 from onnxcam.exporter.batch import BATCH_SYMBOL, free_batch, static_batch
 from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of, sha256_of_bytes
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
+from onnxcam.exporter.module_paths import TORCH_PRODUCER, module_outputs, paths_by_tensor
 from onnxcam.exporter.shapes import lean_session, run_with_outputs
 from onnxcam.graph import (
     backward_reachable,
@@ -164,6 +165,9 @@ def list_layers(
     values = run_with_outputs(model, [n.output[0] for n in nodes], {input_name: sample},
                               lean=True)
     made_by = producers(graph)
+    floats = {name for name, value in values.items() if value.dtype.kind == "f"}
+    modules = paths_by_tensor(module_outputs(
+        graph, model.producer_name == TORCH_PRODUCER, floats))
     layers = []
     patches: tuple[int, int] | None = None  # the grid of the latest convolution
     for node in nodes:
@@ -180,6 +184,7 @@ def list_layers(
             source=(source.name or source.output[0]) if source is not None else None,
             tensor=node.output[0],
             grid=token_grid(shape, patches),
+            modules=modules.get(node.output[0], ()),
         ))
     return layers
 
