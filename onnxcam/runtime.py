@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import glob
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -20,8 +22,12 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
 # Libraries the CUDA provider loads; if one is missing, asking ORT for CUDA only
-# fills the log with loader errors, so the probe looks for them first.
+# fills the log with loader errors, so the probe looks for them first. The driver
+# (libcuda) comes with the GPU, not with a wheel: pip's CUDA wheels (torch's) load on
+# a machine without a GPU, and only the driver tells that none is there.
+CUDA_DRIVER = ("libcuda.so.1", "nvcuda.dll")
 CUDA_LIBRARIES = (
+    CUDA_DRIVER,
     ("libcudart.so.13", "libcudart.so.12"),
     ("libcublasLt.so.13", "libcublasLt.so.12"),
     ("libcudnn.so.9",),
@@ -39,14 +45,18 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def cpu_session(model: bytes | str, threads: int | None = None,
-                lean: bool = False) -> ort.InferenceSession:
+                lean: bool = False, quiet: bool = False) -> ort.InferenceSession:
     """A plain CPU session, as the exporter uses for probing and verification.
 
     ``lean`` is for a run or two that only reads shapes and values: no weight
     prepacking and only basic graph rewrites, each of which would otherwise make a
-    second copy of a large model's weights while the session loads.
+    second copy of a large model's weights while the session loads. ``quiet`` is for
+    a probe whose failure is an answer, not a fault: onnxruntime would print each
+    failed kernel on stderr (from C++, past Python's logging) even when it is caught.
     """
     options = session_options(threads)
+    if quiet:
+        options.log_severity_level = 4  # fatal only
     if lean:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -81,10 +91,19 @@ def _preload_quietly() -> None:
             pass
 
 
+def gpu_present() -> bool:
+    """Whether this machine shows an NVIDIA GPU at all: its device files on Linux (WSL's
+    /dev/dxg), the driver library elsewhere. onnxruntime reports its loader errors on
+    stderr whatever the log level, so without a GPU it is never asked for CUDA."""
+    if sys.platform.startswith("linux"):
+        return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg"))
+    return _loadable(CUDA_DRIVER)
+
+
 @functools.lru_cache(maxsize=1)
 def cuda_usable() -> bool:
     """True when a CUDA session really runs here; probed once per process, quietly."""
-    if CUDA not in ort.get_available_providers():
+    if CUDA not in ort.get_available_providers() or not gpu_present():
         return False
     _preload_quietly()
     if not all(_loadable(names) for names in CUDA_LIBRARIES):
