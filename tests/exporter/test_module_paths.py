@@ -306,3 +306,31 @@ def test_tiny_vit_block_paths(tmp_path: Path, exporter: str) -> None:
         assert made.tensor == zoo.onnx_layer_name(src, model, path, example), path
     (default,) = [line for line in describe(layers) if line.startswith("*")]
     assert entry.layer in module_column(default)
+
+
+@pytest.mark.torch
+def test_a_module_in_memory_is_found_inside_a_list_attribute() -> None:
+    """The TorchScript exporter writes ``block.down``'s ReLU as
+    ``/block/down/down.1/Relu``; a ReLU after the block gives the same values, and the
+    tensor inside the module is the one taken."""
+    torch = pytest.importorskip("torch")
+    from onnxcam.exporter.pipeline import load_source
+
+    class Block(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1),
+                                            torch.nn.ReLU())
+
+        def forward(self, x: Any) -> Any:
+            return self.down(x)
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential()
+    net.add_module("block", Block())
+    net.add_module("after", torch.nn.ReLU())  # relu(relu(x)) == relu(x)
+    net.add_module("pool", torch.nn.AdaptiveAvgPool2d(1))
+    net.add_module("flat", torch.nn.Flatten())
+    net.add_module("fc", torch.nn.Linear(6, CLASSES))
+    source = load_source(net.eval(), "block.down", example=torch.randn(1, 3, 8, 8))
+    assert source.activation == "/block/down/down.1/Relu_output_0"

@@ -26,6 +26,7 @@ import onnx
 
 from onnxcam.errors import LayerNotFoundError, UnsupportedModelError
 from onnxcam.exporter.frontends import SourceModel, Tap
+from onnxcam.exporter.module_paths import inside, legacy_scope
 from onnxcam.exporter.shapes import run_with_outputs
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,9 @@ def module_outputs(module: Any, paths: Sequence[str], example: Any) -> dict[str,
 
 
 def _in_scope(node: onnx.NodeProto, path: str) -> bool:
-    """Whether the TorchScript exporter says ``node`` was made inside module ``path``:
-    its name's folders are the module path, each part a full path ("layer4.1") or an
-    attribute name ("layer4")."""
-    built = ""
-    for part in node.name.split("/")[1:-1]:
-        built = part if "." in part or not built else f"{built}.{part}"
-    return built == path or built.startswith(path + ".")
+    """Whether the TorchScript exporter says ``node`` was made inside module ``path``
+    (its name's folders: ``/layer3/layer3.0/downsample/downsample.0/Conv``)."""
+    return inside(legacy_scope(node.name), path)
 
 
 def tensors_for(model: onnx.ModelProto, module: Any, paths: Sequence[str],
