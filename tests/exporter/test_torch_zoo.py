@@ -24,7 +24,7 @@ import zoo  # noqa: E402  (tests/zoo.py)
 from onnxcam import export  # noqa: E402
 from onnxcam.exporter import describe, list_layers  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 
 # Known failures, (model, exporter) -> the first line of the error the case gives
