@@ -147,11 +147,16 @@ def export(
     if result.report is not None:
         name, error, _ = result.report.worst
         check = f"verified, worst relative error {error:.1e} ({name})"
+        if result.report.constant_logits:  # verified, and useless: zero maps
+            check += ", but the logits do not depend on the input"
     others = [entry.name for entry in info.layers if entry.index]
     names = info.target_layer + (f" (and {', '.join(others)})" if others else "")
     extra = "".join(f", {name}" for name in info.input_gradients)
     click.echo(f"wrote {result.path}: layer {names}, {info.num_classes} classes, "
-               f"{info.gradient} gradients{extra}, {check}; preprocess {info.preprocess}")
+               f"{info.gradient} gradients{extra}, {check}; preprocess {info.preprocess}"
+               + (f"; batch fixed at {info.batch_size}" if info.batch_size else "")
+               + (f" ({result.batch_reason})" if info.batch_size and result.batch_reason
+                  else ""))
 
 
 def parse_formats(value: str) -> list[str]:

@@ -68,10 +68,16 @@ class BatchPlan:
     fixed: int
     rewritten: tuple[str, ...] = ()
     reason: str = ""
+    brief: str = ""  # the reason in a few words, for a summary line
 
 
 class NotProved(Exception):
-    """The rewritten model does not run per sample; the message says where."""
+    """The rewritten model does not run per sample; the message says where, ``brief``
+    says it in a few words."""
+
+    def __init__(self, message: str, brief: str) -> None:
+        super().__init__(message)
+        self.brief = brief
 
 
 def static_batch(model: onnx.ModelProto) -> int:
@@ -105,7 +111,7 @@ def free_batch(model: onnx.ModelProto, images: ImagesFn) -> BatchPlan:
             prove(original, freed, batch, images)
         except NotProved as exc:
             log.info("the model keeps its batch size %d: %s", batch, exc)
-            return BatchPlan(model, batch, (), str(exc))
+            return BatchPlan(model, batch, (), str(exc), exc.brief)
     take_structure(model, candidate)
     log.info("the model's batch size %d is freed (%d shape operands rewritten; "
              "proved at batches %s)", batch, len(rewritten), PROOF_BATCHES)
@@ -467,26 +473,29 @@ def prove(original: Path, candidate: Path, batch: int, images: ImagesFn) -> None
     expected = [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
     del session  # a large model is held once at a time
     try:
-        freed = cpu_session(str(candidate), lean=True)
+        # Quiet: a failure here is the answer (the batch stays fixed), and onnxruntime
+        # would print it in red on stderr as if the export had failed.
+        freed = cpu_session(str(candidate), lean=True, quiet=True)
     except Exception as exc:  # noqa: BLE001 - any load failure means not proved
-        raise NotProved(f"onnxruntime cannot load it at a free batch ({_first_line(exc)})"
-                        ) from exc
+        raise NotProved(f"onnxruntime cannot load it at a free batch ({_first_line(exc)})",
+                        "the graph does not load at another batch size") from exc
     for size in PROOF_BATCHES:
         try:
             got = freed.run(names, {input_name: inputs[:size]})
         except Exception as exc:  # noqa: BLE001 - a shape error: the batch is still baked in
-            raise NotProved(f"it does not run at batch size {size} ({_first_line(exc)})"
-                            ) from exc
+            raise NotProved(f"it does not run at batch size {size} ({_first_line(exc)})",
+                            f"the graph does not run at batch size {size}") from exc
+        mixed = f"at batch size {size} the graph mixes the samples"
         for name, value, want in zip(names, got, expected):
             want = want[:size]
             if value.shape != want.shape:
                 raise NotProved(f"output {name!r} has shape {list(value.shape)} at batch "
-                                f"{size}, expected {list(want.shape)}")
+                                f"{size}, expected {list(want.shape)}", mixed)
             scale = max(float(np.abs(want).max(initial=0.0)), 1e-12)
             error = float(np.abs(value.astype(np.float64) - want).max(initial=0.0)) / scale
             if not error <= PROOF_TOLERANCE:
                 raise NotProved(f"at batch size {size} output {name!r} differs from "
-                                f"per-sample runs by {error:.2e} (relative)")
+                                f"per-sample runs by {error:.2e} (relative)", mixed)
 
 
 def _first_line(exc: Exception) -> str:

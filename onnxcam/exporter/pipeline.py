@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ class ExportResult:
     path: Path
     info: BundleInfo
     report: Report | None
+    batch_reason: str = ""  # why ``info.batch_size`` is fixed, in a few words
 
 
 # What ``export`` and ``load_source`` accept, for the error a wrong object gets.
@@ -289,9 +291,18 @@ def export(
     ``guided`` the guided-backprop version of it. ``preprocess`` None means the
     model family's own for keras.applications models (with a warning), else ``unit``.
     Nothing is written unless the bundle passes verification (or ``verify`` is off).
-    ``on_stage`` is told each step's name as it starts, for a progress line.
+    ``on_stage`` is told each step's name as it starts, for a progress line; each
+    step is also logged at INFO (logger ``onnxcam.exporter.pipeline``).
     """
-    stage = on_stage or (lambda name: None)
+    started = time.monotonic()
+
+    def stage(name: str) -> None:
+        # Logged as well as told: a Python caller sees a long export (a ViT's takes
+        # most of a minute) move on with nothing more than logging at INFO.
+        log.info("export: %s (%.1f s so far)", name, time.monotonic() - started)
+        if on_stage is not None:
+            on_stage(name)
+
     label_list = read_labels(labels)
     stage("loading the model")
     source = load_source(src, layer, layout, input_size, opset, example)
@@ -304,4 +315,5 @@ def export(
     report = verify_bundle(bundle, info, source) if verify else None
     stage("writing the bundle")
     atomic_write(Path(out), serialized_in_parts(bundle))
-    return ExportResult(Path(out), info, report)
+    log.info("export: wrote %s in %.1f s", out, time.monotonic() - started)
+    return ExportResult(Path(out), info, report, source.batch_reason)

@@ -66,6 +66,7 @@ class SourceModel:
     removed_activation: str = ""  # a squashing activation the frontend already dropped
     more_layers: list[Tap] = field(default_factory=list)  # further --layer choices, in order
     batch_size: int = 0  # 0: the model runs at any batch; else the only batch it runs at
+    batch_reason: str = ""  # why ``batch_size`` could not be freed, in a few words
     # A model family whose input preprocessing is known (keras.applications), or None.
     family: Family | None = None
 

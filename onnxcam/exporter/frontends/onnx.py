@@ -218,6 +218,7 @@ class Prepared:
     channels: int
     layers: list[LayerInfo]
     batch_size: int = 0  # 0: any batch; else the one the model runs at (free_batch)
+    batch_reason: str = ""  # why the batch stays fixed, in a few words
 
 
 def prepare(
@@ -244,7 +245,8 @@ def prepare(
         layers = list_layers(plan.model, input_name, samples(plan.fixed or 1))
     except Exception as exc:
         raise UnsupportedModelError(f"{name}: onnxruntime cannot run the model ({exc})") from exc
-    return Prepared(plan.model, input_name, found, height, width, channels, layers, plan.fixed)
+    return Prepared(plan.model, input_name, found, height, width, channels, layers, plan.fixed,
+                    plan.brief)
 
 
 def load(
@@ -287,6 +289,7 @@ def load(
         more_layers=[Tap(c.name, c.tensor, layer_layout(ready.model.graph, c, ready.layout))
                      for c in layers[1:]],
         batch_size=ready.batch_size,
+        batch_reason=ready.batch_reason,
     )
 
 

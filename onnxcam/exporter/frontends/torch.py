@@ -17,7 +17,7 @@ import io
 import logging
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,22 +129,42 @@ def tensors_for(model: onnx.ModelProto, module: Any, paths: Sequence[str],
     return found
 
 
+@contextlib.contextmanager
+def evaluating(module: Any) -> Iterator[Any]:
+    """``module`` in eval mode for the block, then each submodule's own ``training``
+    flag back as it was, a mix of train and eval included, also when the block fails:
+    the caller may be exporting in the middle of training."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for submodule, training in modes:
+            # One by one: ``train(mode)`` would set every child to the parent's mode.
+            submodule.training = training
+
+
 def load(module: Any, example: Any, layer: str | Sequence[str] | None = None,
          opset: int = 17) -> SourceModel:
     """A torch module as a source model; ``layer`` names module paths (``layer4.1``).
 
     Precondition: ``example`` is a float tensor [1 or more, C, H, W] the module
-    accepts; its spatial size becomes the bundle's.
+    accepts; its spatial size becomes the bundle's. The module is exported in eval
+    mode and left in the modes it came in.
     """
     torch = _import_torch()
     if not isinstance(example, torch.Tensor) or example.dim() != 4:
         raise UnsupportedModelError(
             "a torch module needs example=, an NCHW float tensor such as "
             "torch.randn(1, 3, 224, 224)")
+    with evaluating(module):
+        return _load_evaluating(module, example.detach().float(), layer, opset)
+
+
+def _load_evaluating(module: Any, example: Any, layer: str | Sequence[str] | None,
+                     opset: int) -> SourceModel:
     from onnxcam.exporter.frontends import onnx as onnx_frontend
 
-    module = module.eval()
-    example = example.detach().float()
     model = to_onnx(module, example, max(opset, 17))
     paths = [layer] if isinstance(layer, str) else list(layer or [])
     by_path = tensors_for(model, module, paths, example) if paths else {}

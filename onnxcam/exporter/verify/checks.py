@@ -61,6 +61,12 @@ FD64_TOLERANCE = 1e-3
 INPUT_GRADIENT_TOLERANCE = 1e-3  # relative L2, the least the tolerance is
 ROUNDING_MARGIN = 10  # tolerance: this many times the rounding noise, where larger
 PROBE_BATCH = 2
+# Logits that differ by less than this (relative to their size) over the probe images
+# are taken as constant. Different random images move any live classifier's logits by
+# orders of magnitude more; a zero-initialised head (torchvision's ViT) moves them by 0.
+CONSTANT_LOGITS_TOLERANCE = 1e-6
+CONSTANT_LOGITS_WARNING = ("the logits do not depend on the input: every map will be empty; "
+                           "was the head initialised?")
 
 
 @dataclass
@@ -68,6 +74,9 @@ class Report:
     errors: dict[str, float] = field(default_factory=dict)
     tolerances: dict[str, float] = field(default_factory=dict)
     advice: dict[str, str] = field(default_factory=dict)  # said when a tensor is refused
+    # The logits were the same for every probe image: verification passes (zero
+    # gradients match zero gradients), yet every map is empty.
+    constant_logits: bool = False
 
     def add(self, name: str, actual: np.ndarray, expected: np.ndarray, tolerance: float,
             floor: float = 0.0) -> None:
@@ -171,6 +180,7 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
 
     report = Report()
     logits = out[OUTPUT_LOGITS]
+    report.constant_logits = logits_are_constant(logits)
     compared = logits if reference.linear else squash(logits, info.removed_activation)
     report.add("logits", compared, reference.logits, EXACT_TOLERANCE)
     layers = sorted(info.layers, key=lambda entry: entry.index)
@@ -209,7 +219,18 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
             f"bundle disagrees with its source: worst tensor {name!r}, relative error "
             f"{error:.3e} > {tolerance:.0e}{report.advice.get(name, '')}"
         )
+    if report.constant_logits:
+        log.warning(CONSTANT_LOGITS_WARNING)
     return report
+
+
+def logits_are_constant(logits: np.ndarray) -> bool:
+    """Whether every image of the batch got the same logits, to within float32 rounding
+    (all zeros included)."""
+    logits = np.asarray(logits, np.float64)
+    spread = float(np.ptp(logits, axis=0).max(initial=0.0)) if len(logits) else 0.0
+    scale = float(np.abs(logits).max(initial=0.0))
+    return spread <= CONSTANT_LOGITS_TOLERANCE * scale
 
 
 def input_gradient_tape_check(
