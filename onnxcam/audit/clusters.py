@@ -14,7 +14,6 @@ install that has none of them; the tests hold the result to scikit-learn's.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
@@ -25,13 +24,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from onnxcam.audit.backend import read_source
-from onnxcam.audit.results import ResultRow, read_results
-from onnxcam.engine.images import DEFAULT_LIMITS
+from onnxcam.audit.results import ResultRow, read_heatmap, read_results
 from onnxcam.engine.maps import normalize
 from onnxcam.errors import OnnxcamError
 
-if TYPE_CHECKING:  # summary reads maps through this module: no import back at run time
+if TYPE_CHECKING:
     from onnxcam.audit.summary import Thresholds
 
 log = logging.getLogger(__name__)
@@ -57,14 +54,6 @@ MINORITY_NOTE = "a minority strategy: look here"
 # a uniform map) or at most FAR_BELOW times the mean of the class's other rows with a box.
 FAR_BELOW = 0.5
 BACKGROUND_NOTE = "these {count} images are explained by the background"
-
-
-def read_heatmap(reference: str, out: Path) -> np.ndarray:
-    """A row's raw map: ``heatmap`` in results.csv is relative to ``out``, or a URL in
-    the store (distributed audits)."""
-    data = (read_source(reference, DEFAULT_LIMITS) if "://" in reference
-            else (out / reference).read_bytes())
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def downsize(raw: np.ndarray) -> np.ndarray:

@@ -8,10 +8,15 @@ is recognisable by its missing newline.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+
+from onnxcam.audit.backend import read_source
+from onnxcam.engine.images import DEFAULT_LIMITS
 from onnxcam.errors import AuditError
 
 COLUMNS = (
@@ -100,3 +105,12 @@ def read_results(path: Path) -> Iterator[ResultRow]:
     """The rows of results.csv, one at a time."""
     with open(path, newline="", encoding="utf-8") as stream:
         yield from csv.DictReader(stream)
+
+
+def read_heatmap(reference: str, out: Path) -> np.ndarray:
+    """A row's raw map: ``heatmap`` in results.csv is relative to ``out``, or a URL in
+    the store (distributed audits)."""
+    data = (read_source(reference, DEFAULT_LIMITS) if "://" in reference
+            else (out / reference).read_bytes())
+    return np.load(io.BytesIO(data), allow_pickle=False)
+

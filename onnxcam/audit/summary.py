@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxcam.audit.clusters import read_heatmap
-from onnxcam.audit.results import ResultRow, read_results
+from onnxcam.audit.results import ResultRow, read_heatmap, read_results
 from onnxcam.engine.maps import flat
 from onnxcam.errors import OnnxcamError
 
