@@ -152,7 +152,7 @@ def export(
     others = [entry.name for entry in info.layers if entry.index]
     names = info.target_layer + (f" (and {', '.join(others)})" if others else "")
     extra = "".join(f", {name}" for name in info.input_gradients)
-    click.echo(f"wrote {result.path}: layer {names}, {info.num_classes} classes, "
+    click.echo(f"wrote {result.path}: layer {names}, {plural(info.num_classes, 'class')}, "
                f"{info.gradient} gradients{extra}, {check}; preprocess {info.preprocess}"
                + (f"; batch fixed at {info.batch_size}" if info.batch_size else "")
                + (f" ({result.batch_reason})" if info.batch_size and result.batch_reason

@@ -33,3 +33,16 @@ def test_the_labels_count_agrees(tmp_path: Path, labels: list[str], wanted: str)
                                        "--labels", str(tmp_path / "labels.txt")])
     assert result.exit_code == 2
     assert result.stderr == f"onnxcam: error: {wanted}\n"
+
+
+@pytest.mark.parametrize(("classes", "wanted"), [(1, ", 1 class, "), (2, ", 2 classes, ")])
+def test_the_exported_classes_agree(tmp_path: Path, classes: int, wanted: str) -> None:
+    graph = models._Graph(classes)
+    flat = graph.node("Flatten", [graph.node("GlobalAveragePool", [models._cnn_trunk(graph)],
+                                             "gap")], "flat", axis=1)
+    source = tmp_path / "cnn.onnx"
+    onnx.save(graph.model("head", graph.gemm(flat, 16, classes, "logits"), classes),
+              str(source))
+    result = CliRunner().invoke(main, ["export", str(source), "-o", str(tmp_path / "b.onnx")])
+    assert result.exit_code == 0, result.output
+    assert f"layer last_relu{wanted}analytic gradients" in result.stdout

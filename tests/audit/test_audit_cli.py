@@ -161,3 +161,14 @@ def test_sigkill_mid_audit_then_resume_equals_an_uninterrupted_run(
     assert (out / "results.csv").read_bytes() == (whole / "results.csv").read_bytes()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_after"] >= killed_at - 2 and summary["n"] == 1500
+
+
+@pytest.mark.parametrize(("count", "wanted"), [(1, "audited 1 row (1 error)"),
+                                               (2, "audited 2 rows (2 errors)")])
+def test_the_audit_line_counts_agree(tmp_path: Path, audit_bundle: Path, count: int,
+                                     wanted: str) -> None:
+    rows = [[str(tmp_path / f"gone{i}.png"), "cat", ""] for i in range(count)]
+    result = run(write_manifest(tmp_path / "m.csv", rows), "--model", audit_bundle,
+                 "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output  # every row failed
+    assert result.stdout.startswith(f"{wanted}, accuracy n/a; wrote ")
