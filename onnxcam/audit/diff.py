@@ -32,7 +32,7 @@ from onnxcam.audit.clusters import read_heatmap
 from onnxcam.audit.manifest import resolve
 from onnxcam.audit.report import CSS, thumbnail
 from onnxcam.audit.results import HEADER, ResultRow, read_results
-from onnxcam.audit.summary import Worst
+from onnxcam.audit.summary import Worst, empty_map
 from onnxcam.engine.maps import flat, resize_maps
 from onnxcam.errors import AuditError
 from onnxcam.files import atomic_write
@@ -113,18 +113,21 @@ def similarity(old: np.ndarray, new: np.ndarray) -> float:
 
 @dataclass
 class ClassDiff:
-    """Sums over the rows that ran in both audits."""
+    """Sums over the rows that ran in both audits. As in summary.json, a side's empty
+    map (no evidence anywhere) is left out of that side's energy and pointing figures."""
 
     n: int = 0
     labelled: int = 0
     correct: list[int] = field(default_factory=lambda: [0, 0])  # old, new
     boxes: int = 0
+    located: list[int] = field(default_factory=lambda: [0, 0])  # boxes, less empty maps
     energy: list[float] = field(default_factory=lambda: [0.0, 0.0])
     hits: list[int] = field(default_factory=lambda: [0, 0])
     compared: int = 0
     similarity: float = 0.0
 
-    def add(self, old: ResultRow, new: ResultRow, score: float | None) -> None:
+    def add(self, old: ResultRow, new: ResultRow, score: float | None,
+            empty: tuple[bool, bool] = (False, False)) -> None:
         self.n += 1
         if old["correct"] and new["correct"]:
             self.labelled += 1
@@ -133,19 +136,23 @@ class ClassDiff:
         if old["energy_in_box"] and new["energy_in_box"]:
             self.boxes += 1
             for side, row in enumerate((old, new)):
-                self.energy[side] += float(row["energy_in_box"])
-                self.hits[side] += row["pointing_hit"] == "1"
+                if not empty[side]:
+                    self.located[side] += 1
+                    self.energy[side] += float(row["energy_in_box"])
+                    self.hits[side] += row["pointing_hit"] == "1"
         if score is not None:
             self.compared += 1
             self.similarity += score
 
     def figures(self) -> dict[str, Any]:
         figures: dict[str, Any] = {"n": self.n, "boxes": self.boxes, "compared": self.compared,
-                                   "similarity_mean": _mean(self.similarity, self.compared)}
-        for name, sums, count in (("accuracy", self.correct, self.labelled),
-                                  ("energy_in_box_mean", self.energy, self.boxes),
-                                  ("pointing_hit_rate", self.hits, self.boxes)):
-            old, new = _mean(sums[0], count), _mean(sums[1], count)
+                                   "similarity_mean": _mean(self.similarity, self.compared),
+                                   "empty_maps": {"old": self.boxes - self.located[0],
+                                                  "new": self.boxes - self.located[1]}}
+        for name, sums, counts in (("accuracy", self.correct, [self.labelled] * 2),
+                                   ("energy_in_box_mean", self.energy, self.located),
+                                   ("pointing_hit_rate", self.hits, self.located)):
+            old, new = _mean(sums[0], counts[0]), _mean(sums[1], counts[1])
             change = None if old is None or new is None else round(new - old, 4)
             figures[name] = {"old": old, "new": new, "change": change,
                              "direction": direction(change)}
@@ -296,7 +303,8 @@ def diff_audits(old: Path, new: Path, thresholds: DiffThresholds = DiffThreshold
         if old_row["status"] != "ok" or new_row["status"] != "ok":
             continue
         if old_row["label"]:
-            stats.setdefault(old_row["label"], ClassDiff()).add(old_row, new_row, score)
+            empty = (empty_map(old_row, old), empty_map(new_row, new))
+            stats.setdefault(old_row["label"], ClassDiff()).add(old_row, new_row, score, empty)
         if score is not None:
             worst.offer(-score, index, {**new_row, "index": str(index)})
     per_class = {label: stats[label].figures() for label in sorted(stats)}

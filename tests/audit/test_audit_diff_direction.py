@@ -128,6 +128,28 @@ def test_moved_attention_without_boxes_stays_a_regression(tmp_path: Path) -> Non
         (1.0, "kept", "steady")
 
 
+def test_an_empty_map_is_left_out_of_its_sides_energy_as_in_the_summary(
+        tmp_path: Path) -> None:
+    from onnxcam.audit.summary import summarize
+
+    rows = [("owl", ("1", "1"), (0.6, 0.0), ("1", "0")),
+            ("owl", ("1", "1"), (0.4, 0.3), ("0", "0")),
+            ("owl", ("1", "1"), (0.5, 0.5), ("1", "1"))]
+    old, new = audits(tmp_path, rows, moved=False)
+    np.save(new / "heatmaps" / "0.npy", np.zeros((4, 4), np.float16))  # no evidence
+    owl = diff_audits(old, new).data["per_class"]["owl"]
+    # new: (0.3 + 0.5) / 2 over the two located rows, not (0 + 0.3 + 0.5) / 3
+    assert owl["energy_in_box_mean"] == {"old": 0.5, "new": 0.4, "change": -0.1,
+                                         "direction": "down"}
+    assert owl["pointing_hit_rate"] == {"old": 0.6667, "new": 0.5, "change": -0.1667,
+                                        "direction": "down"}
+    assert owl["empty_maps"] == {"old": 0, "new": 1}
+    assert owl["verdict"] == "steady"  # a drop of 0.1 is within --max-energy-drop
+    for side, folder in (("old", old), ("new", new)):
+        summary = summarize(folder / "results.csv").data["per_class"]["owl"]
+        assert owl["energy_in_box_mean"][side] == summary["energy_in_box_mean"]
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") \
         or shutil.which("google-chrome")
