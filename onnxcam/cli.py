@@ -523,8 +523,8 @@ def audit_diff(old: Path, new: Path, out: Path | None, min_similarity: float,
     write_diff(diff, out, old, new)
     data = diff.data
     mean = "n/a" if data["similarity_mean"] is None else f"{data['similarity_mean']:.3f}"
-    click.echo(f"compared {data['compared']} of {data['n']} rows, mean similarity {mean}; "
-               f"wrote {out / 'diff.html'}")
+    click.echo(f"compared {data['compared']} of {plural(data['n'], 'row')}, mean similarity "
+               f"{mean}; wrote {out / 'diff.html'}")
     for flag in data["flags"]:
         click.echo(f"flag: {flag['class']}: {flag['reason']} ({flag_value(flag):.3f}, "
                    f"threshold {flag['threshold']:.3f})")

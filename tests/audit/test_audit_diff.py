@@ -199,3 +199,12 @@ def test_an_audit_against_itself_moved_nowhere(audits: tuple[Path, Path]) -> Non
     assert data["similarity"] == [1.0] * 6 and data["flags"] == []
     assert all(figures[name]["change"] == 0 for figures in data["per_class"].values()
                for name in ("accuracy", "energy_in_box_mean", "pointing_hit_rate"))
+
+
+@pytest.mark.parametrize(("count", "wanted"), [(1, "compared 1 of 1 row,"),
+                                               (2, "compared 2 of 2 rows,")])
+def test_the_compared_count_agrees(tmp_path: Path, count: int, wanted: str) -> None:
+    old = write_audit(tmp_path / "old", 0, ROWS[:count])
+    new = write_audit(tmp_path / "new", 1, ROWS[:count])
+    result = CliRunner().invoke(main, ["audit-diff", str(old), str(new)])
+    assert result.stdout.startswith(f"{wanted} mean similarity "), result.output
