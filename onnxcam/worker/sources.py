@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from onnxcam.engine.images import Limits, read_bytes
 from onnxcam.errors import (
@@ -24,7 +24,7 @@ from onnxcam.errors import (
     MissingImageError,
     UnreachableImageError,
 )
-from onnxcam.worker.settings import DEFAULT_BOUNDS
+from onnxcam.worker.settings import DEFAULT_BOUNDS, Settings
 from onnxcam.worker.store import (
     NotAnObjectError,
     NotInStoreError,
@@ -34,9 +34,6 @@ from onnxcam.worker.store import (
     StoreUnavailableError,
     classified,
 )
-
-if TYPE_CHECKING:
-    from onnxcam.worker.settings import Settings
 
 DEFAULT_PROTOCOLS = frozenset({"file", "s3"})
 DEFAULT_INLINE_LIMIT = DEFAULT_BOUNDS.max_inline_image_bytes
