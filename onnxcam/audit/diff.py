@@ -230,8 +230,8 @@ def movement(figures: dict[str, Any], arrow: str = "->") -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """What an audit's summary.json records of its source; all None for audits that
-    predate the record (or are unfinished)."""
+    """What an audit's summary.json records of its source that matching needs; None
+    for audits that predate the record (or are unfinished)."""
 
     cwd: str | None = None
     sha256: str | None = None
@@ -266,8 +266,12 @@ def matching(old: Source, new: Source) -> str:
 
 
 def _row_key(row: ResultRow, source: Source, how: str) -> tuple[str, str]:
-    image = {"manifest": "", "resolved path": source.image(row["image"])}.get(how, row["image"])
-    return image, row["label"]
+    """What must agree between the two audits' rows at one position."""
+    if how == "manifest":
+        return "", row["label"]
+    if how == "resolved path":
+        return source.image(row["image"]), row["label"]
+    return row["image"], row["label"]
 
 
 # -- the comparison --
