@@ -89,18 +89,24 @@ layout_option = click.option(
     "--layout", type=click.Choice(LAYOUTS), default=None,
     help="Input layout, only where it cannot be inferred.",
 )
+logits_option = click.option(
+    "--logits", default=None, metavar="NAME",
+    help="The output holding the class scores, for a model with several outputs.",
+)
 
 
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @input_size_option
 @layout_option
+@logits_option
 @with_errors
-def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None) -> None:
+def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None,
+           logits: str | None) -> None:
     """List candidate target layers of SRC; the default is marked with '*'."""
     from onnxcam.exporter import describe, list_layers
 
-    for line in describe(list_layers(src, layout, input_size)):
+    for line in describe(list_layers(src, layout, input_size, logits)):
         click.echo(line)
 
 
@@ -126,11 +132,12 @@ def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None) ->
               help="Add input_gradients (saliency, smoothgrad, integrated-gradients).")
 @click.option("--guided", is_flag=True,
               help="Add guided_input_gradients (guided-backprop, guided-gradcam).")
+@logits_option
 @with_errors
 def export(
     src: Path, out: Path, layers: tuple[str, ...], preprocess: str | None, labels: Path | None,
     gradient: str, input_size: tuple[int, int] | None, layout: str | None, opset: int,
-    no_verify: bool, input_gradients: bool, guided: bool,
+    no_verify: bool, input_gradients: bool, guided: bool, logits: str | None,
 ) -> None:
     """Turn the classifier SRC (.keras, .h5, SavedModel folder or .onnx) into a bundle."""
     from onnxcam.exporter import export as run_export
@@ -140,7 +147,7 @@ def export(
             src, out, layer=list(layers) or None, preprocess=preprocess, labels=labels,
             gradient=gradient, input_size=input_size, layout=layout, opset=opset,
             verify=not no_verify, input_gradients=input_gradients, guided=guided,
-            on_stage=stages.enter,
+            logits=logits, on_stage=stages.enter,
         )
     info = result.info
     check = "not verified"

@@ -79,20 +79,23 @@ def load_source(
     input_size: tuple[int, int] | None = None,
     opset: int = 17,
     example: Any = None,
+    logits: str | None = None,
 ) -> SourceModel:
     """Pick the frontend for ``src``: a file by its type, or a model in memory.
 
     ``example`` is the input a ``torch.nn.Module`` is exported on (required there,
     refused elsewhere); torch modules get layers by module path (``layer4.1``).
+    ``logits`` names the output holding the class scores, which a model with several
+    outputs needs (a torch module's tuple gives ``output.0``, ``output.1``, ...).
     """
     if example is not None and not is_torch_module(src):
         raise UnsupportedModelError("example= is for torch modules only")
     if isinstance(src, (str, Path)):
-        return load_path(Path(src), layer, layout, input_size, opset)
+        return load_path(Path(src), layer, layout, input_size, opset, logits)
     if isinstance(src, onnx.ModelProto):
         from onnxcam.exporter.frontends import onnx as onnx_frontend
 
-        return onnx_frontend.load(src, layer, layout, input_size, opset)
+        return onnx_frontend.load(src, layer, layout, input_size, opset, logits)
     if is_torch_module(src):
         if example is None:
             raise UnsupportedModelError(
@@ -100,16 +103,16 @@ def load_source(
                 "export(model, out, example=torch.randn(1, 3, H, W))")
         from onnxcam.exporter.frontends import torch as torch_frontend
 
-        return torch_frontend.load(src, example, layer, opset)
+        return torch_frontend.load(src, example, layer, opset, logits)
     if is_keras_model(src):
-        return load_keras_model(src, layer, opset)
+        return load_keras_model(src, layer, opset, logits)
     raise UnsupportedModelError(f"cannot export a {type(src).__module__}."
                                 f"{type(src).__qualname__}; expected {ACCEPTED}")
 
 
 def load_path(
     path: Path, layer: str | Sequence[str] | None, layout: str | None,
-    input_size: tuple[int, int] | None, opset: int,
+    input_size: tuple[int, int] | None, opset: int, logits: str | None = None,
 ) -> SourceModel:
     """Pick the frontend by file type: .onnx, or a Keras file / SavedModel folder."""
     if not path.exists():
@@ -117,11 +120,11 @@ def load_path(
     if path.suffix.lower() == ".onnx":
         from onnxcam.exporter.frontends import onnx as onnx_frontend
 
-        return onnx_frontend.load(path, layer, layout, input_size, opset)
+        return onnx_frontend.load(path, layer, layout, input_size, opset, logits)
     if path.is_dir() or path.suffix.lower() in (".keras", ".h5", ".hdf5"):
         from onnxcam.exporter.frontends import keras as keras_frontend
 
-        return keras_frontend.load(path, layer, opset)
+        return keras_frontend.load(path, layer, opset, logits)
     raise UnsupportedModelError(
         f"{path}: unsupported model type; expected .onnx, .keras, .h5 or a SavedModel folder"
     )
@@ -139,34 +142,37 @@ def is_keras_model(obj: object) -> bool:
                for cls in type(obj).__mro__)
 
 
-def load_keras_model(model: Any, layer: str | Sequence[str] | None, opset: int) -> SourceModel:
+def load_keras_model(model: Any, layer: str | Sequence[str] | None, opset: int,
+                     logits: str | None = None) -> SourceModel:
     """A Keras model in memory, through the Keras frontend by way of a .keras file."""
     from onnxcam.exporter.frontends import keras as keras_frontend
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.keras"
         model.save(str(path))
-        return keras_frontend.load(path, layer, opset)
+        return keras_frontend.load(path, layer, opset, logits)
 
 
 def list_layers(
     src: str | Path,
     layout: str | None = None,
     input_size: tuple[int, int] | None = None,
+    logits: str | None = None,
 ) -> list[LayerInfo]:
-    """Candidate target layers of a model, in order, for ``onnxcam layers``."""
+    """Candidate target layers of a model, in order, for ``onnxcam layers``: those
+    feeding the ``logits`` output (needed where the model has several)."""
     path = Path(src)
     if not path.exists():
         raise UnsupportedModelError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".onnx":
         from onnxcam.exporter.frontends import onnx as onnx_frontend
 
-        return onnx_frontend.prepare(path, layout, input_size, 17).layers
+        return onnx_frontend.prepare(path, layout, input_size, 17, logits).layers
     if path.is_dir():
-        return load_source(path).layers
+        return load_source(path, logits=logits).layers
     from onnxcam.exporter.frontends import keras as keras_frontend
 
-    return keras_frontend.list_layers(path)
+    return keras_frontend.list_layers(path, logits)
 
 
 def choose_preprocess(asked: str | None, source: SourceModel) -> str:
@@ -278,6 +284,7 @@ def export(
     verify: bool = True,
     input_gradients: bool = False,
     guided: bool = False,
+    logits: str | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Turn a classifier into a verified Grad-CAM bundle at ``out``.
@@ -288,7 +295,10 @@ def export(
     exported dynamic), and takes layers by module path (``layer4.1``).
     ``layer`` may name several layers: the first is the primary one. With
     ``input_gradients`` the bundle also returns d logit / d model input, and with
-    ``guided`` the guided-backprop version of it. ``preprocess`` None means the
+    ``guided`` the guided-backprop version of it. ``logits`` names the output holding
+    the class scores; a model with several outputs is refused without it (a torch
+    module's tuple gives ``output.0``, ``output.1``, ...; a dict its keys).
+    ``preprocess`` None means the
     model family's own for keras.applications models (with a warning), else ``unit``.
     Nothing is written unless the bundle passes verification (or ``verify`` is off).
     ``on_stage`` is told each step's name as it starts, for a progress line; each
@@ -305,7 +315,7 @@ def export(
 
     label_list = read_labels(labels)
     stage("loading the model")
-    source = load_source(src, layer, layout, input_size, opset, example)
+    source = load_source(src, layer, layout, input_size, opset, example, logits)
     preprocess = choose_preprocess(preprocess, source)
     stage("building the bundle")
     bundle, info = build_bundle(source, preprocess, label_list, gradient, input_gradients,

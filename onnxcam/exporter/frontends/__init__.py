@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx as onnx_lib
 
+from onnxcam.errors import UnsupportedModelError
 from onnxcam.exporter.known_models import Family
 from onnxcam.exporter.layers import LayerInfo
 from onnxcam.layout import ActivationLayout, Layout
@@ -87,3 +88,39 @@ def sha256_of(path: Path) -> str:
 def sha256_of_bytes(data: bytes) -> str:
     """The sha256 of a model handed over in memory, as its serialised bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+# A model output's shape at batch 1; None where the model leaves a dimension open.
+OutputShape = tuple[int | None, ...]
+
+
+def shape_text(shape: OutputShape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def choose_output(outputs: dict[str, OutputShape], logits: str | None) -> str:
+    """The output holding the class scores: ``logits``, or the model's only output.
+
+    A model with several outputs (boxes and scores, logits and features) must be told
+    which one: taking the first would explain whatever happens to come first.
+    """
+    listed = ", ".join(f"{name} {shape_text(shape)}" for name, shape in outputs.items())
+    if logits is None and len(outputs) > 1:
+        raise UnsupportedModelError(
+            f"the model has {len(outputs)} outputs: {listed}; choose the class scores "
+            "with --logits NAME (logits=NAME in Python)")
+    name = next(iter(outputs)) if logits is None else logits
+    if name not in outputs:
+        raise UnsupportedModelError(f"no output named {name!r}; the model's outputs: {listed}")
+    check_scores(name, outputs[name])
+    return name
+
+
+def check_scores(name: str, shape: OutputShape) -> None:
+    """Refuse an output that is not a score vector [N, classes]: Grad-CAM explains one
+    class score, and a dense output (a mask, an image) has no class axis to pick from."""
+    if len(shape) != 2:
+        raise UnsupportedModelError(
+            f"the model's output {name} has shape {shape_text(shape)}, not a score vector "
+            "[N, classes]; dense outputs (segmentation, image to image) cannot be "
+            "explained by this version")

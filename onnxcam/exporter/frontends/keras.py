@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 
 from onnxcam.errors import UnsupportedModelError
-from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of, tf2onnx_lean
+from onnxcam.exporter.frontends import (
+    OutputShape,
+    Reference,
+    SourceModel,
+    Tap,
+    choose_output,
+    sha256_of,
+    tf2onnx_lean,
+)
 from onnxcam.exporter.known_models import Family, keras_family
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from onnxcam.layout import Layout
@@ -297,8 +305,34 @@ def flatten(model: Any, rebuild: bool = False) -> tuple[FlatGraph, str]:
     return flat, flattener.removed
 
 
-def list_layers(path: Path) -> list[LayerInfo]:
-    flat, _ = flatten(load_keras_model(path))
+def at_batch_1(shape: Any) -> OutputShape:
+    """A Keras or TensorFlow shape with its open batch read as 1, as the ONNX
+    frontend's shapes are; an unknown rank reads as [?, ?], for verification to judge."""
+    try:
+        dims = list(shape)
+    except ValueError:
+        return (None, None)
+    return tuple(1 if axis == 0 and d is None else d for axis, d in enumerate(dims))
+
+
+def scores_model(model: Any, logits: str | None) -> Any:
+    """``model`` with one output, the class scores: ``logits`` (an output layer's name),
+    or its only output. Several outputs become one by a model on the same layers."""
+    outputs = list(getattr(model, "outputs", None) or [])
+    if not outputs:  # a subclassed model: its output is found when it is flattened
+        return model
+    names = [output._keras_history.operation.name for output in outputs]
+    chosen = choose_output({name: at_batch_1(output.shape)
+                            for name, output in zip(names, outputs)}, logits)
+    if len(outputs) == 1:
+        return model
+    _, keras = _import_tf()
+    # The model's own name: the keras.applications family is known by it.
+    return keras.Model(model.inputs, outputs[names.index(chosen)], name=model.name)
+
+
+def list_layers(path: Path, logits: str | None = None) -> list[LayerInfo]:
+    flat, _ = flatten(scores_model(load_keras_model(path), logits))
     return feeding_output(flat)
 
 
@@ -356,12 +390,15 @@ def gradient_tape_reference(tap_model: Any) -> Any:
 
 
 def load(
-    path: Path, layer: str | Sequence[str] | None = None, opset: int = 17
+    path: Path, layer: str | Sequence[str] | None = None, opset: int = 17,
+    logits: str | None = None,
 ) -> SourceModel:
+    """A .keras or .h5 file, or a SavedModel folder; ``logits`` names the output that
+    holds the class scores (an output layer, or a serving signature's output key)."""
     if path.is_dir():
-        return load_saved_model(path, layer, opset)
+        return load_saved_model(path, layer, opset, logits)
     _, keras = _import_tf()
-    model = load_keras_model(path)
+    model = scores_model(load_keras_model(path), logits)
     flat, removed = flatten(model, rebuild=True)
     layers = feeding_output(flat)
     chosen = choose_layers(layers, layer)
@@ -411,7 +448,7 @@ def family_of(model: Any, keras: Any) -> Family | None:
 
 
 def load_saved_model(
-    path: Path, layer: str | Sequence[str] | None, opset: int
+    path: Path, layer: str | Sequence[str] | None, opset: int, logits: str | None = None,
 ) -> SourceModel:
     """A SavedModel folder: its serving signature goes through tf2onnx, then the ONNX
     frontend picks the layer; logits are verified against the signature itself."""
@@ -429,7 +466,9 @@ def load_saved_model(
     if len(specs) != 1:
         raise UnsupportedModelError(f"the SavedModel's signature has {len(specs)} inputs")
     (key, spec), = specs.items()
-    output_key = sorted(signature.structured_outputs)[0]
+    outputs = signature.structured_outputs
+    output_key = choose_output({key: at_batch_1(outputs[key].shape) for key in sorted(outputs)},
+                               logits)
     spec = tf.TensorSpec(spec.shape, tf.float32, name="input")
 
     @tf.function(input_signature=[spec])

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx import helper
 
-from onnxcam.errors import UnsupportedModelError
+from onnxcam.bundle import PREFIX, BundleInfo
+from onnxcam.errors import BundleError, OnnxcamError, UnsupportedModelError
 from onnxcam.exporter.batch import BATCH_SYMBOL, free_batch, static_batch
-from onnxcam.exporter.frontends import Reference, SourceModel, Tap, sha256_of, sha256_of_bytes
+from onnxcam.exporter.frontends import (
+    OutputShape,
+    Reference,
+    SourceModel,
+    Tap,
+    check_scores,
+    choose_output,
+    sha256_of,
+    sha256_of_bytes,
+)
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from onnxcam.exporter.module_paths import TORCH_PRODUCER, module_outputs, paths_by_tensor
 from onnxcam.exporter.shapes import lean_session, run_with_outputs
@@ -26,7 +39,7 @@ from onnxcam.graph import (
     toposort,
 )
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
-from onnxcam.runtime import run_each_in_copies
+from onnxcam.runtime import cpu_session, run_each_in_copies
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +66,60 @@ def load_proto(path: Path) -> onnx.ModelProto:
     except Exception as exc:
         raise UnsupportedModelError(f"{path}: not a readable ONNX model ({exc})") from exc
     return model
+
+
+def refuse_bundle(model: onnx.ModelProto, name: str) -> None:
+    """Refuse a bundle onnxcam already made: its inputs (image, target) would read as
+    "two inputs", where the user only needs to explain images with it."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if not any(key.startswith(PREFIX) for key in props):
+        return
+    try:
+        layers = ", ".join(entry.name for entry in BundleInfo.from_metadata(props).layers)
+    except BundleError:  # a damaged or future bundle: still not a model to export
+        layers = ""
+    exported = f" (exported layers: {layers})" if layers else ""
+    raise UnsupportedModelError(
+        f"{name} is already an onnxcam bundle{exported}; explain images with it: "
+        f"onnxcam explain {name} IMAGE... --out DIR")
+
+
+@functools.cache
+def runtime_ir_version() -> int:
+    """The newest ONNX IR version the installed onnxruntime loads, found by trying: its
+    releases do not say it anywhere a program can read."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    for version in range(onnx.IR_VERSION, 3, -1):
+        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                                  ir_version=version)
+        try:
+            cpu_session(probe.SerializeToString())
+        except Exception:  # noqa: BLE001 - too new for this onnxruntime: try the one before
+            continue
+        return version
+    return 3
+
+
+def fit_ir_version(model: onnx.ModelProto, name: str) -> None:
+    """Lower ``model``'s IR version to what onnxruntime loads, when its opsets allow it.
+
+    A newer onnx writes a newer IR version by default, though the graph uses nothing
+    the older one lacks; the opsets say which IR version the ops need.
+    """
+    newest = runtime_ir_version()
+    if model.ir_version <= newest:
+        return
+    needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if needed > newest:
+        raise UnsupportedModelError(
+            f"{name}: the model's IR version {model.ir_version} (its opset needs at least "
+            f"{needed}) is newer than onnxruntime {onnxruntime.__version__} reads "
+            f"(IR version {newest}); upgrade onnxruntime")
+    log.info("%s: IR version %d lowered to %d, the newest onnxruntime %s reads", name,
+             model.ir_version, newest, onnxruntime.__version__)
+    model.ir_version = newest
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -208,6 +275,40 @@ def token_grid(shape: tuple[int, ...], patches: tuple[int, int] | None) -> Token
     return TokenGrid(leading, height, width)
 
 
+def output_shapes(model: onnx.ModelProto, input_name: str, sample: np.ndarray
+                  ) -> dict[str, OutputShape]:
+    """Every graph output's shape on ``sample``, in graph order."""
+    names = [o.name for o in model.graph.output]
+    values = run_with_outputs(model, names, {input_name: sample}, lean=True)
+    return {name: tuple(int(d) for d in values[name].shape) for name in names}
+
+
+def keep_output(graph: onnx.GraphProto, name: str) -> None:
+    """Make ``name`` the graph's only output; ``tidy`` later prunes what fed the others."""
+    kept = [o for o in graph.output if o.name == name]
+    del graph.output[:]
+    graph.output.extend(kept)
+
+
+def check_layers_output(graph: onnx.GraphProto, layers: list[LayerInfo]) -> None:
+    """Refuse a dense output, whose shape ``layers`` holds (its producer is listed)."""
+    output = graph.output[0].name
+    shape = next((layer.shape for layer in layers if layer.tensor == output), None)
+    if shape is not None:
+        check_scores(output, shape)
+
+
+@contextmanager
+def runtime_errors(name: str) -> Iterator[None]:
+    """onnxruntime's failures as one line naming the model; onnxcam's own pass through."""
+    try:
+        yield
+    except OnnxcamError:
+        raise
+    except Exception as exc:
+        raise UnsupportedModelError(f"{name}: onnxruntime cannot run the model ({exc})") from exc
+
+
 @dataclass
 class Prepared:
     model: onnx.ModelProto
@@ -223,14 +324,17 @@ class Prepared:
 
 def prepare(
     path: Path | onnx.ModelProto, layout: str | None, input_size: tuple[int, int] | None,
-    opset: int,
+    opset: int, logits: str | None = None,
 ) -> Prepared:
-    """Load (or copy), upgrade, check the input, free its batch and list the layers."""
+    """Load (or copy), upgrade, check the input, free its batch, keep the class scores'
+    output (``logits``, or the only one) and list the layers that feed it."""
     if isinstance(path, onnx.ModelProto):
         name, loaded = "the model", onnx.ModelProto()
         loaded.CopyFrom(path)  # the caller's model stays as it is
     else:
         name, loaded = str(path), load_proto(path)
+    refuse_bundle(loaded, name)
+    fit_ir_version(loaded, name)
     model = upgrade_opset(loaded, max(opset, 17))
     toposort(model.graph)
     found, height, width, channels = fix_input(model, layout, input_size)
@@ -240,11 +344,14 @@ def prepare(
         nhwc = np.random.default_rng(count).uniform(0, 1, (count, height, width, channels))
         return to_layout(nhwc.astype(np.float32), found)
 
-    try:
+    with runtime_errors(name):
         plan = free_batch(model, samples)
-        layers = list_layers(plan.model, input_name, samples(plan.fixed or 1))
-    except Exception as exc:
-        raise UnsupportedModelError(f"{name}: onnxruntime cannot run the model ({exc})") from exc
+        sample = samples(plan.fixed or 1)
+        if len(plan.model.graph.output) > 1 or logits is not None:
+            shapes = output_shapes(plan.model, input_name, sample)
+            keep_output(plan.model.graph, choose_output(shapes, logits))
+        layers = list_layers(plan.model, input_name, sample)
+    check_layers_output(plan.model.graph, layers)
     return Prepared(plan.model, input_name, found, height, width, channels, layers, plan.fixed,
                     plan.brief)
 
@@ -255,8 +362,9 @@ def load(
     layout: str | None = None,
     input_size: tuple[int, int] | None = None,
     opset: int = 17,
+    logits: str | None = None,
 ) -> SourceModel:
-    ready = prepare(path, layout, input_size, opset)
+    ready = prepare(path, layout, input_size, opset, logits)
     layers = choose_layers(ready.layers, layer)
     chosen = layers[0]
     log.info("target layers: %s", ", ".join(f"{c.name} ({c.op}, {c.tensor})" for c in layers))

@@ -45,12 +45,29 @@ def _import_torch() -> Any:
     return torch
 
 
-def to_onnx(module: Any, example: Any, opset: int = 17) -> onnx.ModelProto:
-    """``module`` exported with a dynamic batch on ``example`` (an NCHW float tensor).
+def output_names(module: Any, example: Any) -> list[str]:
+    """Names for the module's outputs on ``example``: ``output`` for a tensor,
+    ``output.0``, ``output.1``, ... for a tuple or list, the keys for a dict (the
+    exporter writes a dict's values in its order)."""
+    torch = _import_torch()
+    with torch.no_grad():
+        result = module(example)
+    if isinstance(result, dict):
+        return [str(key) for key in result]
+    if isinstance(result, (tuple, list)) and len(result) > 1:
+        return [f"{OUTPUT_NAME}.{index}" for index in range(len(result))]
+    return [OUTPUT_NAME]
+
+
+def to_onnx(module: Any, example: Any, opset: int = 17,
+            outputs: Sequence[str] = (OUTPUT_NAME,)) -> onnx.ModelProto:
+    """``module`` exported with a dynamic batch on ``example`` (an NCHW float tensor),
+    its outputs called ``outputs``.
 
     Precondition: ``module`` is in eval mode; ``example`` is a 4-D float tensor.
     """
     torch = _import_torch()
+    batch_axes = {name: {0: "N"} for name in (INPUT_NAME, *outputs)}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         # The exporter warns about tracing at length; none of it concerns the result.
@@ -58,9 +75,8 @@ def to_onnx(module: Any, example: Any, opset: int = 17) -> onnx.ModelProto:
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(module, (example,), str(path), dynamo=False,
-                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                  dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
-                                  opset_version=opset)
+                                  input_names=[INPUT_NAME], output_names=list(outputs),
+                                  dynamic_axes=batch_axes, opset_version=opset)
             except Exception as exc:
                 raise UnsupportedModelError(f"torch.onnx.export failed: {exc}") from exc
         return onnx.load(str(path))
@@ -145,8 +161,9 @@ def evaluating(module: Any) -> Iterator[Any]:
 
 
 def load(module: Any, example: Any, layer: str | Sequence[str] | None = None,
-         opset: int = 17) -> SourceModel:
-    """A torch module as a source model; ``layer`` names module paths (``layer4.1``).
+         opset: int = 17, logits: str | None = None) -> SourceModel:
+    """A torch module as a source model; ``layer`` names module paths (``layer4.1``),
+    ``logits`` the output holding the class scores (``output_names``).
 
     Precondition: ``example`` is a float tensor [1 or more, C, H, W] the module
     accepts; its spatial size becomes the bundle's. The module is exported in eval
@@ -158,17 +175,18 @@ def load(module: Any, example: Any, layer: str | Sequence[str] | None = None,
             "a torch module needs example=, an NCHW float tensor such as "
             "torch.randn(1, 3, 224, 224)")
     with evaluating(module):
-        return _load_evaluating(module, example.detach().float(), layer, opset)
+        return _load_evaluating(module, example.detach().float(), layer, opset, logits)
 
 
 def _load_evaluating(module: Any, example: Any, layer: str | Sequence[str] | None,
-                     opset: int) -> SourceModel:
+                     opset: int, logits: str | None) -> SourceModel:
     from onnxcam.exporter.frontends import onnx as onnx_frontend
 
-    model = to_onnx(module, example, max(opset, 17))
+    model = to_onnx(module, example, max(opset, 17), output_names(module, example))
     paths = [layer] if isinstance(layer, str) else list(layer or [])
     by_path = tensors_for(model, module, paths, example) if paths else {}
-    source = onnx_frontend.load(model, [by_path[p] for p in paths] or None, "nchw", None, opset)
+    source = onnx_frontend.load(model, [by_path[p] for p in paths] or None, "nchw", None, opset,
+                                logits)
     source.source_format = "torch"
     if not paths:
         return source
