@@ -47,7 +47,7 @@ class ZooModel:
     build: Callable[[], Any]  # -> torch.nn.Module (untrained, unperturbed)
     size: int  # square input side: the smallest that gives the layer a grid over 1x1
     layer: str  # the usual target module, as a path ``model.get_submodule`` reads
-    reshape: str = ""  # "" (NCHW maps), "vit" (drop the class token) or "swin" (NHWC)
+    reshape: str = ""  # "" (NCHW maps), "vit" (drop the class token), "swin" (NHWC), "tokens"
 
     def model(self, seed: int = 0) -> Any:
         """The model, every tensor perturbed and then its BatchNorm calibrated, in eval mode.
@@ -313,7 +313,15 @@ def _swin_grid(tensor: Any) -> Any:
     return tensor.permute(0, 3, 1, 2)
 
 
-RESHAPES: dict[str, Callable[[Any], Any]] = {"vit": _vit_grid, "swin": _swin_grid}
+def _token_grid(tensor: Any) -> Any:
+    """Tokens [N, T, C] with no class token (LeViT, PVT, CaiT's patch blocks) on their
+    square grid, NCHW."""
+    side = int(round(tensor.shape[1] ** 0.5))
+    return tensor.reshape(tensor.shape[0], side, side, tensor.shape[2]).permute(0, 3, 1, 2)
+
+
+RESHAPES: dict[str, Callable[[Any], Any]] = {"vit": _vit_grid, "swin": _swin_grid,
+                                             "tokens": _token_grid}
 
 
 def normalise(maps: np.ndarray) -> np.ndarray:

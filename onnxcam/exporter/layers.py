@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from onnxcam.errors import LayerNotFoundError, UnsupportedModelError
+from onnxcam.exporter.transformer_graph import MAX_LEADING_TOKENS
 from onnxcam.layout import TokenGrid
 
 CONV, MERGE, ACTIVATION, OTHER = "conv", "merge", "activation", "other"
@@ -36,6 +37,8 @@ class LayerInfo:
     grid: TokenGrid | None = None  # a token layer [N, T, C]: where its tokens lie
     # Files torch wrote: the module paths whose output this is, outermost first.
     modules: tuple[str, ...] = ()
+    # Queries, keys, values split into heads, scores, weights: never a default target.
+    attention: bool = False
 
     @property
     def spatial(self) -> bool:
@@ -63,8 +66,9 @@ def default_layer(layers: list[LayerInfo]) -> LayerInfo:
     tokens after the last attention barely reach the scores (ViT reads its class
     token only), so the last block's first LayerNormalization is taken, as
     pytorch-grad-cam advises. A model whose maps are all 1x1 gets its last map.
+    Attention's own tensors are never taken, whatever their shape.
     """
-    maps = [layer for layer in layers if layer.spatial]
+    maps = [layer for layer in layers if layer.spatial and not layer.attention]
     if not maps:
         raise UnsupportedModelError("the model has no 4-D spatial layer to explain")
     extended = [layer for layer in maps if layer.extended]
@@ -100,7 +104,8 @@ def before_resampling(layer: LayerInfo, by_name: dict[str, LayerInfo]) -> LayerI
     while current.op in RESAMPLING and current.source in by_name:
         resampled |= current.op not in VIEWS
         current = by_name[current.source]
-    if resampled and current.extended and size(current) <= size(layer):
+    if resampled and current.extended and not current.attention \
+            and size(current) <= size(layer):
         return current
     return layer
 
@@ -134,21 +139,45 @@ def before_class_scores(layer: LayerInfo, by_name: dict[str, LayerInfo],
 def last_block_norm(layers: list[LayerInfo], norm: LayerInfo) -> LayerInfo | None:
     """The last transformer block's first LayerNormalization, or None if not found.
 
-    The block starts at the last residual sum (an Add shaped like ``norm``) before
-    the last attention's Softmax; its first LayerNormalization shaped like ``norm``
-    is the one pytorch-grad-cam targets (pre-norm blocks: before the attention, as
-    ViT's ``ln_1`` and Swin's ``norm1``; Swin v2's post-norm: after it).
+    The block starts at the last residual sum (an Add of two branches, not a bias,
+    on ``norm``'s tokens) before the last attention that updates the grid's tokens;
+    its first LayerNormalization shaped like that sum is the one pytorch-grad-cam
+    targets (pre-norm blocks: before the attention, as ViT's ``ln_1``, Swin's and
+    PVT's ``norm1``; Swin v2's post-norm: after it). Class attention (CaiT's last
+    blocks) updates only the class token, which the head reads: its queries are the
+    leading tokens alone, and the block taken is the last one before it.
     """
     before = layers[: layers.index(norm)]
-    attention = [i for i, layer in enumerate(before) if layer.op == "Softmax"]
+    attention = [i for i, layer in enumerate(before)
+                 if layer.op == "Softmax" and not class_attention(layer)]
     if not attention:
         return None
-    sums = [i for i, layer in enumerate(before[: attention[-1]])
-            if layer.op == "Add" and layer.shape == norm.shape]
+    sums = [layer for layer in before[: attention[-1]]
+            if layer.op == "Add" and layer.role == MERGE and same_tokens(layer, norm)]
     if not sums:
         return None
-    return next((layer for layer in layers[sums[-1] + 1 :]
-                 if layer.op == "LayerNormalization" and layer.shape == norm.shape), None)
+    start = layers.index(sums[-1])
+    return next((layer for layer in layers[start + 1 :]
+                 if layer.op == "LayerNormalization" and layer.shape == sums[-1].shape), None)
+
+
+def class_attention(softmax: LayerInfo) -> bool:
+    """Attention whose queries are only the leading tokens (at most two: class and
+    distillation) over more keys: it updates those tokens, never the grid's."""
+    if len(softmax.shape) < 2:
+        return False
+    queries, keys = softmax.shape[-2], softmax.shape[-1]
+    return queries is not None and keys is not None and queries <= MAX_LEADING_TOKENS < keys
+
+
+def same_tokens(layer: LayerInfo, norm: LayerInfo) -> bool:
+    """``layer`` has ``norm``'s shape, or lies on its grid with its channels (CaiT's
+    blocks run on the grid's tokens; its class token joins them only for the norm)."""
+    if layer.shape == norm.shape:
+        return True
+    return (layer.grid is not None and norm.grid is not None
+            and (layer.grid.height, layer.grid.width) == (norm.grid.height, norm.grid.width)
+            and layer.shape[-1] == norm.shape[-1])
 
 
 def find_layer(layers: list[LayerInfo], name: str) -> LayerInfo:

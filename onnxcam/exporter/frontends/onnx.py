@@ -30,6 +30,11 @@ from onnxcam.exporter.frontends import (
 from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
 from onnxcam.exporter.module_paths import TORCH_PRODUCER, module_outputs, paths_by_tensor
 from onnxcam.exporter.shapes import lean_session, run_with_outputs
+from onnxcam.exporter.transformer_graph import (
+    TokenGrids,
+    attention_tensors,
+    is_residual_sum,
+)
 from onnxcam.graph import (
     backward_reachable,
     forward_reachable,
@@ -38,7 +43,7 @@ from onnxcam.graph import (
     real_inputs,
     toposort,
 )
-from onnxcam.layout import ActivationLayout, Layout, TokenGrid
+from onnxcam.layout import ActivationLayout, Layout
 from onnxcam.runtime import cpu_session, run_each_in_copies
 
 log = logging.getLogger(__name__)
@@ -53,8 +58,6 @@ ROLES = {
 # Ops whose 4-D output is always NCHW, whatever the model's input layout.
 NCHW_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "BatchNormalization",
             "GlobalAveragePool", "GlobalMaxPool", "LRN", "InstanceNormalization"}
-# Tokens a transformer puts before its grid: ViT's class token, DeiT's distillation token.
-MAX_LEADING_TOKENS = 2
 
 
 def load_proto(path: Path) -> onnx.ModelProto:
@@ -235,44 +238,29 @@ def list_layers(
     floats = {name for name, value in values.items() if value.dtype.kind == "f"}
     modules = paths_by_tensor(module_outputs(
         graph, model.producer_name == TORCH_PRODUCER, floats))
+    live = forward_reachable(graph, input_name)
+    attention = attention_tensors(graph, live)
     layers = []
-    patches: tuple[int, int] | None = None  # the grid of the latest convolution
+    grids = TokenGrids()
     for node in nodes:
         data = node.input[0] if node.input else ""
         source = made_by.get(data)
         shape = tuple(int(d) for d in values[node.output[0]].shape)
-        if node.op_type == "Conv" and len(shape) == 4:
-            patches = (shape[2], shape[3])
+        grids.see(node.op_type, shape)
+        # An Add of a constant (a Linear's bias) is no merge of two branches.
+        merge = node.op_type not in ("Add", "Sum") or is_residual_sum(node, live)
         layers.append(LayerInfo(
             name=node.name or node.output[0],
             op=node.op_type,
             shape=shape,
-            role=ROLES.get(node.op_type, OTHER),
+            role=ROLES.get(node.op_type, OTHER) if merge else OTHER,
             source=(source.name or source.output[0]) if source is not None else None,
             tensor=node.output[0],
-            grid=token_grid(shape, patches),
+            grid=grids.grid(shape),
             modules=modules.get(node.output[0], ()),
+            attention=node.output[0] in attention,
         ))
     return layers
-
-
-def token_grid(shape: tuple[int, ...], patches: tuple[int, int] | None) -> TokenGrid | None:
-    """The grid of a token tensor [1, T, C] (at batch 1), or None if it is none.
-
-    A vision transformer cuts the image into patches with a convolution and
-    flattens its h x w map into tokens, row by row, after up to
-    ``MAX_LEADING_TOKENS`` class or distillation tokens. So a rank-3, batch-first
-    tensor with T = k + h*w tokens (0 <= k <= MAX_LEADING_TOKENS) after such a
-    convolution is read as k leading tokens and that grid. Attention's own tensors
-    (heads or the sequence first) do not have the batch first at batch 1.
-    """
-    if patches is None or len(shape) != 3 or shape[0] != 1:
-        return None
-    height, width = patches
-    leading = shape[1] - height * width
-    if height * width < 2 or not 0 <= leading <= MAX_LEADING_TOKENS:
-        return None
-    return TokenGrid(leading, height, width)
 
 
 def output_shapes(model: onnx.ModelProto, input_name: str, sample: np.ndarray
