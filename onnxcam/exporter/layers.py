@@ -155,7 +155,10 @@ def last_block_norm(layers: list[LayerInfo], norm: LayerInfo) -> LayerInfo | Non
     sums = [layer for layer in before[: attention[-1]]
             if layer.op == "Add" and layer.role == MERGE and same_tokens(layer, norm)]
     if not sums:
-        return None
+        # A single block: no residual sum comes before its attention (the position
+        # embedding is added as a constant), so its first norm on the tokens is taken.
+        return next((layer for layer in before[: attention[-1]]
+                     if layer.op == "LayerNormalization" and same_tokens(layer, norm)), None)
     start = layers.index(sums[-1])
     return next((layer for layer in layers[start + 1 :]
                  if layer.op == "LayerNormalization" and layer.shape == sums[-1].shape), None)
