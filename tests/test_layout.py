@@ -136,12 +136,7 @@ def import_cycles(modules: dict[str, Path]) -> list[list[str]]:
                          and path.name != "__init__.py"}
     cycles, seen = [], set()
     for start in sorted(edges):
-        stack, reach = [start], set()
-        while stack:
-            for nxt in edges[stack.pop()]:
-                if nxt not in reach:
-                    reach.add(nxt)
-                    stack.append(nxt)
+        reach = _reach(edges, start)
         if start in reach and start not in seen:
             group = sorted(m for m in reach if start in _reach(edges, m))
             seen.update(group)
