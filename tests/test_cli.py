@@ -160,6 +160,7 @@ def test_layers_of_keras_model(mnist_path: Path) -> None:
 
 
 @pytest.mark.tf
+@pytest.mark.slow
 def test_tensorflows_start_up_notices_are_not_shown(mnist_path: Path, console: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """TF 2.21 prints its oneDNN notice twice on import, whatever TF_CPP_MIN_LOG_LEVEL

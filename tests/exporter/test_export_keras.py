@@ -403,6 +403,7 @@ def test_preprocessing_matches_keras(workspace: Workspace, name: str, mode: str)
                  "probabilities vs predict")
 
 
+@pytest.mark.slow
 def test_a_keras_application_gets_its_own_preprocessing_by_default(
         workspace: Workspace, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 12: a MobileNetV2 exported with the default ``unit`` called coffee a cat.
@@ -466,7 +467,8 @@ def test_fd_gradient_mode(workspace: Workspace) -> None:
 @pytest.mark.parametrize("name,layer,affine", [
     ("residual_bn", "block2_out", True),  # GAP then Dense: slopes from the unit basis
     ("mnist_cnn", "conv2", False),  # MaxPool, Flatten, Dense-ReLU: the chunked Loop
-    ("mobilenet_v2_small", "Conv_1", False),  # BN and ReLU6 before the pooling
+    pytest.param("mobilenet_v2_small", "Conv_1", False,  # BN, ReLU6 before the pooling
+                 marks=pytest.mark.slow),
 ])
 def test_fd_paths(workspace: Workspace, name: str, layer: str, affine: bool) -> None:
     """Affine tails take the exact unit-basis path (no Loop, fd_chunk 0); others
@@ -574,6 +576,7 @@ def tf2onnx_resistant_model() -> Any:
     return model
 
 
+@pytest.mark.slow
 def test_rebuilt_layers_in_a_fresh_process(tmp_path: Path) -> None:
     """The rebuilt layers' names cannot meet the model's own. Keras numbers its
     automatic names per process, so in a new one they start at ``add``, ``multiply``

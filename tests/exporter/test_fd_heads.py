@@ -214,6 +214,7 @@ torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), sys.argv[1], dynamo=False
 """
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ("torch", "torchvision")),
                     reason="needs PyTorch and torchvision")

@@ -17,6 +17,7 @@ print("alive")
 """
 
 
+@pytest.mark.slow
 def test_torch_after_tensorflow_does_not_crash() -> None:
     pytest.importorskip("torch")
     pytest.importorskip("tensorflow")
