@@ -70,6 +70,14 @@ KEY_ACTIVATION_GRID = PREFIX + "activation_grid"
 PREPROCESS_MODES = ("unit", "none", "caffe", "tf", "torch")
 LAYOUTS = ("nhwc", "nchw")
 TOKEN_LAYOUT = TokenGrid.value  # a token tensor [N, T, C] with its grid in metadata
+
+# What metadata may claim. A bundle is input an attacker may control (anyone who can
+# publish one to the store): these bounds stop a claim from sizing an allocation, and
+# they sit far above any classifier's (the largest exported here: 1024x1024, 21k classes).
+MAX_INPUT_SIDE = 8192
+MAX_INPUT_CHANNELS = 64
+MAX_BATCH_SIZE = 4096
+MAX_CLASSES = 1_000_000
 GRADIENT_MODES = ("analytic", "fd")
 
 
@@ -249,7 +257,7 @@ class BundleInfo:
                            for e in json.loads(props.get(KEY_LAYERS, "[]")))
             grid = grid_from_json(json.loads(props.get(KEY_ACTIVATION_GRID, "null")))
             activation_layout(props[KEY_ACTIVATION_LAYOUT], grid)  # a token layer has its grid
-            return cls(
+            info = cls(
                 height=int(props[KEY_HEIGHT]),
                 width=int(props[KEY_WIDTH]),
                 channels=int(props[KEY_CHANNELS]),
@@ -276,6 +284,23 @@ class BundleInfo:
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise BundleError(f"onnxcam bundle metadata is incomplete or malformed: {exc}") from exc
+        info.check_bounds()
+        return info
+
+    def check_bounds(self) -> None:
+        """Refuse metadata whose numbers no exported bundle has (see ``MAX_INPUT_SIDE``)."""
+        claims = (("input height", self.height, 1, MAX_INPUT_SIDE),
+                  ("input width", self.width, 1, MAX_INPUT_SIDE),
+                  ("input channels", self.channels, 1, MAX_INPUT_CHANNELS),
+                  ("batch size", self.batch_size, 0, MAX_BATCH_SIZE),
+                  ("number of classes", self.num_classes, 1, MAX_CLASSES))
+        for what, value, low, high in claims:
+            if not low <= value <= high:
+                raise BundleError(f"onnxcam bundle metadata claims {what} {value}, "
+                                  f"outside [{low}, {high}]")
+        if self.labels and len(self.labels) != self.num_classes:
+            raise BundleError(f"onnxcam bundle metadata has {len(self.labels)} labels for "
+                              f"{self.num_classes} classes")
 
 
 @dataclass(frozen=True)
@@ -315,7 +340,56 @@ def read_bundle(source: str | Path | bytes) -> Bundle:
     inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
     if inputs != {INPUT_IMAGE, INPUT_TARGET}:
         raise BundleError(f"{name}: bundle inputs are {sorted(inputs)}, expected image and target")
+    outside = external_data(model)
+    if outside:
+        raise BundleError(f"{name}: the bundle keeps tensor data outside its file (at "
+                          f"{outside!r}); a bundle carries its weights inside, so it is refused")
+    image = next(i for i in model.graph.input if i.name == INPUT_IMAGE)
+    _check_image_input(name, image, info)
     return Bundle(data, info, name)
+
+
+def external_data(model: Any) -> str | None:
+    """Where the first tensor stored outside the file says it lies, or None. Every
+    tensor is looked at: initializers, Constant nodes' values and subgraphs' (an
+    onnxruntime session would read such a location relative to its working folder)."""
+    from onnx import TensorProto
+
+    def tensors(graph: Any) -> Any:
+        yield from graph.initializer
+        yield from (s.values for s in graph.sparse_initializer)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+                if attribute.HasField("g"):
+                    yield from tensors(attribute.g)
+                for subgraph in attribute.graphs:
+                    yield from tensors(subgraph)
+
+    for tensor in tensors(model.graph):
+        if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
+            where = {entry.key: entry.value for entry in tensor.external_data}
+            return where.get("location", tensor.name)
+    return None
+
+
+def _check_image_input(name: str, image: Any, info: BundleInfo) -> None:
+    """The graph's image input agrees with the metadata: its fixed sizes are the
+    metadata's height, width and channels, and its fixed batch the bundle's.
+    Precondition: ``info`` passed ``check_bounds``."""
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in image.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise BundleError(f"{name}: the image input has {len(dims)} axes, not 4")
+    # Images go in as uint8 [N, H, W, C] whatever the model's own layout; a fixed-batch
+    # bundle's batch axis is that number (the exporter writes it so).
+    expected = [info.batch_size or None, info.height, info.width, info.channels]
+    for axis, (found, want) in enumerate(zip(dims, expected)):
+        if want is not None and found != want and (found is not None or axis == 0):
+            raise BundleError(f"{name}: the image input's axis {axis} is {found}, but the "
+                              f"metadata says {want}")
 
 
 def read_bundle_info(source: str | Path | Any) -> BundleInfo:
