@@ -113,6 +113,9 @@ def test_hard_kill_leaves_time_limit(cnn_bundle: Path, tmp_path: Path, asked: in
                  "the first record", interval=0.005)
         os.kill(pool_process(worker), signal.SIGSTOP)
         wait_for(lambda: job_status(spec.job_id, settings) == "failed", 30, "the kill")
+        # Celery's FAILURE state can land before error.json, which gives the images
+        # the kill ended their time_limit records: read the records once it is there.
+        wait_for(lambda: store.exists(f"jobs/{spec.job_id}/error.json"), 30, "error.json")
         records = job_records(spec.job_id, store)
         error = json.loads(store.get(f"jobs/{spec.job_id}/error.json"))
         assert error["code"] == "time_limit" and "ONNXCAM_TIME_LIMIT" in error["message"]
