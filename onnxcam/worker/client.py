@@ -184,14 +184,12 @@ def broker_errors(app: Any) -> Iterator[None]:
 
 
 def _redacted(url: str) -> str:
-    """A URL without its password."""
-    from kombu.utils.url import maybe_sanitize_url
-
-    return str(maybe_sanitize_url(url))
+    """A URL without its password, as Celery's own messages write it (``:**@``)."""
+    return masked(url, "**")
 
 
-def masked(url: str) -> str:
-    """``url`` as written, its password (if any) shown as ``***``:
+def masked(url: str, mask: str = "***") -> str:
+    """``url`` as written, its password (if any) shown as ``mask``:
     ``redis://:***@host:6379/0``."""
     from urllib.parse import urlsplit
 
@@ -200,7 +198,7 @@ def masked(url: str) -> str:
         return url
     credentials, host = parts.netloc.rsplit("@", 1)
     user = credentials.split(":", 1)[0]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    return parts._replace(netloc=f"{user}:{mask}@{host}").geturl()
 
 
 def endpoints(settings: Settings) -> str:
