@@ -110,11 +110,12 @@ class WorkerProcess:
 
 
 def start_worker(name: str, env: Mapping[str, str], folder: Path, concurrency: int = 1,
-                 extra: tuple[str, ...] = ()) -> WorkerProcess:
+                 extra: tuple[str, ...] = (), wrapper: tuple[str, ...] = ()) -> WorkerProcess:
+    """``wrapper`` runs before the command (``strace -f -o ...``)."""
     log = folder / f"{name}.log"
     stream = log.open("wb")
     process = subprocess.Popen(
-        [*console(), "worker", "--concurrency", str(concurrency), "--hostname",
+        [*wrapper, *console(), "worker", "--concurrency", str(concurrency), "--hostname",
          f"{name}@%h", *extra],
         env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=stream,
         stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
@@ -138,14 +139,17 @@ class ServerProcess:
                 self.process.wait()
 
 
-def start_redis(folder: Path, port: int) -> ServerProcess:
-    """A private redis-server with AOF on (fsync always), keeping its files in ``folder``."""
+def start_redis(folder: Path, port: int, aof: bool = True) -> ServerProcess:
+    """A private redis-server keeping its files in ``folder``: with AOF on (fsync
+    always), or with no persistence at all, so that a restart starts it empty."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed")
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if aof else \
+        ["--appendonly", "no"]
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", REDIS_HOST, "--dir", str(folder),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+         *persistence, "--save", ""],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     server = ServerProcess(process, port)
