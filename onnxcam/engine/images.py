@@ -1,17 +1,22 @@
 """Safe image decoding and resizing: every failure is a BadImageError, never a crash;
 and turning whatever a caller passes into the uint8 batch a bundle reads.
 
-Pillow's decompression-bomb guard is set explicitly, and the pixel count is checked
-from the header before any pixel is decoded.
+Only the formats of an allow-list are parsed at all, and Pillow's decompression-bomb
+guard is set to the caller's pixel limit while decoding, so that the declared size,
+and that of any image a container holds (ICO, ICNS), is checked before any pixel is
+decoded.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import stat
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +29,17 @@ from onnxcam.errors import BadImageError, BadTargetError, MissingImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 64 * 2**20
+# What cameras, browsers and data sets hold. Every other format Pillow knows (ICO,
+# ICNS, DDS, EPS, PSD, ...) is never parsed unless a caller lists it.
+DEFAULT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# Pillow draws EPS by running Ghostscript on the file: no setting turns that on.
+NEVER_READ = frozenset({"EPS"})
 
-# Pillow's own guard is switched off on purpose: decode() checks the caller's limit
-# from the header, before any pixel is decoded, so that limit is the one that holds.
+# Outside decode() Pillow's own guard is off: its global limit is the caller's only
+# while decode() holds _PILLOW_GUARD (see _bomb_guard).
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+_PILLOW_GUARD = threading.Lock()
 
 RESAMPLING = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -40,8 +51,27 @@ RESAMPLING = {
 
 @dataclass(frozen=True)
 class Limits:
+    """What ``decode`` accepts: pixels (checked before decoding), file bytes, and the
+    Pillow formats it parses at all (names as ``Image.registered_extensions()`` gives
+    them: PNG, JPEG, ...)."""
+
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+
+
+def image_formats(names: Iterable[str]) -> tuple[str, ...]:
+    """Format names checked against what this Pillow reads, upper case; a ValueError
+    names an unknown one, or EPS (which Pillow would hand to Ghostscript)."""
+    Image.init()
+    formats = tuple(dict.fromkeys(name.strip().upper() for name in names if name.strip()))
+    for name in formats:
+        if name in NEVER_READ:
+            raise ValueError(f"{name} is never read: Pillow would run Ghostscript on it")
+        if name not in Image.OPEN:
+            raise ValueError(f"{name} is not an image format this Pillow reads "
+                             f"(it reads {', '.join(sorted(set(Image.OPEN) - NEVER_READ))})")
+    return formats
 
 
 DEFAULT_LIMITS = Limits()
@@ -98,31 +128,83 @@ def _read_regular(descriptor: int, limits: Limits, shown: str) -> bytes:
 
 
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, name: str = "image") -> Image.Image:
-    """Decode encoded bytes fully, refusing truncated files and decompression bombs."""
+    """Decode encoded bytes fully (the first frame or page only), refusing formats
+    outside ``limits.formats`` unparsed, truncated files, and decompression bombs before
+    their pixels are decoded. Any failure is a BadImageError."""
     if not data:
         raise BadImageError(f"{name}: empty file")
     if len(data) > limits.max_bytes:
         raise BadImageError(f"{name}: {len(data)} bytes, over the {limits.max_bytes} limit")
+    with decoding(name), _bomb_guard(limits.max_pixels, name):
+        try:
+            # formats=: the other plugins are not even tried on the bytes.
+            image = Image.open(io.BytesIO(data), formats=list(limits.formats))
+        except UnidentifiedImageError:
+            raise BadImageError(_unread(data, limits.formats, name)) from None
+        image.load()  # the current frame: the first (GIF, WebP, PNG) or page (TIFF)
+    return image
+
+
+@contextmanager
+def decoding(name: str) -> Iterator[None]:
+    """Whatever reading or converting one image raises becomes that image's
+    BadImageError: Pillow's plugins raise anything from SyntaxError to
+    NotImplementedError (an unknown DDS pixel format), and a large image MemoryError."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise BadImageError(
-                    f"{name}: {width}x{height} pixels is over the {limits.max_pixels} limit "
-                    "(decompression bomb?)"
-                )
-            image.load()
+        yield
     except BadImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(f"{name}: refused as a decompression bomb ({exc})") from exc
-    except UnidentifiedImageError as exc:
-        raise BadImageError(f"{name}: not an image file") from exc
+    except MemoryError:
+        raise BadImageError(f"{name}: out of memory while decoding") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BadImageError(f"{name}: corrupt or truncated image ({exc})") from exc
-    return image
+        raise BadImageError(f"{name}: corrupt or truncated image ({_short(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - a plugin's own failure ends this image only
+        raise BadImageError(f"{name}: cannot decode ({type(exc).__name__}: {_short(exc)})"
+                            ) from exc
+
+
+@contextmanager
+def _bomb_guard(max_pixels: int, name: str) -> Iterator[None]:
+    """Pillow's own bomb check at ``max_pixels``: it runs on the size an image declares
+    as soon as it is opened, and on the image a container holds before that is decoded
+    (ICO and ICNS embed PNGs of any size behind a 256x256 entry). Its limit is one
+    global, so decodes take turns while it is set."""
+    with _PILLOW_GUARD, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            pixels = f"{int(found.group(1))} pixels" if found else "its size"
+            raise BadImageError(f"{name}: {pixels} is over the {max_pixels} pixel limit "
+                                "(decompression bomb?)") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = None
+
+
+def _unread(data: bytes, formats: Sequence[str], name: str) -> str:
+    """Why Pillow found no allowed format in ``data``: the format its first bytes show
+    (from each plugin's signature test alone, nothing parsed), when it is not allowed."""
+    Image.init()
+    prefix = data[:16]
+    for candidate in Image.ID:
+        accept = Image.OPEN[candidate][1]
+        try:
+            matched = accept is not None and bool(accept(prefix))
+        except Exception:  # noqa: BLE001 - a signature test that trips on short bytes
+            matched = False
+        if matched and candidate not in formats:
+            allowed = ", ".join(formats) or "none"
+            return (f"{name}: looks like {candidate}, a format not read here (formats "
+                    f"read: {allowed}; ONNXCAM_IMAGE_FORMATS, or Limits.formats in the "
+                    "library)")
+    return f"{name}: not an image file"
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def to_array(image: Image.Image, channels: int) -> np.ndarray:
