@@ -26,7 +26,7 @@ from PIL import Image
 
 from onnxcam.bundle import BundleInfo
 from onnxcam.engine.explainer import DEFAULT_BATCH, Explainer, Explanation
-from onnxcam.engine.images import RESAMPLING, Limits, decode, resize, to_array
+from onnxcam.engine.images import RESAMPLING, Limits, decode, decoding, resize, to_array
 from onnxcam.engine.outputs import render, stored_size
 from onnxcam.engine.prefetch import prefetched
 from onnxcam.errors import (
@@ -55,7 +55,7 @@ def fetch(ref: ImageRef, store: Store, allowed: AllowList, limits: Limits) -> by
     if ref.data is not None:
         return ref.data
     if ref.path is not None:
-        return read_path(ref.path, allowed, limits)
+        return read_path(ref.path, store, allowed, limits)
     assert ref.uri is not None
     return read_uri(ref.uri, store, allowed, limits)
 
@@ -76,19 +76,21 @@ def load(data: bytes, name: str, info: BundleInfo, limits: Limits, max_side: int
     The full-size image lives only inside this call, and only as Pillow decoded it:
     both sizes are resized from it directly, which gives what ``to_array`` and then
     ``resize`` would, without their two full-size copies (16-bit images, which
-    ``to_array`` scales down, still take that way)."""
+    ``to_array`` scales down, still take that way). Whatever converting raises (a mode
+    Pillow cannot convert, MemoryError) ends this image only, as decoding's does."""
     image = decode(data, limits, name)
     width, height = image.size
     stored = stored_size(height, width, max_side)
-    if image.mode.startswith("I"):
-        full = to_array(image, info.channels)
-        return Loaded(resize(full, info.height, info.width, info.resize),
-                      resize(full, *stored), (height, width))
-    mode = "L" if info.channels == 1 else "RGB"
-    if image.mode != mode:
-        image = image.convert(mode)
-    return Loaded(_resized(image, info.height, info.width, info.resize),
-                  _resized(image, *stored), (height, width))
+    with decoding(name):
+        if image.mode.startswith("I"):
+            full = to_array(image, info.channels)
+            return Loaded(resize(full, info.height, info.width, info.resize),
+                          resize(full, *stored), (height, width))
+        mode = "L" if info.channels == 1 else "RGB"
+        if image.mode != mode:
+            image = image.convert(mode)
+        return Loaded(_resized(image, info.height, info.width, info.resize),
+                      _resized(image, *stored), (height, width))
 
 
 def _resized(image: Image.Image, height: int, width: int, method: str = "bilinear") -> np.ndarray:

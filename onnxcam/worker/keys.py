@@ -1,7 +1,8 @@
 """Where bundles and jobs live in the store: names only, no I/O (``records`` reads and
 writes what lies under them).
 
-The store holds ``bundles/<sha256>.onnx`` and, per job, ``jobs/<job id>/``:
+The store holds ``bundles/<sha256>.onnx``, images for jobs under ``inputs/`` and, per
+job, ``jobs/<job id>/``:
 
 - ``request.json``: the job as submitted (without inline pixels), written by the client;
   optional, since any Celery client may send jobs: records are found without it;
@@ -29,6 +30,9 @@ from onnxcam.errors import UnknownBundleError
 
 BUNDLE_PREFIX = "bundles"
 JOB_PREFIX = "jobs"
+# Where images that jobs name by store URI go, by whoever puts them there: with
+# ONNXCAM_STORE_READS=inputs (the default) the one folder of the store jobs may read.
+INPUT_PREFIX = "inputs"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 REQUEST = "request.json"

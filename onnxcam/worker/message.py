@@ -122,8 +122,8 @@ def parse_options(options: Any) -> dict[str, Any]:
     return dict(options)
 
 
-# Names, paths and URIs end up in records, in error messages and in Celery's result:
-# no real one is longer (PATH_MAX is 4096), and a longer one would swell all three.
+# Names end up in records, in error messages and in Celery's result: no real one is
+# longer (PATH_MAX is 4096), and a longer one would swell all three.
 MAX_REF_CHARS = 4096
 
 
@@ -134,11 +134,13 @@ def _parse_ref(item: Any, index: int, inline: _InlineBudget) -> ImageRef:
     if len(sources) != 1 or not all(isinstance(item[k], str) for k in sources):
         raise MalformedJobError(f"image {index} needs exactly one of path, uri or data")
     source = sources[0]
-    default = f"image-{index}" if source == "data" else str(item[source])
+    # A path or URI too long for any file system ends its own image as bad_path, when
+    # the worker reads it; meanwhile the image goes by its number.
+    named = source != "data" and len(item[source]) <= MAX_REF_CHARS
+    default = str(item[source]) if named else f"image-{index}"
     name = item["name"] if isinstance(item.get("name"), str) and item["name"] else default
-    if len(name) > MAX_REF_CHARS or (source != "data" and len(item[source]) > MAX_REF_CHARS):
-        raise MalformedJobError(f"image {index}: its name, path or URI is over "
-                                f"{MAX_REF_CHARS} characters")
+    if len(name) > MAX_REF_CHARS:
+        raise MalformedJobError(f"image {index}: its name is over {MAX_REF_CHARS} characters")
     if source == "data":
         refusal = inline.refusal(item["data"])
         if refusal is not None:

@@ -13,7 +13,13 @@ from functools import cached_property
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from onnxcam.engine.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Limits
+from onnxcam.engine.images import (
+    DEFAULT_FORMATS,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    Limits,
+    image_formats,
+)
 from onnxcam.errors import SettingsError
 
 
@@ -32,8 +38,15 @@ class JobBounds:
 
 DEFAULT_BOUNDS = JobBounds()
 
-# ':' separates roots as in PATH, except the one in a URI scheme ("s3://...").
-_ROOT_SEPARATOR = re.compile(r":(?!//)")
+# One root of ONNXCAM_ALLOWED_ROOTS: ':' separates roots as in PATH, except inside a
+# URI's scheme and authority ("http://user:secret@host:6399/imgs" is one root).
+_ROOT = re.compile(r"""
+      [A-Za-z][A-Za-z0-9+.-]*://            # a URI: its scheme,
+      (?:[^/@]*@)?                          # user and password,
+      (?:\[[^\]/]*\]|[^/:]*)(?::[0-9]+)?     # host (or [IPv6]) and port,
+      [^:]*                                 # and path
+    | [^:]*                                 # or a local folder
+""", re.VERBOSE)
 
 
 class Settings(BaseSettings):
@@ -48,6 +61,12 @@ class Settings(BaseSettings):
         "Where bundles and results live (fsspec): a local folder, or s3://bucket/prefix."))
     allowed_roots: str = Field(".", description=(
         "Folders (or URI prefixes) whose images jobs may read, ':'-separated like PATH."))
+    store_reads: str = Field("inputs", pattern="^(none|inputs|all)$", description=(
+        "Which store objects a job may name as images: none, inputs (only under the "
+        "store's inputs/ folder) or all (other jobs' results too)."))
+    image_formats: str = Field(",".join(DEFAULT_FORMATS), description=(
+        "Image formats (Pillow's names) jobs' images may be in, ','-separated; any "
+        "other is refused with bad_image, unparsed. EPS is never read."))
     allowed_protocols: str = Field("file,s3", pattern=r"^[A-Za-z0-9+.,-]*$", description=(
         "URI protocols jobs may name for their images, ','-separated; no other is opened."))
     connect_timeout: float = Field(5.0, gt=0, description=(
@@ -93,10 +112,15 @@ class Settings(BaseSettings):
             raise ValueError("ONNXCAM_TIME_LIMIT must be larger than ONNXCAM_SOFT_TIME_LIMIT")
         return value
 
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, value: str) -> str:
+        return ",".join(image_formats(value.split(",")))
+
     @cached_property
     def roots(self) -> list[str]:
         """The allowed roots as a list; empty entries are dropped."""
-        return [part for part in _ROOT_SEPARATOR.split(self.allowed_roots) if part]
+        return split_roots(self.allowed_roots)
 
     @cached_property
     def protocols(self) -> frozenset[str]:
@@ -110,12 +134,26 @@ class Settings(BaseSettings):
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes)
+        return Limits(max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes,
+                      formats=tuple(self.image_formats.split(",")) if self.image_formats
+                      else ())
 
     @property
     def bounds(self) -> JobBounds:
         return JobBounds(self.max_job_images, self.max_job_bytes, self.max_inline_image_bytes,
                          self.max_inline_job_bytes, self.max_stored_side)
+
+
+def split_roots(text: str) -> list[str]:
+    """ONNXCAM_ALLOWED_ROOTS as a list, empty entries dropped: ``/data/images:http://h:6399/
+    imgs`` is two roots, the port's ':' being inside the URI."""
+    roots, position = [], 0
+    while position <= len(text):
+        found = _ROOT.match(text, position)
+        assert found is not None  # the local-folder branch matches anything, even ""
+        roots.append(found.group())
+        position = found.end() + 1  # past the ':' that ended it
+    return [root for root in roots if root]
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -1,10 +1,11 @@
 """Where a job's images may come from: an allow-list checked before any I/O.
 
 An image is read from a local path whose real path lies under ``ONNXCAM_ALLOWED_ROOTS``,
-from the store, or from a URI under a prefix listed there, and only through a protocol
-named in ``ONNXCAM_ALLOWED_PROTOCOLS``. A refusal is decided from the reference's text
-(and, for a local path, its real path): nothing is opened, dialled or instantiated, and
-the reply is the same whether the target exists or not.
+from the store where ``ONNXCAM_STORE_READS`` lets jobs read it, or from a URI under a
+prefix listed in the roots, and only through a protocol named in
+``ONNXCAM_ALLOWED_PROTOCOLS``. A refusal is decided from the reference's text (and, for
+a local path, its real path): nothing is opened, dialled or instantiated, and the reply
+is the same whether the target exists or not.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from onnxcam.engine.images import Limits, read_bytes
 from onnxcam.errors import (
@@ -24,6 +26,7 @@ from onnxcam.errors import (
     MissingImageError,
     UnreachableImageError,
 )
+from onnxcam.worker.keys import INPUT_PREFIX
 from onnxcam.worker.settings import DEFAULT_BOUNDS, Settings
 from onnxcam.worker.store import (
     NotAnObjectError,
@@ -38,7 +41,11 @@ from onnxcam.worker.store import (
 DEFAULT_PROTOCOLS = frozenset({"file", "s3"})
 DEFAULT_INLINE_LIMIT = DEFAULT_BOUNDS.max_inline_image_bytes
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_PATH_MAX = 4096  # bytes, as Linux's PATH_MAX
+_PATH_MAX = 4096  # bytes with the closing NUL, as Linux's PATH_MAX: 4095 at most
+_NAME_MAX = 255  # bytes of one name in a local path
+# Protocols whose servers percent-decode a URI's path (some more than once) and
+# resolve its dot segments: a prefix is compared on every decoding of it.
+_DECODED = frozenset({"http", "https"})
 
 
 @dataclass(frozen=True)
@@ -51,11 +58,24 @@ class AllowList:
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
     inline_limit: int = DEFAULT_INLINE_LIMIT  # the largest inline image, for refusals' hint
+    store_reads: str = "inputs"  # ONNXCAM_STORE_READS: none, inputs or all
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AllowList:
         return cls(tuple(settings.roots), settings.protocols, settings.connect_timeout,
-                   settings.read_timeout, settings.max_inline_image_bytes)
+                   settings.read_timeout, settings.max_inline_image_bytes,
+                   settings.store_reads)
+
+    def check_store_key(self, key: str, shown: str) -> None:
+        """Refuse a store object jobs may not read (another job's overlay, say), from
+        its key alone: the same reply whether the object exists or not."""
+        if self.store_reads == "all" or (
+                self.store_reads == "inputs" and key.startswith(INPUT_PREFIX + "/")):
+            return
+        which = "store objects" if self.store_reads == "none" else \
+            f"store objects outside {INPUT_PREFIX}/"
+        raise ForbiddenPathError(f"{shown}: {which} are not read as images "
+                                 f"(ONNXCAM_STORE_READS={self.store_reads})")
 
     def outside(self, what: str = "the allowed roots") -> str:
         """Why a path or URI outside every root is refused, and the way round it: the
@@ -74,10 +94,11 @@ class AllowList:
                 if _protocol(root) != "file"]
 
 
-def read_path(path: str, allowed: AllowList, limits: Limits) -> bytes:
+def read_path(path: str, store: Store, allowed: AllowList, limits: Limits) -> bytes:
     """A local image named by a job's ``path``."""
-    _check_text(path)
+    _check_text(path, local=True)
     resolved = allowed_path(path, allowed.folders, refusal=allowed.outside())
+    _check_store_file(resolved, store, allowed, path)
     return read_bytes(resolved, limits, name=path, follow_links=False)
 
 
@@ -92,11 +113,22 @@ def read_uri(uri: str, store: Store, allowed: AllowList, limits: Limits) -> byte
         raise ForbiddenPathError(f"{uri}: protocol {protocol!r} is not allowed "
                                  "(ONNXCAM_ALLOWED_PROTOCOLS)")
     if protocol == "file":
+        _check_text(_local_part(uri), local=True)
         folders = [*allowed.folders, *([store.root] if store.local else [])]
         resolved = allowed_path(_local_part(uri), folders, shown=uri,
                                 refusal=allowed.outside())
+        _check_store_file(resolved, store, allowed, uri)
         return read_bytes(resolved, limits, name=uri, follow_links=False)
     return _read_remote(uri, store, allowed, limits)
+
+
+def _check_store_file(resolved: Path, store: Store, allowed: AllowList, shown: str) -> None:
+    """A local file inside a local store, by whichever root it was reached, is a store
+    object: ONNXCAM_STORE_READS decides."""
+    if store.local:
+        base = os.path.realpath(store.root)
+        if _under(str(resolved), base):
+            allowed.check_store_key(os.path.relpath(resolved, base), shown)
 
 
 def allowed_path(path: str, roots: Iterable[str], shown: str | None = None,
@@ -163,13 +195,34 @@ def _read_remote(uri: str, store: Store, allowed: AllowList, limits: Limits) -> 
     protocol = _protocol(uri)
     key = None if store.local else store.owns(canonical)
     if key is not None:
+        allowed.check_store_key(key, uri)
         # The store's own failures stay transient: the job retries, as for its writes.
         return _read_object(store.url, protocol, key, uri, allowed, limits, transient=True)
     for prefix in allowed.prefixes:
         if canonical.startswith(prefix + "/"):
-            return _read_object(prefix, protocol, canonical[len(prefix) + 1:], uri, allowed,
-                                limits, transient=False)
+            rest = canonical[len(prefix) + 1:]
+            if protocol in _DECODED and _climbs(rest):
+                raise ForbiddenPathError(f"{uri}: '.', '..' and '\\' are not allowed in a URI, "
+                                         "percent-encoded or not")
+            return _read_object(prefix, protocol, rest, uri, allowed, limits,
+                                transient=False)
     raise ForbiddenPathError(f"{uri}: {allowed.outside('the store and the allowed roots')}")
+
+
+def _climbs(rest: str, rounds: int = 4) -> bool:
+    """Whether the path after a prefix could leave it once a server has decoded it:
+    a '.' or '..' segment, or a backslash, in it as written or after any number of
+    percent-decodings (``%2e%2e``, ``%252e``, ``..%2F``); so many layers that no answer
+    comes within ``rounds`` decodings count as leaving."""
+    path = rest.split("?", 1)[0].split("#", 1)[0]
+    for _ in range(rounds):
+        if "\\" in path or any(part in (".", "..") for part in path.split("/")):
+            return True
+        decoded = unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True
 
 
 def _reader(url: str, protocol: str, connect_timeout: float, read_timeout: float) -> Store:
@@ -203,18 +256,25 @@ def _read_object(url: str, protocol: str, key: str, uri: str, allowed: AllowList
         raise BadImageError(f"{uri}: cannot read ({str(exc).split(': ', 1)[-1]})") from None
 
 
-def _check_text(text: str) -> None:
-    """Refuse what no file system can name, before it reaches one."""
+def _check_text(text: str, local: bool = False) -> None:
+    """Refuse what no file system can name, before it reaches one; for a ``local``
+    path, a name longer than a Linux file system takes too."""
     if not text:
         raise InvalidPathError("an empty path or URI")
+    size = len(text.encode("utf-8", "surrogatepass"))  # before any message quotes it
+    if size >= _PATH_MAX:
+        raise InvalidPathError(f"a path or URI of {size} bytes, over the limit of "
+                               f"{_PATH_MAX - 1}")
     if "\x00" in text:
         raise InvalidPathError(f"{text!r}: a NUL byte in a path or URI")
     try:
-        size = len(os.fsencode(text))
+        os.fsencode(text)
     except UnicodeEncodeError:
         raise InvalidPathError(f"{text!r}: not encodable as a file name") from None
-    if size > _PATH_MAX:
-        raise InvalidPathError(f"a path or URI of {size} bytes, over {_PATH_MAX}")
+    longest = max(len(os.fsencode(name)) for name in text.split("/"))
+    if local and longest > _NAME_MAX:
+        raise InvalidPathError(f"a name of {longest} bytes in a path, over the limit of "
+                               f"{_NAME_MAX}")
 
 
 def _protocol(uri: str) -> str:

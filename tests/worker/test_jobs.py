@@ -154,10 +154,10 @@ def test_fetch_sources(store: Store, images: dict[str, Path]) -> None:
     limits = load_settings().limits
     assert fetch(ImageRef("a", path=str(images["a.png"])), store, roots, limits) == data
     assert fetch(ImageRef("a", data=data), store, roots, limits) == data
-    uri = store.put("images/a.png", data)
+    uri = store.put("inputs/a.png", data)
     assert fetch(ImageRef("a", uri=uri), store, roots, limits) == data
     with pytest.raises(MissingImageError):
-        fetch(ImageRef("a", uri=store.uri("images/nope.png")), store, roots, limits)
+        fetch(ImageRef("a", uri=store.uri("inputs/nope.png")), store, roots, limits)
     with pytest.raises(ForbiddenPathError):
         fetch(ImageRef("a", uri="file:///etc/passwd"), store, roots, limits)
     with pytest.raises(ForbiddenPathError):
@@ -172,7 +172,7 @@ def test_oversized_objects_are_refused_before_reading(store: Store,
     from onnxcam.errors import BadImageError
 
     data = images["a.png"].read_bytes()
-    uri = store.put("images/a.png", data)
+    uri = store.put("inputs/a.png", data)
     tight = Limits(max_bytes=len(data) - 1)
     with pytest.raises(BadImageError, match=f"{len(data)} bytes, over the {len(data) - 1}"):
         fetch(ImageRef("a", uri=uri), store, AllowList(()), tight)

@@ -4,12 +4,14 @@ that show whether anything was dialled or read."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +121,7 @@ def attacks(tree: dict[str, Path], store: Store, port: int) -> dict[str, tuple[I
     root, outside = tree["root"], tree["outside"]
     canary = outside / "canary"
     store.put("jobs/other/00000.json", b"{}")
+    store.put("inputs/sub/00000.json", b"{}")
     cases = {
         "ftp to a listening port": (f"ftp://{REDIS_HOST}:{port}/x.png", "forbidden_path"),
         "ftp to a closed port": (f"ftp://{REDIS_HOST}:{closed_port()}/x.png", "forbidden_path"),
@@ -134,7 +137,9 @@ def attacks(tree: dict[str, Path], store: Store, port: int) -> dict[str, tuple[I
         "memory": ("memory://x.png", "forbidden_path"),
         "local:// alias": (f"local://{canary}", "forbidden_path"),
         "s3, not listed": ("s3://elsewhere/x.png", "forbidden_path"),
-        "a store folder": (store.uri("jobs/other"), "bad_image"),
+        "a store folder": (store.uri("inputs/sub"), "bad_image"),
+        "another job's record": (store.uri("jobs/other/00000.json"), "forbidden_path"),
+        "a bundle": (store.uri("bundles"), "forbidden_path"),
         "a NUL byte in a URI": (f"file://{root}/good.png\x00", "bad_path"),
     }
     refs = {name: (ImageRef(name, uri=uri), code) for name, (uri, code) in cases.items()}
@@ -304,6 +309,161 @@ def test_a_job_keeps_its_good_image_beside_every_attack(bundle: bytes, tree: dic
     expected = Explainer(bundle, device="cpu").explain(str(tree["root"] / "good.png"))
     assert record["target"] == int(expected.targets[0])
     assert_close(record["logits"], expected.logits[0], 1e-6, "logits")
+
+
+# -- the store's own objects, by ONNXCAM_STORE_READS (issue 20, part 4)
+
+
+def png_bytes(colour: tuple[int, int, int] = (30, 60, 90)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (6, 4), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["folder store", "remote store"])
+def test_a_job_reads_store_objects_only_where_the_setting_allows(tmp_path: Path,
+                                                                 local: bool) -> None:
+    """A store URI to another job's overlay (or a bundle) is refused unless
+    ONNXCAM_STORE_READS=all; under inputs/ it is read with the default; with none,
+    nothing of the store is. A folder store is reached by path too, through a root that
+    holds it. The remote store is fsspec's memory filesystem (not a folder)."""
+    store = Store(str(tmp_path / "store") if local else f"memory://store-{uuid.uuid4().hex}")
+    data = png_bytes()
+    for key in ("inputs/a.png", "jobs/other/00000.png", "bundles/x.png"):
+        store.put(key, data)
+    refs = {key: ImageRef("a", uri=store.uri(key))
+            for key in ("inputs/a.png", "jobs/other/00000.png", "bundles/x.png")}
+    if local:  # by path, through a root above the store
+        refs.update({f"path {key}": ImageRef("a", path=f"{tmp_path}/store/{key}")
+                     for key in ("inputs/a.png", "jobs/other/00000.png")})
+        refs["file:// up and back"] = ImageRef(
+            "a", uri=f"file://{tmp_path}/store/inputs/../jobs/other/00000.png")
+    expected = {
+        "all": dict.fromkeys(refs, "ok"),
+        "inputs": {name: "ok" if "inputs/a.png" in name else "forbidden_path" for name in refs},
+        "none": dict.fromkeys(refs, "forbidden_path"),
+    }
+    for reads, codes in expected.items():
+        allowed = AllowList((str(tmp_path),), frozenset({"file", "memory"}), store_reads=reads)
+        got = {name: code_of(lambda ref=ref, allowed=allowed: fetch(ref, store, allowed,
+                                                                    Limits()))
+               for name, ref in refs.items()}
+        assert got == codes, reads
+    default = AllowList.from_settings(load_settings())
+    assert default.store_reads == "inputs"
+
+
+@pytest.mark.parametrize("reads", ["none", "inputs"])
+def test_a_store_refusal_says_nothing_of_existence(tmp_path: Path, reads: str) -> None:
+    """The reply to a store URI of another job's overlay is the same, byte for byte,
+    while the overlay exists and once it is gone; and for a key that never existed,
+    but for the key itself."""
+    store = Store(str(tmp_path / "store"))
+    overlay = store.put("jobs/victim/00000.png", png_bytes())
+    allowed = AllowList((), store_reads=reads)
+
+    def reply(uri: str) -> tuple[str, str]:
+        with pytest.raises(OnnxcamError) as caught:
+            fetch(ImageRef("a", uri=uri), store, allowed, Limits())
+        return caught.value.code, str(caught.value)
+
+    with IoRecorder() as events:
+        present = reply(overlay)
+    assert events == []  # decided from the text: nothing stat'ed or opened
+    store.delete("jobs/victim/00000.png")
+    assert reply(overlay) == present and present[0] == "forbidden_path"
+    missing = store.uri("jobs/never-was/00000.png")
+    assert reply(missing)[1].replace(missing, "URI") == present[1].replace(overlay, "URI")
+    assert f"(ONNXCAM_STORE_READS={reads})" in present[1]
+
+
+# -- http(s) prefixes compared percent-decoded, roots with ports, path lengths
+
+
+@pytest.mark.parametrize("rest", [
+    "%2e%2e/secret/ok.png", "%2E%2E/secret/ok.png", ".%2e/secret/ok.png",
+    "..%2Fsecret/ok.png", "a/%2e%2e%2f%2e%2e/secret/ok.png", "%252e%252e/secret/ok.png",
+    "%25252e%25252e/secret/ok.png", "..%5csecret/ok.png", "a\\..\\..\\secret/ok.png",
+    "%2e/ok.png", "a/%2E%2e/../secret/ok.png",
+])
+def test_an_http_root_is_not_left_by_encoded_dots(listener: Listener, rest: str) -> None:
+    """'..' percent-encoded once, twice or three times, or made of encoded slashes and
+    backslashes: refused from the text, before any connection."""
+    prefix = f"http://{REDIS_HOST}:{listener.port}/imgs"
+    allowed = AllowList((prefix,), frozenset({"http"}))
+    before = listener.connections
+    with IoRecorder() as events:
+        code = code_of(lambda: fetch(ImageRef("a", uri=f"{prefix}/{rest}"),
+                                     Store("/nonexistent-store"), allowed, Limits()))
+    assert code == "forbidden_path"
+    assert not [e for e in events if e.startswith("socket.")], events
+    assert listener.connections == before
+
+
+def test_an_http_root_still_reads_plain_and_encoded_names(listener: Listener) -> None:
+    """A name with a space or a '%' of its own passes the check and is dialled."""
+    prefix = f"http://{REDIS_HOST}:{listener.port}/imgs"
+    allowed = AllowList((prefix,), frozenset({"http"}), connect_timeout=2, read_timeout=2)
+    before = listener.connections
+    for rest in ("ok.png", "a%20b.png", "100%25.png", "sub/..x.png", "x.png?v=%2e%2e"):
+        code = code_of(lambda rest=rest: fetch(ImageRef("a", uri=f"{prefix}/{rest}"),
+                                               Store("/nonexistent-store"), allowed, Limits()))
+        assert code != "forbidden_path", rest  # the listener hangs up: some other code
+    assert listener.connections > before
+
+
+def test_roots_with_ports_parse_as_one_root() -> None:
+    from onnxcam.worker.settings import split_roots
+
+    assert split_roots("http://h:6399/imgs:/data/images") == ["http://h:6399/imgs",
+                                                              "/data/images"]
+    assert split_roots("/a:s3://b/in:https://u:p@h:443/x:.") == [
+        "/a", "s3://b/in", "https://u:p@h:443/x", "."]
+    assert split_roots("http://[::1]:8080/x::/y:") == ["http://[::1]:8080/x", "/y"]
+    assert split_roots("http://h:6399:/data") == ["http://h:6399", "/data"]
+    assert split_roots("") == [] and split_roots("/only") == ["/only"]
+    allowed = AllowList.from_settings(load_settings(allowed_roots="http://h:6399/imgs:/data"))
+    assert allowed.prefixes == ["http://h:6399/imgs"] and allowed.folders == ["/data"]
+
+
+def test_a_path_over_path_max_is_bad_path_wherever_it_enters(tree: dict[str, Path]) -> None:
+    """4095 bytes is the longest path Linux opens (PATH_MAX counts the NUL), 255 the
+    longest name in it; longer is bad_path, by path, by URI and through the message,
+    and a path too long to be a name leaves the rest of the job alone."""
+    from onnxcam.worker.message import parse_job
+
+    root = str(tree["root"])
+    allowed = AllowList((root,))
+
+    def path_of(size: int) -> str:
+        path = root
+        while len(path) < size:
+            path += "/" + "d" * min(200, size - len(path) - 1)
+        assert len(path.encode()) == size
+        return path
+
+    cases = {
+        path_of(4095): "missing_image", path_of(4096): "bad_path",
+        f"{root}/{'n' * 255}": "missing_image", f"{root}/{'n' * 256}": "bad_path",
+        f"{root}/" + "é/" * 1400: "bad_path",  # 1400 chars of 2 bytes each: 4200 bytes
+    }
+    for path, code in cases.items():
+        as_file_uri = "bad_path" if len(f"file://{path}".encode()) > 4095 else code
+        for ref, expected in ((ImageRef("a", path=path), code), (ImageRef("a", uri=path), code),
+                              (ImageRef("a", uri=f"file://{path}"), as_file_uri)):
+            assert code_of(lambda ref=ref: fetch(ref, Store("/nonexistent-store"), allowed,
+                                                 Limits())) == expected, (len(path), ref)
+    message = {"v": 1, "bundle": "0" * 64, "method": "gradcam",
+               "images": [{"path": "/" + "a" * 5000}, {"uri": "s3://b/" + "é" * 4000},
+                          {"path": f"{root}/good.png"}]}
+    spec = parse_job(message, "job")
+    # a name over 4096 characters would be malformed; 4007 of them (8007 bytes) pass
+    assert [ref.name for ref in spec.images] == ["image-0", message["images"][1]["uri"],
+                                                 f"{root}/good.png"]
+    assert [code_of(lambda ref=ref: fetch(ref, Store("/nonexistent-store"), allowed, Limits()))
+            for ref in spec.images] == ["bad_path", "bad_path", "ok"]
+    with pytest.raises(OnnxcamError, match="its name is over 4096 characters"):
+        parse_job({**message, "images": [{"name": "n" * 4097, "path": "/x"}]}, "job")
 
 
 # -- S3: allowed when listed, refused when not, bounded when the host is silent
