@@ -320,3 +320,66 @@ def test_fuzzed_sources(deployment: dict[str, Any], tmp_path: Path) -> None:
         own.stop()
         redis_client(deployment).flushdb()  # whatever the failure left queued
     assert os.path.exists(deployment["canary"])
+
+
+# -- images of every format (issue 20, part 5) ---------------------------------------
+
+
+def image_files() -> dict[str, bytes]:
+    """A file of each format this Pillow writes, and crafted ones it only reads: ICO
+    and ICNS holding a huge PNG, a DDS it cannot decode, an EPS, PSD, XPM, and frames
+    or pages past the first that declare huge sizes."""
+    import hostile_images as hostile
+
+    return {**hostile.every_format(), **hostile.read_only_formats(),
+            "GIF-frames": hostile.gif_with_huge_second_frame(),
+            "TIFF-pages": hostile.tiff_with_huge_second_page()}
+
+
+def inline(data: bytes) -> dict[str, str]:
+    return {"data": base64.b64encode(data).decode()}
+
+
+def image_job(deployment: dict[str, Any], images: list[dict[str, str]]) -> list[str]:
+    """A job of ``images`` then the good one; the codes it ended with, documented."""
+    good = {"path": str(deployment["roots"] / "good.png")}
+    message = {"v": 1, "bundle": deployment["sha"], "method": "gradcam",
+               "images": [*images, good]}
+    found = ended_with_documented_codes(deployment, send(deployment, message))
+    assert found[-1] == "ok", found  # a bad image ends only itself
+    return found[:-1]
+
+
+def test_every_image_format(deployment: dict[str, Any], worker: Any) -> None:
+    """One job with a file of every format: the default list's are read, every other
+    is bad_image (unparsed); the worker serves on."""
+    files = image_files()
+    found = dict(zip(files, image_job(deployment, [inline(data) for data in files.values()])))
+    readable = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO", "GIF-frames", "TIFF-pages"}
+    assert {name for name, code in found.items() if code == "ok"} == readable, found
+    assert set(found.values()) == {"ok", "bad_image"}, found
+    serves_a_good_job(deployment, worker)
+    assert "Traceback" not in worker.text()
+
+
+def test_fuzzed_image_files(deployment: dict[str, Any], worker: Any) -> None:
+    """Every format's file cut short or with bytes overwritten: ok or bad_image, never a
+    failed job, the good image after it ok."""
+    files = sorted(image_files().items())
+
+    def mutated(item: tuple[str, bytes], cut: float, flips: list[tuple[float, int]]) -> bytes:
+        data = bytearray(item[1][:max(1, int(len(item[1]) * cut))])
+        for where, value in flips:
+            data[int(where * (len(data) - 1))] = value
+        return bytes(data)
+
+    @FUZZ
+    @given(data=st.builds(mutated, st.sampled_from(files), st.floats(0.05, 1.0),
+                          st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)),
+                                   max_size=6)))
+    def check(data: bytes) -> None:
+        assert image_job(deployment, [inline(data)])[0] in ("ok", "bad_image")
+
+    check()
+    serves_a_good_job(deployment, worker)
+    assert "Traceback" not in worker.text()
