@@ -212,8 +212,8 @@ def _read_remote(uri: str, store: Store, allowed: AllowList, limits: Limits) -> 
 def _climbs(rest: str, rounds: int = 4) -> bool:
     """Whether the path after a prefix could leave it once a server has decoded it:
     a '.' or '..' segment, or a backslash, in it as written or after any number of
-    percent-decodings (``%2e%2e``, ``%252e``, ``..%2F``); so many layers that no answer
-    comes within ``rounds`` decodings count as leaving."""
+    percent-decodings (``%2e%2e``, ``%252e``, ``..%2F``). More than ``rounds`` layers
+    of encoding count as leaving too: no client needs them."""
     path = rest.split("?", 1)[0].split("#", 1)[0]
     for _ in range(rounds):
         if "\\" in path or any(part in (".", "..") for part in path.split("/")):
