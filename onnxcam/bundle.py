@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxcam.bundle_checks import check_ops
 from onnxcam.errors import BadTargetError, BundleError, nearest
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 
@@ -316,8 +317,9 @@ def read_bundle(source: str | Path | bytes) -> Bundle:
     """The one bundle reader, for the engine and the client alike.
 
     ``source`` is a path or the file's bytes. A file that cannot be read, is not ONNX,
-    lacks onnxcam metadata or has other inputs than ``image`` and ``target`` raises
-    ``BundleError`` naming it, before any session is made.
+    lacks onnxcam metadata, has other inputs than ``image`` and ``target``, or uses
+    an op outside ``bundle_checks.ALLOWED_OPS`` raises ``BundleError`` naming it,
+    before any session is made.
     """
     import onnx
 
@@ -344,6 +346,7 @@ def read_bundle(source: str | Path | bytes) -> Bundle:
     if outside:
         raise BundleError(f"{name}: the bundle keeps tensor data outside its file (at "
                           f"{outside!r}); a bundle carries its weights inside, so it is refused")
+    check_ops(model, name)
     image = next(i for i in model.graph.input if i.name == INPUT_IMAGE)
     _check_image_input(name, image, info)
     return Bundle(data, info, name)

@@ -34,8 +34,11 @@ CUDA_LIBRARIES = (
 )
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, arena: bool = True) -> ort.SessionOptions:
+    """``arena=False`` gives memory back after each run instead of keeping the run's
+    peak for the next (what a worker under a memory ceiling wants)."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
@@ -144,16 +147,30 @@ def resolve_device(device: str) -> str:
 
 
 def make_session(
-    model: bytes | str, device: str = "auto", threads: int | None = None
+    model: bytes | str, device: str = "auto", threads: int | None = None, arena: bool = True
 ) -> tuple[ort.InferenceSession, str]:
     """A session on the chosen device, and the device it really runs on."""
     chosen = resolve_device(device)
     providers = [CUDA, CPU] if chosen == "cuda" else [CPU]
-    session = ort.InferenceSession(model, session_options(threads), providers=providers)
+    session = ort.InferenceSession(model, session_options(threads, arena), providers=providers)
     if chosen == "cuda" and session.get_providers()[0] != CUDA:
         log.warning("CUDA session could not be created; running on the CPU")
         chosen = "cpu"
     return session, chosen
+
+
+# How onnxruntime words a failed allocation: its arena's, or C++'s bad_alloc.
+_OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "bad allocation")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: a MemoryError (numpy, Pillow), or an
+    onnxruntime error raised for an allocation it could not make."""
+    if isinstance(exc, MemoryError):
+        return True
+    module = type(exc).__module__ or ""
+    return module.startswith("onnxruntime") and any(words in str(exc)
+                                                   for words in _OUT_OF_MEMORY)
 
 
 RunFn = Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]

@@ -1,5 +1,6 @@
 """The bundle reader trusts nothing a bundle says: weights stored outside the file,
-metadata out of bounds or at odds with the graph are refused before any session."""
+metadata out of bounds or at odds with the graph, ops off the allow-list are refused
+before any session; so is a graph whose shapes need more memory than it is given."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
-from hostile_bundles import reading_outside, with_metadata
+from hostile_bundles import reading_outside, with_bomb, with_metadata
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam.bundle import read_bundle
+from onnxcam.bundle_checks import ALLOWED_OPS, check_memory, check_ops, estimate_memory
 from onnxcam.engine import Explainer
 from onnxcam.errors import BundleError
 
@@ -56,3 +60,121 @@ def test_a_good_bundle_still_reads(cnn_bundle: Path) -> None:
     maps = Explainer(cnn_bundle, device="cpu").explain(
         [np.full((16, 16, 3), 90, np.uint8)]).heatmaps
     assert np.isfinite(maps).all() and os.path.exists(cnn_bundle)
+
+
+# -- the op allow-list --------------------------------------------------------------
+
+
+def tiny_model(node: onnx.NodeProto, functions: tuple = ()) -> onnx.ModelProto:
+    """x [2] float -> node -> y."""
+    graph = helper.make_graph([node], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, functions=list(functions),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def loop_around(inner: onnx.NodeProto) -> onnx.NodeProto:
+    """A Loop of one trip whose body runs ``inner`` on the outer x."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), inner],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return helper.make_node("Loop", ["", ""], ["y"], body=body, name="loop")
+
+
+@pytest.mark.parametrize(("node", "functions", "refusal"), [
+    (helper.make_node("Tanh", ["x"], ["y"], name="evil", domain="com.microsoft"), (),
+     "op com.microsoft.Tanh \\(node 'evil'\\) is from a domain"),
+    (helper.make_node("Fetch", ["x"], ["y"], name="n"), (), "op Fetch \\(node 'n'\\) is not"),
+    (helper.make_node("ImageDecoder", ["x"], ["y"], name="n"), (), "op ImageDecoder"),
+    (helper.make_node("RandomNormalLike", ["x"], ["y"], name="n"), (), "op RandomNormalLike"),
+    (loop_around(helper.make_node("StringSplit", ["x"], ["y"], name="inside")), (),
+     "op StringSplit \\(node 'inside'\\)"),
+    (helper.make_node("Double", ["x"], ["y"], name="call", domain="mine"),
+     (helper.make_function("mine", "Double", ["a"], ["b"],
+                           [helper.make_node("Add", ["a", "a"], ["b"])],
+                           [helper.make_opsetid("", 17)]),),
+     "op mine.Double \\(node 'call'\\) is from a domain"),
+])
+def test_ops_off_the_allow_list_are_refused(node: onnx.NodeProto, functions: tuple,
+                                            refusal: str) -> None:
+    with pytest.raises(BundleError, match=refusal):
+        check_ops(tiny_model(node, functions))
+
+
+def test_standard_ops_pass_in_and_outside_subgraphs() -> None:
+    check_ops(tiny_model(helper.make_node("Tanh", ["x"], ["y"], domain="ai.onnx")))
+    check_ops(tiny_model(loop_around(helper.make_node("Relu", ["x"], ["y"]))))
+    assert {"Conv", "Gemm", "Loop", "ConstantOfShape", "Resize"} <= ALLOWED_OPS
+    assert not {"ImageDecoder", "RandomUniform", "SequenceAt", "StringSplit"} & ALLOWED_OPS
+
+
+def test_read_bundle_names_a_refused_op(cnn_bundle: Path) -> None:
+    model = onnx.load(str(cnn_bundle))
+    relu = next(node for node in model.graph.node if node.op_type == "Relu")
+    relu.domain = "com.evil"
+    with pytest.raises(BundleError, match="op com.evil.Relu .node 'relu1'. is from a domain"):
+        read_bundle(model.SerializeToString())
+
+
+# -- the memory estimate -------------------------------------------------------------
+
+
+def budget_model() -> onnx.ModelProto:
+    """image uint8 [N, 4, 4, 3] -> Cast -> MatMul by w [3, 400] -> y; beside it, a
+    ConstantOfShape of [1000, 1000] from an initializer and an Expand to [2000, 1000]
+    from a Constant node."""
+    shape = numpy_helper.from_array(np.array([1000, 1000], np.int64), "shape")
+    weight = numpy_helper.from_array(np.ones((3, 400), np.float32), "w")
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    nodes = [
+        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
+        helper.make_node("ConstantOfShape", ["shape"], ["filled"], name="fill"),
+        helper.make_node("Constant", [], ["wide"], name="wide",
+                         value=numpy_helper.from_array(np.array([2000, 1000], np.int64))),
+        helper.make_node("Expand", ["one", "wide"], ["expanded"], name="expand"),
+    ]
+    graph = helper.make_graph(
+        nodes, "budget",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 4, 4, 3]),
+         helper.make_tensor_value_info("target", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+         for name in ("y", "filled", "expanded")],
+        [shape, weight, one])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_estimate_counts_what_the_shapes_say() -> None:
+    model = budget_model()
+    before = model.SerializeToString()
+    # By hand. Weights: w 3*400*4 = 4800, shape 2*8 = 16, one 4, the Constant 2*8 = 16.
+    # Inputs at N = 8: image 8*48 = 384 bytes, target 8*8 = 64.
+    # Working sets (weights aside): cast 384 + 8*48*4 = 1920; matmul 1536 + 8*4*4*400*4
+    # = 206,336; fill 1000*1000*4 = 4,000,000; expand 16 + 2000*1000*4 = 8,000,016.
+    estimate = estimate_memory(model, 8)
+    assert (estimate.weights, estimate.inputs) == (4836, 448)
+    assert (estimate.working_set, estimate.node) == (8_000_016, "expand (Expand)")
+    assert estimate.total == 4836 + 448 + 8_000_016
+    assert model.SerializeToString() == before  # the model itself is left alone
+    # At N = 1 the image's share shrinks; the constants' do not.
+    assert estimate_memory(model, 1).inputs == 48 + 8
+    model.graph.node.pop()  # no Expand: the ConstantOfShape is the largest
+    assert estimate_memory(model, 8).working_set == 4_000_000
+    check_memory(model, 8, 4_005_300)
+    with pytest.raises(BundleError, match="needs at least 3.82 MiB to run 8 image.*node fill "
+                                          "\\(ConstantOfShape\\) 3.81 MiB.*budget of 3.81 MiB"):
+        check_memory(model, 8, 4_000_000)
+
+
+def test_explainer_refuses_a_bomb_before_any_session(cnn_bundle: Path) -> None:
+    bomb = with_bomb(cnn_bundle, "ConstantOfShape", 1_500_000_000)  # 6 GB of float ones
+    with pytest.raises(BundleError, match="needs at least 5.59 GiB to run 8 image"):
+        Explainer(bomb, device="cpu", max_memory=2**30)
+    image = [np.full((16, 16, 3), 90, np.uint8)]
+    budgeted = Explainer(cnn_bundle, device="cpu", max_memory=2**30).explain(image)
+    plain = Explainer(cnn_bundle, device="cpu").explain(image)
+    assert np.array_equal(budgeted.logits, plain.logits)

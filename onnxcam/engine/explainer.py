@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxcam.bundle import (
     INPUT_IMAGE,
@@ -26,6 +27,7 @@ from onnxcam.bundle import (
     activation_layout,
     read_bundle,
 )
+from onnxcam.bundle_checks import check_memory
 from onnxcam.engine.images import (
     DEFAULT_LIMITS,
     Limits,
@@ -40,6 +42,7 @@ from onnxcam.engine.methods import Method, MethodContext, MethodOptions, method_
 from onnxcam.engine.model_access import ModelAccess
 from onnxcam.engine.prefetch import prefetched
 from onnxcam.engine.sessions import Sessions
+from onnxcam.runtime import resolve_device
 from onnxcam.scores import softmax
 
 log = logging.getLogger(__name__)
@@ -118,10 +121,18 @@ class Explainer:
         device: str = "auto",
         threads: int | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        max_memory: int = 0,
     ) -> None:
+        """``max_memory`` (bytes, 0: none) refuses a bundle that needs more to run a
+        batch (``bundle_checks.check_memory``), before any session is made; its
+        sessions then give memory back after each run."""
         read = read_bundle(bundle)
         self.info: BundleInfo = read.info
-        self.sessions = Sessions(bundle, read.data, read.info, device, threads)
+        if max_memory:
+            batch = read.info.batch_size or DEFAULT_BATCH[resolve_device(device)]
+            check_memory(onnx.load_from_string(read.data), batch, max_memory, read.name)
+        self.sessions = Sessions(bundle, read.data, read.info, device, threads,
+                                 arena=not max_memory)
         self.device = self.sessions.device
         self.limits = limits
         log.info("loaded bundle (%s, layer %s) on %s", self.info.source_format,

@@ -17,7 +17,7 @@ import onnx
 from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_LOGITS, BundleInfo, read_bundle
 from onnxcam.errors import BundleError
 from onnxcam.graph import prune_unused
-from onnxcam.runtime import make_session, run_in_chunks
+from onnxcam.runtime import make_session, out_of_memory, run_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,17 @@ class Sessions:
     """
 
     def __init__(self, source: str | Path | bytes, data: bytes, info: BundleInfo,
-                 device: str = "auto", threads: int | None = None) -> None:
+                 device: str = "auto", threads: int | None = None, arena: bool = True) -> None:
         self._source = source
         self.info = info
         self.threads = threads
+        self.arena = arena
         name = "bundle" if isinstance(source, bytes) else str(source)
         try:
-            session, self.device = make_session(data, device, threads)
+            session, self.device = make_session(data, device, threads, arena)
         except Exception as exc:
+            if out_of_memory(exc):  # the process's ceiling, not the bundle's fault
+                raise MemoryError(f"{name}: onnxruntime ran out of memory loading it") from exc
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise BundleError(f"{name}: not an onnxcam bundle (onnxruntime cannot load it: "
                               f"{first_line})") from exc
@@ -165,4 +168,5 @@ class Sessions:
             else session
 
     def _make(self, model: onnx.ModelProto) -> Any:
-        return make_session(model.SerializeToString(), self.device, self.threads)[0]
+        return make_session(model.SerializeToString(), self.device, self.threads,
+                            self.arena)[0]
