@@ -19,7 +19,12 @@
     │   ├── UnknownBundleError      no bundle with that sha256 in the store
     │   ├── UnknownJobError         no job with that id was ever submitted
     │   ├── JobTimeoutError         the job ran past its soft time limit
-    │   └── WorkerLostError         the job's worker process died each time it ran it
+    │   ├── OutOfMemoryError        the job went over the memory ceiling of its process
+    │   ├── WorkerLostError         the job's worker process died each time it ran it
+    │   ├── BadSignatureError       unsigned, or signed with no key the worker holds
+    │   ├── DuplicateJobError       a job id already bound to another request
+    │   ├── RejectedJobError        the worker dropped the message unread (too large, ...)
+    │   └── JobLostError            the broker lost a job no worker started (Redis restarted)
     ├── StoreError                  the result store failed
     │   └── StoreUnavailableError   a transient failure (network, 5xx): retried
     ├── BrokerUnavailableError      the broker or result backend does not answer
@@ -134,8 +139,31 @@ class JobTimeoutError(JobError):
     code = "time_limit"
 
 
+class OutOfMemoryError(JobError):
+    """Final: a MemoryError anywhere in a job (numpy, onnxruntime, Pillow) ends that job,
+    not the worker; retrying it would only run out again."""
+
+    code = "out_of_memory"
+
+
 class WorkerLostError(JobError):
     code = "worker_lost"
+
+
+class JobLostError(JobError):
+    code = "job_lost"
+
+
+class BadSignatureError(JobError):
+    code = "bad_signature"
+
+
+class DuplicateJobError(JobError):
+    code = "duplicate_job"
+
+
+class RejectedJobError(JobError):
+    code = "rejected"
 
 
 class StoreError(OnnxcamError):

@@ -6,7 +6,10 @@ command and ``celery -A onnxcam.worker.app`` run.
 
 from __future__ import annotations
 
+import warnings
+
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
 
 from onnxcam.worker import broker
 from onnxcam.worker.settings import Settings, load_settings
@@ -17,6 +20,10 @@ EXPLAIN_TASK = "onnxcam.explain"
 
 def make_app(settings: Settings) -> Celery:
     broker.install(settings.max_inline_job_bytes)
+    # Celery warns at every lost connection that its default will become cancelling
+    # running jobs; onnxcam chooses not to (below), on purpose.
+    warnings.filterwarnings("ignore", message=r"\s*In Celery 5.1 we introduced",
+                            category=CPendingDeprecationWarning)
     app = Celery("onnxcam", broker=settings.broker_url, backend=settings.backend_url,
                  include=["onnxcam.worker.tasks"])
     transport = {
@@ -40,7 +47,13 @@ def make_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A job running when the broker connection drops goes on: its outputs live in
+        # the store, and its summary and Celery result are written after the broker is
+        # back. Celery's choice, to kill it and rely on redelivery, loses the job
+        # outright when Redis restarts without persistence (the message is gone). Where
+        # the message survives (a network blip, a Redis with AOF), it may run a second
+        # time beside the first: jobs are idempotent, so that costs time only.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         task_track_started=True,
         # The soft limit is the job's own, checked between batches (jobs.run_job):

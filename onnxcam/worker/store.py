@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,28 @@ class Store:
                 self.fs.pipe_file(path, data)
         return self.uri(key)
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``data`` under ``key`` unless something is there; return whether it was
+        written. On disk the check and the write are one step (a hard link, which fails
+        when the name exists); elsewhere (S3) two, so two writers at once may both win."""
+        path = self.path(key)
+        with classified(key):
+            if not self.local:
+                if self.fs.exists(path):
+                    return False
+                self.fs.pipe_file(path, data)
+                return True
+            folder, name = os.path.split(path)
+            temporary = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.new")
+            atomic_write(Path(temporary), data)
+            try:
+                os.link(temporary, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temporary)
+
     def get(self, key: str, max_bytes: int | None = None) -> bytes:
         """The object under ``key``; with ``max_bytes``, a larger one is refused from its
         size alone, before any of it is read."""
@@ -116,6 +140,15 @@ class Store:
     def exists(self, key: str) -> bool:
         with classified(key):
             return bool(self.fs.exists(self.path(key)))
+
+    def modified(self, key: str) -> float | None:
+        """When the object under ``key`` was last written (seconds since 1970), or None
+        when there is none."""
+        with classified(key):
+            try:
+                return modified_time(self.fs.info(self.path(key)))
+            except FileNotFoundError:
+                return None
 
     def names(self, folder: str) -> list[str]:
         """The names of the objects directly under ``folder``, sorted; none when there is
@@ -164,6 +197,15 @@ class Store:
         if sha256_hex(data) != sha:
             raise StoreError(f"bundle {sha} in the store does not match its hash")
         return data
+
+
+def modified_time(info: dict[str, Any]) -> float | None:
+    """An fsspec ``info``'s modification time: a local file's ``mtime``, an S3 object's
+    ``LastModified``; None for a folder or a filesystem that gives neither."""
+    value = info.get("mtime", info.get("LastModified"))
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _protocols(fs: Any) -> set[str]:
