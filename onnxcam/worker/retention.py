@@ -1,0 +1,152 @@
+"""How long the store keeps jobs and bundles: ``onnxcam store prune`` and the
+worker's ONNXCAM_RETENTION.
+
+The rule: a job's folder goes, whole, when the job has ended (``summary.json`` or
+``error.json``) and the newest object in it is older than the cut. A job that has
+not ended (queued, running, or lost by a broker) is never removed, however old: its
+worker may still write into it. With ``bundles``, a bundle goes when it is older than
+the cut and no job that stays names it (in its request, summary or a record); when a
+job that stays names none, no bundle goes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from onnxcam.worker.keys import (
+    BUNDLE_PREFIX,
+    ERROR,
+    JOB_PREFIX,
+    RECORD_NAME,
+    REQUEST,
+    SUMMARY,
+    job_key,
+)
+from onnxcam.worker.store import Store, classified, modified_time
+
+log = logging.getLogger(__name__)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30m``, ``12h``, ``7d``, ``2w`` (or ``45s``); ValueError otherwise."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: a number and a unit, s, m, h, d or w "
+                         "(7d, 12h, 30m)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+@dataclass
+class Folder:
+    """One job's objects: path to size, and the newest modification time."""
+
+    sizes: dict[str, int] = field(default_factory=dict)
+    newest: float = 0.0
+
+    def has(self, name: str) -> bool:
+        return any(path.rsplit("/", 1)[-1] == name for path in self.sizes)
+
+
+@dataclass
+class Pruned:
+    """What a prune removed (or, dry, would remove)."""
+
+    jobs: list[str] = field(default_factory=list)
+    bundles: list[str] = field(default_factory=list)
+    bytes_freed: int = 0
+    kept_unfinished: int = 0  # jobs past the cut that have not ended: never removed
+    kept_jobs: int = 0
+
+
+def prune(store: Store, older_than: float, *, bundles: bool = False, dry_run: bool = False,
+          now: float | None = None) -> Pruned:
+    """Remove ended jobs (and, with ``bundles``, unused bundles) whose newest object is
+    more than ``older_than`` seconds old, as the module's rule says."""
+    cut = (time.time() if now is None else now) - older_than
+    folders = _job_folders(store)
+    pruned, doomed = Pruned(), list[str]()
+    for job_id, folder in sorted(folders.items()):
+        if folder.newest >= cut:
+            pruned.kept_jobs += 1
+        elif not (folder.has(SUMMARY) or folder.has(ERROR)):
+            pruned.kept_jobs += 1
+            pruned.kept_unfinished += 1
+        else:
+            pruned.jobs.append(job_id)
+            pruned.bytes_freed += sum(folder.sizes.values())
+            doomed.extend(folder.sizes)
+    if bundles:
+        removed = set(pruned.jobs)
+        kept = [job_id for job_id in folders if job_id not in removed]
+        for path, size in _unused_bundles(store, kept, cut).items():
+            pruned.bundles.append(path.rsplit("/", 1)[-1].removesuffix(".onnx"))
+            pruned.bytes_freed += size
+            doomed.append(path)
+    if doomed and not dry_run:
+        with classified("prune"):
+            store.fs.rm(doomed)
+            if store.local:  # object stores have no folders; a disk keeps empty ones
+                for job_id in pruned.jobs:
+                    store.fs.rm(store.path(f"{JOB_PREFIX}/{job_id}"), recursive=True)
+    log.info("pruned %d jobs and %d bundles (%d bytes)%s", len(pruned.jobs),
+             len(pruned.bundles), pruned.bytes_freed, " (dry run)" if dry_run else "")
+    return pruned
+
+
+def _listing(store: Store, prefix: str) -> dict[str, dict[str, Any]]:
+    """Every object under ``prefix``, path to fsspec info, in one (paged) listing."""
+    with classified(prefix):
+        if not store.fs.exists(store.path(prefix)):
+            return {}
+        found = store.fs.find(store.path(prefix), detail=True)
+    return {str(path): info for path, info in found.items() if info.get("type") != "directory"}
+
+
+def _job_folders(store: Store) -> dict[str, Folder]:
+    folders: dict[str, Folder] = defaultdict(Folder)
+    start = len(store.path(JOB_PREFIX)) + 1
+    for path, info in _listing(store, JOB_PREFIX).items():
+        job_id = path[start:].split("/", 1)[0]
+        folder = folders[job_id]
+        folder.sizes[path] = int(info.get("size") or 0)
+        folder.newest = max(folder.newest, modified_time(info) or 0.0)
+    return dict(folders)
+
+
+def _unused_bundles(store: Store, kept_jobs: list[str], cut: float) -> dict[str, int]:
+    """Bundles older than ``cut`` that none of ``kept_jobs`` names; none at all when a
+    kept job names no bundle anywhere (it could be any)."""
+    named = set()
+    for job_id in kept_jobs:
+        bundle = _bundle_of(store, job_id)
+        if bundle is None:
+            log.warning("job %s names no bundle: no bundle is pruned", job_id)
+            return {}
+        named.add(bundle)
+    return {path: int(info.get("size") or 0)
+            for path, info in _listing(store, BUNDLE_PREFIX).items()
+            if path.rsplit("/", 1)[-1].removesuffix(".onnx") not in named
+            and (modified_time(info) or 0.0) < cut}
+
+
+def _bundle_of(store: Store, job_id: str) -> str | None:
+    names = [REQUEST, SUMMARY]
+    names += [name for name in store.names(job_key(job_id, "")) if RECORD_NAME.match(name)][:1]
+    for name in names:
+        data = store.find(job_key(job_id, name))
+        try:
+            bundle = json.loads(data).get("bundle") if data is not None else None
+        except (ValueError, AttributeError):
+            bundle = None
+        if isinstance(bundle, str):
+            return bundle
+    return None
