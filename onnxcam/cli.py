@@ -414,6 +414,49 @@ def result(job_id: str, out: Path | None, wait_seconds: float, as_json: bool) ->
         sys.exit(EXIT_BAD_INPUT)
 
 
+@main.group()
+def store() -> None:
+    """Look after the result store (ONNXCAM_STORE_URL)."""
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    from onnxcam.worker.retention import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@store.command()
+@click.option("--older-than", "older_than", required=True, callback=_duration,
+              metavar="DURATION", help="Age past which ended jobs go: 30m, 12h, 7d, 2w.")
+@click.option("--bundles", is_flag=True,
+              help="Also remove bundles past that age that no remaining job names.")
+@click.option("--dry-run", is_flag=True, help="Print what would go; remove nothing.")
+@with_errors
+def prune(older_than: float, bundles: bool, dry_run: bool) -> None:
+    """Remove ended jobs whose newest file is older than --older-than; print each one
+    removed ("job ID", "bundle SHA") and, on stderr, the bytes freed. Jobs that
+    have not ended are kept, whatever their age."""
+    from onnxcam.worker.retention import prune as prune_store
+    from onnxcam.worker.settings import load_settings
+    from onnxcam.worker.store import Store
+
+    where = Store(load_settings().store_url)
+    pruned = prune_store(where, older_than, bundles=bundles, dry_run=dry_run)
+    for job_id in pruned.jobs:
+        click.echo(f"job {job_id}")
+    for sha in pruned.bundles:
+        click.echo(f"bundle {sha}")
+    verb = "would remove" if dry_run else "removed"
+    gone = plural(len(pruned.jobs), "job") + (
+        f" and {plural(len(pruned.bundles), 'bundle')}" if bundles else "")
+    click.echo(f"onnxcam: {verb} {gone}, {pruned.bytes_freed} bytes, from "
+               f"{where.location}; kept {plural(pruned.kept_jobs, 'job')} "
+               f"({pruned.kept_unfinished} not ended)", err=True)
+
+
 # -- the audit ---------------------------------------------------------------------------------
 
 EXIT_INTERRUPTED = 130
