@@ -31,6 +31,7 @@ from onnxcam.worker.keys import (
     job_key,
     json_bytes,
 )
+from onnxcam.worker.lost import lost_error, lost_jobs, redis_started_at
 from onnxcam.worker.message import ImageRef, JobSpec, parse_options
 from onnxcam.worker.records import (
     job_known,
@@ -107,16 +108,42 @@ class Job:
         A chunk that failed as a whole gives each of its images an error record.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending = list(self.ids)
+        pending, lost = list(self.ids), set()
+        lost_check = LostCheck(self.settings)
         while pending:
-            pending = [j for j in pending if celery_status(j, self.settings) not in ("done",
-                                                                                   "failed")]
+            states = {j: celery_status(j, self.settings) for j in pending}
+            lost |= lost_check.lost([j for j, state in states.items() if state == "pending"])
+            pending = [j for j, state in states.items()
+                       if state not in ("done", "failed") and j not in lost]
             if pending and deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{len(pending)} of {plural(len(self.ids), 'job')} not "
                                    f"done after {timeout} s")
             if pending:
                 time.sleep(interval)
-        return [record for job_id in self.ids for record in job_records(job_id, self.store)]
+        return [record for job_id in self.ids for record in job_records(
+            job_id, self.store, lost_error() if job_id in lost else None)]
+
+
+class LostCheck:
+    """Which of the jobs Celery calls PENDING a waiting client should give up on as lost
+    (``onnxcam.worker.lost``): all of them once, then again only after Redis restarts
+    (one cheap Redis call a poll), not every poll, since each check reads the store."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.checked_at: float | None = None
+
+    def lost(self, pending: list[str]) -> set[str]:
+        if not pending:
+            return set()
+        app = _app(self.settings)
+        with broker_errors(app):
+            with app.connection_for_read() as connection:
+                started_at = redis_started_at(connection.default_channel.client)
+            if self.checked_at is not None and started_at < self.checked_at:
+                return set()
+            self.checked_at = started_at + 1  # clock to a second: a restart is later
+            return lost_jobs(pending, Store(self.settings.store_url), app)
 
 
 def submit(
@@ -260,7 +287,16 @@ def job_status(job_id: str, settings: Settings) -> str:
             return "failed"
         if store.exists(job_key(job_id, SUMMARY)):
             return "done"
+        if _lost(job_id, store, settings):
+            return "failed"
     return word
+
+
+def _lost(job_id: str, store: Store, settings: Settings) -> bool:
+    """Whether the broker lost the job before any worker started it (``lost``)."""
+    app = _app(settings)
+    with broker_errors(app):
+        return job_id in lost_jobs([job_id], store, app)
 
 
 @dataclass(frozen=True)
@@ -300,7 +336,8 @@ def job_error(job_id: str, store: Store, settings: Settings | None = None) -> di
         result = app.AsyncResult(job_id)
         failure = result.result if result.state == "FAILURE" else None
     if failure is None:
-        return None
+        return lost_error() if result.state == "PENDING" and _lost(job_id, store, settings) \
+            else None
     code = getattr(failure, "code", "job_error")
     return {"code": code, "message": f"{failure}{_store_hint(store, code)}"}
 
@@ -316,11 +353,13 @@ def _store_hint(store: Store, code: str) -> str:
             "both the same ONNXCAM_STORE_URL)")
 
 
-def job_records(job_id: str, store: Store) -> list[dict[str, Any]]:
+def job_records(job_id: str, store: Store,
+                failure: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every image's record of a finished job, in order (error records included).
 
     The images are those of ``request.json``; a job sent without one (it is optional)
-    is read from the records in its folder alone."""
+    is read from the records in its folder alone. ``failure`` is the job's error where
+    the store has none (a lost job's)."""
     request = read_request(store, job_id)
     if request is not None:
         names = {index: image["name"] for index, image in enumerate(request["images"])}
@@ -329,7 +368,7 @@ def job_records(job_id: str, store: Store) -> list[dict[str, Any]]:
         if not found and not job_known(store, job_id):
             raise UnknownJobError(f"no job {job_id}")
         names = {index: f"image-{index}" for index in range(found[-1] + 1 if found else 0)}
-    failure = read_error(store, job_id)
+    failure = read_error(store, job_id) or failure
     stored = [read_record(store, job_id, index) for index in names]
     missing = {"code": "missing_result", "message": "no result stored"}
     if names and not any(stored) and failure is None:
