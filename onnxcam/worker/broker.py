@@ -9,10 +9,18 @@ one the worker then takes nothing more, and after the visibility timeout the ite
 stalls the next worker too. Here every such item is logged once and acknowledged
 (removed from ``unacked``); the worker serves on. Broker outages still raise, so
 kombu reconnects as before.
+
+Before a job is run, its request admits it (``admit``): signed with a worker key, when
+keys are set, and under an id that is its own. A dropped or refused message whose job
+id can be read is reported under it in Celery's result backend (``report``), never in
+the store, and only where that id has no state yet: a sender does not wait forever,
+and no job's result is overwritten.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import re
@@ -23,6 +31,7 @@ from functools import partial
 from queue import Empty
 from typing import Any
 
+from celery import states
 from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
@@ -30,9 +39,18 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import RedisError
 
-from onnxcam.errors import JobTimeoutError
-from onnxcam.worker.records import write_error
+from onnxcam.errors import (
+    BadSignatureError,
+    DuplicateJobError,
+    JobTimeoutError,
+    OnnxcamError,
+    RejectedJobError,
+    StoreError,
+)
+from onnxcam.words import clipped
+from onnxcam.worker.records import claim, write_error
 from onnxcam.worker.settings import load_settings
+from onnxcam.worker.signing import digest, job_body, verify
 from onnxcam.worker.store import Store
 
 log = logging.getLogger(__name__)
@@ -53,7 +71,7 @@ class Channel(kombu_redis.Channel):
         except (Empty, *BROKER_DOWN):
             raise
         except Exception as exc:  # noqa: BLE001 - any item that breaks parsing is poison
-            dropped(exc)
+            dropped(exc, getattr(exc, "job_id", None))
             raise Empty() from None
 
     def _get(self, queue: Any, timeout: Any = None) -> Any:
@@ -62,7 +80,7 @@ class Channel(kombu_redis.Channel):
         except (Empty, *BROKER_DOWN):
             raise
         except Exception as exc:  # noqa: BLE001
-            dropped(exc)
+            dropped(exc, getattr(exc, "job_id", None))
             raise Empty() from None
 
     def basic_consume(self, queue: Any, no_ack: Any, callback: Any, consumer_tag: Any,
@@ -107,15 +125,56 @@ class Consumer(CeleryConsumer):
         self._drop(message, f"unknown task {exc}")
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        self._drop(message, exc)
+        if isinstance(exc, RefusedJobError):
+            refused(exc.job_id, exc.error)
+            self._ack(message)
+        else:
+            self._drop(message, exc)
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         self._drop(message, exc)
 
     def _drop(self, message: Any, reason: object) -> None:
-        dropped(reason)
+        dropped(reason, _job_id(getattr(message, "headers", None)))
+        self._ack(message)
+
+    def _ack(self, message: Any) -> None:
         if not message.acknowledged:
             message.ack_log_error(log, self.connection_errors)
+
+
+class RefusedJobError(InvalidTaskError):
+    """A task message refused by ``admit``: the consumer acknowledges it and runs nothing."""
+
+    def __init__(self, job_id: str, error: OnnxcamError) -> None:
+        super().__init__(str(error))
+        self.job_id = job_id
+        self.error = error
+
+
+@functools.lru_cache(maxsize=1)
+def _admission() -> tuple[tuple[bytes, ...], Store]:
+    """The main process's signing keys and store, read once."""
+    settings = load_settings()
+    return settings.signing_keys, Store(settings.store_url)
+
+
+def admit(job_id: str, body: Any) -> None:
+    """Refuse (RefusedJobError) a job not signed with one of the worker's keys, when it
+    has keys, or whose id is bound to another request; bind an unbound id to this one.
+
+    In the worker's main process, before the job goes to the pool: a refused job leaves
+    no state in Celery's backend (a pool process would write STARTED, then FAILURE, over
+    the id's owner) and nothing in the store. Where the store fails, the task decides."""
+    keys, store = _admission()
+    try:
+        if keys:
+            verify(job_id, body, keys)
+        claim(store, job_id, digest(job_id, body))
+    except (BadSignatureError, DuplicateJobError) as error:
+        raise RefusedJobError(job_id, error) from None
+    except StoreError as exc:
+        log.warning("job %s: its id is checked when it runs (the store: %s)", job_id, exc)
 
 
 class ExplainRequest(Request):
@@ -143,6 +202,7 @@ class ExplainRequest(Request):
         if embed is not None and (not isinstance(embed, dict) or not set(embed) <= CANVAS
                                   or any(embed.values())):
             raise InvalidTaskError("callbacks, errbacks, chains and chords are not taken")
+        admit(self.id, job_body(self._args, self._kwargs))
 
     # The worker's settings bound a job's time, never the message's "timelimit" header
     # (a producer could otherwise lift both limits).
@@ -163,14 +223,67 @@ class ExplainRequest(Request):
         super().on_timeout(soft, timeout)
 
 
-def dropped(reason: object) -> None:
-    """Log one line for a dropped message."""
+def dropped(reason: object, job_id: str | None = None) -> None:
+    """Log one line for a dropped message; with the ``job_id`` it gives, report it there."""
     if isinstance(reason, BaseException):
         reason = f"{type(reason).__name__}: {reason}"
-    text = str(reason)
-    if len(text) > REASON_CHARS:
-        text = text[:REASON_CHARS] + "..."
-    log.error("dropped a broker message that is not a valid onnxcam job (%s)", text)
+    text = clipped(str(reason), REASON_CHARS)
+    where = f" of job {job_id}" if job_id else ""
+    log.error("dropped a broker message%s that is not a valid onnxcam job (%s)", where, text)
+    if job_id:
+        report(job_id, RejectedJobError(f"the worker dropped the job's message unread: {text}"))
+
+
+def refused(job_id: str, error: OnnxcamError) -> None:
+    """Log one line for a message ``admit`` refused. An unsigned one is reported under
+    its id (its sender may simply lack the key); a duplicate is not: its id is another
+    job's, whose state stays that job's."""
+    log.warning("job %s refused: %s: %s", job_id, error.code, error)
+    if not isinstance(error, DuplicateJobError):
+        report(job_id, error)
+
+
+def report(job_id: str, error: OnnxcamError) -> None:
+    """A FAILURE with ``error`` under ``job_id`` in Celery's backend, where the id has
+    no state yet (PENDING): a job that ran or runs keeps its own. Its code reaches
+    ``onnxcam status`` and ``result``; nothing is written to the store.
+
+    Any broker client can read queued ids and, with the backend in the same Redis,
+    write such states itself: this gives it nothing it had not."""
+    from onnxcam.worker.app import app
+
+    try:
+        if app.backend.get_state(job_id) == states.PENDING:
+            app.backend.mark_as_failure(job_id, error)
+    except Exception as exc:  # noqa: BLE001 - the consumer serves on whatever the backend does
+        log.error("job %s: cannot report %s in the result backend: %s", job_id, error.code, exc)
+
+
+def _job_id(headers: Any) -> str | None:
+    """The job id of an onnxcam.explain task message's (protocol 2) headers, if any."""
+    if not isinstance(headers, dict) or headers.get("task") != "onnxcam.explain":
+        return None
+    job_id = headers.get("id")
+    return job_id if isinstance(job_id, str) and JOB_ID.match(job_id) else None
+
+
+# kombu writes a queue item's headers after its body: in its last few KB.
+TAIL_CHARS = 64 * 1024
+_HEADERS = re.compile(r'"headers"\s*:\s*(?=\{)')
+
+
+def _job_id_in_tail(text: str) -> str | None:
+    """The job id in the headers of a queue item too large to parse, read from its tail
+    alone (an item written otherwise than kombu does gives none)."""
+    tail = text[-TAIL_CHARS:]
+    found = list(_HEADERS.finditer(tail))
+    if not found:
+        return None
+    try:
+        headers, _ = json.JSONDecoder().raw_decode(tail, found[-1].end())
+    except ValueError:
+        return None
+    return _job_id(headers)
 
 
 # Room in a message beside its inline pixels: the envelope, and up to 256 paths of
@@ -187,14 +300,18 @@ def max_message_bytes(max_inline_job_bytes: int) -> int:
 
 
 class MessageTooLargeError(ValueError):
-    pass
+    def __init__(self, message: str, job_id: str | None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 def _bounded(loads: Callable[[str], Any], limit: int) -> Callable[[str], Any]:
     def bounded_loads(text: Any) -> Any:
         if len(text) > limit:
-            raise MessageTooLargeError(f"a queue item of {len(text)} bytes, over the "
-                                       f"{limit} a job can need (ONNXCAM_MAX_INLINE_JOB_BYTES)")
+            raise MessageTooLargeError(
+                f"a queue item of {len(text)} bytes, over the {limit} a job can need "
+                "(ONNXCAM_MAX_INLINE_JOB_BYTES)",
+                _job_id_in_tail(text) if isinstance(text, str) else None)
         return loads(text)
 
     bounded_loads.unbounded = loads  # type: ignore[attr-defined]

@@ -10,6 +10,10 @@ job, ``jobs/<job id>/``:
   ONNXCAM_MAX_STORED_SIDE), ``NNNNN.png`` (overlay, the same size), ``NNNNN.raw.npy``
   (float32 map at layer resolution) and ``NNNNN.json``
   (the image's record, written last: a record that exists is final);
+- ``request.sha256``: the SHA-256 (hex) of the job's canonical message
+  (``onnxcam.worker.signing.digest``), written by the client before it queues the job or,
+  for a job sent without it, by the first worker to take it: the id belongs to that
+  request, and a message under the same id with another request is refused;
 - ``summary.json`` when the worker is done, or ``error.json`` when the job failed as a whole;
 - ``starts.json``: how many times a worker process began the job (a job whose process
   dies, out of memory say, is handed out again; see ``count_start``).
@@ -27,6 +31,7 @@ from typing import Any
 
 from onnxcam.engine.outputs import HEATMAP, OVERLAY, RAW
 from onnxcam.errors import UnknownBundleError
+from onnxcam.words import clipped
 
 BUNDLE_PREFIX = "bundles"
 JOB_PREFIX = "jobs"
@@ -36,6 +41,7 @@ INPUT_PREFIX = "inputs"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 REQUEST = "request.json"
+DIGEST = "request.sha256"
 SUMMARY = "summary.json"
 ERROR = "error.json"
 STARTS = "starts.json"
@@ -55,7 +61,8 @@ def bundle_key(sha: str) -> str:
     """The key of the bundle with hash ``sha``; anything but a hash is refused, so a
     message cannot name a key elsewhere in the store."""
     if not SHA256.match(sha):
-        raise UnknownBundleError(f"{sha!r} is not a bundle hash (64 lowercase hex digits)")
+        raise UnknownBundleError(f"{clipped(sha)!r} is not a bundle hash (64 lowercase hex "
+                                 "digits)")
     return f"{BUNDLE_PREFIX}/{sha}.onnx"
 
 

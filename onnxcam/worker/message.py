@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnxcam.errors import MalformedJobError
+from onnxcam.words import clipped
 from onnxcam.worker.settings import DEFAULT_BOUNDS, JobBounds
 
 MESSAGE_VERSION = 1
@@ -80,7 +81,8 @@ def parse_job(message: Any, job_id: str, bounds: JobBounds = DEFAULT_BOUNDS) -> 
     if not isinstance(message, Mapping):
         raise MalformedJobError(f"a job message is a JSON object, not {type(message).__name__}")
     if message.get("v") != MESSAGE_VERSION:
-        raise MalformedJobError(f"unsupported job message version {message.get('v')!r}")
+        raise MalformedJobError("unsupported job message version "
+                                f"{clipped(repr(message.get('v')))}")
     bundle, method, images = message.get("bundle"), message.get("method"), message.get("images")
     if not isinstance(bundle, str) or not isinstance(method, str):
         raise MalformedJobError("a job names its bundle and method as strings")
@@ -91,7 +93,9 @@ def parse_job(message: Any, job_id: str, bounds: JobBounds = DEFAULT_BOUNDS) -> 
                                 f"{bounds.max_images} (ONNXCAM_MAX_JOB_IMAGES)")
     inline = _InlineBudget(bounds)
     refs = [_parse_ref(item, index, inline) for index, item in enumerate(images)]
-    targets = message.get("targets") or [None] * len(refs)
+    targets = message.get("targets")
+    if targets is None or targets == []:  # only null, absent or [] mean top-1 for all
+        targets = [None] * len(refs)
     if not isinstance(targets, list) or len(targets) != len(refs) or not all(
             t is None or (isinstance(t, int) and not isinstance(t, bool))
             or (isinstance(t, str) and 0 < len(t) <= MAX_LABEL_CHARS) for t in targets):

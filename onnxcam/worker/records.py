@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from onnxcam.errors import OnnxcamError
+from onnxcam.errors import DuplicateJobError, OnnxcamError
 from onnxcam.worker.keys import (
+    DIGEST,
     ERROR,
     RECORD,
     RECORD_NAME,
@@ -29,6 +30,23 @@ def _read_json(store: Store, key: str) -> dict[str, Any] | None:
 def write_request(store: Store, job_id: str, request: dict[str, Any]) -> None:
     # Key order as the client has always written it (unsorted): the bytes stay the same.
     store.put(job_key(job_id, REQUEST), json.dumps(request).encode())
+
+
+def write_digest(store: Store, job_id: str, digest: str) -> None:
+    """The client's claim on ``job_id``, made before the job is queued."""
+    store.put(job_key(job_id, DIGEST), digest.encode("ascii"))
+
+
+def claim(store: Store, job_id: str, digest: str) -> None:
+    """Bind ``job_id`` to the request whose digest is ``digest``, unless it is bound
+    already: to the same request (a redelivery, a retry) that passes, to another it is
+    a DuplicateJobError. Nothing is written then, so the first job's folder stays its own."""
+    key = job_key(job_id, DIGEST)
+    if store.create(key, digest.encode("ascii")):
+        return
+    if store.find(key) != digest.encode("ascii"):
+        raise DuplicateJobError(f"job id {job_id} belongs to another request (its digest "
+                                f"is in {DIGEST}); a job id names one request only")
 
 
 def read_request(store: Store, job_id: str) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from onnxcam.engine.images import (
@@ -37,6 +37,14 @@ class JobBounds:
 
 
 DEFAULT_BOUNDS = JobBounds()
+
+# Shorter keys are guessed; a key is typed or pasted by a person, so no maximum.
+MIN_KEY_CHARS = 16
+
+
+def _split_keys(text: str) -> list[str]:
+    return [key.strip() for key in text.split(",") if key.strip()]
+
 
 # One root of ONNXCAM_ALLOWED_ROOTS: ':' separates roots as in PATH, except inside a
 # URI's scheme and authority ("http://user:secret@host:6399/imgs" is one root).
@@ -96,6 +104,11 @@ class Settings(BaseSettings):
         "are scaled down (the raw map stays at layer resolution)."))
     model_cache: int = Field(4, gt=0, description=(
         "onnxruntime sessions each worker process keeps (least recently used go)."))
+    max_job_memory: int = Field(default_factory=lambda: default_job_memory(), ge=0,
+                                description=(
+        "Bytes of memory each worker process may hold while it runs a job (0: no limit); "
+        "a job that goes over fails with out_of_memory, and a bundle that would need "
+        "more fails with bad_bundle before it runs. Default: half this machine's memory."))
     max_memory_per_child: int = Field(0, ge=0, description=(
         "KiB of resident memory after which a worker process is replaced (0: never)."))
     inline_max_bytes: int = Field(256 * 1024, ge=0, description=(
@@ -103,6 +116,23 @@ class Settings(BaseSettings):
     chunk_size: int = Field(16, gt=0, description="Client side: images per job.")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description=(
         "Where workers run bundles: auto, cpu or cuda."))
+    result_expires: int = Field(86400, gt=0, description=(
+        "Seconds Celery's result (state and summary) of a job lives in Redis; the store "
+        "keeps the job's records until they are pruned."))
+    retention: str = Field("", description=(
+        "Age past which workers remove ended jobs from the store (30m, 12h, 7d, 2w), at "
+        "most once an hour, after a job; unset: never (see onnxcam store prune)."))
+    signing_key: SecretStr = Field(SecretStr(""), description=(
+        "Keys shared by clients and workers, ','-separated, at least 16 characters each: "
+        "clients sign jobs with the first, workers take only jobs signed with one of them "
+        "(unset: any broker client can queue jobs)."))
+
+    @field_validator("signing_key")
+    @classmethod
+    def _long_keys(cls, value: SecretStr) -> SecretStr:
+        if any(len(key) < MIN_KEY_CHARS for key in _split_keys(value.get_secret_value())):
+            raise ValueError(f"each key needs at least {MIN_KEY_CHARS} characters")
+        return value
 
     @field_validator("time_limit")
     @classmethod
@@ -117,6 +147,22 @@ class Settings(BaseSettings):
     def _known_formats(cls, value: str) -> str:
         return ",".join(image_formats(value.split(",")))
 
+    @field_validator("retention")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if value:
+            from onnxcam.worker.retention import parse_duration
+
+            parse_duration(value)
+        return value
+
+    @cached_property
+    def retention_seconds(self) -> float | None:
+        """ONNXCAM_RETENTION in seconds; None when unset."""
+        from onnxcam.worker.retention import parse_duration
+
+        return parse_duration(self.retention) if self.retention else None
+
     @cached_property
     def roots(self) -> list[str]:
         """The allowed roots as a list; empty entries are dropped."""
@@ -127,6 +173,11 @@ class Settings(BaseSettings):
         """The allowed protocols, lower case."""
         return frozenset(p.strip().lower() for p in self.allowed_protocols.split(",")
                          if p.strip())
+
+    @cached_property
+    def signing_keys(self) -> tuple[bytes, ...]:
+        """The signing keys, the one clients sign with first; none: jobs go unsigned."""
+        return tuple(key.encode() for key in _split_keys(self.signing_key.get_secret_value()))
 
     @property
     def backend_url(self) -> str:
@@ -176,11 +227,25 @@ def default_store() -> str:
     return os.path.join(os.path.abspath(data), "onnxcam", "store")
 
 
+def default_job_memory() -> int:
+    """Half the memory this machine (or its cgroup, in a container) has; 0 if unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit:
+            total = min(total, int(limit.read()))
+    except (OSError, ValueError):  # no cgroup v2, or "max"
+        pass
+    return max(total // 2, 0)
+
+
 def describe_settings() -> str:
     """One line per variable, for ``onnxcam worker --help``."""
     lines = []
     for name, field in Settings.model_fields.items():
         default = field.get_default(call_default_factory=True)
-        default = default if default != "" else "(unset)"
+        default = default if default not in ("", SecretStr("")) else "(unset)"
         lines.append(f"ONNXCAM_{name.upper()}: {field.description} [default: {default}]")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from onnxcam.engine.methods.scorecam import ScoreCAM
 from onnxcam.engine.methods.smoothgrad import SmoothGrad
 from onnxcam.engine.methods.xgradcam import XGradCAM
 from onnxcam.errors import BadMethodError
+from onnxcam.words import clipped
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
@@ -42,7 +43,7 @@ def get_method(name: str) -> Method:
         return METHODS[name]()
     except KeyError:
         raise BadMethodError(
-            f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}"
+            f"unknown method {clipped(name)!r}; choose one of {', '.join(sorted(METHODS))}"
         ) from None
 
 
