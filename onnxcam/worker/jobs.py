@@ -32,6 +32,7 @@ from onnxcam.engine.prefetch import prefetched
 from onnxcam.errors import (
     BadImageError,
     BadTargetError,
+    BundleError,
     JobTimeoutError,
     OnnxcamError,
 )
@@ -119,22 +120,38 @@ class _InputBudget:
 
 
 class ModelCache:
-    """A bounded, least-recently-used cache of Explainers, keyed by bundle hash."""
+    """A bounded, least-recently-used cache of Explainers, keyed by bundle hash, and of
+    the bundles refused (their ``BundleError`` messages), so that a bundle is read and
+    checked once per process, whether it passes or not."""
+
+    REFUSED = 256  # refusals remembered; a message is a few hundred bytes
 
     def __init__(self, store: Store, size: int, device: str = "auto",
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, max_memory: int = 0) -> None:
         self.store = store
         self.size = size
         self.device = device
         self.limits = limits or Limits()
+        self.max_memory = max_memory
         self._explainers: OrderedDict[str, Explainer] = OrderedDict()
+        self._refused: OrderedDict[str, str] = OrderedDict()
 
     def get(self, sha: str) -> Explainer:
+        """The bundle's Explainer; BundleError, from the first verdict, if it was refused."""
         bundle_key(sha)  # refuses anything that is not a hash before touching the store
         if sha in self._explainers:
             self._explainers.move_to_end(sha)
             return self._explainers[sha]
-        explainer = Explainer(self.store.get_bundle(sha), device=self.device, limits=self.limits)
+        if sha in self._refused:
+            raise BundleError(self._refused[sha])
+        try:
+            explainer = Explainer(self.store.get_bundle(sha), device=self.device,
+                                  limits=self.limits, max_memory=self.max_memory)
+        except BundleError as error:
+            self._refused[sha] = str(error)
+            while len(self._refused) > self.REFUSED:
+                self._refused.popitem(last=False)
+            raise
         self._explainers[sha] = explainer
         while len(self._explainers) > self.size:
             evicted, _ = self._explainers.popitem(last=False)

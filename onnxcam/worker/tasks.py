@@ -6,9 +6,13 @@ import functools
 import logging
 from typing import Any
 
+from celery.signals import worker_process_init
+
 from onnxcam.errors import OnnxcamError, StoreUnavailableError, WorkerLostError
+from onnxcam.runtime import out_of_memory
 from onnxcam.worker.app import EXPLAIN_TASK, app
 from onnxcam.worker.jobs import ModelCache, run_job
+from onnxcam.worker.memory import limit_process_memory, out_of_memory_error
 from onnxcam.worker.message import parse_job
 from onnxcam.worker.records import count_start, write_error
 from onnxcam.worker.settings import Settings, load_settings
@@ -30,7 +34,7 @@ def process_state() -> tuple[Settings, Store, ModelCache]:
     settings = load_settings()
     store = Store(settings.store_url)
     return settings, store, ModelCache(store, settings.model_cache, settings.device,
-                                       settings.limits)
+                                       settings.limits, settings.max_job_memory)
 
 
 @app.task(bind=True, name=EXPLAIN_TASK, autoretry_for=RETRY_FOR, retry_backoff=2,
@@ -56,3 +60,18 @@ def explain(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.warning("job %s failed: %s: %s", job_id, error.code, error)
         write_error(store, job_id, error)
         raise
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
+        # Raised on, a MemoryError would end the worker process (Celery's pool takes it
+        # for unrecoverable) and the job would go round to kill the next one.
+        ended = out_of_memory_error(exc, settings.max_job_memory)
+        del exc  # its traceback holds the job's frames and their arrays
+        log.warning("job %s failed: %s: %s", job_id, ended.code, ended)
+        write_error(store, job_id, ended)
+        raise ended from None
+
+
+@worker_process_init.connect
+def _limit_memory(**_: Any) -> None:
+    limit_process_memory(process_state()[0].max_job_memory)
