@@ -8,6 +8,7 @@ worker needs to run it is stored in ``metadata_props`` under ``onnxcam.*`` keys.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from onnxcam.bundle_checks import check_ops
 from onnxcam.errors import BadTargetError, BundleError, nearest
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
+from onnxcam.words import clipped
 
 FORMAT_VERSION = 1
 
@@ -189,12 +191,14 @@ class BundleInfo:
 
     def class_index(self, target: int | str) -> int:
         """A class by number or by label (``"cat"``); a label wins over a number
-        written as text, so a bundle labelled "0".."9" reads them as labels."""
+        written as text, so a bundle labelled "0".."9" reads them as labels. Only ASCII
+        digits make a number: ``"²"`` and ``"١"`` are labels, as any other text."""
         if isinstance(target, str):
             if target in self.labels:
                 return self.labels.index(target)
-            if not target.strip().lstrip("-").isdigit():
-                raise BadTargetError(f"no class labelled {target!r}{_suggest(target, self.labels)}")
+            if not CLASS_NUMBER.match(target):
+                raise BadTargetError(f"no class labelled {clipped(target)!r}"
+                                     f"{_suggest(target, self.labels)}")
             target = int(target)
         if not 0 <= int(target) < self.num_classes:
             raise BadTargetError(f"target {int(target)} is outside [0, {self.num_classes})")
@@ -412,6 +416,11 @@ def read_bundle_info(source: str | Path | Any) -> BundleInfo:
         raise BundleError(f"{path}: not an ONNX file ({exc.__class__.__name__})") from exc
     return BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
 
+
+
+# A class number written as text: ASCII digits only. (str.isdigit() also takes "²" and
+# "١", which int() then refuses or reads as 1.)
+CLASS_NUMBER = re.compile(r"^\s*-?[0-9]+\s*$", re.ASCII)
 
 
 def _suggest(name: str, choices: list[str]) -> str:

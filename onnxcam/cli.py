@@ -335,13 +335,13 @@ def submit(bundle: Path, images: tuple[str, ...], method: str, target: str | Non
 def class_number(bundle: Path, target: str | None) -> int | str | None:
     """``--target`` read as ``explain`` reads it, a label of the bundle's first, then a
     number; checked here when the bundle is a file, else by the worker."""
-    from onnxcam.bundle import read_bundle_info
+    from onnxcam.bundle import CLASS_NUMBER, read_bundle_info
 
     if target is None:
         return None
     if Path(bundle).is_file():
         return read_bundle_info(bundle).class_index(target)
-    return int(target) if target.lstrip("-").isdigit() else target
+    return int(target) if CLASS_NUMBER.match(target) else target
 
 
 @main.command()

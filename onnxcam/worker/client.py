@@ -39,9 +39,11 @@ from onnxcam.worker.records import (
     read_record,
     read_request,
     record_indices,
+    write_digest,
     write_request,
 )
 from onnxcam.worker.settings import Settings, load_settings
+from onnxcam.worker.signing import digest, signed
 from onnxcam.worker.store import Store
 
 STATUSES = ("pending", "started", "done", "failed")
@@ -120,8 +122,10 @@ class Job:
                                    f"done after {timeout} s")
             if pending:
                 time.sleep(interval)
+        # A job the worker refused or dropped unread has its error in Celery's backend only.
         return [record for job_id in self.ids for record in job_records(
-            job_id, self.store, lost_error() if job_id in lost else None)]
+            job_id, self.store, lost_error() if job_id in lost
+            else job_error(job_id, self.store, self.settings))]
 
 
 class LostCheck:
@@ -182,18 +186,23 @@ def submit(
     for start in range(0, len(refs), size):
         spec = JobSpec(str(uuid.uuid4()), sha, refs[start:start + size], method,
                        wanted[start:start + size], faithfulness_steps, knobs)
-        send(app, spec, store)
+        send(app, spec, store, settings.signing_keys)
         ids.append(spec.job_id)
     return Job(ids, settings)
 
 
-def send(app: Any, spec: JobSpec, store: Store) -> None:
-    """Record the request in the store, then queue the message."""
+def send(app: Any, spec: JobSpec, store: Store, signing_keys: Sequence[bytes] = ()) -> None:
+    """Record the request in the store and bind its id to it (its digest), then queue
+    the message, signed with the first of ``signing_keys`` (ONNXCAM_SIGNING_KEY) if any."""
     from onnxcam.worker.app import EXPLAIN_TASK
 
+    message = spec.to_message()
     write_request(store, spec.job_id, spec.request_record())
+    write_digest(store, spec.job_id, digest(spec.job_id, message))
+    if signing_keys:
+        message = signed(spec.job_id, message, signing_keys[0])
     with broker_errors(app):
-        app.send_task(EXPLAIN_TASK, args=[spec.to_message()], task_id=spec.job_id)
+        app.send_task(EXPLAIN_TASK, args=[message], task_id=spec.job_id)
 
 
 @contextmanager
@@ -342,9 +351,16 @@ def job_error(job_id: str, store: Store, settings: Settings | None = None) -> di
     return {"code": code, "message": f"{failure}{_store_hint(store, code)}"}
 
 
+# Codes a worker reports in Celery's backend alone (it refused or dropped the message
+# before the job had a folder): no error.json is missing.
+BACKEND_ONLY = ("bad_signature", "rejected")
+
+
 def _store_hint(store: Store, code: str) -> str:
     """Why a client may not see what a worker wrote: the two use different stores."""
     where = store.location
+    if code in BACKEND_ONLY:
+        return ""
     if code == "unknown_bundle":
         return (f" (this client published it to {where}: the worker reads another store; "
                 "give both the same ONNXCAM_STORE_URL, which, when relative, is relative to "

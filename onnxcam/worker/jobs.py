@@ -36,6 +36,7 @@ from onnxcam.errors import (
     JobTimeoutError,
     OnnxcamError,
 )
+from onnxcam.words import clipped
 from onnxcam.worker.keys import IMAGE_FILES, RECORD, bundle_key, image_key
 from onnxcam.worker.message import ImageRef, JobSpec
 from onnxcam.worker.records import error_entry, read_record, write_record, write_summary
@@ -46,6 +47,7 @@ from onnxcam.worker.store import Store
 log = logging.getLogger(__name__)
 
 TOP_K = 5
+MESSAGE_CHARS = 1000  # an error message in a summary; the record has it whole
 
 
 def fetch(ref: ImageRef, store: Store, allowed: AllowList, limits: Limits) -> bytes:
@@ -201,10 +203,15 @@ def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
 
 
 def _summary(record: Mapping[str, Any], uri: str) -> dict[str, Any]:
-    summary = {"index": record["index"], "image": record["image"], "status": record["status"],
-               "record": uri}
+    """An image's line in summary.json and Celery's result: its name and error message
+    clipped (256 names and paths of 4096 characters would put 2 MB in Redis per job);
+    the record, at ``uri``, has them whole."""
+    summary = {"index": record["index"], "image": clipped(record["image"]),
+               "status": record["status"], "record": uri}
     if record["status"] == "error":
-        summary["error"] = record["error"]
+        error = record["error"]
+        summary["error"] = {"code": error["code"], "message": clipped(error["message"],
+                                                                      MESSAGE_CHARS)}
     return summary
 
 
