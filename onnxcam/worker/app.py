@@ -10,8 +10,9 @@ import warnings
 
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
+from celery.signals import task_postrun
 
-from onnxcam.worker import broker
+from onnxcam.worker import broker, retention
 from onnxcam.worker.settings import Settings, load_settings
 
 QUEUE = "onnxcam"
@@ -64,6 +65,7 @@ def make_app(settings: Settings) -> Celery:
         # extended results would keep the job's arguments, inline pixels and all,
         # in Redis for a day.
         result_extended=False,
+        result_expires=settings.result_expires,
         worker_max_memory_per_child=settings.max_memory_per_child or None,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
@@ -74,3 +76,4 @@ def make_app(settings: Settings) -> Celery:
 
 
 app = make_app(load_settings())
+task_postrun.connect(retention.after_job, weak=False)  # ONNXCAM_RETENTION

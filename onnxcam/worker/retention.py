@@ -11,6 +11,7 @@ job that stays names none, no bundle goes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -28,9 +29,14 @@ from onnxcam.worker.keys import (
     SUMMARY,
     job_key,
 )
+from onnxcam.worker.settings import Settings, load_settings
 from onnxcam.worker.store import Store, classified, modified_time
 
 log = logging.getLogger(__name__)
+
+# ONNXCAM_RETENTION: the workers of a store prune it about this often, in all.
+PRUNE_EVERY = 3600.0
+PRUNED_AT = "retention.json"  # at the store's top: when a worker last pruned it
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -150,3 +156,29 @@ def _bundle_of(store: Store, job_id: str) -> str | None:
         if isinstance(bundle, str):
             return bundle
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_state() -> tuple[Settings, Store]:
+    settings = load_settings()
+    return settings, Store(settings.store_url)
+
+
+def after_job(**_: Any) -> None:
+    """Celery's task_postrun, in the pool process once the job's result is out: with
+    ONNXCAM_RETENTION set, prune the store when no worker has in the last hour
+    (``retention.json`` says when one last did). Two workers at once may both prune;
+    that only repeats the work. A failure is logged; the worker serves on."""
+    settings, store = _worker_state()
+    if settings.retention_seconds is None:
+        return
+    try:
+        found = store.find(PRUNED_AT)
+        last = float(json.loads(found)["at"]) if found else 0.0
+        if time.time() - last < PRUNE_EVERY:
+            return
+        store.put(PRUNED_AT, json.dumps({"at": time.time()}).encode())
+        prune(store, settings.retention_seconds, bundles=True)
+    except Exception as exc:  # noqa: BLE001 - retention must never stop a worker
+        log.error("pruning the store (ONNXCAM_RETENTION) failed: %s: %s",
+                  type(exc).__name__, exc)

@@ -171,3 +171,46 @@ def test_prune_on_s3(s3_store: Store) -> None:
     assert store.names("jobs") == ["queued"]
     assert store.names("jobs/done") == []
     assert store.names("bundles") == [f"{USED_SHA}.onnx"]
+
+
+def test_worker_retention_prunes_at_most_once_an_hour(
+        store_folder: tuple[Path, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNXCAM_RETENTION as Celery's task_postrun calls it in a worker process."""
+    from celery.signals import task_postrun
+
+    import onnxcam.worker.app  # noqa: F401 - the worker's app connects the signal
+    from onnxcam.worker import retention
+
+    root, _ = store_folder
+    assert retention.after_job in [receiver for _, receiver in task_postrun.receivers]
+    monkeypatch.setenv("ONNXCAM_STORE_URL", str(root))
+    monkeypatch.setenv("ONNXCAM_RETENTION", "7d")
+    retention._worker_state.cache_clear()
+    try:
+        retention.after_job(task_id="x")
+        assert not (root / "jobs" / "old-done").exists()
+        assert not (root / "bundles" / f"{OLD_SHA}.onnx").exists()
+        assert (root / "jobs" / "old-queued").exists()
+        write(root, "jobs/later/summary.json", b"{}", 10)
+        retention.after_job(task_id="y")  # within the hour: no second prune
+        assert (root / "jobs" / "later").exists()
+        stamp = root / "retention.json"
+        stamp.write_text(json.dumps({"at": NOW - 2 * 3600}))
+        retention.after_job(task_id="z")
+        assert not (root / "jobs" / "later").exists()
+        monkeypatch.delenv("ONNXCAM_RETENTION")
+        retention._worker_state.cache_clear()
+        write(root, "jobs/unset/summary.json", b"{}", 10)
+        stamp.unlink()
+        retention.after_job(task_id="w")  # unset: never
+        assert (root / "jobs" / "unset").exists()
+    finally:
+        retention._worker_state.cache_clear()
+
+
+def test_celery_results_expire_as_set() -> None:
+    from onnxcam.worker.app import make_app
+    from onnxcam.worker.settings import load_settings
+
+    assert make_app(load_settings()).conf.result_expires == DAY
+    assert make_app(load_settings(result_expires=77)).conf.result_expires == 77
