@@ -6,16 +6,24 @@ import functools
 import logging
 from typing import Any
 
+from celery.exceptions import Ignore
 from celery.signals import worker_process_init
 
-from onnxcam.errors import OnnxcamError, StoreUnavailableError, WorkerLostError
+from onnxcam.errors import (
+    DuplicateJobError,
+    OnnxcamError,
+    StoreUnavailableError,
+    WorkerLostError,
+)
 from onnxcam.runtime import out_of_memory
+from onnxcam.words import clipped
 from onnxcam.worker.app import EXPLAIN_TASK, app
 from onnxcam.worker.jobs import ModelCache, run_job
 from onnxcam.worker.memory import limit_process_memory, out_of_memory_error
 from onnxcam.worker.message import parse_job
-from onnxcam.worker.records import count_start, write_error
+from onnxcam.worker.records import claim, count_start, write_error
 from onnxcam.worker.settings import Settings, load_settings
+from onnxcam.worker.signing import digest, job_body
 from onnxcam.worker.store import Store
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,11 @@ def explain(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     # Any arguments at all: a message with others fails with malformed_job, not TypeError.
     job_id = self.request.id
     settings, store, models = process_state()
+    try:  # as the main process did (broker.admit), unless the store failed it there
+        claim(store, job_id, digest(job_id, job_body(args, kwargs)))
+    except DuplicateJobError as refusal:
+        log.warning("job %s refused: %s: %s", job_id, refusal.code, refusal)
+        raise Ignore() from None  # no state: the id's is its owner's
     try:
         spec = parse_job(args[0] if len(args) == 1 and not kwargs else args, job_id,
                          settings.bounds)
@@ -52,7 +65,8 @@ def explain(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if starts > MAX_STARTS:
             raise WorkerLostError(f"the job was started {starts - 1} times and its worker "
                                   "process died each time (out of memory?)")
-        log.info("job %s: %d images, method %s", job_id, len(spec.images), spec.method)
+        log.info("job %s: %d images, method %s", job_id, len(spec.images),
+                 clipped(spec.method))
         return run_job(spec, store, models, settings, worker=self.request.hostname or "")
     except RETRY_FOR:
         raise
