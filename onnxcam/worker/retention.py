@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -98,14 +100,24 @@ def prune(store: Store, older_than: float, *, bundles: bool = False, dry_run: bo
             pruned.bytes_freed += size
             doomed.append(path)
     if doomed and not dry_run:
-        with classified("prune"):
-            store.fs.rm(doomed)
-            if store.local:  # object stores have no folders; a disk keeps empty ones
-                for job_id in pruned.jobs:
-                    store.fs.rm(store.path(f"{JOB_PREFIX}/{job_id}"), recursive=True)
+        _remove(store, pruned.jobs, doomed)
     log.info("pruned %d jobs and %d bundles (%d bytes)%s", len(pruned.jobs),
              len(pruned.bundles), pruned.bytes_freed, " (dry run)" if dry_run else "")
     return pruned
+
+
+def _remove(store: Store, jobs: list[str], paths: list[str]) -> None:
+    """Remove the jobs' folders and the objects at ``paths``: on S3 in bulk deletes;
+    on disk a folder at a time (fsspec's one file at a time is ten times slower)."""
+    with classified("prune"):
+        if not store.local:
+            store.fs.rm(paths)
+            return
+        for job_id in jobs:
+            shutil.rmtree(store.path(f"{JOB_PREFIX}/{job_id}"), ignore_errors=True)
+        for path in paths:
+            if not path.startswith(store.path(JOB_PREFIX) + "/") and os.path.exists(path):
+                os.remove(path)
 
 
 def _listing(store: Store, prefix: str) -> dict[str, dict[str, Any]]:
