@@ -18,6 +18,9 @@ job, ``jobs/<job id>/``:
 - ``starts.json``: how many times a worker process began the job (a job whose process
   dies, out of memory say, is handed out again; see ``count_start``).
 
+At the store's top, ``retention.json`` says when a worker last pruned it
+(ONNXCAM_RETENTION, ``onnxcam.worker.retention``).
+
 Users and scripts read these names and records, so they are spelled here once and
 never change.
 """
@@ -45,6 +48,7 @@ DIGEST = "request.sha256"
 SUMMARY = "summary.json"
 ERROR = "error.json"
 STARTS = "starts.json"
+PRUNED_AT = "retention.json"
 
 # An image's files: the suffix of each (the engine's, see ``outputs.render``), under
 # the name its record's "files" gives it; the record itself is written last.

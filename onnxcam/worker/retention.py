@@ -26,6 +26,7 @@ from onnxcam.worker.keys import (
     BUNDLE_PREFIX,
     ERROR,
     JOB_PREFIX,
+    PRUNED_AT,
     RECORD_NAME,
     REQUEST,
     SUMMARY,
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 # ONNXCAM_RETENTION: the workers of a store prune it about this often, in all.
 PRUNE_EVERY = 3600.0
-PRUNED_AT = "retention.json"  # at the store's top: when a worker last pruned it
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
