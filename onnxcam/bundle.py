@@ -244,6 +244,9 @@ class BundleInfo:
         """Parse ``metadata_props``; raise BundleError if this is no onnxcam bundle."""
         if KEY_FORMAT not in props:
             raise BundleError("not an onnxcam bundle: no onnxcam.format_version metadata")
+        if not props[KEY_FORMAT].isascii() or not props[KEY_FORMAT].isdigit():
+            raise BundleError(f"onnxcam.format_version is {clipped(props[KEY_FORMAT])!r}, "
+                              "not a number")
         if int(props[KEY_FORMAT]) > FORMAT_VERSION:
             raise BundleError(
                 f"bundle format {props[KEY_FORMAT]} is newer than this onnxcam "
@@ -293,7 +296,8 @@ class BundleInfo:
         return info
 
     def check_bounds(self) -> None:
-        """Refuse metadata whose numbers no exported bundle has (see ``MAX_INPUT_SIDE``)."""
+        """Refuse metadata whose numbers no exported bundle has (see ``MAX_INPUT_SIDE``),
+        or whose modes and layouts this onnxcam does not know."""
         claims = (("input height", self.height, 1, MAX_INPUT_SIDE),
                   ("input width", self.width, 1, MAX_INPUT_SIDE),
                   ("input channels", self.channels, 1, MAX_INPUT_CHANNELS),
@@ -303,6 +307,14 @@ class BundleInfo:
             if not low <= value <= high:
                 raise BundleError(f"onnxcam bundle metadata claims {what} {value}, "
                                   f"outside [{low}, {high}]")
+        choices = [("preprocessing", self.preprocess, PREPROCESS_MODES),
+                   ("layout", self.layout, LAYOUTS), ("gradient", self.gradient, GRADIENT_MODES)]
+        choices += [(f"for layer {clipped(layer.name)!r} activation layout", layer.layout,
+                     (*LAYOUTS, TOKEN_LAYOUT)) for layer in self.layers]
+        for name, mode, allowed in choices:
+            if mode not in allowed:
+                raise BundleError(f"onnxcam bundle metadata claims {name} {clipped(mode)!r}, "
+                                  f"not one of {', '.join(allowed)}")
         if self.labels and len(self.labels) != self.num_classes:
             raise BundleError(f"onnxcam bundle metadata has {len(self.labels)} labels for "
                               f"{self.num_classes} classes")
@@ -394,7 +406,8 @@ def _check_image_input(name: str, image: Any, info: BundleInfo) -> None:
     # bundle's batch axis is that number (the exporter writes it so).
     expected = [info.batch_size or None, info.height, info.width, info.channels]
     for axis, (found, want) in enumerate(zip(dims, expected)):
-        if want is not None and found != want and (found is not None or axis == 0):
+        # The batch axis is free (None) unless the metadata fixes it; the others may be.
+        if found != want and (axis == 0 or found is not None):
             raise BundleError(f"{name}: the image input's axis {axis} is {found}, but the "
                               f"metadata says {want}")
 

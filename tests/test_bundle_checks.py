@@ -46,12 +46,28 @@ def test_weights_read_from_outside_the_file_are_refused(cnn_bundle: Path,
     ({"num_classes": "3"}, "5 labels for 3 classes"),
     ({"input_height": "32"}, "image input's axis 1 is 16, but the metadata says 32"),
     ({"batch_size": "4"}, "image input's axis 0 is None, but the metadata says 4"),
+    ({"format_version": ""}, "format_version is '', not a number"),
+    ({"layout": "16"}, "claims layout '16', not one of nhwc, nchw"),
+    ({"preprocess": "imagenet"}, "claims preprocessing 'imagenet', not one of unit"),
+    ({"gradient": "exact"}, "claims gradient 'exact', not one of analytic, fd"),
+    ({"layers": '[{"name": "x", "index": 0, "layout": "hwc"}]'},
+     "claims for layer 'x' activation layout 'hwc', not one of nhwc, nchw, ntc"),
 ])
 def test_metadata_is_held_to_bounds_and_to_the_graph(cnn_bundle: Path, changes: dict,
                                                      refusal: str) -> None:
     data = with_metadata(cnn_bundle, **changes)
     with pytest.raises(BundleError, match=refusal):
         read_bundle(data)
+
+
+def test_a_batch_axis_fixed_without_metadata_is_refused(cnn_bundle: Path) -> None:
+    """A graph fixed at 3 images whose metadata says any batch: the engine would feed it
+    another number, and onnxruntime fail mid-job (found by the bundle fuzzer)."""
+    model = onnx.load(str(cnn_bundle))
+    image = next(i for i in model.graph.input if i.name == "image")
+    image.type.tensor_type.shape.dim[0].dim_value = 3
+    with pytest.raises(BundleError, match="axis 0 is 3, but the metadata says None"):
+        read_bundle(model.SerializeToString())
 
 
 def test_a_good_bundle_still_reads(cnn_bundle: Path) -> None:

@@ -12,6 +12,7 @@ already done: running a job twice writes the same keys with the same content.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import OrderedDict
@@ -137,6 +138,12 @@ class ModelCache:
         self.max_memory = max_memory
         self._explainers: OrderedDict[str, Explainer] = OrderedDict()
         self._refused: OrderedDict[str, str] = OrderedDict()
+
+    def drop_sessions(self) -> None:
+        """Forget every Explainer (the verdicts stay): after a job ran out of memory, what
+        the cached sessions hold must not make the next job run out too."""
+        self._explainers.clear()
+        gc.collect()
 
     def get(self, sha: str) -> Explainer:
         """The bundle's Explainer; BundleError, from the first verdict, if it was refused."""

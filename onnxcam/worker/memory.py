@@ -1,5 +1,6 @@
-"""A worker process's memory ceiling (ONNXCAM_MAX_JOB_MEMORY) and what a job that
-meets it ends with: out_of_memory, never the worker's exit."""
+"""A worker process's memory ceiling (ONNXCAM_MAX_JOB_MEMORY), and what a job ends with
+when memory runs out (out_of_memory) or onnxruntime refuses to run the bundle
+(bad_bundle): a job error, never the worker's exit nor a bare Celery failure."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import re
 import resource
 
 from onnxcam.bundle_checks import in_units
-from onnxcam.errors import OutOfMemoryError
+from onnxcam.errors import BundleError, OnnxcamError, OutOfMemoryError
+from onnxcam.runtime import out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -37,3 +39,16 @@ def out_of_memory_error(exc: BaseException, limit: int) -> OutOfMemoryError:
     ceiling = in_units(limit) if limit else "no limit"
     return OutOfMemoryError(f"the job ran out of memory ({what}); a worker process may hold "
                             f"ONNXCAM_MAX_JOB_MEMORY = {ceiling}")
+
+
+def runtime_job_error(exc: BaseException, limit: int) -> OnnxcamError | None:
+    """The job error for ``exc`` raised while a job ran, if it is one: memory running out
+    (``out_of_memory_error``), or onnxruntime failing to run a bundle that loaded (a
+    graph at odds with itself, such as a Reshape to a size its input has not); None
+    for anything else."""
+    if out_of_memory(exc):
+        return out_of_memory_error(exc, limit)
+    if (type(exc).__module__ or "").startswith("onnxruntime"):
+        text = str(exc).strip().splitlines()
+        return BundleError(f"onnxruntime cannot run the bundle: {(text or ['?'])[0][:200]}")
+    return None

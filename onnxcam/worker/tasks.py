@@ -12,14 +12,14 @@ from celery.signals import worker_process_init
 from onnxcam.errors import (
     DuplicateJobError,
     OnnxcamError,
+    OutOfMemoryError,
     StoreUnavailableError,
     WorkerLostError,
 )
-from onnxcam.runtime import out_of_memory
 from onnxcam.words import clipped
 from onnxcam.worker.app import EXPLAIN_TASK, app
 from onnxcam.worker.jobs import ModelCache, run_job
-from onnxcam.worker.memory import limit_process_memory, out_of_memory_error
+from onnxcam.worker.memory import limit_process_memory, runtime_job_error
 from onnxcam.worker.message import parse_job
 from onnxcam.worker.records import claim, count_start, write_error
 from onnxcam.worker.settings import Settings, load_settings
@@ -75,12 +75,14 @@ def explain(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         write_error(store, job_id, error)
         raise
     except Exception as exc:
-        if not out_of_memory(exc):
-            raise
         # Raised on, a MemoryError would end the worker process (Celery's pool takes it
         # for unrecoverable) and the job would go round to kill the next one.
-        ended = out_of_memory_error(exc, settings.max_job_memory)
+        ended = runtime_job_error(exc, settings.max_job_memory)
+        if ended is None:
+            raise
         del exc  # its traceback holds the job's frames and their arrays
+        if isinstance(ended, OutOfMemoryError):
+            models.drop_sessions()
         log.warning("job %s failed: %s: %s", job_id, ended.code, ended)
         write_error(store, job_id, ended)
         raise ended from None

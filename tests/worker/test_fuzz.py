@@ -383,3 +383,116 @@ def test_fuzzed_image_files(deployment: dict[str, Any], worker: Any) -> None:
     check()
     serves_a_good_job(deployment, worker)
     assert "Traceback" not in worker.text()
+
+
+# -- bundles -------------------------------------------------------------------------
+
+BUNDLE_KEYS = ["format_version", "input_height", "input_width", "input_channels", "batch_size",
+               "num_classes", "labels", "layout", "activation_layout", "preprocess", "gradient",
+               "target_layer", "model_input", "layers", "activation_grid", "resize",
+               "fd_chunk", "input_gradients"]
+BUNDLE_VALUES = st.one_of(st.text(max_size=12), st.integers(-5, 20).map(str),
+                          HUGE.map(str), st.sampled_from(["", "[]", "{}", "null", "[{}]",
+                                                          "nchw", "ntc", "fd", "1e9"]))
+
+
+def bundle_mutations(bundle: Path) -> st.SearchStrategy[tuple[str, bytes]]:
+    """A good bundle changed in one way an attacker could: a metadata value, an op's
+    type or domain, a weight moved outside the file, the image input's dims, a tensor
+    sized from constants or from the pixels, or the file's bytes cut or flipped."""
+    from hostile_bundles import reading_outside, with_bomb, with_metadata, with_runtime_bomb
+
+    def loaded() -> Any:
+        import onnx
+
+        return onnx.load(str(bundle))
+
+    def op(index: int, op_type: str, domain: str) -> tuple[str, bytes]:
+        model = loaded()
+        node = model.graph.node[index % len(model.graph.node)]
+        node.op_type, node.domain = op_type or node.op_type, domain
+        return "op", model.SerializeToString()
+
+    def dims(axis: int, value: Any) -> tuple[str, bytes]:
+        model = loaded()
+        dim = next(i for i in model.graph.input if i.name == "image").type.tensor_type.shape.dim
+        dim[axis].Clear()
+        if isinstance(value, int):
+            dim[axis].dim_value = value
+        elif value is not None:
+            dim[axis].dim_param = value
+        return "dims", model.SerializeToString()
+
+    def damaged(cut: int, flip: int) -> tuple[str, bytes]:
+        data = bytearray(bundle.read_bytes())
+        data[flip % len(data)] ^= 0xFF
+        return "bytes", bytes(data[: max(1, cut % (len(data) + 1))])
+
+    return st.one_of(
+        st.builds(lambda key, value: ("metadata", with_metadata(bundle, **{key: value})),
+                  st.sampled_from(BUNDLE_KEYS), BUNDLE_VALUES),
+        st.builds(op, st.integers(0, 100),
+                  st.sampled_from(["", "NoSuchOp", "ImageDecoder", "RandomNormalLike",
+                                   "StringSplit", "SequenceEmpty"]),
+                  st.sampled_from(["", "com.microsoft", "ai.onnx.ml", "evil.domain"])),
+        st.builds(lambda where: ("external", reading_outside(bundle, where)[0]),
+                  st.sampled_from(["credentials", "/etc/passwd", "../../x", "a/b.bin", "."])),
+        st.builds(dims, st.integers(0, 3),
+                  st.sampled_from([-1, 0, 1, 3, 2**40, 2**62, "N", "", None])),
+        st.builds(lambda op_type, n: ("bomb", with_bomb(bundle, op_type, n)),
+                  st.sampled_from(["ConstantOfShape", "Expand"]),
+                  st.integers(1000, 10**13)),
+        st.builds(lambda n: ("runtime bomb", with_runtime_bomb(bundle, n)),
+                  st.integers(1, 10**12)),
+        st.builds(damaged, st.integers(0, 10**6), st.integers(0, 10**6)),
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle_deployment(deployment: dict[str, Any]) -> Any:
+    """A worker of its own (Redis db 6, its own store) whose processes may hold 1 GiB,
+    so that no mutated bundle reaches the module's worker, which has no such ceiling."""
+    folder = deployment["folder"]
+    env = service_env(redis_url(6), folder / "bundle-store", deployment["roots"],
+                      max_job_memory=str(2**30))
+    own = {**deployment, "env": env, "settings": settings_for(env),
+           "store": Store(str(folder / "bundle-store"))}
+    process = start_worker("bundles", env, folder, concurrency=1)
+    process.wait_ready()
+    yield own, process
+    process.stop()
+
+
+def test_fuzzed_bundles(bundle_deployment: Any) -> None:
+    """Each mutated bundle ends its job as bad_bundle (or out_of_memory, for a bomb that
+    goes over the ceiling), or loads and runs to documented per-image codes; a bomb
+    that fits gives the good bundle's own logits. The worker serves a good job after
+    all of them, with no traceback in its log."""
+    deployment, own = bundle_deployment
+    store = deployment["store"]
+    reference = submit(deployment["bundle"], [deployment["roots"] / "good.png"],
+                       settings=deployment["settings"]).wait(timeout=JOB_SECONDS)[0]
+
+    @FUZZ
+    @given(mutation=bundle_mutations(deployment["bundle"]))
+    def check(mutation: tuple[str, bytes]) -> None:
+        kind, data = mutation
+        message = {"v": 1, "bundle": store.put_bundle(data), "method": "gradcam",
+                   "images": [{"path": str(deployment["roots"] / "good.png")}]}
+        job_id = send(deployment, message)
+        found = ended_with_documented_codes(deployment, job_id)
+        if found in (["bad_bundle"], ["out_of_memory"]):
+            # The estimate is a lower bound: a bomb just under it can still go over the
+            # ceiling while onnxruntime folds or runs it, and the sessions a worker
+            # process keeps count against its ceiling too (it drops them then).
+            assert found == ["bad_bundle"] or kind in ("bomb", "runtime bomb", "dims",
+                                                       "metadata", "op"), (kind, found)
+            return
+        assert kind in ("metadata", "dims", "bomb", "runtime bomb", "op"), (kind, found)
+        if kind.endswith("bomb") and found == ["ok"]:
+            record = json.loads(store.get(f"jobs/{job_id}/00000.json"))
+            assert record["logits"] == reference["logits"], kind
+
+    check()
+    serves_a_good_job(deployment, own)
+    assert "Traceback" not in own.text()

@@ -20,9 +20,10 @@ from hostile_bundles import with_bomb, with_image_input, with_runtime_bomb
 from PIL import Image
 from service import redis_url, service_env, settings_for, start_worker, wait_for
 
-from onnxcam.errors import BundleError
+from onnxcam.errors import BundleError, OutOfMemoryError
 from onnxcam.worker.client import _app, submit
 from onnxcam.worker.jobs import ModelCache
+from onnxcam.worker.memory import runtime_job_error
 from onnxcam.worker.store import Store
 
 CEILING = 2 * 2**30
@@ -52,6 +53,24 @@ def test_a_refused_bundle_is_read_and_checked_once(cnn_bundle: Path, tmp_path: P
     assert models.get(good) is models.get(good) and store.reads == 2
     # Without a budget the same bundle loads (the estimate is the worker's choice).
     assert ModelCache(store, 1, "cpu", max_memory=0).get(bomb).info.num_classes == 5
+
+
+def test_runtime_failures_become_job_errors(cnn_bundle: Path) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(cnn_bundle), providers=["CPUExecutionProvider"])
+    try:  # a real onnxruntime failure: an image of the wrong size
+        session.run(None, {"image": np.zeros((1, 5, 5, 3), np.uint8),
+                           "target": np.zeros(1, np.int64)})
+    except Exception as exc:  # noqa: BLE001 - the test wants whatever onnxruntime raises
+        refused = runtime_job_error(exc, CEILING)
+    assert isinstance(refused, BundleError)
+    assert str(refused).startswith("onnxruntime cannot run the bundle: [ONNXRuntimeError]")
+    ended = runtime_job_error(MemoryError("Unable to allocate 768. GiB"), CEILING)
+    assert isinstance(ended, OutOfMemoryError) and ended.code == "out_of_memory"
+    assert str(ended) == ("the job ran out of memory (Unable to allocate 768. GiB); a worker "
+                          "process may hold ONNXCAM_MAX_JOB_MEMORY = 2 GiB")
+    assert runtime_job_error(ValueError("a bug"), CEILING) is None  # not ours to classify
 
 
 # ---------------------------------------------------------------------------- real worker
