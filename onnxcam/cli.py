@@ -420,7 +420,7 @@ def store() -> None:
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    from onnxcam.worker.retention import parse_duration
+    from onnxcam.worker.settings import parse_duration
 
     try:
         return parse_duration(value)

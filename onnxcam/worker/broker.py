@@ -31,7 +31,7 @@ from functools import partial
 from queue import Empty
 from typing import Any
 
-from celery import states
+from celery import current_app, states
 from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
@@ -250,8 +250,7 @@ def report(job_id: str, error: OnnxcamError) -> None:
 
     Any broker client can read queued ids and, with the backend in the same Redis,
     write such states itself: this gives it nothing it had not."""
-    from onnxcam.worker.app import app
-
+    app = current_app  # the worker's own (onnxcam.worker.app imports this module)
     try:
         if app.backend.get_state(job_id) == states.PENDING:
             app.backend.mark_as_failure(job_id, error)

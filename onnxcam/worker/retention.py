@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections import defaultdict
@@ -39,19 +38,6 @@ log = logging.getLogger(__name__)
 
 # ONNXCAM_RETENTION: the workers of a store prune it about this often, in all.
 PRUNE_EVERY = 3600.0
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``30m``, ``12h``, ``7d``, ``2w`` (or ``45s``); ValueError otherwise."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration: a number and a unit, s, m, h, d or w "
-                         "(7d, 12h, 30m)")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
 
 @dataclass
 class Folder:

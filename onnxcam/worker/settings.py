@@ -151,16 +151,12 @@ class Settings(BaseSettings):
     @classmethod
     def _duration(cls, value: str) -> str:
         if value:
-            from onnxcam.worker.retention import parse_duration
-
             parse_duration(value)
         return value
 
     @cached_property
     def retention_seconds(self) -> float | None:
         """ONNXCAM_RETENTION in seconds; None when unset."""
-        from onnxcam.worker.retention import parse_duration
-
         return parse_duration(self.retention) if self.retention else None
 
     @cached_property
@@ -205,6 +201,19 @@ def split_roots(text: str) -> list[str]:
         roots.append(found.group())
         position = found.end() + 1  # past the ':' that ended it
     return [root for root in roots if root]
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30m``, ``12h``, ``7d``, ``2w`` (or ``45s``); ValueError otherwise."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: a number and a unit, s, m, h, d or w "
+                         "(7d, 12h, 30m)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def load_settings(**overrides: object) -> Settings:

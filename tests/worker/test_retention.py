@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from service import REDIS_HOST, free_port, start_moto
 
 from onnxcam.cli import main
-from onnxcam.worker.retention import parse_duration, prune
+from onnxcam.worker.retention import prune
+from onnxcam.worker.settings import parse_duration
 from onnxcam.worker.store import Store
 
 DAY = 86400.0
