@@ -29,11 +29,12 @@ from onnxcam.audit.datasets import Annotated, is_coco, is_voc, read_coco, read_v
 from onnxcam.audit.metrics import box_region, mask_region
 from onnxcam.audit.regions import union_region
 from onnxcam.bundle import BundleInfo
-from onnxcam.engine.images import DEFAULT_LIMITS
+from onnxcam.engine.images import DEFAULT_LIMITS, file_suffixes
 from onnxcam.errors import BadRowError, ManifestError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
-                            ".webp", ".ppm", ".pgm"})
+# A folder's images: the files of the formats the engine reads (PPM, PGM and the
+# like are not among them by default, so they are not listed either).
+IMAGE_SUFFIXES = file_suffixes(DEFAULT_LIMITS.formats)
 COLUMNS = ("image", "label", "bbox", "mask")
 
 

@@ -74,6 +74,15 @@ def image_formats(names: Iterable[str]) -> tuple[str, ...]:
     return formats
 
 
+def file_suffixes(formats: Iterable[str]) -> frozenset[str]:
+    """The file name suffixes Pillow gives ``formats`` (``.jpg``, ``.jpeg``, ``.jfif``
+    ... for JPEG): which files of a folder are images an engine with these formats reads."""
+    Image.init()
+    wanted = set(formats)
+    return frozenset(suffix for suffix, name in Image.registered_extensions().items()
+                     if name in wanted)
+
+
 DEFAULT_LIMITS = Limits()
 
 
