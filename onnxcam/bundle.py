@@ -63,6 +63,7 @@ KEY_FD_CHUNK = PREFIX + "fd_chunk"
 KEY_RESIZE = PREFIX + "resize"
 KEY_REMOVED_HEAD = PREFIX + "removed_activation"
 KEY_MODEL_INPUT = PREFIX + "model_input"  # the preprocessed tensor the model itself reads
+KEY_HEAD = PREFIX + "head"  # how logits become probabilities; absent in older bundles: softmax
 # Written only when the bundle has them, so older bundles read the same:
 KEY_INPUT_GRADIENTS = PREFIX + "input_gradients"  # JSON list of the input-gradient outputs
 KEY_LAYERS = PREFIX + "layers"  # JSON list of every exported layer, early to late
@@ -82,6 +83,11 @@ MAX_INPUT_CHANNELS = 64
 MAX_BATCH_SIZE = 4096
 MAX_CLASSES = 1_000_000
 GRADIENT_MODES = ("analytic", "fd")
+# How a bundle's logits become class probabilities (``scores.probabilities``): one
+# softmax over the classes, a sigmoid per class (multi-label), or none (the scores are
+# the model's outputs as they are).
+HEAD_SOFTMAX, HEAD_SIGMOID, HEAD_NONE = "softmax", "sigmoid", "none"
+HEADS = (HEAD_SOFTMAX, HEAD_SIGMOID, HEAD_NONE)
 
 
 def layer_output(name: str, index: int) -> str:
@@ -168,6 +174,7 @@ class BundleInfo:
     # 0: any batch size; else the model's own batch, which callers must run it at.
     batch_size: int = 0
     activation_grid: TokenGrid | None = None  # the primary layer's grid, if a token layer
+    head: str = HEAD_SOFTMAX  # one of HEADS
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -224,6 +231,7 @@ class BundleInfo:
             KEY_RESIZE: self.resize,
             KEY_REMOVED_HEAD: self.removed_activation,
             KEY_MODEL_INPUT: self.model_input,
+            KEY_HEAD: self.head,
         }
         if self.gradient == "fd":
             props[KEY_FD_EPSILON] = repr(self.fd_epsilon)
@@ -259,6 +267,7 @@ class BundleInfo:
                 KEY_GRADIENT, KEY_SOURCE_FORMAT, KEY_SOURCE_SHA256, KEY_RESIZE,
                 KEY_REMOVED_HEAD, KEY_FD_EPSILON, KEY_FD_CHUNK, KEY_MODEL_INPUT,
                 KEY_INPUT_GRADIENTS, KEY_LAYERS, KEY_BATCH_SIZE, KEY_ACTIVATION_GRID,
+                KEY_HEAD,
             }
             layers = tuple(LayerEntry(str(e["name"]), int(e["index"]), str(e["layout"]),
                                       grid_from_json(e.get("grid")))
@@ -288,6 +297,7 @@ class BundleInfo:
                 all_layers=layers,
                 batch_size=int(props.get(KEY_BATCH_SIZE, "0")),
                 activation_grid=grid,
+                head=props.get(KEY_HEAD, HEAD_SOFTMAX),
                 extra={k: v for k, v in props.items() if k.startswith(PREFIX) and k not in known},
             )
         except (KeyError, ValueError, TypeError) as exc:
@@ -308,7 +318,8 @@ class BundleInfo:
                 raise BundleError(f"onnxcam bundle metadata claims {what} {value}, "
                                   f"outside [{low}, {high}]")
         choices = [("preprocessing", self.preprocess, PREPROCESS_MODES),
-                   ("layout", self.layout, LAYOUTS), ("gradient", self.gradient, GRADIENT_MODES)]
+                   ("layout", self.layout, LAYOUTS), ("gradient", self.gradient, GRADIENT_MODES),
+                   ("head", self.head, HEADS)]
         choices += [(f"for layer {clipped(layer.name)!r} activation layout", layer.layout,
                      (*LAYOUTS, TOKEN_LAYOUT)) for layer in self.layers]
         for name, mode, allowed in choices:

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from onnxcam.bundle import GRADIENT_MODES, LAYOUTS, PREPROCESS_MODES
+from onnxcam.bundle import GRADIENT_MODES, HEAD_SOFTMAX, HEADS, LAYOUTS, PREPROCESS_MODES
 from onnxcam.engine.maps import COLORMAPS
 from onnxcam.engine.methods.base import MethodOptions
 from onnxcam.errors import OnnxcamError
@@ -133,11 +133,16 @@ def layers(src: Path, input_size: tuple[int, int] | None, layout: str | None,
 @click.option("--guided", is_flag=True,
               help="Add guided_input_gradients (guided-backprop, guided-gradcam).")
 @logits_option
+@click.option("--head", type=click.Choice(HEADS), default=None,
+              help="How the logits become probabilities: softmax, sigmoid (multi-label) or "
+                   "none. Default: as the model ends (a Sigmoid: sigmoid, else softmax); "
+                   "give it where the sigmoid is applied outside the model.")
 @with_errors
 def export(
     src: Path, out: Path, layers: tuple[str, ...], preprocess: str | None, labels: Path | None,
     gradient: str, input_size: tuple[int, int] | None, layout: str | None, opset: int,
     no_verify: bool, input_gradients: bool, guided: bool, logits: str | None,
+    head: str | None,
 ) -> None:
     """Turn the classifier SRC (.keras, .h5, SavedModel folder or .onnx) into a bundle."""
     from onnxcam.exporter import export as run_export
@@ -147,7 +152,7 @@ def export(
             src, out, layer=list(layers) or None, preprocess=preprocess, labels=labels,
             gradient=gradient, input_size=input_size, layout=layout, opset=opset,
             verify=not no_verify, input_gradients=input_gradients, guided=guided,
-            logits=logits, on_stage=stages.enter,
+            logits=logits, head=head, on_stage=stages.enter,
         )
     info = result.info
     check = "not verified"
@@ -163,7 +168,8 @@ def export(
                f"{info.gradient} gradients{extra}, {check}; preprocess {info.preprocess}"
                + (f"; batch fixed at {info.batch_size}" if info.batch_size else "")
                + (f" ({result.batch_reason})" if info.batch_size and result.batch_reason
-                  else ""))
+                  else "")
+               + (f"; {info.head} head" if info.head != HEAD_SOFTMAX else ""))
 
 
 def parse_formats(value: str) -> list[str]:

@@ -235,6 +235,21 @@ def binary_sigmoid(seed: int = 0) -> keras.Model:
     return _finish(keras.Model(inp, out, name="binary_sigmoid"), seed)
 
 
+def multilabel_sigmoid(seed: int = 0, classes: int = 14) -> keras.Model:
+    """Small CNN on 24x24x3 with a ``classes``-way Dense(sigmoid) head, one
+    probability per finding as the chest X-ray models have (not in KERAS_BUILDERS)."""
+    keras = _keras()
+    L = keras.layers
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((24, 24, 3), name="input")
+    x = L.Conv2D(8, 3, activation="relu", name="conv1")(inp)
+    x = L.MaxPooling2D(2, name="pool1")(x)
+    x = L.Conv2D(16, 3, activation="relu", name="conv2")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(classes, activation="sigmoid", name="findings")(x)
+    return _finish(keras.Model(inp, out, name="multilabel_sigmoid"), seed)
+
+
 KERAS_BUILDERS = {
     "mnist_cnn": mnist_cnn,
     "vgg_like": vgg_like,
@@ -332,6 +347,19 @@ def onnx_cnn(seed: int = 0) -> onnx.ModelProto:
     x = g.gemm(x, 16, 5, "logits")
     g.node("Softmax", [x], "probs", axis=-1)
     return g.model("onnx_cnn", "probs", 5)
+
+
+def onnx_multilabel(seed: int = 0, classes: int = 14, squash: bool = True) -> onnx.ModelProto:
+    """NCHW [N,3,16,16] CNN: ``feat`` -> GAP, Gemm -> ``classes`` scores, then a
+    Sigmoid per class (``probs``); without ``squash`` the Gemm's scores are the output
+    (``scores``), as for a model whose sigmoid is applied outside it."""
+    g = _Graph(seed)
+    x = g.node("GlobalAveragePool", [_cnn_trunk(g)], "gap")
+    x = g.node("Flatten", [x], "flat", axis=1)
+    x = g.gemm(x, 16, classes, "scores")
+    if squash:
+        return g.model("onnx_multilabel", g.node("Sigmoid", [x], "probs"), classes)
+    return g.model("onnx_multilabel", x, classes)
 
 
 def onnx_wide(seed: int = 0, channels: int = 2048, size: int = 224) -> onnx.ModelProto:

@@ -170,7 +170,8 @@ def explain_rows(
     targets = np.concatenate([p.targets for p in parts])
     if settings.faithfulness:
         deletion, insertion = deletion_insertion_auc(
-            explainer, batch, heatmaps(raw, info.height, info.width), targets, settings.steps)
+            explainer, batch, heatmaps(raw, info.height, info.width), targets, settings.steps,
+            info.head)
     for position, i in enumerate(good):
         outcome = outcomes[i]
         outcome.raw = raw[position]

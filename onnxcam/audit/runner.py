@@ -49,7 +49,7 @@ from onnxcam.engine.outputs import npy_bytes
 from onnxcam.errors import AuditError, OnnxcamError
 from onnxcam.files import atomic_write
 from onnxcam.progress import Progress
-from onnxcam.scores import softmax
+from onnxcam.scores import probabilities
 
 log = logging.getLogger(__name__)
 
@@ -252,12 +252,12 @@ class Ordering:
         except OnnxcamError as exc:
             return {**base, "status": "error", "error": f"{exc.code}: {exc}"}
         heatmap = outcome.heatmap or self.write_heatmap(row.index, outcome.raw)
-        probabilities = softmax(outcome.logits.astype(np.float64))
-        pred = int(np.argmax(probabilities))
+        scores = probabilities(outcome.logits.astype(np.float64), self.backend.info.head)
+        pred = int(np.argmax(scores))
         result = {
             **base, **measured,
             "pred": self.label(pred),
-            "score": f"{probabilities[pred]:.4f}",
+            "score": f"{scores[pred]:.4f}",
             "correct": "" if row.label is None else str(int(pred == row.label)),
             "heatmap": heatmap,
             "status": "ok",

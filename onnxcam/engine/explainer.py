@@ -43,7 +43,7 @@ from onnxcam.engine.model_access import ModelAccess
 from onnxcam.engine.prefetch import prefetched
 from onnxcam.engine.sessions import Sessions
 from onnxcam.runtime import resolve_device
-from onnxcam.scores import softmax
+from onnxcam.scores import probabilities
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,13 @@ class Explanation:
 
     @property
     def probabilities(self) -> np.ndarray:
-        return softmax(self.logits, axis=1).astype(np.float32)
+        """float32 [N, K] by the bundle's head: a softmax over the classes, or a sigmoid
+        per class (a multi-label head, whose rows need not sum to 1)."""
+        return probabilities(self.logits, self.info.head).astype(np.float32)
 
     def top(self, k: int = 5) -> list[list[dict[str, Any]]]:
-        """Per image, the k best classes as ``{class, label, score}`` (score: probability)."""
+        """Per image, the k best classes as ``{class, label, score}`` (score: probability,
+        by the head; a sigmoid head ranks each class on its own probability)."""
         probabilities = self.probabilities
         # Ranked by the logits, as the top-1 target is: probabilities that round to
         # a tie in float32 must not put another class first.

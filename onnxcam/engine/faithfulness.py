@@ -13,7 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from onnxcam.scores import softmax
+from onnxcam.bundle import HEAD_SOFTMAX
+from onnxcam.scores import probabilities
 
 DEFAULT_STEPS = 16
 # RISE blurs 224-pixel images with sigma 5; other sizes scale with their longer side.
@@ -57,6 +58,7 @@ def deletion_insertion_auc(
     heatmaps: np.ndarray,
     targets: Sequence[int] | np.ndarray,
     steps: int = DEFAULT_STEPS,
+    head: str = HEAD_SOFTMAX,
 ) -> tuple[np.ndarray, np.ndarray]:
     """RISE's deletion and insertion AUCs, one per image.
 
@@ -64,10 +66,11 @@ def deletion_insertion_auc(
     size. Pixels are ranked most salient first (ties in row-major order). At each of
     ``steps + 1`` fractions 0, 1/steps, ..., 1 of the pixels, deletion sets the
     top-ranked pixels to black (zero), and insertion copies them into a blurred copy
-    of the image (see ``blur``). The curve is the softmax probability of the target
-    class; its AUC is by the trapezoid rule over the fraction. Good maps give low
-    deletion and high insertion AUCs. Each image's 2 * (steps + 1) perturbed copies
-    go through the engine as one batch.
+    of the image (see ``blur``). The curve is the probability of the target class
+    by the bundle's ``head`` (``scores.probabilities``: softmax, or a sigmoid head's
+    own probability of that class); its AUC is by the trapezoid rule over the
+    fraction. Good maps give low deletion and high insertion AUCs. Each image's
+    2 * (steps + 1) perturbed copies go through the engine as one batch.
     """
     count, height, width = images.shape[:3]
     pixels = height * width
@@ -82,7 +85,7 @@ def deletion_insertion_auc(
         chosen = (rank[None, :] < sizes[:, None]).reshape(steps + 1, height, width, 1)
         deleted = np.where(chosen, np.uint8(0), images[n])
         inserted = np.where(chosen, images[n], starts[n])
-        probabilities = softmax(explainer.predict(np.concatenate([deleted, inserted])))
-        curves = probabilities[:, int(targets[n])].reshape(2, steps + 1)
+        logits = explainer.predict(np.concatenate([deleted, inserted]))
+        curves = probabilities(logits, head)[:, int(targets[n])].reshape(2, steps + 1)
         deletion[n], insertion[n] = trapezoid_auc(curves)
     return deletion, insertion

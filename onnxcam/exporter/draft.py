@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxcam.bundle import GRADIENT_MODES
+from onnxcam.bundle import GRADIENT_MODES, HEAD_SOFTMAX, HEADS
 from onnxcam.errors import ExportError
 from onnxcam.exporter.frontends import SourceModel, Tap
 from onnxcam.exporter.vjp.context import TensorShape
@@ -30,10 +30,13 @@ class Options:
     gradient: str = "auto"  # auto, analytic or fd
     input_gradients: bool = False
     guided: bool = False
+    head: str | None = None  # None: as the graph ends (see linearize_logits)
 
     def __post_init__(self) -> None:
         if self.gradient not in ("auto", *GRADIENT_MODES):
             raise ExportError(f"unknown gradient mode {self.gradient!r}")
+        if self.head is not None and self.head not in HEADS:
+            raise ExportError(f"unknown head {self.head!r}; choose {', '.join(HEADS)}")
 
     @property
     def whole_body(self) -> bool:
@@ -62,6 +65,7 @@ class Draft:
     batch_size: int = 0  # 0: any batch; else the model's own, which the bundle keeps
     # Recorded by the passes:
     removed_activation: str = ""  # a squashing op linearize_logits (or the frontend) removed
+    head: str = HEAD_SOFTMAX  # how the logits become probabilities (linearize_logits)
     model_input: str = ""  # the float tensor the model read before embed_preprocessing
     shapes: dict[str, TensorShape] = field(default_factory=dict)
     num_classes: int = 0

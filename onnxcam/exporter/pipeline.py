@@ -210,13 +210,14 @@ def read_labels(labels: str | Path | list[str] | None) -> list[str]:
 
 def build_bundle(
     source: SourceModel, preprocess: str, labels: list[str], gradient: str = "auto",
-    input_gradients: bool = False, guided: bool = False,
+    input_gradients: bool = False, guided: bool = False, head: str | None = None,
 ) -> tuple[onnx.ModelProto, BundleInfo]:
     """Run ``PASSES`` on a draft of ``source``; return the bundle and its metadata.
 
-    ``input_gradients`` and ``guided`` add the whole-network gradient outputs.
+    ``input_gradients`` and ``guided`` add the whole-network gradient outputs; ``head``
+    (None: as the graph ends) is how the bundle's logits become probabilities.
     """
-    options = Options(preprocess, tuple(labels), gradient, input_gradients, guided)
+    options = Options(preprocess, tuple(labels), gradient, input_gradients, guided, head)
     draft = run_passes(Draft.from_source(source, options), PASSES)
     if draft.batch_size:
         set_batch_dim(draft.model, draft.batch_size)
@@ -240,7 +241,7 @@ def bundle_info(draft: Draft) -> BundleInfo:
         fd_epsilon=draft.fd_step, fd_chunk=draft.fd_chunk, model_input=draft.model_input,
         input_gradients=tuple(name for name, asked in wanted if asked),
         all_layers=layer_entries(draft), batch_size=draft.batch_size,
-        activation_grid=grid_of(primary.layout),
+        activation_grid=grid_of(primary.layout), head=draft.head,
     )
 
 
@@ -285,6 +286,7 @@ def export(
     input_gradients: bool = False,
     guided: bool = False,
     logits: str | None = None,
+    head: str | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Turn a classifier into a verified Grad-CAM bundle at ``out``.
@@ -298,7 +300,10 @@ def export(
     ``guided`` the guided-backprop version of it. ``logits`` names the output holding
     the class scores; a model with several outputs is refused without it (a torch
     module's tuple gives ``output.0``, ``output.1``, ...; a dict its keys).
-    ``preprocess`` None means the
+    ``head`` (``softmax``, ``sigmoid`` or ``none``) is how the bundle turns logits into
+    probabilities; None takes it from the op the graph ends in (Sigmoid: ``sigmoid``,
+    else ``softmax``), and a head that contradicts that op is refused. Give it for a
+    model whose sigmoid is applied outside the graph. ``preprocess`` None means the
     model family's own for keras.applications models (with a warning), else ``unit``.
     Nothing is written unless the bundle passes verification (or ``verify`` is off).
     ``on_stage`` is told each step's name as it starts, for a progress line; each
@@ -313,13 +318,14 @@ def export(
         if on_stage is not None:
             on_stage(name)
 
+    Options(head=head)  # an unknown head fails before the model loads
     label_list = read_labels(labels)
     stage("loading the model")
     source = load_source(src, layer, layout, input_size, opset, example, logits)
     preprocess = choose_preprocess(preprocess, source)
     stage("building the bundle")
     bundle, info = build_bundle(source, preprocess, label_list, gradient, input_gradients,
-                                guided)
+                                guided, head)
     if verify:
         stage("verifying the bundle against the model")
     report = verify_bundle(bundle, info, source) if verify else None

@@ -331,7 +331,7 @@ def _faithfulness(explainer: Explainer, images: list[np.ndarray], explanation: E
 
     deletion, insertion = deletion_insertion_auc(explainer, explainer.prepare(images),
                                                  explanation.heatmaps, explanation.targets,
-                                                 steps)
+                                                 steps, explainer.info.head)
     return [{"deletion_auc": float(d), "insertion_auc": float(i)}
             for d, i in zip(deletion, insertion)]
 
