@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxcam.bundle_checks import check_ops
+from onnxcam.bundle_checks import check_ops, graphs
 from onnxcam.errors import BadTargetError, BundleError, nearest
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 from onnxcam.words import clipped
@@ -393,12 +393,8 @@ def external_data(model: Any) -> str | None:
                 if attribute.HasField("t"):
                     yield attribute.t
                 yield from attribute.tensors
-                if attribute.HasField("g"):
-                    yield from tensors(attribute.g)
-                for subgraph in attribute.graphs:
-                    yield from tensors(subgraph)
 
-    for tensor in tensors(model.graph):
+    for tensor in (t for each in graphs(model.graph) for t in tensors(each)):
         if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
             where = {entry.key: entry.value for entry in tensor.external_data}
             return where.get("location", tensor.name)

@@ -56,15 +56,21 @@ _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4
 _SMALL = 4096
 
 
-def nodes(graph: Any) -> Iterator[Any]:
-    """Every node of ``graph`` and of the subgraphs (Loop, If, Scan bodies) inside it."""
+def graphs(graph: Any) -> Iterator[Any]:
+    """``graph`` and every subgraph (Loop, If, Scan bodies) inside it, at any depth."""
+    yield graph
     for node in graph.node:
-        yield node
         for attribute in node.attribute:
             if attribute.HasField("g"):
-                yield from nodes(attribute.g)
+                yield from graphs(attribute.g)
             for subgraph in attribute.graphs:
-                yield from nodes(subgraph)
+                yield from graphs(subgraph)
+
+
+def nodes(graph: Any) -> Iterator[Any]:
+    """Every node of ``graph`` and of the subgraphs inside it."""
+    for each in graphs(graph):
+        yield from each.node
 
 
 def check_ops(model: Any, name: str = "bundle") -> None:

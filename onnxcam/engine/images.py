@@ -26,6 +26,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from onnxcam.bundle import BundleInfo
 from onnxcam.errors import BadImageError, BadTargetError, MissingImageError
+from onnxcam.words import clipped
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 64 * 2**20
@@ -166,9 +167,9 @@ def decoding(name: str) -> Iterator[None]:
     except MemoryError:
         raise BadImageError(f"{name}: out of memory while decoding") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BadImageError(f"{name}: corrupt or truncated image ({_short(exc)})") from exc
+        raise BadImageError(f"{name}: corrupt or truncated image ({clipped(str(exc))})") from exc
     except Exception as exc:  # noqa: BLE001 - a plugin's own failure ends this image only
-        raise BadImageError(f"{name}: cannot decode ({type(exc).__name__}: {_short(exc)})"
+        raise BadImageError(f"{name}: cannot decode ({type(exc).__name__}: {clipped(str(exc))})"
                             ) from exc
 
 
@@ -209,11 +210,6 @@ def _unread(data: bytes, formats: Sequence[str], name: str) -> str:
                     f"read: {allowed}; ONNXCAM_IMAGE_FORMATS, or Limits.formats in the "
                     "library)")
     return f"{name}: not an image file"
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def to_array(image: Image.Image, channels: int) -> np.ndarray:

@@ -110,11 +110,12 @@ class Job:
         A chunk that failed as a whole gives each of its images an error record.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending, lost = list(self.ids), set()
+        pending, lost, failed = list(self.ids), set(), set()
         lost_check = LostCheck(self.settings)
         while pending:
             states = {j: celery_status(j, self.settings) for j in pending}
             lost |= lost_check.lost([j for j, state in states.items() if state == "pending"])
+            failed |= {j for j, state in states.items() if state == "failed"}
             pending = [j for j, state in states.items()
                        if state not in ("done", "failed") and j not in lost]
             if pending and deadline is not None and time.monotonic() > deadline:
@@ -125,7 +126,7 @@ class Job:
         # A job the worker refused or dropped unread has its error in Celery's backend only.
         return [record for job_id in self.ids for record in job_records(
             job_id, self.store, lost_error() if job_id in lost
-            else job_error(job_id, self.store, self.settings))]
+            else job_error(job_id, self.store, self.settings) if job_id in failed else None)]
 
 
 class LostCheck:
