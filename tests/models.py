@@ -223,21 +223,16 @@ def nested_sequential(seed: int = 0) -> keras.Model:
 
 def binary_sigmoid(seed: int = 0) -> keras.Model:
     """Small CNN on 24x24x3 with a single sigmoid output."""
-    keras = _keras()
-    L = keras.layers
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((24, 24, 3), name="input")
-    x = L.Conv2D(8, 3, activation="relu", name="conv1")(inp)
-    x = L.MaxPooling2D(2, name="pool1")(x)
-    x = L.Conv2D(16, 3, activation="relu", name="conv2")(x)
-    x = L.GlobalAveragePooling2D(name="gap")(x)
-    out = L.Dense(1, activation="sigmoid", name="predictions")(x)
-    return _finish(keras.Model(inp, out, name="binary_sigmoid"), seed)
+    return _sigmoid_cnn(seed, 1, "predictions", "binary_sigmoid")
 
 
 def multilabel_sigmoid(seed: int = 0, classes: int = 14) -> keras.Model:
     """Small CNN on 24x24x3 with a ``classes``-way Dense(sigmoid) head, one
     probability per finding as the chest X-ray models have (not in KERAS_BUILDERS)."""
+    return _sigmoid_cnn(seed, classes, "findings", "multilabel_sigmoid")
+
+
+def _sigmoid_cnn(seed: int, classes: int, head: str, name: str) -> keras.Model:
     keras = _keras()
     L = keras.layers
     keras.utils.set_random_seed(seed)
@@ -246,8 +241,8 @@ def multilabel_sigmoid(seed: int = 0, classes: int = 14) -> keras.Model:
     x = L.MaxPooling2D(2, name="pool1")(x)
     x = L.Conv2D(16, 3, activation="relu", name="conv2")(x)
     x = L.GlobalAveragePooling2D(name="gap")(x)
-    out = L.Dense(classes, activation="sigmoid", name="findings")(x)
-    return _finish(keras.Model(inp, out, name="multilabel_sigmoid"), seed)
+    out = L.Dense(classes, activation="sigmoid", name=head)(x)
+    return _finish(keras.Model(inp, out, name=name), seed)
 
 
 KERAS_BUILDERS = {

@@ -73,6 +73,23 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
         time.sleep(interval)
 
 
+def write_big_images(root: Path, count: int) -> list[Path]:
+    """``count`` 1500x1500 PNGs (a shifted gradient each) in ``root``: storing their maps
+    takes seconds in all, so that a job of them is caught mid-way."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    gradient = np.linspace(0, 255, 1500 * 1500, dtype=np.float32).reshape(1500, 1500)
+    paths = []
+    for index in range(count):
+        path = root / f"big{index:02d}.png"
+        Image.fromarray(np.roll(gradient, 50 * index, axis=1).astype(np.uint8)).convert(
+            "RGB").save(path, compress_level=1)
+        paths.append(path)
+    return paths
+
+
 @dataclass
 class WorkerProcess:
     """An ``onnxcam worker`` in its own process group, logging to a file."""

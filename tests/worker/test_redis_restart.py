@@ -13,10 +13,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
-from PIL import Image
 from service import (
     console,
     free_port,
@@ -25,6 +23,7 @@ from service import (
     start_redis,
     start_worker,
     wait_for,
+    write_big_images,
 )
 
 from onnxcam.worker.client import submit
@@ -35,17 +34,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def big_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Large images: storing their maps at full size takes seconds in all, so a job is
-    caught mid-way."""
-    root = tmp_path_factory.mktemp("big")
-    gradient = np.linspace(0, 255, 1500 * 1500, dtype=np.float32).reshape(1500, 1500)
-    paths = []
-    for index in range(16):
-        path = root / f"big{index:02d}.png"
-        Image.fromarray(np.roll(gradient, 50 * index, axis=1).astype(np.uint8)).convert(
-            "RGB").save(path, compress_level=1)
-        paths.append(path)
-    return paths
+    return write_big_images(tmp_path_factory.mktemp("big"), 16)
 
 
 def onnxcam(env: dict[str, str], *args: object) -> subprocess.CompletedProcess:

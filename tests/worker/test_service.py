@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 from checks import assert_close
 from PIL import Image
-from service import console, redis_url, service_env, settings_for, start_worker, wait_for
+from service import (
+    console,
+    redis_url,
+    service_env,
+    settings_for,
+    start_worker,
+    wait_for,
+    write_big_images,
+)
 
 from onnxcam.engine import Explainer
 from onnxcam.engine.maps import heatmaps
@@ -238,17 +246,7 @@ def test_status_words(worker, bundle: Path, images: dict[str, Path], settings) -
 
 @pytest.fixture(scope="module")
 def big_images(folder: Path) -> list[Path]:
-    """Large images: storing their maps takes seconds in all, so jobs are caught mid-way."""
-    root = folder / "big"
-    root.mkdir()
-    gradient = np.linspace(0, 255, 1500 * 1500, dtype=np.float32).reshape(1500, 1500)
-    paths = []
-    for index in range(24):
-        path = root / f"big{index:02d}.png"
-        Image.fromarray(np.roll(gradient, 50 * index, axis=1).astype(np.uint8)).convert(
-            "RGB").save(path, compress_level=1)
-        paths.append(path)
-    return paths
+    return write_big_images(folder / "big", 24)
 
 
 def test_redelivery_after_sigkill(bundle: Path, big_images: list[Path], tmp_path: Path) -> None:
