@@ -1,7 +1,8 @@
 """The bundle format: the one contract between the exporter and the worker.
 
-A bundle is a single ONNX file. Its graph takes ``image`` (uint8, NHWC) and
-``target`` (int64, -1 = top-1) and returns the outputs named below. Everything a
+A bundle is a single ONNX file. Its graph takes ``image`` (uint8, NHWC), ``target``
+(int64, -1 = top-1) and, optionally, ``target_weights`` (the backward pass's seed
+over the logits) and returns the outputs named below. Everything a
 worker needs to run it is stored in ``metadata_props`` under ``onnxcam.*`` keys.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,18 @@ from onnxcam.errors import BadTargetError, BundleError, nearest
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 from onnxcam.words import clipped
 
-FORMAT_VERSION = 1
+# The newest format this onnxcam reads. Bundles are written as version 1 unless their
+# logits are per pixel (version 2), so that an older reader refuses only those.
+FORMAT_VERSION = 2
 
 # Graph inputs.
 INPUT_IMAGE = "image"
 INPUT_TARGET = "target"
+# float32, the logits' rank and non-batch sizes: a weighting of the logits that seeds
+# the backward pass. An initializer of batch 0 stands in when it is not fed.
+INPUT_TARGET_WEIGHTS = "target_weights"
+# The seed tensor itself, where the engine cuts the graph to run many targets per image.
+SEED = "onnxcam/seed"
 
 # Graph outputs.
 OUTPUT_LOGITS = "logits"
@@ -38,8 +46,9 @@ INPUT_GRADIENT_OUTPUTS = (OUTPUT_INPUT_GRADIENTS, OUTPUT_GUIDED_INPUT_GRADIENTS)
 # The per-layer outputs; the first layer has them unsuffixed, layer i > 0 as ``cam.i``.
 LAYER_OUTPUTS = (OUTPUT_ACTIVATIONS, OUTPUT_GRADIENTS, OUTPUT_WEIGHTS, OUTPUT_CAM)
 RESERVED_NAMES = (
-    INPUT_IMAGE, INPUT_TARGET, OUTPUT_LOGITS, OUTPUT_ACTIVATIONS, OUTPUT_GRADIENTS, OUTPUT_CAM,
-    OUTPUT_WEIGHTS, OUTPUT_INPUT_GRADIENTS, OUTPUT_GUIDED_INPUT_GRADIENTS,
+    INPUT_IMAGE, INPUT_TARGET, INPUT_TARGET_WEIGHTS, OUTPUT_LOGITS, OUTPUT_ACTIVATIONS,
+    OUTPUT_GRADIENTS, OUTPUT_CAM, OUTPUT_WEIGHTS, OUTPUT_INPUT_GRADIENTS,
+    OUTPUT_GUIDED_INPUT_GRADIENTS,
 )
 
 # Metadata keys.
@@ -68,6 +77,11 @@ KEY_HEAD = PREFIX + "head"  # how logits become probabilities; absent in older b
 KEY_INPUT_GRADIENTS = PREFIX + "input_gradients"  # JSON list of the input-gradient outputs
 KEY_LAYERS = PREFIX + "layers"  # JSON list of every exported layer, early to late
 KEY_BATCH_SIZE = PREFIX + "batch_size"  # the one batch size a fixed-batch bundle runs at
+# What the logits are: classes ([N, K], absent in older bundles) or pixels ([N, K, h, w]).
+KEY_OUTPUT = PREFIX + "output"
+# Where the part of the graph after the layer begins: JSON list of {name, batched, type}
+# (the seed among them); only in bundles with ``target_weights`` and a free batch.
+KEY_HEAD_INPUTS = PREFIX + "head_inputs"
 # A token layer's grid ({"leading_tokens", "height", "width"}); its activation_layout is "ntc".
 KEY_ACTIVATION_GRID = PREFIX + "activation_grid"
 
@@ -88,6 +102,21 @@ GRADIENT_MODES = ("analytic", "fd")
 # the model's outputs as they are).
 HEAD_SOFTMAX, HEAD_SIGMOID, HEAD_NONE = "softmax", "sigmoid", "none"
 HEADS = (HEAD_SOFTMAX, HEAD_SIGMOID, HEAD_NONE)
+OUTPUT_CLASSES, OUTPUT_PIXELS = "classes", "pixels"
+OUTPUT_KINDS = (OUTPUT_CLASSES, OUTPUT_PIXELS)
+
+
+@dataclass(frozen=True)
+class HeadInput:
+    """A tensor the part of the graph after the layer reads from before it: ``batched``
+    when its first axis is the image batch (rows are gathered from it per target)."""
+
+    name: str
+    batched: bool
+    elem_type: int  # onnx.TensorProto data type
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "batched": self.batched, "type": self.elem_type}
 
 
 def layer_output(name: str, index: int) -> str:
@@ -175,6 +204,12 @@ class BundleInfo:
     batch_size: int = 0
     activation_grid: TokenGrid | None = None  # the primary layer's grid, if a token layer
     head: str = HEAD_SOFTMAX  # one of HEADS
+    output: str = OUTPUT_CLASSES  # one of OUTPUT_KINDS
+    # Bundles that take ``target_weights``: the tensors the engine cuts the graph at
+    # (``SEED`` among them) to run many targets per image; empty in older bundles.
+    head_inputs: tuple[HeadInput, ...] = ()
+    # Whether the graph takes ``target_weights``; set by ``read_bundle``.
+    weighted: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -214,7 +249,7 @@ class BundleInfo:
     def to_metadata(self) -> dict[str, str]:
         """The ``metadata_props`` entries that describe this bundle."""
         props = {
-            KEY_FORMAT: str(FORMAT_VERSION),
+            KEY_FORMAT: "2" if self.output == OUTPUT_PIXELS else "1",
             KEY_VERSION: self.version,
             KEY_HEIGHT: str(self.height),
             KEY_WIDTH: str(self.width),
@@ -244,6 +279,10 @@ class BundleInfo:
             props[KEY_BATCH_SIZE] = str(self.batch_size)
         if self.activation_grid is not None:
             props[KEY_ACTIVATION_GRID] = json.dumps(grid_to_json(self.activation_grid))
+        if self.output != OUTPUT_CLASSES:
+            props[KEY_OUTPUT] = self.output
+        if self.head_inputs:
+            props[KEY_HEAD_INPUTS] = json.dumps([each.to_json() for each in self.head_inputs])
         props.update(self.extra)
         return props
 
@@ -267,7 +306,7 @@ class BundleInfo:
                 KEY_GRADIENT, KEY_SOURCE_FORMAT, KEY_SOURCE_SHA256, KEY_RESIZE,
                 KEY_REMOVED_HEAD, KEY_FD_EPSILON, KEY_FD_CHUNK, KEY_MODEL_INPUT,
                 KEY_INPUT_GRADIENTS, KEY_LAYERS, KEY_BATCH_SIZE, KEY_ACTIVATION_GRID,
-                KEY_HEAD,
+                KEY_HEAD, KEY_OUTPUT, KEY_HEAD_INPUTS,
             }
             layers = tuple(LayerEntry(str(e["name"]), int(e["index"]), str(e["layout"]),
                                       grid_from_json(e.get("grid")))
@@ -298,6 +337,9 @@ class BundleInfo:
                 batch_size=int(props.get(KEY_BATCH_SIZE, "0")),
                 activation_grid=grid,
                 head=props.get(KEY_HEAD, HEAD_SOFTMAX),
+                output=props.get(KEY_OUTPUT, OUTPUT_CLASSES),
+                head_inputs=tuple(HeadInput(str(e["name"]), bool(e["batched"]), int(e["type"]))
+                                  for e in json.loads(props.get(KEY_HEAD_INPUTS, "[]"))),
                 extra={k: v for k, v in props.items() if k.startswith(PREFIX) and k not in known},
             )
         except (KeyError, ValueError, TypeError) as exc:
@@ -319,7 +361,7 @@ class BundleInfo:
                                   f"outside [{low}, {high}]")
         choices = [("preprocessing", self.preprocess, PREPROCESS_MODES),
                    ("layout", self.layout, LAYOUTS), ("gradient", self.gradient, GRADIENT_MODES),
-                   ("head", self.head, HEADS)]
+                   ("head", self.head, HEADS), ("output", self.output, OUTPUT_KINDS)]
         choices += [(f"for layer {clipped(layer.name)!r} activation layout", layer.layout,
                      (*LAYOUTS, TOKEN_LAYOUT)) for layer in self.layers]
         for name, mode, allowed in choices:
@@ -366,9 +408,14 @@ def read_bundle(source: str | Path | bytes) -> Bundle:
         info = BundleInfo.from_metadata({p.key: p.value for p in model.metadata_props})
     except BundleError as exc:
         raise BundleError(f"{name}: {exc}") from None
-    inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    defaults = {t.name for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input} - defaults
     if inputs != {INPUT_IMAGE, INPUT_TARGET}:
         raise BundleError(f"{name}: bundle inputs are {sorted(inputs)}, expected image and target")
+    weighted = INPUT_TARGET_WEIGHTS in {i.name for i in model.graph.input}
+    if info.head_inputs and not weighted:
+        raise BundleError(f"{name}: the metadata names head inputs, but the graph takes no "
+                          f"{INPUT_TARGET_WEIGHTS}")
     outside = external_data(model)
     if outside:
         raise BundleError(f"{name}: the bundle keeps tensor data outside its file (at "
@@ -376,7 +423,7 @@ def read_bundle(source: str | Path | bytes) -> Bundle:
     check_ops(model, name)
     image = next(i for i in model.graph.input if i.name == INPUT_IMAGE)
     _check_image_input(name, image, info)
-    return Bundle(data, info, name)
+    return Bundle(data, replace(info, weighted=weighted), name)
 
 
 def external_data(model: Any) -> str | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxcam.bundle import GRADIENT_MODES, HEAD_SOFTMAX, HEADS
+from onnxcam.bundle import GRADIENT_MODES, HEAD_SOFTMAX, HEADS, OUTPUT_CLASSES, HeadInput
 from onnxcam.errors import ExportError
 from onnxcam.exporter.frontends import SourceModel, Tap
 from onnxcam.exporter.vjp.context import TensorShape
@@ -72,6 +72,8 @@ class Draft:
     gradient: str = ""  # analytic or fd, once differentiate has run
     fd_step: float = 0.0
     fd_chunk: int = 0
+    output: str = OUTPUT_CLASSES  # what the logits are (probe_head)
+    head_inputs: tuple[HeadInput, ...] = ()  # where the graph is cut (cut_at_layers)
 
     @classmethod
     def from_source(cls, source: SourceModel, options: Options) -> Draft:

@@ -1,5 +1,6 @@
 """The head of a bundle's graph: every node from the exposed layers to ``logits``, and
-the class (``target``, or the top-1) its gradients and fd weights are taken for.
+what its gradients are taken of: a weighting of the logits (``target_weights``), else
+the class ``target`` (or the top-1), which the fd weights also use.
 
 Shared by the gradient passes and verification; they find the layers and the
 logits through the bundle's output names, so these queries hold once
@@ -8,12 +9,21 @@ logits through the bundle's output names, so these queries hold once
 
 from __future__ import annotations
 
-import onnx
-from onnx import helper
+from collections.abc import Sequence
 
-from onnxcam.bundle import INPUT_TARGET, OUTPUT_LOGITS, is_activation_output
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxcam.bundle import (
+    INPUT_TARGET,
+    INPUT_TARGET_WEIGHTS,
+    OUTPUT_LOGITS,
+    SEED,
+    is_activation_output,
+)
 from onnxcam.exporter.vjp import load_rules
-from onnxcam.graph import GraphBuilder, head_nodes, source_of
+from onnxcam.graph import GraphBuilder, head_nodes, reduce, source_of
 
 
 def layer_tensors(graph: onnx.GraphProto) -> list[str]:
@@ -62,3 +72,44 @@ def chosen_class(b: GraphBuilder, logits: str) -> str:
     top1 = b.op("ArgMax", [logits], axis=1, keepdims=0)
     negative = b.op("Less", [INPUT_TARGET, b.const(0, "zero_i")])
     return b.op("Where", [negative, top1, INPUT_TARGET])
+
+
+def add_weights_input(graph: onnx.GraphProto, dims: Sequence[int]) -> None:
+    """Add ``target_weights``: float32 with the logits' non-batch ``dims``, and an
+    initializer of batch 0 as its default, so that feeds without it still run."""
+    if any(i.name == INPUT_TARGET_WEIGHTS for i in graph.input):
+        return
+    rest = [int(d) for d in dims[1:]]
+    graph.input.append(helper.make_tensor_value_info(
+        INPUT_TARGET_WEIGHTS, onnx.TensorProto.FLOAT, ["M", *rest]))
+    graph.initializer.append(numpy_helper.from_array(np.zeros([0, *rest], np.float32),
+                                                     INPUT_TARGET_WEIGHTS))
+
+
+def target_seed(b: GraphBuilder, logits: str, dims: Sequence[int], opset: int) -> str:
+    """``SEED``, the backward pass's cotangent of ``logits`` (shaped ``dims`` at batch 1):
+    ``target_weights`` when fed, else one_hot(target) over the class axis, the same at
+    every pixel of a per-pixel output; -1 picks the class with the highest score (per
+    pixel outputs: summed over the pixels). Made once; later calls return it.
+
+    Needs no If: the weights (batch N, or 0 when not fed) are stacked on the one-hot
+    rows and the first N rows taken, which are the weights exactly when they are fed.
+    """
+    if any(SEED in node.output for node in [*b.graph.node, *b.nodes]):
+        return SEED
+    add_target_input(b.graph)
+    add_weights_input(b.graph, dims)
+    rank = len(dims)
+    scores = logits if rank == 2 else reduce(b, "ReduceSum", logits, range(2, rank), False,
+                                             opset)
+    depth = b.op("Gather", [b.op("Shape", [logits]), b.const(1, "one")], axis=0)
+    values = b.const([0.0, 1.0], "onehot_values")
+    rows = b.op("OneHot", [chosen_class(b, scores), depth, values], axis=-1)
+    if rank > 2:
+        pixels = b.op("Unsqueeze", [rows, b.const(list(range(2, rank)), "pixel_axes")])
+        rows = b.op("Expand", [pixels, b.op("Shape", [logits])])
+    stacked = b.op("Concat", [INPUT_TARGET_WEIGHTS, rows], axis=0)
+    batch = b.op("Slice", [b.op("Shape", [logits]), b.const([0], "zero"), b.const([1], "one")])
+    b.nodes.append(helper.make_node("Slice", [stacked, b.const([0], "zero"), batch,
+                                              b.const([0], "axis0")], [SEED], name=SEED))
+    return SEED

@@ -26,6 +26,7 @@ from onnxcam.exporter.frontends import SourceModel
 from onnxcam.exporter.layers import LayerInfo
 from onnxcam.exporter.passes import Pass, run_passes
 from onnxcam.exporter.passes.add_cam import add_cam
+from onnxcam.exporter.passes.cut_at_layers import cut_at_layers
 from onnxcam.exporter.passes.differentiate import differentiate
 from onnxcam.exporter.passes.embed_preprocessing import embed_preprocessing
 from onnxcam.exporter.passes.expose_activation import expose_activation
@@ -56,6 +57,7 @@ PASSES: tuple[Pass, ...] = (
     differentiate,  # gradients by the VJP rules, or fd channel weights
     add_cam,  # weights and cam for every layer
     tidy,
+    cut_at_layers,  # where many targets of one image share the trunk (changes nothing)
 )
 
 
@@ -241,7 +243,8 @@ def bundle_info(draft: Draft) -> BundleInfo:
         fd_epsilon=draft.fd_step, fd_chunk=draft.fd_chunk, model_input=draft.model_input,
         input_gradients=tuple(name for name, asked in wanted if asked),
         all_layers=layer_entries(draft), batch_size=draft.batch_size,
-        activation_grid=grid_of(primary.layout), head=draft.head,
+        activation_grid=grid_of(primary.layout), head=draft.head, output=draft.output,
+        head_inputs=draft.head_inputs, weighted=draft.gradient == "analytic",
     )
 
 

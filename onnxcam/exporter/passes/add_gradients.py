@@ -1,8 +1,9 @@
 """Reverse-mode differentiation of the head, built from the graph's own nodes.
 
 The head is every node on a path from the target layer's tensor to the logits.
-Seeding with one_hot(target) and running each node's VJP rule backwards yields
-d logits[n, target[n]] / d activations for the whole batch at once. With several
+Seeding with ``target_weights`` (else one_hot(target)) and running each node's VJP
+rule backwards yields d sum(weights * logits[n]) / d activations for the whole batch
+at once. With several
 layers, or the model input as well, one backward pass over the union of their
 heads yields every gradient: the later layers' are by-products of the earlier's.
 """
@@ -23,7 +24,7 @@ from onnxcam.bundle import (
 )
 from onnxcam.errors import UnsupportedOpError
 from onnxcam.exporter.draft import Draft
-from onnxcam.exporter.head import add_target_input, chosen_class, head_starts, layer_tensors
+from onnxcam.exporter.head import head_starts, layer_tensors, target_seed
 from onnxcam.exporter.vjp import load_rules
 from onnxcam.exporter.vjp.context import VjpContext
 from onnxcam.graph import (
@@ -36,13 +37,6 @@ from onnxcam.graph import (
     source_of,
 )
 from onnxcam.layout import Layout, TokenGrid
-
-
-def seed_gradient(b: GraphBuilder, logits: str) -> str:
-    """one_hot(target) shaped like the logits: the gradient of logits[n, target[n]]."""
-    depth = b.op("Gather", [b.op("Shape", [logits]), b.const(1, "one")], axis=0)
-    values = b.const([0.0, 1.0], "onehot_values")
-    return b.op("OneHot", [chosen_class(b, logits), depth, values], axis=-1)
 
 
 def backpropagate(
@@ -73,7 +67,7 @@ def backpropagate(
 
 
 def add_gradients(draft: Draft) -> bool:
-    """Add the ``target`` input and each layer's ``gradients`` output; with
+    """Add the ``target`` and ``target_weights`` inputs and each layer's ``gradients`` output; with
     ``options.input_gradients``, also ``input_gradients`` (NHWC, whatever the
     model's layout). Records ``draft.gradient = "analytic"``.
 
@@ -90,9 +84,8 @@ def add_gradients(draft: Draft) -> bool:
     b = GraphBuilder(graph, "onnxcam/grad")
     ctx = VjpContext(b, draft.shapes, initializer_values(graph), opset_version(draft.model),
                      on_path(graph, starts, end), whole_body=bool(model_input))
-    add_target_input(graph)
-    gradients = backpropagate(ctx, head_nodes(graph, starts, end), end, seed_gradient(b, end),
-                              starts)
+    seed = target_seed(b, end, draft.shapes[end].dims, ctx.opset)
+    gradients = backpropagate(ctx, head_nodes(graph, starts, end), end, seed, starts)
     for index, gradient in enumerate(gradients[: len(layer_tensors(graph))]):
         name = layer_output(OUTPUT_GRADIENTS, index)
         b.nodes.append(helper.make_node("Identity", [gradient], [name],
@@ -110,8 +103,8 @@ def add_guided_gradients(draft: Draft) -> bool:
     """Add ``guided_input_gradients``: a second backward pass where ReLU passes only
     positive gradients, and only where its input was positive (guided backprop).
 
-    Same preconditions as ``add_gradients``, which must have run first (it adds
-    ``target``; MaxPool's indices are shared), and ``draft.shapes`` must cover the
+    Same preconditions as ``add_gradients``, which must have run first (its seed is
+    shared; so are MaxPool's indices), and ``draft.shapes`` must cover the
     whole body. False when the output exists already.
     """
     graph = draft.graph
@@ -122,8 +115,9 @@ def add_guided_gradients(draft: Draft) -> bool:
     b = GraphBuilder(graph, "onnxcam/guided")
     ctx = VjpContext(b, draft.shapes, initializer_values(graph), opset_version(draft.model),
                      on_path(graph, [model_input], end), guided=True, whole_body=True)
-    (gradient,) = backpropagate(ctx, head_nodes(graph, model_input, end), end,
-                                seed_gradient(b, end), [model_input])
+    seed = target_seed(b, end, draft.shapes[end].dims, ctx.opset)
+    (gradient,) = backpropagate(ctx, head_nodes(graph, model_input, end), end, seed,
+                                [model_input])
     add_input_gradient(b, gradient, OUTPUT_GUIDED_INPUT_GRADIENTS, draft.layout)
     b.commit()
     return True
