@@ -357,6 +357,27 @@ def onnx_multilabel(seed: int = 0, classes: int = 14, squash: bool = True) -> on
     return g.model("onnx_multilabel", x, classes)
 
 
+def onnx_skip_head(seed: int = 0, classes: int = 6) -> onnx.ModelProto:
+    """``onnx_cnn``'s trunk whose head also reads a tensor from before the layer: ``feat``
+    -> Conv, plus a Conv of ``pool1`` (a skip past the layer), then a Reshape to
+    [batch, -1] whose batch is read from ``pool1``'s shape (as torch writes
+    ``x.view(x.size(0), -1)``), Relu, Gemm to ``classes`` raw scores (multi-label)."""
+    g = _Graph(seed)
+    feat = _cnn_trunk(g)
+    x = g.node("Add", [g.conv(feat, 16, 16, "head_conv"), g.conv("pool1", 8, 16, "skip_conv")],
+               "joined")
+    batch = g.node("Slice", [g.node("Shape", ["pool1"], "pool1_shape"),
+                             _int(g, "zero", [0]), _int(g, "one", [1])], "batch")
+    size = g.node("Concat", [batch, _int(g, "rest", [-1])], "flat_shape", axis=0)
+    x = g.node("Relu", [g.node("Reshape", [x, size], "flat")], "flat_relu")
+    return g.model("onnx_skip_head", g.gemm(x, 16 * 8 * 8, classes, "scores"), classes)
+
+
+def _int(g: _Graph, name: str, value: list[int]) -> str:
+    g.inits.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
+    return name
+
+
 def onnx_wide(seed: int = 0, channels: int = 2048, size: int = 224) -> onnx.ModelProto:
     """A ResNet50-sized target layer on a cheap trunk: a stride-32 conv to ``channels``
     maps of (size/32)², Relu (``feat``), GAP, Gemm to 10 classes; for memory checks of

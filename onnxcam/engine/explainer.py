@@ -22,7 +22,11 @@ import onnx
 from onnxcam.bundle import (
     INPUT_IMAGE,
     INPUT_TARGET,
+    INPUT_TARGET_WEIGHTS,
+    LAYER_OUTPUTS,
     OUTPUT_LOGITS,
+    OUTPUT_PIXELS,
+    SEED,
     BundleInfo,
     activation_layout,
     read_bundle,
@@ -33,7 +37,6 @@ from onnxcam.engine.images import (
     Limits,
     as_image_list,
     check_batch,
-    check_targets,
     prepare,
 )
 from onnxcam.engine.maps import flat as flat_maps
@@ -42,6 +45,17 @@ from onnxcam.engine.methods import Method, MethodContext, MethodOptions, method_
 from onnxcam.engine.model_access import ModelAccess
 from onnxcam.engine.prefetch import prefetched
 from onnxcam.engine.sessions import Sessions
+from onnxcam.engine.targets import (
+    DEFAULT_THRESHOLD,
+    Row,
+    Target,
+    class_scores,
+    parse_targets,
+    plain,
+    resolve,
+    seeds,
+)
+from onnxcam.errors import BadTargetError
 from onnxcam.runtime import resolve_device
 from onnxcam.scores import probabilities
 
@@ -54,14 +68,15 @@ __all__ = ["DEFAULT_BATCH", "BatchResult", "Explainer", "Explanation", "method_f
 
 @dataclass
 class Explanation:
-    """What ``Explainer.explain`` returns, one row per image."""
+    """What ``Explainer.explain`` returns: one row per image and target (one per image
+    unless an image was given several targets), in image order, then target order."""
 
-    heatmaps: np.ndarray  # float32 [N, H, W] in [0, 1] at the model's input size
-    # float32 [N, h, w]: the method's map at layer resolution, after ReLU (gradient
-    # methods: [N, H, W] at input resolution)
+    heatmaps: np.ndarray  # float32 [M, H, W] in [0, 1] at the model's input size
+    # float32 [M, h, w]: the method's map at layer resolution, after ReLU (gradient
+    # methods: [M, H, W] at input resolution)
     raw: np.ndarray
-    targets: np.ndarray  # int64 [N]: the classes explained
-    logits: np.ndarray  # float32 [N, K]
+    targets: np.ndarray  # int64 [M]: the class each row explains (-1: a free Weighting)
+    logits: np.ndarray  # float32 [M, K] (segmenters [M, K, h, w]): the row's image's
     info: BundleInfo  # the bundle explained, for its labels
     method: str
     # The raw map at every exported layer, early to late, by layer name (empty for
@@ -70,6 +85,18 @@ class Explanation:
     # Gradient methods: the signed per-channel image behind the map, float32
     # [N, H, W, C] (see each method); None for CAM methods.
     input_gradients: np.ndarray | None = None
+    # int [M]: the image (its position in the call) each row explains; None: row i is
+    # image i.
+    image_index: np.ndarray | None = None
+    # Each row's target by name: the class label, "a-vs-b" for a contrast, a Region's or
+    # Weighting's name. None: the labels of ``targets``.
+    target_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_index is None:
+            self.image_index = np.arange(len(self.targets))
+        if self.target_names is None:
+            self.target_names = [self.info.label(int(t)) for t in self.targets]
 
     @property
     def labels(self) -> list[str]:
@@ -83,17 +110,21 @@ class Explanation:
 
     @property
     def probabilities(self) -> np.ndarray:
-        """float32 [N, K] by the bundle's head: a softmax over the classes, or a sigmoid
-        per class (a multi-label head, whose rows need not sum to 1)."""
+        """float32 [M, K] by the bundle's head: a softmax over the classes, or a sigmoid
+        per class (a multi-label head, whose rows need not sum to 1); for a segmenter,
+        the share of pixels each class wins."""
+        if self.info.output == OUTPUT_PIXELS:
+            return class_scores(self.logits, self.info)
         return probabilities(self.logits, self.info.head).astype(np.float32)
 
     def top(self, k: int = 5) -> list[list[dict[str, Any]]]:
-        """Per image, the k best classes as ``{class, label, score}`` (score: probability,
-        by the head; a sigmoid head ranks each class on its own probability)."""
+        """Per row, the k best classes of its image as ``{class, label, score}`` (score:
+        probability, by the head; a sigmoid head ranks each class on its own
+        probability; a segmenter, each class on its share of the pixels)."""
         probabilities = self.probabilities
         # Ranked by the logits, as the top-1 target is: probabilities that round to
         # a tie in float32 must not put another class first.
-        order = np.argsort(-self.logits, axis=1, kind="stable")[:, :k]
+        order = np.argsort(-class_scores(self.logits, self.info), axis=1, kind="stable")[:, :k]
         return [
             [{"class": int(c), "label": self.info.label(int(c)), "score": float(row[c])}
              for c in classes]
@@ -106,13 +137,30 @@ class Explanation:
 
 @dataclass
 class BatchResult:
-    """One batch's maps: the primary one, per layer, and a gradient method's image."""
+    """One batch's maps: the primary one, per layer, and a gradient method's image; one
+    row per image and target (``image_index``: the image's position in the batch)."""
 
     raw: np.ndarray
     logits: np.ndarray
     targets: np.ndarray
     layer_maps: dict[str, np.ndarray]
     input_gradients: np.ndarray | None = None
+    image_index: np.ndarray | None = None  # None: row i is image i
+    target_names: list[str] | None = None  # None: the labels of ``targets``
+    first_index: int = 0  # the batch's first image's position in the whole call
+
+    @property
+    def rows(self) -> int:
+        return len(self.targets)
+
+    def images(self) -> np.ndarray:
+        """Each row's image, by its position in the whole call."""
+        local = np.arange(self.rows) if self.image_index is None else self.image_index
+        return local + self.first_index
+
+    def names(self, info: BundleInfo) -> list[str]:
+        return (self.target_names if self.target_names is not None
+                else [info.label(int(t)) for t in self.targets])
 
 
 class Explainer:
@@ -160,33 +208,43 @@ class Explainer:
         noise: float = MethodOptions.noise,
         steps: int = MethodOptions.steps,
         seed: int = MethodOptions.seed,
+        threshold: float = DEFAULT_THRESHOLD,
         progress: Callable[[float], None] | None = None,
     ) -> Explanation:
         """Explain ``images`` for ``targets`` (None: each image's top-1 class).
 
-        ``samples`` and ``noise`` tune smoothgrad, ``steps`` integrated-gradients.
-        ``progress`` is told how many images are done as they finish, in fractions
-        inside an image for the slow methods (Score-CAM).
+        ``targets`` is one target for every image or one entry per image, each a target
+        or a list of them (``onnxcam.engine.targets``): a class number or label,
+        ``"all-positive"`` (classes whose probability is over ``threshold``),
+        ``"top:k"``, ``Contrast``, ``Region`` or ``Weighting``. The result has a row per
+        image and target. ``samples`` and ``noise`` tune smoothgrad, ``steps``
+        integrated-gradients. ``progress`` is told how many images are done as they
+        finish, in fractions inside an image for the slow methods (Score-CAM).
         """
         cam = self.method(method)
         options = MethodOptions(samples, noise, steps, seed)
         images = as_image_list(images)
-        wanted = check_targets(targets, len(images), self.info)
+        wanted = parse_targets(targets, len(images), self.info)
         results = [self.run_batch(batch, wanted[start : start + len(batch)], cam, options, start,
-                                  progress)
+                                  progress, threshold)
                    for start, batch in self._batches(images, batch_size or
                                                      DEFAULT_BATCH[self.device])]
         return self._explanation(results, cam)
 
     def run_batch(
-        self, batch: np.ndarray, targets: np.ndarray, cam: Method,
+        self, batch: np.ndarray, targets: np.ndarray | list[list[Target]], cam: Method,
         options: MethodOptions | None = None, first_index: int = 0,
         progress: Callable[[float], None] | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
     ) -> BatchResult:
-        """One session run for a prepared uint8 batch, and the method's maps from it.
+        """The method's maps for a prepared uint8 batch.
 
-        ``targets`` are int64 (-1: top-1); ``first_index`` is the batch's first
+        ``targets`` are int64 classes (-1: top-1), one per image, or each image's
+        targets as ``parse_targets`` returns them; ``first_index`` is the batch's first
         image's position in the whole call; ``progress`` as in ``explain``.
+        One plain class per image takes one run of the whole bundle. Several targets
+        of an image run the trunk once and the part after the layer once per target,
+        where the bundle allows it, else the image once per target.
         """
         told = 0.0
 
@@ -196,20 +254,105 @@ class Explainer:
             if progress is not None:
                 progress(images)
 
-        names = cam.output_names(self.info)
+        items = ([[int(t)] for t in targets] if isinstance(targets, np.ndarray)
+                 else targets)
         batch = np.ascontiguousarray(batch)
-        outputs = dict(zip(names, self.sessions.run(names, {INPUT_IMAGE: batch,
-                                                             INPUT_TARGET: targets})))
-        logits = outputs[OUTPUT_LOGITS]
-        chosen = np.where(targets < 0, logits.argmax(axis=1), targets).astype(np.int64)
-        access = ModelAccess(self.sessions, batch, tell)
-        context = MethodContext(outputs, self.info, chosen, access, options or MethodOptions(),
-                                first_index,
-                                activation_layout(self.info.activation_layout,
-                                                  self.info.activation_grid))
-        result = cam.explain(context)
+        options = options or MethodOptions()
+        if plain(items, self.info):
+            classes = np.array([each[0] for each in items], np.int64)
+            result = self._run_whole(batch, classes, cam, options, first_index, tell)
+        elif self.sessions.can_cut and cam.reads_layers_only():
+            result = self._run_cut(batch, items, cam, options, first_index, threshold)
+        else:
+            result = self._run_repeated(batch, items, cam, options, first_index, tell,
+                                        threshold)
         tell(len(batch) - told)
-        return BatchResult(result.raw, logits, chosen, result.layer_maps, result.signed)
+        result.first_index = first_index
+        return result
+
+    def _run_whole(self, batch: np.ndarray, classes: np.ndarray, cam: Method,
+                   options: MethodOptions, first_index: int, tell: Callable[[float], None],
+                   weights: np.ndarray | None = None, rows: list[Row] | None = None
+                   ) -> BatchResult:
+        """One run of the whole bundle, a row per image of ``batch``: ``classes`` (-1:
+        top-1), or ``weights`` (``targets.seeds``) as the seed; ``rows`` name them."""
+        names = cam.output_names(self.info)
+        feeds = {INPUT_IMAGE: batch, INPUT_TARGET: classes}
+        if weights is not None:
+            feeds[INPUT_TARGET_WEIGHTS] = weights
+        outputs = dict(zip(names, self.sessions.run(names, feeds)))
+        logits = outputs[OUTPUT_LOGITS]
+        chosen = np.where(classes < 0, class_scores(logits, self.info).argmax(axis=1),
+                          classes).astype(np.int64)
+        if rows is not None:
+            chosen = np.array([r.cls for r in rows], np.int64)
+        context = MethodContext(outputs, self.info, chosen,
+                                ModelAccess(self.sessions, batch, tell), options, first_index,
+                                self._layout(), weights)
+        result = cam.explain(context)
+        return BatchResult(result.raw, logits, chosen, result.layer_maps, result.signed,
+                           None if rows is None else np.array([r.image for r in rows]),
+                           None if rows is None else [r.name for r in rows])
+
+    def _run_cut(self, batch: np.ndarray, items: list[list[Target]], cam: Method,
+                 options: MethodOptions, first_index: int, threshold: float) -> BatchResult:
+        """The trunk once for the batch, then the part after the layers once per row."""
+        trunk, head = self.sessions.cut()
+        trunk_names = [o.name for o in trunk.get_outputs()]
+        values = dict(zip(trunk_names, trunk.run(trunk_names, {INPUT_IMAGE: batch})))
+        logits = values[OUTPUT_LOGITS]
+        rows = resolve(items, logits, self.info, threshold)
+        if not rows:
+            return self._no_rows(cam, logits)
+        index = np.array([r.image for r in rows])
+        seed_rows = seeds(rows, logits)
+        feeds = {h.name: values[h.name][index] if h.batched else values[h.name]
+                 for h in self.info.head_inputs if h.name != SEED}
+        wanted = [name for name in cam.output_names(self.info)
+                  if name.partition(".")[0] in LAYER_OUTPUTS]
+        from_head = [name for name in wanted if name not in values]
+        feeds[SEED] = seed_rows
+        outputs = dict(zip(from_head, head.run(from_head, feeds))) if from_head else {}
+        outputs.update({name: values[name][index] for name in wanted if name in values})
+        outputs[OUTPUT_LOGITS] = logits[index]
+        context = MethodContext(outputs, self.info, np.array([r.cls for r in rows], np.int64),
+                                ModelAccess(self.sessions, batch[index]), options, first_index,
+                                self._layout(), seed_rows)
+        result = cam.explain(context)
+        return BatchResult(result.raw, logits[index], context.targets, result.layer_maps,
+                           result.signed, index, [r.name for r in rows])
+
+    def _run_repeated(self, batch: np.ndarray, items: list[list[Target]], cam: Method,
+                      options: MethodOptions, first_index: int,
+                      tell: Callable[[float], None], threshold: float) -> BatchResult:
+        """Each image run once per target: for bundles that cannot be cut at the layer
+        and for methods that run the model again."""
+        logits = self.predict(batch)
+        rows = resolve(items, logits, self.info, threshold)
+        weighted = any(r.weights is not None for r in rows)
+        if weighted and not self.info.weighted:
+            raise BadTargetError("this bundle explains single classes only (it takes no "
+                                 "target_weights: re-export it with this onnxcam; bundles "
+                                 "with finite-difference gradients take classes only)")
+        if not rows:
+            return self._no_rows(cam, logits)
+        index = np.array([r.image for r in rows])
+        classes = np.array([max(r.cls, 0) for r in rows], np.int64)
+        return self._run_whole(batch[index], classes, cam, options, first_index, tell,
+                               seeds(rows, logits) if weighted else None, rows)
+
+    def _no_rows(self, cam: Method, logits: np.ndarray) -> BatchResult:
+        """A batch none of whose images had a target (``all-positive`` found none)."""
+        size = (self.info.height, self.info.width) if cam.input_resolution else (1, 1)
+        layers = {e.name: np.zeros((0, 1, 1), np.float32)
+                  for e in self.info.layers} if cam.per_layer() else {}
+        signed = (np.zeros((0, *size, self.info.channels), np.float32)
+                  if cam.input_resolution else None)
+        return BatchResult(np.zeros((0, *size), np.float32), logits[:0],
+                           np.zeros(0, np.int64), layers, signed, np.zeros(0, np.int64), [])
+
+    def _layout(self) -> Any:
+        return activation_layout(self.info.activation_layout, self.info.activation_grid)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Logits [N, K] for a prepared uint8 batch; no map is computed."""
@@ -231,6 +374,7 @@ class Explainer:
 
     def _explanation(self, results: list[BatchResult], cam: Method) -> Explanation:
         info = self.info
+        results = [r for r in results if r.rows] or results[:1]
 
         def joined(values: list[np.ndarray], *empty: int) -> np.ndarray:
             return np.concatenate(values) if values else np.zeros(empty, np.float32)
@@ -251,4 +395,6 @@ class Explainer:
             layer_maps={name: np.concatenate([r.layer_maps[name] for r in results])
                         for name in (results[0].layer_maps if results else {})},
             input_gradients=signed,
+            image_index=joined([r.images() for r in results], 0).astype(np.int64),
+            target_names=[name for r in results for name in r.names(info)],
         )

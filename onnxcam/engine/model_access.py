@@ -13,7 +13,13 @@ from functools import cached_property
 
 import numpy as np
 
-from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_INPUT_GRADIENTS, OUTPUT_LOGITS
+from onnxcam.bundle import (
+    INPUT_IMAGE,
+    INPUT_TARGET,
+    INPUT_TARGET_WEIGHTS,
+    OUTPUT_INPUT_GRADIENTS,
+    OUTPUT_LOGITS,
+)
 from onnxcam.engine.sessions import Sessions
 from onnxcam.layout import Layout
 
@@ -46,8 +52,10 @@ class ModelAccess:
     def model_input_nhwc(self) -> np.ndarray:
         return self.layout.to_nhwc(self.model_input)
 
-    def masked_scores(self, masks: MaskMaker, count: int, targets: np.ndarray) -> np.ndarray:
-        """Target logits [N, K] of the model input times each of K = ``count`` masks.
+    def masked_scores(self, masks: MaskMaker, count: int, targets: np.ndarray,
+                      seeds: np.ndarray | None = None) -> np.ndarray:
+        """Target scores [N, K] of the model input times each of K = ``count`` masks:
+        the logit of the row's class, or with ``seeds`` the row's weighting of the logits.
 
         Masks are asked for ``SCORE_BATCH`` at a time, so memory holds one chunk of
         masked inputs whatever K and the batch size are (ResNet50's 2048 channels at
@@ -62,19 +70,24 @@ class ModelAccess:
                 masked = np.ascontiguousarray(
                     image[None] * np.expand_dims(masks(n, start, stop), axis), np.float32)
                 (logits,) = back.run([OUTPUT_LOGITS], {self.info.model_input: masked})
-                scores[n, start:stop] = logits[:, targets[n]]
+                scores[n, start:stop] = (logits[:, targets[n]] if seeds is None else
+                                         (logits * seeds[n]).reshape(len(logits), -1).sum(1))
                 self._progress((stop - start) / count)
         return scores
 
-    def gradients_at(self, model_inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Input gradients NHWC [M, H, W, C] at ``model_inputs`` (the model's layout),
-        each for its own target."""
+    def gradients_at(self, model_inputs: np.ndarray, target: int,
+                     seed: np.ndarray | None = None) -> np.ndarray:
+        """Input gradients NHWC [M, H, W, C] at ``model_inputs`` (the model's layout), all
+        of class ``target``, or of the weighting ``seed`` of the logits when given."""
         _, back = self._sessions.split((OUTPUT_INPUT_GRADIENTS,))
         chunks = []
         for start in range(0, len(model_inputs), GRADIENT_BATCH):
-            feeds = {self.info.model_input: np.ascontiguousarray(
-                         model_inputs[start : start + GRADIENT_BATCH], np.float32),
-                     INPUT_TARGET: np.asarray(targets[start : start + GRADIENT_BATCH], np.int64)}
+            chunk = np.ascontiguousarray(model_inputs[start : start + GRADIENT_BATCH],
+                                         np.float32)
+            feeds = {self.info.model_input: chunk,
+                     INPUT_TARGET: np.full(len(chunk), target, np.int64)}
+            if seed is not None:
+                feeds[INPUT_TARGET_WEIGHTS] = np.repeat(seed[None], len(chunk), axis=0)
             (gradients,) = back.run([OUTPUT_INPUT_GRADIENTS], feeds)
             chunks.append(gradients)
         return np.concatenate(chunks)

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcam.bundle import INPUT_IMAGE, INPUT_TARGET, OUTPUT_LOGITS, BundleInfo, read_bundle
+from onnxcam.bundle import OUTPUT_LOGITS, BundleInfo, read_bundle
 from onnxcam.errors import BundleError
 from onnxcam.graph import prune_unused
+from onnxcam.head_cut import extract, split_at_layers
 from onnxcam.runtime import make_session, out_of_memory, run_in_chunks
 
 log = logging.getLogger(__name__)
@@ -46,20 +47,14 @@ def split_at_model_input(
     """Two models cut from a bundle at its preprocessed model input.
 
     The first maps ``image`` to that float tensor; the second maps the float tensor
-    (and ``target``, when a gradient is among ``outputs``) to ``outputs``. Score-CAM
-    masks the model's own input and SmoothGrad adds noise to it, so they need both.
+    (and ``target`` and ``target_weights``, when a gradient is among ``outputs``) to
+    ``outputs``. Score-CAM masks the model's own input and SmoothGrad adds noise to
+    it, so they need both.
     """
-    import onnx.utils
-
     if not info.model_input:
         raise BundleError("this bundle does not record its model input (re-export it)")
-    model = onnx.shape_inference.infer_shapes(model)
-    extractor = onnx.utils.Extractor(model)
-    front = extractor.extract_model([INPUT_IMAGE], [info.model_input])
-    inputs = [info.model_input]
-    if any(name != OUTPUT_LOGITS for name in outputs):
-        inputs.append(INPUT_TARGET)
-    back = extractor.extract_model(inputs, list(outputs))
+    front = extract(model, {}, [info.model_input])
+    back = extract(model, {info.model_input: onnx.TensorProto.FLOAT}, list(outputs))
     return front, back
 
 
@@ -112,6 +107,7 @@ class Sessions:
         if not info.input_gradients:
             self._by_kept[frozenset()] = session
         self._splits: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self._at_layers: tuple[Any, Any] | None = None
         if info.batch_size:
             log.info("%s runs at batch size %d only: images go through it in chunks of %d, "
                      "the last one padded", name, info.batch_size, info.batch_size)
@@ -156,6 +152,20 @@ class Sessions:
             self._splits[outputs] = (self._chunked(self._make(front)),
                                      self._chunked(self._make(back)))
         return self._splits[outputs]
+
+    @property
+    def can_cut(self) -> bool:
+        """Whether many targets per image can run the trunk once (``cut``)."""
+        return bool(self.info.head_inputs) and not self.info.batch_size
+
+    def cut(self) -> tuple[Any, Any]:
+        """Sessions for the bundle cut at its layers (``head_cut.split_at_layers``):
+        the trunk and the part after the layers, built once."""
+        if self._at_layers is None:
+            log.debug("cutting the bundle at its layers for many targets per image")
+            trunk, head = split_at_layers(self._model(), self.info.head_inputs)
+            self._at_layers = (self._make(trunk), self._make(head))
+        return self._at_layers
 
     def _model(self) -> onnx.ModelProto:
         data = self._source if isinstance(self._source, bytes) else read_bundle(self._source).data

@@ -61,6 +61,9 @@ class MethodContext:
     options: MethodOptions = MethodOptions()
     first_index: int = 0  # the position of this batch's first image in the whole call
     layout: ActivationLayout = Layout.NCHW  # how this layer's activations lie
+    # float32 [N, ...one image's logits]: each row's weighting of the logits, where the
+    # target is not a plain class (None: one-hot ``targets``).
+    seeds: np.ndarray | None = None
 
     @property
     def activations(self) -> np.ndarray:
@@ -71,6 +74,10 @@ class MethodContext:
     def gradients(self) -> np.ndarray:
         """d logit[target] / d activations, NCHW [N, C, h, w]."""
         return self.layout.to_nchw(self.outputs[OUTPUT_GRADIENTS])
+
+    def seed(self, index: int) -> np.ndarray | None:
+        """Row ``index``'s weighting of the logits, or None for a plain class."""
+        return None if self.seeds is None else self.seeds[index]
 
     def for_layer(self, entry: LayerEntry) -> MethodContext:
         """This context with ``entry``'s outputs under the plain names."""
@@ -102,6 +109,15 @@ class Method:
     needs_gradient_map: ClassVar[bool] = True
     # Whether its map is at the model input's resolution, with a signed image.
     input_resolution: ClassVar[bool] = False
+    # Whether it runs the model again through ``context.model`` (Score-CAM).
+    reruns_model: ClassVar[bool] = False
+
+    @classmethod
+    def reads_layers_only(cls) -> bool:
+        """Whether the layers' outputs are all it reads: then the bundle cut at its
+        layers serves many targets per image with one run of the trunk."""
+        return (not cls.split_outputs and not cls.reruns_model
+                and all(name in LAYER_OUTPUTS for name in cls.outputs))
 
     @classmethod
     def per_layer(cls) -> bool:
@@ -195,8 +211,8 @@ class SampledGradientMethod(GradientMethod):
         signed, maps = [], []
         for n in range(len(context.targets)):
             copies = self.copies(context, n)
-            targets = np.full(len(copies), context.targets[n], np.int64)
-            gradients = context.model.gradients_at(copies, targets)
+            gradients = context.model.gradients_at(copies, context.targets[n],
+                                                   context.seed(n))
             signed.append(gradients.mean(axis=0))
             maps.append(saliency_map(gradients).mean(axis=0))
         return MethodResult(np.stack(maps).astype(np.float32),

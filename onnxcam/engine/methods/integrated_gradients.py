@@ -34,6 +34,6 @@ class IntegratedGradients(GradientMethod):
         mean_gradients = []
         for n, image in enumerate(model.model_input):
             scaled = alphas.reshape(-1, *[1] * image.ndim) * image[None]
-            targets = np.full(len(alphas), context.targets[n], np.int64)
-            mean_gradients.append(model.gradients_at(scaled, targets).mean(axis=0))
+            gradients = model.gradients_at(scaled, context.targets[n], context.seed(n))
+            mean_gradients.append(gradients.mean(axis=0))
         return model.model_input_nhwc() * np.stack(mean_gradients)

@@ -31,6 +31,7 @@ def align_corners_matrix(size_out: int, size_in: int) -> np.ndarray:
 class ScoreCAM(ChannelWeightCam):
     name = "scorecam"
     outputs = (OUTPUT_ACTIVATIONS,)
+    reruns_model = True
     needs_gradient_map = False
 
     def weights(self, context: MethodContext) -> np.ndarray:
@@ -45,5 +46,6 @@ class ScoreCAM(ChannelWeightCam):
             high = upsampled.max(axis=(1, 2), keepdims=True)
             return (upsampled - low) / (high - low + 1e-8)
 
-        scores = context.model.masked_scores(masks, acts.shape[1], context.targets)
+        scores = context.model.masked_scores(masks, acts.shape[1], context.targets,
+                                             context.seeds)
         return softmax(scores.astype(np.float64), axis=1).astype(np.float32)
