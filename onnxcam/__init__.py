@@ -24,12 +24,15 @@ _EXPORTS = {
     "BadTargetError": "onnxcam.errors",
     "BundleError": "onnxcam.errors",
     "BundleInfo": "onnxcam.bundle",
+    "Contrast": "onnxcam.engine.targets",
     "Explainer": "onnxcam.engine.explainer",
     "Explanation": "onnxcam.engine.explainer",
     "ExportError": "onnxcam.errors",
     "ExportResult": "onnxcam.exporter",
     "JobError": "onnxcam.errors",
     "OnnxcamError": "onnxcam.errors",
+    "Region": "onnxcam.engine.targets",
+    "Weighting": "onnxcam.engine.targets",
     "export": "onnxcam.exporter",
     "heatmaps": "onnxcam.engine",
     "list_layers": "onnxcam.exporter",
@@ -43,12 +46,15 @@ __all__ = [
     "BadTargetError",
     "BundleError",
     "BundleInfo",
+    "Contrast",
     "Explainer",
     "Explanation",
     "ExportError",
     "ExportResult",
     "JobError",
     "OnnxcamError",
+    "Region",
+    "Weighting",
     "__version__",
     "export",
     "heatmaps",
@@ -61,6 +67,7 @@ if TYPE_CHECKING:
     from onnxcam.bundle import BundleInfo, read_bundle_info
     from onnxcam.engine import heatmaps, overlay
     from onnxcam.engine.explainer import Explainer, Explanation
+    from onnxcam.engine.targets import Contrast, Region, Weighting
     from onnxcam.errors import (
         BadImageError,
         BadMethodError,

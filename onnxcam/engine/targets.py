@@ -11,7 +11,7 @@ Each image may have several; each (image, target) pair is one row of the result.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,3 +220,53 @@ def seeds(rows: list[Row], logits: np.ndarray) -> np.ndarray:
         else:
             out[index] = each.weights
     return out
+
+
+def contrast_from_text(text: str, info: BundleInfo) -> Contrast:
+    """``"cat:dog"`` as ``Contrast("cat", "dog")``; a label holding ':' is found by
+    trying each split, so ``"a:b:c"`` works whichever side the label's colon is on."""
+    parts = text.split(":")
+    for cut in range(1, len(parts)):
+        positive, negative = ":".join(parts[:cut]), ":".join(parts[cut:])
+        try:
+            info.class_index(positive), info.class_index(negative)
+        except BadTargetError:
+            continue
+        return Contrast(positive, negative)
+    raise BadTargetError(f"{clipped(text)!r} is not two classes as A:B (by number or label)")
+
+
+def target_from_json(value: Any, info: BundleInfo,
+                     mask_of: Callable[[str], np.ndarray] | None = None) -> Target:
+    """A target as job messages and manifests write it: a class (number or label),
+    ``"all-positive"``, ``"top:k"``, ``{"contrast": [a, b]}``, ``{"region": c}`` with
+    an optional ``"mask"`` (a reference ``mask_of`` turns into a mask array), or
+    ``{"weights": [...]}`` (one image's logits' shape). Checked by ``parse_targets``."""
+    if isinstance(value, bool) or value is None:
+        raise BadTargetError(f"{value!r} is not a target")
+    if isinstance(value, (int, str)):
+        return value
+    if not isinstance(value, dict) or len(value) > 2:
+        raise BadTargetError(f"{clipped(repr(value))} is not a target")
+    if set(value) == {"contrast"} and isinstance(value["contrast"], list) \
+            and len(value["contrast"]) == 2:
+        return Contrast(*value["contrast"])
+    if "region" in value and set(value) <= {"region", "mask"}:
+        reference = value.get("mask")
+        if reference is not None and (mask_of is None or not isinstance(reference, str)):
+            raise BadTargetError("a region's mask must be a reference to a mask image")
+        return Region(value["region"], None if reference is None else mask_of(reference))
+    if set(value) == {"weights"} and isinstance(value["weights"], list):
+        try:
+            weights = np.asarray(value["weights"], np.float32)
+        except (TypeError, ValueError) as exc:
+            raise BadTargetError("weights must be an array of numbers") from exc
+        if weights.size > MAX_WEIGHTS or weights.dtype == object:
+            raise BadTargetError("weights must be an array of at most "
+                                 f"{MAX_WEIGHTS} numbers")
+        return Weighting(weights)
+    raise BadTargetError(f"{clipped(repr(value))} is not a target")
+
+
+# A weighting in a message is at most this many numbers (a 21k-class head's fits).
+MAX_WEIGHTS = 1_000_000
