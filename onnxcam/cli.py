@@ -210,8 +210,17 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, scorecam; "
                    "with input gradients: saliency, smoothgrad, integrated-gradients; with "
                    "--guided: guided-backprop, guided-gradcam.")
-@click.option("--target", default=None, metavar="CLASS",
-              help="Class to explain, by number or label (default: top-1).")
+@click.option("--target", "targets", multiple=True, metavar="TARGET",
+              help="Class to explain, by number or label (default: top-1); repeat it for "
+                   "several, or give all-positive (classes over --threshold) or top:K.")
+@click.option("--contrast", "contrasts", multiple=True, metavar="A:B",
+              help="Explain why class A rather than B (repeatable).")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="Segmentation bundles: a mask image (nonzero inside) the --target classes "
+                   "are summed over (default: the pixels the model gives each class).")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              default=0.5, show_default=True,
+              help="all-positive: the probability a class must exceed.")
 @click.option("--raw", "with_raw", is_flag=True, help="Also write the raw layer-resolution map.")
 @click.option("--format", "formats", default="npy,png", show_default=True,
               help="Outputs to write: npy, png or both.")
@@ -229,15 +238,17 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "to late.")
 @with_errors
 def explain(
-    bundle: Path, images: tuple[str, ...], out: Path, method: str, target: str | None,
-    with_raw: bool, formats: str, batch_size: int | None, device: str, as_json: bool,
-    samples: int, noise: float, steps: int, seed: int, alpha: float, colormap: str,
-    layers_strip: bool,
+    bundle: Path, images: tuple[str, ...], out: Path, method: str, targets: tuple[str, ...],
+    contrasts: tuple[str, ...], mask: Path | None, threshold: float, with_raw: bool,
+    formats: str, batch_size: int | None, device: str, as_json: bool, samples: int,
+    noise: float, steps: int, seed: int, alpha: float, colormap: str, layers_strip: bool,
 ) -> None:
     """Explain IMAGE files with BUNDLE; write DIR/<stem>.npy and DIR/<stem>.png.
 
-    Gradient methods (saliency, smoothgrad, integrated-gradients, guided-backprop,
-    guided-gradcam) need a bundle exported with --input-gradients or --guided.
+    With several targets (or all-positive, top:K, --contrast) each image gets one map
+    per target, DIR/<stem>.<target>.npy and .png. Gradient methods (saliency,
+    smoothgrad, integrated-gradients, guided-backprop, guided-gradcam) need a bundle
+    exported with --input-gradients or --guided.
     """
     import json
 
@@ -245,8 +256,10 @@ def explain(
     from onnxcam.engine.outputs import OverlayStyle, explain_files
 
     explainer = Explainer(bundle, device=device)
+    target = asked_targets(explainer, targets, contrasts, mask)
     failures = 0
-    options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed}
+    options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed,
+               "threshold": threshold}
     # Silent for quick runs; a line on stderr once a run takes more than two seconds.
     progress = Progress(len(images), unit="images", delay=PROGRESS_DELAY)
     for result in explain_files(explainer, list(images), out, method, target,
@@ -267,6 +280,25 @@ def explain(
     progress.finish()
     if failures:
         sys.exit(EXIT_BAD_INPUT)
+
+
+def asked_targets(explainer: Any, targets: tuple[str, ...], contrasts: tuple[str, ...],
+                  mask: Path | None) -> Any:
+    """What ``--target``, ``--contrast`` and ``--mask`` ask every image to be explained
+    for: None (top-1), one target, or a list of them."""
+    from onnxcam.engine.images import load_image
+    from onnxcam.engine.targets import Region, contrast_from_text
+
+    asked: list[Any] = list(targets)
+    if mask is not None:
+        if not targets:
+            raise click.UsageError("--mask needs the --target classes it is a region of")
+        region = load_image(str(mask), 1, explainer.limits)[..., 0]
+        asked = [Region(each, region) for each in targets]
+    asked += [contrast_from_text(each, explainer.info) for each in contrasts]
+    if not asked:
+        return None
+    return asked[0] if len(asked) == 1 else asked
 
 
 # -- the worker service --------------------------------------------------------------------

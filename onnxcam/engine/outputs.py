@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from onnxcam.engine.explainer import Explainer, Explanation
 from onnxcam.engine.images import load_image, resize
 from onnxcam.engine.maps import COLORMAPS, flat, heatmaps, overlay
 from onnxcam.engine.prefetch import prefetched
+from onnxcam.engine.targets import ALL_POSITIVE, TOP
 from onnxcam.errors import BadMethodError, OnnxcamError
 from onnxcam.files import atomic_write
 
@@ -190,14 +192,45 @@ def _draw_colour_bar(strip: Image.Image, top: int, colormap: str) -> None:
 
 
 def record(image: str, explanation: Explanation, index: int, files: list[str]) -> dict[str, Any]:
+    """Row ``index``'s JSON record (a segmenter's logits, one per pixel, are left out)."""
+    scores = explanation.logits[index]
     return {
         "image": image,
         "target": int(explanation.targets[index]),
-        "logits": [float(v) for v in explanation.logits[index]],
+        "target_name": explanation.target_names[index],
+        "logits": [float(v) for v in scores] if scores.ndim == 1 else None,
         "top": explanation.top(5)[index],
         "flat": bool(explanation.flat[index]),
         "files": files,
     }
+
+
+# What a target's name may keep in a file name; anything else becomes '_'.
+UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+MAX_NAME = 100
+
+
+def file_names(names: Sequence[str]) -> list[str]:
+    """One image's target names as file-name parts: unsafe characters to '_', at most
+    ``MAX_NAME`` characters, never '.'-led, and a repeat suffixed '-1', '-2', ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        safe = UNSAFE.sub("_", name)[:MAX_NAME].lstrip(".") or "_"
+        count = seen.get(safe, 0)
+        seen[safe] = count + 1
+        out.append(safe if count == 0 else f"{safe}-{count}")
+    return out
+
+
+def one_class(target: Any) -> bool:
+    """Whether ``target`` asks for one plain class per image (or None: the top-1), the
+    request whose files keep their short names ``<stem>.npy``."""
+    if target is None:
+        return True
+    if isinstance(target, str):
+        return target != ALL_POSITIVE and not TOP.match(target)
+    return isinstance(target, (int, np.integer))
 
 
 def unique_stems(paths: Sequence[str]) -> list[str]:
@@ -216,7 +249,7 @@ def explain_files(
     paths: Sequence[str],
     out: Path,
     method: str = "gradcam",
-    target: int | str | None = None,
+    target: Any = None,
     formats: Sequence[str] = FORMATS,
     with_raw: bool = False,
     batch_size: int | None = None,
@@ -227,6 +260,9 @@ def explain_files(
 ) -> Iterator[ImageResult]:
     """Explain image files in batches and write their outputs under ``out``.
 
+    ``target`` is what every image is explained for: None (top-1), a target, or a list of
+    targets (``Explainer.explain``); one result is yielded per image and target, its
+    files ``<stem>.<suffix>`` for one class, else ``<stem>.<target name>.<suffix>``.
     A bad image yields its error and the rest carry on. Decoding of the next
     batch overlaps the current one. ``layers_strip`` also writes
     ``<stem>.layers.png``, the map at every exported layer; ``options`` are passed
@@ -263,7 +299,7 @@ class Settings:
     """What ``explain_files`` was asked for, passed down to each chunk."""
 
     method: str
-    target: int | str | None
+    target: Any
     formats: Sequence[str]
     with_raw: bool
     layers_strip: bool
@@ -280,29 +316,45 @@ def _explain_chunk(
     explanation = None
     if good:
         arrays = [decoded[i] for i in good]
-        explanation = explainer.explain(arrays, targets=settings.target,
+        # A list is every image's targets, not one entry per image as explain reads it.
+        targets = ([list(settings.target)] * len(arrays) if isinstance(settings.target, list)
+                   else settings.target)
+        explanation = explainer.explain(arrays, targets=targets,
                                         method=settings.method, batch_size=len(arrays),
                                         progress=settings.progress, **settings.options)
     if settings.progress is not None and len(good) < len(paths):
         settings.progress(len(paths) - len(good))
-    row = {index: position for position, index in enumerate(good)}
+    position_of = {index: position for position, index in enumerate(good)}
+    short = one_class(settings.target)
     for i, path in enumerate(paths):
         item = decoded[i]
         if isinstance(item, OnnxcamError):
             yield ImageResult(path, error=item)
             continue
         assert explanation is not None
-        position = row[i]
-        written = []
-        files = render(item, explanation.raw[position], settings.formats, settings.with_raw,
-                       style=settings.style)
-        if settings.layers_strip:
-            files[".layers.png"] = render_strip(
-                item, {name: maps[position] for name, maps in explanation.layer_maps.items()},
-                settings.style)
-        for suffix, data in files.items():
-            target_path = out / f"{stems[i]}{suffix}"
-            atomic_write(target_path, data)
-            written.append(str(target_path))
-        yield ImageResult(path, record(path, explanation, position, written),
-                          flat=bool(explanation.flat[position]))
+        rows = np.flatnonzero(explanation.image_index == position_of[i]).tolist()
+        if not rows:
+            yield ImageResult(path, {"image": path, "targets": [], "files": []})
+            continue
+        parts = file_names([explanation.target_names[r] for r in rows])
+        for row, part in zip(rows, parts):
+            stem = stems[i] if short else f"{stems[i]}.{part}"
+            yield _write_row(item, path, stem, explanation, row, out, settings)
+
+
+def _write_row(image: np.ndarray, path: str, stem: str, explanation: Explanation, row: int,
+               out: Path, settings: Settings) -> ImageResult:
+    """Row ``row``'s files under ``out`` as ``<stem><suffix>``, and its result."""
+    files = render(image, explanation.raw[row], settings.formats, settings.with_raw,
+                   style=settings.style)
+    if settings.layers_strip:
+        files[".layers.png"] = render_strip(
+            image, {name: maps[row] for name, maps in explanation.layer_maps.items()},
+            settings.style)
+    written = []
+    for suffix, data in files.items():
+        target_path = out / f"{stem}{suffix}"
+        atomic_write(target_path, data)
+        written.append(str(target_path))
+    return ImageResult(path, record(path, explanation, row, written),
+                       flat=bool(explanation.flat[row]))

@@ -145,7 +145,7 @@ def test_json_prints_one_line_per_image(
     records = [json.loads(line) for line in lines(result.stdout)]
     assert len(records) == len(images)
     for record, path in zip(records, images.values()):
-        assert set(record) == {"image", "target", "logits", "top", "flat", "files"}
+        assert set(record) == {"image", "target", "target_name", "logits", "top", "flat", "files"}
         assert record["flat"] is False
         assert record["image"] == str(path)
         want = explainer.explain([path])
@@ -377,3 +377,73 @@ def test_a_flat_map_is_captioned_in_its_overlay() -> None:
     varied = np.arange(16, dtype=np.float32).reshape(4, 4)
     plain = np.asarray(Image.open(io.BytesIO(render(image, varied, ["png"], False)[".png"])))
     np.testing.assert_array_equal(plain, overlay(image, heatmaps(varied[None], 40, 180)[0]))
+
+
+# -- several targets per image ---------------------------------------------------------------
+
+MULTI_LABELS = ["a", "b", "c:x", "d", "e f", "g"]
+
+
+@pytest.fixture(scope="module")
+def multilabel_bundle(folder: Path) -> Path:
+    out = folder / "skip.cam.onnx"
+    export(models.onnx_skip_head(), out, layer="last_relu", head="sigmoid", labels=MULTI_LABELS)
+    return out
+
+
+def test_several_targets_write_a_map_per_target(tmp_path: Path, multilabel_bundle: Path,
+                                                images: dict[str, Path]) -> None:
+    """Each image gets <stem>.<target>.npy/.png per --target and --contrast, a JSON line
+    each, the maps those of the API's rows (labels made file-safe: 'e f' -> e_f)."""
+    result = run(multilabel_bundle, images["wide"], images["tall"], "--out", tmp_path,
+                 "--target", "e f", "--target", "0", "--contrast", "c:x:a", "--json")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in lines(result.output)]
+    assert [(Path(r["image"]).stem, r["target"], r["target_name"]) for r in records] == [
+        (stem, cls, name) for stem in ("wide", "tall")
+        for cls, name in ((4, "e f"), (0, "a"), (2, "c:x-vs-a"))]
+    ex = Explainer(multilabel_bundle, device="cpu")
+    from onnxcam import Contrast
+
+    for name, image in (("wide", images["wide"]), ("tall", images["tall"])):
+        picture = load_image(str(image), 3)
+        want = ex.explain([picture], targets=[[4, 0, Contrast(2, 0)]])
+        for row, part in enumerate(("e_f", "a", "c_x-vs-a")):
+            got = np.load(tmp_path / f"{name}.{part}.npy")
+            expected = heatmaps(want.raw[row][None], *picture.shape[:2])[0]
+            np.testing.assert_allclose(got, expected, atol=1e-6)
+            assert (tmp_path / f"{name}.{part}.png").exists()
+    assert not (tmp_path / "wide.npy").exists()
+
+
+def test_all_positive_and_an_image_with_none(tmp_path: Path, multilabel_bundle: Path,
+                                             images: dict[str, Path]) -> None:
+    """all-positive: one map per class over --threshold, best first; an image with none
+    gets a record with no targets and no files, and the exit status stays 0."""
+    ex = Explainer(multilabel_bundle, device="cpu")
+    pictures = [load_image(str(images[n]), 3) for n in ("wide", "tall")]
+    logits = ex.explain(pictures).logits
+    chance = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    threshold = float(np.clip(chance[0].max() + 1e-4, 1e-3, 0.999))
+    threshold = min(threshold, float(chance[1].max()) - 1e-6)
+    assert chance[0].max() < threshold < chance[1].max()
+    result = run(multilabel_bundle, images["wide"], images["tall"], "--out", tmp_path,
+                 "--target", "all-positive", "--threshold", str(threshold), "--json")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in lines(result.output)]
+    assert records[0] == {"image": str(images["wide"]), "targets": [], "files": []}
+    assert [r["target"] for r in records[1:]] == [
+        int(c) for c in np.argsort(-logits[1]) if chance[1, c] > threshold]
+
+
+def test_mask_is_for_segmentation_bundles(tmp_path: Path, multilabel_bundle: Path,
+                                          images: dict[str, Path]) -> None:
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(mask)
+    result = run(multilabel_bundle, images["wide"], "--out", tmp_path, "--target", "a",
+                 "--mask", mask)
+    assert result.exit_code == 2 and "segmentation bundles" in result.output
+    result = run(multilabel_bundle, images["wide"], "--out", tmp_path, "--mask", mask)
+    assert result.exit_code == 2 and "--mask needs the --target" in result.output
+    result = run(multilabel_bundle, images["wide"], "--out", tmp_path, "--contrast", "a:zz")
+    assert result.exit_code == 2 and "two classes as A:B" in result.output
