@@ -23,6 +23,7 @@ from onnxcam.scores import probabilities
 from onnxcam.words import clipped
 
 ALL_POSITIVE = "all-positive"
+TOP_1 = -1  # what parse_targets makes of None: each image's best class, once it is known
 TOP = re.compile(r"^top:([0-9]{1,7})$", re.ASCII)
 DEFAULT_THRESHOLD = 0.5
 # More rows than this for one image is a mistake, not a request (a 21k-class "top:k").
@@ -72,17 +73,20 @@ class Row:
 
 def parse_targets(targets: Any, count: int, info: BundleInfo) -> list[list[Target]]:
     """Each image's targets, checked: None (top-1), one target for all, or one entry per
-    image, each a target or a list of targets. Labels are looked up now, so a misspelt
-    one fails before any image is run."""
+    image, each a target, a list of targets, or None (its top-1). Labels are looked up
+    now, so a misspelt one fails before any image is run."""
     if targets is None:
-        return [[-1] for _ in range(count)]
+        return [[TOP_1] for _ in range(count)]
     if is_target(targets):
         return [checked(targets, info) for _ in range(count)]
     items = targets.tolist() if isinstance(targets, np.ndarray) else targets
     if not isinstance(items, Sequence) or len(items) != count:
         raise BadTargetError(f"targets must be None, a target for every image, or {count} "
                              "entries (one per image, each a target or a list of them)")
-    return [[t for one in (each if isinstance(each, (list, tuple)) else [each])
+    if any(isinstance(each, (list, tuple)) and not each for each in items):
+        raise BadTargetError("an image's list of targets is empty (give None for its top-1)")
+    return [[TOP_1] if each is None else
+            [t for one in (each if isinstance(each, (list, tuple)) else [each])
              for t in checked(one, info)] for each in items]
 
 
@@ -115,8 +119,6 @@ def checked(target: Any, info: BundleInfo) -> list[Target]:
         if not np.isfinite(weights).all():
             raise BadTargetError("a weighting must be finite")
         return [Weighting(weights, target.name)]
-    if isinstance(target, (int, np.integer)) and int(target) == -1:
-        return [-1]  # the top-1 class, once the scores are known
     return [info.class_index(target)]
 
 
@@ -162,7 +164,7 @@ def expand(target: Target, scores: np.ndarray, probable: np.ndarray, threshold: 
             return [int(c) for c in picked[np.argsort(-scores[picked], kind="stable")]]
         k = int(TOP.match(target).group(1))  # type: ignore[union-attr]
         return [int(c) for c in np.argsort(-scores, kind="stable")[:k]]
-    if isinstance(target, (int, np.integer)) and target == -1:
+    if isinstance(target, (int, np.integer)) and target == TOP_1:
         return [int(np.argmax(scores))]
     return [target]
 

@@ -656,7 +656,8 @@ def test_target_outside_the_classes(rgb: Explainer, image_files: list[Path], tar
     check_shapes(rgb.explain(image_files[:3], targets=4), rgb, 3)
 
 
-@pytest.mark.parametrize("targets", [[0, 1], [0, 1, 2, 3], 1.5, "no such class", [[0], [1], [2]]])
+@pytest.mark.parametrize("targets", [[0, 1], [0, 1, 2, 3], 1.5, "no such class",
+                                     [[0], [1], [[2]]], [[0], [1], []]])
 def test_malformed_targets(rgb: Explainer, image_files: list[Path], targets) -> None:
     with pytest.raises(BadTargetError):
         rgb.explain(image_files[:3], targets=targets)
