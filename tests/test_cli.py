@@ -343,7 +343,8 @@ def test_a_closed_stdout_ends_the_command_quietly(console: str, models_dir: Path
 PUBLIC_API = [
     "BadImageError", "BadMethodError", "BadTargetError", "BundleError", "BundleInfo",
     "Contrast", "Explainer", "Explanation", "ExportError", "ExportResult", "JobError",
-    "OnnxcamError", "Region", "Weighting", "__version__", "export", "heatmaps", "list_layers", "overlay", "read_bundle_info",
+    "OnnxcamError", "Region", "Weighting", "__version__", "export", "heatmaps", "list_layers",
+    "overlay", "read_bundle_info",
 ]
 
 

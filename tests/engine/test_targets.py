@@ -228,3 +228,38 @@ def test_the_cut_check_catches_a_broken_cut(skip_head: Path) -> None:
     pool1_whole = tuple(h if h.name != "pool1" else type(h)(h.name, False, h.elem_type)
                         for h in bundle.info.head_inputs)
     assert cut_problem(model, pool1_whole, draft)
+
+
+def older_bundle(path: Path, out: Path) -> Path:
+    """``path`` as onnxcam wrote bundles before ``target_weights``: the seed is the
+    one-hot rows themselves, and the metadata records no cut."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    for node in graph.node:
+        if node.op_type == "Concat" and "target_weights" in node.input:
+            rows = [name for name in node.input if name != "target_weights"]
+            node.op_type, node.input[:] = "Identity", rows
+            del node.attribute[:]
+    for field in (graph.input, graph.initializer):
+        for item in [each for each in field if each.name == "target_weights"]:
+            field.remove(item)
+    for prop in [p for p in model.metadata_props if p.key == "onnxcam.head_inputs"]:
+        model.metadata_props.remove(prop)
+    onnx.save(model, str(out))
+    return out
+
+
+def test_older_bundles_explain_many_classes(skip_head: Path, tmp_path: Path) -> None:
+    """A bundle without ``target_weights`` runs each image once per class, and refuses
+    targets other than classes with a clear error."""
+    old = Explainer(older_bundle(skip_head, tmp_path / "old.cam.onnx"), device="cpu")
+    assert not old.info.weighted and not old.info.head_inputs
+    new = Explainer(skip_head, device="cpu")
+    x = images(2, seed=8)
+    got = old.explain(x, targets=[[0, 3], "top:2"], method="xgradcam")
+    want = new.explain(x, targets=[[0, 3], "top:2"], method="xgradcam")
+    assert got.targets.tolist() == want.targets.tolist()
+    np.testing.assert_allclose(got.raw, want.raw, rtol=1e-5, atol=1e-8)
+    with pytest.raises(BadTargetError, match="re-export"):
+        old.explain(x, targets=Contrast(0, 1))
+

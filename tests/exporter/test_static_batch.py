@@ -33,7 +33,7 @@ from baked import (
 from onnx import numpy_helper
 
 import onnxcam
-from onnxcam import Explainer
+from onnxcam import Contrast, Explainer
 from onnxcam.bundle import (
     INPUT_IMAGE,
     INPUT_TARGET,
@@ -396,3 +396,18 @@ def test_run_in_chunks_feeds_exactly_the_fixed_batch_and_drops_the_padding() -> 
     (got,) = run_in_chunks(run, ["y"], {"a": a, "b": b}, 3)
     assert seen == [3, 3, 3]
     np.testing.assert_array_equal(got, a * 2 + b[:, None])
+
+
+def test_fixed_batch_bundles_run_each_target(tmp_path: Path) -> None:
+    """A model whose batch is baked in (1) is not cut: each (image, target) row runs
+    the whole bundle in chunks of its batch, and gives the single-class maps."""
+    path = tmp_path / "fixed.cam.onnx"
+    onnxcam.export(reshape_model(mix=True), path, layer="r", head="sigmoid")
+    ex = Explainer(path, device="cpu")
+    assert ex.info.batch_size == 1 and ex.info.weighted and not ex.info.head_inputs
+    x = np.random.default_rng(9).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    res = ex.explain(x, targets=[[0, 4], [Contrast(1, 2)]], method="hirescam")
+    assert res.image_index.tolist() == [0, 0, 1]
+    for row, cls in enumerate((0, 4)):
+        single = ex.explain(x[:1], targets=cls, method="hirescam")
+        np.testing.assert_allclose(res.raw[row], single.raw[0], rtol=1e-5, atol=1e-8)
