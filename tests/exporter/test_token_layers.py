@@ -87,8 +87,10 @@ def vit(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     return Exported(MODELS["vit"], tmp_path_factory.mktemp("vit_audit"))
 
 
-def reference_map(entry: zoo.ZooModel, model: Any, method: str, batch: np.ndarray) -> np.ndarray:
-    """pytorch-grad-cam's map for ``method`` at the usual layer, after ReLU, unresized."""
+def reference_map(entry: zoo.ZooModel, model: Any, method: str, batch: np.ndarray,
+                  targets: tuple[int, ...] = TARGETS) -> np.ndarray:
+    """pytorch-grad-cam's map for ``method`` at the usual layer, after ReLU, unresized,
+    image i for class ``targets[i]``."""
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -106,7 +108,7 @@ def reference_map(entry: zoo.ZooModel, model: Any, method: str, batch: np.ndarra
     with Raw(model=model, target_layers=[layer],
              reshape_transform=entry.reshape_transform()) as cam:
         cam(input_tensor=zoo.torch_input(batch),
-            targets=[ClassifierOutputTarget(t) for t in TARGETS])
+            targets=[ClassifierOutputTarget(t) for t in targets])
         return cam.raw
 
 
@@ -137,6 +139,22 @@ def test_maps_match_pytorch_grad_cam(exported: Exported, method: str) -> None:
     assert ours.shape == want.shape == (len(batch), 4, 4)
     assert np.ptp(want) > 0  # a flat map would match anything
     assert zoo.map_error(ours, want) <= zoo.MAP_TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_several_targets_per_image_share_the_trunk(exported: Exported, method: str) -> None:
+    """Every class for every image in one call: the bundle is cut after the layer (the
+    transformer's last block runs once per target, the rest once), and each row is
+    pytorch-grad-cam's map for that image and class."""
+    assert read_bundle_info(exported.bundle).head_inputs
+    batch = zoo.images(SIZE)
+    res = Explainer(exported.bundle, device="cpu").explain(
+        batch, [list(range(CLASSES))] * len(batch), method=method)
+    assert res.image_index.tolist() == [i for i in range(len(batch)) for _ in range(CLASSES)]
+    for cls in range(CLASSES):
+        want = reference_map(exported.entry, exported.model, method, batch,
+                             (cls,) * len(batch))
+        assert zoo.map_error(res.raw[cls::CLASSES], want) <= zoo.MAP_TOLERANCE
 
 
 def test_in_graph_weights_are_the_grid_mean_of_the_gradients(exported: Exported) -> None:
