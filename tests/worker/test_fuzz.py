@@ -390,11 +390,13 @@ def test_fuzzed_image_files(deployment: dict[str, Any], worker: Any) -> None:
 BUNDLE_KEYS = ["format_version", "input_height", "input_width", "input_channels", "batch_size",
                "num_classes", "labels", "layout", "activation_layout", "preprocess", "gradient",
                "target_layer", "model_input", "layers", "activation_grid", "resize",
-               "fd_chunk", "input_gradients", "head"]
+               "fd_chunk", "input_gradients", "head", "output", "head_inputs"]
 BUNDLE_VALUES = st.one_of(st.text(max_size=12), st.integers(-5, 20).map(str),
                           HUGE.map(str), st.sampled_from(["", "[]", "{}", "null", "[{}]",
                                                           "nchw", "ntc", "fd", "1e9",
-                                                          "sigmoid", "none"]))
+                                                          "sigmoid", "none", "pixels",
+                                                          '[{"name": "feat", "batched": true, '
+                                                          '"type": 1}]']))
 
 
 def bundle_mutations(bundle: Path) -> st.SearchStrategy[tuple[str, bytes]]:
