@@ -52,12 +52,33 @@ def test_weights_read_from_outside_the_file_are_refused(cnn_bundle: Path,
     ({"gradient": "exact"}, "claims gradient 'exact', not one of analytic, fd"),
     ({"layers": '[{"name": "x", "index": 0, "layout": "hwc"}]'},
      "claims for layer 'x' activation layout 'hwc', not one of nhwc, nchw, ntc"),
+    ({"output": "voxels"}, "claims output 'voxels', not one of classes, pixels"),
+    ({"head_inputs": '[{"name": "x"}]'}, "incomplete or malformed"),
+    ({"head_inputs": "{"}, "incomplete or malformed"),
+    ({"format_version": "3"}, "bundle format 3 is newer than this onnxcam understands \\(2\\)"),
 ])
 def test_metadata_is_held_to_bounds_and_to_the_graph(cnn_bundle: Path, changes: dict,
                                                      refusal: str) -> None:
     data = with_metadata(cnn_bundle, **changes)
     with pytest.raises(BundleError, match=refusal):
         read_bundle(data)
+
+
+def test_a_cut_that_names_no_tensor_of_the_graph(cnn_bundle: Path) -> None:
+    """A cut naming tensors the graph lacks reads, but the engine's cut refuses it as a
+    bad bundle when several targets per image ask for it, and one class still runs."""
+    import numpy as np
+
+    from onnxcam.engine import Explainer
+
+    data = with_metadata(cnn_bundle, head_inputs='[{"name": "nowhere", "batched": true, '
+                                                 '"type": 1}, {"name": "onnxcam/seed", '
+                                                 '"batched": true, "type": 1}]')
+    ex = Explainer(data, device="cpu")
+    images = np.zeros((1, 16, 16, 3), np.uint8)
+    assert ex.explain(images, targets=1).targets.tolist() == [1]
+    with pytest.raises(BundleError, match="cannot be cut at its layer"):
+        ex.explain(images, targets=[[1, 2]])
 
 
 def test_a_batch_axis_fixed_without_metadata_is_refused(cnn_bundle: Path) -> None:
