@@ -39,6 +39,7 @@ from onnxcam.worker.records import (
     read_record,
     read_request,
     record_indices,
+    record_rows,
     write_digest,
     write_request,
 )
@@ -372,7 +373,8 @@ def _store_hint(store: Store, code: str) -> str:
 
 def job_records(job_id: str, store: Store,
                 failure: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Every image's record of a finished job, in order (error records included).
+    """Every row of a finished job, in image order, then target order: an image's record
+    (``record_rows``), its error record, or one per target of an image of several.
 
     The images are those of ``request.json``; a job sent without one (it is optional)
     is read from the records in its folder alone. ``failure`` is the job's error where
@@ -399,34 +401,53 @@ def job_records(job_id: str, store: Store,
             error = failure or missing
             record = {"job": job_id, "index": index, "image": name,
                       "status": "error", "error": error}
-        records.append(record)
+        records.extend(record_rows(record))
     return records
 
 
 def download(job_id: str, out: Path, settings: Settings) -> list[dict[str, Any]]:
     """Copy a finished job's files to ``out`` as ``onnxcam explain`` names them:
     ``<stem>.npy`` (float32 heatmap), ``<stem>.png``, ``<stem>.raw.npy`` and
-    ``<stem>.json``. Returns the records, error records included."""
+    ``<stem>.json``; for an image of several targets, ``<stem>.<target>.npy`` and so on
+    per row. Returns the rows, error records included."""
+    from itertools import groupby
+
+    from onnxcam.engine.outputs import file_names, unique_stems
+
+    store = Store(settings.store_url)
+    records = job_records(job_id, store)
+    images = [list(rows) for _, rows in groupby(records, key=lambda r: r["index"])]
+    stems = unique_stems([rows[0]["image"] for rows in images])
+    written = []
+    for stem, rows in zip(stems, images):
+        several = "target_name" in rows[0]  # one class keeps today's names and keys
+        names = file_names([r["target_name"] for r in rows]) if several else [""] * len(rows)
+        for row, name in zip(rows, names):
+            written.append(_download_row(store, job_id, row, out, stem, name))
+    return written
+
+
+def _download_row(store: Store, job_id: str, row: dict[str, Any], out: Path, stem: str,
+                  name: str) -> dict[str, Any]:
+    """One row's files under ``out`` as ``<stem>[.<name>]<suffix>``, and its record there
+    (pointing at them); returns the row as the store has it."""
     import io
 
     import numpy as np
 
-    from onnxcam.engine.outputs import npy_bytes, unique_stems
+    from onnxcam.engine.outputs import npy_bytes
     from onnxcam.files import atomic_write
 
-    store = Store(settings.store_url)
-    records = job_records(job_id, store)
-    stems = unique_stems([record["image"] for record in records])
-    for stem, record in zip(stems, records):
-        if record["status"] != "ok":
-            continue
-        local: dict[str, str] = {}
-        for kind, suffix in IMAGE_FILES.items():
-            data = store.get(image_key(job_id, record["index"], suffix))
-            if suffix == HEATMAP:  # stored as float16; handed out as explain writes it
-                data = npy_bytes(np.load(io.BytesIO(data)).astype(np.float32))
-            atomic_write(out / f"{stem}{suffix}", data)
-            local[kind] = str(out / f"{stem}{suffix}")
-        record = {**record, "files": local}
-        atomic_write(out / f"{stem}.json", json_bytes(record))
-    return records
+    if row["status"] != "ok":
+        return row
+    base = f"{stem}.{name}" if name else stem
+    local: dict[str, str] = {}
+    for kind, suffix in IMAGE_FILES.items() if "files" in row else ():
+        data = store.get(image_key(job_id, row["index"], f".{name}{suffix}" if name
+                                   else suffix))
+        if suffix == HEATMAP:  # stored as float16; handed out as explain writes it
+            data = npy_bytes(np.load(io.BytesIO(data)).astype(np.float32))
+        atomic_write(out / f"{base}{suffix}", data)
+        local[kind] = str(out / f"{base}{suffix}")
+    atomic_write(out / f"{base}.json", json_bytes({**row, "files": local} if local else row))
+    return row

@@ -28,8 +28,9 @@ from PIL import Image
 from onnxcam.bundle import BundleInfo
 from onnxcam.engine.explainer import DEFAULT_BATCH, Explainer, Explanation
 from onnxcam.engine.images import RESAMPLING, Limits, decode, decoding, resize, to_array
-from onnxcam.engine.outputs import render, stored_size
+from onnxcam.engine.outputs import file_names, render, stored_size
 from onnxcam.engine.prefetch import prefetched
+from onnxcam.engine.targets import Target
 from onnxcam.errors import (
     BadImageError,
     BadTargetError,
@@ -38,6 +39,7 @@ from onnxcam.errors import (
     OnnxcamError,
 )
 from onnxcam.words import clipped
+from onnxcam.worker.image_targets import TOP_1, decode_mask, image_targets, one_class
 from onnxcam.worker.keys import IMAGE_FILES, RECORD, bundle_key, image_key
 from onnxcam.worker.message import ImageRef, JobSpec
 from onnxcam.worker.records import error_entry, read_record, write_record, write_summary
@@ -215,6 +217,8 @@ def _summary(record: Mapping[str, Any], uri: str) -> dict[str, Any]:
     the record, at ``uri``, has them whole."""
     summary = {"index": record["index"], "image": clipped(record["image"]),
                "status": record["status"], "record": uri}
+    if isinstance(record.get("targets"), list):  # an image of several targets
+        summary["rows"] = len(record["targets"])
     if record["status"] == "error":
         error = record["error"]
         summary["error"] = {"code": error["code"], "message": clipped(error["message"],
@@ -224,9 +228,11 @@ def _summary(record: Mapping[str, Any], uri: str) -> dict[str, Any]:
 
 @dataclass
 class _Decoded:
-    """One batch after fetching and decoding: good images, and bad ones' error records."""
+    """One batch after fetching and decoding: good images with their checked targets,
+    and bad ones' error records."""
 
     arrays: dict[int, Loaded]
+    targets: dict[int, list[Target]]
     errors: list[tuple[int, dict[str, Any]]]
     decode_ms: float
 
@@ -250,7 +256,7 @@ def _pipeline(spec: JobSpec, batches: list[list[int]], store: Store, explainer: 
                     yield from storing.result()
                 raise JobTimeoutError(f"job ran past ONNXCAM_SOFT_TIME_LIMIT "
                                       f"({settings.soft_time_limit:g} s)")
-            explained = _explain(explainer, spec, list(decoded.arrays), decoded.arrays)
+            explained = _explain(explainer, spec, decoded)
             timings = {"decode_ms": decoded.decode_ms,
                        "explain_ms": _ms(clock, time.perf_counter())}
             if storing is not None:
@@ -264,100 +270,201 @@ def _decode(spec: JobSpec, indices: list[int], store: Store, explainer: Explaine
             settings: Settings, inputs: _InputBudget) -> _Decoded:
     clock = time.perf_counter()
     info = explainer.info
-    arrays: dict[int, Loaded] = {}
-    errors: list[tuple[int, dict[str, Any]]] = []
+    decoded = _Decoded({}, {}, [], 0.0)
     allowed = AllowList.from_settings(settings)
+
+    def mask_of(reference: str) -> np.ndarray:
+        # A mask is read as an image is, and counts towards the job's input bytes.
+        data = read_uri(reference, store, allowed, explainer.limits)
+        inputs.take(len(data), reference)
+        return decode_mask(data, explainer.limits, reference)
+
     for index in indices:
         try:
-            target = spec.targets[index]
-            if target is not None:
-                info.class_index(target)  # a number in range, or one of the labels
+            decoded.targets[index] = image_targets(spec.targets[index], info, mask_of)
             ref = spec.images[index]
             data = fetch(ref, store, allowed, explainer.limits)
             inputs.take(len(data), ref.name)
-            arrays[index] = load(data, ref.name, info, explainer.limits,
-                                 settings.max_stored_side)
+            decoded.arrays[index] = load(data, ref.name, info, explainer.limits,
+                                         settings.max_stored_side)
         except (BadImageError, BadTargetError) as exc:
-            errors.append((index, _error_record(spec, index, exc)))
-    return _Decoded(arrays, errors, _ms(clock, time.perf_counter()))
+            decoded.errors.append((index, _error_record(spec, index, exc)))
+    decoded.decode_ms = _ms(clock, time.perf_counter())
+    return decoded
 
 
-def _store_batch(spec: JobSpec, decoded: _Decoded,
-                 explained: Mapping[int, _Explained], store: Store,
+def _store_batch(spec: JobSpec, decoded: _Decoded, explained: _Explained, store: Store,
                  timings: dict[str, float]) -> list[tuple[int, dict[str, Any]]]:
     """Write each image's files and record (the record last); bad images' records too."""
     results = []
-    for index, found in explained.items():
-        results.append((index, _store_image(spec, index, decoded.arrays[index], found, store,
-                                            timings)))
-    for index, record in decoded.errors:
+    for index, rows in explained.rows.items():
+        image = decoded.arrays[index]
+        if one_class(decoded.targets[index]):
+            record = _store_image(spec, index, image, rows[0], store, timings)
+        else:
+            record = _store_rows(spec, index, image, rows, store, timings)
+        results.append((index, record))
+    for index, record in [*decoded.errors, *explained.errors]:
         write_record(store, spec.job_id, index, record)
         results.append((index, record))
     return results
 
 
 @dataclass
-class _Explained:
-    """One image's row in an engine call's Explanation, and its faithfulness scores."""
+class _Row:
+    """One (image, target) row of an engine call's Explanation, and its faithfulness."""
 
     explanation: Explanation
     position: int
+    top: list[dict[str, Any]]  # the image's best classes
     faithfulness: dict[str, float] | None = None
 
+    @property
+    def target(self) -> int:
+        return int(self.explanation.targets[self.position])
 
-def _explain(explainer: Explainer, spec: JobSpec, indices: list[int],
-             arrays: Mapping[int, Loaded]) -> dict[int, _Explained]:
-    """Explain the decoded images: one engine call for the top-1 ones, one for the rest."""
-    found: dict[int, _Explained] = {}
-    top1 = [i for i in indices if spec.targets[i] is None]
-    chosen = [i for i in indices if spec.targets[i] is not None]
-    for group, targets in ((top1, None), (chosen, [spec.targets[i] for i in chosen])):
-        if not group:
-            continue
-        images = [arrays[i].model_input for i in group]
-        explanation = explainer.explain(images, targets=targets, method=spec.method,
-                                        batch_size=len(group), **spec.options)
-        scores = (_faithfulness(explainer, images, explanation, spec.faithfulness_steps)
-                  if spec.faithfulness_steps else [None] * len(group))
-        found.update((index, _Explained(explanation, position, scores[position]))
-                     for position, index in enumerate(group))
-    return found
+
+@dataclass
+class _Explained:
+    """A batch's rows by image (an image all-positive found nothing for has none), and
+    the images whose targets the engine refused."""
+
+    rows: dict[int, list[_Row]]
+    errors: list[tuple[int, dict[str, Any]]]
+
+
+def _explain(explainer: Explainer, spec: JobSpec, decoded: _Decoded) -> _Explained:
+    """Explain the decoded images: one engine call for the top-1 ones, one for those of
+    one chosen class, and one for those with other or more targets."""
+    indices = list(decoded.arrays)
+    wanted = decoded.targets
+    plain = [i for i in indices if one_class(wanted[i])]
+    groups = [
+        ([i for i in plain if wanted[i][0] == TOP_1], None),
+        ([i for i in plain if wanted[i][0] != TOP_1], "classes"),
+        ([i for i in indices if not one_class(wanted[i])], "lists"),
+    ]
+    explained = _Explained({}, [])
+    for group, kind in groups:
+        if group:
+            targets = None if kind is None else [
+                wanted[i][0] if kind == "classes" else wanted[i] for i in group]
+            _explain_into(explained, explainer, spec, decoded, group, targets)
+    return explained
+
+
+def _explain_into(explained: _Explained, explainer: Explainer, spec: JobSpec,
+                  decoded: _Decoded, group: list[int], targets: list[Any] | None) -> None:
+    """``group``'s rows, in one engine call; when the engine refuses a target found only
+    once the scores are known (a weighting of the wrong shape, too many classes picked),
+    each image alone, so that one image's error does not end the others."""
+    try:
+        explained.rows.update(_explain_group(explainer, spec, decoded, group, targets))
+        return
+    except BadTargetError as exc:
+        if len(group) == 1:
+            explained.errors.append((group[0], _error_record(spec, group[0], exc)))
+            return
+    for position, index in enumerate(group):
+        _explain_into(explained, explainer, spec, decoded, [index],
+                      None if targets is None else [targets[position]])
+
+
+def _explain_group(explainer: Explainer, spec: JobSpec, decoded: _Decoded, group: list[int],
+                   targets: list[Any] | None) -> dict[int, list[_Row]]:
+    """One engine call for ``group``'s images; their rows by image."""
+    images = [decoded.arrays[i].model_input for i in group]
+    threshold = {} if spec.threshold is None else {"threshold": spec.threshold}
+    explanation = explainer.explain(images, targets=targets, method=spec.method,
+                                    batch_size=len(group), **spec.options, **threshold)
+    scores = (_faithfulness(explainer, images, explanation, spec.faithfulness_steps)
+              if spec.faithfulness_steps else [None] * len(explanation.targets))
+    tops = explanation.top(TOP_K)
+    rows: dict[int, list[_Row]] = {index: [] for index in group}
+    for position, image in enumerate(explanation.image_index):
+        rows[group[int(image)]].append(_Row(explanation, position, tops[position],
+                                            scores[position]))
+    return rows
 
 
 def _faithfulness(explainer: Explainer, images: list[np.ndarray], explanation: Explanation,
                   steps: int) -> list[dict[str, float] | None]:
-    """Deletion and insertion AUCs (RISE) of each image's heatmap, batched on the engine."""
+    """Deletion and insertion AUCs (RISE) of each row's heatmap, batched on the engine;
+    None for a row of no one class (a free weighting)."""
     from onnxcam.engine.faithfulness import deletion_insertion_auc
 
-    deletion, insertion = deletion_insertion_auc(explainer, explainer.prepare(images),
-                                                 explanation.heatmaps, explanation.targets,
-                                                 steps, explainer.info.head)
-    return [{"deletion_auc": float(d), "insertion_auc": float(i)}
-            for d, i in zip(deletion, insertion)]
+    assert explanation.image_index is not None
+    scored = np.flatnonzero(explanation.targets >= 0)
+    found: list[dict[str, float] | None] = [None] * len(explanation.targets)
+    if not len(scored):
+        return found
+    prepared = explainer.prepare(images)[explanation.image_index[scored]]
+    deletion, insertion = deletion_insertion_auc(explainer, prepared,
+                                                 explanation.heatmaps[scored],
+                                                 explanation.targets[scored], steps,
+                                                 explainer.info.head)
+    for row, d, i in zip(scored, deletion, insertion):
+        found[row] = {"deletion_auc": float(d), "insertion_auc": float(i)}
+    return found
 
 
-def _store_image(spec: JobSpec, index: int, image: Loaded, found: _Explained,
-                 store: Store, timings: dict[str, float]) -> dict[str, Any]:
-    explanation, position = found.explanation, found.position
-    files = render(image.picture, explanation.raw[position], ("npy", "png"), with_raw=True,
-                   heatmap_dtype=np.float16)
-    uris = {kind: store.put(image_key(spec.job_id, index, suffix), files[suffix])
-            for kind, suffix in IMAGE_FILES.items()}
-    record = {
-        "job": spec.job_id, "index": index, "image": spec.images[index].name, "status": "ok",
-        "bundle": spec.bundle, "method": spec.method,
-        "target": int(explanation.targets[position]),
-        "label": explanation.label(int(explanation.targets[position])),
-        "logits": [float(v) for v in explanation.logits[position]],
-        "top": explanation.top(TOP_K)[position],
-        "flat": bool(explanation.flat[position]),
-        "image_size": [int(image.size[0]), int(image.size[1])],
-        "files": uris, "timings": timings,
-    }
-    if found.faithfulness is not None:
-        record["faithfulness"] = found.faithfulness
+def _store_image(spec: JobSpec, index: int, image: Loaded, row: _Row, store: Store,
+                 timings: dict[str, float]) -> dict[str, Any]:
+    """An image of one class: its files and record as they have always been."""
+    uris = _store_files(spec, index, "", image, row, store)
+    record = {**_image_part(spec, index, image, row, timings), **_row_part(row, uris)}
+    del record["target_name"]  # the record old messages have always got
     write_record(store, spec.job_id, index, record)
     return record
+
+
+def _store_rows(spec: JobSpec, index: int, image: Loaded, rows: list[_Row], store: Store,
+                timings: dict[str, float]) -> dict[str, Any]:
+    """An image of other or several targets: each row's files as ``NNNNN.<target>.npy``
+    and so on, and one record whose ``targets`` holds the rows (none: all-positive
+    found nothing)."""
+    names = file_names([r.explanation.target_names[r.position] for r in rows])
+    parts = [_row_part(row, _store_files(spec, index, f".{name}", image, row, store))
+             for row, name in zip(rows, names)]
+    record = {**_image_part(spec, index, image, rows[0] if rows else None, timings),
+              "targets": parts}
+    write_record(store, spec.job_id, index, record)
+    return record
+
+
+def _store_files(spec: JobSpec, index: int, name: str, image: Loaded, row: _Row,
+                 store: Store) -> dict[str, str]:
+    files = render(image.picture, row.explanation.raw[row.position], ("npy", "png"),
+                   with_raw=True, heatmap_dtype=np.float16)
+    return {kind: store.put(image_key(spec.job_id, index, name + suffix), files[suffix])
+            for kind, suffix in IMAGE_FILES.items()}
+
+
+def _image_part(spec: JobSpec, index: int, image: Loaded, row: _Row | None,
+                timings: dict[str, float]) -> dict[str, Any]:
+    """What a record says of the image, whatever it was explained for."""
+    part: dict[str, Any] = {
+        "job": spec.job_id, "index": index, "image": spec.images[index].name,
+        "status": "ok", "bundle": spec.bundle, "method": spec.method,
+        "image_size": [int(image.size[0]), int(image.size[1])], "timings": timings,
+    }
+    if row is not None:  # the image's scores: the same in each of its rows
+        scores = row.explanation.logits[row.position]
+        # A segmenter's logits, one set per pixel, stay out (as ``explain``'s records).
+        part["logits"] = [float(v) for v in scores] if scores.ndim == 1 else None
+        part["top"] = row.top
+    return part
+
+
+def _row_part(row: _Row, uris: dict[str, str]) -> dict[str, Any]:
+    """What a record says of one target's map."""
+    explanation, position = row.explanation, row.position
+    part = {"target": row.target, "target_name": explanation.target_names[position],
+            "label": explanation.label(row.target),
+            "flat": bool(explanation.flat[position]), "files": uris}
+    if row.faithfulness is not None:
+        part["faithfulness"] = row.faithfulness
+    return part
 
 
 def _error_record(spec: JobSpec, index: int, exc: OnnxcamError) -> dict[str, Any]:

@@ -46,10 +46,14 @@ class JobSpec:
     bundle: str
     images: list[ImageRef]
     method: str = "gradcam"
-    # per image: a class number or label; None: top-1
-    targets: list[int | str | None] = field(default_factory=list)
+    # per image: None (top-1), a target as ``targets.target_from_json`` reads it (a class
+    # number or label, "all-positive", "top:k", {"contrast": ...}, ...) or a list of them;
+    # checked per image when the job runs (``worker.image_targets``)
+    targets: list[Any] = field(default_factory=list)
     faithfulness_steps: int = 0  # > 0: also deletion and insertion AUCs, with this many steps
     options: dict[str, Any] = field(default_factory=dict)  # samples, noise, steps, seed
+    threshold: float | None = None  # all-positive's probability cut; None: the engine's
+
 
     def to_message(self) -> dict[str, Any]:
         message = {
@@ -64,6 +68,8 @@ class JobSpec:
             message["faithfulness_steps"] = self.faithfulness_steps
         if self.options:
             message["options"] = dict(self.options)
+        if self.threshold is not None:  # absent otherwise: old messages keep their digest
+            message["threshold"] = self.threshold
         return message
 
     def request_record(self) -> dict[str, Any]:
@@ -96,16 +102,25 @@ def parse_job(message: Any, job_id: str, bounds: JobBounds = DEFAULT_BOUNDS) -> 
     targets = message.get("targets")
     if targets is None or targets == []:  # only null, absent or [] mean top-1 for all
         targets = [None] * len(refs)
-    if not isinstance(targets, list) or len(targets) != len(refs) or not all(
-            t is None or (isinstance(t, int) and not isinstance(t, bool))
-            or (isinstance(t, str) and 0 < len(t) <= MAX_LABEL_CHARS) for t in targets):
-        raise MalformedJobError("targets must be a list of class numbers, labels or nulls, "
-                                "one per image")
+    # Each entry is checked with its image (a bad one is that image's bad_target).
+    if not isinstance(targets, list) or len(targets) != len(refs):
+        raise MalformedJobError("targets must be a list with one entry per image (a target, "
+                                "a list of targets, or null)")
     steps = message.get("faithfulness_steps", 0)
     if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= 1000:
         raise MalformedJobError("faithfulness_steps must be an int in [0, 1000]")
     return JobSpec(job_id, bundle, refs, method, targets, steps,
-                   parse_options(message.get("options") or {}))
+                   parse_options(message.get("options") or {}),
+                   parse_threshold(message.get("threshold")))
+
+
+def parse_threshold(value: Any) -> float | None:
+    """all-positive's threshold: absent (None), or a number strictly between 0 and 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise MalformedJobError("threshold must be a number in (0, 1)")
+    return float(value)
 
 
 # The sampling methods' knobs a job may set, with the values each accepts.

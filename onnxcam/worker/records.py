@@ -63,6 +63,17 @@ def read_record(store: Store, job_id: str, index: int) -> dict[str, Any] | None:
     return _read_json(store, image_key(job_id, index, RECORD))
 
 
+def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """An image's stored record as the rows users see, one per map: itself for one class
+    or an error; else one per target, each with the image's keys (none in ``targets``:
+    itself, saying that nothing was found)."""
+    rows = record.get("targets")
+    if not isinstance(rows, list) or not rows:
+        return [record]
+    image = {key: value for key, value in record.items() if key != "targets"}
+    return [{**image, **row} for row in rows]
+
+
 def record_indices(store: Store, job_id: str) -> list[int]:
     """The indices of the images that have a record, from the job's folder alone."""
     found = (RECORD_NAME.match(name) for name in store.names(job_key(job_id, "")))
