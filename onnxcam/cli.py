@@ -347,14 +347,21 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--method", default="gradcam", show_default=True, help="CAM method.")
-@click.option("--target", default=None, metavar="CLASS",
-              help="Class to explain, by number or label (default: top-1).")
+@click.option("--target", "targets", multiple=True, metavar="TARGET",
+              help="Class to explain, by number or label (default: top-1); repeat it for "
+                   "several, or give all-positive (classes over --threshold) or top:K.")
+@click.option("--contrast", "contrasts", multiple=True, metavar="A:B",
+              help="Explain why class A rather than B (repeatable).")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              default=None, help="all-positive: the probability a class must exceed "
+                                 "[default: 0.5].")
 @click.option("--chunk-size", type=int, default=None,
               help="Images per job (default: ONNXCAM_CHUNK_SIZE).")
 @method_options
 @with_errors
-def submit(bundle: Path, images: tuple[str, ...], method: str, target: str | None,
-           chunk_size: int | None, samples: int, noise: float, steps: int, seed: int) -> None:
+def submit(bundle: Path, images: tuple[str, ...], method: str, targets: tuple[str, ...],
+           contrasts: tuple[str, ...], threshold: float | None, chunk_size: int | None,
+           samples: int, noise: float, steps: int, seed: int) -> None:
     """Queue explain jobs; print their ids, one per line (and on stderr, where to)."""
     from onnxcam.worker.client import endpoints
     from onnxcam.worker.client import submit as submit_jobs
@@ -362,23 +369,53 @@ def submit(bundle: Path, images: tuple[str, ...], method: str, target: str | Non
 
     settings = load_settings()
     options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed}
-    job = submit_jobs(bundle, list(images), method, class_number(bundle, target),
-                      chunk_size=chunk_size, settings=settings, options=options)
+    asked = submitted_targets(bundle, targets, contrasts)
+    every = asked if not isinstance(asked, list) else [asked] * len(images)
+    job = submit_jobs(bundle, list(images), method, every, chunk_size=chunk_size,
+                      settings=settings, options=options, threshold=threshold)
     click.echo(f"onnxcam: queued {plural(len(job.ids), 'job')} of "
                f"{plural(len(images), 'image')}: {endpoints(settings)}", err=True)
     for job_id in job.ids:
         click.echo(job_id)
 
 
+def submitted_targets(bundle: Path, targets: tuple[str, ...], contrasts: tuple[str, ...]
+                      ) -> Any:
+    """What ``--target`` and ``--contrast`` ask every image to be explained for: None
+    (top-1), one target, or a list of them; classes and contrasts are checked here when
+    the bundle is a file, else by the worker."""
+    from onnxcam.bundle import read_bundle_info
+    from onnxcam.engine.targets import Contrast, contrast_from_text
+
+    info = read_bundle_info(bundle) if Path(bundle).is_file() else None
+    asked: list[Any] = [class_number(bundle, each) for each in targets]
+    for text in contrasts:
+        if info is not None:
+            asked.append(contrast_from_text(text, info))
+        elif text.count(":") == 1:  # no labels to tell a label's own colon from the cut
+            asked.append(Contrast(*(class_number(bundle, side) for side in text.split(":"))))
+        else:
+            raise click.BadParameter(f"{text!r}: give A:B with one ':' (or the bundle as a "
+                                     "file, whose labels tell which ':' cuts)",
+                                     param_hint="--contrast")
+    if not asked:
+        return None
+    return asked[0] if len(asked) == 1 else asked
+
+
 def class_number(bundle: Path, target: str | None) -> int | str | None:
-    """``--target`` read as ``explain`` reads it, a label of the bundle's first, then a
-    number; checked here when the bundle is a file, else by the worker."""
+    """``--target`` read as ``explain`` reads it, a label of the bundle's first, then
+    all-positive or top:K, then a number; checked here when the bundle is a file, else
+    by the worker."""
     from onnxcam.bundle import CLASS_NUMBER, read_bundle_info
+    from onnxcam.worker.image_targets import is_word
 
     if target is None:
         return None
     if Path(bundle).is_file():
-        return read_bundle_info(bundle).class_index(target)
+        info = read_bundle_info(bundle)
+        return target if is_word(target) and target not in info.labels else \
+            info.class_index(target)
     return int(target) if CLASS_NUMBER.match(target) else target
 
 
@@ -407,7 +444,8 @@ def status(job_id: str) -> None:
 @click.option("--wait", "wait_seconds", type=float, default=0.0,
               help="Wait up to this many seconds for the job to end.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON record per image (alone, without --out: no files).")
+              help="Print one JSON record per image and target (alone, without --out: no "
+                   "files).")
 @with_errors
 def result(job_id: str, out: Path | None, wait_seconds: float, as_json: bool) -> None:
     """Write a done job's heatmaps, overlays and records to --out, or print its records
@@ -446,6 +484,9 @@ def result(job_id: str, out: Path | None, wait_seconds: float, as_json: bool) ->
             failures += 1
             click.echo(f"onnxcam: error: {record['error']['message']} "
                        f"({record['error']['code']})", err=True)
+        elif record.get("targets") == []:
+            click.echo(f"onnxcam: {record['image']}: no class passed its targets "
+                       "(all-positive found none): no map", err=True)
         if as_json:
             click.echo(json.dumps(record, sort_keys=True))
     if failures:

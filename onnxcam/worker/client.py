@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from onnxcam.bundle import read_bundle
 from onnxcam.engine.methods import get_method
+from onnxcam.engine.targets import Contrast, Region, Weighting, is_target
 from onnxcam.errors import BrokerUnavailableError, JobError, UnknownBundleError, UnknownJobError
-from onnxcam.words import plural
+from onnxcam.words import clipped, plural
 from onnxcam.worker.keys import (
     ERROR,
     HEATMAP,
@@ -32,7 +35,7 @@ from onnxcam.worker.keys import (
     json_bytes,
 )
 from onnxcam.worker.lost import lost_error, lost_jobs, redis_started_at
-from onnxcam.worker.message import ImageRef, JobSpec, parse_options
+from onnxcam.worker.message import ImageRef, JobSpec, parse_options, parse_threshold
 from onnxcam.worker.records import (
     job_known,
     read_error,
@@ -156,21 +159,28 @@ def submit(
     bundle: str | Path | bytes,
     images: Iterable[str | Path | bytes],
     method: str = "gradcam",
-    targets: int | str | Sequence[int | str | None] | None = None,
+    targets: Any = None,
     *,
     chunk_size: int | None = None,
     settings: Settings | None = None,
     faithfulness_steps: int = 0,
     options: Mapping[str, float] | None = None,
+    threshold: float | None = None,
 ) -> Job:
     """Queue explain jobs for ``images`` with ``bundle`` (a path, bytes or published hash).
 
-    ``faithfulness_steps`` > 0 adds each image's deletion and insertion AUCs to its
+    ``targets`` is as ``Explainer.explain`` takes it: None (top-1), one target for every
+    image, or one entry per image, each a target or a list of them; a target is a class
+    number or label, ``"all-positive"`` (over ``threshold``), ``"top:k"``, ``Contrast``,
+    ``Region`` (a mask only as a reference: ``{"region": c, "mask": "URI"}``),
+    ``Weighting``, or any of these as a job message writes it (``target_from_json``).
+    ``faithfulness_steps`` > 0 adds each row's deletion and insertion AUCs to its
     record (what ``onnxcam audit --faithfulness`` asks the workers for). ``options``
     sets the sampling methods' knobs: samples, noise, steps, seed."""
     settings = settings or load_settings()
     get_method(method)  # an unknown name fails here, before anything is queued
     knobs = parse_options(dict(options or {}))
+    cut = parse_threshold(threshold)
     store = Store(settings.store_url)
     sha = publish(bundle, store)
     inline = min(settings.inline_max_bytes, settings.max_inline_image_bytes)
@@ -187,7 +197,7 @@ def submit(
     ids = []
     for start in range(0, len(refs), size):
         spec = JobSpec(str(uuid.uuid4()), sha, refs[start:start + size], method,
-                       wanted[start:start + size], faithfulness_steps, knobs)
+                       wanted[start:start + size], faithfulness_steps, knobs, cut)
         send(app, spec, store, settings.signing_keys)
         ids.append(spec.job_id)
     return Job(ids, settings)
@@ -266,16 +276,36 @@ def publish(bundle: str | Path | bytes, store: Store) -> str:
     return store.put_bundle(read_bundle(text).data)
 
 
-def _per_image(targets: int | str | Sequence[int | str | None] | None,
-               count: int) -> list[int | str | None]:
+def _per_image(targets: Any, count: int) -> list[Any]:
+    """Each image's entry of the message's ``targets``, as JSON."""
     if targets is None:
         return [None] * count
-    if isinstance(targets, int | str):
-        return [targets] * count
+    if is_target(targets) or isinstance(targets, Mapping):
+        return [target_json(targets)] * count
     wanted = list(targets)
     if len(wanted) != count:
-        raise JobError(f"{plural(len(wanted), 'target')} for {plural(count, 'image')}")
-    return wanted
+        raise JobError(f"{plural(len(wanted), 'target')} for {plural(count, 'image')} (give "
+                       "one target for all, or one entry per image)")
+    return [None if each is None else [target_json(t) for t in each]
+            if isinstance(each, (list, tuple)) else target_json(each) for each in wanted]
+
+
+def target_json(target: Any) -> Any:
+    """A target as a job message writes it (``targets.target_from_json`` reads it)."""
+    if isinstance(target, Mapping):
+        return dict(target)
+    if isinstance(target, Contrast):
+        return {"contrast": [target_json(target.positive), target_json(target.negative)]}
+    if isinstance(target, Region):
+        if target.mask is not None:
+            raise JobError("a region's mask travels by reference: give {'region': class, "
+                           "'mask': 'URI or path'} (read as the job's images are)")
+        return {"region": target_json(target.cls)}
+    if isinstance(target, Weighting):
+        return {"weights": np.asarray(target.weights, np.float32).tolist()}
+    if not is_target(target):
+        raise JobError(f"{clipped(repr(target))} is not a target")
+    return target if isinstance(target, str) else int(target)
 
 
 def celery_status(job_id: str, settings: Settings) -> str:
