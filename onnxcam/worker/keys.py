@@ -9,7 +9,9 @@ job, ``jobs/<job id>/``:
 - per image ``NNNNN.npy`` (float16 heatmap at the image's own size, its long side at most
   ONNXCAM_MAX_STORED_SIDE), ``NNNNN.png`` (overlay, the same size), ``NNNNN.raw.npy``
   (float32 map at layer resolution) and ``NNNNN.json``
-  (the image's record, written last: a record that exists is final);
+  (the image's record, written last: a record that exists is final); an image of other
+  or several targets has its maps per row as ``NNNNN.<target name>.npy`` and so on, and
+  its one record lists the rows;
 - ``request.sha256``: the SHA-256 (hex) of the job's canonical message
   (``onnxcam.worker.signing.digest``), written by the client before it queues the job or,
   for a job sent without it, by the first worker to take it: the id belongs to that
