@@ -384,16 +384,19 @@ def submitted_targets(bundle: Path, targets: tuple[str, ...], contrasts: tuple[s
     """What ``--target`` and ``--contrast`` ask every image to be explained for: None
     (top-1), one target, or a list of them; classes and contrasts are checked here when
     the bundle is a file, else by the worker."""
-    from onnxcam.bundle import read_bundle_info
+    from onnxcam.bundle import CLASS_NUMBER, read_bundle_info
     from onnxcam.engine.targets import Contrast, contrast_from_text
 
-    info = read_bundle_info(bundle) if Path(bundle).is_file() else None
+    # Read only when needed: a file that is no bundle is refused by submit, naming it.
+    info = read_bundle_info(bundle) if contrasts and Path(bundle).is_file() else None
     asked: list[Any] = [class_number(bundle, each) for each in targets]
     for text in contrasts:
         if info is not None:
             asked.append(contrast_from_text(text, info))
         elif text.count(":") == 1:  # no labels to tell a label's own colon from the cut
-            asked.append(Contrast(*(class_number(bundle, side) for side in text.split(":"))))
+            sides = [int(side) if CLASS_NUMBER.match(side) else side
+                     for side in text.split(":")]
+            asked.append(Contrast(sides[0], sides[1]))
         else:
             raise click.BadParameter(f"{text!r}: give A:B with one ':' (or the bundle as a "
                                      "file, whose labels tell which ':' cuts)",

@@ -30,7 +30,7 @@ from onnxcam.engine.explainer import DEFAULT_BATCH, Explainer, Explanation
 from onnxcam.engine.images import RESAMPLING, Limits, decode, decoding, resize, to_array
 from onnxcam.engine.outputs import file_names, render, stored_size
 from onnxcam.engine.prefetch import prefetched
-from onnxcam.engine.targets import Target
+from onnxcam.engine.targets import DEFAULT_THRESHOLD, Target
 from onnxcam.errors import (
     BadImageError,
     BadTargetError,
@@ -323,6 +323,11 @@ class _Row:
     def target(self) -> int:
         return int(self.explanation.targets[self.position])
 
+    @property
+    def name(self) -> str:
+        assert self.explanation.target_names is not None  # set by Explanation itself
+        return self.explanation.target_names[self.position]
+
 
 @dataclass
 class _Explained:
@@ -374,13 +379,15 @@ def _explain_group(explainer: Explainer, spec: JobSpec, decoded: _Decoded, group
                    targets: list[Any] | None) -> dict[int, list[_Row]]:
     """One engine call for ``group``'s images; their rows by image."""
     images = [decoded.arrays[i].model_input for i in group]
-    threshold = {} if spec.threshold is None else {"threshold": spec.threshold}
+    threshold = DEFAULT_THRESHOLD if spec.threshold is None else spec.threshold
     explanation = explainer.explain(images, targets=targets, method=spec.method,
-                                    batch_size=len(group), **spec.options, **threshold)
+                                    batch_size=len(group), threshold=threshold,
+                                    **spec.options)
     scores = (_faithfulness(explainer, images, explanation, spec.faithfulness_steps)
               if spec.faithfulness_steps else [None] * len(explanation.targets))
     tops = explanation.top(TOP_K)
     rows: dict[int, list[_Row]] = {index: [] for index in group}
+    assert explanation.image_index is not None  # set by Explanation itself
     for position, image in enumerate(explanation.image_index):
         rows[group[int(image)]].append(_Row(explanation, position, tops[position],
                                             scores[position]))
@@ -423,7 +430,7 @@ def _store_rows(spec: JobSpec, index: int, image: Loaded, rows: list[_Row], stor
     """An image of other or several targets: each row's files as ``NNNNN.<target>.npy``
     and so on, and one record whose ``targets`` holds the rows (none: all-positive
     found nothing)."""
-    names = file_names([r.explanation.target_names[r.position] for r in rows])
+    names = file_names([row.name for row in rows])
     parts = [_row_part(row, _store_files(spec, index, f".{name}", image, row, store))
              for row, name in zip(rows, names)]
     record = {**_image_part(spec, index, image, rows[0] if rows else None, timings),
@@ -459,7 +466,7 @@ def _image_part(spec: JobSpec, index: int, image: Loaded, row: _Row | None,
 def _row_part(row: _Row, uris: dict[str, str]) -> dict[str, Any]:
     """What a record says of one target's map."""
     explanation, position = row.explanation, row.position
-    part = {"target": row.target, "target_name": explanation.target_names[position],
+    part = {"target": row.target, "target_name": row.name,
             "label": explanation.label(row.target),
             "flat": bool(explanation.flat[position]), "files": uris}
     if row.faithfulness is not None:
