@@ -6,7 +6,8 @@ their clients wait forever. The store still has each one's ``request.json``, whi
 the client writes before it queues the job. A job is lost when the client wrote that
 request, no worker started the job (no ``starts.json``), Redis started after the
 request was written, and neither the queue nor Redis' unacknowledged set holds the
-job's message. The last check reads the whole queue, so it runs only when the first
+job's message, twice, half a second apart (a message a worker is taking is in neither
+for a moment). The last check reads the whole queue, so it runs only when the first
 ones pass, that is after a restart.
 
 A job that had started when Redis restarted is not judged here: a job running then
@@ -16,6 +17,7 @@ goes on and ends normally (see ``app``), so "started" stays true until it does.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 CLOCK_SKEW = 60.0
 # Queue items read per round trip: one may carry 16 MB of inline pixels.
 SCAN_PAGE = 16
+# A worker pops a message from the queue and then files it as unacknowledged: for a
+# moment it is in neither. A job seen in neither place is looked for again this much
+# later, so that moment is not taken for a loss.
+CONFIRM_DELAY = 0.5
 
 LOST_MESSAGE = ("the broker no longer holds this job and no worker started it: it was "
                 "lost, most likely when Redis restarted without persistence (run Redis with "
@@ -57,6 +63,9 @@ def lost_jobs(job_ids: Iterable[str], store: Store, app: Any) -> set[str]:
         if not candidates:
             return set()
         lost = candidates - held(channel, candidates)
+        if lost:
+            time.sleep(CONFIRM_DELAY)
+            lost -= held(channel, lost)
     # A worker may have taken one while the queue was read: it has counted a start.
     return {job_id for job_id in lost if not store.exists(job_key(job_id, STARTS))}
 
