@@ -23,6 +23,7 @@ from onnxcam.engine.faithfulness import DEFAULT_STEPS, deletion_insertion_auc
 from onnxcam.engine.images import Limits, decode, load_image, read_bytes, resize
 from onnxcam.engine.maps import heatmaps
 from onnxcam.engine.prefetch import prefetched
+from onnxcam.engine.targets import ALL_POSITIVE, Target
 from onnxcam.errors import BadImageError, OnnxcamError
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,23 @@ class AuditRow:
     bbox: tuple[float, float, float, float] | None = None  # x0 y0 x1 y1, image pixels
     mask: str | None = None  # path or URI of a binary mask image
     shapes: tuple[Shape, ...] = ()  # a data set's objects of the label, one region together
+    # The mask is a PNG of class ids and the region is where it holds this value (a
+    # segmentation manifest's finding); None: the mask is binary, nonzero is inside.
+    mask_class: int | None = None
+    # A multi-label or segmentation row: one map per finding (each a row of one label
+    # and its region, if any), every finding of the image in one call.
+    multi: bool = False
+    findings: tuple[AuditRow, ...] = ()
 
     @property
     def has_region(self) -> bool:
         return self.bbox is not None or self.mask is not None or bool(self.shapes)
+
+    def finding(self, cls: int) -> AuditRow | None:
+        """The finding of class ``cls``: the row itself for a single-label row."""
+        if not self.multi:
+            return self if self.label == cls else None
+        return next((f for f in self.findings if f.label == cls), None)
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,23 @@ class ExplainSettings:
             return row.label
         return -1
 
+    def targets(self, row: AuditRow) -> list[Target]:
+        """The targets of a multi-label or segmentation row: its findings' classes, or
+        the classes over the threshold (``all-positive``) with ``pred`` or none."""
+        if self.explain == "label" and row.findings:
+            return [finding.label for finding in row.findings]  # type: ignore[misc]
+        return [ALL_POSITIVE]
+
+
+@dataclass
+class MapOutcome:
+    """One map of a multi-label or segmentation row."""
+
+    target: int  # the class explained
+    raw: np.ndarray  # as RowOutcome.raw
+    heatmap: str | None = None  # where the backend stored the map; None: the runner does
+    faithfulness: dict[str, float] | None = None
+
 
 @dataclass
 class RowOutcome:
@@ -75,6 +106,7 @@ class RowOutcome:
     error_code: str = ""  # an OnnxcamError code, e.g. "bad_image"
     error: str = ""
     faithfulness: dict[str, float] | None = None  # {"deletion_auc", "insertion_auc"}
+    maps: list[MapOutcome] | None = None  # a multi row's maps (raw and target unused)
 
     @property
     def ok(self) -> bool:
@@ -160,9 +192,15 @@ def explain_rows(
     arrays = [decoded[i] for i in good]
     batch = np.stack([resize(a, info.height, info.width, info.resize)  # type: ignore[arg-type]
                       for a in arrays])
+    size = batch_size or DEFAULT_BATCH[explainer.device]
+    if any(rows[i].multi for i in good):
+        for position, i in enumerate(good):
+            outcomes[i].image_size = arrays[position].shape[:2]  # type: ignore[union-attr]
+        explain_findings(explainer, [rows[i] for i in good], batch,
+                         [outcomes[i] for i in good], settings, size)
+        return outcomes
     wanted = np.array([settings.target(rows[i]) for i in good], np.int64)
     cam = explainer.method(settings.method)
-    size = batch_size or DEFAULT_BATCH[explainer.device]
     parts = [explainer.run_batch(batch[s : s + size], wanted[s : s + size], cam)
              for s in range(0, len(batch), size)]
     raw = np.concatenate([p.raw for p in parts])
@@ -182,6 +220,45 @@ def explain_rows(
             outcome.faithfulness = {"deletion_auc": float(deletion[position]),
                                     "insertion_auc": float(insertion[position])}
     return outcomes
+
+
+def explain_findings(explainer: Explainer, rows: list[AuditRow], batch: np.ndarray,
+                     outcomes: list[RowOutcome], settings: ExplainSettings, size: int) -> None:
+    """Fill ``outcomes`` (one per image of ``batch``) with a map per target of each row
+    (``ExplainSettings.targets``): one call per batch, the image run once for all its
+    targets where the bundle can be cut at the layer."""
+    info = explainer.info
+    cam = explainer.method(settings.method)
+    items: list[list[Target]] = [settings.targets(row) if row.multi else [settings.target(row)]
+                                 for row in rows]
+    parts = [explainer.run_batch(batch[s : s + size], items[s : s + size], cam, first_index=s)
+             for s in range(0, len(batch), size)]
+    raw = np.concatenate([p.raw for p in parts])
+    targets = np.concatenate([p.targets for p in parts]).astype(np.int64)
+    images = np.concatenate([p.images() for p in parts]).astype(np.int64)
+    logits = np.concatenate([p.logits for p in parts])
+    image_logits: dict[int, np.ndarray] = {}
+    for image, row_logits in zip(images, logits):
+        image_logits.setdefault(int(image), row_logits)
+    unseen = [i for i in range(len(batch)) if i not in image_logits]
+    if unseen:  # no target over the threshold: the row still shows what was predicted
+        image_logits.update(zip(unseen, explainer.predict(batch[unseen])))
+    faithfulness: list[dict[str, float] | None] = [None] * len(raw)
+    if settings.faithfulness and len(raw):
+        deletion, insertion = deletion_insertion_auc(
+            explainer, batch[images], heatmaps(raw, info.height, info.width), targets,
+            settings.steps, info.head)
+        faithfulness = [{"deletion_auc": float(d), "insertion_auc": float(i)}
+                        for d, i in zip(deletion, insertion)]
+    for position, (row, outcome) in enumerate(zip(rows, outcomes)):
+        outcome.logits = image_logits[position]
+        maps = [MapOutcome(int(targets[m]), raw[m], faithfulness=faithfulness[m])
+                for m in np.flatnonzero(images == position)]
+        if row.multi:
+            outcome.maps = maps
+        else:  # a single-label row beside multi ones: its one map, as alone
+            outcome.raw, outcome.target = maps[0].raw, maps[0].target
+            outcome.faithfulness = maps[0].faithfulness
 
 
 class LocalBackend:

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from onnxcam.audit.backend import AuditRow, ExplainSettings, RowOutcome
+from onnxcam.audit.backend import AuditRow, ExplainSettings, MapOutcome, RowOutcome
 from onnxcam.bundle import read_bundle
+from onnxcam.errors import AuditError
 from onnxcam.worker.client import celery_status, job_records, submit
 from onnxcam.worker.keys import RAW, image_key
 from onnxcam.worker.settings import Settings, load_settings
@@ -44,7 +45,7 @@ class DistributedBackend:
 
     def run(self, chunks: Iterable[list[AuditRow]],
             settings: ExplainSettings) -> Iterator[list[RowOutcome]]:
-        pending: dict[str, list[AuditRow]] = {}
+        pending: dict[str, list[Entry]] = {}
         iterator = iter(chunks)
         exhausted = False
         while pending or not exhausted:
@@ -53,7 +54,9 @@ class DistributedBackend:
                 if rows is None:
                     exhausted = True
                 else:
-                    pending[self._submit(rows, settings)] = rows
+                    entries = [(row, target) for row in rows
+                               for target in job_targets(row, settings)]
+                    pending[self._submit(entries, settings)] = entries
             finished = [job_id for job_id in pending
                         if celery_status(job_id, self.settings) in ("done", "failed")]
             if not finished:
@@ -61,18 +64,30 @@ class DistributedBackend:
             for job_id in finished:
                 yield self._outcomes(job_id, pending.pop(job_id))
 
-    def _submit(self, rows: list[AuditRow], settings: ExplainSettings) -> str:
-        targets = [settings.target(row) for row in rows]
-        job = submit(self.sha, [row.image for row in rows], settings.method,
-                     [t if t >= 0 else None for t in targets], chunk_size=len(rows),
+    def _submit(self, entries: list[Entry], settings: ExplainSettings) -> str:
+        job = submit(self.sha, [row.image for row, _ in entries], settings.method,
+                     [t if t >= 0 else None for _, t in entries], chunk_size=len(entries),
                      settings=self.settings,
                      faithfulness_steps=settings.steps if settings.faithfulness else 0)
         (job_id,) = job.ids
         return job_id
 
-    def _outcomes(self, job_id: str, rows: list[AuditRow]) -> list[RowOutcome]:
+    def _outcomes(self, job_id: str, entries: list[Entry]) -> list[RowOutcome]:
         records = job_records(job_id, self.store)
-        return [self._outcome(job_id, row, record) for row, record in zip(rows, records)]
+        outcomes: dict[int, RowOutcome] = {}
+        for (row, _), record in zip(entries, records):
+            outcome = self._outcome(job_id, row, record)
+            if not row.multi:
+                outcomes[row.index] = outcome
+                continue
+            joined = outcomes.setdefault(row.index, RowOutcome(
+                row.index, logits=outcome.logits, image_size=outcome.image_size, maps=[]))
+            if not outcome.ok and joined.ok:  # a map that failed fails its row
+                joined.error_code, joined.error = outcome.error_code, outcome.error
+            elif outcome.raw is not None:
+                joined.maps.append(MapOutcome(  # type: ignore[union-attr]
+                    outcome.target, outcome.raw, outcome.heatmap, outcome.faithfulness))
+        return list(outcomes.values())
 
     def _outcome(self, job_id: str, row: AuditRow, record: dict[str, Any]) -> RowOutcome:
         if record["status"] != "ok":
@@ -88,3 +103,18 @@ class DistributedBackend:
         )
 
 
+Entry = tuple[AuditRow, int]  # a row and one class it is explained for (-1: top-1)
+
+
+def job_targets(row: AuditRow, settings: ExplainSettings) -> list[int]:
+    """The classes a row's image is sent with, one image entry each: today's job
+    message takes one class per image, so a multi row's image is listed once per
+    finding; the predicted classes of a multi row (``all-positive``) it cannot ask for."""
+    if not row.multi:
+        return [settings.target(row)]
+    targets = settings.targets(row)
+    if not all(isinstance(t, int) for t in targets):
+        raise AuditError("a multi-label or segmentation audit over workers explains each "
+                         "row's findings (--explain label, every row with a label or mask): "
+                         "job messages take one class per image")
+    return targets  # type: ignore[return-value]

@@ -4,6 +4,10 @@ subfolders, a COCO instances JSON or a folder of Pascal VOC XML files (``dataset
 A CSV manifest has an ``image`` column (path or URI; relative paths are relative to
 the manifest's folder) and optional ``label`` (class index or name), ``bbox``
 (``x0 y0 x1 y1`` in the image's pixels) and ``mask`` (path of a binary mask image).
+A multi-label manifest has a ``labels`` column instead (the row's findings, ``A|B``)
+whose ``bbox`` and ``mask`` cells list one entry per label, ``|``-separated, empty for
+a label without one; a segmentation manifest has a ``segmentation`` column (a PNG of
+class ids). Their rows get one map per finding.
 A folder source has one subfolder per class, named by its label, holding images.
 A data set's category names are the bundle's labels, or are mapped to them by a label
 map (a JSON object, category name -> label); with a map, categories it does not name
@@ -24,18 +28,20 @@ from typing import TextIO
 
 import numpy as np
 
-from onnxcam.audit.backend import AuditRow, load_source
+from onnxcam.audit.backend import AuditRow, load_source, read_source
 from onnxcam.audit.datasets import Annotated, is_coco, is_voc, read_coco, read_voc
 from onnxcam.audit.metrics import box_region, mask_region
 from onnxcam.audit.regions import union_region
 from onnxcam.bundle import BundleInfo
-from onnxcam.engine.images import DEFAULT_LIMITS, file_suffixes
-from onnxcam.errors import BadRowError, ManifestError
+from onnxcam.engine.images import DEFAULT_LIMITS, decode, file_suffixes
+from onnxcam.errors import BadRowError, ManifestError, OnnxcamError
 
 # A folder's images: the files of the formats the engine reads (PPM, PGM and the
 # like are not among them by default, so they are not listed either).
 IMAGE_SUFFIXES = file_suffixes(DEFAULT_LIMITS.formats)
-COLUMNS = ("image", "label", "bbox", "mask")
+COLUMNS = ("image", "label", "bbox", "mask", "labels", "segmentation")
+# What a source's rows are: one label each, findings (labels) or a class-id mask each.
+SINGLE, MULTI_LABEL, SEGMENTATION = "single", "multi-label", "segmentation"
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,27 @@ def source_record(source: Path) -> dict[str, str | None]:
 LabelMap = dict[str, str]
 
 
+def manifest_form(source: Path) -> str:
+    """SINGLE, MULTI_LABEL or SEGMENTATION, by a CSV manifest's header; data sets and
+    folders are SINGLE."""
+    if is_coco(source) or is_voc(source) or source.is_dir():
+        return SINGLE
+    with _open_csv(source) as stream:
+        try:
+            header = {name.strip().lower() for name in next(csv.reader(stream), [])}
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise ManifestError(f"{source}: not a CSV manifest ({exc})") from None
+    if "labels" in header and ("label" in header or "segmentation" in header):
+        raise ManifestError(f"{source}: a 'labels' column goes with neither 'label' nor "
+                            "'segmentation'")
+    if "segmentation" in header:
+        if "label" in header:
+            raise ManifestError(f"{source}: a segmentation manifest's labels are the "
+                                "classes in its masks: no 'label' column")
+        return SEGMENTATION
+    return MULTI_LABEL if "labels" in header else SINGLE
+
+
 def read_manifest(source: Path, info: BundleInfo,
                   label_map: LabelMap | None = None) -> Iterator[Entry]:
     """The rows of ``source`` in order; unusable rows come as ``RowProblem``s.
@@ -173,10 +200,17 @@ def _csv_row(index: int, cells: list[str], where: dict[str, int], folder: Path,
         position = where.get(name)
         return cells[position].strip() if position is not None and position < len(cells) else ""
 
-    image, label, bbox, mask = (cell(name) for name in COLUMNS)
+    image, label, bbox, mask, many, segmentation = (cell(name) for name in COLUMNS)
     try:
         if not image:
             raise BadRowError("the image cell is empty")
+        path = resolve(image, folder)
+        if "labels" in where:
+            return AuditRow(index, path, multi=True, findings=_labelled_findings(
+                index, path, many, bbox, mask, folder, labels))
+        if "segmentation" in where:
+            return AuditRow(index, path, multi=True, findings=_mask_findings(
+                index, path, resolve(segmentation, folder) if segmentation else "", labels))
         return AuditRow(
             index=index,
             image=resolve(image, folder),
@@ -185,7 +219,57 @@ def _csv_row(index: int, cells: list[str], where: dict[str, int], folder: Path,
             mask=resolve(mask, folder) if mask else None,
         )
     except BadRowError as exc:
-        return RowProblem(index, resolve(image, folder) if image else "", label, exc)
+        return RowProblem(index, resolve(image, folder) if image else "", label or many, exc)
+
+
+def _per_label(text: str, count: int, what: str) -> list[str]:
+    """A multi-label row's ``bbox`` or ``mask`` cell: one entry per label."""
+    if not text:
+        return [""] * count
+    parts = [part.strip() for part in text.split("|")]
+    if len(parts) != count:
+        raise BadRowError(f"{what} lists {len(parts)} entries for {count} label(s); give one "
+                          "per label, '|'-separated, empty for a label without one")
+    return parts
+
+
+def _labelled_findings(index: int, image: str, text: str, bbox: str, mask: str,
+                       folder: Path, labels: Labels) -> tuple[AuditRow, ...]:
+    names = [name.strip() for name in text.split("|")] if text else []
+    classes = [labels.parse(name) for name in names]
+    if len(set(classes)) < len(classes):
+        raise BadRowError(f"labels {text!r} name a class twice")
+    boxes, masks = _per_label(bbox, len(names), "bbox"), _per_label(mask, len(names), "mask")
+    return tuple(AuditRow(index, image, cls, parse_bbox(box) if box else None,
+                          resolve(each, folder) if each else None)
+                 for cls, box, each in zip(classes, boxes, masks))
+
+
+def _mask_findings(index: int, image: str, mask: str,
+                   labels: Labels) -> tuple[AuditRow, ...]:
+    """One finding per class id in the mask that is a class of the bundle (others, such
+    as 255 for "void", are not classes and are left out)."""
+    if not mask:
+        return ()
+    present = np.unique(read_class_ids(mask))
+    return tuple(AuditRow(index, image, int(cls), mask=mask, mask_class=int(cls))
+                 for cls in present if 0 <= cls < labels.count)
+
+
+def read_class_ids(reference: str) -> np.ndarray:
+    """A segmentation mask: a single-channel image (greyscale, or palette: its indices)
+    holding a class id per pixel, as int64 [H, W]."""
+    try:
+        image = decode(read_source(reference, DEFAULT_LIMITS), DEFAULT_LIMITS, reference)
+    except OnnxcamError as exc:
+        raise BadRowError(f"segmentation mask: {exc}") from None
+    if image.mode not in CLASS_ID_MODES:
+        raise BadRowError(f"{reference}: a segmentation mask holds one class id per pixel "
+                          f"(a greyscale or palette image), not {image.mode}")
+    return np.asarray(image).astype(np.int64)
+
+
+CLASS_ID_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 
 
 # -- folders of class subfolders --
@@ -255,6 +339,8 @@ def region_of(row: AuditRow, height: int, width: int) -> np.ndarray:
     """The row's data set shapes, or its mask, or its box, as bool [height, width]."""
     if row.shapes:
         return union_region(row.shapes, height, width)
+    if row.mask is not None and row.mask_class is not None:
+        return mask_region(read_class_ids(row.mask) == row.mask_class, height, width)
     if row.mask is not None:
         return mask_region(load_source(row.mask, 1, DEFAULT_LIMITS)[..., 0], height, width)
     assert row.bbox is not None

@@ -132,7 +132,19 @@ def _heading(data: dict[str, Any]) -> str:
     return (f"<h1>onnxcam audit</h1><div class='meta'>{data['n']} rows, {data['errors']} "
             f"errors, accuracy {accuracy} · method {html.escape(str(data.get('method', '')))}"
             f", explaining the {html.escape(str(data.get('explain', '')))} class · layer "
-            f"{html.escape(str(bundle.get('target_layer', '')))}</div>")
+            f"{html.escape(str(bundle.get('target_layer', '')))}{_form(data)}</div>")
+
+
+FORMS = {
+    "multi-label": " · multi-label: a row per (image, label) pairs' map, each label "
+                   "measured in its own box",
+    "segmentation": " · segmentation: a row per (image, class in its mask), each class's "
+                    "map measured in its own pixels (energy in mask)",
+}
+
+
+def _form(data: dict[str, Any]) -> str:
+    return FORMS.get(data.get("form", ""), "")
 
 
 def _flags(data: dict[str, Any]) -> str:
@@ -185,8 +197,11 @@ def _advice(data: dict[str, Any]) -> str:
 def _table(data: dict[str, Any]) -> str:
     flagged = {flag["class"] for flag in data["flags"]}
     faithful = any("deletion_auc_mean" in f for f in data["per_class"].values())
-    head = ["class", "rows", "accuracy", "energy in box", "box area", "pointing hits",
-            "boxes", "errors", "empty maps"] + (
+    masks = data.get("form") == "segmentation"  # every region is a class's true mask
+    head = ["class", "(image, label) pairs" if data.get("form") == "multi-label" else "rows",
+            "accuracy", "energy in mask" if masks else "energy in box",
+            "mask area" if masks else "box area", "pointing hits",
+            "masks" if masks else "boxes", "errors", "empty maps"] + (
         ["deletion AUC ↓", "insertion AUC ↑"] if faithful else [])
     lines = ["<table><tr>", *(f"<th>{h}</th>" for h in head), "</tr>"]
     for label, f in data["per_class"].items():

@@ -23,6 +23,8 @@ COLUMNS = (
     "image", "label", "pred", "score", "correct", "energy_in_box", "pointing_hit", "heatmap",
     "status", "error", "explained", "box_area", "deletion_auc", "insertion_auc",
 )
+# Multi-label and segmentation audits: one line per map, ``row`` its manifest row.
+MULTI_COLUMNS = (*COLUMNS, "row")
 HEADER = ",".join(COLUMNS) + "\n"
 
 ResultRow = dict[str, str]
@@ -35,16 +37,18 @@ def one_line(text: str) -> str:
 class ResultsWriter:
     """Appends rows to results.csv (writing the header first when the file is new)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
         fresh = not path.exists() or path.stat().st_size == 0
+        self.columns = columns
         self.stream = open(path, "a", newline="", encoding="utf-8")
         self.writer = csv.writer(self.stream, lineterminator="\n")
         if fresh:
-            self.stream.write(HEADER)
+            self.stream.write(",".join(columns) + "\n")
             self.sync()
 
     def write(self, rows: Iterable[ResultRow]) -> None:
-        self.writer.writerows([one_line(row.get(name, "")) for name in COLUMNS] for row in rows)
+        self.writer.writerows([one_line(row.get(name, "")) for name in self.columns]
+                              for row in rows)
 
     def sync(self) -> None:
         self.stream.flush()
@@ -77,6 +81,42 @@ def resume(path: Path, images: Iterator[str]) -> int:
                     f"{path}: row {done} is for {row[0] if row else 'nothing'!r}, but the "
                     f"manifest's row {done} is {expected!r}: results of another manifest? "
                     "choose another --out")
+    return done
+
+
+def resume_lines(path: Path, images: Iterator[str]) -> int:
+    """``resume`` for a file of ``MULTI_COLUMNS``: how many manifest rows it holds whole.
+    The last row found is cut off too (a crash may have written only some of its lines;
+    it is run again)."""
+    if not path.exists():
+        return 0
+    _cut_partial_line(path)
+    header = ",".join(MULTI_COLUMNS) + "\n"
+    with open(path, "rb+") as stream:
+        first = stream.readline().decode("utf-8")
+        if not first:
+            return 0
+        if first != header:
+            raise AuditError(f"{path}: not an onnxcam multi-label or segmentation audit's "
+                             "results file (header differs); choose another --out")
+        done, start = 0, stream.tell()  # rows whole so far; where the current row begins
+        expected = ""
+        for line in iter(stream.readline, b""):
+            cells = next(csv.reader([line.decode("utf-8")]))
+            if len(cells) != len(MULTI_COLUMNS) or not cells[-1].isdigit():
+                raise AuditError(f"{path}: a line without its row number; choose another --out")
+            row = int(cells[-1])
+            if row == done + 1:  # the row before this one is whole
+                done, start = row, stream.tell() - len(line)
+                expected = ""
+            if row != done:
+                raise AuditError(f"{path}: rows out of order at row {row}; choose another --out")
+            expected = expected or one_line(next(images, None) or "")
+            if cells[0] != expected:
+                raise AuditError(f"{path}: row {row} is for {cells[0]!r}, but the manifest's "
+                                 f"row {row} is {expected!r}: results of another manifest? "
+                                 "choose another --out")
+        stream.truncate(start)
     return done
 
 

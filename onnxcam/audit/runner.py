@@ -32,20 +32,24 @@ from onnxcam.audit.backend import (
 )
 from onnxcam.audit.clusters import SAMPLE, cluster_classes, clusters_json, rows_at
 from onnxcam.audit.manifest import (
+    SINGLE,
     LabelMap,
     RowProblem,
     count_rows,
+    manifest_form,
     read_manifest,
     region_of,
     source_record,
 )
 from onnxcam.audit.metrics import energy_in_box, pointing_hit
 from onnxcam.audit.report import write_report
-from onnxcam.audit.results import ResultRow, ResultsWriter
+from onnxcam.audit.results import COLUMNS, MULTI_COLUMNS, ResultRow, ResultsWriter
 from onnxcam.audit.summary import Summary, Thresholds, summarize
+from onnxcam.bundle import HEAD_SIGMOID, OUTPUT_PIXELS, BundleInfo
 from onnxcam.engine.explainer import method_for
 from onnxcam.engine.maps import heatmaps
 from onnxcam.engine.outputs import npy_bytes
+from onnxcam.engine.targets import DEFAULT_THRESHOLD, class_scores
 from onnxcam.errors import AuditError, OnnxcamError
 from onnxcam.files import atomic_write
 from onnxcam.progress import Progress
@@ -90,14 +94,15 @@ def run_audit(
     if path.exists() and not options.resume:
         raise AuditError(f"{path} exists: pass --resume to carry on with it, or choose "
                          "another --out")
-    done = (results_file.resume(path, _images(source, backend, options.label_map))
-            if options.resume else 0)
+    form = manifest_form(source)
+    resume = results_file.resume if form == SINGLE else results_file.resume_lines
+    done = resume(path, _images(source, backend, options.label_map)) if options.resume else 0
     if done:
         log.info("resuming after %d rows already in %s", done, path)
     progress = progress or Progress(total, done=done)
     progress.skipped = progress.done = done
     started = time.monotonic()
-    writer = ResultsWriter(path)
+    writer = ResultsWriter(path, COLUMNS if form == SINGLE else MULTI_COLUMNS)
     try:
         Ordering(source, out, backend, options, writer, progress, done).run()
     finally:
@@ -108,6 +113,8 @@ def run_audit(
     summary = summarize(path, options.thresholds, classes)
     summary.data.update(_context(backend, settings, time.monotonic() - started, done))
     summary.data["source"] = source_record(source)
+    if form != SINGLE:  # single-label audits' summary.json stays as it was
+        summary.data["form"] = form
     if options.clusters_sample:
         _add_clusters(summary, out, options.clusters_sample, classes, options.thresholds)
     summary.data["advice"] = advise(summary.data)
@@ -164,16 +171,25 @@ def _context(backend: Backend, settings: ExplainSettings, seconds: float,
 
 def _worst_rows(source: Path, backend: Backend, summary: Summary,
                 label_map: LabelMap | None) -> dict[int, AuditRow]:
-    """The manifest rows (boxes, masks) of the worst cases, by one more lazy pass."""
-    wanted = {int(row["index"]) for row in summary.shown_rows()}
+    """By results.csv line, the manifest rows (boxes, masks) of the worst cases, by one
+    more lazy pass; a multi-label or segmentation line gets its finding."""
+    wanted: dict[int, dict[int, str]] = {}  # manifest row -> line -> label
+    for row in summary.shown_rows():
+        line = int(row["index"])
+        wanted.setdefault(int(row.get("row") or line), {})[line] = row["label"]
     found: dict[int, AuditRow] = {}
     if not wanted:
         return found
+    names = {backend.info.label(k): k for k in range(backend.info.num_classes)}
     for entry in read_manifest(source, backend.info, label_map):
-        if entry.index in wanted and isinstance(entry, AuditRow):
-            found[entry.index] = entry
-            if len(found) == len(wanted):
-                break
+        lines = wanted.pop(entry.index, None)
+        if lines is not None and isinstance(entry, AuditRow):
+            for line, label in lines.items():
+                finding = entry.finding(names[label]) if entry.multi and label else entry
+                if finding is not None:
+                    found[line] = finding
+        if not wanted:
+            break
     return found
 
 
@@ -186,7 +202,7 @@ class Ordering:
         self.writer, self.progress = writer, progress
         self.next_index = done  # the first row not yet in results.csv
         self.in_flight: dict[int, AuditRow] = {}
-        self.finished: dict[int, ResultRow] = {}
+        self.finished: dict[int, list[ResultRow]] = {}
 
     def run(self) -> None:
         stream = self.backend.run(self.chunks(), self.options.settings)
@@ -198,7 +214,7 @@ class Ordering:
                         log.warning("ignoring an outcome for row %d, not in flight",
                                     outcome.index)
                         continue
-                    self.finished[outcome.index] = self.result(row, outcome)
+                    self.finished[outcome.index] = self.results(row, outcome)
                 self.progress.advance(len(outcomes))
                 self.write_prefix()
         finally:
@@ -217,9 +233,9 @@ class Ordering:
                          self.next_index, None)
         for entry in entries:
             if isinstance(entry, RowProblem):
-                self.finished[entry.index] = {"image": entry.image, "label": entry.label,
-                                              "status": "error",
-                                              "error": f"{entry.error.code}: {entry.error}"}
+                self.finished[entry.index] = [{"image": entry.image, "label": entry.label,
+                                               "row": str(entry.index), "status": "error",
+                                               "error": f"{entry.error.code}: {entry.error}"}]
                 self.progress.advance()
                 continue
             self.in_flight[entry.index] = entry
@@ -233,7 +249,7 @@ class Ordering:
     def write_prefix(self) -> None:
         ready = []
         while self.next_index in self.finished:
-            ready.append(self.finished.pop(self.next_index))
+            ready.extend(self.finished.pop(self.next_index))
             self.next_index += 1
         if ready:
             self.writer.write(ready)
@@ -241,6 +257,53 @@ class Ordering:
 
     def label(self, index: int | None) -> str:
         return "" if index is None or index < 0 else self.backend.info.label(index)
+
+    def results(self, row: AuditRow, outcome: RowOutcome) -> list[ResultRow]:
+        """The results.csv lines of one outcome (one per map), their heatmaps written."""
+        if not row.multi:
+            return [self.result(row, outcome)]
+        base = {"image": row.image, "row": str(row.index)}
+        if not outcome.ok or outcome.maps is None or outcome.logits is None:
+            # A line per finding, so that each class counts its errors.
+            error = {**base, "status": "error", "error": f"{outcome.error_code}: {outcome.error}"}
+            return [{**error, "label": self.label(f.label)} for f in row.findings] or [error]
+        scores = class_scores_of(outcome.logits, self.backend.info)
+        predicted = predicted_classes(scores, self.backend.info)
+        pred = "|".join(self.label(int(k)) for k in predicted)
+        if not outcome.maps:  # nothing over the threshold to explain
+            return [{**base, "pred": pred, "status": "ok"}]
+        return [self.finding_result(row, outcome, number, predicted, scores)
+                | base | {"pred": pred} for number in range(len(outcome.maps))]
+
+    def finding_result(self, row: AuditRow, outcome: RowOutcome, number: int,
+                       predicted: np.ndarray, scores: np.ndarray) -> ResultRow:
+        """The line of a multi row's ``number``-th map: its class's finding's label and
+        region (none for a class explained but not among the findings)."""
+        found = outcome.maps[number]  # type: ignore[index]
+        finding = row.finding(found.target)
+        base = {"label": self.label(finding.label if finding else None),
+                "explained": self.label(found.target)}
+        try:
+            measured = measure(finding, found.raw, outcome.image_size) if finding else {}
+        except OnnxcamError as exc:
+            return {**base, "status": "error", "error": f"{exc.code}: {exc}"}
+        heatmap = found.heatmap or self.write_heatmap(f"{row.index}-{number}", found.raw)
+        # Explained for its label: whether the model predicts it. Explained because the
+        # model predicts it: whether the row lists it (else a false positive).
+        if self.options.settings.explain == "label":
+            correct = "" if finding is None else str(int(found.target in predicted))
+        else:
+            correct = str(int(finding is not None))
+        result = {
+            **base, **measured,
+            "score": f"{scores[found.target]:.4f}",
+            "correct": correct,
+            "heatmap": heatmap,
+            "status": "ok",
+        }
+        for key, value in (found.faithfulness or {}).items():
+            result[key] = f"{value:.4f}"
+        return result
 
     def result(self, row: AuditRow, outcome: RowOutcome) -> ResultRow:
         """The results.csv line of one outcome, its heatmap written."""
@@ -252,7 +315,7 @@ class Ordering:
         except OnnxcamError as exc:
             return {**base, "status": "error", "error": f"{exc.code}: {exc}"}
         heatmap = outcome.heatmap or self.write_heatmap(row.index, outcome.raw)
-        scores = probabilities(outcome.logits.astype(np.float64), self.backend.info.head)
+        scores = class_scores_of(outcome.logits, self.backend.info)
         pred = int(np.argmax(scores))
         result = {
             **base, **measured,
@@ -267,10 +330,28 @@ class Ordering:
             result[key] = f"{value:.4f}"
         return result
 
-    def write_heatmap(self, index: int, raw: np.ndarray) -> str:
+    def write_heatmap(self, index: int | str, raw: np.ndarray) -> str:
         name = f"{HEATMAPS}/{index}.npy"
         atomic_write(self.out / name, npy_bytes(raw.astype(np.float16)))
         return name
+
+
+def class_scores_of(logits: np.ndarray, info: BundleInfo) -> np.ndarray:
+    """float64 [K]: a classifier's probabilities by its head; a segmenter's share of
+    pixels each class wins."""
+    if info.output == OUTPUT_PIXELS:
+        return class_scores(logits[None], info)[0].astype(np.float64)
+    return probabilities(logits.astype(np.float64), info.head)
+
+
+def predicted_classes(scores: np.ndarray, info: BundleInfo) -> np.ndarray:
+    """The classes a multi row's image is predicted to hold: over the threshold for a
+    sigmoid head, the top-1 for another classifier, any pixel's for a segmenter."""
+    if info.output == OUTPUT_PIXELS:
+        return np.flatnonzero(scores > 0)
+    if info.head == HEAD_SIGMOID:
+        return np.flatnonzero(scores > DEFAULT_THRESHOLD)
+    return np.array([int(np.argmax(scores))])
 
 
 def measure(row: AuditRow, raw: np.ndarray, image_size: tuple[int, int]) -> dict[str, str]:
