@@ -553,7 +553,9 @@ EXIT_INTERRUPTED = 130
 @click.option("--method", default="gradcam", show_default=True, help="CAM method.")
 @click.option("--explain", "explain_mode", type=click.Choice(("label", "pred")),
               default="label", show_default=True,
-              help="Class to explain: the row's label (when it has one) or the prediction.")
+              help="Class to explain: the row's label (when it has one) or the prediction "
+                   "(multi-label and segmentation rows: each finding, or every class over "
+                   "the threshold).")
 @click.option("--resume", is_flag=True, help="Carry on with the results already in --out.")
 @click.option("--faithfulness", is_flag=True, help="Add RISE deletion and insertion AUCs.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -580,8 +582,9 @@ def audit(
     min_boxes: int, batch_size: int | None, device: str, label_map: Path | None,
     clusters_sample: int,
 ) -> None:
-    """Audit where the classifier MODEL looks over SOURCE: a CSV manifest, a folder
-    of class subfolders, a COCO instances JSON or a folder of Pascal VOC XML files.
+    """Audit where the classifier MODEL looks over SOURCE: a CSV manifest (one label,
+    several as 'labels', or a 'segmentation' mask of class ids per row), a folder of
+    class subfolders, a COCO instances JSON or a folder of Pascal VOC XML files.
     Writes results.csv, summary.json and report.html to --out."""
     from onnxcam.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
     from onnxcam.audit.advice import advice_lines

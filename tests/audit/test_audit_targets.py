@@ -253,3 +253,15 @@ def test_reports_render_per_label_rows(tmp_path: Path, image_folder: Path,
                    check=True, capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(picture).convert("RGB"))
     assert pixels.shape[:2] == (3000, 1000) and pixels.std() > 10
+
+
+def test_workers_get_one_class_per_image_entry() -> None:
+    from onnxcam.audit.distributed import job_targets
+    from onnxcam.errors import AuditError
+
+    findings = (AuditRow(0, "a.png", 3), AuditRow(0, "a.png", 1))
+    row = AuditRow(0, "a.png", multi=True, findings=findings)
+    assert job_targets(row, ExplainSettings()) == [3, 1]
+    assert job_targets(AuditRow(1, "b.png", 2), ExplainSettings(explain="pred")) == [-1]
+    with pytest.raises(AuditError, match="explain label"):
+        job_targets(row, ExplainSettings(explain="pred"))
