@@ -136,7 +136,7 @@ def _heading(data: dict[str, Any]) -> str:
 
 
 FORMS = {
-    "multi-label": " · multi-label: a row per (image, label) pairs' map, each label "
+    "multi-label": " · multi-label: one row per (image, label) pair, each label's map "
                    "measured in its own box",
     "segmentation": " · segmentation: a row per (image, class in its mask), each class's "
                     "map measured in its own pixels (energy in mask)",

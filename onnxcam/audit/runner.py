@@ -185,7 +185,8 @@ def _worst_rows(source: Path, backend: Backend, summary: Summary,
         lines = wanted.pop(entry.index, None)
         if lines is not None and isinstance(entry, AuditRow):
             for line, label in lines.items():
-                finding = entry.finding(names[label]) if entry.multi and label else entry
+                finding = (entry.finding(names.get(label, -1)) if entry.multi and label
+                           else entry)
                 if finding is not None:
                     found[line] = finding
         if not wanted:
