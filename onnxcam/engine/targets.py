@@ -100,7 +100,8 @@ def checked(target: Any, info: BundleInfo) -> list[Target]:
     if not is_target(target):
         raise BadTargetError(f"{clipped(repr(target))} is not a target (a class number or "
                              "label, 'all-positive', 'top:k', Contrast, Region or Weighting)")
-    if isinstance(target, str) and (target == ALL_POSITIVE or TOP.match(target)):
+    if isinstance(target, str) and target not in info.labels and \
+            (target == ALL_POSITIVE or TOP.match(target)):  # a label wins, as over numbers
         if TOP.match(target) and not 1 <= int(TOP.match(target).group(1)) <= info.num_classes:
             raise BadTargetError(f"{target}: k must be 1 to {info.num_classes}")
         return [target]

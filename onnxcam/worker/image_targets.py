@@ -19,6 +19,7 @@ from onnxcam.engine.targets import (
     ALL_POSITIVE,
     MAX_TARGETS_PER_IMAGE,
     TOP,
+    TOP_1,
     Target,
     checked,
     target_from_json,
@@ -26,8 +27,6 @@ from onnxcam.engine.targets import (
 from onnxcam.errors import BadTargetError
 from onnxcam.words import clipped
 from onnxcam.worker.message import MAX_LABEL_CHARS
-
-TOP_1 = -1  # the engine's top-1 target
 
 
 def image_targets(entry: Any, info: BundleInfo,
