@@ -272,13 +272,20 @@ def two_inputs(op: str, x: np.ndarray, z: np.ndarray) -> Case:
 # --------------------------------------------------------------------------- cases
 
 
-def conv(x: np.ndarray, w_shape: tuple[int, ...], bias: bool = False, **attrs) -> Case:
+def conv(x: np.ndarray, w_shape: tuple[int, ...], bias: bool = False, op: str = "Conv",
+         **attrs) -> Case:
     consts = {"w": rand(*w_shape)}
     ins = ["x", "w"]
     if bias:
-        consts["b"] = rand(w_shape[0])
+        # A ConvTranspose's weights are [C_in, C_out / group, k...]: its bias is C_out.
+        out_channels = w_shape[0] if op == "Conv" else w_shape[1] * attrs.get("group", 1)
+        consts["b"] = rand(out_channels)
         ins.append("b")
-    return Case([node("Conv", ins, **attrs)], {"x": x}, consts)
+    return Case([node(op, ins, **attrs)], {"x": x}, consts)
+
+
+def conv_transpose(x: np.ndarray, w_shape: tuple[int, ...], **attrs) -> Case:
+    return conv(x, w_shape, op="ConvTranspose", **attrs)
 
 
 def gemm(trans_a: int, trans_b: int, alpha: float = 1.0) -> Case:
@@ -327,6 +334,19 @@ CASES: dict[str, Case] = {
     "conv_3d": conv(rand(2, 2, 4, 5, 3), (3, 2, 2, 3, 2), strides=[2, 1, 1],
                     pads=[0, 1, 1, 0, 1, 0]),
     "conv_1d": conv(rand(2, 3, 9), (4, 3, 3), strides=[2], pads=[1, 0]),
+    # ConvTranspose: U-Net decoders (Keras Conv2DTranspose, torch ConvTranspose2d)
+    "conv_transpose_k2_stride2": conv_transpose(rand(2, 3, 3, 4), (3, 4, 2, 2), strides=[2, 2]),
+    "conv_transpose_k3_stride2_pad1_extra1": conv_transpose(
+        rand(2, 3, 3, 3), (3, 2, 3, 3), bias=True, strides=[2, 2], pads=[1, 1, 1, 1],
+        output_padding=[1, 1]),
+    "conv_transpose_uneven_pads": conv_transpose(rand(2, 2, 4, 3), (2, 3, 3, 2),
+                                                 strides=[2, 3], pads=[0, 1, 1, 0]),
+    # onnx's reference cannot run a grouped ConvTranspose: that one is held against torch.
+    "conv_transpose_dilation2": conv_transpose(rand(2, 4, 3, 3), (4, 3, 3, 3),
+                                               dilations=[2, 2], pads=[1, 1, 2, 2]),
+    "conv_transpose_stride1_pad1": conv_transpose(rand(2, 3, 4, 4), (3, 5, 3, 3),
+                                                  pads=[1, 1, 1, 1]),
+    "conv_transpose_1d": conv_transpose(rand(2, 3, 5), (3, 2, 4), strides=[3], pads=[1, 2]),
     # Gemm
     "gemm_nn": gemm(0, 0),
     "gemm_nt": gemm(0, 1),
@@ -1027,6 +1047,41 @@ def test_resize_rule_matches_torch_autograd(name: str) -> None:
     (y * torch.tensor(gys["y"], dtype=torch.float64)).sum().backward()
     want = x.grad.numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_grouped_conv_transpose_rule_matches_torch_autograd() -> None:
+    """onnx's reference evaluator cannot run a grouped ConvTranspose; torch's autograd
+    of conv_transpose2d is the reference instead."""
+    torch = pytest.importorskip("torch")
+    case = conv_transpose(rand(2, 4, 3, 4), (4, 3, 3, 3), group=2, strides=[2, 2],
+                          dilations=[2, 1], pads=[1, 0, 2, 1], output_padding=[1, 0])
+    gys = upstream_by_torch(case, torch)
+    got = analytic(case, gys)["x"]
+    x = torch.tensor(case.inputs["x"], dtype=torch.float64, requires_grad=True)
+    y = transposed_by_torch(case, x, torch)
+    (y * torch.tensor(gys["y"], dtype=torch.float64)).sum().backward()
+    want = x.grad.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def transposed_by_torch(case: Case, x: object, torch: object) -> object:
+    """The case's ConvTranspose in torch: its pads cropped off a padding-free result."""
+    a = {attr.name: helper.get_attribute_value(attr) for attr in case.nodes[0].attribute}
+    w = torch.tensor(case.consts["w"], dtype=torch.float64)
+    y = torch.nn.functional.conv_transpose2d(x, w, stride=a["strides"], groups=a["group"],
+                                             dilation=a["dilations"])
+    top, left, bottom, right = a["pads"]
+    extra_h, extra_w = a["output_padding"]
+    y = torch.nn.functional.pad(y, (0, extra_w, 0, extra_h))
+    return y[:, :, top : y.shape[2] - bottom, left : y.shape[3] - right]
+
+
+def upstream_by_torch(case: Case, torch: object) -> dict[str, np.ndarray]:
+    x = torch.tensor(case.inputs["x"], dtype=torch.float64)
+    theirs = transposed_by_torch(case, x, torch).numpy()
+    ours = cpu_session(forward_model(case).SerializeToString()).run(None, case.inputs)[0]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)  # the same op
+    return {"y": np.random.default_rng(1).standard_normal(theirs.shape).astype(np.float32)}
 
 
 def test_resize_opset10_rule_matches_its_opset11_form() -> None:

@@ -1,7 +1,7 @@
-"""Rules for the ops that carry weights or contract: Conv, Gemm, MatMul, Einsum,
-BatchNormalization.
+"""Rules for the ops that carry weights or contract: Conv, ConvTranspose, Gemm, MatMul,
+Einsum, BatchNormalization.
 
-Conv, Gemm and BatchNormalization treat their weights as constants: only the data
+Conv, ConvTranspose, Gemm and BatchNormalization treat their weights as constants: only the data
 input gets a gradient. MatMul and Einsum differentiate both operands (attention).
 """
 
@@ -82,6 +82,55 @@ def conv(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
         output_padding=output_padding,
     )
     return [gx] + [None] * (len(node.input) - 1)
+
+
+@rule("ConvTranspose")
+def conv_transpose(ctx: VjpContext, node: onnx.NodeProto, g: Grads) -> Grads:
+    """dX = Conv(dY, W): the adjoint of a transposed conv is the conv of the same
+    geometry (W [C_in, C_out / group, k...] reads as a conv's [M, C / group, k...]).
+
+    Input i spreads into outputs i * stride + k * dilation - pad_begin, so the conv
+    reads dY at those places: stride, dilation and the begin pads as they are; the end
+    pads are what makes it return exactly the input's size. Pads derived from
+    ``output_shape`` or SAME padding are refused unless the output needs none.
+    """
+    (gy,) = g
+    assert gy is not None
+    x, w = node.input[0], node.input[1]
+    a = attrs(node)
+    in_sizes = ctx.shape(x).dims[2:]
+    out_sizes = ctx.shape(node.output[0]).dims[2:]
+    kernel = ctx.shape(w).dims[2:]
+    n = len(kernel)
+    strides = [int(s) for s in a.get("strides", [1] * n)]
+    dilations = [int(d) for d in a.get("dilations", [1] * n)]
+    extra = [int(p) for p in a.get("output_padding", [0] * n)]
+    reach = [(kernel[i] - 1) * dilations[i] + 1 for i in range(n)]
+    full = [strides[i] * (in_sizes[i] - 1) + extra[i] + reach[i] for i in range(n)]
+    pads = _transposed_pads(a, n, [full[i] - out_sizes[i] for i in range(n)])
+    ends = [max(0, pads[n + i] - extra[i]) for i in range(n)]
+    read = [(out_sizes[i] + pads[i] + ends[i] - reach[i]) // strides[i] + 1 for i in range(n)]
+    if read != list(in_sizes):
+        raise NotImplementedError("ConvTranspose geometry could not be inverted")
+    gx = ctx.b.op("Conv", [gy, w], strides=strides, dilations=dilations,
+                  pads=pads[:n] + ends, group=int(a.get("group", 1)))
+    return [gx] + [None] * (len(node.input) - 1)
+
+
+def _transposed_pads(node_attrs: dict[str, Any], n: int, total: list[int]) -> list[int]:
+    """A ConvTranspose's begin and end pads; ``total`` is how much it crops in all."""
+    auto_pad = node_attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("NOTSET", "") and "output_shape" not in node_attrs:
+        pads = [int(p) for p in node_attrs.get("pads", [0] * (2 * n))]
+    elif all(t == 0 for t in total):
+        pads = [0] * (2 * n)
+    else:
+        # onnxruntime and the spec have split such pads differently across versions.
+        raise NotImplementedError("ConvTranspose with output_shape or SAME padding")
+    if [pads[i] + pads[n + i] for i in range(n)] != total:
+        raise NotImplementedError("ConvTranspose pads that do not match its output size")
+    return pads
 
 
 def flipped_conv(
