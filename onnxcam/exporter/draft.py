@@ -20,6 +20,9 @@ from onnxcam.exporter.frontends import SourceModel, Tap
 from onnxcam.exporter.vjp.context import TensorShape
 from onnxcam.layout import Layout, TokenGrid
 
+# What the logits hold; to be read from onnxcam.bundle once its metadata has the key.
+OUTPUT_CLASSES, OUTPUT_PIXELS = "classes", "pixels"
+
 
 @dataclass(frozen=True)
 class Options:
@@ -63,7 +66,9 @@ class Draft:
     source_sha256: str = ""
     layer_order: tuple[str, ...] = ()  # every candidate layer's name, in graph order
     batch_size: int = 0  # 0: any batch; else the model's own, which the bundle keeps
+    pixels_layout: Layout | None = None  # a segmenter's output layout; None: a classifier
     # Recorded by the passes:
+    output: str = OUTPUT_CLASSES  # what the logits hold: OUTPUT_PIXELS is [N, K, h, w]
     removed_activation: str = ""  # a squashing op linearize_logits (or the frontend) removed
     head: str = HEAD_SOFTMAX  # how the logits become probabilities (linearize_logits)
     model_input: str = ""  # the float tensor the model read before embed_preprocessing
@@ -90,6 +95,7 @@ class Draft:
             source_format=source.source_format, source_sha256=source.source_sha256,
             layer_order=tuple(layer.name for layer in source.layers),
             removed_activation=source.removed_activation, batch_size=source.batch_size,
+            pixels_layout=source.pixels_layout,
         )
 
     @property

@@ -85,13 +85,16 @@ def scores_only(ir_version: int = 8, opset: int = 17) -> onnx.ModelProto:
 
 
 def dense_output() -> onnx.ModelProto:
-    """Image to image: the trunk, then a conv to a 2-channel map ``mask`` [N, 2, 8, 8]."""
+    """A dense output of rank 3: the trunk, a conv to a 2-channel map, flattened to
+    ``mask`` [N, 2, 64] (rank 4 would read as a segmenter's scores per pixel)."""
     rng = np.random.default_rng(8)
     nodes, inits = _trunk(rng)
-    nodes.append(helper.make_node("Conv", ["relu2", "m.w", "m.b"], ["mask"], name="mask_conv",
+    nodes.append(helper.make_node("Conv", ["relu2", "m.w", "m.b"], ["map"], name="mask_conv",
                                   pads=[1] * 4))
-    inits += [_weights(rng, "m.w", (2, 7, 3, 3)), _weights(rng, "m.b", (2,))]
-    return _model(nodes, [("mask", ["N", 2, SIZE, SIZE])], inits, "dense")
+    nodes.append(helper.make_node("Reshape", ["map", "m.shape"], ["mask"], name="flatten"))
+    inits += [_weights(rng, "m.w", (2, 7, 3, 3)), _weights(rng, "m.b", (2,)),
+              numpy_helper.from_array(np.array([0, 2, SIZE * SIZE], np.int64), "m.shape")]
+    return _model(nodes, [("mask", ["N", 2, SIZE * SIZE])], inits, "dense")
 
 
 def images(count: int = 3, seed: int = 0) -> np.ndarray:
@@ -285,7 +288,8 @@ def test_a_dense_output_is_refused_alike_by_export_and_layers(sources: Path,
     exported = one_line_error(invoke("export", sources / "dense.onnx", "-o", tmp_path / "d.onnx"))
     listed = one_line_error(invoke("layers", sources / "dense.onnx"))  # no default marked
     assert exported == listed
-    for needle in ("mask", "[1, 2, 8, 8]", "not a score vector [N, classes]", "segmentation"):
+    for needle in ("mask", "[1, 2, 64]", "neither a score vector [N, classes]",
+                   "per-pixel scores [N, classes, h, w] (segmentation)"):
         assert needle in exported, exported
     assert not (tmp_path / "d.onnx").exists()
 

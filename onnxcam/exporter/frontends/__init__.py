@@ -70,6 +70,9 @@ class SourceModel:
     batch_reason: str = ""  # why ``batch_size`` could not be freed, in a few words
     # A model family whose input preprocessing is known (keras.applications), or None.
     family: Family | None = None
+    # A segmenter's per-pixel scores: the layout of its [N, K, h, w] (NCHW) or
+    # [N, h, w, K] (NHWC) output; None for a classifier's [N, K].
+    pixels_layout: Layout | None = None
 
 
 def sha256_of(path: Path) -> str:
@@ -117,10 +120,17 @@ def choose_output(outputs: dict[str, OutputShape], logits: str | None) -> str:
 
 
 def check_scores(name: str, shape: OutputShape) -> None:
-    """Refuse an output that is not a score vector [N, classes]: Grad-CAM explains one
-    class score, and a dense output (a mask, an image) has no class axis to pick from."""
-    if len(shape) != 2:
+    """Refuse an output that is neither a score vector [N, classes] nor a segmenter's
+    scores per pixel (rank 4, the class axis where the model's layout puts channels):
+    Grad-CAM explains class scores, and other outputs have no class axis to pick from."""
+    if len(shape) not in (2, 4):
         raise UnsupportedModelError(
-            f"the model's output {name} has shape {shape_text(shape)}, not a score vector "
-            "[N, classes]; dense outputs (segmentation, image to image) cannot be "
-            "explained by this version")
+            f"the model's output {name} has shape {shape_text(shape)}, neither a score "
+            "vector [N, classes] nor per-pixel scores [N, classes, h, w] (segmentation); "
+            "other dense outputs cannot be explained by this version")
+
+
+def pixels_layout(shape: OutputShape, layout: Layout) -> Layout | None:
+    """The layout of a per-pixel output (rank 4): the model's own, as its input's;
+    None for a score vector."""
+    return layout if len(shape) == 4 else None

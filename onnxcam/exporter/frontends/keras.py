@@ -29,6 +29,7 @@ from onnxcam.exporter.frontends import (
     SourceModel,
     Tap,
     choose_output,
+    pixels_layout,
     sha256_of,
     tf2onnx_lean,
 )
@@ -363,14 +364,19 @@ def convert(tap_model: Any, shape: tuple[int, ...], opset: int) -> Any:
 
 def gradient_tape_reference(tap_model: Any) -> Any:
     """Logits, each tapped layer's activations and d logit[target] / d activations (and,
-    when asked, d logit[target] / d input), by TF GradientTape."""
+    when asked, d logit[target] / d input), by TF GradientTape. A segmenter's logits
+    come NCHW, as its bundle's, and its score is the target class summed over pixels."""
     tf, _ = _import_tf()
 
     def run(images: Any, targets: Any, with_input: bool) -> Any:
         with tf.GradientTape() as tape:
             tape.watch(images)
             logits, *activations = tap_model(images, training=False)
-            score = tf.gather(logits, targets, batch_dims=1)
+            if logits.shape.rank == 4:  # a segmenter's [N, h, w, K]: the class over all pixels
+                logits = tf.transpose(logits, [0, 3, 1, 2])  # as the bundle's, class axis 1
+                score = tf.gather(tf.reduce_sum(logits, axis=[2, 3]), targets, batch_dims=1)
+            else:
+                score = tf.gather(logits, targets, batch_dims=1)
         sources = [*activations, images] if with_input else activations
         return logits, activations, tape.gradient(score, sources)
 
@@ -432,6 +438,7 @@ def load(
         more_layers=[Tap(c.name, tensor, Layout.NHWC)
                      for c, tensor in zip(chosen[1:], tensors[1:])],
         family=family_of(model, keras),
+        pixels_layout=pixels_layout(at_batch_1(flat.output.shape), Layout.NHWC),
     )
 
 

@@ -24,6 +24,7 @@ from onnxcam.exporter.frontends import (
     Tap,
     check_scores,
     choose_output,
+    pixels_layout,
     sha256_of,
     sha256_of_bytes,
 )
@@ -278,12 +279,16 @@ def keep_output(graph: onnx.GraphProto, name: str) -> None:
     graph.output.extend(kept)
 
 
-def check_layers_output(graph: onnx.GraphProto, layers: list[LayerInfo]) -> None:
-    """Refuse a dense output, whose shape ``layers`` holds (its producer is listed)."""
+def check_layers_output(graph: onnx.GraphProto, layers: list[LayerInfo], layout: Layout
+                        ) -> Layout | None:
+    """Refuse an output that holds no class scores, and return the layout of per-pixel
+    ones (None for a score vector); ``layers`` holds its shape (its producer is listed)."""
     output = graph.output[0].name
     shape = next((layer.shape for layer in layers if layer.tensor == output), None)
-    if shape is not None:
-        check_scores(output, shape)
+    if shape is None:
+        return None
+    check_scores(output, shape)
+    return pixels_layout(shape, layout)
 
 
 @contextmanager
@@ -308,6 +313,7 @@ class Prepared:
     layers: list[LayerInfo]
     batch_size: int = 0  # 0: any batch; else the one the model runs at (free_batch)
     batch_reason: str = ""  # why the batch stays fixed, in a few words
+    pixels_layout: Layout | None = None  # a segmenter's output layout (SourceModel's)
 
 
 def prepare(
@@ -339,9 +345,9 @@ def prepare(
             shapes = output_shapes(plan.model, input_name, sample)
             keep_output(plan.model.graph, choose_output(shapes, logits))
         layers = list_layers(plan.model, input_name, sample)
-    check_layers_output(plan.model.graph, layers)
+    pixels = check_layers_output(plan.model.graph, layers, found)
     return Prepared(plan.model, input_name, found, height, width, channels, layers, plan.fixed,
-                    plan.brief)
+                    plan.brief, pixels)
 
 
 def load(
@@ -386,6 +392,7 @@ def load(
                      for c in layers[1:]],
         batch_size=ready.batch_size,
         batch_reason=ready.batch_reason,
+        pixels_layout=ready.pixels_layout,
     )
 
 

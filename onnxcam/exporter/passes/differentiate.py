@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from onnxcam.errors import ExportError, UnsupportedOpError
-from onnxcam.exporter.draft import Draft
+from onnxcam.exporter.draft import OUTPUT_PIXELS, Draft
 from onnxcam.exporter.head import unsupported_ops
 from onnxcam.exporter.passes.add_fd_weights import add_fd_weights
 from onnxcam.exporter.passes.add_gradients import add_gradients, add_guided_gradients
@@ -17,7 +17,8 @@ def differentiate(draft: Draft) -> bool:
     """Add gradients by the rules when every head op has one, else (``auto``, ``fd``)
     fd channel weights; ``draft.gradient`` records which.
 
-    Whole-network gradients and several layers have no fd fallback. Preconditions:
+    Whole-network gradients, several layers and segmenters have no fd fallback.
+    Preconditions:
     those of ``add_gradients`` (``draft.shapes`` from ``probe_head``). False when
     the draft has its gradients already.
     """
@@ -25,6 +26,8 @@ def differentiate(draft: Draft) -> bool:
         return False
     if draft.options.whole_body or len(draft.taps) > 1:
         return differentiate_exactly(draft)
+    if draft.output == OUTPUT_PIXELS:
+        return differentiate_pixels(draft)
     if draft.options.gradient != "fd" and try_analytic(draft):
         return True
     if draft.batch_size:
@@ -57,6 +60,19 @@ def try_analytic(draft: Draft) -> bool:
         log.warning("falling back to finite differences: %s", exc)
         return False
     return True
+
+
+def differentiate_pixels(draft: Draft) -> bool:
+    """A segmenter's gradients, by the rules only: its targets are weightings of the
+    pixels (``target_weights``), which fd channel weights for one class cannot serve."""
+    if draft.options.gradient == "fd":
+        raise ExportError("a segmenter (logits [N, K, h, w]) needs analytic gradients; "
+                          "drop --gradient fd")
+    missing = unsupported_ops(draft.graph)
+    if missing:
+        raise ExportError(f"a segmenter (logits [N, K, h, w]) needs analytic gradients, "
+                          f"and its head has ops without a gradient rule: {', '.join(missing)}")
+    return add_gradients(draft)
 
 
 def differentiate_exactly(draft: Draft) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from onnxcam.bundle import OUTPUT_LOGITS
 from onnxcam.errors import ExportError, UnsupportedModelError
-from onnxcam.exporter.draft import Draft
+from onnxcam.exporter.draft import OUTPUT_CLASSES, OUTPUT_PIXELS, Draft
 from onnxcam.exporter.head import head_tensors
 from onnxcam.exporter.shapes import probe_shapes
 from onnxcam.graph import source_of
@@ -13,7 +13,8 @@ from onnxcam.words import plural
 
 def probe_head(draft: Draft) -> bool:
     """Record ``draft.shapes`` (every head tensor; the whole body when input gradients
-    are wanted) and ``draft.num_classes``; refuse a labels file of another length.
+    are wanted), ``draft.num_classes`` and ``draft.output`` (a segmenter's logits
+    [N, K, h, w] hold pixels); refuse a labels file of another length.
 
     An analysis: the graph is left as it is, so this returns False. Preconditions:
     ``image`` is the input; ``logits`` and the activations are outputs; graph sorted.
@@ -23,9 +24,11 @@ def probe_head(draft: Draft) -> bool:
     draft.shapes = probe_shapes(draft.model, head_tensors(graph, start), draft.height,
                                 draft.width, draft.channels, draft.batch_size)
     logits = draft.shapes[source_of(graph, OUTPUT_LOGITS)]
-    if logits.rank != 2:
+    if logits.rank not in (2, 4):
         raise UnsupportedModelError(
-            f"the classifier output has shape {list(logits.dims)}; expected [N, K]")
+            f"the classifier output has shape {list(logits.dims)}; expected [N, K], or "
+            "[N, K, h, w] for a segmenter")
+    draft.output = OUTPUT_CLASSES if logits.rank == 2 else OUTPUT_PIXELS
     draft.num_classes = logits.dims[1]
     labels = draft.options.labels
     if labels and len(labels) != draft.num_classes:

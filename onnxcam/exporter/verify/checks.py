@@ -30,7 +30,7 @@ from onnxcam.errors import VerificationError
 from onnxcam.exporter.frontends import SourceModel
 from onnxcam.exporter.preprocess import preprocess_numpy
 from onnxcam.exporter.shapes import lean_session, random_images
-from onnxcam.exporter.verify.float64_head import Float64Head, float64_head
+from onnxcam.exporter.verify.float64_head import Float64Head, class_scores, float64_head
 from onnxcam.graph import source_of
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 from onnxcam.runtime import run_each_in_copies
@@ -173,7 +173,7 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
     out = dict(zip(names, run_each_in_copies(session.run, names, feeds, info.batch_size)
                    if info.batch_size else session.run(names, feeds)))
     del session  # as large as the model; the float64 checks below need the room
-    chosen = np.where(targets < 0, out[OUTPUT_LOGITS].argmax(axis=1), targets)
+    chosen = np.where(targets < 0, class_scores(out[OUTPUT_LOGITS]).argmax(axis=1), targets)
     with_input = OUTPUT_INPUT_GRADIENTS in info.input_gradients
     reference = source.reference(preprocess_numpy(images, info.preprocess), chosen,
                                  **({"input_gradients": True} if with_input else {}))
@@ -289,7 +289,7 @@ def cam_scale(logits: np.ndarray, cam: np.ndarray) -> float:
     """The size below which a cam is noise: the logits' magnitude spread over the map
     (a cam sums weight times activation, as a logit sums them over the map too)."""
     positions = cam[0].size if cam.ndim > 1 else 1
-    return float(np.abs(logits).max(initial=0.0)) / max(positions, 1)
+    return float(np.abs(class_scores(logits)).max(initial=0.0)) / max(positions, 1)
 
 
 @dataclass
@@ -338,7 +338,7 @@ def gradient_scale(logits: np.ndarray, activations: np.ndarray) -> float:
     trained net's gradients sit well above it.
     """
     per_image = np.abs(activations.astype(np.float64)).reshape(len(activations), -1).sum(axis=1)
-    return float(np.abs(logits).max(initial=0.0)) / max(float(per_image.max(initial=0.0)),
+    return float(np.abs(class_scores(logits)).max(initial=0.0)) / max(float(per_image.max(initial=0.0)),
                                                          1e-300)
 
 

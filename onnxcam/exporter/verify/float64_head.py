@@ -53,7 +53,8 @@ class Float64Head:
     rows: int = 0  # the bundle's fixed batch; 0: any
 
     def scores(self, image: int, moved: np.ndarray, target: int) -> np.ndarray:
-        """The head's score for ``target`` at each of ``moved`` (a batch of starts)."""
+        """The head's score for ``target`` (``class_scores``) at each of ``moved`` (a
+        batch of starts)."""
         values = self.values[image]
         per_run = 1 if self.fixed or self.rows else \
             max(1, FD_CHUNK_BYTES // (8 * HEAD_GROWTH * moved[0].size))
@@ -69,9 +70,15 @@ class Float64Head:
             feeds.update({name: _as_float64(values[name])
                           for name in self.invariant + self.fixed})
             (logits,) = self.evaluator.run(None, feeds)
-            rows = np.asarray(logits, np.float64)[:, target]
+            rows = class_scores(np.asarray(logits, np.float64))[:, target]
             scores.append(rows.sum(keepdims=True) if self.rows else rows)
         return np.concatenate(scores)
+
+
+def class_scores(logits: np.ndarray) -> np.ndarray:
+    """[N, K] scores: a segmenter's logits [N, K, h, w] summed over the pixels, the
+    score its default target (a class over the whole image) explains."""
+    return logits.reshape(*logits.shape[:2], -1).sum(axis=2) if logits.ndim > 2 else logits
 
 
 def _as_float64(array: np.ndarray) -> np.ndarray:
