@@ -232,6 +232,34 @@ def test_float64_gelu_keeps_float64(approximate: str) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)  # float32's Erf: ~3e-8
 
 
+@pytest.mark.parametrize(("group", "strides", "dilations", "pads"), [
+    (1, (1, 1), (12, 12), (12, 12, 12, 12)),  # DeepLabV3's ASPP: rates past the map
+    (2, (2, 1), (2, 3), (1, 0, 2, 3)),
+    (2, (1, 1), (1, 1), (1, 1, 1, 1))])  # undilated: the stock kernel
+def test_float64_conv_is_torchs(group: int, strides: tuple[int, int],
+                                dilations: tuple[int, int], pads: tuple[int, ...]) -> None:
+    """The head's Conv, dilated ones summed tap by tap (the stock reference spreads the
+    kernel to its dilated span: 15 GiB for DeepLabV3), against torch in float64."""
+    torch = pytest.importorskip("torch")
+    from onnxcam.exporter.verify.kernels import REFERENCE_OPS
+
+    rng = np.random.default_rng(2)
+    x, w, b = rng.standard_normal((2, 4, 6, 7)), rng.standard_normal((6, 4 // group, 3, 3)), \
+        rng.standard_normal(6)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=group, strides=strides,
+                            dilations=dilations, pads=pads)
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info(
+        name, TensorProto.DOUBLE, None) for name in "xwb"], [helper.make_tensor_value_info(
+        "y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (got,) = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, {"x": x, "w": w, "b": b})
+    padded = torch.nn.functional.pad(torch.tensor(x), (pads[1], pads[3], pads[0], pads[2]))
+    want = torch.nn.functional.conv2d(padded, torch.tensor(w), torch.tensor(b), stride=strides,
+                                      dilation=dilations, groups=group).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(("left", "right"), [
     ((17, 1, 8), (8, 5)), ((2, 3, 4, 8), (8, 5)), ((3, 8), (8, 5)), ((8,), (8, 5)),
     ((2, 3, 8), (2, 8, 5))])
