@@ -20,9 +20,6 @@ from onnxcam.exporter.frontends import SourceModel, Tap
 from onnxcam.exporter.vjp.context import TensorShape
 from onnxcam.layout import Layout, TokenGrid
 
-# What the logits hold; to be read from onnxcam.bundle once its metadata has the key.
-OUTPUT_CLASSES, OUTPUT_PIXELS = "classes", "pixels"
-
 
 @dataclass(frozen=True)
 class Options:
@@ -68,7 +65,6 @@ class Draft:
     batch_size: int = 0  # 0: any batch; else the model's own, which the bundle keeps
     pixels_layout: Layout | None = None  # a segmenter's output layout; None: a classifier
     # Recorded by the passes:
-    output: str = OUTPUT_CLASSES  # what the logits hold: OUTPUT_PIXELS is [N, K, h, w]
     removed_activation: str = ""  # a squashing op linearize_logits (or the frontend) removed
     head: str = HEAD_SOFTMAX  # how the logits become probabilities (linearize_logits)
     model_input: str = ""  # the float tensor the model read before embed_preprocessing

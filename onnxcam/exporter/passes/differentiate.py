@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from onnxcam.bundle import OUTPUT_PIXELS
 from onnxcam.errors import ExportError, UnsupportedOpError
-from onnxcam.exporter.draft import OUTPUT_PIXELS, Draft
+from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.head import unsupported_ops
 from onnxcam.exporter.passes.add_fd_weights import add_fd_weights
 from onnxcam.exporter.passes.add_gradients import add_gradients, add_guided_gradients

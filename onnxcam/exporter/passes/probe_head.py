@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from onnxcam.bundle import OUTPUT_LOGITS
+from onnxcam.bundle import OUTPUT_CLASSES, OUTPUT_LOGITS, OUTPUT_PIXELS
 from onnxcam.errors import ExportError, UnsupportedModelError
-from onnxcam.exporter.draft import OUTPUT_CLASSES, OUTPUT_PIXELS, Draft
+from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.head import head_tensors
 from onnxcam.exporter.shapes import probe_shapes
 from onnxcam.graph import source_of

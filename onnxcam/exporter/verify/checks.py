@@ -338,8 +338,8 @@ def gradient_scale(logits: np.ndarray, activations: np.ndarray) -> float:
     trained net's gradients sit well above it.
     """
     per_image = np.abs(activations.astype(np.float64)).reshape(len(activations), -1).sum(axis=1)
-    return float(np.abs(class_scores(logits)).max(initial=0.0)) / max(float(per_image.max(initial=0.0)),
-                                                         1e-300)
+    largest = float(np.abs(class_scores(logits)).max(initial=0.0))
+    return largest / max(float(per_image.max(initial=0.0)), 1e-300)
 
 
 def sparse_directions(rng: np.random.Generator, activation: np.ndarray) -> np.ndarray:
