@@ -38,6 +38,7 @@ from onnxcam.exporter.passes.probe_head import probe_head
 from onnxcam.exporter.passes.tidy import tidy
 from onnxcam.exporter.pipeline import PASSES
 from onnxcam.graph import forward_reachable
+from onnxcam.layout import Layout
 
 HEIGHT, WIDTH, CHANNELS, CLASSES = 4, 4, 3, 5
 RNG = np.random.default_rng(0)
@@ -240,6 +241,43 @@ def test_linearize_logits_removes_terminal_squashing(head: str, squash: Callable
 
 def test_linearize_logits_without_squashing_changes_nothing() -> None:
     draft = draft_of(classifier(None, out="scores"), "nchw", [("feat", "nchw")])
+    run_passes(draft, [expose_activation, expose_logits])
+    assert_no_op(linearize_logits, draft)
+    assert draft.removed_activation == ""
+
+
+def nhwc_segmenter(axis: int) -> onnx.ModelProto:
+    """NHWC x -> NCHW -> 1x1 conv to CLASSES -> NHWC scores -> Softmax over ``axis``:
+    a tf2onnx-like segmenter, [N, H, W, K] out."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["x_nchw"], name="in", perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["x_nchw", "w"], ["feat"], name="conv"),
+        helper.make_node("Transpose", ["feat"], ["scores"], name="out", perm=[0, 2, 3, 1]),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="head", axis=axis),
+    ]
+    return model_of(nodes, [info("x", ["N", HEIGHT, WIDTH, CHANNELS])],
+                    [info("probs", ["N", HEIGHT, WIDTH, CLASSES])],
+                    [init("w", FC.reshape(CLASSES, CHANNELS, 1, 1))])
+
+
+@pytest.mark.parametrize("axis", [-1, 3])
+def test_linearize_logits_finds_a_segmenters_softmax_behind_its_transposes(axis: int) -> None:
+    """The class axis is followed through expose_logits's NHWC -> NCHW transpose and the
+    model's own; the logits are the per-pixel scores, class axis 1."""
+    draft = draft_of(nhwc_segmenter(axis), "nhwc", [("feat", "nchw")])
+    draft.pixels_layout = Layout.NHWC
+    run_passes(draft, [expose_activation, expose_logits])
+    nhwc = X.transpose(0, 2, 3, 1)
+    scores = np.einsum("nchw,kc->nkhw", X.astype(np.float64), FC)
+    assert linearize_logits(draft) is True
+    assert draft.removed_activation == "Softmax"
+    got = outputs_of(draft.model, {"x": nhwc})[OUTPUT_LOGITS]
+    np.testing.assert_allclose(got, scores, rtol=1e-5, atol=1e-6)
+
+
+def test_linearize_logits_keeps_a_softmax_over_the_pixels() -> None:
+    draft = draft_of(nhwc_segmenter(1), "nhwc", [("feat", "nchw")])
+    draft.pixels_layout = Layout.NHWC
     run_passes(draft, [expose_activation, expose_logits])
     assert_no_op(linearize_logits, draft)
     assert draft.removed_activation == ""
