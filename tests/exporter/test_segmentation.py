@@ -98,17 +98,19 @@ def perturbed(model: Any, torch: Any) -> Any:
             if not tensor.dtype.is_floating_point:
                 continue
             noise = torch.randn(tensor.shape, generator=generator)
+            spread = float(tensor.std()) if tensor.numel() > 1 else 0.0
             if name.endswith("running_var"):
                 tensor.copy_(1.0 + 0.2 * noise.abs())
-            else:
-                tensor.add_(0.05 * (float(tensor.std()) if tensor.numel() > 1 else 1.0) * noise)
+            else:  # zeros (BN's shifts and means) get noise of their own
+                tensor.add_(0.05 * (spread or 1.0) * noise)
     return model.eval()
 
 
 # name: (builder's name, the pytorch-grad-cam layer, the export layer)
 TORCH_MODELS = {
     "fcn": ("fcn_resnet50", lambda m: m.backbone.layer4, "backbone.layer4"),
-    "deeplabv3": ("deeplabv3_mobilenet_v3_large", lambda m: m.backbone["16"], "backbone"),
+    # The backbone's last block ("backbone" itself returns a dict).
+    "deeplabv3": ("deeplabv3_mobilenet_v3_large", lambda m: m.backbone["16"], "backbone.16"),
     # LR-ASPP's high-resolution (low-level) branch: the backbone's 'low' feature.
     "lraspp": ("lraspp_mobilenet_v3_large", lambda m: m.backbone["4"], "backbone.4"),
 }
@@ -132,7 +134,11 @@ def torch_input(pixels: np.ndarray, torch: Any) -> Any:
 def grad_cam_reference(model: Any, layer: Any, x: Any, cls: int, mask: np.ndarray
                        ) -> np.ndarray:
     """pytorch-grad-cam's GradCAM with SemanticSegmentationTarget, at the layer's size
-    (its own get_cam_image on its own hooked activations and gradients)."""
+    (its own get_cam_image on its own hooked activations and gradients), run in float64:
+    at random init DeepLabV3's maps are ~1e-9, where torch's float32 rounding alone
+    moves the normalised map by 3e-3."""
+    import copy
+
     import torch
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
@@ -145,7 +151,10 @@ def grad_cam_reference(model: Any, layer: Any, x: Any, cls: int, mask: np.ndarra
         def forward(self, batch: Any) -> Any:
             return self.inner(batch)["out"]
 
-    targets = [SemanticSegmentationTarget(cls, mask.astype(np.float32))]
+    path = next(name for name, module in model.named_modules() if module is layer)
+    model = copy.deepcopy(model).double()
+    layer, x = model.get_submodule(path), x.double()
+    targets = [SemanticSegmentationTarget(cls, mask.astype(np.float64))]
     with GradCAM(model=Out(model), target_layers=[layer]) as cam:
         cam(input_tensor=x, targets=targets)
         store = cam.activations_and_grads
@@ -167,7 +176,8 @@ def export_torch(model: Any, how: str, layer: str, folder: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), str(source), dynamo=how == "dynamo")
-    onnxcam.export(source, out, layer=layer, logits="out")
+    # The file's one output is the dict's "out", under a name of the exporter's making.
+    onnxcam.export(source, out, layer=layer)
     return out
 
 
