@@ -373,6 +373,23 @@ def onnx_skip_head(seed: int = 0, classes: int = 6) -> onnx.ModelProto:
     return g.model("onnx_skip_head", g.gemm(x, 16 * 8 * 8, classes, "scores"), classes)
 
 
+def onnx_segmenter(seed: int = 0, classes: int = 3, size: int = 16) -> onnx.ModelProto:
+    """NCHW [N, 3, size, size]: ``onnx_cnn``'s trunk (``feat`` at half size), a 1x1 Conv to
+    ``classes`` scores per pixel, and a nearest 2x Resize back to ``size``: per-pixel
+    logits [N, classes, size, size] (``scores``), as a segmenter gives them."""
+    g = _Graph(seed)
+    scores = g.conv(_cnn_trunk(g), 16, classes, "classes", kernel=1)
+    scales = g.const("scales", np.array([1, 1, 2, 2], np.float32))
+    g.node("Resize", [scores, "", scales], "scores", "upsample", mode="nearest")
+    graph = helper.make_graph(
+        g.nodes, "onnx_segmenter",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT,
+                                       ["N", classes, size, size])], g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                             ir_version=IR_VERSION)
+
+
 def _int(g: _Graph, name: str, value: list[int]) -> str:
     g.inits.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
     return name

@@ -263,3 +263,51 @@ def test_older_bundles_explain_many_classes(skip_head: Path, tmp_path: Path) -> 
     with pytest.raises(BadTargetError, match="re-export"):
         old.explain(x, targets=Contrast(0, 1))
 
+
+
+# -- segmenters ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, onnx.ModelProto]:
+    source = models.onnx_segmenter()
+    out = tmp_path_factory.mktemp("targets") / "segmenter.cam.onnx"
+    export(source, out, layer="last_relu")
+    return out, source
+
+
+def hand_region_gradients(source: onnx.ModelProto, cls: int, mask: np.ndarray) -> np.ndarray:
+    """d sum(mask * scores[cls]) / d feat for a 1x1 Conv and a nearest 2x upsampling:
+    the class's 1x1 weights times the mask summed over each 2x2 block, [C, h, w]."""
+    weight = next(numpy_helper.to_array(t) for t in source.graph.initializer
+                  if t.name == "classes.weight")[cls, :, 0, 0].astype(np.float64)
+    h, w = mask.shape[0] // 2, mask.shape[1] // 2
+    blocks = mask.reshape(h, 2, w, 2).sum(axis=(1, 3))
+    return weight[:, None, None] * blocks[None]
+
+
+def test_regions_of_a_segmenter_by_hand(segmenter: tuple[Path, onnx.ModelProto]) -> None:
+    """Region(c): class c summed over the pixels the model gives it, or over a mask given
+    at the image's size; a class number means Region(c); rows ranked by pixel share."""
+    path, source = segmenter
+    ex = Explainer(path, device="cpu")
+    assert ex.info.output == "pixels" and ex.info.head_inputs
+    x = images(2, seed=11)
+    mask = np.zeros((32, 32), bool)
+    mask[4:20, 8:30] = True  # at twice the output's size: resized by nearest pixel
+    res = ex.explain(x, targets=[[0, Region(1, mask)], "top:2"], method="hirescam")
+    logits = res.logits
+    assert res.image_index.tolist() == [0, 0, 1, 1]
+    winners = logits[2].argmax(axis=0)
+    share = np.bincount(winners.ravel(), minlength=3)
+    assert res.targets.tolist()[2:] == np.argsort(-share, kind="stable")[:2].tolist()
+    outputs = run(path, {"image": x, "target": np.zeros(2, np.int64)})
+    small = mask[::2, ::2]
+    for row, (image, cls, region) in enumerate([
+            (0, 0, logits[0].argmax(axis=0) == 0), (0, 1, small),
+            (1, res.targets[2], winners == res.targets[2])]):
+        grads = hand_region_gradients(source, int(cls), region.astype(np.float64))
+        want = np.maximum((grads * outputs["activations"][image]).sum(axis=0), 0)
+        np.testing.assert_allclose(res.raw[row], want, rtol=1e-4, atol=1e-6)
+    assert res.top(1)[0][0]["score"] == pytest.approx(
+        float(np.mean(logits[0].argmax(axis=0) == res.top(1)[0][0]["class"])))
