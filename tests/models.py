@@ -20,6 +20,10 @@ IR_VERSION = 8
 
 # The labels of the CNN bundle the tests share (``cnn_bundle`` in conftest.py).
 CNN_LABELS = ["cat", "dog", "fox", "owl", "yak"]
+FINDINGS = 14  # a chest X-ray model's multi-label head (ChestX-ray14)
+# scikit-image's colour photos, the typical inputs that multi-label heads are spread on.
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
+          "hubble_deep_field")
 
 def _keras() -> Any:
     import keras
@@ -243,6 +247,51 @@ def _sigmoid_cnn(seed: int, classes: int, head: str, name: str) -> keras.Model:
     x = L.GlobalAveragePooling2D(name="gap")(x)
     out = L.Dense(classes, activation="sigmoid", name=head)(x)
     return _finish(keras.Model(inp, out, name=name), seed)
+
+
+def photos(size: int, names: tuple[str, ...] = PHOTOS) -> np.ndarray:
+    """scikit-image's bundled colour photos (no download), squashed to ``size``x``size``
+    with bilinear resizing: uint8 NHWC, one per name."""
+    from PIL import Image
+    from skimage import data
+
+    return np.stack([np.asarray(Image.fromarray(getattr(data, name)()).resize(
+        (size, size), Image.BILINEAR)) for name in names])
+
+
+def densenet121_findings(seed: int = 0, size: int = 96, findings: int = FINDINGS,
+                         positive: float = 0.4) -> keras.Model:
+    """Keras DenseNet121 (untrained) on ``size``x``size``x3 with a chest X-ray style head:
+    GlobalAveragePooling2D, Dense(``findings``, sigmoid) named ``findings``; read with
+    the ``unit`` preprocessing (x / 255). The head is spread by ``spread_findings`` on
+    ``photos`` (not in KERAS_BUILDERS)."""
+    keras = _keras()
+    L = keras.layers
+    keras.utils.set_random_seed(seed)
+    base = keras.applications.DenseNet121(weights=None, include_top=False,
+                                          input_shape=(size, size, 3))
+    x = L.GlobalAveragePooling2D(name="avg_pool")(base.output)
+    out = L.Dense(findings, activation="sigmoid", name="findings")(x)
+    model = _finish(keras.Model(base.input, out, name="densenet121_findings"), seed)
+    typical = photos(size).astype("float32") / 255.0
+    return spread_findings(model, typical, positive, seed)
+
+
+def spread_findings(model: keras.Model, typical: np.ndarray, positive: float = 0.4,
+                    seed: int = 0) -> keras.Model:
+    """Scale the last Dense kernel so each finding's logit varies by ~1 over the
+    ``typical`` model inputs, and set its bias so the logits sit around evenly spread
+    offsets, a ``positive`` share of them above 0: findings near 0 flip from image to
+    image, as a multi-label model's do."""
+    head = model.layers[-1]
+    findings = int(head.bias.shape[0])
+    z = logits(model, typical) - np.asarray(head.bias)
+    scale = 1.0 / max(float(z.std(axis=0).mean()), 1e-6)
+    head.kernel.assign(np.asarray(head.kernel) * scale)
+    offsets = np.linspace(-1.5, 1.5, findings) + 3.0 * (positive - 0.5)
+    offsets = np.random.default_rng(seed).permutation(offsets)
+    head.bias.assign((offsets - np.median(z * scale, axis=0)).astype("float32"))
+    return model
 
 
 KERAS_BUILDERS = {
