@@ -563,6 +563,37 @@ def torch_mobilenet_v2(seed: int = 0, size: int = 32, classes: int = 6) -> onnx.
     return g.model("torch_mobilenet_v2", "logits", classes, size)
 
 
+# -- torch builders (torch.nn.Module; torch and torchvision imported lazily) ------------
+
+
+def torch_findings(arch: str = "resnet18", size: int = 128, findings: int = FINDINGS,
+                   seed: int = 0, positive: float = 0.4) -> Any:
+    """torchvision's ``arch`` (resnet18 or densenet121, untrained) with a ``findings``-way
+    Linear head returning plain logits, the sigmoid applied outside as torch users
+    write it; read with the ``torch`` preprocessing. Every tensor is perturbed and
+    BatchNorm calibrated (``zoo.ZooModel.model``), then the head is spread on
+    ``photos`` as ``spread_findings`` does for Keras. In eval mode."""
+    import torch
+    import torchvision
+    import zoo
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=findings)
+    model = zoo.calibrate(zoo.perturb(model, seed), size).eval()
+    head = model.fc if arch.startswith("resnet") else model.classifier
+    with torch.no_grad():
+        z = (model(zoo.torch_input(photos(size))) - head.bias).numpy()
+        scale = 1.0 / max(float(z.std(axis=0).mean()), 1e-6)
+        offsets = np.linspace(-1.5, 1.5, findings) + 3.0 * (positive - 0.5)
+        offsets = np.random.default_rng(seed).permutation(offsets)
+        if findings == 1:  # a binary head: its one logit around 0, either side per image
+            offsets = np.zeros(1)
+        head.weight.mul_(scale)
+        head.bias.copy_(torch.from_numpy((offsets - np.median(z * scale, axis=0))
+                                         .astype(np.float32)))
+    return model
+
+
 ONNX_BUILDERS = {
     "onnx_cnn": onnx_cnn,
     "onnx_unsupported_head": onnx_unsupported_head,
