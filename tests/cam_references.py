@@ -28,6 +28,26 @@ def assert_maps_close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-4) -> 
         assert err <= rtol * scale, f"image {n}: max error {err:.3g} vs scale {scale:.3g}"
 
 
+def assert_normalised_maps_match(got: np.ndarray, want: np.ndarray, tolerance: float,
+                                 what: str) -> None:
+    """Min-max normalised maps (``ref_normalize``) within ``tolerance``, and a good
+    share of the expected ones not flat (a map all zero after its ReLU matches any other
+    flat one; untrained, about half of a multi-label head's Grad-CAM maps are)."""
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    error = np.abs(ref_normalize(got.astype(np.float64)) - ref_normalize(want)).max(axis=(1, 2))
+    assert error.max() <= tolerance, f"{what}: rows {np.flatnonzero(error > tolerance)}"
+    assert (want.max(axis=(1, 2)) > 0).mean() >= 0.25, f"{what}: most expected maps are flat"
+
+
+def positive_findings(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image, class) of every finding a sigmoid puts above 0.5 (logit > 0): image
+    order, then each image's findings best first, as "all-positive" lists them."""
+    rows = [(image, c) for image, row in enumerate(logits)
+            for c in np.argsort(-row, kind="stable") if row[c] > 0]
+    images, classes = zip(*rows)
+    return np.array(images), np.array(classes)
+
+
 def bundle_outputs(path: Path, images: np.ndarray, targets: np.ndarray,
                    names: Sequence[str] = ("logits", "activations", "gradients"),
                    ) -> dict[str, np.ndarray]:

@@ -18,7 +18,12 @@ import models
 import numpy as np
 import onnxruntime as ort
 import pytest
-from cam_references import GRADIENT_REFS, assert_maps_close, ref_normalize
+from cam_references import (
+    GRADIENT_REFS,
+    assert_maps_close,
+    assert_normalised_maps_match,
+    positive_findings,
+)
 from onnx import numpy_helper
 
 from onnxcam.bundle import read_bundle
@@ -48,12 +53,7 @@ def one_hot(classes: np.ndarray, count: int = len(LABELS)) -> np.ndarray:
 
 
 def assert_maps_match(got: np.ndarray, want: np.ndarray, what: str) -> None:
-    """Min-max normalised maps within MAP_TOLERANCE, and a good share of them not flat
-    (untrained, about half of the findings' Grad-CAM maps are all zero after the ReLU)."""
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    error = np.abs(ref_normalize(got.astype(np.float64)) - ref_normalize(want)).max(axis=(1, 2))
-    assert error.max() <= MAP_TOLERANCE, f"{what}: rows {np.flatnonzero(error > MAP_TOLERANCE)}"
-    assert (want.max(axis=(1, 2)) > 0).mean() >= 0.25, f"{what}: most reference maps are flat"
+    assert_normalised_maps_match(got, want, MAP_TOLERANCE, what)
 
 
 # ------------------------------------------------------------------ fast: a small ONNX head
@@ -69,9 +69,9 @@ def test_target_weights_seed_the_gradient_of_a_small_head(tmp_path: Path) -> Non
     kernel = {t.name: numpy_helper.to_array(t) for t in source.graph.initializer}["fc.weight"]
     images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), np.uint8)
     weights = np.array([[1, 0, 0, 0, 0], [0, 0, 1, 0, -1], [0.5, 2, 0, -3, 0]], np.float32)
+    assert read_bundle(bundle).info.activation_layout == "nchw"
     got = ort_run(bundle, {"image": images, "target": np.full(3, -1, np.int64),
                            "target_weights": weights})["gradients"]
-    got = got.transpose(0, 3, 1, 2) if got.shape[-1] == 16 else got  # NCHW either way
     want = (weights.astype(np.float64) @ kernel.astype(np.float64)) / 64.0
     assert np.abs(got - want[:, :, None, None]).max() <= 1e-6 * np.abs(want).max()
 
@@ -105,12 +105,7 @@ class Case:
         return GRADIENT_REFS[method](*self.tape(rows, weights))
 
     def positive_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """(image, class) of every finding above 0.5 (logit > 0): image order, then each
-        image's findings best first."""
-        rows = [(image, c) for image, logits in enumerate(self.logits)
-                for c in np.argsort(-logits, kind="stable") if logits[c] > 0]
-        images, classes = zip(*rows)
-        return np.array(images), np.array(classes)
+        return positive_findings(self.logits)
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +194,19 @@ def test_targets_listed_per_image_by_name_and_class(case: Case) -> None:
     np.testing.assert_array_equal(result.targets, classes)
     assert list(result.target_names) == [LABELS[c] for c in classes]
     assert_maps_match(result.raw, case.maps("gradcam", rows, one_hot(classes)), "lists")
+
+
+@pytest.mark.tf
+@pytest.mark.slow
+def test_top_k_findings_best_first(case: Case) -> None:
+    # LayerCAM: these findings' Grad-CAM maps happen to be mostly all zero.
+    result = Explainer(case.bundle, device="cpu").explain(case.images, targets="top:3",
+                                                          method="layercam")
+    classes = np.argsort(-case.logits, axis=1, kind="stable")[:, :3].ravel()
+    rows = np.repeat(np.arange(IMAGES), 3)
+    np.testing.assert_array_equal(result.image_index, rows)
+    np.testing.assert_array_equal(result.targets, classes)
+    assert_maps_match(result.raw, case.maps("layercam", rows, one_hot(classes)), "top:3")
 
 
 CONTRAST = ("Effusion", "Pneumothorax")

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import zoo
-from cam_references import GRADIENT_REFS, ref_normalize
+from cam_references import GRADIENT_REFS, assert_normalised_maps_match, positive_findings
 
 from onnxcam.engine import Explainer
 from onnxcam.exporter import export
@@ -45,11 +45,7 @@ class Case:
     logits: np.ndarray  # float64 [N, K], torch's own
 
     def positive_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """(image, class) of every finding above 0.5, image order then best first."""
-        rows = [(image, c) for image, logits in enumerate(self.logits)
-                for c in np.argsort(-logits, kind="stable") if logits[c] > 0]
-        images, classes = zip(*rows)
-        return np.array(images), np.array(classes)
+        return positive_findings(self.logits)
 
 
 def make_case(folder: Path, exporter: str, findings: int) -> Case:
@@ -103,11 +99,7 @@ def classifier_targets(classes: np.ndarray) -> list[Any]:
 
 
 def assert_maps_match(got: np.ndarray, want: np.ndarray, what: str) -> None:
-    """Min-max normalised maps within MAP_TOLERANCE, and a good share of them not flat."""
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    error = np.abs(ref_normalize(got.astype(np.float64)) - ref_normalize(want)).max(axis=(1, 2))
-    assert error.max() <= MAP_TOLERANCE, f"{what}: rows {np.flatnonzero(error > MAP_TOLERANCE)}"
-    assert (want.max(axis=(1, 2)) > 0).mean() >= 0.25, f"{what}: most reference maps are flat"
+    assert_normalised_maps_match(got, want, MAP_TOLERANCE, what)
 
 
 def bundle_gradcam(case: Case, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
