@@ -556,6 +556,10 @@ EXIT_INTERRUPTED = 130
               help="Class to explain: the row's label (when it has one) or the prediction "
                    "(multi-label and segmentation rows: each finding, or every class over "
                    "the threshold).")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              default=0.5, show_default=True,
+              help="Multi-label and segmentation rows: the probability over which --explain "
+                   "pred explains a class and a sigmoid head's pred column names it.")
 @click.option("--resume", is_flag=True, help="Carry on with the results already in --out.")
 @click.option("--faithfulness", is_flag=True, help="Add RISE deletion and insertion AUCs.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -578,8 +582,8 @@ EXIT_INTERRUPTED = 130
 @with_errors
 def audit(
     source: Path, model: Path, out: Path, broker: str | None, method: str, explain_mode: str,
-    resume: bool, faithfulness: bool, chunk_size: int, flag_energy: float, flag_lift: float,
-    min_boxes: int, batch_size: int | None, device: str, label_map: Path | None,
+    threshold: float, resume: bool, faithfulness: bool, chunk_size: int, flag_energy: float,
+    flag_lift: float, min_boxes: int, batch_size: int | None, device: str, label_map: Path | None,
     clusters_sample: int,
 ) -> None:
     """Audit where the classifier MODEL looks over SOURCE: a CSV manifest (one label,
@@ -600,7 +604,8 @@ def audit(
 
         backend = LocalBackend(Explainer(model, device=device), batch_size=batch_size)
     options = AuditOptions(
-        settings=ExplainSettings(method=method, explain=explain_mode, faithfulness=faithfulness),
+        settings=ExplainSettings(method=method, explain=explain_mode, faithfulness=faithfulness,
+                                 threshold=threshold),
         chunk_size=chunk_size, resume=resume,
         thresholds=Thresholds(flag_energy, flag_lift, min_boxes),
         label_map=read_label_map(label_map) if label_map else None,

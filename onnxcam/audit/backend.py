@@ -23,7 +23,7 @@ from onnxcam.engine.faithfulness import DEFAULT_STEPS, deletion_insertion_auc
 from onnxcam.engine.images import Limits, decode, load_image, read_bytes, resize
 from onnxcam.engine.maps import heatmaps
 from onnxcam.engine.prefetch import prefetched
-from onnxcam.engine.targets import ALL_POSITIVE, Target
+from onnxcam.engine.targets import ALL_POSITIVE, DEFAULT_THRESHOLD, Target
 from onnxcam.errors import BadImageError, OnnxcamError
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class ExplainSettings:
     explain: str = "label"  # "label": the row's label when it has one; "pred": top-1
     faithfulness: bool = False
     steps: int = DEFAULT_STEPS  # deletion/insertion curve points, minus one
+    # Multi rows: all-positive's cut, and a sigmoid head's predicted classes.
+    threshold: float = DEFAULT_THRESHOLD
 
     def target(self, row: AuditRow) -> int:
         """The class to explain for ``row``; -1 means the prediction."""
@@ -231,7 +233,8 @@ def explain_findings(explainer: Explainer, rows: list[AuditRow], batch: np.ndarr
     cam = explainer.method(settings.method)
     items: list[list[Target]] = [settings.targets(row) if row.multi else [settings.target(row)]
                                  for row in rows]
-    parts = [explainer.run_batch(batch[s : s + size], items[s : s + size], cam, first_index=s)
+    parts = [explainer.run_batch(batch[s : s + size], items[s : s + size], cam, first_index=s,
+                                 threshold=settings.threshold)
              for s in range(0, len(batch), size)]
     raw = np.concatenate([p.raw for p in parts])
     targets = np.concatenate([p.targets for p in parts]).astype(np.int64)

@@ -1,4 +1,5 @@
-"""The audit across the workers: each chunk of rows becomes one explain job.
+"""The audit across the workers: each chunk of rows becomes one explain job, each row's
+image one entry of it, with all its targets (a multi row's findings, or all-positive).
 
 The workers decode, explain and store heatmaps as for any job (``onnxcam.worker.jobs``);
 this backend keeps a bounded number of jobs in flight, and turns each finished
@@ -13,6 +14,8 @@ import io
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,6 @@ from onnxcam.audit.backend import AuditRow, ExplainSettings, MapOutcome, RowOutc
 from onnxcam.bundle import read_bundle
 from onnxcam.errors import AuditError
 from onnxcam.worker.client import celery_status, job_records, submit
-from onnxcam.worker.keys import RAW, image_key
 from onnxcam.worker.settings import Settings, load_settings
 from onnxcam.worker.store import Store
 
@@ -45,7 +47,7 @@ class DistributedBackend:
 
     def run(self, chunks: Iterable[list[AuditRow]],
             settings: ExplainSettings) -> Iterator[list[RowOutcome]]:
-        pending: dict[str, list[Entry]] = {}
+        pending: dict[str, Sent] = {}
         iterator = iter(chunks)
         exhausted = False
         while pending or not exhausted:
@@ -54,67 +56,112 @@ class DistributedBackend:
                 if rows is None:
                     exhausted = True
                 else:
-                    entries = [(row, target) for row in rows
-                               for target in job_targets(row, settings)]
-                    pending[self._submit(entries, settings)] = entries
+                    targets = [job_targets(row, settings) for row in rows]
+                    pending[self._submit(rows, targets, settings)] = Sent(rows)
             finished = [job_id for job_id in pending
                         if celery_status(job_id, self.settings) in ("done", "failed")]
             if not finished:
                 time.sleep(POLL_SECONDS)
             for job_id in finished:
-                yield self._outcomes(job_id, pending.pop(job_id))
+                sent = pending.pop(job_id)
+                unscored = self._read(job_id, sent)
+                if unscored:
+                    pending[self._ask_scores(unscored, sent, settings)] = sent
+                else:
+                    yield sent.outcomes
 
-    def _submit(self, entries: list[Entry], settings: ExplainSettings) -> str:
-        job = submit(self.sha, [row.image for row, _ in entries], settings.method,
-                     [t if t >= 0 else None for _, t in entries], chunk_size=len(entries),
-                     settings=self.settings,
-                     faithfulness_steps=settings.steps if settings.faithfulness else 0)
+    def _submit(self, rows: list[AuditRow], targets: list[Any],
+                settings: ExplainSettings) -> str:
+        """One job, an image entry per row with its targets (None: the top-1). A
+        single-label chunk's message stays as it was, without a threshold."""
+        steps = settings.steps if settings.faithfulness else 0
+        threshold = settings.threshold if any(row.multi for row in rows) else None
+        job = submit(self.sha, [row.image for row in rows], settings.method, targets,
+                     chunk_size=len(rows), settings=self.settings, faithfulness_steps=steps,
+                     threshold=threshold)
         (job_id,) = job.ids
         return job_id
 
-    def _outcomes(self, job_id: str, entries: list[Entry]) -> list[RowOutcome]:
-        records = job_records(job_id, self.store)
-        outcomes: dict[int, RowOutcome] = {}
-        for (row, _), record in zip(entries, records):
-            outcome = self._outcome(job_id, row, record)
-            if not row.multi:
-                outcomes[row.index] = outcome
-                continue
-            joined = outcomes.setdefault(row.index, RowOutcome(
-                row.index, logits=outcome.logits, image_size=outcome.image_size, maps=[]))
-            if not outcome.ok and joined.ok:  # a map that failed fails its row
-                joined.error_code, joined.error = outcome.error_code, outcome.error
-            elif outcome.raw is not None:
-                joined.maps.append(MapOutcome(  # type: ignore[union-attr]
-                    outcome.target, outcome.raw, outcome.heatmap, outcome.faithfulness))
-        return list(outcomes.values())
+    def _read(self, job_id: str, sent: Sent) -> list[RowOutcome]:
+        """Fill ``sent``'s outcomes from a finished job: a chunk's own, or the scores a
+        follow-up asked for. Returns the outcomes still without scores."""
+        by_image = {index: list(rows) for index, rows in
+                    groupby(job_records(job_id, self.store), key=lambda r: int(r["index"]))}
+        if sent.asked is not None:  # a follow-up: one top-1 entry per unscored outcome
+            for position, outcome in enumerate(sent.asked):
+                record = by_image[position][0]
+                if record["status"] != "ok":
+                    outcome.error_code, outcome.error = error_of(record)
+                else:
+                    outcome.logits = logits_of(record)
+            sent.asked = None
+            return []
+        sent.outcomes = [self._outcome(row, by_image[position])
+                         for position, row in enumerate(sent.rows)]
+        return [outcome for outcome in sent.outcomes if outcome.ok and outcome.logits is None]
 
-    def _outcome(self, job_id: str, row: AuditRow, record: dict[str, Any]) -> RowOutcome:
-        if record["status"] != "ok":
-            error = record["error"]
-            return RowOutcome(row.index, error_code=error["code"], error=error["message"])
-        raw = np.load(io.BytesIO(self.store.get(image_key(job_id, record["index"], RAW))))
-        height, width = record["image_size"]
-        return RowOutcome(
-            row.index, raw=raw.astype(np.float32),
-            logits=np.asarray(record["logits"], np.float32), target=int(record["target"]),
-            image_size=(int(height), int(width)), heatmap=record["files"]["raw"],
-            faithfulness=record.get("faithfulness"),
-        )
+    def _ask_scores(self, unscored: list[RowOutcome], sent: Sent,
+                    settings: ExplainSettings) -> str:
+        """A follow-up job for the images all-positive found nothing in: a worker's record
+        of such an image holds no scores, and the row still shows its ``pred``. It asks
+        for their top-1 alone, without faithfulness."""
+        sent.asked = unscored
+        rows = {row.index: row for row in sent.rows}
+        return self._submit([rows[o.index] for o in unscored], [None] * len(unscored),
+                            replace(settings, faithfulness=False))
+
+    def _outcome(self, row: AuditRow, records: list[dict[str, Any]]) -> RowOutcome:
+        """A row's outcome from its image's records: one per map (an image all-positive
+        found nothing in has one, with no map), or one error record."""
+        first = records[0]
+        if first["status"] != "ok":
+            code, message = error_of(first)
+            return RowOutcome(row.index, error_code=code, error=message)
+        height, width = first["image_size"]
+        outcome = RowOutcome(row.index, logits=logits_of(first),
+                             image_size=(int(height), int(width)))
+        maps = [MapOutcome(int(r["target"]), self._raw(r), r["files"]["raw"],
+                           r.get("faithfulness")) for r in records if "files" in r]
+        if row.multi:
+            outcome.maps = maps
+        else:
+            (found,) = maps
+            outcome.raw, outcome.target = found.raw, found.target
+            outcome.heatmap, outcome.faithfulness = found.heatmap, found.faithfulness
+        return outcome
+
+    def _raw(self, record: dict[str, Any]) -> np.ndarray:
+        uri = record["files"]["raw"]
+        key = self.store.owns(uri)
+        if key is None:  # workers write into the store the job names; never elsewhere
+            raise AuditError(f"a worker stored a map at {uri}, outside {self.store.location}")
+        return np.load(io.BytesIO(self.store.get(key))).astype(np.float32)
 
 
-Entry = tuple[AuditRow, int]  # a row and one class it is explained for (-1: top-1)
+@dataclass
+class Sent:
+    """A chunk in flight: its rows, and once its job is read their outcomes and, while
+    a follow-up job fetches their scores, the outcomes it was asked for."""
+
+    rows: list[AuditRow]
+    outcomes: list[RowOutcome] = field(default_factory=list)
+    asked: list[RowOutcome] | None = None
 
 
-def job_targets(row: AuditRow, settings: ExplainSettings) -> list[int]:
-    """The classes a row's image is sent with, one image entry each: today's job
-    message takes one class per image, so a multi row's image is listed once per
-    finding; the predicted classes of a multi row (``all-positive``) it cannot ask for."""
-    if not row.multi:
-        return [settings.target(row)]
-    targets = settings.targets(row)
-    if not all(isinstance(t, int) for t in targets):
-        raise AuditError("a multi-label or segmentation audit over workers explains each "
-                         "row's findings (--explain label, every row with a label or mask): "
-                         "job messages take one class per image")
-    return targets  # type: ignore[return-value]
+def job_targets(row: AuditRow, settings: ExplainSettings) -> Any:
+    """A row's entry in the job message's ``targets``: a single-label row's class (None:
+    the top-1), a multi row's list (its findings' classes, or all-positive)."""
+    if row.multi:
+        return settings.targets(row)
+    target = settings.target(row)
+    return None if target < 0 else target
+
+
+def logits_of(record: dict[str, Any]) -> np.ndarray | None:
+    logits = record.get("logits")
+    return None if logits is None else np.asarray(logits, np.float32)
+
+
+def error_of(record: dict[str, Any]) -> tuple[str, str]:
+    error = record["error"]
+    return error["code"], error["message"]

@@ -115,6 +115,7 @@ def run_audit(
     summary.data["source"] = source_record(source)
     if form != SINGLE:  # single-label audits' summary.json stays as it was
         summary.data["form"] = form
+        summary.data["threshold"] = settings.threshold
     if options.clusters_sample:
         _add_clusters(summary, out, options.clusters_sample, classes, options.thresholds)
     summary.data["advice"] = advise(summary.data)
@@ -147,6 +148,8 @@ def _check(backend: Backend, options: AuditOptions) -> None:
         raise AuditError(f"explain must be one of {', '.join(EXPLAIN_MODES)}")
     if options.chunk_size < 1:
         raise AuditError("the chunk size must be at least 1")
+    if not 0 < options.settings.threshold < 1:
+        raise AuditError("the threshold must be strictly between 0 and 1")
     if options.clusters_sample < 0 or options.clusters_sample in (1, 2):
         raise AuditError("the clusters' sample must be 0 (no clusters) or at least 3 rows")
 
@@ -269,7 +272,8 @@ class Ordering:
             error = {**base, "status": "error", "error": f"{outcome.error_code}: {outcome.error}"}
             return [{**error, "label": self.label(f.label)} for f in row.findings] or [error]
         scores = class_scores_of(outcome.logits, self.backend.info)
-        predicted = predicted_classes(scores, self.backend.info)
+        predicted = predicted_classes(scores, self.backend.info,
+                                      self.options.settings.threshold)
         pred = "|".join(self.label(int(k)) for k in predicted)
         if not outcome.maps:  # nothing over the threshold to explain
             return [{**base, "pred": pred, "status": "ok"}]
@@ -345,13 +349,14 @@ def class_scores_of(logits: np.ndarray, info: BundleInfo) -> np.ndarray:
     return probabilities(logits.astype(np.float64), info.head)
 
 
-def predicted_classes(scores: np.ndarray, info: BundleInfo) -> np.ndarray:
-    """The classes a multi row's image is predicted to hold: over the threshold for a
+def predicted_classes(scores: np.ndarray, info: BundleInfo,
+                      threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """The classes a multi row's image is predicted to hold: over ``threshold`` for a
     sigmoid head, the top-1 for another classifier, any pixel's for a segmenter."""
     if info.output == OUTPUT_PIXELS:
         return np.flatnonzero(scores > 0)
     if info.head == HEAD_SIGMOID:
-        return np.flatnonzero(scores > DEFAULT_THRESHOLD)
+        return np.flatnonzero(scores > threshold)
     return np.array([int(np.argmax(scores))])
 
 

@@ -1,5 +1,6 @@
-"""Audit fixtures: a tiny bundle (``models.onnx_cnn``, 16x16, 5 labelled classes) and
-small images of several sizes, with a manifest writer."""
+"""Audit fixtures: a tiny bundle (``models.onnx_cnn``, 16x16, 5 labelled classes), its
+multi-label twin (sigmoid head) and small images of several sizes, with a manifest
+writer."""
 
 from __future__ import annotations
 
@@ -25,6 +26,17 @@ def audit_bundle(cnn_bundle: Path) -> Path:
 @pytest.fixture(scope="session")
 def audit_explainer(audit_bundle: Path) -> Explainer:
     return Explainer(audit_bundle, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def multilabel_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``onnx_multilabel``: 5 raw scores, a sigmoid head, the CNN's labels."""
+    from onnxcam.exporter import export
+
+    out = tmp_path_factory.mktemp("audit_ml") / "multilabel.cam.onnx"
+    export(models.onnx_multilabel(seed=4, classes=5, squash=False), out, head="sigmoid",
+           labels=LABELS)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
 from conftest import LABELS, write_manifest
@@ -21,7 +20,6 @@ from onnxcam.audit.metrics import energy_in_box, pointing_hit
 from onnxcam.audit.results import MULTI_COLUMNS
 from onnxcam.bundle import read_bundle
 from onnxcam.engine import Explainer
-from onnxcam.exporter import export
 
 # A 2x3 map of class ids; 255 is no class ("void"). At 4x6 each id is a 2x2 block.
 IDS = np.array([[1, 2, 2], [0, 0, 255]], np.uint8)
@@ -39,9 +37,9 @@ class Quiet:
 
 
 def audit(source: Path, out: Path, explainer: Explainer, explain: str = "label",
-          resume: bool = False) -> dict:
-    options = AuditOptions(ExplainSettings(explain=explain), chunk_size=2, resume=resume,
-                           clusters_sample=0)
+          resume: bool = False, threshold: float = 0.5) -> dict:
+    options = AuditOptions(ExplainSettings(explain=explain, threshold=threshold), chunk_size=2,
+                           resume=resume, clusters_sample=0)
     return run_audit(source, out, LocalBackend(explainer), options, Quiet()).data  # type: ignore[arg-type]
 
 
@@ -202,25 +200,18 @@ def test_segmentation_audit_gives_the_binary_mask_numbers(
     assert "energy in mask" in page
 
 
-@pytest.fixture(scope="session")
-def multilabel_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``onnx_multilabel``: 5 raw scores, a sigmoid head, the CNN's labels."""
-    out = tmp_path_factory.mktemp("audit_ml") / "multilabel.cam.onnx"
-    export(models.onnx_multilabel(seed=4, classes=5, squash=False), out, head="sigmoid",
-           labels=LABELS)
-    return out
-
-
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
 def test_pred_explains_the_classes_over_the_threshold(
-        tmp_path: Path, image_folder: Path, multilabel_bundle: Path) -> None:
+        tmp_path: Path, image_folder: Path, multilabel_bundle: Path, threshold: float) -> None:
     explainer = Explainer(multilabel_bundle, device="cpu")
     multi, _ = pairs_manifests(tmp_path, image_folder)
-    audit(multi, tmp_path / "pred", explainer, explain="pred")
+    summary = audit(multi, tmp_path / "pred", explainer, explain="pred", threshold=threshold)
+    assert summary["threshold"] == threshold
     got = lines(tmp_path / "pred")
     findings = {0: {"cat", "dog"}, 1: {"fox"}, 2: {"owl", "yak", "cat"}, 3: {"dog", "fox"}}
     for row, image in enumerate("abcd"):
         logits = explainer.predict(explainer.prepare([str(image_folder / f"{image}.png")]))[0]
-        positive = 1 / (1 + np.exp(-logits.astype(np.float64))) > 0.5  # by hand
+        positive = 1 / (1 + np.exp(-logits.astype(np.float64))) > threshold  # by hand
         mine = [line for line in got if line["row"] == str(row)]
         expected = {LABELS[k] for k in np.flatnonzero(positive)}
         if not expected:
@@ -255,13 +246,13 @@ def test_reports_render_per_label_rows(tmp_path: Path, image_folder: Path,
     assert pixels.shape[:2] == (3000, 1000) and pixels.std() > 10
 
 
-def test_workers_get_one_class_per_image_entry() -> None:
+def test_workers_get_each_image_once_with_its_targets() -> None:
     from onnxcam.audit.distributed import job_targets
-    from onnxcam.errors import AuditError
 
     findings = (AuditRow(0, "a.png", 3), AuditRow(0, "a.png", 1))
     row = AuditRow(0, "a.png", multi=True, findings=findings)
     assert job_targets(row, ExplainSettings()) == [3, 1]
-    assert job_targets(AuditRow(1, "b.png", 2), ExplainSettings(explain="pred")) == [-1]
-    with pytest.raises(AuditError, match="explain label"):
-        job_targets(row, ExplainSettings(explain="pred"))
+    assert job_targets(row, ExplainSettings(explain="pred")) == ["all-positive"]
+    assert job_targets(AuditRow(1, "b.png", multi=True), ExplainSettings()) == ["all-positive"]
+    assert job_targets(AuditRow(1, "b.png", 2), ExplainSettings()) == 2
+    assert job_targets(AuditRow(1, "b.png", 2), ExplainSettings(explain="pred")) is None

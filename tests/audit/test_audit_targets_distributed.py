@@ -4,6 +4,7 @@ private Redis give the in-process audit's lines and numbers."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SAME = ("image", "label", "pred", "correct", "pointing_hit", "status", "error", "explained",
         "row")
-NUMBERS = ("score", "energy_in_box", "box_area")
+NUMBERS = ("score", "energy_in_box", "box_area", "deletion_auc", "insertion_auc")
 
 
 def audit(*args: str | Path, env: dict[str, str]) -> str:
@@ -48,35 +49,62 @@ def segmentation_manifest(folder: Path, images: Path) -> Path:
 
 
 def test_distributed_multi_label_and_segmentation_audits(
-        tmp_path: Path, image_folder: Path, audit_bundle: Path) -> None:
+        tmp_path: Path, image_folder: Path, audit_bundle: Path, multilabel_bundle: Path) -> None:
     (tmp_path / "masks").mkdir()
-    manifests = {"multi": pairs_manifests(tmp_path, image_folder)[0],
-                 "seg": segmentation_manifest(tmp_path / "masks", image_folder)}
+    multi = pairs_manifests(tmp_path, image_folder)[0]
+    seg = segmentation_manifest(tmp_path / "masks", image_folder)
+    # name: manifest, bundle, options. The softmax bundle's all-positive finds no class
+    # over 0.5 in any image (each row's pred, its top-1, asked for again); at 0.77 the
+    # sigmoid one finds a class in some images and none in others.
+    audits = {"multi": (multi, audit_bundle, ()), "seg": (seg, audit_bundle, ()),
+              "pred": (multi, audit_bundle, ("--explain", "pred")),
+              "ml-pred": (multi, multilabel_bundle, ("--explain", "pred", "--threshold", "0.77")),
+              "seg-pred": (seg, multilabel_bundle, ("--explain", "pred", "--faithfulness"))}
     redis = start_redis(tmp_path, free_port())
     env = service_env(f"redis://127.0.0.1:{redis.port}/0", tmp_path / "store", image_folder)
     workers = [start_worker(f"w{n}", env, tmp_path) for n in (1, 2)]
     try:
         for worker in workers:
             worker.wait_ready()
-        for name, manifest in manifests.items():
-            audit(manifest, "--model", audit_bundle, "--out", tmp_path / f"{name}-local",
+        for name, (manifest, bundle, options) in audits.items():
+            audit(manifest, "--model", bundle, "--out", tmp_path / f"{name}-local", *options,
                   env=env)
-            audit(manifest, "--model", audit_bundle, "--out", tmp_path / f"{name}-remote",
+            audit(manifest, "--model", bundle, "--out", tmp_path / f"{name}-remote", *options,
                   "--broker", env["ONNXCAM_BROKER_URL"], "--chunk-size", "2", env=env)
     finally:
         for worker in workers:
             worker.stop()
         redis.stop()
-    for name in manifests:
+    for name in audits:
         local, remote = lines(tmp_path / f"{name}-local"), lines(tmp_path / f"{name}-remote")
-        assert len(local) == len(remote) > len({line["row"] for line in local})
+        assert len(local) == len(remote) >= len({line["row"] for line in local}), name
         for mine, theirs in zip(local, remote):
-            assert {k: mine[k] for k in SAME} == {k: theirs[k] for k in SAME}
+            assert {k: mine[k] for k in SAME} == {k: theirs[k] for k in SAME}, name
             for key in NUMBERS:
-                if mine[key] or theirs[key]:
+                if mine.get(key) or theirs.get(key):
                     assert float(mine[key]) == pytest.approx(float(theirs[key]), abs=1e-4), key
-            assert theirs["heatmap"].startswith(str(tmp_path / "store"))
-    seg = lines(tmp_path / "seg-remote")
-    assert {line["label"] for line in seg} == {LABELS[1], LABELS[3], LABELS[4]}
+            if theirs["explained"]:
+                assert theirs["heatmap"].startswith(str(tmp_path / "store"))
+        assert json_of(tmp_path / f"{name}-remote")["threshold"] == json_of(
+            tmp_path / f"{name}-local")["threshold"]
+    seg_lines = lines(tmp_path / "seg-remote")
+    assert {line["label"] for line in seg_lines} == {LABELS[1], LABELS[3], LABELS[4]}
+    pred = lines(tmp_path / "pred-remote")
+    assert [(line["row"], line["explained"]) for line in pred] == [(str(row), "") for row in
+                                                                    range(4)]
+    assert all(line["pred"] for line in pred)  # the softmax top-1, asked for again
+    explained = {line["row"] for line in lines(tmp_path / "ml-pred-remote") if line["explained"]}
+    assert 0 < len(explained) < 4
+    assert any(line["deletion_auc"] for line in lines(tmp_path / "seg-pred-remote"))
+    # Each row's image went to the workers once: a job's entries are its chunk's rows.
+    store = tmp_path / "store" / "jobs"
+    requests = [json.loads(path.read_text()) for path in store.glob("*/request.json")]
+    multi_jobs = [r for r in requests if isinstance(r["targets"][0], list)]
+    assert sorted(len(r["images"]) for r in multi_jobs if r["targets"][0] == [
+        LABELS.index("cat"), LABELS.index("dog")]) == [2]
     # Both workers took chunks.
     assert all("succeeded" in worker.text() for worker in workers)
+
+
+def json_of(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
