@@ -109,10 +109,17 @@ class RowOutcome:
     error: str = ""
     faithfulness: dict[str, float] | None = None  # {"deletion_auc", "insertion_auc"}
     maps: list[MapOutcome] | None = None  # a multi row's maps (raw and target unused)
+    # float64 [K]: the class scores, where a backend has them without the logits (a
+    # segmenter's over workers, whose records carry each class's share of pixels)
+    scores: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
         return not self.error_code
+
+    @property
+    def scored(self) -> bool:
+        return self.logits is not None or self.scores is not None
 
     @classmethod
     def failed(cls, index: int, error: OnnxcamError) -> RowOutcome:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from onnxcam.audit.backend import AuditRow, ExplainSettings, MapOutcome, RowOutcome
-from onnxcam.bundle import read_bundle
+from onnxcam.bundle import OUTPUT_PIXELS, read_bundle
 from onnxcam.errors import AuditError
 from onnxcam.worker.client import celery_status, job_records, submit
 from onnxcam.worker.settings import Settings, load_settings
@@ -93,12 +93,12 @@ class DistributedBackend:
                 if record["status"] != "ok":
                     outcome.error_code, outcome.error = error_of(record)
                 else:
-                    outcome.logits = logits_of(record)
+                    self._score(outcome, record)
             sent.asked = None
             return []
         sent.outcomes = [self._outcome(row, by_image[position])
                          for position, row in enumerate(sent.rows)]
-        return [outcome for outcome in sent.outcomes if outcome.ok and outcome.logits is None]
+        return [outcome for outcome in sent.outcomes if outcome.ok and not outcome.scored]
 
     def _ask_scores(self, unscored: list[RowOutcome], sent: Sent,
                     settings: ExplainSettings) -> str:
@@ -118,8 +118,8 @@ class DistributedBackend:
             code, message = error_of(first)
             return RowOutcome(row.index, error_code=code, error=message)
         height, width = first["image_size"]
-        outcome = RowOutcome(row.index, logits=logits_of(first),
-                             image_size=(int(height), int(width)))
+        outcome = RowOutcome(row.index, image_size=(int(height), int(width)))
+        self._score(outcome, first)
         maps = [MapOutcome(int(r["target"]), self._raw(r), r["files"]["raw"],
                            r.get("faithfulness")) for r in records if "files" in r]
         if row.multi:
@@ -129,6 +129,17 @@ class DistributedBackend:
             outcome.raw, outcome.target = found.raw, found.target
             outcome.heatmap, outcome.faithfulness = found.heatmap, found.faithfulness
         return outcome
+
+    def _score(self, outcome: RowOutcome, record: dict[str, Any]) -> None:
+        """The image's logits; a segmenter's record has none (they are per pixel), and
+        its classes' shares of pixels are those of its ``top`` (at most five; the other
+        classes read 0)."""
+        if record.get("logits") is not None:
+            outcome.logits = np.asarray(record["logits"], np.float32)
+        elif self.info.output == OUTPUT_PIXELS and "top" in record:
+            outcome.scores = np.zeros(self.info.num_classes, np.float64)
+            for entry in record["top"]:
+                outcome.scores[int(entry["class"])] = float(entry["score"])
 
     def _raw(self, record: dict[str, Any]) -> np.ndarray:
         uri = record["files"]["raw"]
@@ -155,11 +166,6 @@ def job_targets(row: AuditRow, settings: ExplainSettings) -> Any:
         return settings.targets(row)
     target = settings.target(row)
     return None if target < 0 else target
-
-
-def logits_of(record: dict[str, Any]) -> np.ndarray | None:
-    logits = record.get("logits")
-    return None if logits is None else np.asarray(logits, np.float32)
 
 
 def error_of(record: dict[str, Any]) -> tuple[str, str]:

@@ -267,11 +267,11 @@ class Ordering:
         if not row.multi:
             return [self.result(row, outcome)]
         base = {"image": row.image, "row": str(row.index)}
-        if not outcome.ok or outcome.maps is None or outcome.logits is None:
+        if not outcome.ok or outcome.maps is None or not outcome.scored:
             # A line per finding, so that each class counts its errors.
             error = {**base, "status": "error", "error": f"{outcome.error_code}: {outcome.error}"}
             return [{**error, "label": self.label(f.label)} for f in row.findings] or [error]
-        scores = class_scores_of(outcome.logits, self.backend.info)
+        scores = class_scores_of(outcome, self.backend.info)
         predicted = predicted_classes(scores, self.backend.info,
                                       self.options.settings.threshold)
         pred = "|".join(self.label(int(k)) for k in predicted)
@@ -313,14 +313,14 @@ class Ordering:
     def result(self, row: AuditRow, outcome: RowOutcome) -> ResultRow:
         """The results.csv line of one outcome, its heatmap written."""
         base = {"image": row.image, "label": self.label(row.label)}
-        if not outcome.ok or outcome.raw is None or outcome.logits is None:
+        if not outcome.ok or outcome.raw is None or not outcome.scored:
             return {**base, "status": "error", "error": f"{outcome.error_code}: {outcome.error}"}
         try:
             measured = measure(row, outcome.raw, outcome.image_size)
         except OnnxcamError as exc:
             return {**base, "status": "error", "error": f"{exc.code}: {exc}"}
         heatmap = outcome.heatmap or self.write_heatmap(row.index, outcome.raw)
-        scores = class_scores_of(outcome.logits, self.backend.info)
+        scores = class_scores_of(outcome, self.backend.info)
         pred = int(np.argmax(scores))
         result = {
             **base, **measured,
@@ -341,9 +341,13 @@ class Ordering:
         return name
 
 
-def class_scores_of(logits: np.ndarray, info: BundleInfo) -> np.ndarray:
+def class_scores_of(outcome: RowOutcome, info: BundleInfo) -> np.ndarray:
     """float64 [K]: a classifier's probabilities by its head; a segmenter's share of
-    pixels each class wins."""
+    pixels each class wins (the backend's own, where it has no logits)."""
+    if outcome.scores is not None:
+        return outcome.scores
+    logits = outcome.logits
+    assert logits is not None  # a scored outcome has one or the other
     if info.output == OUTPUT_PIXELS:
         return class_scores(logits[None], info)[0].astype(np.float64)
     return probabilities(logits.astype(np.float64), info.head)
