@@ -44,6 +44,7 @@ class DistributedBackend:
         self.info = bundle.info
         self.sha = self.store.put_bundle(bundle.data)
         self.in_flight = in_flight
+        self.warned = False  # about a segmenter's pixel shares cut to the record's top
 
     def run(self, chunks: Iterable[list[AuditRow]],
             settings: ExplainSettings) -> Iterator[list[RowOutcome]]:
@@ -140,6 +141,11 @@ class DistributedBackend:
             outcome.scores = np.zeros(self.info.num_classes, np.float64)
             for entry in record["top"]:
                 outcome.scores[int(entry["class"])] = float(entry["score"])
+            if outcome.scores.sum() < 1 - 1e-4 and not self.warned:
+                self.warned = True
+                log.warning("%s: more classes win pixels than the worker's record lists "
+                            "(%d); the others read 0 in pred, score and correct",
+                            record["image"], len(record["top"]))
 
     def _raw(self, record: dict[str, Any]) -> np.ndarray:
         uri = record["files"]["raw"]

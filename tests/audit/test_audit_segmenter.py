@@ -18,7 +18,7 @@ import pytest
 from conftest import write_manifest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-from service import free_port, service_env, start_redis, start_worker
+from service import free_port, service_env, settings_for, start_redis, start_worker
 from test_audit_targets import palette_png
 
 from onnxcam.exporter import export
@@ -158,3 +158,24 @@ def test_a_segmentation_bundle_audited_over_two_workers(case: dict, tmp_path: Pa
         redis.stop()
     assert_by_hand(case, tmp_path / "remote")
     assert all("succeeded" in worker.text() for worker in workers)
+
+
+def test_pixel_shares_over_workers_come_from_the_records_top(
+        case: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A segmenter's record holds no logits: its ``top`` gives the shares, and a top that
+    leaves pixels to unlisted classes is said once."""
+    from onnxcam.audit.backend import RowOutcome
+    from onnxcam.audit.distributed import DistributedBackend
+
+    env = service_env("redis://127.0.0.1:1/0", tmp_path / "store", case["folder"])
+    backend = DistributedBackend(env["ONNXCAM_BROKER_URL"], case["bundle"],
+                                 settings=settings_for(env))
+    whole = {"image": "0.png", "logits": None, "top": [
+        {"class": 2, "score": 0.75}, {"class": 0, "score": 0.25}]}
+    outcome = RowOutcome(0)
+    backend._score(outcome, whole)
+    assert outcome.scores.tolist() == [0.25, 0, 0.75, 0] and outcome.scored  # type: ignore[union-attr]
+    assert "more classes win pixels" not in caplog.text
+    for _ in range(2):
+        backend._score(RowOutcome(1), {**whole, "image": "1.png", "top": whole["top"][:1]})
+    assert caplog.text.count("more classes win pixels") == 1 and "1.png" in caplog.text
