@@ -91,12 +91,17 @@ class Explanation:
     # Each row's target by name: the class label, "a-vs-b" for a contrast, a Region's or
     # Weighting's name. None: the labels of ``targets``.
     target_names: list[str] | None = None
+    # float32 [N, ...]: every image's logits, rows or none (all-positive may find no class
+    # for an image). None: ``logits``, one row per image.
+    image_logits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.image_index is None:
             self.image_index = np.arange(len(self.targets))
         if self.target_names is None:
             self.target_names = [self.info.label(int(t)) for t in self.targets]
+        if self.image_logits is None:
+            self.image_logits = self.logits
 
     @property
     def labels(self) -> list[str]:
@@ -113,22 +118,33 @@ class Explanation:
         """float32 [M, K] by the bundle's head: a softmax over the classes, or a sigmoid
         per class (a multi-label head, whose rows need not sum to 1); for a segmenter,
         the share of pixels each class wins."""
+        return self.scores_of(self.logits)
+
+    def scores_of(self, logits: np.ndarray) -> np.ndarray:
+        """``probabilities`` of any of this bundle's logits (``image_logits``, say)."""
         if self.info.output == OUTPUT_PIXELS:
-            return class_scores(self.logits, self.info)
-        return probabilities(self.logits, self.info.head).astype(np.float32)
+            return class_scores(logits, self.info)
+        return probabilities(logits, self.info.head).astype(np.float32)
 
     def top(self, k: int = 5) -> list[list[dict[str, Any]]]:
         """Per row, the k best classes of its image as ``{class, label, score}`` (score:
         probability, by the head; a sigmoid head ranks each class on its own
         probability; a segmenter, each class on its share of the pixels)."""
-        probabilities = self.probabilities
+        return self.ranked(self.logits, k)
+
+    def image_top(self, k: int = 5) -> list[list[dict[str, Any]]]:
+        """``top`` per image, rows or none."""
+        return self.ranked(self.image_logits, k)
+
+    def ranked(self, logits: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        scores = self.scores_of(logits)
         # Ranked by the logits, as the top-1 target is: probabilities that round to
         # a tie in float32 must not put another class first.
-        order = np.argsort(-class_scores(self.logits, self.info), axis=1, kind="stable")[:, :k]
+        order = np.argsort(-class_scores(logits, self.info), axis=1, kind="stable")[:, :k]
         return [
             [{"class": int(c), "label": self.info.label(int(c)), "score": float(row[c])}
              for c in classes]
-            for row, classes in zip(probabilities, order)
+            for row, classes in zip(scores, order)
         ]
 
     def label(self, index: int) -> str:
@@ -148,6 +164,7 @@ class BatchResult:
     image_index: np.ndarray | None = None  # None: row i is image i
     target_names: list[str] | None = None  # None: the labels of ``targets``
     first_index: int = 0  # the batch's first image's position in the whole call
+    image_logits: np.ndarray | None = None  # every image's logits; None: ``logits``
 
     @property
     def rows(self) -> int:
@@ -268,6 +285,8 @@ class Explainer:
                                         threshold)
         tell(len(batch) - told)
         result.first_index = first_index
+        if result.image_logits is None:
+            result.image_logits = result.logits
         return result
 
     def _run_whole(self, batch: np.ndarray, classes: np.ndarray, cam: Method,
@@ -320,7 +339,7 @@ class Explainer:
                                 self._layout(), seed_rows)
         result = cam.explain(context)
         return BatchResult(result.raw, logits[index], context.targets, result.layer_maps,
-                           result.signed, index, [r.name for r in rows])
+                           result.signed, index, [r.name for r in rows], image_logits=logits)
 
     def _run_repeated(self, batch: np.ndarray, items: list[list[Target]], cam: Method,
                       options: MethodOptions, first_index: int,
@@ -338,8 +357,10 @@ class Explainer:
             return self._no_rows(cam, logits)
         index = np.array([r.image for r in rows])
         classes = np.array([max(r.cls, 0) for r in rows], np.int64)
-        return self._run_whole(batch[index], classes, cam, options, first_index, tell,
-                               seeds(rows, logits) if weighted else None, rows)
+        result = self._run_whole(batch[index], classes, cam, options, first_index, tell,
+                                 seeds(rows, logits) if weighted else None, rows)
+        result.image_logits = logits
+        return result
 
     def _no_rows(self, cam: Method, logits: np.ndarray) -> BatchResult:
         """A batch none of whose images had a target (``all-positive`` found none)."""
@@ -349,7 +370,8 @@ class Explainer:
         signed = (np.zeros((0, *size, self.info.channels), np.float32)
                   if cam.input_resolution else None)
         return BatchResult(np.zeros((0, *size), np.float32), logits[:0],
-                           np.zeros(0, np.int64), layers, signed, np.zeros(0, np.int64), [])
+                           np.zeros(0, np.int64), layers, signed, np.zeros(0, np.int64), [],
+                           image_logits=logits)
 
     def _layout(self) -> Any:
         return activation_layout(self.info.activation_layout, self.info.activation_grid)
@@ -374,6 +396,7 @@ class Explainer:
 
     def _explanation(self, results: list[BatchResult], cam: Method) -> Explanation:
         info = self.info
+        image_logits = [r.image_logits for r in results if r.image_logits is not None]
         results = [r for r in results if r.rows] or results[:1]
 
         def joined(values: list[np.ndarray], *empty: int) -> np.ndarray:
@@ -397,4 +420,5 @@ class Explainer:
             input_gradients=signed,
             image_index=joined([r.images() for r in results], 0).astype(np.int64),
             target_names=[name for r in results for name in r.names(info)],
+            image_logits=joined(image_logits, 0, info.num_classes),
         )

@@ -311,3 +311,17 @@ def test_regions_of_a_segmenter_by_hand(segmenter: tuple[Path, onnx.ModelProto])
         np.testing.assert_allclose(res.raw[row], want, rtol=1e-4, atol=1e-6)
     assert res.top(1)[0][0]["score"] == pytest.approx(
         float(np.mean(logits[0].argmax(axis=0) == res.top(1)[0][0]["class"])))
+
+
+def test_every_image_keeps_its_scores(skip_head: Path) -> None:
+    """An image all-positive finds nothing for has no row, but its logits and top
+    classes stay in ``image_logits`` and ``image_top``, on every path."""
+    ex = Explainer(skip_head, device="cpu")
+    x = images(3, seed=12)
+    plain = ex.explain(x)
+    for method in ("gradcam", "scorecam"):
+        res = ex.explain(x, targets="all-positive", threshold=0.6, method=method)
+        np.testing.assert_allclose(res.image_logits, plain.logits, rtol=1e-5, atol=1e-6)
+        assert [t[0]["class"] for t in res.image_top(1)] == plain.targets.tolist()
+    none = ex.explain(x, targets="all-positive", threshold=1.0)
+    assert len(none.targets) == 0 and none.image_logits.shape == (3, 6)
