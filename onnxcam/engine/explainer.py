@@ -307,7 +307,8 @@ class Explainer:
             chosen = np.array([r.cls for r in rows], np.int64)
         context = MethodContext(outputs, self.info, chosen,
                                 ModelAccess(self.sessions, batch, tell), options, first_index,
-                                self._layout(), weights)
+                                self._layout(), weights,
+                                None if rows is None else np.array([r.image for r in rows]))
         result = cam.explain(context)
         return BatchResult(result.raw, logits, chosen, result.layer_maps, result.signed,
                            None if rows is None else np.array([r.image for r in rows]),
@@ -336,7 +337,7 @@ class Explainer:
         outputs[OUTPUT_LOGITS] = logits[index]
         context = MethodContext(outputs, self.info, np.array([r.cls for r in rows], np.int64),
                                 ModelAccess(self.sessions, batch[index]), options, first_index,
-                                self._layout(), seed_rows)
+                                self._layout(), seed_rows, index)
         result = cam.explain(context)
         return BatchResult(result.raw, logits[index], context.targets, result.layer_maps,
                            result.signed, index, [r.name for r in rows], image_logits=logits)

@@ -163,19 +163,23 @@ def test_a_weighting_of_the_logits(skip_head: Path) -> None:
     np.testing.assert_allclose(res.raw[0], want[0], rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("method", ["scorecam", "saliency"])
+@pytest.mark.parametrize("method", ["scorecam", "saliency", "smoothgrad"])
 def test_methods_that_rerun_the_model_take_many_targets(tmp_path: Path, method: str) -> None:
-    """Score-CAM and the input-gradient methods run each image once per target."""
+    """Score-CAM and the input-gradient methods run each image once per target; SmoothGrad
+    draws its noise per image, so a row matches that image's one-target call."""
     path = tmp_path / "grads.cam.onnx"
     export(models.onnx_skip_head(), path, layer="last_relu", head="sigmoid",
            input_gradients=True)
     ex = Explainer(path, device="cpu")
     x = images(2, seed=6)
-    res = ex.explain(x, targets=[[0, 5], [Contrast(2, 3)]], method=method)
+    options = {"samples": 3} if method == "smoothgrad" else {}
+    res = ex.explain(x, targets=[[0, 5], [Contrast(2, 3)]], method=method, **options)
     assert res.image_index.tolist() == [0, 0, 1]
     for row, (image, cls) in enumerate([(0, 0), (0, 5)]):
-        single = ex.explain(x[image : image + 1], targets=cls, method=method)
+        single = ex.explain(x[image : image + 1], targets=cls, method=method, **options)
         np.testing.assert_allclose(res.raw[row], single.raw[0], rtol=1e-5, atol=1e-8)
+    one_each = ex.explain(x, targets=[5, Contrast(2, 3)], method=method, **options)
+    np.testing.assert_allclose(res.raw[1:], one_each.raw, rtol=1e-5, atol=1e-8)
     if method == "saliency":
         a = ex.explain(x[1:], targets=2, method=method).input_gradients
         b = ex.explain(x[1:], targets=3, method=method).input_gradients

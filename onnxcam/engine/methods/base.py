@@ -64,6 +64,14 @@ class MethodContext:
     # float32 [N, ...one image's logits]: each row's weighting of the logits, where the
     # target is not a plain class (None: one-hot ``targets``).
     seeds: np.ndarray | None = None
+    # Each row's image by its position in the batch, where rows are not the images.
+    images: np.ndarray | None = None
+
+    def image_number(self, row: int) -> int:
+        """Row ``row``'s image by its position in the whole call (SmoothGrad's noise is
+        drawn per image, so that batching and several targets change nothing)."""
+        local = row if self.images is None else int(self.images[row])
+        return self.first_index + local
 
     @property
     def activations(self) -> np.ndarray:

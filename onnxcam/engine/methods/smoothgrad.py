@@ -31,4 +31,4 @@ class SmoothGrad(SampledGradientMethod):
         if options.samples < 1:
             raise BadMethodError("smoothgrad needs at least one sample")
         return noisy_copies(context.model.model_input[index], options.samples, options.noise,
-                            options.seed, context.first_index + index)
+                            options.seed, context.image_number(index))
