@@ -16,6 +16,10 @@ symbol ``N``) reach a node:
 * a ``Concat`` along another axis than 0 of batched tensors and a constant of
   batch 1 (ViT's class token) gets that constant expanded to the batch: every
   sample read the one copy before, and reads its own copy now.
+* a ``Resize`` whose constant ``sizes`` start with B, resizing data that has the
+  batch on axis 0, gets sizes built at run time from the data's own batch and the
+  constant's other entries (the dynamo exporter's bilinear upsampling of a
+  segmenter's logits): the batch axis was not resized before, and is not now.
 
 Nothing else is touched. The rewritten model is then *proved*: it runs at
 batches 2 and 3 and each sample's outputs must equal the original model's run
@@ -174,9 +178,11 @@ def rewrite_shape_operands(model: onnx.ModelProto, batch: int) -> list[str]:
                 edit = _free_reshape(node, dims, constants, batch)
             elif node.op_type == "Concat":
                 edit = _free_concat(node, dims, from_input)
+            elif node.op_type == "Resize":
+                edit = _free_resize(node, dims, constants, batch)
             if edit is None:
                 edit = shape_values.fold(node)
-            elif node.op_type in ("Reshape", "Concat"):
+            elif node.op_type in ("Reshape", "Concat", "Resize"):
                 rewritten.append(node.name or node.output[0])
             if edit is not None:
                 edits.append((index, edit))
@@ -294,6 +300,41 @@ def _free_concat(node: onnx.NodeProto, dims: dict[str, list[int | str | None]],
             concat.input[i] = expanded
             for offset, new_node in enumerate(extra):
                 graph.node.insert(index + offset, new_node)
+
+    return edit
+
+
+def _free_resize(node: onnx.NodeProto, dims: dict[str, list[int | str | None]],
+                 constants: dict[str, np.ndarray], batch: int) -> Edit | None:
+    """The edit that builds a Resize's constant ``sizes`` baking the batch in from
+    its data's batch at run time, if the data has the batch on axis 0."""
+    if len(node.input) < 4 or node.input[3] not in constants:
+        return None
+    sizes = constants[node.input[3]]
+    if sizes.ndim != 1 or len(sizes) < 2 or int(sizes[0]) != batch:
+        return None
+    if any(a.name == "axes" for a in node.attribute):
+        return None  # sizes name only the listed axes, so entry 0 may be no batch
+    shape = dims.get(node.input[0])
+    if not shape or shape[0] != BATCH_SYMBOL or len(shape) != len(sizes):
+        return None
+    out = f"{node.input[3]}__{node.name or node.output[0]}__any_batch"
+    batch_name, rest = f"{out}__n", f"{out}__rest"
+    # Shape inference sees no sizes past the Concat: say the output's shape outright.
+    output = helper.make_tensor_value_info(node.output[0], TensorProto.UNDEFINED,
+                                           [BATCH_SYMBOL, *[int(d) for d in sizes[1:]]])
+
+    def edit(graph: onnx.GraphProto, index: int) -> None:
+        resize = graph.node[index]
+        # An initializer, not a Constant node: a cut at the layers then shares it
+        # instead of passing it from the trunk to the head.
+        graph.initializer.append(numpy_helper.from_array(sizes[1:].astype(np.int64), rest))
+        extra = [helper.make_node("Shape", [resize.input[0]], [batch_name], start=0, end=1),
+                 helper.make_node("Concat", [batch_name, rest], [out], axis=0)]
+        resize.input[3] = out
+        for offset, new_node in enumerate(extra):
+            graph.node.insert(index + offset, new_node)
+        graph.value_info.append(output)
 
     return edit
 

@@ -108,3 +108,45 @@ def class_token_model() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     return model
+
+
+SCORES = RNG.normal(size=(CLASSES, CHANNELS, 1, 1)).astype(np.float32)
+UPSAMPLED = 2 * SIZE
+
+
+def resize_model() -> onnx.ModelProto:
+    """A segmenter as torch's dynamo exporter writes one at batch 1: x [1, 3, 8, 8] ->
+    Conv -> Relu ("r", the layer) -> 1x1 Conv to the classes -> bilinear Resize to
+    16x16 by the constant sizes [1, K, 16, 16] (batch included)."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "s"], ["scores"]),
+             helper.make_node("Resize", ["scores", "", "", "sizes"], ["y"], mode="linear",
+                              coordinate_transformation_mode="half_pixel")]
+    graph = helper.make_graph(
+        nodes, "baked_resize",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                       [1, CLASSES, UPSAMPLED, UPSAMPLED])],
+        [numpy_helper.from_array(CONV, "w"), numpy_helper.from_array(SCORES, "s"),
+         numpy_helper.from_array(np.array([1, CLASSES, UPSAMPLED, UPSAMPLED], np.int64),
+                                 "sizes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def region_gradcam(batch: np.ndarray, classes: list[list[int]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and Grad-CAM of ``resize_model`` for each image's classes, each over the
+    pixels it wins, from the source one image at a time. Bilinear weights of each
+    output pixel sum to 1, so d sum(mask * y_c) / d r_k sums to s[c, k] * |mask| over
+    the layer's pixels: the channel weights are s[c, k] |mask| / (8 * 8)."""
+    logits, maps = per_image(resize_model(), unit_nchw(batch), ["y", "r"])
+    cams = []
+    for n, wanted in enumerate(classes):
+        winners = logits[n].argmax(axis=0)
+        for cls in wanted:
+            weights = SCORES[cls, :, 0, 0] * (winners == cls).sum() / (SIZE * SIZE)
+            cams.append(np.maximum(np.einsum("chw,c->hw", maps[n], weights), 0))
+    return logits, np.array(cams)

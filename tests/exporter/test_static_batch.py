@@ -27,7 +27,9 @@ from baked import (
     nchw_inputs,
     numpy_gradcam,
     per_image,
+    region_gradcam,
     reshape_model,
+    resize_model,
     unit_nchw,
 )
 from onnx import numpy_helper
@@ -93,6 +95,20 @@ def test_a_class_token_is_expanded_to_the_batch() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_a_resize_with_the_batch_in_its_sizes_is_freed_and_proved_per_sample() -> None:
+    """torch's dynamo exporter upsamples a segmenter's logits by constant sizes that
+    start with the batch; they are built from the data's batch instead."""
+    plan = free_batch(resize_model(), nchw_inputs)
+    assert plan.fixed == 0 and len(plan.rewritten) == 1
+    resize = next(node for node in plan.model.graph.node if node.op_type == "Resize")
+    assert resize.input[3] != "sizes"
+    inputs = nchw_inputs(4)
+    (got,) = cpu_session(plan.model.SerializeToString()).run(["y"], {"x": inputs})
+    (want,) = per_image(resize_model(), inputs, ["y"])
+    assert got.shape == (4, CLASSES, 2 * SIZE, 2 * SIZE)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_a_batch_mixing_model_keeps_its_batch() -> None:
     plan = free_batch(reshape_model(mix=True), nchw_inputs)
     assert plan.fixed == 1
@@ -140,6 +156,22 @@ def test_freed_bundle_matches_the_source_per_image(tmp_path: Path) -> None:
     result = Explainer(bundle, device="cpu").explain(batch, targets, batch_size=5)
     logits, cams = numpy_gradcam(reshape_model(), batch, targets)
     np.testing.assert_allclose(result.logits, logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
+    np.testing.assert_allclose(result.raw, cams, rtol=1e-4, atol=1e-4 * cams.max())
+
+
+def test_a_freed_segmenter_is_cut_and_explains_many_regions_per_image(tmp_path: Path) -> None:
+    """The dynamo-style segmenter, freed, keeps the cut at its layer (head_inputs): a
+    batch of three images with two classes each runs the trunk once, and each map is
+    the class's Grad-CAM over the pixels it wins, from the source."""
+    bundle = export_onnx(tmp_path, resize_model())
+    info = read_bundle_info(bundle)
+    assert info.batch_size == 0 and info.head_inputs
+    batch, classes = images(3, seed=4), [[0, 1], [2, 3], [4, 0]]
+    result = Explainer(bundle, device="cpu").explain(batch, classes, batch_size=3)
+    logits, cams = region_gradcam(batch, classes)
+    assert result.image_index.tolist() == [0, 0, 1, 1, 2, 2]
+    np.testing.assert_allclose(result.logits, logits[result.image_index], rtol=1e-4,
+                               atol=1e-4 * np.abs(logits).max())
     np.testing.assert_allclose(result.raw, cams, rtol=1e-4, atol=1e-4 * cams.max())
 
 
