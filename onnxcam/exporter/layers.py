@@ -4,7 +4,8 @@ Candidates are 4-D maps and transformers' token layers on their grid. The defaul
 is the last map with a real spatial extent that the classifier pools or flattens
 (``default_layer`` gives the details): ResNet50 picks ``conv5_block3_out``, VGG its
 last pool, DenseNet121 its final ReLU, ViT and Swin their last block's first
-LayerNormalization.
+LayerNormalization. A segmenter's is the last map before it first upsamples one:
+FCN's and DeepLabV3's head features, LR-ASPP's gated high branch, a U-Net's bottleneck.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ PASS_THROUGH = frozenset({"Dropout", "Identity", "SpatialDropout2D"})
 RESAMPLING = VIEWS | {"GatherND", "Gather", "ReduceMean", "AveragePool", "Unsqueeze", "Squeeze"}
 GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalAveragePooling2D",
                           "GlobalMaxPooling2D"})
+# Ops that can make a map larger (ONNX's and Keras's names).
+UPSAMPLING = frozenset({"Resize", "Upsample", "ConvTranspose", "DepthToSpace",
+                        "UpSampling2D", "Conv2DTranspose", "Resizing"})
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,9 @@ def default_layer(layers: list[LayerInfo]) -> LayerInfo:
     tokens after the last attention barely reach the scores (ViT reads its class
     token only), so the last block's first LayerNormalization is taken, as
     pytorch-grad-cam advises. A model whose maps are all 1x1 gets its last map.
-    Attention's own tensors are never taken, whatever their shape.
+    Attention's own tensors are never taken, whatever their shape. A segmenter (its
+    output is a map) is read as a classifier that ends where it first upsamples a map
+    (``before_upsampling``).
     """
     maps = [layer for layer in layers if layer.spatial and not layer.attention]
     if not maps:
@@ -75,6 +81,8 @@ def default_layer(layers: list[LayerInfo]) -> LayerInfo:
     if not extended:
         return maps[-1]
     by_name = {layer.name: layer for layer in layers}
+    if layers[-1].extended and len(layers[-1].shape) == 4:  # per-pixel class scores
+        extended = before_upsampling(layers, extended, by_name)
     pooled = extended[-1]
     while pooled.op in PASS_THROUGH and pooled.source in by_name:  # Keras keeps Dropout
         pooled = by_name[pooled.source]
@@ -82,7 +90,23 @@ def default_layer(layers: list[LayerInfo]) -> LayerInfo:
     norm = behind_views(pooled, by_name)
     if norm.op == "LayerNormalization":
         return last_block_norm(layers, norm) or pooled
-    return before_class_scores(pooled, by_name, layers[-1].shape[-1])
+    # A segmenter's classes lie on axis 1 (NCHW) or last (NHWC); a classifier's are both.
+    shape = layers[-1].shape
+    return before_class_scores(pooled, by_name, {*shape[1:2], *shape[-1:]})
+
+
+def before_upsampling(layers: list[LayerInfo], extended: list[LayerInfo],
+                      by_name: dict[str, LayerInfo]) -> list[LayerInfo]:
+    """The ``extended`` maps before the first layer that upsamples one (a Resize, a
+    transposed convolution), in ``layers``' topological order: the encoder, whose last
+    map has the coarsest grid and the most context, as a classifier's last map. A
+    Resize of a 1x1 map (DeepLabV3's image pooling branch) only broadcasts it, and does
+    not count. All of ``extended`` when nothing upsamples."""
+    first = next((index for index, layer in enumerate(layers)
+                  if layer.op in UPSAMPLING and layer.source in by_name
+                  and by_name[layer.source].extended), len(layers))
+    before = {layer.name for layer in layers[:first]}
+    return [layer for layer in extended if layer.name in before] or extended
 
 
 def behind_views(layer: LayerInfo, by_name: dict[str, LayerInfo]) -> LayerInfo:
@@ -119,7 +143,7 @@ def size(layer: LayerInfo) -> int:
 
 
 def before_class_scores(layer: LayerInfo, by_name: dict[str, LayerInfo],
-                        classes: int | None) -> LayerInfo:
+                        classes: set[int | None]) -> LayerInfo:
     """The map a class-score convolution reads, when ``layer`` is (an activation of)
     one: a convolution with one output channel per class; else ``layer``."""
     current = layer
@@ -127,7 +151,7 @@ def before_class_scores(layer: LayerInfo, by_name: dict[str, LayerInfo],
         current = by_name[current.source]
     # ONNX's Conv is channels-first; Keras' Conv2D channels-last.
     channels = current.shape[1] if current.op == "Conv" else current.shape[-1]
-    if current.role != CONV or channels != classes:
+    if current.role != CONV or channels not in classes:
         return layer
     while current.source in by_name:
         current = by_name[current.source]

@@ -9,6 +9,7 @@ usual layer in ``test_torch_zoo.py``, on the exports it shares with the map test
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,62 @@ def test_a_map_made_by_views_alone_stays() -> None:
                    ("gap", "GlobalAveragePool", (1, 8, 1, 1)), ("flat", "Flatten", (1, 8)),
                    ("fc", "Gemm", (1, 10)))
     assert default_layer(layers).name == "map"
+
+
+# --------------------------------------------------------------------------- segmenters
+
+
+def test_a_segmenter_ends_where_it_first_upsamples_a_map() -> None:
+    """DeepLabV3's shape: the image-pooling branch's Resize broadcasts a 1x1 map (no
+    upsampling); the head's class scores are upsampled to the image. The default is
+    the map the class-score convolution reads."""
+    layers = chain(("block", "Relu", (1, 64, 8, 8)), ("pool", "GlobalAveragePool", (1, 64, 1, 1)),
+                   ("pool_relu", "Relu", (1, 64, 1, 1)), ("broadcast", "Resize", (1, 64, 8, 8)),
+                   ("concat", "Concat", (1, 128, 8, 8)), ("head", "Relu", (1, 32, 8, 8)),
+                   ("scores", "Conv", (1, 4, 8, 8)), ("up", "Resize", (1, 4, 64, 64)))
+    assert default_layer(layers).name == "head"
+
+
+def test_a_unet_defaults_to_its_bottleneck() -> None:
+    """Keras (NHWC): the first upsampling is the transposed convolution after the
+    bottleneck; the decoder's maps after it are larger and not the default."""
+    layers = chain(("enc", "Conv2D", (None, 16, 16, 8)), ("down", "MaxPooling2D", (None, 8, 8, 8)),
+                   ("bottleneck", "Conv2D", (None, 8, 8, 16)),
+                   ("up", "Conv2DTranspose", (None, 16, 16, 12)),
+                   ("dec", "Conv2D", (None, 16, 16, 12)), ("classes", "Conv2D", (None, 16, 16, 4)))
+    assert default_layer(layers).name == "bottleneck"
+
+
+def test_a_segmenter_that_never_upsamples_defaults_to_what_its_scores_read() -> None:
+    layers = chain(("conv", "Conv", (1, 4, 8, 8)), ("relu", "Relu", (1, 4, 8, 8)),
+                   ("classes", "Conv", (1, 3, 8, 8)))
+    assert default_layer(layers).name == "relu"
+
+
+# name: what the default is: a module path it is the output of, or its name
+SEGMENTER_DEFAULTS = {
+    "fcn": ("modules", "classifier.2"),  # FCNHead's ReLU, before Dropout and the scores
+    "deeplabv3": ("modules", "classifier.3"),  # DeepLabHead's ReLU, after ASPP
+    "lraspp": ("name", "/classifier/Mul"),  # the high branch gated by its pooled scale
+    "unet": ("name", "bottleneck"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SEGMENTER_DEFAULTS))
+def test_segmenters_default_to_the_map_before_upsampling(name: str, tmp_path: Path) -> None:
+    """torchvision's three through the legacy exporter's file, the Keras U-Net saved."""
+    from segmenters import torch_onnx, torchvision_segmenter, unet
+
+    from onnxcam.exporter.pipeline import list_layers
+
+    if name == "unet":
+        pytest.importorskip("tensorflow")
+        path = tmp_path / "unet.keras"
+        unet(softmax=True).save(path)
+    else:
+        pytest.importorskip("torchvision")
+        path = torch_onnx(torchvision_segmenter(name), "legacy", tmp_path)
+    chosen = default_layer(list_layers(path))
+    kind, want = SEGMENTER_DEFAULTS[name]
+    assert (want in chosen.modules) if kind == "modules" else chosen.name == want
