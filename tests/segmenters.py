@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from cam_references import ref_normalize
 
 import onnxcam
 
@@ -25,15 +26,12 @@ def image(seed: int = 5, count: int = 1, size: int = SIZE) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
 
 
-def normalised(cam: np.ndarray) -> np.ndarray:
-    cam = np.asarray(cam, np.float64)
-    return (cam - cam.min()) / max(float(np.ptp(cam)), 1e-12)
-
-
 def map_error(got: np.ndarray, want: np.ndarray) -> float:
     """max |a - b| of the two maps, each min-max normalised, as the references make them."""
     assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.abs(normalised(got) - normalised(want)).max())
+    pair = np.stack([got, want]).astype(np.float64)
+    normalised = ref_normalize(pair)
+    return float(np.abs(normalised[0] - normalised[1]).max())
 
 
 # ------------------------------------------------------------------ torchvision
