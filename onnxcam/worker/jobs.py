@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from onnxcam.bundle import BundleInfo
+from onnxcam.bundle import OUTPUT_PIXELS, BundleInfo
 from onnxcam.engine.explainer import DEFAULT_BATCH, Explainer, Explanation
 from onnxcam.engine.images import RESAMPLING, Limits, decode, decoding, resize, to_array
 from onnxcam.engine.outputs import file_names, render, stored_size
@@ -297,12 +297,12 @@ def _store_batch(spec: JobSpec, decoded: _Decoded, explained: _Explained, store:
                  timings: dict[str, float]) -> list[tuple[int, dict[str, Any]]]:
     """Write each image's files and record (the record last); bad images' records too."""
     results = []
-    for index, rows in explained.rows.items():
+    for index, found in explained.images.items():
         image = decoded.arrays[index]
         if one_class(decoded.targets[index]):
-            record = _store_image(spec, index, image, rows[0], store, timings)
+            record = _store_image(spec, index, image, found, store, timings)
         else:
-            record = _store_rows(spec, index, image, rows, store, timings)
+            record = _store_rows(spec, index, image, found, store, timings)
         results.append((index, record))
     for index, record in [*decoded.errors, *explained.errors]:
         write_record(store, spec.job_id, index, record)
@@ -316,7 +316,6 @@ class _Row:
 
     explanation: Explanation
     position: int
-    top: list[dict[str, Any]]  # the image's best classes
     faithfulness: dict[str, float] | None = None
 
     @property
@@ -330,11 +329,19 @@ class _Row:
 
 
 @dataclass
-class _Explained:
-    """A batch's rows by image (an image all-positive found nothing for has none), and
-    the images whose targets the engine refused."""
+class _Image:
+    """One image of an engine call: its rows (none where all-positive found no class),
+    and what its record says of its scores, the same whatever its rows."""
 
-    rows: dict[int, list[_Row]]
+    rows: list[_Row]
+    score_part: dict[str, Any]  # ``logits``, ``top`` (and a segmenter's ``scores``)
+
+
+@dataclass
+class _Explained:
+    """A batch's explained images by index, and those whose targets the engine refused."""
+
+    images: dict[int, _Image]
     errors: list[tuple[int, dict[str, Any]]]
 
 
@@ -364,7 +371,7 @@ def _explain_into(explained: _Explained, explainer: Explainer, spec: JobSpec,
     once the scores are known (a weighting of the wrong shape, too many classes picked),
     each image alone, so that one image's error does not end the others."""
     try:
-        explained.rows.update(_explain_group(explainer, spec, decoded, group, targets))
+        explained.images.update(_explain_group(explainer, spec, decoded, group, targets))
         return
     except BadTargetError as exc:
         if len(group) == 1:
@@ -376,22 +383,36 @@ def _explain_into(explained: _Explained, explainer: Explainer, spec: JobSpec,
 
 
 def _explain_group(explainer: Explainer, spec: JobSpec, decoded: _Decoded, group: list[int],
-                   targets: list[Any] | None) -> dict[int, list[_Row]]:
-    """One engine call for ``group``'s images; their rows by image."""
+                   targets: list[Any] | None) -> dict[int, _Image]:
+    """One engine call for ``group``'s images; each with its rows."""
     images = [decoded.arrays[i].model_input for i in group]
     threshold = DEFAULT_THRESHOLD if spec.threshold is None else spec.threshold
     explanation = explainer.explain(images, targets=targets, method=spec.method,
                                     batch_size=len(group), threshold=threshold,
                                     **spec.options)
-    scores = (_faithfulness(explainer, images, explanation, spec.faithfulness_steps)
-              if spec.faithfulness_steps else [None] * len(explanation.targets))
-    tops = explanation.top(TOP_K)
-    rows: dict[int, list[_Row]] = {index: [] for index in group}
+    aucs = (_faithfulness(explainer, images, explanation, spec.faithfulness_steps)
+            if spec.faithfulness_steps else [None] * len(explanation.targets))
+    found = {index: _Image([], part)
+             for index, part in zip(group, _score_parts(explanation))}
     assert explanation.image_index is not None  # set by Explanation itself
     for position, image in enumerate(explanation.image_index):
-        rows[group[int(image)]].append(_Row(explanation, position, tops[position],
-                                            scores[position]))
-    return rows
+        found[group[int(image)]].rows.append(_Row(explanation, position, aucs[position]))
+    return found
+
+
+def _score_parts(explanation: Explanation) -> list[dict[str, Any]]:
+    """Per image of the call, rows or none, what its record says of its scores:
+    ``logits`` (a segmenter's, one set per pixel, stay out as in ``explain``'s records:
+    null), ``top``, its TOP_K best classes, and for a segmenter ``scores``, every class's
+    share of the image's pixels (a classifier's are its logits through its head)."""
+    logits = explanation.image_logits
+    assert logits is not None  # set by Explanation itself
+    tops = explanation.image_top(TOP_K)
+    if explanation.info.output == OUTPUT_PIXELS:
+        return [{"logits": None, "top": top, "scores": [float(v) for v in shares]}
+                for top, shares in zip(tops, explanation.scores_of(logits))]
+    return [{"logits": [float(v) for v in each], "top": top}
+            for each, top in zip(logits, tops)]
 
 
 def _faithfulness(explainer: Explainer, images: list[np.ndarray], explanation: Explanation,
@@ -415,26 +436,27 @@ def _faithfulness(explainer: Explainer, images: list[np.ndarray], explanation: E
     return found
 
 
-def _store_image(spec: JobSpec, index: int, image: Loaded, row: _Row, store: Store,
+def _store_image(spec: JobSpec, index: int, image: Loaded, found: _Image, store: Store,
                  timings: dict[str, float]) -> dict[str, Any]:
-    """An image of one class: its files and record as they have always been."""
+    """An image of one class: its files and record as they have always been (with a
+    segmenter's ``scores``)."""
+    (row,) = found.rows
     uris = _store_files(spec, index, "", image, row, store)
-    record = {**_image_part(spec, index, image, row, timings), **_row_part(row, uris)}
+    record = {**_image_part(spec, index, image, found, timings), **_row_part(row, uris)}
     del record["target_name"]  # the record old messages have always got
     write_record(store, spec.job_id, index, record)
     return record
 
 
-def _store_rows(spec: JobSpec, index: int, image: Loaded, rows: list[_Row], store: Store,
+def _store_rows(spec: JobSpec, index: int, image: Loaded, found: _Image, store: Store,
                 timings: dict[str, float]) -> dict[str, Any]:
     """An image of other or several targets: each row's files as ``NNNNN.<target>.npy``
     and so on, and one record whose ``targets`` holds the rows (none: all-positive
-    found nothing)."""
-    names = file_names([row.name for row in rows])
+    found nothing; the record still has the image's scores)."""
+    names = file_names([row.name for row in found.rows])
     parts = [_row_part(row, _store_files(spec, index, f".{name}", image, row, store))
-             for row, name in zip(rows, names)]
-    record = {**_image_part(spec, index, image, rows[0] if rows else None, timings),
-              "targets": parts}
+             for row, name in zip(found.rows, names)]
+    record = {**_image_part(spec, index, image, found, timings), "targets": parts}
     write_record(store, spec.job_id, index, record)
     return record
 
@@ -447,20 +469,15 @@ def _store_files(spec: JobSpec, index: int, name: str, image: Loaded, row: _Row,
             for kind, suffix in IMAGE_FILES.items()}
 
 
-def _image_part(spec: JobSpec, index: int, image: Loaded, row: _Row | None,
+def _image_part(spec: JobSpec, index: int, image: Loaded, found: _Image,
                 timings: dict[str, float]) -> dict[str, Any]:
     """What a record says of the image, whatever it was explained for."""
-    part: dict[str, Any] = {
+    return {
         "job": spec.job_id, "index": index, "image": spec.images[index].name,
         "status": "ok", "bundle": spec.bundle, "method": spec.method,
         "image_size": [int(image.size[0]), int(image.size[1])], "timings": timings,
+        **found.score_part,
     }
-    if row is not None:  # the image's scores: the same in each of its rows
-        scores = row.explanation.logits[row.position]
-        # A segmenter's logits, one set per pixel, stay out (as ``explain``'s records).
-        part["logits"] = [float(v) for v in scores] if scores.ndim == 1 else None
-        part["top"] = row.top
-    return part
 
 
 def _row_part(row: _Row, uris: dict[str, str]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from onnxcam.engine.maps import heatmaps
 from onnxcam.engine.targets import Contrast
 from onnxcam.errors import MalformedJobError
 from onnxcam.exporter import export
+from onnxcam.runtime import cpu_session
 from onnxcam.worker.client import _per_image, job_records
 from onnxcam.worker.jobs import ModelCache, run_job
 from onnxcam.worker.message import ImageRef, JobSpec, parse_job
@@ -108,7 +109,8 @@ def test_all_positive_rows_are_the_engines(bundle: Path, images: list[Path],
 def test_an_image_with_no_class_over_the_threshold_gets_a_record(
         bundle: Path, images: list[Path], store: Store) -> None:
     explainer = Explainer(bundle, device="cpu")
-    best = explainer.explain([str(p) for p in images]).probabilities.max(axis=1)
+    plain = explainer.explain([str(p) for p in images])  # top-1: every image's logits
+    best = plain.probabilities.max(axis=1)
     threshold = float(np.sort(best)[:2].mean())  # the least sure image has none over it
     rows = run(spec_for(store, bundle, images, ["all-positive"] * 3, threshold),
                store, images[0].parent)
@@ -117,6 +119,13 @@ def test_an_image_with_no_class_over_the_threshold_gets_a_record(
     empty = int(np.argmin(best))
     (nothing,) = [r for r in rows if r["index"] == empty]
     assert nothing["status"] == "ok" and nothing["targets"] == [] and "files" not in nothing
+    # Its scores all the same: the logits, and the top five by a sigmoid in numpy.
+    assert_close(nothing["logits"], plain.logits[empty], 1e-6, "logits")
+    probabilities = 1 / (1 + np.exp(-np.asarray(nothing["logits"], np.float64)))
+    assert [t["class"] for t in nothing["top"]] == np.argsort(-probabilities)[:5].tolist()
+    assert [t["score"] for t in nothing["top"]] == pytest.approx(
+        np.sort(probabilities)[::-1][:5], abs=1e-6)
+    assert "scores" not in nothing  # a classifier's are its logits through its head
     assert_rows_match([r for r in rows if r["index"] != empty], expected, store)
     assert not [n for n in store.names("jobs/job-1/") if n.startswith(f"{empty:05d}.")
                 and n != f"{empty:05d}.json"]
@@ -155,6 +164,35 @@ def test_old_messages_keep_their_files_and_records(bundle: Path, images: list[Pa
         assert sorted(store.names(f"jobs/{job}/")) == sorted(
             f"{i:05d}{suffix}" for i in range(3) for suffix in (".npy", ".png", ".raw.npy",
                                                                 ".json")) + ["summary.json"]
+
+
+def test_a_segmenters_records_carry_every_class_share(images: list[Path], folder: Path,
+                                                     store: Store) -> None:
+    """A segmenter's records, whether its image got one class, several or none: ``logits``
+    null (they are per pixel), ``scores`` every class's share of the pixels, ``top`` the
+    five largest; the shares by numpy from the source graph in plain onnxruntime."""
+    source = models.onnx_segmenter(seed=2, classes=8)
+    bundle = folder / "segmenter.cam.onnx"
+    export(source, bundle, layer="last_relu", preprocess="unit")
+    pixels = np.stack([np.asarray(Image.open(path)) for path in images])
+    scores = cpu_session(source.SerializeToString()).run(
+        None, {"input": (pixels / 255).astype(np.float32).transpose(0, 3, 1, 2)})[0]
+    shares = np.stack([np.bincount(w.ravel(), minlength=8) / w.size
+                       for w in scores.argmax(axis=1)])
+    assert (shares > 0).sum(axis=1).max() > 5  # more classes win pixels than a top lists
+    two = [int(c) for c in np.argsort(-shares[1])[:2]]
+    rows = run(spec_for(store, bundle, images, [None, two, "all-positive"], threshold=0.99),
+               store, images[0].parent)
+    assert set(rows[0]) == ONE_CLASS_KEYS | {"scores"}  # the old keys, and the shares
+    assert [r["index"] for r in rows] == [0, 1, 1, 2] and rows[3]["targets"] == []
+    for row in rows:
+        assert row["logits"] is None
+        np.testing.assert_allclose(row["scores"], shares[row["index"]], atol=1e-7)
+        top = row["top"]
+        assert [t["score"] for t in top] == pytest.approx(
+            np.sort(shares[row["index"]])[::-1][:5], abs=1e-7)
+        assert all(t["score"] == pytest.approx(shares[row["index"]][t["class"]], abs=1e-7)
+                   for t in top)
 
 
 def test_bad_targets_end_their_image_only(bundle: Path, images: list[Path],
