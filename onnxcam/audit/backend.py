@@ -246,13 +246,8 @@ def explain_findings(explainer: Explainer, rows: list[AuditRow], batch: np.ndarr
     raw = np.concatenate([p.raw for p in parts])
     targets = np.concatenate([p.targets for p in parts]).astype(np.int64)
     images = np.concatenate([p.images() for p in parts]).astype(np.int64)
-    logits = np.concatenate([p.logits for p in parts])
-    image_logits: dict[int, np.ndarray] = {}
-    for image, row_logits in zip(images, logits):
-        image_logits.setdefault(int(image), row_logits)
-    unseen = [i for i in range(len(batch)) if i not in image_logits]
-    if unseen:  # no target over the threshold: the row still shows what was predicted
-        image_logits.update(zip(unseen, explainer.predict(batch[unseen])))
+    # Every image's, rows or none: one all-positive found nothing in still shows its pred.
+    image_logits = np.concatenate([p.image_logits for p in parts])
     faithfulness: list[dict[str, float] | None] = [None] * len(raw)
     if settings.faithfulness and len(raw):
         deletion, insertion = deletion_insertion_auc(

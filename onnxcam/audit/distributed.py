@@ -11,10 +11,8 @@ A worker that dies mid-chunk delays its job until the broker redelivers it.
 from __future__ import annotations
 
 import io
-import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,11 @@ from typing import Any
 import numpy as np
 
 from onnxcam.audit.backend import AuditRow, ExplainSettings, MapOutcome, RowOutcome
-from onnxcam.bundle import OUTPUT_PIXELS, read_bundle
+from onnxcam.bundle import read_bundle
 from onnxcam.errors import AuditError
 from onnxcam.worker.client import celery_status, job_records, submit
 from onnxcam.worker.settings import Settings, load_settings
 from onnxcam.worker.store import Store
-
-log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1
 
@@ -44,11 +40,10 @@ class DistributedBackend:
         self.info = bundle.info
         self.sha = self.store.put_bundle(bundle.data)
         self.in_flight = in_flight
-        self.warned = False  # about a segmenter's pixel shares cut to the record's top
 
     def run(self, chunks: Iterable[list[AuditRow]],
             settings: ExplainSettings) -> Iterator[list[RowOutcome]]:
-        pending: dict[str, Sent] = {}
+        pending: dict[str, list[AuditRow]] = {}
         iterator = iter(chunks)
         exhausted = False
         while pending or not exhausted:
@@ -58,18 +53,13 @@ class DistributedBackend:
                     exhausted = True
                 else:
                     targets = [job_targets(row, settings) for row in rows]
-                    pending[self._submit(rows, targets, settings)] = Sent(rows)
+                    pending[self._submit(rows, targets, settings)] = rows
             finished = [job_id for job_id in pending
                         if celery_status(job_id, self.settings) in ("done", "failed")]
             if not finished:
                 time.sleep(POLL_SECONDS)
             for job_id in finished:
-                sent = pending.pop(job_id)
-                unscored = self._read(job_id, sent)
-                if unscored:
-                    pending[self._ask_scores(unscored, sent, settings)] = sent
-                else:
-                    yield sent.outcomes
+                yield self._read(job_id, pending.pop(job_id))
 
     def _submit(self, rows: list[AuditRow], targets: list[Any],
                 settings: ExplainSettings) -> str:
@@ -83,33 +73,11 @@ class DistributedBackend:
         (job_id,) = job.ids
         return job_id
 
-    def _read(self, job_id: str, sent: Sent) -> list[RowOutcome]:
-        """Fill ``sent``'s outcomes from a finished job: a chunk's own, or the scores a
-        follow-up asked for. Returns the outcomes still without scores."""
-        by_image = {index: list(rows) for index, rows in
+    def _read(self, job_id: str, rows: list[AuditRow]) -> list[RowOutcome]:
+        """The outcomes of a finished job's rows, from its records."""
+        by_image = {index: list(records) for index, records in
                     groupby(job_records(job_id, self.store), key=lambda r: int(r["index"]))}
-        if sent.asked is not None:  # a follow-up: one top-1 entry per unscored outcome
-            for position, outcome in enumerate(sent.asked):
-                record = by_image[position][0]
-                if record["status"] != "ok":
-                    outcome.error_code, outcome.error = error_of(record)
-                else:
-                    self._score(outcome, record)
-            sent.asked = None
-            return []
-        sent.outcomes = [self._outcome(row, by_image[position])
-                         for position, row in enumerate(sent.rows)]
-        return [outcome for outcome in sent.outcomes if outcome.ok and not outcome.scored]
-
-    def _ask_scores(self, unscored: list[RowOutcome], sent: Sent,
-                    settings: ExplainSettings) -> str:
-        """A follow-up job for the images all-positive found nothing in: a worker's record
-        of such an image holds no scores, and the row still shows its ``pred``. It asks
-        for their top-1 alone, without faithfulness."""
-        sent.asked = unscored
-        rows = {row.index: row for row in sent.rows}
-        return self._submit([rows[o.index] for o in unscored], [None] * len(unscored),
-                            replace(settings, faithfulness=False))
+        return [self._outcome(row, by_image[position]) for position, row in enumerate(rows)]
 
     def _outcome(self, row: AuditRow, records: list[dict[str, Any]]) -> RowOutcome:
         """A row's outcome from its image's records: one per map (an image all-positive
@@ -120,7 +88,10 @@ class DistributedBackend:
             return RowOutcome(row.index, error_code=code, error=message)
         height, width = first["image_size"]
         outcome = RowOutcome(row.index, image_size=(int(height), int(width)))
-        self._score(outcome, first)
+        try:
+            outcome.logits, outcome.scores = record_scores(first, self.info.num_classes)
+        except AuditError as exc:
+            return RowOutcome.failed(row.index, exc)
         maps = [MapOutcome(int(r["target"]), self._raw(r), r["files"]["raw"],
                            r.get("faithfulness")) for r in records if "files" in r]
         if row.multi:
@@ -131,38 +102,12 @@ class DistributedBackend:
             outcome.heatmap, outcome.faithfulness = found.heatmap, found.faithfulness
         return outcome
 
-    def _score(self, outcome: RowOutcome, record: dict[str, Any]) -> None:
-        """The image's logits; a segmenter's record has none (they are per pixel), and
-        its classes' shares of pixels are those of its ``top`` (at most five; the other
-        classes read 0)."""
-        if record.get("logits") is not None:
-            outcome.logits = np.asarray(record["logits"], np.float32)
-        elif self.info.output == OUTPUT_PIXELS and "top" in record:
-            outcome.scores = np.zeros(self.info.num_classes, np.float64)
-            for entry in record["top"]:
-                outcome.scores[int(entry["class"])] = float(entry["score"])
-            if outcome.scores.sum() < 1 - 1e-4 and not self.warned:
-                self.warned = True
-                log.warning("%s: more classes win pixels than the worker's record lists "
-                            "(%d); the others read 0 in pred, score and correct",
-                            record["image"], len(record["top"]))
-
     def _raw(self, record: dict[str, Any]) -> np.ndarray:
         uri = record["files"]["raw"]
         key = self.store.owns(uri)
         if key is None:  # workers write into the store the job names; never elsewhere
             raise AuditError(f"a worker stored a map at {uri}, outside {self.store.location}")
         return np.load(io.BytesIO(self.store.get(key))).astype(np.float32)
-
-
-@dataclass
-class Sent:
-    """A chunk in flight: its rows, and once its job is read their outcomes and, while
-    a follow-up job fetches their scores, the outcomes it was asked for."""
-
-    rows: list[AuditRow]
-    outcomes: list[RowOutcome] = field(default_factory=list)
-    asked: list[RowOutcome] | None = None
 
 
 def job_targets(row: AuditRow, settings: ExplainSettings) -> Any:
@@ -177,3 +122,22 @@ def job_targets(row: AuditRow, settings: ExplainSettings) -> Any:
 def error_of(record: dict[str, Any]) -> tuple[str, str]:
     error = record["error"]
     return error["code"], error["message"]
+
+
+def record_scores(record: dict[str, Any],
+                  classes: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """An ok record's image scores as (logits, scores): a classifier's ``logits``, or a
+    segmenter's ``scores`` (each class's share of the pixels; its logits are per pixel
+    and stay out of records). AuditError for a record with neither (from a worker that
+    predates ``scores``) or with another class count."""
+    for key in ("logits", "scores"):
+        found = record.get(key)
+        if found is not None:
+            if len(found) != classes:
+                raise AuditError(f"{record['image']}: the worker's record holds "
+                                 f"{len(found)} {key}, not the bundle's {classes}")
+            if key == "logits":
+                return np.asarray(found, np.float32), None
+            return None, np.asarray(found, np.float64)
+    raise AuditError(f"{record['image']}: the worker's record holds no logits or scores "
+                     "(a worker older than this audit? upgrade the workers)")

@@ -54,8 +54,8 @@ def test_distributed_multi_label_and_segmentation_audits(
     multi = pairs_manifests(tmp_path, image_folder)[0]
     seg = segmentation_manifest(tmp_path / "masks", image_folder)
     # name: manifest, bundle, options. The softmax bundle's all-positive finds no class
-    # over 0.5 in any image (each row's pred, its top-1, asked for again); at 0.77 the
-    # sigmoid one finds a class in some images and none in others.
+    # over 0.5 in any image (each row's pred from its record's logits all the same); at
+    # 0.77 the sigmoid one finds a class in some images and none in others.
     audits = {"multi": (multi, audit_bundle, ()), "seg": (seg, audit_bundle, ()),
               "pred": (multi, audit_bundle, ("--explain", "pred")),
               "ml-pred": (multi, multilabel_bundle, ("--explain", "pred", "--threshold", "0.77")),
@@ -92,13 +92,17 @@ def test_distributed_multi_label_and_segmentation_audits(
     pred = lines(tmp_path / "pred-remote")
     assert [(line["row"], line["explained"]) for line in pred] == [(str(row), "") for row in
                                                                     range(4)]
-    assert all(line["pred"] for line in pred)  # the softmax top-1, asked for again
+    assert all(line["pred"] for line in pred)  # the softmax top-1, from the records
     explained = {line["row"] for line in lines(tmp_path / "ml-pred-remote") if line["explained"]}
     assert 0 < len(explained) < 4
     assert any(line["deletion_auc"] for line in lines(tmp_path / "seg-pred-remote"))
-    # Each row's image went to the workers once: a job's entries are its chunk's rows.
+    # Each row's image went to the workers once: a job's entries are its chunk's rows,
+    # each with its list of targets (no top-1 job for the images all-positive skipped).
     store = tmp_path / "store" / "jobs"
     requests = [json.loads(path.read_text()) for path in store.glob("*/request.json")]
+    assert all(isinstance(entry, list) for r in requests for entry in r["targets"])
+    rows = [len({line["row"] for line in lines(tmp_path / f"{name}-local")}) for name in audits]
+    assert len(requests) == sum(-(-count // 2) for count in rows)  # a job per chunk of two
     multi_jobs = [r for r in requests if isinstance(r["targets"][0], list)]
     assert sorted(len(r["images"]) for r in multi_jobs if r["targets"][0] == [
         LABELS.index("cat"), LABELS.index("dog")]) == [2]
