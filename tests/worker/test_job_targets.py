@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from onnxcam.worker.message import ImageRef, JobSpec, parse_job
 from onnxcam.worker.settings import load_settings
 from onnxcam.worker.store import Store
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 # The keys of a one-class record, as workers wrote them before targets were lists.
 ONE_CLASS_KEYS = {"job", "index", "image", "status", "bundle", "method", "target", "label",
                   "logits", "top", "flat", "image_size", "files", "timings"}
@@ -79,6 +81,18 @@ def spec_for(store: Store, bundle: Path, images: list[Path], targets: list[Any],
 
 def stored(store: Store, record: dict[str, Any], kind: str) -> np.ndarray:
     return np.load(io.BytesIO(store.get(store.owns(record["files"][kind]))))
+
+
+def documented_keys() -> set[str]:
+    """The record keys the README's table (Worker service, Results) names."""
+    text = README.read_text()
+    table = text[text.index("**Results** go to the store"):text.index("**Reliability.**")]
+    return {key for first in re.findall(r"^\| (`[^|]+) \|", table, re.MULTILINE)
+            for key in re.findall(r"`([a-z_]+)`", first)}
+
+
+def assert_documented(rows: list[dict[str, Any]]) -> None:
+    assert set().union(*map(set, rows)) <= documented_keys()
 
 
 def assert_rows_match(rows: list[dict[str, Any]], expected: Any, store: Store,
@@ -148,6 +162,7 @@ def test_contrasts_lists_and_top_k_in_one_job(bundle: Path, images: list[Path],
     second = explainer.explain(str(images[1]), targets="top:2")
     assert_rows_match(rows[3:5], second, store, first=1)
     assert set(rows[5]) == ONE_CLASS_KEYS and rows[5]["target"] == 3  # one class: as before
+    assert_documented(rows)
     assert {"00002.npy", "00002.png", "00002.raw.npy", "00002.json"} <= names
 
 
@@ -184,6 +199,7 @@ def test_a_segmenters_records_carry_every_class_share(images: list[Path], folder
     rows = run(spec_for(store, bundle, images, [None, two, "all-positive"], threshold=0.99),
                store, images[0].parent)
     assert set(rows[0]) == ONE_CLASS_KEYS | {"scores"}  # the old keys, and the shares
+    assert_documented(rows)
     assert [r["index"] for r in rows] == [0, 1, 1, 2] and rows[3]["targets"] == []
     for row in rows:
         assert row["logits"] is None
@@ -221,6 +237,7 @@ def test_bad_targets_end_their_image_only(bundle: Path, images: list[Path],
                      "mask outside the roots": "forbidden_path",
                      "mask not an image": "bad_image"}
     assert all(len(row["error"]["message"]) < 600 for row in rows[:len(cases)])
+    assert_documented(rows)
     assert [(r["status"], r["target"]) for r in rows[len(cases):]] == [("ok", 0), ("ok", 1)]
 
 
