@@ -85,22 +85,23 @@ class Explanation:
     # Gradient methods: the signed per-channel image behind the map, float32
     # [N, H, W, C] (see each method); None for CAM methods.
     input_gradients: np.ndarray | None = None
-    # int [M]: the image (its position in the call) each row explains; None: row i is
-    # image i.
-    image_index: np.ndarray | None = None
+    # int [M]: the image (its position in the call) each row explains; left out: row i
+    # is image i.
+    image_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     # Each row's target by name: the class label, "a-vs-b" for a contrast, a Region's or
-    # Weighting's name. None: the labels of ``targets``.
-    target_names: list[str] | None = None
+    # Weighting's name; left out: the labels of ``targets``.
+    target_names: list[str] = field(default_factory=list)
     # float32 [N, ...]: every image's logits, rows or none (all-positive may find no class
-    # for an image). None: ``logits``, one row per image.
-    image_logits: np.ndarray | None = None
+    # for an image); left out: ``logits``, one row per image.
+    image_logits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def __post_init__(self) -> None:
-        if self.image_index is None:
-            self.image_index = np.arange(len(self.targets))
-        if self.target_names is None:
+        rows = len(self.targets)
+        if len(self.image_index) != rows:
+            self.image_index = np.arange(rows)
+        if len(self.target_names) != rows:
             self.target_names = [self.info.label(int(t)) for t in self.targets]
-        if self.image_logits is None:
+        if not len(self.image_logits):
             self.image_logits = self.logits
 
     @property
@@ -271,8 +272,8 @@ class Explainer:
             if progress is not None:
                 progress(images)
 
-        items = ([[int(t)] for t in targets] if isinstance(targets, np.ndarray)
-                 else targets)
+        items: list[list[Target]] = ([[int(t)] for t in targets]
+                                     if isinstance(targets, np.ndarray) else targets)
         batch = np.ascontiguousarray(batch)
         options = options or MethodOptions()
         if plain(items, self.info):

@@ -192,17 +192,21 @@ def _draw_colour_bar(strip: Image.Image, top: int, colormap: str) -> None:
 
 
 def record(image: str, explanation: Explanation, index: int, files: list[str]) -> dict[str, Any]:
-    """Row ``index``'s JSON record (a segmenter's logits, one per pixel, are left out)."""
-    scores = explanation.logits[index]
-    return {
+    """Row ``index``'s JSON record. A segmenter's logits, one per pixel, are left out
+    (null); its ``scores`` are every class's share of the image's pixels."""
+    logits = explanation.logits[index]
+    line = {
         "image": image,
         "target": int(explanation.targets[index]),
         "target_name": explanation.target_names[index],
-        "logits": [float(v) for v in scores] if scores.ndim == 1 else None,
+        "logits": [float(v) for v in logits] if logits.ndim == 1 else None,
         "top": explanation.top(5)[index],
         "flat": bool(explanation.flat[index]),
         "files": files,
     }
+    if logits.ndim > 1:
+        line["scores"] = [float(v) for v in explanation.scores_of(logits[None])[0]]
+    return line
 
 
 # What a target's name may keep in a file name; anything else becomes '_'.

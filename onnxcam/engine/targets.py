@@ -100,11 +100,12 @@ def checked(target: Any, info: BundleInfo) -> list[Target]:
     if not is_target(target):
         raise BadTargetError(f"{clipped(repr(target))} is not a target (a class number or "
                              "label, 'all-positive', 'top:k', Contrast, Region or Weighting)")
-    if isinstance(target, str) and target not in info.labels and \
-            (target == ALL_POSITIVE or TOP.match(target)):  # a label wins, as over numbers
-        if TOP.match(target) and not 1 <= int(TOP.match(target).group(1)) <= info.num_classes:
+    if isinstance(target, str) and target not in info.labels:  # a label wins, as numbers do
+        top = TOP.match(target)
+        if top and not 1 <= int(top.group(1)) <= info.num_classes:
             raise BadTargetError(f"{target}: k must be 1 to {info.num_classes}")
-        return [target]
+        if top or target == ALL_POSITIVE:
+            return [target]
     if isinstance(target, Contrast):
         pair = Contrast(info.class_index(target.positive), info.class_index(target.negative))
         if pair.positive == pair.negative:
@@ -177,17 +178,20 @@ def row(image: int, target: Target, logits: np.ndarray, info: BundleInfo) -> Row
         if not pixels:
             return Row(image, int(target), info.label(int(target)))
         target = Region(int(target))
-    if isinstance(target, Contrast):
+    if isinstance(target, Contrast):  # its classes are numbers by now (``checked``)
+        positive, negative = int(target.positive), int(target.negative)
         weights = np.zeros(logits.shape, np.float32)
-        weights[target.positive] += 1.0
-        weights[target.negative] -= 1.0
-        name = f"{info.label(int(target.positive))}-vs-{info.label(int(target.negative))}"
-        return Row(image, int(target.positive), name, weights)
+        weights[positive] += 1.0
+        weights[negative] -= 1.0
+        name = f"{info.label(positive)}-vs-{info.label(negative)}"
+        return Row(image, positive, name, weights)
     if isinstance(target, Region):
         cls = int(target.cls)
         weights = np.zeros(logits.shape, np.float32)
         weights[cls] = region_mask(target.mask, logits, cls)
         return Row(image, cls, target.name or info.label(cls), weights)
+    if not isinstance(target, Weighting):
+        raise BadTargetError(f"{clipped(repr(target))} was not resolved to a class")
     if target.weights.shape != logits.shape:
         raise BadTargetError(f"a weighting of shape {list(target.weights.shape)} for logits "
                              f"of shape {list(logits.shape)} (one image's)")
@@ -256,9 +260,11 @@ def target_from_json(value: Any, info: BundleInfo,
         return Contrast(*value["contrast"])
     if "region" in value and set(value) <= {"region", "mask"}:
         reference = value.get("mask")
-        if reference is not None and (mask_of is None or not isinstance(reference, str)):
+        if reference is None:
+            return Region(value["region"])
+        if mask_of is None or not isinstance(reference, str):
             raise BadTargetError("a region's mask must be a reference to a mask image")
-        return Region(value["region"], None if reference is None else mask_of(reference))
+        return Region(value["region"], mask_of(reference))
     if set(value) == {"weights"} and isinstance(value["weights"], list):
         try:
             weights = np.asarray(value["weights"], np.float32)
