@@ -21,7 +21,7 @@ from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 from onnxcam.words import clipped
 
 # The newest format this onnxcam reads. Bundles are written as version 1 unless their
-# logits are per pixel (version 2), so that an older reader refuses only those.
+# logits are per pixel or per anchor (version 2), so that an older reader refuses only those.
 FORMAT_VERSION = 2
 
 # Graph inputs.
@@ -42,13 +42,15 @@ OUTPUT_WEIGHTS = "weights"  # Grad-CAM channel weights [N, C]; the only gradient
 # Whole-network gradients, NHWC [N, H, W, C], with respect to the model input.
 OUTPUT_INPUT_GRADIENTS = "input_gradients"
 OUTPUT_GUIDED_INPUT_GRADIENTS = "guided_input_gradients"  # guided backprop's ReLU rule
+# A detector's boxes before suppression, [N, A, 4]: x0, y0, x1, y1 in input pixels.
+OUTPUT_BOXES = "boxes"
 INPUT_GRADIENT_OUTPUTS = (OUTPUT_INPUT_GRADIENTS, OUTPUT_GUIDED_INPUT_GRADIENTS)
 # The per-layer outputs; the first layer has them unsuffixed, layer i > 0 as ``cam.i``.
 LAYER_OUTPUTS = (OUTPUT_ACTIVATIONS, OUTPUT_GRADIENTS, OUTPUT_WEIGHTS, OUTPUT_CAM)
 RESERVED_NAMES = (
     INPUT_IMAGE, INPUT_TARGET, INPUT_TARGET_WEIGHTS, OUTPUT_LOGITS, OUTPUT_ACTIVATIONS,
     OUTPUT_GRADIENTS, OUTPUT_CAM, OUTPUT_WEIGHTS, OUTPUT_INPUT_GRADIENTS,
-    OUTPUT_GUIDED_INPUT_GRADIENTS,
+    OUTPUT_GUIDED_INPUT_GRADIENTS, OUTPUT_BOXES,
 )
 
 # Metadata keys.
@@ -102,8 +104,10 @@ GRADIENT_MODES = ("analytic", "fd")
 # the model's outputs as they are).
 HEAD_SOFTMAX, HEAD_SIGMOID, HEAD_NONE = "softmax", "sigmoid", "none"
 HEADS = (HEAD_SOFTMAX, HEAD_SIGMOID, HEAD_NONE)
-OUTPUT_CLASSES, OUTPUT_PIXELS = "classes", "pixels"
-OUTPUT_KINDS = (OUTPUT_CLASSES, OUTPUT_PIXELS)
+# What the logits are: [N, K] class scores; a segmenter's [N, K, h, w] per pixel; a
+# detector's [N, K, A] per anchor (box) before suppression, with ``boxes`` beside them.
+OUTPUT_CLASSES, OUTPUT_PIXELS, OUTPUT_ANCHORS = "classes", "pixels", "anchors"
+OUTPUT_KINDS = (OUTPUT_CLASSES, OUTPUT_PIXELS, OUTPUT_ANCHORS)
 
 
 @dataclass(frozen=True)
@@ -249,7 +253,7 @@ class BundleInfo:
     def to_metadata(self) -> dict[str, str]:
         """The ``metadata_props`` entries that describe this bundle."""
         props = {
-            KEY_FORMAT: "2" if self.output == OUTPUT_PIXELS else "1",
+            KEY_FORMAT: "1" if self.output == OUTPUT_CLASSES else "2",
             KEY_VERSION: self.version,
             KEY_HEIGHT: str(self.height),
             KEY_WIDTH: str(self.width),
