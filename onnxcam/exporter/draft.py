@@ -16,6 +16,7 @@ import onnx
 
 from onnxcam.bundle import GRADIENT_MODES, HEAD_SOFTMAX, HEADS, OUTPUT_CLASSES, HeadInput
 from onnxcam.errors import ExportError
+from onnxcam.exporter.detectors import Detection
 from onnxcam.exporter.frontends import SourceModel, Tap
 from onnxcam.exporter.vjp.context import TensorShape
 from onnxcam.layout import Layout, TokenGrid
@@ -64,6 +65,7 @@ class Draft:
     layer_order: tuple[str, ...] = ()  # every candidate layer's name, in graph order
     batch_size: int = 0  # 0: any batch; else the model's own, which the bundle keeps
     pixels_layout: Layout | None = None  # a segmenter's output layout; None: a classifier
+    detection: Detection | None = None  # a detector's scores and boxes (expose_detections)
     # Recorded by the passes:
     removed_activation: str = ""  # a squashing op linearize_logits (or the frontend) removed
     head: str = HEAD_SOFTMAX  # how the logits become probabilities (linearize_logits)
@@ -91,7 +93,7 @@ class Draft:
             source_format=source.source_format, source_sha256=source.source_sha256,
             layer_order=tuple(layer.name for layer in source.layers),
             removed_activation=source.removed_activation, batch_size=source.batch_size,
-            pixels_layout=source.pixels_layout,
+            pixels_layout=source.pixels_layout, detection=source.detection,
         )
 
     @property

@@ -30,6 +30,7 @@ from onnxcam.exporter.passes.cut_at_layers import cut_at_layers
 from onnxcam.exporter.passes.differentiate import differentiate
 from onnxcam.exporter.passes.embed_preprocessing import embed_preprocessing
 from onnxcam.exporter.passes.expose_activation import expose_activation
+from onnxcam.exporter.passes.expose_detections import expose_detections
 from onnxcam.exporter.passes.expose_logits import expose_logits
 from onnxcam.exporter.passes.free_reserved_names import free_reserved_names
 from onnxcam.exporter.passes.guard_padded_pools import guard_padded_pools
@@ -51,6 +52,7 @@ PASSES: tuple[Pass, ...] = (
     expose_activation,  # activations, activations.1, ...
     expose_logits,  # the classifier output as logits
     linearize_logits,  # ... taken from before a terminal softmax or sigmoid
+    expose_detections,  # a detector's logits: its class scores per anchor; and boxes
     embed_preprocessing,  # uint8 NHWC image in
     tidy,  # pruned and sorted: the passes below read a sorted graph
     probe_head,  # the head's shapes and the class count (changes nothing)

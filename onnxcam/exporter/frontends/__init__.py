@@ -11,6 +11,7 @@ import numpy as np
 import onnx as onnx_lib
 
 from onnxcam.errors import UnsupportedModelError
+from onnxcam.exporter.detectors import Detection
 from onnxcam.exporter.known_models import Family
 from onnxcam.exporter.layers import LayerInfo
 from onnxcam.layout import ActivationLayout, Layout
@@ -73,6 +74,8 @@ class SourceModel:
     # A segmenter's per-pixel scores: the layout of its [N, K, h, w] (NCHW) or
     # [N, h, w, K] (NHWC) output; None for a classifier's [N, K].
     pixels_layout: Layout | None = None
+    # A detector's class scores per anchor and its boxes (``exporter.detectors``).
+    detection: Detection | None = None
 
 
 def sha256_of(path: Path) -> str:

@@ -17,6 +17,7 @@ from onnx import helper
 from onnxcam.bundle import PREFIX, BundleInfo
 from onnxcam.errors import BundleError, OnnxcamError, UnsupportedModelError
 from onnxcam.exporter.batch import BATCH_SYMBOL, free_batch, static_batch
+from onnxcam.exporter.detectors import BOX_ROWS, Detection, find_detection, ultralytics_metadata
 from onnxcam.exporter.frontends import (
     OutputShape,
     Reference,
@@ -314,6 +315,7 @@ class Prepared:
     batch_size: int = 0  # 0: any batch; else the one the model runs at (free_batch)
     batch_reason: str = ""  # why the batch stays fixed, in a few words
     pixels_layout: Layout | None = None  # a segmenter's output layout (SourceModel's)
+    detection: Detection | None = None  # a detector's scores and boxes (SourceModel's)
 
 
 def prepare(
@@ -328,6 +330,7 @@ def prepare(
     else:
         name, loaded = str(path), load_proto(path)
     refuse_bundle(loaded, name)
+    ultralytics = ultralytics_metadata(loaded)
     fit_ir_version(loaded, name)
     model = upgrade_opset(loaded, max(opset, 17))
     toposort(model.graph)
@@ -345,6 +348,10 @@ def prepare(
             shapes = output_shapes(plan.model, input_name, sample)
             keep_output(plan.model.graph, choose_output(shapes, logits))
         layers = list_layers(plan.model, input_name, sample)
+    if ultralytics is not None:
+        detection = find_detection(plan.model, layers, ultralytics)
+        return Prepared(plan.model, input_name, found, height, width, channels, layers,
+                        plan.fixed, plan.brief, detection=detection)
     pixels = check_layers_output(plan.model.graph, layers, found)
     return Prepared(plan.model, input_name, found, height, width, channels, layers, plan.fixed,
                     plan.brief, pixels)
@@ -359,6 +366,8 @@ def load(
     logits: str | None = None,
 ) -> SourceModel:
     ready = prepare(path, layout, input_size, opset, logits)
+    if layer is None and ready.detection is not None and ready.detection.layer:
+        layer = ready.detection.layer
     layers = choose_layers(ready.layers, layer)
     chosen = layers[0]
     log.info("target layers: %s", ", ".join(f"{c.name} ({c.op}, {c.tensor})" for c in layers))
@@ -372,6 +381,8 @@ def load(
         # Each image among copies of itself at a fixed batch, as verify runs the bundle.
         (logits,) = run_each_in_copies(session.run, [output], feeds, ready.batch_size) \
             if ready.batch_size else session.run([output], feeds)
+        if ready.detection is not None:  # the bundle's logits are the class rows
+            logits = logits[:, BOX_ROWS:]
         return Reference(logits=logits)
 
     return SourceModel(
@@ -393,6 +404,7 @@ def load(
         batch_size=ready.batch_size,
         batch_reason=ready.batch_reason,
         pixels_layout=ready.pixels_layout,
+        detection=ready.detection,
     )
 
 

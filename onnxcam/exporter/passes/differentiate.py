@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from onnxcam.bundle import OUTPUT_PIXELS
+from onnxcam.bundle import OUTPUT_ANCHORS, OUTPUT_PIXELS
 from onnxcam.errors import ExportError, UnsupportedOpError
 from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.head import unsupported_ops
@@ -18,7 +18,8 @@ def differentiate(draft: Draft) -> bool:
     """Add gradients by the rules when every head op has one, else (``auto``, ``fd``)
     fd channel weights; ``draft.gradient`` records which.
 
-    Whole-network gradients, several layers and segmenters have no fd fallback.
+    Whole-network gradients, several layers, segmenters and detectors have no fd
+    fallback.
     Preconditions:
     those of ``add_gradients`` (``draft.shapes`` from ``probe_head``). False when
     the draft has its gradients already.
@@ -27,8 +28,8 @@ def differentiate(draft: Draft) -> bool:
         return False
     if draft.options.whole_body or len(draft.taps) > 1:
         return differentiate_exactly(draft)
-    if draft.output == OUTPUT_PIXELS:
-        return differentiate_pixels(draft)
+    if draft.output in DENSE:
+        return differentiate_dense(draft)
     if draft.options.gradient != "fd" and try_analytic(draft):
         return True
     if draft.batch_size:
@@ -63,16 +64,22 @@ def try_analytic(draft: Draft) -> bool:
     return True
 
 
-def differentiate_pixels(draft: Draft) -> bool:
-    """A segmenter's gradients, by the rules only: its targets are weightings of the
-    pixels (``target_weights``), which fd channel weights for one class cannot serve."""
+# Logits with more than a class axis, what each is, for the error an fd export gets.
+DENSE = {OUTPUT_PIXELS: "a segmenter (logits [N, K, h, w])",
+         OUTPUT_ANCHORS: "a detector (logits [N, K, anchors])"}
+
+
+def differentiate_dense(draft: Draft) -> bool:
+    """A segmenter's or detector's gradients, by the rules only: its targets are
+    weightings of the pixels or anchors (``target_weights``: a detection is one entry),
+    which fd channel weights for one class cannot serve."""
+    model = DENSE[draft.output]
     if draft.options.gradient == "fd":
-        raise ExportError("a segmenter (logits [N, K, h, w]) needs analytic gradients; "
-                          "drop --gradient fd")
+        raise ExportError(f"{model} needs analytic gradients; drop --gradient fd")
     missing = unsupported_ops(draft.graph)
     if missing:
-        raise ExportError(f"a segmenter (logits [N, K, h, w]) needs analytic gradients, "
-                          f"and its head has ops without a gradient rule: {', '.join(missing)}")
+        raise ExportError(f"{model} needs analytic gradients, and its head has ops "
+                          f"without a gradient rule: {', '.join(missing)}")
     return add_gradients(draft)
 
 

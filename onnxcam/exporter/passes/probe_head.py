@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxcam.bundle import OUTPUT_CLASSES, OUTPUT_LOGITS, OUTPUT_PIXELS
+from onnxcam.bundle import OUTPUT_ANCHORS, OUTPUT_CLASSES, OUTPUT_LOGITS, OUTPUT_PIXELS
 from onnxcam.errors import ExportError, UnsupportedModelError
 from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.head import head_tensors
@@ -14,7 +14,8 @@ from onnxcam.words import plural
 def probe_head(draft: Draft) -> bool:
     """Record ``draft.shapes`` (every head tensor; the whole body when input gradients
     are wanted), ``draft.num_classes`` and ``draft.output`` (a segmenter's logits
-    [N, K, h, w] hold pixels); refuse a labels file of another length.
+    [N, K, h, w] hold pixels, a detector's [N, K, A] anchors); refuse a labels file of
+    another length.
 
     An analysis: the graph is left as it is, so this returns False. Preconditions:
     ``image`` is the input; ``logits`` and the activations are outputs; graph sorted.
@@ -24,11 +25,14 @@ def probe_head(draft: Draft) -> bool:
     draft.shapes = probe_shapes(draft.model, head_tensors(graph, start), draft.height,
                                 draft.width, draft.channels, draft.batch_size)
     logits = draft.shapes[source_of(graph, OUTPUT_LOGITS)]
-    if logits.rank not in (2, 4):
+    if draft.detection is not None and logits.rank == 3:
+        draft.output = OUTPUT_ANCHORS
+    elif logits.rank not in (2, 4):
         raise UnsupportedModelError(
             f"the classifier output has shape {list(logits.dims)}; expected [N, K], or "
             "[N, K, h, w] for a segmenter")
-    draft.output = OUTPUT_CLASSES if logits.rank == 2 else OUTPUT_PIXELS
+    else:
+        draft.output = OUTPUT_CLASSES if logits.rank == 2 else OUTPUT_PIXELS
     draft.num_classes = logits.dims[1]
     labels = draft.options.labels
     if labels and len(labels) != draft.num_classes:

@@ -1,0 +1,123 @@
+"""Detectors the exporter knows: ultralytics' YOLO export (raw head, no NMS in the graph),
+whose one output [N, 4 + K, A] holds each anchor's box (cx, cy, w, h in input pixels)
+and then its K class scores (the sigmoid applied)."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from dataclasses import dataclass
+
+import onnx
+
+from onnxcam.errors import UnsupportedModelError
+from onnxcam.exporter.layers import LayerInfo
+from onnxcam.graph import producers
+
+log = logging.getLogger(__name__)
+
+BOX_ROWS = 4  # cx, cy, w, h, before the class scores on axis 1
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Where a detector's class scores [N, K, A] and boxes [N, 4, A] (cx, cy, w, h) are.
+
+    ``scores`` and ``boxes`` name the tensors the model concatenates into its output,
+    or are empty where the output is to be sliced instead. ``layer`` is the default
+    target layer (a ``LayerInfo.name``), empty when none could be found.
+    """
+
+    output: str
+    classes: int
+    labels: tuple[str, ...] = ()
+    scores: str = ""
+    boxes: str = ""
+    layer: str = ""
+
+
+def ultralytics_metadata(model: onnx.ModelProto) -> dict[str, str] | None:
+    """The metadata of an ultralytics detection export, else None."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get("author") != "Ultralytics" or props.get("task") != "detect":
+        return None
+    return props
+
+
+def labels_of(props: dict[str, str]) -> tuple[str, ...]:
+    """The class names ultralytics writes as a Python dict literal, by index."""
+    try:
+        names = ast.literal_eval(props.get("names", "{}"))
+    except (ValueError, SyntaxError):
+        return ()
+    if not isinstance(names, dict) or sorted(names) != list(range(len(names))):
+        return ()
+    return tuple(str(names[index]) for index in range(len(names)))
+
+
+def find_detection(model: onnx.ModelProto, layers: list[LayerInfo], props: dict[str, str]
+                   ) -> Detection:
+    """The output of an ultralytics detector (``props``, its ``ultralytics_metadata``),
+    after ``prepare`` kept one output and listed ``layers`` (each node's first output
+    with its shape at the probe batch). An export with NMS in the graph, or an NMS-free
+    end-to-end head, is refused: its boxes are already chosen, and their scores are no
+    longer a tensor the graph computes per anchor.
+    """
+    output = model.graph.output[0].name
+    shapes = {layer.tensor: layer.shape for layer in layers}
+    shape = shapes.get(output, ())
+    if props.get("end2end") == "True" or "'nms': True" in props.get("args", "") \
+            or len(shape) != 3 or shape[1] is None:
+        raise UnsupportedModelError(
+            f"the ultralytics detector's output {output} has shape {list(shape)}: its "
+            "detections are chosen in the graph (nms=True, or an end-to-end head); "
+            "export it with model.export(format='onnx', nms=False), and end2end=False "
+            "where the model has an NMS-free head")
+    classes = shape[1] - BOX_ROWS
+    labels = labels_of(props)
+    if labels and len(labels) != classes:
+        log.warning("the model's metadata names %d classes, its output holds %d; "
+                    "names ignored", len(labels), classes)
+        labels = ()
+    scores, boxes = concatenated_parts(model.graph, output, shapes)
+    return Detection(output, classes, labels, scores, boxes, default_layer(model.graph, layers))
+
+
+def concatenated_parts(graph: onnx.GraphProto, output: str,
+                       shapes: dict[str, tuple[int | None, ...]]) -> tuple[str, str]:
+    """(scores, boxes) where ``output`` is Concat([boxes of 4 rows, scores], axis 1), as
+    ultralytics writes it; ("", "") otherwise. Taking the scores from before the Concat
+    keeps the box branch out of the head, and out of its backward pass."""
+    node = producers(graph).get(output)
+    if node is None or node.op_type != "Concat" or len(node.input) != 2:
+        return "", ""
+    axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+    first = shapes.get(node.input[0], ())
+    if axis not in (1, -2) or len(first) != 3 or first[1] != BOX_ROWS:
+        return "", ""
+    return node.input[1], node.input[0]
+
+
+def default_layer(graph: onnx.GraphProto, layers: list[LayerInfo]) -> str:
+    """The largest map the Detect head reads: the neck's stride-8 output (YOLOv8's
+    ``model.15``, YOLO11's ``model.16``), "" where it cannot be told.
+
+    Every anchor's score depends on that map: the stride-8 anchors through their own
+    branch, the stride-16 and 32 ones through the neck's bottom-up path (it is
+    downsampled into them), so no detection gets an empty map, as at the stride-32
+    level the stride-8 anchors would. And it is the finest of the three.
+    The head is the torch module of the node making the output (``/model.22/...``):
+    the maps it reads are those made outside it.
+    """
+    made_by = producers(graph)
+    end = made_by.get(graph.output[0].name)
+    scope = end.name.rpartition("/")[0] + "/" if end is not None and end.name else ""
+    if scope.count("/") < 2:  # no module path: names were stripped
+        return ""
+    inside = {o for node in graph.node if node.name.startswith(scope) for o in node.output}
+    read = {name for node in graph.node if node.name.startswith(scope) for name in node.input
+            if name in made_by and name not in inside}
+    maps = [layer for layer in layers if layer.tensor in read and len(layer.shape) == 4]
+    if not maps:
+        return ""
+    return max(maps, key=lambda layer: (layer.shape[2] or 0) * (layer.shape[3] or 0)).name
