@@ -15,6 +15,7 @@ from onnx import helper
 
 from onnxcam.bundle import (
     INPUT_IMAGE,
+    OUTPUT_BOXES,
     OUTPUT_CAM,
     OUTPUT_GRADIENTS,
     OUTPUT_LOGITS,
@@ -99,10 +100,13 @@ def extract(model: onnx.ModelProto, inputs: Mapping[str, int], outputs: Iterable
 
 
 def trunk_outputs(graph: onnx.GraphProto, head_inputs: Sequence[HeadInput]) -> list[str]:
-    """The trunk's outputs: the logits, every layer's activations and the head's inputs."""
-    activations = [o.name for o in graph.output if is_activation_output(o.name)]
+    """The trunk's outputs: the logits, a detector's boxes (which the engine suppresses
+    before choosing targets), every layer's activations and the head's inputs."""
+    names = [o.name for o in graph.output]
+    activations = [name for name in names if is_activation_output(name)]
+    boxes = [OUTPUT_BOXES] if OUTPUT_BOXES in names else []
     boundary = [h.name for h in head_inputs if h.name != SEED]
-    return list(dict.fromkeys([OUTPUT_LOGITS, *activations, *boundary]))
+    return list(dict.fromkeys([OUTPUT_LOGITS, *boxes, *activations, *boundary]))
 
 
 def split_at_layers(model: onnx.ModelProto, head_inputs: Sequence[HeadInput]
