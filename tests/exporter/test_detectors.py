@@ -188,3 +188,29 @@ def test_an_export_with_nms_is_refused(tmp_path: Path) -> None:
 def test_without_the_metadata_the_output_is_refused_as_before(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="neither a score vector"):
         onnxcam.export(tiny_yolo(metadata={}), tmp_path / "b.onnx")
+
+
+def test_the_cut_trunk_gives_the_boxes_and_the_head_each_detection(
+        tiny: tuple[onnx.ModelProto, Path]) -> None:
+    """The engine's cut (``head_cut``): the trunk once, with the boxes NMS needs, then
+    one row per detection through the head, as the whole bundle gives them."""
+    from onnxcam.bundle import SEED
+    from onnxcam.head_cut import split_at_layers
+
+    model, bundle = tiny
+    info = read_bundle_info(bundle)
+    trunk, head = split_at_layers(onnx.load(str(bundle)), info.head_inputs)
+    pixels = images(1)
+    trunk_session = cpu_session(trunk.SerializeToString())
+    names = [o.name for o in trunk_session.get_outputs()]
+    values = dict(zip(names, trunk_session.run(names, {INPUT_IMAGE: pixels})))
+    seeds = np.zeros((3, CLASSES, ANCHORS), np.float32)
+    for row, (cls, anchor) in enumerate([(0, 5), (2, 200), (1, ANCHORS - 1)]):
+        seeds[row, cls, anchor] = 1.0
+    feeds = {h.name: np.repeat(values[h.name], 3, axis=0) if h.batched else values[h.name]
+             for h in info.head_inputs if h.name != SEED}
+    (cut,) = cpu_session(head.SerializeToString()).run([OUTPUT_GRADIENTS],
+                                                       {**feeds, SEED: seeds})
+    whole = run(bundle, np.repeat(pixels, 3, axis=0), seeds)
+    np.testing.assert_allclose(values[OUTPUT_BOXES], whole[OUTPUT_BOXES][:1], rtol=1e-6)
+    np.testing.assert_allclose(cut, whole[OUTPUT_GRADIENTS], rtol=1e-5, atol=1e-7)
