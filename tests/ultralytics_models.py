@@ -94,6 +94,9 @@ def calibrate_class_biases(model: Any, image: np.ndarray, per_level: int = 2) ->
 def build(name: str, size: int = SIZE, seed: int = 0) -> tuple[Any, Any]:
     """The ``ultralytics.YOLO`` wrapper of ``<name>.yaml`` and its torch model, perturbed
     and calibrated on ``test_image(size)`` (eval mode, float32)."""
+    import torch
+
+    torch.manual_seed(seed)  # ultralytics initialises the layers from torch's global RNG
     yolo = _ultralytics().YOLO(f"{name}.yaml")
     model = yolo.model
     zoo.perturb(model, seed)
