@@ -214,3 +214,13 @@ def test_the_cut_trunk_gives_the_boxes_and_the_head_each_detection(
     whole = run(bundle, np.repeat(pixels, 3, axis=0), seeds)
     np.testing.assert_allclose(values[OUTPUT_BOXES], whole[OUTPUT_BOXES][:1], rtol=1e-6)
     np.testing.assert_allclose(cut, whole[OUTPUT_GRADIENTS], rtol=1e-5, atol=1e-7)
+
+
+def test_without_module_paths_the_layer_must_be_named(tmp_path: Path) -> None:
+    model = tiny_yolo()
+    for each in model.graph.node:
+        each.name = ""
+    with pytest.raises(UnsupportedModelError, match="pass --layer"):
+        onnxcam.export(model, tmp_path / "b.onnx")
+    onnxcam.export(model, tmp_path / "b.onnx", layer="/model.0/act/Mul_output_0")
+    assert read_bundle_info(tmp_path / "b.onnx").output == OUTPUT_ANCHORS

@@ -366,8 +366,8 @@ def load(
     logits: str | None = None,
 ) -> SourceModel:
     ready = prepare(path, layout, input_size, opset, logits)
-    if layer is None and ready.detection is not None and ready.detection.layer:
-        layer = ready.detection.layer
+    if layer is None and ready.detection is not None:
+        layer = detector_layer(ready.detection)
     layers = choose_layers(ready.layers, layer)
     chosen = layers[0]
     log.info("target layers: %s", ", ".join(f"{c.name} ({c.op}, {c.tensor})" for c in layers))
@@ -406,6 +406,16 @@ def load(
         pixels_layout=ready.pixels_layout,
         detection=ready.detection,
     )
+
+
+def detector_layer(detection: Detection) -> str:
+    """A detector's default layer; the generic default (the last map the output pools)
+    means nothing for a detection head, so a graph whose names do not show it is refused."""
+    if not detection.layer:
+        raise UnsupportedModelError(
+            "cannot tell which maps the detector's head reads (its node names carry no "
+            "module paths); pass --layer, e.g. the neck's stride-8 output")
+    return detection.layer
 
 
 def to_layout(images_nhwc: np.ndarray, layout: Layout) -> np.ndarray:
