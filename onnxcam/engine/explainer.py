@@ -24,6 +24,7 @@ from onnxcam.bundle import (
     INPUT_TARGET,
     INPUT_TARGET_WEIGHTS,
     LAYER_OUTPUTS,
+    OUTPUT_ANCHORS,
     OUTPUT_LOGITS,
     OUTPUT_PIXELS,
     SEED,
@@ -55,7 +56,7 @@ from onnxcam.engine.targets import (
     resolve,
     seeds,
 )
-from onnxcam.errors import BadTargetError
+from onnxcam.errors import BadTargetError, BundleError
 from onnxcam.runtime import resolve_device
 from onnxcam.scores import probabilities
 
@@ -264,6 +265,9 @@ class Explainer:
         of an image run the trunk once and the part after the layer once per target,
         where the bundle allows it, else the image once per target.
         """
+        if self.info.output == OUTPUT_ANCHORS:
+            raise BundleError("a detection bundle (scores per anchor): this onnxcam exports "
+                              "detectors but cannot yet pick and explain their detections")
         told = 0.0
 
         def tell(images: float) -> None:

@@ -224,3 +224,13 @@ def test_without_module_paths_the_layer_must_be_named(tmp_path: Path) -> None:
         onnxcam.export(model, tmp_path / "b.onnx")
     onnxcam.export(model, tmp_path / "b.onnx", layer="/model.0/act/Mul_output_0")
     assert read_bundle_info(tmp_path / "b.onnx").output == OUTPUT_ANCHORS
+
+
+def test_the_engine_refuses_detection_bundles_for_now(tiny: tuple[onnx.ModelProto, Path]
+                                                      ) -> None:
+    """Until the engine picks detections, explaining a detection bundle is a clear
+    BundleError, not class maps summed over every anchor."""
+    from onnxcam import BundleError, Explainer
+
+    with pytest.raises(BundleError, match="cannot yet pick and explain their detections"):
+        Explainer(tiny[1], device="cpu").explain(images(1))
