@@ -39,6 +39,7 @@ def load_rules() -> dict[str, Rule]:
         normalization,
         pooling,
         resize,
+        roi_align,
         selection,
         shape,
     )
