@@ -292,7 +292,7 @@ NON_DIFFERENTIABLE = frozenset({
     "Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "Less",
     "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "Sign", "Floor", "Ceil",
     "Round", "IsNaN", "IsInf", "ConstantOfShape", "EyeLike", "RandomNormalLike",
-    "RandomUniformLike",
+    "RandomUniformLike", "NonMaxSuppression",
 })
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,
                          TensorProto.BFLOAT16})
