@@ -34,17 +34,18 @@ def module_outputs(graph: onnx.GraphProto, legacy_names: bool,
     (only for files torch wrote: other tools' names are no module paths).
     Precondition: ``graph`` is topologically sorted.
     """
-    scope_of = {id(node): node_scope(node, legacy_names) for node in graph.node}
+    # By position: protobuf hands out a new wrapper per access, and id() of a freed one
+    # is reused, so ids of graph.node's items are no keys.
+    nodes = list(graph.node)
+    scopes = [node_scope(node, legacy_names) for node in nodes]
     readers: dict[str, list[str]] = {}
-    for node in graph.node:
-        reader = scope_of[id(node)]
+    for node, reader in zip(nodes, scopes):
         for name in node.input:
             if reader is not None:
                 readers.setdefault(name, []).append(reader)
     returned = {output.name for output in graph.output}
     found: dict[str, list[str]] = {}
-    for node in graph.node:
-        scope = scope_of[id(node)]
+    for node, scope in zip(nodes, scopes):
         tensor = node.output[0] if node.output else ""
         if not scope or tensor not in floats:
             continue

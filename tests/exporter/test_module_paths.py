@@ -334,3 +334,20 @@ def test_a_module_in_memory_is_found_inside_a_list_attribute() -> None:
     net.add_module("fc", torch.nn.Linear(6, CLASSES))
     source = load_source(net.eval(), "block.down", example=torch.randn(1, 3, 8, 8))
     assert source.activation == "/block/down/down.1/Relu_output_0"
+
+
+def test_scopes_are_kept_per_node_not_per_wrapper() -> None:
+    """protobuf hands out a fresh wrapper for each access to ``graph.node``, and a freed
+    wrapper's id() is reused: scopes keyed on id() mixed up nodes (or raised KeyError).
+    Every module of a chain keeps its own output."""
+    from onnxcam.exporter.module_paths import module_outputs
+
+    names = [f"block{i}" for i in range(6)]
+    nodes = [helper.make_node("Relu", [f"t{i}"], [f"t{i + 1}"], name=f"/{name}/Relu")
+             for i, name in enumerate(names)]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("t6", TensorProto.FLOAT, [1, 2])])
+    found = module_outputs(graph, True, {f"t{i}" for i in range(7)})
+    assert {name: found[name] for name in names} == {
+        name: [f"t{i + 1}"] for i, name in enumerate(names)}
