@@ -21,6 +21,12 @@ symbol ``N``) reach a node:
   constant's other entries (the dynamo exporter's bilinear upsampling of a
   segmenter's logits): the batch axis was not resized before, and is not now.
 
+A ``Resize`` by constant ``scales`` whose first is 1 (ultralytics' nearest
+upsampling in the neck) needs no rewrite, but ONNX shape inference loses the batch
+symbol there (it multiplies N by 1.0), and with it every shape downstream, the
+Detect head's Reshapes to [1, C, -1] among them: its output is declared to keep the
+batch, so the rule above reaches them.
+
 Nothing else is touched. The rewritten model is then *proved*: it runs at
 batches 2 and 3 and each sample's outputs must equal the original model's run
 on that sample alone (in groups of B when B > 1), within float32 noise. Where
@@ -180,10 +186,12 @@ def rewrite_shape_operands(model: onnx.ModelProto, batch: int) -> list[str]:
                 edit = _free_concat(node, dims, from_input)
             elif node.op_type == "Resize":
                 edit = _free_resize(node, dims, constants, batch)
-            if edit is None:
-                edit = shape_values.fold(node)
-            elif node.op_type in ("Reshape", "Concat", "Resize"):
+            if edit is not None:
                 rewritten.append(node.name or node.output[0])
+            elif node.op_type == "Resize":  # a hint for inference, no rewrite
+                edit = _keep_batch_through_scales(node, dims, constants)
+            else:
+                edit = shape_values.fold(node)
             if edit is not None:
                 edits.append((index, edit))
         if not edits:
@@ -334,6 +342,31 @@ def _free_resize(node: onnx.NodeProto, dims: dict[str, list[int | str | None]],
         resize.input[3] = out
         for offset, new_node in enumerate(extra):
             graph.node.insert(index + offset, new_node)
+        graph.value_info.append(output)
+
+    return edit
+
+
+def _keep_batch_through_scales(node: onnx.NodeProto, dims: dict[str, list[int | str | None]],
+                               constants: dict[str, np.ndarray]) -> Edit | None:
+    """The edit that declares a Resize by constant scales, the first 1, to keep its
+    data's batch symbol (shape inference leaves it unknown); the node is untouched."""
+    if len(node.input) < 3 or node.input[2] not in constants:
+        return None
+    scales = constants[node.input[2]]
+    if scales.ndim != 1 or len(scales) < 2 or float(scales[0]) != 1.0:
+        return None
+    if any(a.name == "axes" for a in node.attribute):
+        return None
+    data, out = dims.get(node.input[0]), dims.get(node.output[0])
+    if not data or data[0] != BATCH_SYMBOL or not out or out[0] == BATCH_SYMBOL:
+        return None
+    if len(out) != len(data) or not all(isinstance(d, int) and d > 0 for d in out[1:]):
+        return None
+    output = helper.make_tensor_value_info(node.output[0], TensorProto.UNDEFINED,
+                                           [BATCH_SYMBOL, *out[1:]])
+
+    def edit(graph: onnx.GraphProto, index: int) -> None:
         graph.value_info.append(output)
 
     return edit

@@ -136,6 +136,29 @@ def resize_model() -> onnx.ModelProto:
     return model
 
 
+def upsample_reshape_model() -> onnx.ModelProto:
+    """A detection head as ultralytics' static export writes one at batch 1: x [1, 3, 8, 8]
+    -> Conv -> Relu ("r", the layer) -> nearest Resize by scales [1, 1, 2, 2] (shape
+    inference loses the batch there) -> Reshape to [1, C, -1] -> 1x1 scores by MatMul."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Resize", ["r", "", "scales"], ["u"], mode="nearest"),
+             helper.make_node("Reshape", ["u", "flat"], ["f"]),
+             helper.make_node("MatMul", ["head", "f"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "baked_upsample",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                       [1, CLASSES, UPSAMPLED * UPSAMPLED])],
+        [numpy_helper.from_array(CONV, "w"),
+         numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+         numpy_helper.from_array(np.array([1, CHANNELS, -1], np.int64), "flat"),
+         numpy_helper.from_array(SCORES[:, :, 0, 0], "head")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
 def region_gradcam(batch: np.ndarray, classes: list[list[int]]
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Logits and Grad-CAM of ``resize_model`` for each image's classes, each over the

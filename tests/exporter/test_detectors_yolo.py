@@ -95,6 +95,7 @@ def test_bundle_is_a_detection_bundle(yolo_bundle: tuple[str, Any, Path]) -> Non
     info = read_bundle_info(bundle)
     assert (info.output, info.head, info.num_classes, info.gradient) == \
         (OUTPUT_ANCHORS, HEAD_NONE, 80, "analytic")
+    assert info.batch_size == 0  # static exports too: their [1, C, -1] Reshapes freed
     # The neck's stride-8 output, the module the reference hooks.
     assert info.target_layer.startswith(f"/{um.STRIDE8[name]}/"), info.target_layer
 
@@ -124,16 +125,15 @@ def test_five_best_detections_match_grad_cam_by_hand(yolo_bundle: tuple[str, Any
 
 
 def test_the_engines_cut_runs_the_trunk_once(yolo_bundle: tuple[str, Any, Path]) -> None:
-    """Free-batch bundles: the trunk once for the image, the head once per detection
-    (``head_cut``, as the engine runs many targets), against the reference maps."""
+    """Static and dynamic exports alike (both free the batch): the trunk once for the
+    image, the head once per detection (``head_cut``, as the engine runs many targets),
+    against the reference maps."""
     import onnx
 
     from onnxcam.head_cut import split_at_layers
 
     name, model, bundle = yolo_bundle
     info = read_bundle_info(bundle)
-    if info.batch_size:
-        pytest.skip("a static export keeps batch 1 (its [1, C, -1] Reshapes are not freed)")
     image = um.test_image()
     pairs = um.top_pairs(model, image, PAIRS)
     trunk, head = split_at_layers(onnx.load(str(bundle)), info.head_inputs)

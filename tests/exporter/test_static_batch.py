@@ -22,6 +22,7 @@ from baked import (
     CONV,
     DENSE,
     SIZE,
+    UPSAMPLED,
     class_token_model,
     images,
     nchw_inputs,
@@ -31,6 +32,7 @@ from baked import (
     reshape_model,
     resize_model,
     unit_nchw,
+    upsample_reshape_model,
 )
 from onnx import numpy_helper
 
@@ -106,6 +108,22 @@ def test_a_resize_with_the_batch_in_its_sizes_is_freed_and_proved_per_sample() -
     (got,) = cpu_session(plan.model.SerializeToString()).run(["y"], {"x": inputs})
     (want,) = per_image(resize_model(), inputs, ["y"])
     assert got.shape == (4, CLASSES, 2 * SIZE, 2 * SIZE)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_reshape_after_an_upsampling_by_scales_is_freed() -> None:
+    """ultralytics' static YOLO: shape inference loses the batch at the neck's Resize by
+    scales [1, 1, 2, 2]; declared kept there, the Detect head's Reshape to [1, C, -1]
+    downstream is freed (the Resize itself is not rewritten)."""
+    plan = free_batch(upsample_reshape_model(), nchw_inputs)
+    assert plan.fixed == 0 and len(plan.rewritten) == 1
+    reshape = next(node for node in plan.model.graph.node if node.op_type == "Reshape")
+    shape = next(t for t in plan.model.graph.initializer if t.name == reshape.input[1])
+    assert numpy_helper.to_array(shape).tolist() == [0, CHANNELS, -1]
+    inputs = nchw_inputs(4)
+    (got,) = cpu_session(plan.model.SerializeToString()).run(["y"], {"x": inputs})
+    (want,) = per_image(upsample_reshape_model(), inputs, ["y"])
+    assert got.shape == (4, CLASSES, UPSAMPLED * UPSAMPLED)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
