@@ -108,6 +108,11 @@ HEADS = (HEAD_SOFTMAX, HEAD_SIGMOID, HEAD_NONE)
 # detector's [N, K, A] per anchor (box) before suppression, with ``boxes`` beside them.
 OUTPUT_CLASSES, OUTPUT_PIXELS, OUTPUT_ANCHORS = "classes", "pixels", "anchors"
 OUTPUT_KINDS = (OUTPUT_CLASSES, OUTPUT_PIXELS, OUTPUT_ANCHORS)
+# How callers bring an image to the bundle's size: stretched by one of Pillow's filters,
+# or letterboxed as ultralytics' predict does (aspect kept by half-pixel bilinear as
+# cv2.resize, centred, grey 114 around it).
+RESIZE_LETTERBOX = "letterbox"
+RESIZE_MODES = ("bilinear", "nearest", "bicubic", "lanczos", RESIZE_LETTERBOX)
 
 
 @dataclass(frozen=True)
@@ -365,7 +370,8 @@ class BundleInfo:
                                   f"outside [{low}, {high}]")
         choices = [("preprocessing", self.preprocess, PREPROCESS_MODES),
                    ("layout", self.layout, LAYOUTS), ("gradient", self.gradient, GRADIENT_MODES),
-                   ("head", self.head, HEADS), ("output", self.output, OUTPUT_KINDS)]
+                   ("head", self.head, HEADS), ("output", self.output, OUTPUT_KINDS),
+                   ("resize", self.resize, RESIZE_MODES)]
         choices += [(f"for layer {clipped(layer.name)!r} activation layout", layer.layout,
                      (*LAYOUTS, TOKEN_LAYOUT)) for layer in self.layers]
         for name, mode, allowed in choices:

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from onnxcam.bundle import BundleInfo
+from onnxcam.bundle import RESIZE_LETTERBOX, BundleInfo
+from onnxcam.engine.maps import bilinear_taps
 from onnxcam.errors import BadImageError, BadTargetError, MissingImageError
 from onnxcam.words import clipped
 
@@ -48,6 +49,7 @@ RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+LETTERBOX_GREY = 114  # ultralytics' LetterBox padding_value
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,10 @@ def array_image(array: np.ndarray, channels: int) -> np.ndarray:
 
 
 def resize(array: np.ndarray, height: int, width: int, method: str = "bilinear") -> np.ndarray:
-    """Resize uint8 [H, W, C] to the bundle's size with Pillow."""
+    """Resize uint8 [H, W, C] to the bundle's size: stretched with Pillow's filter
+    ``method``, or letterboxed (``letterbox``)."""
+    if method == RESIZE_LETTERBOX:
+        return letterbox(array, height, width)
     if array.shape[:2] == (height, width):
         return array
     resample = RESAMPLING.get(method, Image.Resampling.BILINEAR)
@@ -301,6 +306,73 @@ def resize(array: np.ndarray, height: int, width: int, method: str = "bilinear")
     image = Image.fromarray(array[..., 0] if channels == 1 else array)
     resized = np.asarray(image.resize((width, height), resample), dtype=np.uint8)
     return resized[..., None] if resized.ndim == 2 else resized
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an image lies in the bundle's input: a point (x, y) of the image is at
+    (left + x * scale_x, top + y * scale_y) there, in pixel-edge coordinates."""
+
+    scale_x: float
+    scale_y: float
+    left: int = 0
+    top: int = 0
+
+    def to_image(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes [..., 4] (x0, y0, x1, y1) in the bundle's input pixels -> the image's
+        own pixels (float64, not clipped to the image)."""
+        offset = np.array([self.left, self.top] * 2, np.float64)
+        scale = np.array([self.scale_x, self.scale_y] * 2, np.float64)
+        return (np.asarray(boxes, np.float64) - offset) / scale
+
+
+def placement(image_height: int, image_width: int, info: BundleInfo) -> Placement:
+    """Where ``resize`` puts an image of this size in ``info``'s input."""
+    if info.resize != RESIZE_LETTERBOX:
+        return Placement(info.width / image_width, info.height / image_height)
+    return _letterbox_placement(image_height, image_width, info.height, info.width)[0]
+
+
+def _letterbox_placement(image_height: int, image_width: int, height: int, width: int
+                         ) -> tuple[Placement, tuple[int, int]]:
+    """ultralytics' ``LetterBox.get_params`` (centred, no stride rounding, scaling up
+    allowed): the placement and the size (h, w) the image is resized to.
+
+    The scales are those of the resize itself, rounded size over the image's, per
+    axis: what ultralytics' ``scale_boxes`` divides a box by, after the padding.
+    """
+    ratio = min(height / image_height, width / image_width)
+    # Python's round, as ultralytics: halves go to the even neighbour.
+    inner = (max(round(image_height * ratio), 1), max(round(image_width * ratio), 1))
+    top = round((height - inner[0]) / 2 - 0.1)
+    left = round((width - inner[1]) / 2 - 0.1)
+    return Placement(inner[1] / image_width, inner[0] / image_height, left, top), inner
+
+
+def letterbox(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [H, W, C] -> [height, width, C] as ultralytics' predict feeds its models:
+    resized keeping the aspect ratio by half-pixel bilinear interpolation (as
+    ``cv2.resize`` INTER_LINEAR, to within one grey level), centred, grey 114 around."""
+    where, (inner_h, inner_w) = _letterbox_placement(*array.shape[:2], height, width)
+    inner = _bilinear(array, inner_h, inner_w)
+    out = np.full((height, width, array.shape[-1]), LETTERBOX_GREY, np.uint8)
+    out[where.top:where.top + inner_h, where.left:where.left + inner_w] = inner
+    return out
+
+
+def _bilinear(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Half-pixel bilinear resize of uint8 [H, W, C], two taps per axis (no area
+    averaging when shrinking: OpenCV's INTER_LINEAR has none either)."""
+    if array.shape[:2] == (height, width):
+        return array
+    low, high, frac = bilinear_taps(height, array.shape[0])
+    wide = array.astype(np.float32)
+    tall = (wide[low] * (1 - frac)[:, None, None].astype(np.float32)
+            + wide[high] * frac[:, None, None].astype(np.float32))
+    low, high, frac = bilinear_taps(width, array.shape[1])
+    both = (tall[:, low] * (1 - frac)[None, :, None].astype(np.float32)
+            + tall[:, high] * frac[None, :, None].astype(np.float32))
+    return np.clip(np.rint(both), 0, 255).astype(np.uint8)
 
 
 # -- a bundle's batch: what ``Explainer.explain`` accepts, made ready to feed --

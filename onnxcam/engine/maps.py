@@ -31,14 +31,19 @@ def normalize(maps: np.ndarray) -> np.ndarray:
     return np.where(keep, scaled, 0.0).astype(np.float32)
 
 
-def interpolation_matrix(size_out: int, size_in: int) -> np.ndarray:
-    """[out, in] weights of half-pixel bilinear interpolation (OpenCV's INTER_LINEAR
-    when enlarging), edges clamped."""
+def bilinear_taps(size_out: int, size_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(low, high, frac) per output position of half-pixel bilinear interpolation
+    (OpenCV's INTER_LINEAR when enlarging, and when shrinking without its area
+    averaging), edges clamped: out[i] = in[low] * (1 - frac) + in[high] * frac."""
     centers = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
     centers = np.clip(centers, 0, size_in - 1)
     low = np.floor(centers).astype(int)
-    high = np.minimum(low + 1, size_in - 1)
-    frac = centers - low
+    return low, np.minimum(low + 1, size_in - 1), centers - low
+
+
+def interpolation_matrix(size_out: int, size_in: int) -> np.ndarray:
+    """[out, in] weights of ``bilinear_taps``."""
+    low, high, frac = bilinear_taps(size_out, size_in)
     matrix = np.zeros((size_out, size_in), np.float32)
     rows = np.arange(size_out)
     np.add.at(matrix, (rows, low), 1 - frac)

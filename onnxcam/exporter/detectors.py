@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from onnxcam.bundle import RESIZE_LETTERBOX
 from onnxcam.errors import UnsupportedModelError
 from onnxcam.exporter.layers import LayerInfo
 from onnxcam.graph import producers
@@ -25,7 +26,8 @@ class Detection:
 
     ``scores`` and ``boxes`` name the tensors the model concatenates into its output,
     or are empty where the output is to be sliced instead. ``layer`` is the default
-    target layer (a ``LayerInfo.name``), empty when none could be found.
+    target layer (a ``LayerInfo.name``), empty when none could be found. ``resize``
+    is how the model's users bring an image to its size (a ``bundle.RESIZE_MODES``).
     """
 
     output: str
@@ -34,6 +36,7 @@ class Detection:
     scores: str = ""
     boxes: str = ""
     layer: str = ""
+    resize: str = "bilinear"
 
 
 def ultralytics_metadata(model: onnx.ModelProto) -> dict[str, str] | None:
@@ -80,7 +83,9 @@ def find_detection(model: onnx.ModelProto, layers: list[LayerInfo], props: dict[
                     "names ignored", len(labels), classes)
         labels = ()
     scores, boxes = concatenated_parts(model.graph, output, shapes)
-    return Detection(output, classes, labels, scores, boxes, default_layer(model.graph, layers))
+    # ultralytics' predict letterboxes every image (LetterBox, centred, grey 114).
+    return Detection(output, classes, labels, scores, boxes, default_layer(model.graph, layers),
+                     RESIZE_LETTERBOX)
 
 
 def concatenated_parts(graph: onnx.GraphProto, output: str,

@@ -247,6 +247,7 @@ def bundle_info(draft: Draft) -> BundleInfo:
         all_layers=layer_entries(draft), batch_size=draft.batch_size,
         activation_grid=grid_of(primary.layout), head=draft.head, output=draft.output,
         head_inputs=draft.head_inputs, weighted=draft.gradient == "analytic",
+        resize=draft.detection.resize if draft.detection is not None else BundleInfo.resize,
     )
 
 

@@ -26,6 +26,7 @@ from onnxcam.bundle import (
     OUTPUT_BOXES,
     OUTPUT_GRADIENTS,
     OUTPUT_LOGITS,
+    RESIZE_LETTERBOX,
     read_bundle_info,
 )
 from onnxcam.errors import ExportError, UnsupportedModelError
@@ -137,6 +138,7 @@ def test_a_yolo_export_becomes_an_anchors_bundle(tiny: tuple[onnx.ModelProto, Pa
     # The larger of the two maps the head reads.
     assert info.target_layer == "/model.0/act/Mul"
     assert info.batch_size == 0 and info.head_inputs
+    assert info.resize == RESIZE_LETTERBOX  # as ultralytics' predict feeds it
 
 
 def test_logits_are_the_scores_and_boxes_their_corners(tiny: tuple[onnx.ModelProto, Path]
