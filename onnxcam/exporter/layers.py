@@ -11,7 +11,7 @@ FCN's and DeepLabV3's head features, LR-ASPP's gated high branch, a U-Net's bott
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from onnxcam.errors import LayerNotFoundError, UnsupportedModelError
 from onnxcam.exporter.transformer_graph import MAX_LEADING_TOKENS
@@ -43,6 +43,9 @@ class LayerInfo:
     modules: tuple[str, ...] = ()
     # Queries, keys, values split into heads, scores, weights: never a default target.
     attention: bool = False
+    # The default the source model's family sets (a detector's, which the generic rule
+    # below cannot find): taken over that rule, by the export and ``onnxcam layers``.
+    default: bool = False
 
     @property
     def spatial(self) -> bool:
@@ -72,8 +75,11 @@ def default_layer(layers: list[LayerInfo]) -> LayerInfo:
     pytorch-grad-cam advises. A model whose maps are all 1x1 gets its last map.
     Attention's own tensors are never taken, whatever their shape. A segmenter (its
     output is a map) is read as a classifier that ends where it first upsamples a map
-    (``before_upsampling``).
+    (``before_upsampling``). A layer flagged ``default`` is taken before all that.
     """
+    flagged = next((layer for layer in layers if layer.default), None)
+    if flagged is not None:
+        return flagged
     maps = [layer for layer in layers if layer.spatial and not layer.attention]
     if not maps:
         raise UnsupportedModelError("the model has no 4-D spatial layer to explain")
@@ -93,6 +99,12 @@ def default_layer(layers: list[LayerInfo]) -> LayerInfo:
     # A segmenter's classes lie on axis 1 (NCHW) or last (NHWC); a classifier's are both.
     shape = layers[-1].shape
     return before_class_scores(pooled, by_name, {*shape[1:2], *shape[-1:]})
+
+
+def with_default(layers: list[LayerInfo], name: str) -> list[LayerInfo]:
+    """``layers`` with the one called ``name`` flagged as the default (none when no
+    layer is called so)."""
+    return [replace(layer, default=layer.name == name) for layer in layers]
 
 
 def before_upsampling(layers: list[LayerInfo], extended: list[LayerInfo],

@@ -236,3 +236,18 @@ def test_the_engine_refuses_detection_bundles_for_now(tiny: tuple[onnx.ModelProt
 
     with pytest.raises(BundleError, match="cannot yet pick and explain their detections"):
         Explainer(tiny[1], device="cpu").explain(images(1))
+
+
+def test_layers_stars_the_detectors_default(tmp_path: Path) -> None:
+    """``onnxcam layers`` marks the layer the export takes (the larger map the head
+    reads), not the output's Concat, which the generic rule would take for a map."""
+    from click.testing import CliRunner
+
+    from onnxcam.cli import main
+
+    source = tmp_path / "tiny.onnx"
+    onnx.save(tiny_yolo(), source)
+    result = CliRunner().invoke(main, ["layers", str(source)])
+    assert result.exit_code == 0, result.output
+    starred = [line.split()[1] for line in result.output.splitlines() if line.startswith("*")]
+    assert starred == ["/model.0/act/Mul"]

@@ -29,7 +29,15 @@ from onnxcam.exporter.frontends import (
     sha256_of,
     sha256_of_bytes,
 )
-from onnxcam.exporter.layers import ACTIVATION, CONV, MERGE, OTHER, LayerInfo, choose_layers
+from onnxcam.exporter.layers import (
+    ACTIVATION,
+    CONV,
+    MERGE,
+    OTHER,
+    LayerInfo,
+    choose_layers,
+    with_default,
+)
 from onnxcam.exporter.module_paths import TORCH_PRODUCER, module_outputs, paths_by_tensor
 from onnxcam.exporter.shapes import lean_session, run_with_outputs
 from onnxcam.exporter.transformer_graph import (
@@ -350,8 +358,10 @@ def prepare(
         layers = list_layers(plan.model, input_name, sample)
     if ultralytics is not None:
         detection = find_detection(plan.model, layers, ultralytics)
-        return Prepared(plan.model, input_name, found, height, width, channels, layers,
-                        plan.fixed, plan.brief, detection=detection)
+        # Its default, starred by ``onnxcam layers`` too (not the output's Concat).
+        return Prepared(plan.model, input_name, found, height, width, channels,
+                        with_default(layers, detection.layer), plan.fixed, plan.brief,
+                        detection=detection)
     pixels = check_layers_output(plan.model.graph, layers, found)
     return Prepared(plan.model, input_name, found, height, width, channels, layers, plan.fixed,
                     plan.brief, pixels)
