@@ -353,7 +353,8 @@ def letterbox(array: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 [H, W, C] -> [height, width, C] as ultralytics' predict feeds its models:
     resized keeping the aspect ratio by half-pixel bilinear interpolation (as
     ``cv2.resize`` INTER_LINEAR, to within one grey level), centred, grey 114 around."""
-    where, (inner_h, inner_w) = _letterbox_placement(*array.shape[:2], height, width)
+    where, (inner_h, inner_w) = _letterbox_placement(array.shape[0], array.shape[1],
+                                                     height, width)
     inner = _bilinear(array, inner_h, inner_w)
     out = np.full((height, width, array.shape[-1]), LETTERBOX_GREY, np.uint8)
     out[where.top:where.top + inner_h, where.left:where.left + inner_w] = inner
