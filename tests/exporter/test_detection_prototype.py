@@ -3,9 +3,10 @@ users export, against pytorch-grad-cam's ``FasterRCNNBoxScoreTarget``.
 
 Each final score is the pre-suppression score tensor picked by Split, Gather,
 GatherND, TopK, Concat and the NMS keep list. ``trace_sources`` runs that same
-picking on the positions of the tensor, so the graph says which (anchor, class)
-entry every detection came from; the gradient is then seeded one-hot there and
-run back to the layer by the VJP rules. Not library code yet.
+picking on the positions of the tensor (``onnxcam.exporter.detection_sources``), so
+the graph says which (anchor, class) entry every detection came from; the gradient
+is then seeded one-hot there and run back to the layer by the VJP rules. The bundle
+around it is not library code yet.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import onnx
 import pytest
 from onnx import helper
 
+from onnxcam.exporter.detection_sources import DETECTION_SOURCE, trace_sources
 from onnxcam.exporter.passes.add_gradients import backpropagate
 from onnxcam.exporter.shapes import run_with_outputs
 from onnxcam.exporter.vjp.context import TensorShape, VjpContext
-from onnxcam.graph import GraphBuilder, head_nodes, initializer_values, on_path, producers
+from onnxcam.graph import GraphBuilder, head_nodes, initializer_values, on_path
 from onnxcam.runtime import cpu_session
 
 torch = pytest.importorskip("torch")
@@ -28,59 +30,6 @@ detection = pytest.importorskip("torchvision.models.detection")
 grad_cam = pytest.importorskip("pytorch_grad_cam")
 
 log = logging.getLogger(__name__)
-
-# Ops that move score values without computing new ones: their twin on int64
-# positions moves the positions the same way.
-MOVES = {"Gather", "GatherND", "GatherElements", "Reshape", "Squeeze", "Unsqueeze",
-         "Flatten", "Identity", "Slice", "Transpose", "Expand"}
-SOURCES = "detection_source"
-
-
-def trace_sources(graph: onnx.GraphProto, scores: str) -> tuple[list[str], str]:
-    """The pre-suppression tensors ``scores`` is picked from, and a new int64 output
-    ``detection_source``: each detection's position in those tensors, flattened
-    and concatenated in the returned order. Graph must be sorted."""
-    made = producers(graph)
-    b = GraphBuilder(graph, "onnxcam/source")
-    twins: dict[str, str] = {}
-    stops: list[str] = []
-    offset = [b.const(np.asarray(0, np.int64), "zero")]
-
-    def twin(name: str) -> str:
-        if name in twins:
-            return twins[name]
-        node = made.get(name)
-        if node is not None and node.op_type == "Split":
-            outs = b.op_multi("Split", [twin(node.input[0]), *node.input[1:]],
-                              n_out=len(node.output), **_attributes(node))
-            twins.update(zip(node.output, outs))
-        elif node is not None and node.op_type == "TopK" and name == node.output[0]:
-            axis = _attributes(node).get("axis", -1)
-            twins[name] = b.op("GatherElements", [twin(node.input[0]), node.output[1]],
-                               axis=axis)
-        elif node is not None and node.op_type in MOVES:
-            twins[name] = b.op(node.op_type, [twin(node.input[0]), *node.input[1:]],
-                               **_attributes(node))
-        elif node is not None and node.op_type == "Concat":
-            twins[name] = b.op("Concat", [twin(i) for i in node.input], **_attributes(node))
-        else:  # computed here: a pre-suppression score tensor
-            size = b.op("Size", [name])
-            end = b.op("Add", [offset[0], size])
-            ids = b.op("Range", [offset[0], end, b.const(np.asarray(1, np.int64), "one")])
-            twins[name] = b.op("Reshape", [ids, b.op("Shape", [name])])
-            offset[0] = end
-            stops.append(name)
-        return twins[name]
-
-    b.nodes.append(helper.make_node("Identity", [twin(scores)], [SOURCES]))
-    b.commit()
-    graph.output.append(helper.make_tensor_value_info(SOURCES, onnx.TensorProto.INT64, None))
-    return stops, SOURCES
-
-
-def _attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
 
 def score_gradient(model: onnx.ModelProto, layer: str, scores: str, position: int,
                    feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -161,7 +110,7 @@ def test_ssdlite_detection_grad_cam_matches_pytorch_grad_cam(tmp_path) -> None:
     graph = onnx_model.graph
     boxes_out, scores_out, labels_out = (o.name for o in graph.output)
     layer = layer_tensor(graph, "/backbone/features.1/")
-    stops, sources = trace_sources(graph, scores_out)
+    stops, sources = trace_sources(graph, scores_out), DETECTION_SOURCE
     (score_tensor,) = stops
     feeds = {graph.input[0].name: image.numpy()}
     got = run_with_outputs(onnx_model, [boxes_out, scores_out, labels_out, sources,
