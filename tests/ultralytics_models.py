@@ -30,9 +30,16 @@ STRIDE8 = {"yolov8n": "model.15", "yolo11n": "model.16"}
 
 
 def _ultralytics() -> Any:
+    """The package, imported offline, with Pillow's ``Image.open`` given back: importing
+    it swaps in a wrapper that tries to pip-install a HEIF plugin on any file Pillow
+    cannot identify, which later tests of bad image bytes in the same process hit."""
     os.environ.update(OFFLINE)
+    from PIL import Image
+
+    opened = Image.open
     import ultralytics
 
+    Image.open = opened
     return ultralytics
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from onnxcam.bundle import OUTPUT_PIXELS, BundleInfo
+from onnxcam.bundle import OUTPUT_PIXELS, RESIZE_LETTERBOX, BundleInfo
 from onnxcam.engine.explainer import DEFAULT_BATCH, Explainer, Explanation
 from onnxcam.engine.images import RESAMPLING, Limits, decode, decoding, resize, to_array
 from onnxcam.engine.outputs import file_names, render, stored_size
@@ -101,6 +101,9 @@ def load(data: bytes, name: str, info: BundleInfo, limits: Limits, max_side: int
 
 def _resized(image: Image.Image, height: int, width: int, method: str = "bilinear") -> np.ndarray:
     """uint8 [height, width, C] of an L or RGB image, resampled as ``images.resize`` does."""
+    if method == RESIZE_LETTERBOX:  # padded, not stretched: images.resize places it
+        array = np.asarray(image, dtype=np.uint8)
+        return resize(array[..., None] if array.ndim == 2 else array, height, width, method)
     if image.size != (width, height):
         image = image.resize((width, height), RESAMPLING.get(method, Image.Resampling.BILINEAR))
     array = np.asarray(image, dtype=np.uint8)

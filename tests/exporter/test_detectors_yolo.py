@@ -6,6 +6,7 @@ torch autograd on the ultralytics model itself; logits and boxes against its out
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,10 @@ from onnxcam.bundle import (
 )
 from onnxcam.runtime import cpu_session
 
-pytest.importorskip("ultralytics")
+# Found, not imported: importing ultralytics at collection would swap Pillow's Image.open
+# for every test of the run (ultralytics_models imports it and gives it back).
+if importlib.util.find_spec("ultralytics") is None:
+    pytest.skip("ultralytics is not installed", allow_module_level=True)
 pytest.importorskip("torch")
 
 import ultralytics_models as um  # noqa: E402 - after the skips: it needs both

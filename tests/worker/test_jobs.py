@@ -551,3 +551,19 @@ def test_sampling_options_reach_the_engine(folder: Path, store: Store, settings,
     assert_close(raw, expected.raw[0], 1e-6, "smoothgrad with the job's options")
     default = explainer.explain(str(images["a.png"]), method="smoothgrad")
     assert np.abs(default.raw[0] - expected.raw[0]).max() > 1e-3  # the options mattered
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_letterbox_bundle_is_letterboxed_by_the_worker_too(channels: int) -> None:
+    """The worker's decode-and-resize shortcut places an image in a letterbox bundle's
+    input as the engine does (padded grey, aspect kept), not stretched."""
+    from onnxcam.engine.images import resize
+    from onnxcam.worker.jobs import _resized
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (30, 50, channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    got = _resized(image, 32, 32, "letterbox")
+    assert got.shape == (32, 32, channels)
+    np.testing.assert_array_equal(got, resize(pixels, 32, 32, "letterbox"))
+    assert (got[0] == 114).all() and (got[-1] == 114).all()  # padded above and below
