@@ -25,6 +25,7 @@ from onnxcam.bundle import (
     INPUT_TARGET_WEIGHTS,
     LAYER_OUTPUTS,
     OUTPUT_ANCHORS,
+    OUTPUT_BOXES,
     OUTPUT_LOGITS,
     OUTPUT_PIXELS,
     SEED,
@@ -33,6 +34,7 @@ from onnxcam.bundle import (
     read_bundle,
 )
 from onnxcam.bundle_checks import check_memory
+from onnxcam.engine.detections import MAX_DETECTIONS, Detection
 from onnxcam.engine.images import (
     DEFAULT_LIMITS,
     Limits,
@@ -51,18 +53,22 @@ from onnxcam.engine.targets import (
     Row,
     Target,
     class_scores,
+    detection_rows,
     parse_targets,
     plain,
     resolve,
     seeds,
 )
-from onnxcam.errors import BadTargetError, BundleError
+from onnxcam.errors import BadTargetError
 from onnxcam.runtime import resolve_device
 from onnxcam.scores import probabilities
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = {"cpu": 8, "cuda": 64}
+# Rows per run of the part after the layer: a detector's seeds alone are [rows, K, A]
+# (80 classes by 8400 anchors: 2.7 MB a row), so hundreds of detections go in chunks.
+HEAD_CHUNK = 32
 
 __all__ = ["DEFAULT_BATCH", "BatchResult", "Explainer", "Explanation", "method_for"]
 
@@ -95,6 +101,10 @@ class Explanation:
     # float32 [N, ...]: every image's logits, rows or none (all-positive may find no class
     # for an image); left out: ``logits``, one row per image.
     image_logits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    # A detector's rows: each row's detection (box, score, class, label, anchor, rank);
+    # empty for other bundles. A detector's ``logits`` are then each row's anchor's
+    # class scores [M, K], and ``image_logits`` every image's [N, K, A].
+    detections: list[Detection] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         rows = len(self.targets)
@@ -167,6 +177,7 @@ class BatchResult:
     target_names: list[str] | None = None  # None: the labels of ``targets``
     first_index: int = 0  # the batch's first image's position in the whole call
     image_logits: np.ndarray | None = None  # every image's logits; None: ``logits``
+    detections: list[Detection] | None = None  # a detector's rows' detections
 
     @property
     def rows(self) -> int:
@@ -228,6 +239,7 @@ class Explainer:
         steps: int = MethodOptions.steps,
         seed: int = MethodOptions.seed,
         threshold: float = DEFAULT_THRESHOLD,
+        max_detections: int = MAX_DETECTIONS,
         progress: Callable[[float], None] | None = None,
     ) -> Explanation:
         """Explain ``images`` for ``targets`` (None: each image's top-1 class).
@@ -239,13 +251,18 @@ class Explainer:
         image and target. ``samples`` and ``noise`` tune smoothgrad, ``steps``
         integrated-gradients. ``progress`` is told how many images are done as they
         finish, in fractions inside an image for the slow methods (Score-CAM).
+
+        A detection bundle's rows are detections (``Explanation.detections``), picked as
+        ultralytics' predict picks them (``engine.detections``), at most
+        ``max_detections`` per image: None explains every one, a class its detections,
+        ``"top:k"`` the k best.
         """
         cam = self.method(method)
         options = MethodOptions(samples, noise, steps, seed)
         images = as_image_list(images)
         wanted = parse_targets(targets, len(images), self.info)
         results = [self.run_batch(batch, wanted[start : start + len(batch)], cam, options, start,
-                                  progress, threshold)
+                                  progress, threshold, max_detections)
                    for start, batch in self._batches(images, batch_size or
                                                      DEFAULT_BATCH[self.device])]
         return self._explanation(results, cam)
@@ -255,6 +272,7 @@ class Explainer:
         options: MethodOptions | None = None, first_index: int = 0,
         progress: Callable[[float], None] | None = None,
         threshold: float = DEFAULT_THRESHOLD,
+        max_detections: int = MAX_DETECTIONS,
     ) -> BatchResult:
         """The method's maps for a prepared uint8 batch.
 
@@ -263,11 +281,9 @@ class Explainer:
         image's position in the whole call; ``progress`` as in ``explain``.
         One plain class per image takes one run of the whole bundle. Several targets
         of an image run the trunk once and the part after the layer once per target,
-        where the bundle allows it, else the image once per target.
+        where the bundle allows it, else the image once per target. A detector's targets
+        are its detections (``targets.detection_rows``).
         """
-        if self.info.output == OUTPUT_ANCHORS:
-            raise BundleError("a detection bundle (scores per anchor): this onnxcam exports "
-                              "detectors but cannot yet pick and explain their detections")
         told = 0.0
 
         def tell(images: float) -> None:
@@ -280,7 +296,10 @@ class Explainer:
                                      if isinstance(targets, np.ndarray) else targets)
         batch = np.ascontiguousarray(batch)
         options = options or MethodOptions()
-        if plain(items, self.info):
+        if self.info.output == OUTPUT_ANCHORS:
+            result = self._run_detections(batch, items, cam, options, first_index, tell,
+                                          max_detections)
+        elif plain(items, self.info):
             classes = np.array([each[0] for each in items], np.int64)
             result = self._run_whole(batch, classes, cam, options, first_index, tell)
         elif self.sessions.can_cut and cam.reads_layers_only():
@@ -322,30 +341,78 @@ class Explainer:
     def _run_cut(self, batch: np.ndarray, items: list[list[Target]], cam: Method,
                  options: MethodOptions, first_index: int, threshold: float) -> BatchResult:
         """The trunk once for the batch, then the part after the layers once per row."""
-        trunk, head = self.sessions.cut()
-        trunk_names = [o.name for o in trunk.get_outputs()]
-        values = dict(zip(trunk_names, trunk.run(trunk_names, {INPUT_IMAGE: batch})))
+        values = self._run_trunk(batch)
         logits = values[OUTPUT_LOGITS]
         rows = resolve(items, logits, self.info, threshold)
         if not rows:
             return self._no_rows(cam, logits)
+        return self._run_head(batch, rows, values, cam, options, first_index)
+
+    def _run_trunk(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The trunk's outputs for the batch: the logits, (a detector's) boxes, and what
+        the part after the layers reads."""
+        trunk, _ = self.sessions.cut()
+        names = [o.name for o in trunk.get_outputs()]
+        return dict(zip(names, trunk.run(names, {INPUT_IMAGE: batch})))
+
+    def _run_head(self, batch: np.ndarray, rows: list[Row], values: dict[str, np.ndarray],
+                  cam: Method, options: MethodOptions, first_index: int) -> BatchResult:
+        """The part after the layers on the trunk's ``values``, a row per target, in
+        chunks of ``HEAD_CHUNK`` rows."""
+        _, head = self.sessions.cut()
+        logits = values[OUTPUT_LOGITS]
         index = np.array([r.image for r in rows])
-        seed_rows = seeds(rows, logits)
-        feeds = {h.name: values[h.name][index] if h.batched else values[h.name]
-                 for h in self.info.head_inputs if h.name != SEED}
         wanted = [name for name in cam.output_names(self.info)
                   if name.partition(".")[0] in LAYER_OUTPUTS]
         from_head = [name for name in wanted if name not in values]
-        feeds[SEED] = seed_rows
-        outputs = dict(zip(from_head, head.run(from_head, feeds))) if from_head else {}
+        chunks = []
+        for start in range(0, len(rows), HEAD_CHUNK) if from_head else ():
+            chunk = rows[start : start + HEAD_CHUNK]
+            images = index[start : start + HEAD_CHUNK]
+            feeds = {h.name: values[h.name][images] if h.batched else values[h.name]
+                     for h in self.info.head_inputs if h.name != SEED}
+            feeds[SEED] = seeds(chunk, logits)
+            chunks.append(head.run(from_head, feeds))
+        outputs = {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(from_head)}
         outputs.update({name: values[name][index] for name in wanted if name in values})
         outputs[OUTPUT_LOGITS] = logits[index]
+        # No seeds in the context: methods that read the layers alone never read them.
         context = MethodContext(outputs, self.info, np.array([r.cls for r in rows], np.int64),
                                 ModelAccess(self.sessions, batch[index]), options, first_index,
-                                self._layout(), seed_rows, index)
+                                self._layout(), None, index)
         result = cam.explain(context)
         return BatchResult(result.raw, logits[index], context.targets, result.layer_maps,
                            result.signed, index, [r.name for r in rows], image_logits=logits)
+
+    def _run_detections(self, batch: np.ndarray, items: list[list[Target]], cam: Method,
+                        options: MethodOptions, first_index: int,
+                        tell: Callable[[float], None], max_detections: int) -> BatchResult:
+        """A detector: its detections from one run (the trunk's, where the bundle is cut
+        and the method reads the layers alone), then a row per detection the targets
+        pick, through the part after the layers or else the whole bundle once per row."""
+        cut = self.sessions.can_cut and cam.reads_layers_only()
+        if cut:
+            values = self._run_trunk(batch)
+        else:
+            names = [OUTPUT_LOGITS, OUTPUT_BOXES]
+            values = dict(zip(names, self.sessions.run(names, {
+                INPUT_IMAGE: batch, INPUT_TARGET: np.full(len(batch), -1, np.int64)})))
+        logits = values[OUTPUT_LOGITS]
+        rows = detection_rows(items, logits, values[OUTPUT_BOXES], self.info, max_detections)
+        if not rows:
+            result = self._no_rows(cam, logits)
+        elif cut:
+            result = self._run_head(batch, rows, values, cam, options, first_index)
+        else:
+            index = np.array([r.image for r in rows])
+            result = self._run_whole(batch[index], np.array([r.cls for r in rows], np.int64),
+                                     cam, options, first_index, tell, seeds(rows, logits), rows)
+        result.detections = [r.detection for r in rows if r.detection is not None]
+        # A row's logits: its anchor's class scores [K], not the image's [K, A] again.
+        result.logits = logits[np.array([r.image for r in rows], np.int64), :,
+                               np.array([d.anchor for d in result.detections], np.int64)]
+        result.image_logits = logits
+        return result
 
     def _run_repeated(self, batch: np.ndarray, items: list[list[Target]], cam: Method,
                       options: MethodOptions, first_index: int,
@@ -427,4 +494,5 @@ class Explainer:
             image_index=joined([r.images() for r in results], 0).astype(np.int64),
             target_names=[name for r in results for name in r.names(info)],
             image_logits=joined(image_logits, 0, info.num_classes),
+            detections=[d for r in results for d in r.detections or []],
         )

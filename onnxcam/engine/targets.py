@@ -5,7 +5,8 @@ A target is a class (its number or label), ``Contrast(a, b)`` (a's score minus b
 ``Region(c, mask)`` (segmentation: class c summed over a mask), ``Weighting(w)`` (any
 weighting of the logits), or a word that picks classes from each image's scores:
 ``"all-positive"`` (probability, by the head, over ``threshold``) or ``"top:k"``.
-Each image may have several; each (image, target) pair is one row of the result.
+Each image may have several; each (image, target) pair is one row of the result. A
+detector's targets pick detections instead (``detection_rows``): a row per detection.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxcam.bundle import OUTPUT_PIXELS, BundleInfo
+from onnxcam.bundle import OUTPUT_ANCHORS, OUTPUT_PIXELS, BundleInfo
+from onnxcam.engine.detections import MAX_DETECTIONS, Detection, detect
 from onnxcam.errors import BadTargetError
 from onnxcam.scores import probabilities
 from onnxcam.words import clipped
@@ -63,12 +65,14 @@ Target = int | str | Contrast | Region | Weighting
 @dataclass(frozen=True)
 class Row:
     """One map to make: an image, the class it is about (-1: a free weighting) and,
-    unless it is a plain class of a classifier, the weighting of that image's logits."""
+    unless it is a plain class of a classifier, the weighting of that image's logits;
+    a detector's row, the detection (its seed: one-hot at its class and anchor)."""
 
     image: int
     cls: int
     name: str
     weights: np.ndarray | None = field(default=None, compare=False)
+    detection: Detection | None = None
 
 
 def parse_targets(targets: Any, count: int, info: BundleInfo) -> list[list[Target]]:
@@ -100,6 +104,8 @@ def checked(target: Any, info: BundleInfo) -> list[Target]:
     if not is_target(target):
         raise BadTargetError(f"{clipped(repr(target))} is not a target (a class number or "
                              "label, 'all-positive', 'top:k', Contrast, Region or Weighting)")
+    if info.output == OUTPUT_ANCHORS:
+        return [detection_target(target, info)]
     if isinstance(target, str) and target not in info.labels:  # a label wins, as numbers do
         top = TOP.match(target)
         if top and not 1 <= int(top.group(1)) <= info.num_classes:
@@ -122,6 +128,22 @@ def checked(target: Any, info: BundleInfo) -> list[Target]:
             raise BadTargetError("a weighting must be finite")
         return [Weighting(weights, target.name)]
     return [info.class_index(target)]
+
+
+def detection_target(target: Target, info: BundleInfo) -> Target:
+    """A detector's target, checked: a class (its detections), ``top:k`` (the k best) or
+    -1 (every detection, what None becomes)."""
+    if isinstance(target, str) and target not in info.labels and (top := TOP.match(target)):
+        if not 1 <= int(top.group(1)) <= MAX_TARGETS_PER_IMAGE:
+            raise BadTargetError(f"{target}: k must be 1 to {MAX_TARGETS_PER_IMAGE}")
+        return target
+    if isinstance(target, (int, np.integer)) and target == TOP_1:
+        return TOP_1
+    if isinstance(target, (Contrast, Region, Weighting)) or target == ALL_POSITIVE:
+        what = target if isinstance(target, str) else type(target).__name__
+        raise BadTargetError(f"{what}: a detection bundle explains detections; give a class "
+                             "(its detections), 'top:k' (the k best) or none (every one)")
+    return info.class_index(target)
 
 
 def plain(items: list[list[Target]], info: BundleInfo) -> bool:
@@ -198,6 +220,30 @@ def row(image: int, target: Target, logits: np.ndarray, info: BundleInfo) -> Row
     return Row(image, -1, target.name, target.weights)
 
 
+def detection_rows(items: list[list[Target]], logits: np.ndarray, boxes: np.ndarray,
+                   info: BundleInfo, max_detections: int = MAX_DETECTIONS) -> list[Row]:
+    """A detector's rows: per image, each detection its targets pick (every one for -1,
+    the k best for ``top:k``, a class's), in that order and each once."""
+    if not 1 <= max_detections <= MAX_TARGETS_PER_IMAGE:
+        raise BadTargetError(f"max_detections must be 1 to {MAX_TARGETS_PER_IMAGE}, "
+                             f"not {max_detections}")
+    rows: list[Row] = []
+    for image, targets in enumerate(items):
+        found = detect(logits[image], boxes[image], info, max_detections)
+        chosen = {d.rank: d for target in targets for d in picked(target, found)}
+        rows += [Row(image, d.cls, d.name, detection=d) for d in chosen.values()]
+    return rows
+
+
+def picked(target: Target, found: list[Detection]) -> list[Detection]:
+    """The detections, best first, that one checked target (``detection_target``) picks."""
+    if isinstance(target, str):
+        return found[:int(TOP.match(target).group(1))]  # type: ignore[union-attr]
+    if target == TOP_1:
+        return found
+    return [d for d in found if d.cls == target]
+
+
 def region_mask(mask: np.ndarray | None, logits: np.ndarray, cls: int) -> np.ndarray:
     """The float mask, at the logits' size, of a ``Region`` of class ``cls``."""
     size = logits.shape[1:]
@@ -222,7 +268,9 @@ def seeds(rows: list[Row], logits: np.ndarray) -> np.ndarray:
     """float32 [M, ...one image's logits]: each row's weighting (a plain class: one-hot)."""
     out = np.zeros((len(rows), *logits.shape[1:]), np.float32)
     for index, each in enumerate(rows):
-        if each.weights is None:
+        if each.detection is not None:
+            out[index, each.cls, each.detection.anchor] = 1.0
+        elif each.weights is None:
             out[index, each.cls] = 1.0
         else:
             out[index] = each.weights
