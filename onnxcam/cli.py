@@ -13,8 +13,10 @@ from typing import Any
 import click
 
 from onnxcam.bundle import GRADIENT_MODES, HEAD_SOFTMAX, HEADS, LAYOUTS, PREPROCESS_MODES
+from onnxcam.engine.detections import MAX_DETECTIONS
 from onnxcam.engine.maps import COLORMAPS
 from onnxcam.engine.methods.base import MethodOptions
+from onnxcam.engine.targets import MAX_TARGETS_PER_IMAGE
 from onnxcam.errors import OnnxcamError
 from onnxcam.progress import Progress, Stages
 from onnxcam.words import plural
@@ -212,7 +214,9 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "--guided: guided-backprop, guided-gradcam.")
 @click.option("--target", "targets", multiple=True, metavar="TARGET",
               help="Class to explain, by number or label (default: top-1); repeat it for "
-                   "several, or give all-positive (classes over --threshold) or top:K.")
+                   "several, or give all-positive (classes over --threshold) or top:K. "
+                   "Detection bundles: a class's detections, or top:K (the K best); "
+                   "default: every detection.")
 @click.option("--contrast", "contrasts", multiple=True, metavar="A:B",
               help="Explain why class A rather than B (repeatable).")
 @click.option("--mask", type=click.Path(path_type=Path), default=None,
@@ -221,6 +225,9 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               default=0.5, show_default=True,
               help="all-positive: the probability a class must exceed.")
+@click.option("--max-detections", type=click.IntRange(1, MAX_TARGETS_PER_IMAGE),
+              default=MAX_DETECTIONS, show_default=True,
+              help="Detection bundles: detections kept per image (after suppression).")
 @click.option("--raw", "with_raw", is_flag=True, help="Also write the raw layer-resolution map.")
 @click.option("--format", "formats", default="npy,png", show_default=True,
               help="Outputs to write: npy, png or both.")
@@ -239,14 +246,16 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @with_errors
 def explain(
     bundle: Path, images: tuple[str, ...], out: Path, method: str, targets: tuple[str, ...],
-    contrasts: tuple[str, ...], mask: Path | None, threshold: float, with_raw: bool,
+    contrasts: tuple[str, ...], mask: Path | None, threshold: float, max_detections: int,
+    with_raw: bool,
     formats: str, batch_size: int | None, device: str, as_json: bool, samples: int,
     noise: float, steps: int, seed: int, alpha: float, colormap: str, layers_strip: bool,
 ) -> None:
     """Explain IMAGE files with BUNDLE; write DIR/<stem>.npy and DIR/<stem>.png.
 
     With several targets (or all-positive, top:K, --contrast) each image gets one map
-    per target, DIR/<stem>.<target>.npy and .png. Gradient methods (saliency,
+    per target, DIR/<stem>.<target>.npy and .png. A detection bundle writes one map per
+    detection, DIR/<stem>.<rank>.<label>.npy and .png. Gradient methods (saliency,
     smoothgrad, integrated-gradients, guided-backprop, guided-gradcam) need a bundle
     exported with --input-gradients or --guided.
     """
@@ -259,7 +268,7 @@ def explain(
     target = asked_targets(explainer, targets, contrasts, mask)
     failures = 0
     options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed,
-               "threshold": threshold}
+               "threshold": threshold, "max_detections": max_detections}
     # Silent for quick runs; a line on stderr once a run takes more than two seconds.
     progress = Progress(len(images), unit="images", delay=PROGRESS_DELAY)
     for result in explain_files(explainer, list(images), out, method, target,
@@ -272,6 +281,8 @@ def explain(
                 click.echo(json.dumps({"image": result.image, "error": result.error.code,
                                        "message": str(result.error)}))
             continue
+        if result.record.get("detections") == []:
+            click.echo(f"onnxcam: note: {result.image}: no detection", err=True)
         if result.flat:
             click.echo(f"onnxcam: warning: {result.image}: the {method} map is flat (constant "
                        f"up to rounding): it shows nothing of where the model looks", err=True)
@@ -349,7 +360,9 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
 @click.option("--method", default="gradcam", show_default=True, help="CAM method.")
 @click.option("--target", "targets", multiple=True, metavar="TARGET",
               help="Class to explain, by number or label (default: top-1); repeat it for "
-                   "several, or give all-positive (classes over --threshold) or top:K.")
+                   "several, or give all-positive (classes over --threshold) or top:K. "
+                   "Detection bundles: a class's detections, or top:K (the K best); "
+                   "default: every detection.")
 @click.option("--contrast", "contrasts", multiple=True, metavar="A:B",
               help="Explain why class A rather than B (repeatable).")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from onnxcam.bundle import OUTPUT_ANCHORS
+from onnxcam.engine.detections import Detection, in_image
 from onnxcam.engine.explainer import Explainer, Explanation
 from onnxcam.engine.images import load_image, resize
 from onnxcam.engine.maps import COLORMAPS, flat, heatmaps, overlay
@@ -90,11 +92,16 @@ def stored_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+
+
 def render(
     image: np.ndarray, raw: np.ndarray, formats: Sequence[str], with_raw: bool,
     heatmap_dtype: type = np.float32, style: OverlayStyle = OverlayStyle(),
+    box: tuple[Box, str] | None = None,
 ) -> dict[str, bytes]:
-    """The files for one image, by suffix: heatmap at the image's own size, overlay, raw."""
+    """The files for one image, by suffix: heatmap at the image's own size, overlay, raw.
+    ``box`` (in the image's pixels) and its caption are drawn on the overlay."""
     height, width = image.shape[:2]
     heatmap = heatmaps(raw[None], height, width)[0]
     files: dict[str, bytes] = {}
@@ -102,6 +109,8 @@ def render(
         files[HEATMAP] = npy_bytes(heatmap.astype(heatmap_dtype))
     if "png" in formats:
         picture = overlay(image, heatmap, style.alpha, style.colormap)
+        if box is not None:
+            picture = boxed(picture, *box)
         if flat(raw[None])[0]:
             picture = captioned(picture, FLAT_CAPTION)
         files[OVERLAY] = png_bytes(picture)
@@ -124,6 +133,21 @@ def captioned(picture: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(image)
 
 
+def boxed(picture: np.ndarray, box: Box, text: str) -> np.ndarray:
+    """``picture`` with ``box`` outlined and ``text`` on a white band at its top left
+    (inside the box where the box touches the picture's top edge)."""
+    image = Image.fromarray(picture)
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = (round(v) for v in box)
+    draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=BOX_COLOUR, width=2)
+    top = y0 - CAPTION_HEIGHT if y0 >= CAPTION_HEIGHT else y0
+    draw.rectangle((x0, top, x0 + int(draw.textlength(text)) + 4, top + CAPTION_HEIGHT),
+                   fill="white")
+    draw.text((x0 + 2, top + 1), text, fill="black")
+    return np.asarray(image)
+
+
+BOX_COLOUR = (255, 255, 255)  # white reads on every colour map's colours
 CAPTION_HEIGHT = 14  # the flat-map caption's band, in Pillow's small default font
 STRIP_FONT_SIZE = 16  # the layer names: readable beside a 192-pixel panel
 STRIP_TICK_FONT_SIZE = 13
@@ -225,6 +249,13 @@ def file_names(names: Sequence[str]) -> list[str]:
         seen[safe] = count + 1
         out.append(safe if count == 0 else f"{safe}-{count}")
     return out
+
+
+def detection_record(detection: Detection, explanation: Explanation, height: int,
+                     width: int) -> dict[str, Any]:
+    """A detection's keys in its row's record, its box in the image's own pixels."""
+    box = in_image(detection.box, explanation.info, height, width)
+    return {**detection.as_dict(), "box": [round(v, 2) for v in box]}
 
 
 def one_class(target: Any) -> bool:
@@ -337,20 +368,27 @@ def _explain_chunk(
             continue
         assert explanation is not None
         rows = np.flatnonzero(explanation.image_index == position_of[i]).tolist()
+        detector = explanation.info.output == OUTPUT_ANCHORS
         if not rows:
-            yield ImageResult(path, {"image": path, "targets": [], "files": []})
+            yield ImageResult(path, {"image": path, "detections" if detector else "targets": [],
+                                     "files": []})
             continue
-        parts = file_names([explanation.target_names[r] for r in rows])
-        for row, part in zip(rows, parts):
-            stem = stems[i] if short else f"{stems[i]}.{part}"
+        names = ([f"{d.rank}.{d.label}" for d in (explanation.detections[r] for r in rows)]
+                 if detector else [explanation.target_names[r] for r in rows])
+        for row, part in zip(rows, file_names(names)):
+            stem = stems[i] if short and not detector else f"{stems[i]}.{part}"
             yield _write_row(item, path, stem, explanation, row, out, settings)
 
 
 def _write_row(image: np.ndarray, path: str, stem: str, explanation: Explanation, row: int,
                out: Path, settings: Settings) -> ImageResult:
-    """Row ``row``'s files under ``out`` as ``<stem><suffix>``, and its result."""
+    """Row ``row``'s files under ``out`` as ``<stem><suffix>``, and its result; a
+    detection's box, scaled to the image's own size, is drawn on the overlay."""
+    found = explanation.detections[row] if explanation.detections else None
+    extra = {} if found is None else detection_record(found, explanation, *image.shape[:2])
+    box = None if found is None else (extra["box"], f"{found.label} {found.score:.2f}")
     files = render(image, explanation.raw[row], settings.formats, settings.with_raw,
-                   style=settings.style)
+                   style=settings.style, box=box)
     if settings.layers_strip:
         files[".layers.png"] = render_strip(
             image, {name: maps[row] for name, maps in explanation.layer_maps.items()},
@@ -360,5 +398,5 @@ def _write_row(image: np.ndarray, path: str, stem: str, explanation: Explanation
         target_path = out / f"{stem}{suffix}"
         atomic_write(target_path, data)
         written.append(str(target_path))
-    return ImageResult(path, record(path, explanation, row, written),
+    return ImageResult(path, {**record(path, explanation, row, written), **extra},
                        flat=bool(explanation.flat[row]))
