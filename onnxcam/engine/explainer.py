@@ -325,9 +325,10 @@ class Explainer:
             feeds[INPUT_TARGET_WEIGHTS] = weights
         outputs = dict(zip(names, self.sessions.run(names, feeds)))
         logits = outputs[OUTPUT_LOGITS]
-        chosen = np.where(classes < 0, class_scores(logits, self.info).argmax(axis=1),
-                          classes).astype(np.int64)
-        if rows is not None:
+        if rows is None:
+            chosen = np.where(classes < 0, class_scores(logits, self.info).argmax(axis=1),
+                              classes).astype(np.int64)
+        else:
             chosen = np.array([r.cls for r in rows], np.int64)
         context = MethodContext(outputs, self.info, chosen,
                                 ModelAccess(self.sessions, batch, tell), options, first_index,
