@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from onnxcam.bundle import BundleInfo
+from onnxcam.engine.images import placement
 
 # ultralytics' predict defaults (``conf``, ``iou``, ``max_det``; ``max_nms`` of its NMS).
 CONFIDENCE = 0.25
@@ -102,9 +103,9 @@ def detect(logits: np.ndarray, boxes: np.ndarray, info: BundleInfo,
 def in_image(box: tuple[float, float, float, float], info: BundleInfo, height: int,
              width: int) -> tuple[float, float, float, float]:
     """A box in the bundle's input pixels as a box in the pixels of a height x width
-    image that ``images.prepare`` resized to the bundle's size (stretched)."""
-    x_scale, y_scale = width / info.width, height / info.height
-    return box[0] * x_scale, box[1] * y_scale, box[2] * x_scale, box[3] * y_scale
+    image that ``images.prepare`` placed in the input (stretched or letterboxed)."""
+    x0, y0, x1, y1 = (float(v) for v in placement(height, width, info).to_image(np.array(box)))
+    return x0, y0, x1, y1
 
 
 def corners(box: np.ndarray) -> tuple[float, float, float, float]:

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from onnxcam.bundle import OUTPUT_ANCHORS
+from onnxcam.bundle import OUTPUT_ANCHORS, RESIZE_LETTERBOX, BundleInfo
 from onnxcam.engine.detections import Detection, in_image
 from onnxcam.engine.explainer import Explainer, Explanation
-from onnxcam.engine.images import load_image, resize
-from onnxcam.engine.maps import COLORMAPS, flat, heatmaps, overlay
+from onnxcam.engine.images import load_image, placement, resize
+from onnxcam.engine.maps import COLORMAPS, flat, heatmaps, overlay, resize_maps
 from onnxcam.engine.prefetch import prefetched
 from onnxcam.engine.targets import ALL_POSITIVE, TOP
 from onnxcam.errors import BadMethodError, OnnxcamError
@@ -98,12 +98,13 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 def render(
     image: np.ndarray, raw: np.ndarray, formats: Sequence[str], with_raw: bool,
     heatmap_dtype: type = np.float32, style: OverlayStyle = OverlayStyle(),
-    box: tuple[Box, str] | None = None,
+    box: tuple[Box, str] | None = None, info: BundleInfo | None = None,
 ) -> dict[str, bytes]:
     """The files for one image, by suffix: heatmap at the image's own size, overlay, raw.
-    ``box`` (in the image's pixels) and its caption are drawn on the overlay."""
+    ``box`` (in the image's pixels) and its caption are drawn on the overlay; ``info``
+    (the bundle) places the map of a letterbox bundle on the image."""
     height, width = image.shape[:2]
-    heatmap = heatmaps(raw[None], height, width)[0]
+    heatmap = heatmap_on_image(raw, height, width, info)
     files: dict[str, bytes] = {}
     if "npy" in formats:
         files[HEATMAP] = npy_bytes(heatmap.astype(heatmap_dtype))
@@ -117,6 +118,19 @@ def render(
     if with_raw:
         files[RAW] = npy_bytes(raw.astype(np.float32))
     return files
+
+
+def heatmap_on_image(raw: np.ndarray, height: int, width: int,
+                     info: BundleInfo | None = None) -> np.ndarray:
+    """One raw map -> [height, width] in [0, 1] over an image of that size: for a
+    letterbox bundle, the map at its input less the padding, resized to the image."""
+    if info is None or info.resize != RESIZE_LETTERBOX:
+        return heatmaps(raw[None], height, width)[0]
+    where = placement(height, width, info)
+    full = heatmaps(raw[None], info.height, info.width)[0]
+    inner = full[where.top : where.top + max(1, round(height * where.scale_y)),
+                 where.left : where.left + max(1, round(width * where.scale_x))]
+    return np.clip(resize_maps(inner[None], height, width)[0], 0.0, 1.0)
 
 
 FLAT_CAPTION = "flat map: shows nothing"
@@ -388,7 +402,7 @@ def _write_row(image: np.ndarray, path: str, stem: str, explanation: Explanation
     extra = {} if found is None else detection_record(found, explanation, *image.shape[:2])
     box = None if found is None else (extra["box"], f"{found.label} {found.score:.2f}")
     files = render(image, explanation.raw[row], settings.formats, settings.with_raw,
-                   style=settings.style, box=box)
+                   style=settings.style, box=box, info=explanation.info)
     if settings.layers_strip:
         files[".layers.png"] = render_strip(
             image, {name: maps[row] for name, maps in explanation.layer_maps.items()},

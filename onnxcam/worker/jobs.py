@@ -467,7 +467,7 @@ def _store_rows(spec: JobSpec, index: int, image: Loaded, found: _Image, store: 
 def _store_files(spec: JobSpec, index: int, name: str, image: Loaded, row: _Row,
                  store: Store) -> dict[str, str]:
     files = render(image.picture, row.explanation.raw[row.position], ("npy", "png"),
-                   with_raw=True, heatmap_dtype=np.float16)
+                   with_raw=True, heatmap_dtype=np.float16, info=row.explanation.info)
     return {kind: store.put(image_key(spec.job_id, index, name + suffix), files[suffix])
             for kind, suffix in IMAGE_FILES.items()}
 

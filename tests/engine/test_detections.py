@@ -184,7 +184,9 @@ def test_an_image_without_detections(bundle: Path, explainer: Explainer,
 def test_explain_writes_a_map_per_detection(bundle: Path, explainer: Explainer,
                                             tmp_path: Path) -> None:
     """Files <stem>.<rank>.<label>, a JSON line per detection, its box in the image's
-    own pixels (the bundle's scaled by 40/16 across and 24/16 down)."""
+    own pixels: the 24x40 image is letterboxed into the 16x16 input as 10x16 (rounded)
+    with three rows of grey above it, so a box goes back by minus 3 rows, then times
+    40/16 across and 24/10 down."""
     pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")
     result = CliRunner().invoke(main, ["explain", str(bundle), str(tmp_path / "a.png"),
@@ -199,8 +201,10 @@ def test_explain_writes_a_map_per_detection(bundle: Path, explainer: Explainer,
         assert record["files"] == [f"{stem}.npy", f"{stem}.png"]
         assert np.load(f"{stem}.npy").shape == (24, 40)
         assert Image.open(f"{stem}.png").size == (40, 24)
-        scale = np.array([40, 24, 40, 24]) / SIZE
-        np.testing.assert_allclose(record["box"], np.array(found.box) * scale, atol=0.01)
+        assert explainer.info.resize == "letterbox"
+        offset, scale = np.array([0, 3, 0, 3]), np.array([40 / SIZE, 24 / 10] * 2)
+        np.testing.assert_allclose(record["box"], (np.array(found.box) - offset) * scale,
+                                   atol=0.01)
         assert (record["score"], record["class"], record["label"], record["anchor"]) == \
             (pytest.approx(found.score), found.cls, found.label, found.anchor)
         assert record["target_name"] == found.name

@@ -80,3 +80,19 @@ def test_an_unknown_resize_is_refused() -> None:
     with pytest.raises(BundleError, match="resize 'sideways'"):
         dataclasses.replace(bundle_info(8, 8), resize="sideways").check_bounds()
     bundle_info(8, 8).check_bounds()
+
+
+def test_maps_and_boxes_go_back_to_the_image_without_the_padding() -> None:
+    """A 4x8 image sits in an 8x8 letterbox input at rows 2..5: its heatmap is the
+    map's rows 2..5 (the padding's rows left out), and a box there is the whole image."""
+    from onnxcam.engine.detections import in_image
+    from onnxcam.engine.outputs import heatmap_on_image
+
+    info = bundle_info(8, 8)
+    raw = np.arange(64, dtype=np.float32).reshape(8, 8)
+    got = heatmap_on_image(raw, 4, 8, info)
+    np.testing.assert_allclose(got, (raw[2:6] / 63.0), atol=1e-6)
+    assert in_image((0.0, 2.0, 8.0, 6.0), info, 4, 8) == (0.0, 0.0, 8.0, 4.0)
+    stretched = dataclasses.replace(info, resize="bilinear")
+    assert heatmap_on_image(raw, 4, 8, stretched).shape == (4, 8)
+    assert in_image((0.0, 2.0, 8.0, 6.0), stretched, 4, 8) == (0.0, 1.0, 8.0, 3.0)
