@@ -24,6 +24,19 @@ if "tensorflow" not in sys.modules:
     except Exception:  # noqa: BLE001 - absent or broken: nothing to protect against
         pass
 
+# Pillow's Image.open as it is before any test module loads: importing ultralytics
+# swaps in a wrapper that tries to pip-install a HEIF plugin on any file Pillow cannot
+# identify, which would leak into every later test of bad image bytes.
+from PIL import Image  # noqa: E402
+
+_PILLOW_OPEN = Image.open
+
+
+@pytest.fixture(autouse=True)
+def _pristine_pillow_open() -> None:
+    Image.open = _PILLOW_OPEN
+
+
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)  # so tests can ``import models`` under any import mode
