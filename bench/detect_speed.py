@@ -18,23 +18,13 @@ import json
 import os
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from targets_speed import timed  # noqa: E402 - the bench folder is the script's own
+
 DETECTIONS = 20
-
-
-def timed(run: Callable[[], object], repeat: int) -> float:
-    run()
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def main() -> None:

@@ -180,6 +180,19 @@ def pytorch_grad_cam_rate(workdir: Path, batches: list, device: str) -> tuple[fl
     return timed(explain, batches), used
 
 
+def run_sides(script: str, sides: list[str], config: dict) -> dict[str, dict]:
+    """Each side of ``script`` in its own process (``--side S --config JSON``), one after
+    the other; the last line each prints is its JSON result."""
+    results = {}
+    for side in sides:
+        output = subprocess.run(
+            [sys.executable, script, "--side", side, "--config", json.dumps(config)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        results[side] = json.loads(output.strip().splitlines()[-1])
+    return results
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM: unlike ru_maxrss it does not survive exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -218,12 +231,7 @@ def main() -> None:
         results = {}
         others = {side for source, side in REFERENCE_SIDE.items() if source != args.source}
         sides = args.sides or ",".join(s for s in SIDES if s not in others)
-        for side in sides.split(","):
-            output = subprocess.run(
-                [sys.executable, __file__, "--side", side, "--config", json.dumps(config)],
-                check=True, capture_output=True, text=True,
-            ).stdout
-            results[side] = json.loads(output.strip().splitlines()[-1])
+        results.update(run_sides(__file__, sides.split(","), config))
     model = {("keras", True): "tiny Keras CNN 32x32", ("keras", False): "Keras ResNet50 224x224",
              ("torch", True): "torch ResNet50 64x64",
              ("torch", False): "torch ResNet50 224x224"}[(args.source, args.quick)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).parent))
-from explain_speed import images, peak_rss_mb, save_keras, timed  # noqa: E402
+from explain_speed import images, peak_rss_mb, run_sides, save_keras, timed  # noqa: E402
 
 SIDES = ("plain", "gradcam", "saliency", "guided-gradcam")
 
@@ -86,13 +85,7 @@ def main() -> None:
         config = {"workdir": str(workdir), "size": built["size"], "images": count,
                   "batch": args.batch, "preprocess": built["preprocess"],
                   "device": args.device}
-        results = {}
-        for side in args.sides.split(","):
-            output = subprocess.run(
-                [sys.executable, __file__, "--side", side, "--config", json.dumps(config)],
-                check=True, capture_output=True, text=True,
-            ).stdout
-            results[side] = json.loads(output.strip().splitlines()[-1])
+        results = run_sides(__file__, args.sides.split(","), config)
     model = "tiny Keras CNN 32x32" if args.quick else "Keras ResNet50 224x224"
     print(f"{model}, batch {args.batch}, {count} images, {os.cpu_count()} cores; bundle "
           f"(--input-gradients --guided) export with verification took "

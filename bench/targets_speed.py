@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # every side on the CPU
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from explain_speed import run_sides  # noqa: E402 - the bench folder is the script's own
+
 SIDES = ("one", "together", "separate", "pgc")
 # Eight of scikit-image's colour photos; the heads are spread on the first six.
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
@@ -138,13 +139,7 @@ def main() -> None:
         export_seconds = build(workdir, size)
         config = {"workdir": str(workdir), "size": size, "batch": args.batch,
                   "findings": 14, "repeat": args.repeat}
-        results = {}
-        for side in args.sides.split(","):
-            output = subprocess.run(
-                [sys.executable, __file__, "--side", side, "--config", json.dumps(config)],
-                check=True, capture_output=True, text=True,
-            ).stdout
-            results[side] = json.loads(output.strip().splitlines()[-1])
+        results = run_sides(__file__, args.sides.split(","), config)
     report(results, args, export_seconds)
 
 
