@@ -203,6 +203,18 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--target`` (repeatable) and ``--contrast``: what each image is explained for."""
+    fn = click.option("--contrast", "contrasts", multiple=True, metavar="A:B",
+                      help="Explain why class A rather than B (repeatable).")(fn)
+    return click.option(
+        "--target", "targets", multiple=True, metavar="TARGET",
+        help="Class to explain, by number or label (default: top-1); repeat it for "
+             "several, or give all-positive (classes over --threshold) or top:K. "
+             "Detection bundles: a class's detections, or top:K (the K best); "
+             "default: every detection.")(fn)
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
@@ -212,13 +224,7 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, scorecam; "
                    "with input gradients: saliency, smoothgrad, integrated-gradients; with "
                    "--guided: guided-backprop, guided-gradcam.")
-@click.option("--target", "targets", multiple=True, metavar="TARGET",
-              help="Class to explain, by number or label (default: top-1); repeat it for "
-                   "several, or give all-positive (classes over --threshold) or top:K. "
-                   "Detection bundles: a class's detections, or top:K (the K best); "
-                   "default: every detection.")
-@click.option("--contrast", "contrasts", multiple=True, metavar="A:B",
-              help="Explain why class A rather than B (repeatable).")
+@target_options
 @click.option("--mask", type=click.Path(path_type=Path), default=None,
               help="Segmentation bundles: a mask image (nonzero inside) the --target classes "
                    "are summed over (default: the pixels the model gives each class).")
@@ -358,13 +364,7 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--method", default="gradcam", show_default=True, help="CAM method.")
-@click.option("--target", "targets", multiple=True, metavar="TARGET",
-              help="Class to explain, by number or label (default: top-1); repeat it for "
-                   "several, or give all-positive (classes over --threshold) or top:K. "
-                   "Detection bundles: a class's detections, or top:K (the K best); "
-                   "default: every detection.")
-@click.option("--contrast", "contrasts", multiple=True, metavar="A:B",
-              help="Explain why class A rather than B (repeatable).")
+@target_options
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               default=None, help="all-positive: the probability a class must exceed "
                                  "[default: 0.5].")
