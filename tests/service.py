@@ -73,6 +73,20 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
         time.sleep(interval)
 
 
+def write_noise_images(root: Path, count: int, side: int = 16, seed: int = 5) -> list[Path]:
+    """``count`` RGB PNGs of seeded noise, ``img0.png``, ``img1.png``, ... in ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        paths.append(root / f"img{index}.png")
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
 def write_big_images(root: Path, count: int) -> list[Path]:
     """``count`` 1500x1500 PNGs (a shifted gradient each) in ``root``: storing their maps
     takes seconds in all, so that a job of them is caught mid-way."""

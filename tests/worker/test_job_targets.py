@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from checks import assert_close
 from PIL import Image
+from service import write_noise_images
 
 from onnxcam.engine import Explainer
 from onnxcam.engine.maps import heatmaps
@@ -50,12 +51,7 @@ def bundle(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def images(folder: Path) -> list[Path]:
     root = folder / "images"
-    root.mkdir()
-    rng = np.random.default_rng(5)
-    paths = []
-    for index in range(3):
-        paths.append(root / f"img{index}.png")
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(paths[-1])
+    paths = write_noise_images(root, 3)
     (root / "notes.txt").write_text("not an image\n")
     Image.fromarray(np.eye(16, dtype=np.uint8) * 255).save(root / "mask.png")
     return paths

@@ -15,9 +15,16 @@ import numpy as np
 import pytest
 from checks import assert_close
 from click.testing import CliRunner
-from PIL import Image
 from poison import QUEUE, envelope
-from service import free_port, service_env, settings_for, start_redis, start_worker, wait_for
+from service import (
+    free_port,
+    service_env,
+    settings_for,
+    start_redis,
+    start_worker,
+    wait_for,
+    write_noise_images,
+)
 
 from onnxcam.cli import main
 from onnxcam.engine import Explainer
@@ -38,12 +45,7 @@ ONE_CLASS_KEYS = {"job", "index", "image", "status", "bundle", "method", "target
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     folder = tmp_path_factory.mktemp("service-targets")
     root = folder / "images"
-    root.mkdir()
-    rng = np.random.default_rng(5)
-    paths = []
-    for index in range(3):
-        paths.append(root / f"img{index}.png")
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(paths[-1])
+    paths = write_noise_images(root, 3)
     bundle = folder / "skip.cam.onnx"
     export(models.onnx_skip_head(), bundle, layer="last_relu", head="sigmoid")
     redis = start_redis(folder, free_port(), aof=False)
