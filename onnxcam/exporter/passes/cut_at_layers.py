@@ -25,7 +25,7 @@ from onnxcam.bundle import (
 )
 from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.head import layer_tensors
-from onnxcam.exporter.shapes import lean_session, random_images, run_with_outputs
+from onnxcam.exporter.shapes import OutputRunner, lean_session, random_images
 from onnxcam.graph import source_of
 from onnxcam.head_cut import head_boundary, split_at_layers, target_outputs
 
@@ -81,7 +81,8 @@ def find_cut(draft: Draft) -> tuple[list[str], list[dict[str, np.ndarray]]] | No
     pulled: set[str] = set()
     while True:
         names = head_boundary(graph, layers, pulled)
-        probes = [run_with_outputs(draft.model, names, feeds(draft, batch)) for batch in (1, 2)]
+        runner = OutputRunner(draft.model, names, lean=True)  # one session, both batches
+        probes = [runner(feeds(draft, batch)) for batch in (1, 2)]
         moving = {name for name in names if probes[0][name].dtype.kind != "f" and
                   (probes[0][name].shape != probes[1][name].shape or
                    not np.array_equal(probes[0][name], probes[1][name]))}
