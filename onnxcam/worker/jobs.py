@@ -327,7 +327,6 @@ class _Row:
 
     @property
     def name(self) -> str:
-        assert self.explanation.target_names is not None  # set by Explanation itself
         return self.explanation.target_names[self.position]
 
 
