@@ -1,6 +1,6 @@
 """torchvision's classification zoo as users export it, and pytorch-grad-cam's maps for it.
 
-Shared by ``tests/exporter/test_torch_zoo.py`` and ``bench/zoo.py`` (issue 10): one
+Shared by ``tests/exporter/test_torch_zoo.py`` and ``bench/torch_zoo.py`` (issue 10): one
 entry per family (its smallest member), with every parameter and buffer perturbed
 so that no two tensors are equal, as in trained weights; the usual pytorch-grad-cam
 target layer and its ``reshape_transform``; the three ways the ONNX file is made;

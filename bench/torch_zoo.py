@@ -9,7 +9,7 @@ Subprocesses for memory and crash isolation (300 s per export):
      when it differs).
 The onnxcam child measures its own peak RSS, so torch's memory is not counted.
 
-    python bench/zoo.py [--models resnet18,vgg11] [--exporters dynamo,legacy]
+    python bench/torch_zoo.py [--models resnet18,vgg11] [--exporters dynamo,legacy]
                         [--quick] [--no-default-export] [--json results.jsonl]
 """
 
