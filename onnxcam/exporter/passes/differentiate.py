@@ -26,6 +26,8 @@ def differentiate(draft: Draft) -> bool:
     """
     if draft.gradient:
         return False
+    if draft.output in DENSE and draft.options.gradient == "fd":
+        raise ExportError(f"{DENSE[draft.output]} needs analytic gradients; drop --gradient fd")
     if draft.options.whole_body or len(draft.taps) > 1:
         return differentiate_exactly(draft)
     if draft.output in DENSE:
@@ -74,8 +76,6 @@ def differentiate_dense(draft: Draft) -> bool:
     weightings of the pixels or anchors (``target_weights``: a detection is one entry),
     which fd channel weights for one class cannot serve."""
     model = DENSE[draft.output]
-    if draft.options.gradient == "fd":
-        raise ExportError(f"{model} needs analytic gradients; drop --gradient fd")
     missing = unsupported_ops(draft.graph)
     if missing:
         raise ExportError(f"{model} needs analytic gradients, and its head has ops "
