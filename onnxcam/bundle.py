@@ -84,6 +84,8 @@ KEY_OUTPUT = PREFIX + "output"
 # Where the part of the graph after the layer begins: JSON list of {name, batched, type}
 # (the seed among them); only in bundles with ``target_weights`` and a free batch.
 KEY_HEAD_INPUTS = PREFIX + "head_inputs"
+# A detector's levels (JSON list of ``Level``): each explained at its own layer.
+KEY_LEVELS = PREFIX + "levels"
 # A token layer's grid ({"leading_tokens", "height", "width"}); its activation_layout is "ntc".
 KEY_ACTIVATION_GRID = PREFIX + "activation_grid"
 
@@ -95,6 +97,9 @@ TOKEN_LAYOUT = TokenGrid.value  # a token tensor [N, T, C] with its grid in meta
 # publish one to the store): these bounds stop a claim from sizing an allocation, and
 # they sit far above any classifier's (the largest exported here: 1024x1024, 21k classes).
 MAX_INPUT_SIDE = 8192
+# How far a detector level's local head may read around a cell: a YOLO head's stack
+# reads 2 cells; a hostile bundle must not make crops the size of images.
+MAX_RADIUS = 32
 MAX_INPUT_CHANNELS = 64
 MAX_BATCH_SIZE = 4096
 MAX_CLASSES = 1_000_000
@@ -126,6 +131,53 @@ class HeadInput:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "batched": self.batched, "type": self.elem_type}
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of a detector's head: the exported layer (``layer``, its output
+    index, ``LayerEntry.index``) whose map its anchors' scores read, and those anchors:
+    ``first`` to ``first + height * width``, one per cell of the layer's grid, row
+    by row. Where the scores read that map through convolutions alone, ``local``:
+    the bundle has a local head for the level (``crop_inputs``, ``crop_gradients``),
+    and ``radius`` is how far from its cell the map reaches an anchor's score."""
+
+    layer: int
+    first: int
+    height: int
+    width: int
+    radius: int = 0
+    local: bool = False
+
+    @property
+    def side(self) -> int:
+        """The side of a local head's square crop: the cell and ``radius`` around it."""
+        return 2 * self.radius + 1
+
+    def holds(self, anchor: int) -> bool:
+        return self.first <= anchor < self.first + self.height * self.width
+
+    def to_json(self) -> dict[str, int | bool]:
+        return {"layer": self.layer, "first": self.first, "height": self.height,
+                "width": self.width, "radius": self.radius, "local": self.local}
+
+
+def level_from_json(entry: Mapping[str, Any]) -> Level:
+    return Level(int(entry["layer"]), int(entry["first"]), int(entry["height"]),
+                 int(entry["width"]), int(entry["radius"]), entry["local"] is True)
+
+
+def crop_inputs(level: int) -> tuple[str, str, str]:
+    """A local head's inputs: the crop [R, C, side, side] of the layer around each row's
+    cell (zero outside the map), its mask [R, 1, side, side] (1 inside the map), and
+    the row's class weights [R, K] at that cell."""
+    return (f"onnxcam/crop.{level}", f"onnxcam/crop_mask.{level}",
+            f"onnxcam/crop_seed.{level}")
+
+
+def crop_gradients(level: int) -> str:
+    """A local head's output: d (seed . scores at the cell) / d crop, [R, C, side, side]."""
+    return f"onnxcam/crop_gradients.{level}"
 
 
 def layer_output(name: str, index: int) -> str:
@@ -217,6 +269,9 @@ class BundleInfo:
     # Bundles that take ``target_weights``: the tensors the engine cuts the graph at
     # (``SEED`` among them) to run many targets per image; empty in older bundles.
     head_inputs: tuple[HeadInput, ...] = ()
+    # A detector explained per level (``Level``), each anchor at its own level's layer;
+    # empty: every row at the primary layer.
+    levels: tuple[Level, ...] = ()
     # Whether the graph takes ``target_weights``; set by ``read_bundle``.
     weighted: bool = False
     extra: dict[str, str] = field(default_factory=dict)
@@ -292,6 +347,8 @@ class BundleInfo:
             props[KEY_OUTPUT] = self.output
         if self.head_inputs:
             props[KEY_HEAD_INPUTS] = json.dumps([each.to_json() for each in self.head_inputs])
+        if self.levels:
+            props[KEY_LEVELS] = json.dumps([each.to_json() for each in self.levels])
         props.update(self.extra)
         return props
 
@@ -315,7 +372,7 @@ class BundleInfo:
                 KEY_GRADIENT, KEY_SOURCE_FORMAT, KEY_SOURCE_SHA256, KEY_RESIZE,
                 KEY_REMOVED_HEAD, KEY_FD_EPSILON, KEY_FD_CHUNK, KEY_MODEL_INPUT,
                 KEY_INPUT_GRADIENTS, KEY_LAYERS, KEY_BATCH_SIZE, KEY_ACTIVATION_GRID,
-                KEY_HEAD, KEY_OUTPUT, KEY_HEAD_INPUTS,
+                KEY_HEAD, KEY_OUTPUT, KEY_HEAD_INPUTS, KEY_LEVELS,
             }
             layers = tuple(LayerEntry(str(e["name"]), int(e["index"]), str(e["layout"]),
                                       grid_from_json(e.get("grid")))
@@ -349,6 +406,7 @@ class BundleInfo:
                 output=props.get(KEY_OUTPUT, OUTPUT_CLASSES),
                 head_inputs=tuple(HeadInput(str(e["name"]), bool(e["batched"]), int(e["type"]))
                                   for e in json.loads(props.get(KEY_HEAD_INPUTS, "[]"))),
+                levels=tuple(level_from_json(e) for e in json.loads(props.get(KEY_LEVELS, "[]"))),
                 extra={k: v for k, v in props.items() if k.startswith(PREFIX) and k not in known},
             )
         except (KeyError, ValueError, TypeError) as exc:
@@ -381,6 +439,23 @@ class BundleInfo:
         if self.labels and len(self.labels) != self.num_classes:
             raise BundleError(f"onnxcam bundle metadata has {len(self.labels)} labels for "
                               f"{self.num_classes} classes")
+        self.check_levels()
+
+    def check_levels(self) -> None:
+        """Refuse levels that no detector has: on another output, at no layer, on a grid
+        or a crop larger than an input, or whose anchors overlap."""
+        if self.levels and self.output != OUTPUT_ANCHORS:
+            raise BundleError(f"onnxcam bundle metadata gives levels to a {self.output!r} "
+                              "bundle; only detectors (output anchors) have them")
+        end = 0
+        for level in self.levels:
+            if not 0 <= level.layer < len(self.layers) or level.first < end or \
+                    not (1 <= level.height <= MAX_INPUT_SIDE and
+                         1 <= level.width <= MAX_INPUT_SIDE) or \
+                    not 0 <= level.radius <= MAX_RADIUS:
+                raise BundleError(f"onnxcam bundle metadata claims a level {level.to_json()} "
+                                  "that no detector has")
+            end = level.first + level.height * level.width
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,10 @@ SIZE = 128  # 16x16, 8x8 and 4x4 anchors: 336 in all
 CONF = 0.25  # ultralytics' predict default
 # Each model's neck output at stride 8, the layer onnxcam picks by default.
 STRIDE8 = {"yolov8n": "model.15", "yolo11n": "model.16"}
+# The maps each level of the Detect head reads (strides 8, 16, 32): the layers onnxcam
+# explains each level's detections at.
+LEVELS = {"yolov8n": ("model.15", "model.18", "model.21"),
+          "yolo11n": ("model.16", "model.19", "model.22")}
 
 
 def _ultralytics() -> Any:
@@ -153,6 +157,27 @@ def grad_cam(model: Any, layer: str, image: np.ndarray, pairs: Sequence[tuple[in
                                       retain_graph=True)
         weights = grad.mean(dim=(2, 3), keepdim=True)
         maps.append(torch.relu((weights * activations).sum(dim=1))[0].detach().numpy())
+    return np.stack(maps)
+
+
+def level_grad_cam(model: Any, name: str, image: np.ndarray,
+                   pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``grad_cam`` of each pair at its own level's map (``LEVELS``: anchors run level
+    by level, each row by row), brought to the stride-8 grid by torch's bilinear
+    interpolation (half-pixel, as onnxcam resizes)."""
+    import torch
+
+    height, width = image.shape[:2]
+    sizes = [(height // stride) * (width // stride) for stride in (8, 16, 32)]
+    starts = np.cumsum([0, *sizes])
+    maps = []
+    for cls, anchor in pairs:
+        level = int(np.searchsorted(starts, anchor, side="right")) - 1
+        (cam,) = grad_cam(model, LEVELS[name][level], image, [(cls, anchor)])
+        fine = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None],
+                                               size=(height // 8, width // 8),
+                                               mode="bilinear", align_corners=False)
+        maps.append(fine[0, 0].numpy())
     return np.stack(maps)
 
 

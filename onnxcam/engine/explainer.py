@@ -24,6 +24,7 @@ from onnxcam.bundle import (
     INPUT_TARGET,
     INPUT_TARGET_WEIGHTS,
     LAYER_OUTPUTS,
+    OUTPUT_ACTIVATIONS,
     OUTPUT_ANCHORS,
     OUTPUT_BOXES,
     OUTPUT_LOGITS,
@@ -42,8 +43,17 @@ from onnxcam.engine.images import (
     check_batch,
     prepare,
 )
+from onnxcam.engine.levels import (
+    entry_of,
+    finest_grid,
+    has_local_heads,
+    local_outputs,
+    own_level_maps,
+    rows_of,
+)
 from onnxcam.engine.maps import flat as flat_maps
 from onnxcam.engine.maps import heatmaps as to_heatmaps
+from onnxcam.engine.maps import resize_maps
 from onnxcam.engine.methods import Method, MethodContext, MethodOptions, method_for
 from onnxcam.engine.model_access import ModelAccess
 from onnxcam.engine.prefetch import prefetched
@@ -390,30 +400,61 @@ class Explainer:
                         tell: Callable[[float], None], max_detections: int) -> BatchResult:
         """A detector: its detections from one run (the trunk's, where the bundle is cut
         and the method reads the layers alone), then a row per detection the targets
-        pick, through the part after the layers or else the whole bundle once per row."""
-        cut = self.sessions.can_cut and cam.reads_layers_only()
+        pick: through the levels' local heads, through the part after the layers, or
+        else the whole bundle once per row. A bundle explained per level then keeps each
+        row's map at its own level's layer (``levels``)."""
+        local = has_local_heads(self.info) and cam.reads_layers_only()
+        cut = self.sessions.can_cut and cam.reads_layers_only() and not local
         if cut:
             values = self._run_trunk(batch)
         else:
-            names = [OUTPUT_LOGITS, OUTPUT_BOXES]
+            names = [OUTPUT_LOGITS, OUTPUT_BOXES, *(
+                [e.output(OUTPUT_ACTIVATIONS) for e in self.info.layers] if local else [])]
             values = dict(zip(names, self.sessions.run(names, {
                 INPUT_IMAGE: batch, INPUT_TARGET: np.full(len(batch), -1, np.int64)})))
         logits = values[OUTPUT_LOGITS]
         rows = detection_rows(items, logits, values[OUTPUT_BOXES], self.info, max_detections)
         if not rows:
             result = self._no_rows(cam, logits)
+        elif local:
+            result = self._run_levels(batch, rows, values, cam, options, first_index)
         elif cut:
             result = self._run_head(batch, rows, values, cam, options, first_index)
         else:
             index = np.array([r.image for r in rows])
             result = self._run_whole(batch[index], np.array([r.cls for r in rows], np.int64),
                                      cam, options, first_index, tell, seeds(rows, logits), rows)
+        if rows and self.info.levels and not local and cam.per_layer():
+            result.raw, result.layer_maps = own_level_maps(result.layer_maps, rows,
+                                                           self.info), {}
         result.detections = [r.detection for r in rows if r.detection is not None]
         # A row's logits: its anchor's class scores [K], not the image's [K, A] again.
         result.logits = logits[np.array([r.image for r in rows], np.int64), :,
                                np.array([d.anchor for d in result.detections], np.int64)]
         result.image_logits = logits
         return result
+
+    def _run_levels(self, batch: np.ndarray, rows: list[Row], values: dict[str, np.ndarray],
+                    cam: Method, options: MethodOptions, first_index: int) -> BatchResult:
+        """Each row at its own level's layer, its gradients from that level's local
+        head; maps resized to the finest level's grid, levels differing in resolution."""
+        info = self.info
+        index = np.array([r.image for r in rows])
+        classes = np.array([r.cls for r in rows], np.int64)
+        raw = np.zeros((len(rows), *finest_grid(info)), np.float32)
+        for level in info.levels:
+            mine = rows_of(level, rows)
+            if not mine:
+                continue
+            entry = entry_of(info, level)
+            outputs = local_outputs(self.sessions, level, values[entry.output(OUTPUT_ACTIVATIONS)],
+                                    [rows[i] for i in mine], cam.outputs)
+            context = MethodContext(outputs, info, classes[mine],
+                                    ModelAccess(self.sessions, batch[index[mine]]), options,
+                                    first_index, entry.activation_layout, None, index[mine])
+            raw[mine] = resize_maps(cam.explain_layer(context).raw, *raw.shape[1:])
+        return BatchResult(raw, values[OUTPUT_LOGITS][index], classes, {}, None, index,
+                           [r.name for r in rows])
 
     def _run_repeated(self, batch: np.ndarray, items: list[list[Target]], cam: Method,
                       options: MethodOptions, first_index: int,

@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcam.bundle import OUTPUT_LOGITS, BundleInfo, read_bundle
+from onnxcam.bundle import (
+    OUTPUT_LOGITS,
+    BundleInfo,
+    Level,
+    crop_gradients,
+    crop_inputs,
+    read_bundle,
+)
 from onnxcam.errors import BundleError
 from onnxcam.graph import prune_unused
 from onnxcam.head_cut import extract, split_at_layers
@@ -108,6 +115,7 @@ class Sessions:
             self._by_kept[frozenset()] = session
         self._splits: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self._at_layers: tuple[Any, Any] | None = None
+        self._local: dict[int, Any] = {}
         if info.batch_size:
             log.info("%s runs at batch size %d only: images go through it in chunks of %d, "
                      "the last one padded", name, info.batch_size, info.batch_size)
@@ -166,6 +174,15 @@ class Sessions:
             trunk, head = split_at_layers(self._model(), self.info.head_inputs)
             self._at_layers = (self._make(trunk), self._make(head))
         return self._at_layers
+
+    def local(self, level: Level) -> Any:
+        """The local head of a detector's ``level`` (``Level``), built once."""
+        if level.layer not in self._local:
+            inputs = crop_inputs(level.layer)
+            model = extract(self._model(), dict.fromkeys(inputs, onnx.TensorProto.FLOAT),
+                            [crop_gradients(level.layer)])
+            self._local[level.layer] = self._make(model)
+        return self._local[level.layer]
 
     def _model(self) -> onnx.ModelProto:
         data = self._source if isinstance(self._source, bytes) else read_bundle(self._source).data

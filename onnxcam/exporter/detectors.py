@@ -25,8 +25,9 @@ class Detection:
     """Where a detector's class scores [N, K, A] and boxes [N, 4, A] (cx, cy, w, h) are.
 
     ``scores`` and ``boxes`` name the tensors the model concatenates into its output,
-    or are empty where the output is to be sliced instead. ``layer`` is the default
-    target layer (a ``LayerInfo.name``), empty when none could be found. ``resize``
+    or are empty where the output is to be sliced instead. ``layers`` are the default
+    target layers (``LayerInfo.name``s), the map each level of the head reads, finest
+    first; empty when they could not be found. ``resize``
     is how the model's users bring an image to its size (a ``bundle.RESIZE_MODES``).
     """
 
@@ -35,7 +36,7 @@ class Detection:
     labels: tuple[str, ...] = ()
     scores: str = ""
     boxes: str = ""
-    layer: str = ""
+    layers: tuple[str, ...] = ()
     resize: str = "bilinear"
 
 
@@ -84,7 +85,7 @@ def find_detection(model: onnx.ModelProto, layers: list[LayerInfo], props: dict[
         labels = ()
     scores, boxes = concatenated_parts(model.graph, output, shapes)
     # ultralytics' predict letterboxes every image (LetterBox, centred, grey 114).
-    return Detection(output, classes, labels, scores, boxes, default_layer(model.graph, layers),
+    return Detection(output, classes, labels, scores, boxes, default_layers(model.graph, layers),
                      RESIZE_LETTERBOX)
 
 
@@ -103,14 +104,14 @@ def concatenated_parts(graph: onnx.GraphProto, output: str,
     return node.input[1], node.input[0]
 
 
-def default_layer(graph: onnx.GraphProto, layers: list[LayerInfo]) -> str:
-    """The largest map the Detect head reads: the neck's stride-8 output (YOLOv8's
-    ``model.15``, YOLO11's ``model.16``), "" where it cannot be told.
+def default_layers(graph: onnx.GraphProto, layers: list[LayerInfo]) -> tuple[str, ...]:
+    """The maps the Detect head reads, finest first: the neck's outputs at strides 8,
+    16 and 32 (YOLOv8's ``model.15``, ``18``, ``21``; YOLO11's ``model.16``, ``19``,
+    ``22``); () where they cannot be told.
 
-    Every anchor's score depends on that map: the stride-8 anchors through their own
-    branch, the stride-16 and 32 ones through the neck's bottom-up path (it is
-    downsampled into them), so no detection gets an empty map, as at the stride-32
-    level the stride-8 anchors would. And it is the finest of the three.
+    Each level's anchors are explained at the map its own branch of the head reads,
+    as a classifier is at the last map before its head: the score is then a few
+    convolutions of that map around the anchor's cell (``passes.local_heads``).
     The head is the torch module of the node making the output (``/model.22/...``):
     the maps it reads are those made outside it.
     """
@@ -118,11 +119,10 @@ def default_layer(graph: onnx.GraphProto, layers: list[LayerInfo]) -> str:
     end = made_by.get(graph.output[0].name)
     scope = end.name.rpartition("/")[0] + "/" if end is not None and end.name else ""
     if scope.count("/") < 2:  # no module path: names were stripped
-        return ""
+        return ()
     inside = {o for node in graph.node if node.name.startswith(scope) for o in node.output}
     read = {name for node in graph.node if node.name.startswith(scope) for name in node.input
             if name in made_by and name not in inside}
     maps = [layer for layer in layers if layer.tensor in read and len(layer.shape) == 4]
-    if not maps:
-        return ""
-    return max(maps, key=lambda layer: (layer.shape[2] or 0) * (layer.shape[3] or 0)).name
+    finest = sorted(maps, key=lambda layer: -(layer.shape[2] or 0) * (layer.shape[3] or 0))
+    return tuple(layer.name for layer in finest)

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxcam.bundle import GRADIENT_MODES, HEAD_SOFTMAX, HEADS, OUTPUT_CLASSES, HeadInput
+from onnxcam.bundle import (
+    GRADIENT_MODES,
+    HEAD_SOFTMAX,
+    HEADS,
+    OUTPUT_CLASSES,
+    HeadInput,
+    Level,
+)
 from onnxcam.errors import ExportError
 from onnxcam.exporter.detectors import Detection
 from onnxcam.exporter.frontends import SourceModel, Tap
@@ -77,6 +84,7 @@ class Draft:
     fd_chunk: int = 0
     output: str = OUTPUT_CLASSES  # what the logits are (probe_head)
     head_inputs: tuple[HeadInput, ...] = ()  # where the graph is cut (cut_at_layers)
+    levels: tuple[Level, ...] = ()  # a detector's levels (local_heads)
 
     @classmethod
     def from_source(cls, source: SourceModel, options: Options) -> Draft:

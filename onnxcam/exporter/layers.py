@@ -101,10 +101,10 @@ def default_layer(layers: list[LayerInfo]) -> LayerInfo:
     return before_class_scores(pooled, by_name, {*shape[1:2], *shape[-1:]})
 
 
-def with_default(layers: list[LayerInfo], name: str) -> list[LayerInfo]:
-    """``layers`` with the one called ``name`` flagged as the default (none when no
-    layer is called so)."""
-    return [replace(layer, default=layer.name == name) for layer in layers]
+def with_default(layers: list[LayerInfo], *names: str) -> list[LayerInfo]:
+    """``layers`` with those called ``names`` flagged as the default (a detector has
+    one per level; none when no layer is called so)."""
+    return [replace(layer, default=layer.name in names) for layer in layers]
 
 
 def before_upsampling(layers: list[LayerInfo], extended: list[LayerInfo],
@@ -272,12 +272,12 @@ def choose_layers(layers: list[LayerInfo], names: str | Sequence[str] | None) ->
 
 def describe(layers: list[LayerInfo]) -> list[str]:
     """Lines for ``onnxcam layers``: spatial candidates, the default marked with '*'."""
-    chosen = default_layer(layers).name
+    chosen = {layer.name for layer in layers if layer.default} or {default_layer(layers).name}
     lines = []
     for layer in layers:
         if not layer.spatial:
             continue
-        mark = "*" if layer.name == chosen else " "
+        mark = "*" if layer.name in chosen else " "
         shape = "x".join("?" if d is None else str(d) for d in layer.shape[1:])
         line = f"{mark} {layer.name:<40} {layer.op:<24} {shape}"
         if layer.grid is not None:  # after the shape, so the columns read as before

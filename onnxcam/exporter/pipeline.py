@@ -35,6 +35,7 @@ from onnxcam.exporter.passes.expose_logits import expose_logits
 from onnxcam.exporter.passes.free_reserved_names import free_reserved_names
 from onnxcam.exporter.passes.guard_padded_pools import guard_padded_pools
 from onnxcam.exporter.passes.linearize_logits import linearize_logits
+from onnxcam.exporter.passes.local_heads import local_heads
 from onnxcam.exporter.passes.probe_head import probe_head
 from onnxcam.exporter.passes.tidy import tidy
 from onnxcam.exporter.shapes import check_model
@@ -60,6 +61,7 @@ PASSES: tuple[Pass, ...] = (
     add_cam,  # weights and cam for every layer
     tidy,
     cut_at_layers,  # where many targets of one image share the trunk (changes nothing)
+    local_heads,  # a detector's levels, each anchor's score from a crop of its layer
 )
 
 
@@ -246,7 +248,8 @@ def bundle_info(draft: Draft) -> BundleInfo:
         input_gradients=tuple(name for name, asked in wanted if asked),
         all_layers=layer_entries(draft), batch_size=draft.batch_size,
         activation_grid=grid_of(primary.layout), head=draft.head, output=draft.output,
-        head_inputs=draft.head_inputs, weighted=draft.gradient == "analytic",
+        head_inputs=draft.head_inputs, levels=draft.levels,
+        weighted=draft.gradient == "analytic",
         resize=draft.detection.resize if draft.detection is not None else BundleInfo.resize,
     )
 

@@ -31,6 +31,7 @@ from onnxcam.bundle import (
 from onnxcam.cli import main
 from onnxcam.engine import detections
 from onnxcam.engine.detections import nms
+from onnxcam.engine.maps import resize_maps
 from onnxcam.engine.sessions import Sessions
 from onnxcam.runtime import cpu_session
 
@@ -53,11 +54,12 @@ def explainer(bundle: Path) -> Explainer:
 
 
 def whole(bundle: Path, pixels: np.ndarray, seeds: np.ndarray) -> dict[str, np.ndarray]:
-    """The whole bundle in plain onnxruntime, a row per seed (``pixels``: one per row)."""
+    """The whole bundle in plain onnxruntime, a row per seed (``pixels``: one per row):
+    logits, boxes, and the cam at each level's layer (``cam``, ``cam.1``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         session = cpu_session(bundle.read_bytes())
-    names = [OUTPUT_LOGITS, OUTPUT_BOXES, OUTPUT_CAM]
+    names = [OUTPUT_LOGITS, OUTPUT_BOXES, OUTPUT_CAM, f"{OUTPUT_CAM}.1"]
     out = session.run(names, {INPUT_IMAGE: pixels, INPUT_TARGET: np.zeros(len(pixels), np.int64),
                               INPUT_TARGET_WEIGHTS: seeds})
     return dict(zip(names, out))
@@ -115,7 +117,14 @@ def test_rows_are_the_whole_bundle_fed_one_hot(explainer: Explainer, bundle: Pat
     for row, found in enumerate(res.detections):
         seeds[row, found.cls, found.anchor] = 1.0
     out = whole(bundle, pixels[res.image_index], seeds)
-    np.testing.assert_allclose(res.raw, np.maximum(out[OUTPUT_CAM], 0), rtol=1e-5, atol=1e-7)
+    # Each row at its own level's layer (stride 1: anchors 0 to 255; stride 2 after),
+    # the stride-2 map brought to the stride-1 grid.
+    fine = SIZE * SIZE
+    own = [out[OUTPUT_CAM][row] if found.anchor < fine else
+           resize_maps(out[f"{OUTPUT_CAM}.1"][row][None], SIZE, SIZE)[0]
+           for row, found in enumerate(res.detections)]
+    assert {found.anchor < fine for found in res.detections} == {True, False}
+    np.testing.assert_allclose(res.raw, np.maximum(own, 0), rtol=1e-5, atol=1e-6)
     for row, found in enumerate(res.detections):
         image = int(res.image_index[row])
         scores = out[OUTPUT_LOGITS][row]  # [K, A]

@@ -1,7 +1,8 @@
-"""The engine on YOLOv8n exported as its users export it (dynamic: the trunk once, the
-head per detection; static: batch 1, the whole bundle once per detection): every
-detection of one ``explain`` call against ultralytics' own NMS and its map against
-Grad-CAM by hand in float64 torch autograd (``ultralytics_models.grad_cam``).
+"""The engine on YOLOv8n and YOLO11n exported as their users export them (static and
+dynamic: both free the batch): every detection of one ``explain`` call against
+ultralytics' own NMS, and its map, at its own level's layer through that level's local
+head, against Grad-CAM by hand in float64 torch autograd
+(``ultralytics_models.level_grad_cam``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import onnxcam
+from onnxcam.engine.levels import level_of
 
 if importlib.util.find_spec("ultralytics") is None:  # found, not imported at collection
     pytest.skip("ultralytics is not installed", allow_module_level=True)
@@ -25,33 +27,34 @@ import zoo  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
 MAP_TOLERANCE = 2e-3  # max |a - b| of min-max normalised maps (issue 22)
-NAME = "yolov8n"
+CASES = [("yolov8n", True), ("yolov8n", False), ("yolo11n", True)]
 
 
-@pytest.fixture(scope="module")
-def yolo() -> tuple[Any, Any]:
-    return um.build(NAME)
-
-
-@pytest.fixture(scope="module", params=[True, False], ids=["dynamic", "static"])
-def bundle(request: pytest.FixtureRequest, yolo: tuple[Any, Any],
-           tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp(NAME)
-    source = um.export_onnx(yolo[0], folder / f"{NAME}.onnx", dynamic=request.param)
-    path = folder / f"{NAME}.cam.onnx"
-    size = {"input_size": (um.SIZE, um.SIZE)} if request.param else {}
+@pytest.fixture(scope="module", params=CASES,
+                ids=[f"{name}-{'dynamic' if dynamic else 'static'}" for name, dynamic in CASES])
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+         ) -> tuple[str, Any, Path]:
+    """(name, the torch model, its bundle)."""
+    name, dynamic = request.param
+    yolo, model = um.build(name)
+    folder = tmp_path_factory.mktemp(name)
+    source = um.export_onnx(yolo, folder / f"{name}.onnx", dynamic=dynamic)
+    path = folder / f"{name}.cam.onnx"
+    size = {"input_size": (um.SIZE, um.SIZE)} if dynamic else {}
     onnxcam.export(source, path, preprocess="unit", **size)
-    return path
+    return name, model, path
 
 
 def test_every_detection_matches_ultralytics_and_grad_cam_by_hand(
-        yolo: tuple[Any, Any], bundle: Path) -> None:
+        case: tuple[str, Any, Path]) -> None:
     import torch
     from ultralytics.utils.nms import non_max_suppression
 
-    model = yolo[1]
+    name, model, bundle = case
     image = um.test_image()
-    res = onnxcam.Explainer(bundle, device="cpu").explain(image[None])
+    explainer = onnxcam.Explainer(bundle, device="cpu")
+    assert [level.local for level in explainer.info.levels] == [True] * 3
+    res = explainer.explain(image[None])
     with torch.no_grad():
         raw = model(um.unit_input(image[None]))[0]
     kept, anchors = non_max_suppression(raw, um.CONF, 0.7, max_det=300, return_idxs=True)
@@ -61,7 +64,9 @@ def test_every_detection_matches_ultralytics_and_grad_cam_by_hand(
                                np.clip(kept[0][:, :4].numpy(), 0, um.SIZE), atol=1e-2)
     assert len(res.detections) >= 3  # the calibration left several to explain
     pairs = [(d.cls, d.anchor) for d in res.detections]
-    reference = um.grad_cam(model, um.STRIDE8[NAME], image, pairs)
+    reference = um.level_grad_cam(model, name, image, pairs)
     errors = np.abs(zoo.normalise(res.raw) - zoo.normalise(reference)).max(axis=(1, 2))
     assert errors.max() <= MAP_TOLERANCE, (pairs, errors)
     assert (reference.max(axis=(1, 2)) > 0).all()  # no flat map passes by matching one
+    levels = [explainer.info.levels.index(level_of(explainer.info, a)) for _, a in pairs]
+    assert len(set(levels)) >= 2, levels  # more than one level's local head is checked

@@ -162,8 +162,8 @@ def test_without_module_paths_the_layer_must_be_named(tmp_path: Path) -> None:
 
 
 def test_layers_stars_the_detectors_default(tmp_path: Path) -> None:
-    """``onnxcam layers`` marks the layer the export takes (the larger map the head
-    reads), not the output's Concat, which the generic rule would take for a map."""
+    """``onnxcam layers`` marks the layers the export takes (the maps the head's levels
+    read), not the output's Concat, which the generic rule would take for a map."""
     from click.testing import CliRunner
 
     from onnxcam.cli import main
@@ -173,4 +173,4 @@ def test_layers_stars_the_detectors_default(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["layers", str(source)])
     assert result.exit_code == 0, result.output
     starred = [line.split()[1] for line in result.output.splitlines() if line.startswith("*")]
-    assert starred == ["/model.0/act/Mul"]
+    assert starred == ["/model.0/act/Mul", "/model.1/act/Mul"]

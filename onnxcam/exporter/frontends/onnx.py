@@ -360,7 +360,7 @@ def prepare(
         detection = find_detection(plan.model, layers, ultralytics)
         # Its default, starred by ``onnxcam layers`` too (not the output's Concat).
         return Prepared(plan.model, input_name, found, height, width, channels,
-                        with_default(layers, detection.layer), plan.fixed, plan.brief,
+                        with_default(layers, *detection.layers), plan.fixed, plan.brief,
                         detection=detection)
     pixels = check_layers_output(plan.model.graph, layers, found)
     return Prepared(plan.model, input_name, found, height, width, channels, layers, plan.fixed,
@@ -418,14 +418,15 @@ def load(
     )
 
 
-def detector_layer(detection: Detection) -> str:
-    """A detector's default layer; the generic default (the last map the output pools)
-    means nothing for a detection head, so a graph whose names do not show it is refused."""
-    if not detection.layer:
+def detector_layer(detection: Detection) -> list[str]:
+    """A detector's default layers, one per level; the generic default (the last map
+    the output pools) means nothing for a detection head, so a graph whose names do
+    not show them is refused."""
+    if not detection.layers:
         raise UnsupportedModelError(
             "cannot tell which maps the detector's head reads (its node names carry no "
             "module paths); pass --layer, e.g. the neck's stride-8 output")
-    return detection.layer
+    return list(detection.layers)
 
 
 def to_layout(images_nhwc: np.ndarray, layout: Layout) -> np.ndarray:
