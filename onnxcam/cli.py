@@ -203,6 +203,9 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+MAX_DETECTIONS_HELP = "Detection bundles: detections kept per image (after suppression)."
+
+
 def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--target`` (repeatable) and ``--contrast``: what each image is explained for."""
     fn = click.option("--contrast", "contrasts", multiple=True, metavar="A:B",
@@ -232,8 +235,7 @@ def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               default=0.5, show_default=True,
               help="all-positive: the probability a class must exceed.")
 @click.option("--max-detections", type=click.IntRange(1, MAX_TARGETS_PER_IMAGE),
-              default=MAX_DETECTIONS, show_default=True,
-              help="Detection bundles: detections kept per image (after suppression).")
+              default=MAX_DETECTIONS, show_default=True, help=MAX_DETECTIONS_HELP)
 @click.option("--raw", "with_raw", is_flag=True, help="Also write the raw layer-resolution map.")
 @click.option("--format", "formats", default="npy,png", show_default=True,
               help="Outputs to write: npy, png or both.")
@@ -368,13 +370,17 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               default=None, help="all-positive: the probability a class must exceed "
                                  "[default: 0.5].")
+# Left out of the message unless given, as --threshold is: old messages keep their digest.
+@click.option("--max-detections", type=click.IntRange(1, MAX_TARGETS_PER_IMAGE),
+              default=None, help=f"{MAX_DETECTIONS_HELP} [default: {MAX_DETECTIONS}]")
 @click.option("--chunk-size", type=int, default=None,
               help="Images per job (default: ONNXCAM_CHUNK_SIZE).")
 @method_options
 @with_errors
 def submit(bundle: Path, images: tuple[str, ...], method: str, targets: tuple[str, ...],
-           contrasts: tuple[str, ...], threshold: float | None, chunk_size: int | None,
-           samples: int, noise: float, steps: int, seed: int) -> None:
+           contrasts: tuple[str, ...], threshold: float | None, max_detections: int | None,
+           chunk_size: int | None, samples: int, noise: float, steps: int,
+           seed: int) -> None:
     """Queue explain jobs; print their ids, one per line (and on stderr, where to)."""
     from onnxcam.worker.client import endpoints
     from onnxcam.worker.client import submit as submit_jobs
@@ -385,7 +391,8 @@ def submit(bundle: Path, images: tuple[str, ...], method: str, targets: tuple[st
     asked = submitted_targets(bundle, targets, contrasts)
     every = asked if not isinstance(asked, list) else [asked] * len(images)
     job = submit_jobs(bundle, list(images), method, every, chunk_size=chunk_size,
-                      settings=settings, options=options, threshold=threshold)
+                      settings=settings, options=options, threshold=threshold,
+                      max_detections=max_detections)
     click.echo(f"onnxcam: queued {plural(len(job.ids), 'job')} of "
                f"{plural(len(images), 'image')}: {endpoints(settings)}", err=True)
     for job_id in job.ids:
@@ -503,6 +510,8 @@ def result(job_id: str, out: Path | None, wait_seconds: float, as_json: bool) ->
         elif record.get("targets") == []:
             click.echo(f"onnxcam: {record['image']}: no class passed its targets "
                        "(all-positive found none): no map", err=True)
+        elif record.get("detections") == []:
+            click.echo(f"onnxcam: note: {record['image']}: no detection", err=True)
         if as_json:
             click.echo(json.dumps(record, sort_keys=True))
     if failures:

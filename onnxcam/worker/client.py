@@ -35,8 +35,16 @@ from onnxcam.worker.keys import (
     json_bytes,
 )
 from onnxcam.worker.lost import lost_error, lost_jobs, redis_started_at
-from onnxcam.worker.message import ImageRef, JobSpec, parse_options, parse_threshold
+from onnxcam.worker.message import (
+    ImageRef,
+    JobSpec,
+    parse_max_detections,
+    parse_options,
+    parse_threshold,
+)
 from onnxcam.worker.records import (
+    detection_file_names,
+    is_detection,
     job_known,
     read_error,
     read_record,
@@ -166,6 +174,7 @@ def submit(
     faithfulness_steps: int = 0,
     options: Mapping[str, float] | None = None,
     threshold: float | None = None,
+    max_detections: int | None = None,
 ) -> Job:
     """Queue explain jobs for ``images`` with ``bundle`` (a path, bytes or published hash).
 
@@ -176,11 +185,13 @@ def submit(
     ``Weighting``, or any of these as a job message writes it (``target_from_json``).
     ``faithfulness_steps`` > 0 adds each row's deletion and insertion AUCs to its
     record (what ``onnxcam audit --faithfulness`` asks the workers for). ``options``
-    sets the sampling methods' knobs: samples, noise, steps, seed."""
+    sets the sampling methods' knobs: samples, noise, steps, seed. ``max_detections``
+    caps a detection bundle's detections per image (None: the engine's 300)."""
     settings = settings or load_settings()
     get_method(method)  # an unknown name fails here, before anything is queued
     knobs = parse_options(dict(options or {}))
     cut = parse_threshold(threshold)
+    kept = parse_max_detections(max_detections)
     store = Store(settings.store_url)
     sha = publish(bundle, store)
     inline = min(settings.inline_max_bytes, settings.max_inline_image_bytes)
@@ -197,7 +208,7 @@ def submit(
     ids = []
     for start in range(0, len(refs), size):
         spec = JobSpec(str(uuid.uuid4()), sha, refs[start:start + size], method,
-                       wanted[start:start + size], faithfulness_steps, knobs, cut)
+                       wanted[start:start + size], faithfulness_steps, knobs, cut, kept)
         send(app, spec, store, settings.signing_keys)
         ids.append(spec.job_id)
     return Job(ids, settings)
@@ -439,7 +450,8 @@ def download(job_id: str, out: Path, settings: Settings) -> list[dict[str, Any]]
     """Copy a finished job's files to ``out`` as ``onnxcam explain`` names them:
     ``<stem>.npy`` (float32 heatmap), ``<stem>.png``, ``<stem>.raw.npy`` and
     ``<stem>.json``; for an image of several targets, ``<stem>.<target>.npy`` and so on
-    per row. Returns the rows, error records included."""
+    per row; for a detection bundle's image, ``<stem>.<rank>.<label>.npy`` and so on per
+    detection. Returns the rows, error records included."""
     from itertools import groupby
 
     from onnxcam.engine.outputs import file_names, unique_stems
@@ -451,7 +463,9 @@ def download(job_id: str, out: Path, settings: Settings) -> list[dict[str, Any]]
     written = []
     for stem, rows in zip(stems, images):
         several = "target_name" in rows[0]  # one class keeps today's names and keys
-        names = file_names([r["target_name"] for r in rows]) if several else [""] * len(rows)
+        names = (detection_file_names(rows) if is_detection(rows[0])
+                 else file_names([r["target_name"] for r in rows]) if several
+                 else [""] * len(rows))
         for row, name in zip(rows, names):
             written.append(_download_row(store, job_id, row, out, stem, name))
     return written

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxcam.bundle import BundleInfo
+from onnxcam.bundle import OUTPUT_ANCHORS, BundleInfo
 from onnxcam.engine.images import Limits, decode, decoding
 from onnxcam.engine.targets import (
     ALL_POSITIVE,
@@ -53,6 +53,11 @@ def _checked(item: Any, info: BundleInfo,
         # As before words existed: -1 is no class (not top-1), and a label, even one
         # spelt "top:3", is the bundle's class.
         return [info.class_index(item)]
+    if isinstance(item, dict) and info.output == OUTPUT_ANCHORS:
+        # Contrasts, regions and weightings: refused before a region's mask is read.
+        raise BadTargetError(f"{clipped(repr(item))}: a detection bundle explains "
+                             "detections; give a class (its detections), 'top:k' (the k "
+                             "best) or null (every one)")
     return checked(target_from_json(item, info, mask_of), info)
 
 

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from onnxcam.bundle import OUTPUT_PIXELS, RESIZE_LETTERBOX, BundleInfo
+from onnxcam.bundle import OUTPUT_ANCHORS, OUTPUT_PIXELS, RESIZE_LETTERBOX, BundleInfo
+from onnxcam.engine.detections import MAX_DETECTIONS, Detection
 from onnxcam.engine.explainer import DEFAULT_BATCH, Explainer, Explanation
 from onnxcam.engine.images import RESAMPLING, Limits, decode, decoding, resize, to_array
-from onnxcam.engine.outputs import file_names, render, stored_size
+from onnxcam.engine.outputs import Box, detection_record, file_names, render, stored_size
 from onnxcam.engine.prefetch import prefetched
 from onnxcam.engine.targets import DEFAULT_THRESHOLD, Target
 from onnxcam.errors import (
@@ -36,13 +37,21 @@ from onnxcam.errors import (
     BadTargetError,
     BundleError,
     JobTimeoutError,
+    MalformedJobError,
     OnnxcamError,
 )
 from onnxcam.words import clipped
 from onnxcam.worker.image_targets import TOP_1, decode_mask, image_targets, one_class
 from onnxcam.worker.keys import IMAGE_FILES, RECORD, bundle_key, image_key
 from onnxcam.worker.message import ImageRef, JobSpec
-from onnxcam.worker.records import error_entry, read_record, write_record, write_summary
+from onnxcam.worker.records import (
+    DETECTIONS,
+    detection_file_names,
+    error_entry,
+    read_record,
+    write_record,
+    write_summary,
+)
 from onnxcam.worker.settings import Settings
 from onnxcam.worker.sources import AllowList, read_path, read_uri
 from onnxcam.worker.store import Store
@@ -186,6 +195,9 @@ def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
     started = time.perf_counter()
     explainer = models.get(spec.bundle)
     explainer.method(spec.method)
+    if spec.faithfulness_steps and explainer.info.output == OUTPUT_ANCHORS:
+        raise MalformedJobError("faithfulness_steps: deletion and insertion AUCs score a "
+                                "class of the whole image; a detection bundle has none")
     batch = DEFAULT_BATCH[explainer.device]
     summaries: list[dict[str, Any] | None] = [None] * len(spec.images)
     todo = []
@@ -220,8 +232,9 @@ def _summary(record: Mapping[str, Any], uri: str) -> dict[str, Any]:
     the record, at ``uri``, has them whole."""
     summary = {"index": record["index"], "image": clipped(record["image"]),
                "status": record["status"], "record": uri}
-    if isinstance(record.get("targets"), list):  # an image of several targets
-        summary["rows"] = len(record["targets"])
+    for key in ("targets", DETECTIONS):  # an image of several targets, or a detector's
+        if isinstance(record.get(key), list):
+            summary["rows"] = len(record[key])
     if record["status"] == "error":
         error = record["error"]
         summary["error"] = {"code": error["code"], "message": clipped(error["message"],
@@ -302,7 +315,9 @@ def _store_batch(spec: JobSpec, decoded: _Decoded, explained: _Explained, store:
     results = []
     for index, found in explained.images.items():
         image = decoded.arrays[index]
-        if one_class(decoded.targets[index]):
+        if found.detector:
+            record = _store_detections(spec, index, image, found, store, timings)
+        elif one_class(decoded.targets[index]):
             record = _store_image(spec, index, image, found, store, timings)
         else:
             record = _store_rows(spec, index, image, found, store, timings)
@@ -329,6 +344,11 @@ class _Row:
     def name(self) -> str:
         return self.explanation.target_names[self.position]
 
+    @property
+    def detection(self) -> Detection:
+        """A detection bundle's row: its detection."""
+        return self.explanation.detections[self.position]
+
 
 @dataclass
 class _Image:
@@ -337,6 +357,7 @@ class _Image:
 
     rows: list[_Row]
     score_part: dict[str, Any]  # ``logits``, ``top`` (and a segmenter's ``scores``)
+    detector: bool = False  # its rows are a detection bundle's detections
 
 
 @dataclass
@@ -349,7 +370,8 @@ class _Explained:
 
 def _explain(explainer: Explainer, spec: JobSpec, decoded: _Decoded) -> _Explained:
     """Explain the decoded images: one engine call for the top-1 ones, one for those of
-    one chosen class, and one for those with other or more targets."""
+    one chosen class, and one for those with other or more targets (a detector's images
+    all go in one: their targets pick detections, whatever they are)."""
     indices = list(decoded.arrays)
     wanted = decoded.targets
     plain = [i for i in indices if one_class(wanted[i])]
@@ -358,6 +380,8 @@ def _explain(explainer: Explainer, spec: JobSpec, decoded: _Decoded) -> _Explain
         ([i for i in plain if wanted[i][0] != TOP_1], "classes"),
         ([i for i in indices if not one_class(wanted[i])], "lists"),
     ]
+    if explainer.info.output == OUTPUT_ANCHORS:
+        groups = [(indices, "lists")]
     explained = _Explained({}, [])
     for group, kind in groups:
         if group:
@@ -389,12 +413,14 @@ def _explain_group(explainer: Explainer, spec: JobSpec, decoded: _Decoded, group
     """One engine call for ``group``'s images; each with its rows."""
     images = [decoded.arrays[i].model_input for i in group]
     threshold = DEFAULT_THRESHOLD if spec.threshold is None else spec.threshold
+    max_detections = spec.max_detections or MAX_DETECTIONS
     explanation = explainer.explain(images, targets=targets, method=spec.method,
                                     batch_size=len(group), threshold=threshold,
-                                    **spec.options)
+                                    max_detections=max_detections, **spec.options)
     aucs = (_faithfulness(explainer, images, explanation, spec.faithfulness_steps)
             if spec.faithfulness_steps else [None] * len(explanation.targets))
-    found = {index: _Image([], part)
+    detector = explanation.info.output == OUTPUT_ANCHORS
+    found = {index: _Image([], part, detector)
              for index, part in zip(group, _score_parts(explanation))}
     assert explanation.image_index is not None  # set by Explanation itself
     for position, image in enumerate(explanation.image_index):
@@ -409,6 +435,8 @@ def _score_parts(explanation: Explanation) -> list[dict[str, Any]]:
     share of the image's pixels (a classifier's are its logits through its head)."""
     logits = explanation.image_logits
     assert logits is not None  # set by Explanation itself
+    if explanation.info.output == OUTPUT_ANCHORS:  # per anchor: out, as a segmenter's per pixel
+        return [{"logits": None} for _ in logits]
     tops = explanation.image_top(TOP_K)
     if explanation.info.output == OUTPUT_PIXELS:
         return [{"logits": None, "top": top, "scores": [float(v) for v in shares]}
@@ -463,10 +491,32 @@ def _store_rows(spec: JobSpec, index: int, image: Loaded, found: _Image, store: 
     return record
 
 
+def _store_detections(spec: JobSpec, index: int, image: Loaded, found: _Image, store: Store,
+                      timings: dict[str, float]) -> dict[str, Any]:
+    """An image of a detection bundle: each detection's files as ``onnxcam explain``
+    names them, ``NNNNN.<rank>.<label>.npy`` and so on (the overlay with its box drawn),
+    and one record whose ``detections`` holds the rows, each with the detection's keys
+    as ``explain --json`` writes them, its box in the image's own pixels (none: nothing
+    detected; the record is still ok)."""
+    names = detection_file_names([row.detection.as_dict() for row in found.rows])
+    parts = []
+    for row, name in zip(found.rows, names):
+        keys = detection_record(row.detection, row.explanation, *image.size)
+        drawn = detection_record(row.detection, row.explanation, *image.picture.shape[:2])
+        caption = f"{row.detection.label} {row.detection.score:.2f}"
+        uris = _store_files(spec, index, f".{name}", image, row, store,
+                            (drawn["box"], caption))
+        parts.append({**_row_part(row, uris), **keys})
+    record = {**_image_part(spec, index, image, found, timings), DETECTIONS: parts}
+    write_record(store, spec.job_id, index, record)
+    return record
+
+
 def _store_files(spec: JobSpec, index: int, name: str, image: Loaded, row: _Row,
-                 store: Store) -> dict[str, str]:
+                 store: Store, box: tuple[Box, str] | None = None) -> dict[str, str]:
     files = render(image.picture, row.explanation.raw[row.position], ("npy", "png"),
-                   with_raw=True, heatmap_dtype=np.float16, info=row.explanation.info)
+                   with_raw=True, heatmap_dtype=np.float16, box=box,
+                   info=row.explanation.info)
     return {kind: store.put(image_key(spec.job_id, index, name + suffix), files[suffix])
             for kind, suffix in IMAGE_FILES.items()}
 

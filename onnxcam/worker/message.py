@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from onnxcam.engine.detections import MAX_DETECTIONS
+from onnxcam.engine.targets import MAX_TARGETS_PER_IMAGE
 from onnxcam.errors import MalformedJobError
 from onnxcam.words import clipped
 from onnxcam.worker.settings import DEFAULT_BOUNDS, JobBounds
@@ -53,7 +55,8 @@ class JobSpec:
     faithfulness_steps: int = 0  # > 0: also deletion and insertion AUCs, with this many steps
     options: dict[str, Any] = field(default_factory=dict)  # samples, noise, steps, seed
     threshold: float | None = None  # all-positive's probability cut; None: the engine's
-
+    # detections kept per image of a detection bundle; None: the engine's default
+    max_detections: int | None = None
 
     def to_message(self) -> dict[str, Any]:
         message = {
@@ -70,6 +73,8 @@ class JobSpec:
             message["options"] = dict(self.options)
         if self.threshold is not None:  # absent otherwise: old messages keep their digest
             message["threshold"] = self.threshold
+        if self.max_detections is not None:  # the same: absent unless set
+            message["max_detections"] = self.max_detections
         return message
 
     def request_record(self) -> dict[str, Any]:
@@ -111,7 +116,8 @@ def parse_job(message: Any, job_id: str, bounds: JobBounds = DEFAULT_BOUNDS) -> 
         raise MalformedJobError("faithfulness_steps must be an int in [0, 1000]")
     return JobSpec(job_id, bundle, refs, method, targets, steps,
                    parse_options(message.get("options") or {}),
-                   parse_threshold(message.get("threshold")))
+                   parse_threshold(message.get("threshold")),
+                   parse_max_detections(message.get("max_detections")))
 
 
 def parse_threshold(value: Any) -> float | None:
@@ -121,6 +127,19 @@ def parse_threshold(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise MalformedJobError("threshold must be a number in (0, 1)")
     return float(value)
+
+
+def parse_max_detections(value: Any) -> int | None:
+    """Detections kept per image of a detection bundle: absent (None: the engine's
+    ``MAX_DETECTIONS``), or an int from 1 to ``MAX_TARGETS_PER_IMAGE``, as
+    ``onnxcam explain --max-detections`` takes it."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not 1 <= value <= MAX_TARGETS_PER_IMAGE:
+        raise MalformedJobError(f"max_detections must be an int in [1, {MAX_TARGETS_PER_IMAGE}]"
+                                f" (default {MAX_DETECTIONS})")
+    return value
 
 
 # The sampling methods' knobs a job may set, with the values each accepts.

@@ -63,15 +63,37 @@ def read_record(store: Store, job_id: str, index: int) -> dict[str, Any] | None:
     return _read_json(store, image_key(job_id, index, RECORD))
 
 
+# The key of a detection bundle's record that holds its rows, one per detection (the
+# record of an image of other or several targets holds them in ``targets``).
+DETECTIONS = "detections"
+# The keys only a detection's row has, as ``onnxcam explain --json`` writes them besides
+# a row's (``engine.outputs.detection_record``; ``label`` and ``class`` are the row's).
+DETECTION_KEYS = frozenset({"box", "score", "class", "label", "anchor", "rank"})
+
+
 def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """An image's stored record as the rows users see, one per map: itself for one class
-    or an error; else one per target, each with the image's keys (none in ``targets``:
-    itself, saying that nothing was found)."""
-    rows = record.get("targets")
+    or an error; else one per target or detection, each with the image's keys (none in
+    ``targets`` or ``detections``: itself, saying that nothing was found)."""
+    key = DETECTIONS if DETECTIONS in record else "targets"
+    rows = record.get(key)
     if not isinstance(rows, list) or not rows:
         return [record]
-    image = {key: value for key, value in record.items() if key != "targets"}
+    image = {name: value for name, value in record.items() if name != key}
     return [{**image, **row} for row in rows]
+
+
+def is_detection(row: dict[str, Any]) -> bool:
+    """Whether ``row`` (stored, or as ``record_rows`` gives it) is a detection's."""
+    return DETECTION_KEYS <= set(row)
+
+
+def detection_file_names(rows: list[dict[str, Any]]) -> list[str]:
+    """One image's detections' parts of their file names, as ``onnxcam explain`` names
+    them: ``<rank>.<label>``, file-safe (``outputs.file_names``)."""
+    from onnxcam.engine.outputs import file_names
+
+    return file_names([f"{row['rank']}.{row['label']}" for row in rows])
 
 
 def record_indices(store: Store, job_id: str) -> list[int]:
