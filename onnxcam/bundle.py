@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from onnxcam.bundle_checks import check_ops, graphs
+from onnxcam.bundle_checks import check_detector, check_ops, graphs
 from onnxcam.errors import BadTargetError, BundleError, nearest
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
 from onnxcam.words import clipped
@@ -471,9 +471,10 @@ def read_bundle(source: str | Path | bytes) -> Bundle:
     """The one bundle reader, for the engine and the client alike.
 
     ``source`` is a path or the file's bytes. A file that cannot be read, is not ONNX,
-    lacks onnxcam metadata, has other inputs than ``image`` and ``target``, or uses
-    an op outside ``bundle_checks.ALLOWED_OPS`` raises ``BundleError`` naming it,
-    before any session is made.
+    lacks onnxcam metadata, has other inputs than ``image`` and ``target``, uses
+    an op outside ``bundle_checks.ALLOWED_OPS``, or is a detection bundle whose graph
+    is not what its metadata says (``bundle_checks.check_detector``) raises
+    ``BundleError`` naming it, before any session is made.
     """
     import onnx
 
@@ -506,6 +507,8 @@ def read_bundle(source: str | Path | bytes) -> Bundle:
         raise BundleError(f"{name}: the bundle keeps tensor data outside its file (at "
                           f"{outside!r}); a bundle carries its weights inside, so it is refused")
     check_ops(model, name)
+    if info.output == OUTPUT_ANCHORS:
+        check_detector(model, info.num_classes, name)
     image = next(i for i in model.graph.input if i.name == INPUT_IMAGE)
     _check_image_input(name, image, info)
     return Bundle(data, replace(info, weighted=weighted), name)

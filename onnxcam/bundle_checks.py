@@ -84,6 +84,55 @@ def check_ops(model: Any, name: str = "bundle") -> None:
                               "bundles may use")
 
 
+def check_detector(model: Any, num_classes: int, name: str = "bundle") -> None:
+    """Refuse a detection bundle (``onnxcam.output`` ``anchors``) whose graph is not the
+    one its metadata describes: float ``logits`` [N, K, A] and ``boxes`` [N, A, 4] as
+    graph outputs, with a declared rank, K the metadata's class count and the anchors
+    one count, wherever the graph fixes those sizes (``target_weights`` [M, K, A] among
+    them). Sizes the graph leaves free are checked when the bundle runs
+    (``engine.detections.check_outputs``)."""
+    from onnx import TensorProto
+
+    outputs = {value.name: value for value in model.graph.output}
+    inputs = {value.name: value for value in model.graph.input}
+    shapes = {}
+    for tensor, rank in (("logits", 3), ("boxes", 3)):
+        if tensor not in outputs:
+            raise BundleError(f"{name}: a detection bundle (output anchors) without a "
+                              f"{tensor} output")
+        shapes[tensor] = _declared(outputs[tensor], f"{name}: its {tensor} output")
+        if outputs[tensor].type.tensor_type.elem_type != TensorProto.FLOAT:
+            raise BundleError(f"{name}: a detection bundle's {tensor} output is not float32")
+        if len(shapes[tensor]) != rank:
+            raise BundleError(f"{name}: a detection bundle's {tensor} output has "
+                              f"{len(shapes[tensor])} axes, not {rank}")
+    seeds = ([None, num_classes, None] if "target_weights" not in inputs else
+             _declared(inputs["target_weights"], f"{name}: its target_weights input"))
+    logits, boxes = shapes["logits"], shapes["boxes"]
+    if len(seeds) != 3:
+        raise BundleError(f"{name}: a detection bundle's target_weights input has "
+                          f"{len(seeds)} axes, not 3")
+    agree = (("the boxes' last axis", boxes[2], 4),
+             ("the logits' classes", logits[1], num_classes),
+             ("target_weights' classes", seeds[1], num_classes),
+             ("the logits' anchors", logits[2], boxes[1]),
+             ("target_weights' anchors", seeds[2], boxes[1]),
+             ("target_weights' anchors", seeds[2], logits[2]))
+    for what, found, want in agree:
+        if found is not None and want is not None and found != want:
+            raise BundleError(f"{name}: a detection bundle whose graph and metadata "
+                              f"disagree: {what}: {found}, not {want} (metadata: "
+                              f"{num_classes} classes)")
+
+
+def _declared(value: Any, what: str) -> list[int | None]:
+    """The declared sizes of a graph input or output, None where free."""
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        raise BundleError(f"{what} declares no shape")
+    return [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """What a graph needs at one batch size, in bytes: its weights, its inputs, and the

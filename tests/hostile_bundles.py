@@ -116,3 +116,40 @@ def with_image_input(bundle: Path, batch: int, side: int) -> bytes:
         dims[axis].Clear()
         dims[axis].dim_value = value
     return model.SerializeToString()
+
+
+def detector_output_reshaped(bundle: Path, name: str, shape: list[int] | None,
+                             anchors: int | None = None) -> bytes:
+    """A detection bundle whose output ``name`` (logits or boxes) is no longer what its
+    metadata says: gone from the graph's outputs (``shape`` None), or reshaped to
+    ``shape`` (Reshape's: 0 keeps an axis, -1 takes the rest), after keeping only its
+    first ``anchors`` anchors if given. Declared with ``shape``'s sizes, free where it
+    has 0 or -1 (as the exporter declares all of them)."""
+    from onnx import helper
+
+    model = onnx.load(str(bundle))
+    (output,) = [o for o in model.graph.output if o.name == name]
+    if shape is None:
+        model.graph.output.remove(output)
+        return model.SerializeToString()
+    source = f"{name}/original"
+    for node in model.graph.node:
+        for names in (node.input, node.output):
+            for position, each in enumerate(names):
+                if each == name:
+                    names[position] = source
+    if anchors is not None:
+        for key, value in (("starts", 0), ("ends", anchors), ("axes", 1)):
+            model.graph.initializer.append(numpy_helper.from_array(
+                np.array([value], np.int64), f"{name}/{key}"))
+        model.graph.node.append(helper.make_node(
+            "Slice", [source, f"{name}/starts", f"{name}/ends", f"{name}/axes"],
+            [f"{name}/sliced"]))
+        source = f"{name}/sliced"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64),
+                                                           f"{name}/shape"))
+    model.graph.node.append(helper.make_node("Reshape", [source, f"{name}/shape"], [name]))
+    output.CopyFrom(helper.make_tensor_value_info(
+        name, TensorProto.FLOAT, [size if size > 0 else f"{name}_{axis}"
+                                  for axis, size in enumerate(shape)]))
+    return model.SerializeToString()

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hostile_bundles import reading_outside, with_bomb, with_metadata
+from hostile_bundles import detector_output_reshaped, reading_outside, with_bomb, with_metadata
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam.bundle import read_bundle
@@ -215,3 +215,63 @@ def test_explainer_refuses_a_bomb_before_any_session(cnn_bundle: Path) -> None:
     budgeted = Explainer(cnn_bundle, device="cpu", max_memory=2**30).explain(image)
     plain = Explainer(cnn_bundle, device="cpu").explain(image)
     assert np.array_equal(budgeted.logits, plain.logits)
+
+
+@pytest.fixture(scope="module")
+def detector_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_detectors import tiny_yolo
+
+    from onnxcam.exporter import export
+
+    path = tmp_path_factory.mktemp("detector") / "tiny.cam.onnx"
+    export(tiny_yolo(), path, preprocess="unit")
+    return path
+
+
+def test_a_detection_bundle_that_is_what_it_says_passes(detector_bundle: Path) -> None:
+    assert read_bundle(detector_bundle).info.output == "anchors"
+    # Reshaped to its own shape: the same graph, whatever else the helper changes.
+    same = detector_output_reshaped(detector_bundle, "logits", [0, 3, 320])
+    assert read_bundle(same).info.num_classes == 3
+
+
+@pytest.mark.parametrize(("change", "refusal"), [
+    (("boxes", None), "without a boxes output"),
+    (("logits", None), "without a logits output"),
+    (("boxes", [0, -1]), "boxes output has 2 axes, not 3"),
+    (("boxes", [0, -1, 2]), "the boxes' last axis: 2, not 4"),
+    (("logits", [0, -1]), "logits output has 2 axes, not 3"),
+    (("logits", [0, 1, 3, -1]), "logits output has 4 axes, not 3"),
+    (("logits", [0, 1, -1]), "the logits' classes: 1, not 3"),
+    (("logits", [0, 3, 160, 2]), "logits output has 4 axes"),
+    (("boxes", [0, 160, 8]), "the boxes' last axis: 8, not 4"),
+])
+def test_a_detection_bundle_at_odds_with_its_graph_is_refused(
+        detector_bundle: Path, change: tuple, refusal: str) -> None:
+    data = detector_output_reshaped(detector_bundle, *change)
+    with pytest.raises(BundleError, match=refusal.replace("(", "\\(")):
+        read_bundle(data)
+
+
+def test_a_detection_bundle_with_other_classes_or_anchors_is_refused(
+        detector_bundle: Path, cnn_bundle: Path) -> None:
+    labels = '["cat", "dog", "owl", "eel"]'
+    with pytest.raises(BundleError, match="target_weights' classes: 3, not 4"):
+        read_bundle(with_metadata(detector_bundle, num_classes="4", labels=labels))
+    fewer = detector_output_reshaped(detector_bundle, "boxes", [0, 100, 4], anchors=100)
+    with pytest.raises(BundleError, match="target_weights' anchors: 320, not 100"):
+        read_bundle(fewer)
+    # A classifier claiming to detect: logits [N, K], no boxes.
+    with pytest.raises(BundleError, match="logits output has 2 axes, not 3"):
+        read_bundle(with_metadata(cnn_bundle, output="anchors", format_version="2"))
+
+
+def test_sizes_the_graph_leaves_free_are_checked_when_it_runs(detector_bundle: Path) -> None:
+    """Fewer boxes than logits' anchors, with free sizes: read, then refused at its first
+    run as a bundle error, before any detection is picked from it."""
+    from tiny_detectors import images
+
+    fewer = detector_output_reshaped(detector_bundle, "boxes", [0, -1, 4], anchors=100)
+    explainer = Explainer(fewer, device="cpu")
+    with pytest.raises(BundleError, match=r"gave logits \[1, 3, 320\] and boxes \[1, 100, 4\]"):
+        explainer.explain(images(1))

@@ -14,6 +14,7 @@ import numpy as np
 
 from onnxcam.bundle import BundleInfo
 from onnxcam.engine.images import placement
+from onnxcam.errors import BundleError
 
 # ultralytics' predict defaults (``conf``, ``iou``, ``max_det``; ``max_nms`` of its NMS).
 CONFIDENCE = 0.25
@@ -82,6 +83,18 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float =
         if len(later):
             alive[later[iou_with(boxes[i], boxes[later]) > iou]] = False
     return order[np.array(kept, np.int64)]
+
+
+def check_outputs(logits: np.ndarray, boxes: np.ndarray, info: BundleInfo) -> None:
+    """Refuse what a detection bundle's run gave unless it is ``logits`` [N, K, A] of the
+    metadata's K classes and ``boxes`` [N, A, 4] (the sizes its graph may leave free,
+    ``bundle_checks.check_detector`` having checked the rest)."""
+    count = len(logits)
+    if logits.ndim != 3 or logits.shape[:2] != (count, info.num_classes) \
+            or boxes.shape != (count, logits.shape[2], 4):
+        raise BundleError(f"the detection bundle gave logits {list(logits.shape)} and boxes "
+                          f"{list(boxes.shape)}; its metadata says logits [N, "
+                          f"{info.num_classes}, A] and boxes [N, A, 4]")
 
 
 def detect(logits: np.ndarray, boxes: np.ndarray, info: BundleInfo,

@@ -35,7 +35,7 @@ from onnxcam.bundle import (
     read_bundle,
 )
 from onnxcam.bundle_checks import check_memory
-from onnxcam.engine.detections import MAX_DETECTIONS, Detection
+from onnxcam.engine.detections import MAX_DETECTIONS, Detection, check_outputs
 from onnxcam.engine.images import (
     DEFAULT_LIMITS,
     Limits,
@@ -413,6 +413,7 @@ class Explainer:
             values = dict(zip(names, self.sessions.run(names, {
                 INPUT_IMAGE: batch, INPUT_TARGET: np.full(len(batch), -1, np.int64)})))
         logits = values[OUTPUT_LOGITS]
+        check_outputs(logits, values[OUTPUT_BOXES], self.info)
         rows = detection_rows(items, logits, values[OUTPUT_BOXES], self.info, max_detections)
         if not rows:
             result = self._no_rows(cam, logits)

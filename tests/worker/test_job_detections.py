@@ -1,7 +1,7 @@
 """Detection bundles in jobs, run without a broker: the message's ``max_detections`` and
 detector targets, the record (a row per detection, its box in the image's own pixels),
 its files as ``onnxcam explain`` names them, maps held against the in-process engine,
-bad targets per image."""
+bad targets per image and hostile detection bundles per job."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from checks import assert_close
+from hostile_bundles import detector_output_reshaped, with_metadata
 from PIL import Image
 from test_job_targets import documented_keys
 from tiny_detectors import LABELS, SIZE, tiny_yolo
@@ -21,7 +22,7 @@ import onnxcam
 from onnxcam.bundle import read_bundle_info
 from onnxcam.engine import Explainer, detections
 from onnxcam.engine.targets import TOP_1
-from onnxcam.errors import BadTargetError, MalformedJobError
+from onnxcam.errors import BadTargetError, BundleError, MalformedJobError
 from onnxcam.worker.client import download, job_records
 from onnxcam.worker.image_targets import image_targets
 from onnxcam.worker.jobs import ModelCache, run_job
@@ -235,5 +236,26 @@ def test_faithfulness_is_refused_for_a_detector(bundle: Path, images: list[Path]
                                                 store: Store) -> None:
     with pytest.raises(MalformedJobError, match="detection bundle"):
         run(spec_for(store, bundle, images[:1], [None], faithfulness_steps=4), store,
+            images[0].parent)
+
+
+def test_hostile_detection_bundles_end_the_job(bundle: Path, images: list[Path],
+                                               store: Store) -> None:
+    """Metadata and graph at odds: refused when the bundle is read (its declared shapes),
+    or when it first runs (sizes its graph leaves free), never mid-way as a crash."""
+    labels = json.dumps([*LABELS, "eel"])
+    refused_at_load = {
+        "no boxes": detector_output_reshaped(bundle, "boxes", None),
+        "boxes of rank 2": detector_output_reshaped(bundle, "boxes", [0, -1]),
+        "logits of rank 2": detector_output_reshaped(bundle, "logits", [0, -1]),
+        "four classes": with_metadata(bundle, num_classes="4", labels=labels),
+    }
+    for name, data in refused_at_load.items():
+        with pytest.raises(BundleError, match="detection bundle"):
+            run(spec_for(store, data, images[:1], [None], job=f"job-{len(name)}"), store,
+                images[0].parent)
+    fewer = detector_output_reshaped(bundle, "boxes", [0, -1, 4], anchors=100)
+    with pytest.raises(BundleError, match="gave logits"):
+        run(spec_for(store, fewer, images[:1], [None], job="job-fewer"), store,
             images[0].parent)
 
