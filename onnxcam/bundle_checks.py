@@ -106,7 +106,7 @@ def check_detector(model: Any, num_classes: int, name: str = "bundle") -> None:
         if len(shapes[tensor]) != rank:
             raise BundleError(f"{name}: a detection bundle's {tensor} output has "
                               f"{len(shapes[tensor])} axes, not {rank}")
-    seeds = ([None, num_classes, None] if "target_weights" not in inputs else
+    seeds = ([None] * 3 if "target_weights" not in inputs else  # an older bundle's
              _declared(inputs["target_weights"], f"{name}: its target_weights input"))
     logits, boxes = shapes["logits"], shapes["boxes"]
     if len(seeds) != 3:
