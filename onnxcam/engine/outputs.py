@@ -322,6 +322,10 @@ def explain_files(
     if layers_strip and not cam.per_layer():
         raise BadMethodError(f"{method} has no map per layer; --layers-strip needs a CAM "
                              "method or guided-gradcam")
+    if layers_strip and explainer.info.levels:
+        raise BadMethodError("this detector explains each detection at its own level's "
+                             "layer only, so it has no map per layer; --layers-strip needs "
+                             "a bundle exported with --layer")
     settings = Settings(method, target, formats, with_raw, layers_strip, options or {},
                         progress, style)
     stems = unique_stems(paths)

@@ -229,3 +229,13 @@ def test_explain_says_when_an_image_has_no_detection(bundle: Path, tmp_path: Pat
     assert json.loads(result.stdout) == {"image": str(tmp_path / "a.png"), "detections": [],
                                          "files": []}
     assert "no detection" in result.stderr
+
+
+def test_a_layer_strip_is_refused_for_a_detector_explained_per_level(
+        bundle: Path, tmp_path: Path) -> None:
+    Image.fromarray(images(1)[0]).save(tmp_path / "a.png")
+    result = CliRunner().invoke(main, ["explain", str(bundle), str(tmp_path / "a.png"),
+                                       "--out", str(tmp_path / "out"), "--layers-strip"])
+    assert result.exit_code != 0
+    assert "own level's layer only" in result.output and "--layer" in result.output
+    assert not (tmp_path / "out").exists()
