@@ -27,8 +27,10 @@ from onnxcam.bundle import (
     OUTPUT_ACTIVATIONS,
     OUTPUT_ANCHORS,
     OUTPUT_BOXES,
+    OUTPUT_CAM,
     OUTPUT_LOGITS,
     OUTPUT_PIXELS,
+    OUTPUT_WEIGHTS,
     SEED,
     BundleInfo,
     activation_layout,
@@ -443,17 +445,21 @@ class Explainer:
         index = np.array([r.image for r in rows])
         classes = np.array([r.cls for r in rows], np.int64)
         raw = np.zeros((len(rows), *finest_grid(info)), np.float32)
+        # Grad-CAM reads only weights and cam; methods that read the gradient maps get
+        # them a chunk of rows at a time (300 detections of 8 images would be GBs).
+        chunk = len(rows) if set(cam.outputs) <= {OUTPUT_CAM, OUTPUT_WEIGHTS} else HEAD_CHUNK
         for level in info.levels:
-            mine = rows_of(level, rows)
-            if not mine:
-                continue
             entry = entry_of(info, level)
-            outputs = local_outputs(self.sessions, level, values[entry.output(OUTPUT_ACTIVATIONS)],
-                                    [rows[i] for i in mine], cam.outputs)
-            context = MethodContext(outputs, info, classes[mine],
-                                    ModelAccess(self.sessions, batch[index[mine]]), options,
-                                    first_index, entry.activation_layout, None, index[mine])
-            raw[mine] = resize_maps(cam.explain_layer(context).raw, *raw.shape[1:])
+            maps = values[entry.output(OUTPUT_ACTIVATIONS)]
+            at_level = rows_of(level, rows)
+            for start in range(0, len(at_level), chunk):
+                mine = at_level[start:start + chunk]
+                outputs = local_outputs(self.sessions, level, maps, [rows[i] for i in mine],
+                                        cam.outputs)
+                context = MethodContext(outputs, info, classes[mine],
+                                        ModelAccess(self.sessions, batch[index[mine]]), options,
+                                        first_index, entry.activation_layout, None, index[mine])
+                raw[mine] = resize_maps(cam.explain_layer(context).raw, *raw.shape[1:])
         return BatchResult(raw, values[OUTPUT_LOGITS][index], classes, {}, None, index,
                            [r.name for r in rows])
 

@@ -123,3 +123,25 @@ def test_the_export_drops_local_heads_that_do_not_hold(tmp_path: Path,
     onnxcam.export(model, tmp_path / "c.cam.onnx", preprocess="unit")
     levels = read_bundle(tmp_path / "c.cam.onnx").info.levels
     assert [(level.local, level.radius) for level in levels] == [(True, 1), (True, 1)]
+
+
+@pytest.mark.parametrize("method", ["xgradcam", "gradcam++", "eigencam"])
+def test_local_heads_give_the_whole_heads_maps_in_chunks(bundle: Path, method: str,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Methods that read the gradient maps get them a few rows at a time; each row's
+    map equals the whole head's at the row's own level (local heads switched off)."""
+    from onnxcam.engine import explainer as explainer_module
+
+    pixels = images(2)
+    whole_heads = onnxcam.Explainer(bundle, device="cpu")
+    monkeypatch.setattr(explainer_module, "has_local_heads", lambda info: False)
+    want = whole_heads.explain(pixels, method=method, max_detections=5)
+    monkeypatch.undo()
+    monkeypatch.setattr(explainer_module, "HEAD_CHUNK", 2)
+    got = onnxcam.Explainer(bundle, device="cpu").explain(pixels, method=method,
+                                                          max_detections=5)
+    assert [d.anchor for d in got.detections] == [d.anchor for d in want.detections]
+    assert len(got.detections) == 10 and {d.anchor >= 256 for d in got.detections} == \
+        {True, False}  # both levels, in chunks of 2
+    np.testing.assert_allclose(got.raw, want.raw, rtol=1e-5, atol=1e-6)
