@@ -46,6 +46,7 @@ from onnxcam.engine.images import (
     prepare,
 )
 from onnxcam.engine.levels import (
+    check_coverage,
     entry_of,
     finest_grid,
     has_local_heads,
@@ -416,6 +417,7 @@ class Explainer:
                 INPUT_IMAGE: batch, INPUT_TARGET: np.full(len(batch), -1, np.int64)})))
         logits = values[OUTPUT_LOGITS]
         check_outputs(logits, values[OUTPUT_BOXES], self.info)
+        check_coverage(self.info, logits.shape[-1])
         rows = detection_rows(items, logits, values[OUTPUT_BOXES], self.info, max_detections)
         if not rows:
             result = self._no_rows(cam, logits)

@@ -41,6 +41,15 @@ def entry_of(info: BundleInfo, level: Level) -> LayerEntry:
     return next(entry for entry in info.layers if entry.index == level.layer)
 
 
+def check_coverage(info: BundleInfo, anchors: int) -> None:
+    """Refuse levels that do not hold every one of the logits' ``anchors`` exactly
+    once (the metadata checks that they do not overlap)."""
+    covered = sum(level.height * level.width for level in info.levels)
+    if info.levels and (covered != anchors or info.levels[0].first != 0):
+        raise BundleError(f"the bundle's levels hold {covered} anchors; its logits have "
+                          f"{anchors}")
+
+
 def has_local_heads(info: BundleInfo) -> bool:
     return bool(info.levels) and all(level.local for level in info.levels)
 

@@ -145,3 +145,16 @@ def test_local_heads_give_the_whole_heads_maps_in_chunks(bundle: Path, method: s
     assert len(got.detections) == 10 and {d.anchor >= 256 for d in got.detections} == \
         {True, False}  # both levels, in chunks of 2
     np.testing.assert_allclose(got.raw, want.raw, rtol=1e-5, atol=1e-6)
+
+
+def test_levels_that_miss_anchors_are_refused(tmp_path: Path) -> None:
+    """A bundle whose levels leave anchors out would give them empty maps: refused."""
+    path = tmp_path / "one.cam.onnx"
+    onnxcam.export(tiny_yolo(), path, preprocess="unit", layer="/model.0/act/Mul")
+    model = onnx.load(str(path))
+    assert not read_bundle(path).info.levels  # one layer: no levels
+    model.metadata_props.add(key=KEY_LEVELS, value=json.dumps(
+        [{"layer": 0, "first": 0, "height": 16, "width": 16, "radius": 0, "local": False}]))
+    explainer = onnxcam.Explainer(model.SerializeToString(), device="cpu")
+    with pytest.raises(BundleError, match="levels hold 256 anchors; its logits have 320"):
+        explainer.explain(images(1), method="scorecam")
