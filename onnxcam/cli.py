@@ -641,8 +641,14 @@ def audit(
         sys.exit(EXIT_INTERRUPTED)
     data = summary.data
     accuracy = "n/a" if data["accuracy"] is None else f"{100 * data['accuracy']:.1f}%"
-    click.echo(f"audited {plural(data['n'], 'row')} ({plural(data['errors'], 'error')}), "
-               f"accuracy {accuracy}; wrote {out / 'report.html'}")
+    if data.get("form") == "detection":
+        click.echo(f"audited {plural(data['n'], 'image')} ({plural(data['errors'], 'error')})"
+                   f": {plural(data['detections'], 'detection')}, {data['matched']} matched, "
+                   f"{data['misses']} missed, {data['false_detections']} false; wrote "
+                   f"{out / 'report.html'}")
+    else:
+        click.echo(f"audited {plural(data['n'], 'row')} ({plural(data['errors'], 'error')}), "
+                   f"accuracy {accuracy}; wrote {out / 'report.html'}")
     for flag in data["flags"]:
         click.echo(f"flag: {flag['class']}: {flag['reason']} (mean energy-in-box "
                    f"{flag['energy_in_box_mean']:.2f} vs box area {flag['box_area_mean']:.2f})")

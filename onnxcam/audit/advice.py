@@ -37,6 +37,13 @@ RULES: dict[str, Rule] = {
         "the model neither looks at the {label} nor recognises it",
         "check these rows' labels and boxes, add more varied {label} training images, "
         "and re-audit"),
+    "context": Rule(
+        "detections' evidence mostly outside their objects",
+        "the detector finds {label} objects by what lies outside their boxes (a tag, a "
+        "neighbour, the surroundings) more than by the {label} itself: it may miss a "
+        "{label} without that context, or detect one wherever the context appears",
+        "look at the worst {label} detections, find what their maps light up outside the "
+        "box, vary or remove it around the {label} objects in training, and re-audit"),
     "uniform": Rule(
         "attention barely above a uniform map",
         "the {label} heatmaps spread almost evenly over the image: they do not locate "
@@ -67,7 +74,9 @@ RULES: dict[str, Rule] = {
 
 def advise(data: dict[str, Any]) -> list[dict[str, Any]]:
     """summary.json's ``advice``: per finding, the rule it picks and its text."""
-    advice = [_advice(_flag_rule(flag), flag["class"]) for flag in data["flags"]]
+    detection = data.get("form") == "detection"
+    advice = [_advice("context" if detection and _flag_rule(flag) != "uniform"
+                      else _flag_rule(flag), flag["class"]) for flag in data["flags"]]
     for label, figures in data["per_class"].items():
         empty = figures.get("empty_maps", 0)
         if empty and empty >= EMPTY_SHARE * figures["boxes"]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from onnxcam.audit.regions import Shape
 from onnxcam.bundle import BundleInfo
+from onnxcam.engine.detections import Detection, in_image
 from onnxcam.engine.explainer import DEFAULT_BATCH, Explainer
 from onnxcam.engine.faithfulness import DEFAULT_STEPS, deletion_insertion_auc
 from onnxcam.engine.images import Limits, decode, load_image, read_bytes, resize
@@ -29,6 +30,15 @@ from onnxcam.errors import BadImageError, OnnxcamError
 log = logging.getLogger(__name__)
 
 EXPLAIN_MODES = ("label", "pred")
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """One annotated object of a detection audit's image: its class and box (x0 y0 x1 y1,
+    image pixels)."""
+
+    cls: int
+    box: tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,9 @@ class AuditRow:
     # and its region, if any), every finding of the image in one call.
     multi: bool = False
     findings: tuple[AuditRow, ...] = ()
+    # A detection audit's image: its annotated objects (maybe none); every detection of
+    # the image is explained. None: not a detection row.
+    objects: tuple[GroundTruth, ...] | None = None
 
     @property
     def has_region(self) -> bool:
@@ -79,7 +92,10 @@ class ExplainSettings:
 
     def targets(self, row: AuditRow) -> list[Target]:
         """The targets of a multi-label or segmentation row: its findings' classes, or
-        the classes over the threshold (``all-positive``) with ``pred`` or none."""
+        the classes over the threshold (``all-positive``) with ``pred`` or none; a
+        detection row's: every detection (-1)."""
+        if row.objects is not None:
+            return [-1]
         if self.explain == "label" and row.findings:
             return [finding.label for finding in row.findings]  # type: ignore[misc]
         return [ALL_POSITIVE]
@@ -93,6 +109,8 @@ class MapOutcome:
     raw: np.ndarray  # as RowOutcome.raw
     heatmap: str | None = None  # where the backend stored the map; None: the runner does
     faithfulness: dict[str, float] | None = None
+    # A detector's map: the detection explained, its box in the image's own pixels
+    detection: Detection | None = None
 
 
 @dataclass
@@ -202,7 +220,7 @@ def explain_rows(
     batch = np.stack([resize(a, info.height, info.width, info.resize)  # type: ignore[arg-type]
                       for a in arrays])
     size = batch_size or DEFAULT_BATCH[explainer.device]
-    if any(rows[i].multi for i in good):
+    if any(rows[i].multi or rows[i].objects is not None for i in good):
         for position, i in enumerate(good):
             outcomes[i].image_size = arrays[position].shape[:2]  # type: ignore[union-attr]
         explain_findings(explainer, [rows[i] for i in good], batch,
@@ -238,8 +256,9 @@ def explain_findings(explainer: Explainer, rows: list[AuditRow], batch: np.ndarr
     targets where the bundle can be cut at the layer."""
     info = explainer.info
     cam = explainer.method(settings.method)
-    items: list[list[Target]] = [settings.targets(row) if row.multi else [settings.target(row)]
-                                 for row in rows]
+    items: list[list[Target]] = [
+        settings.targets(row) if row.multi or row.objects is not None
+        else [settings.target(row)] for row in rows]
     parts = [explainer.run_batch(batch[s : s + size], items[s : s + size], cam, first_index=s,
                                  threshold=settings.threshold)
              for s in range(0, len(batch), size)]
@@ -248,6 +267,7 @@ def explain_findings(explainer: Explainer, rows: list[AuditRow], batch: np.ndarr
     images = np.concatenate([p.images() for p in parts]).astype(np.int64)
     # Every image's, rows or none: one all-positive found nothing in still shows its pred.
     image_logits = np.concatenate([p.image_logits for p in parts])
+    detections = [d for p in parts for d in p.detections or []]  # a detector's, per map
     faithfulness: list[dict[str, float] | None] = [None] * len(raw)
     if settings.faithfulness and len(raw):
         deletion, insertion = deletion_insertion_auc(
@@ -259,7 +279,16 @@ def explain_findings(explainer: Explainer, rows: list[AuditRow], batch: np.ndarr
         outcome.logits = image_logits[position]
         maps = [MapOutcome(int(targets[m]), raw[m], faithfulness=faithfulness[m])
                 for m in np.flatnonzero(images == position)]
-        if row.multi:
+        if detections:
+            height, width = outcome.image_size
+            for found, m in zip(maps, np.flatnonzero(images == position)):
+                detection = detections[m]
+                found.detection = replace(detection, box=in_image(detection.box, info, height,
+                                                                  width))
+        if row.objects is not None:
+            outcome.logits = None  # a detector's [K, A]: its maps' detections say enough
+            outcome.maps = maps
+        elif row.multi:
             outcome.maps = maps
         else:  # a single-label row beside multi ones: its one map, as alone
             outcome.raw, outcome.target = maps[0].raw, maps[0].target

@@ -229,3 +229,86 @@ def voc_box(element: ET.Element) -> Box:
     if xmax < xmin or ymax < ymin:
         raise BadRowError(f"bndbox {xmin:g} {ymin:g} {xmax:g} {ymax:g} has max < min")
     return Box(xmin - 1, ymin - 1, xmax, ymax)
+
+
+# -- objects, for detection audits --
+
+
+@dataclass
+class Scene:
+    """One image of a data set with each of its objects as (category name, box), for a
+    detection audit; or why the image cannot run."""
+
+    image: str
+    objects: list[tuple[str, Box]] = field(default_factory=list)
+    problem: str = ""
+
+
+def read_scenes(source: Path) -> Iterator[Scene]:
+    """A COCO file's or VOC folder's images, in the order ``read_coco`` and ``read_voc``
+    give them, one scene each with its objects' boxes (COCO's ``bbox``, not its masks:
+    detectors output boxes)."""
+    return _coco_scenes(source) if is_coco(source) else _voc_scenes(source)
+
+
+def _coco_scenes(source: Path) -> Iterator[Scene]:
+    data = _load_coco(source)
+    categories = _coco_categories(data["categories"])
+    scenes: list[tuple[Any, Scene]] = []
+    paths: dict[Any, str] = {}
+    by_id: dict[Any, Scene] = {}
+    for position, image in enumerate(data["images"]):
+        try:
+            image_id, path = _coco_image(image, position, source, paths)
+        except BadRowError as exc:
+            scenes.append((None, Scene(f"images[{position}]", problem=str(exc))))
+            continue
+        paths[image_id] = path
+        by_id[image_id] = Scene(path)
+        scenes.append((image_id, by_id[image_id]))
+    orphans: dict[str, Scene] = {}
+    for annotation in data["annotations"]:
+        name = f"annotation {_id_of(annotation)}"
+        image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+        if image_id not in by_id:
+            message = f"{name}: image_id {image_id!r} has no entry in 'images'"
+            orphans.setdefault(message, Scene(name, problem=message))
+            continue
+        scene = by_id[image_id]
+        try:
+            category = categories.get(annotation.get("category_id"))
+            if category is None:
+                raise BadRowError(f"category_id {annotation.get('category_id')!r} is not in "
+                                  "'categories'")
+            if "bbox" not in annotation:
+                raise BadRowError("no bbox")
+            scene.objects.append((category, coco_box(annotation["bbox"])))
+        except BadRowError as exc:
+            scene.problem = scene.problem or f"{name}: {exc}"
+    yield from (scene for _, scene in scenes)
+    yield from orphans.values()
+
+
+def _voc_scenes(source: Path) -> Iterator[Scene]:
+    for name in sorted(entry.name for entry in os.scandir(source)
+                       if entry.is_file() and entry.name.lower().endswith(".xml")):
+        xml = source / name
+        try:
+            root = ET.parse(xml).getroot()
+        except (ET.ParseError, OSError) as exc:
+            yield Scene(str(xml), problem=f"{xml.name}: not a VOC annotation ({exc})")
+            continue
+        filename = (root.findtext("filename") or "").strip()
+        if not filename:
+            yield Scene(str(xml), problem=f"{xml.name}: no <filename>")
+            continue
+        scene = Scene(voc_image_path(filename, xml))
+        for number, element in enumerate(root.iter("object"), start=1):
+            category = (element.findtext("name") or "").strip()
+            try:
+                if not category:
+                    raise BadRowError("no <name>")
+                scene.objects.append((category, voc_box(element)))
+            except BadRowError as exc:
+                scene.problem = scene.problem or f"{xml.name}: object {number}: {exc}"
+        yield scene

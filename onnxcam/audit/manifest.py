@@ -28,11 +28,19 @@ from typing import TextIO
 
 import numpy as np
 
-from onnxcam.audit.backend import AuditRow, load_source, read_source
-from onnxcam.audit.datasets import Annotated, is_coco, is_voc, read_coco, read_voc
+from onnxcam.audit.backend import AuditRow, GroundTruth, load_source, read_source
+from onnxcam.audit.datasets import (
+    Annotated,
+    Scene,
+    is_coco,
+    is_voc,
+    read_coco,
+    read_scenes,
+    read_voc,
+)
 from onnxcam.audit.metrics import box_region, mask_region
 from onnxcam.audit.regions import union_region
-from onnxcam.bundle import BundleInfo
+from onnxcam.bundle import OUTPUT_ANCHORS, BundleInfo
 from onnxcam.engine.images import DEFAULT_LIMITS, decode, file_suffixes
 from onnxcam.errors import BadRowError, ManifestError, OnnxcamError
 
@@ -136,7 +144,10 @@ def manifest_form(source: Path) -> str:
 def read_manifest(source: Path, info: BundleInfo,
                   label_map: LabelMap | None = None) -> Iterator[Entry]:
     """The rows of ``source`` in order; unusable rows come as ``RowProblem``s.
-    ``label_map`` applies to COCO and VOC sources."""
+    ``label_map`` applies to COCO and VOC sources. A detection bundle's rows are the
+    data set's images, each with its objects (``read_scene_rows``)."""
+    if info.output == OUTPUT_ANCHORS:
+        return read_scene_rows(source, info, label_map)
     if is_coco(source) or is_voc(source):
         return _read_dataset(_dataset_rows(source, label_map), Labels(info))
     if source.is_dir():
@@ -345,3 +356,55 @@ def region_of(row: AuditRow, height: int, width: int) -> np.ndarray:
         return mask_region(load_source(row.mask, 1, DEFAULT_LIMITS)[..., 0], height, width)
     assert row.bbox is not None
     return box_region(row.bbox, height, width)
+
+
+# -- detection audits: a data set's images with their objects --
+
+
+def _scenes(source: Path) -> Iterator[Scene]:
+    if not (is_coco(source) or is_voc(source)):
+        raise ManifestError(f"{source}: a detection audit reads a COCO instances JSON or a "
+                            "folder of Pascal VOC XML files")
+    return read_scenes(source)
+
+
+def check_categories(source: Path, info: BundleInfo, label_map: LabelMap | None) -> int:
+    """How many images ``source`` holds; ManifestError when a category of its objects is
+    not a bundle label (after ``label_map``): a detector's classes are matched by name,
+    and a data set of other names would count every object as missed."""
+    labels = set(info.labels)
+    unknown: set[str] = set()
+    count = 0
+    for scene in _scenes(source):
+        count += 1
+        for category, _ in scene.objects:
+            name = category if label_map is None else label_map.get(category)
+            if name is not None and name not in labels:
+                unknown.add(name)
+    if unknown:
+        raise ManifestError(
+            f"{source}: the categories {', '.join(sorted(unknown))} are not among the "
+            f"bundle's labels ({', '.join(info.labels)}); map them with --label-map "
+            "(a JSON object, category name -> bundle label)")
+    return count
+
+
+def read_scene_rows(source: Path, info: BundleInfo,
+                    label_map: LabelMap | None = None) -> Iterator[Entry]:
+    """One detection row per image of a COCO file or VOC folder, its objects' classes
+    by name (``label_map`` renames them; objects of categories it leaves out are
+    dropped). A broken entry makes its image's row a ``RowProblem``."""
+    labels = Labels(info)
+    for index, scene in enumerate(_scenes(source)):
+        try:
+            if scene.problem:
+                raise BadRowError(scene.problem)
+            objects = []
+            for category, box in scene.objects:
+                name = category if label_map is None else label_map.get(category)
+                if name is not None:
+                    objects.append(GroundTruth(labels.parse(name),
+                                               (box.x0, box.y0, box.x1, box.y1)))
+            yield AuditRow(index, scene.image, multi=True, objects=tuple(objects))
+        except BadRowError as exc:
+            yield RowProblem(index, scene.image, "", exc)

@@ -84,26 +84,29 @@ def resume(path: Path, images: Iterator[str]) -> int:
     return done
 
 
-def resume_lines(path: Path, images: Iterator[str]) -> int:
-    """``resume`` for a file of ``MULTI_COLUMNS``: how many manifest rows it holds whole.
+def resume_lines(path: Path, images: Iterator[str],
+                 columns: tuple[str, ...] = MULTI_COLUMNS) -> int:
+    """``resume`` for a file of ``columns`` (``MULTI_COLUMNS``, or a detection audit's),
+    the row number last: how many manifest rows it holds whole.
     The last row found is cut off too (a crash may have written only some of its lines;
     it is run again)."""
     if not path.exists():
         return 0
     _cut_partial_line(path)
-    header = ",".join(MULTI_COLUMNS) + "\n"
+    header = ",".join(columns) + "\n"
     with open(path, "rb+") as stream:
         first = stream.readline().decode("utf-8")
         if not first:
             return 0
         if first != header:
-            raise AuditError(f"{path}: not an onnxcam multi-label or segmentation audit's "
-                             "results file (header differs); choose another --out")
+            kind = "multi-label or segmentation" if columns == MULTI_COLUMNS else "detection"
+            raise AuditError(f"{path}: not an onnxcam {kind} audit's results file (header "
+                             "differs); choose another --out")
         done, start = 0, stream.tell()  # rows whole so far; where the current row begins
         expected = ""
         for line in iter(stream.readline, b""):
             cells = next(csv.reader([line.decode("utf-8")]))
-            if len(cells) != len(MULTI_COLUMNS) or not cells[-1].isdigit():
+            if len(cells) != len(columns) or not cells[-1].isdigit():
                 raise AuditError(f"{path}: a line without its row number; choose another --out")
             row = int(cells[-1])
             if row == done + 1:  # the row before this one is whole

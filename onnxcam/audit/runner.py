@@ -31,10 +31,14 @@ from onnxcam.audit.backend import (
     RowOutcome,
 )
 from onnxcam.audit.clusters import SAMPLE, cluster_classes, clusters_json, rows_at
+from onnxcam.audit.detection import COLUMNS as DETECTION_COLUMNS
+from onnxcam.audit.detection import image_lines, summarize_detections
+from onnxcam.audit.detection_report import write_detection_report
 from onnxcam.audit.manifest import (
     SINGLE,
     LabelMap,
     RowProblem,
+    check_categories,
     count_rows,
     manifest_form,
     read_manifest,
@@ -45,7 +49,7 @@ from onnxcam.audit.metrics import energy_in_box, pointing_hit
 from onnxcam.audit.report import write_report
 from onnxcam.audit.results import COLUMNS, MULTI_COLUMNS, ResultRow, ResultsWriter
 from onnxcam.audit.summary import Summary, Thresholds, summarize
-from onnxcam.bundle import HEAD_SIGMOID, OUTPUT_PIXELS, BundleInfo
+from onnxcam.bundle import HEAD_SIGMOID, OUTPUT_ANCHORS, OUTPUT_PIXELS, BundleInfo
 from onnxcam.engine.explainer import method_for
 from onnxcam.engine.maps import heatmaps
 from onnxcam.engine.outputs import npy_bytes
@@ -88,6 +92,8 @@ def run_audit(
     """
     settings = options.settings
     _check(backend, options)
+    if backend.info.output == OUTPUT_ANCHORS:
+        return _run_detection_audit(source, out, backend, options, progress)
     total = count_rows(source, options.label_map)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
@@ -122,6 +128,41 @@ def run_audit(
     atomic_write(out / SUMMARY, (json.dumps(summary.data, indent=2) + "\n").encode())
     write_report(summary, out / REPORT,
                  _worst_rows(source, backend, summary, options.label_map), out)
+    return summary
+
+
+def _run_detection_audit(source: Path, out: Path, backend: Backend, options: AuditOptions,
+                         progress: Progress | None) -> Summary:
+    """``run_audit`` for a detection bundle: a line per detection and per missed object
+    (``audit.detection``), per-class detection figures, no clusters."""
+    if options.settings.faithfulness:
+        raise AuditError("--faithfulness does not apply to a detection bundle (its AUCs are "
+                         "of a class's probability over the whole image)")
+    total = check_categories(source, backend.info, options.label_map)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    if path.exists() and not options.resume:
+        raise AuditError(f"{path} exists: pass --resume to carry on with it, or choose "
+                         "another --out")
+    done = results_file.resume_lines(path, _images(source, backend, options.label_map),
+                                     DETECTION_COLUMNS) if options.resume else 0
+    progress = progress or Progress(total, done=done)
+    progress.skipped = progress.done = done
+    started = time.monotonic()
+    writer = ResultsWriter(path, DETECTION_COLUMNS)
+    try:
+        DetectionOrdering(source, out, backend, options, writer, progress, done).run()
+    finally:
+        writer.close()
+    progress.finish()
+    info = backend.info
+    summary = summarize_detections(path, options.thresholds,
+                                   [info.label(k) for k in range(info.num_classes)])
+    summary.data.update(_context(backend, options.settings, time.monotonic() - started, done))
+    summary.data["source"] = source_record(source)
+    summary.data["advice"] = advise(summary.data)
+    atomic_write(out / SUMMARY, (json.dumps(summary.data, indent=2) + "\n").encode())
+    write_detection_report(summary, out / REPORT, out)
     return summary
 
 
@@ -339,6 +380,17 @@ class Ordering:
         name = f"{HEATMAPS}/{index}.npy"
         atomic_write(self.out / name, npy_bytes(raw.astype(np.float16)))
         return name
+
+
+class DetectionOrdering(Ordering):
+    """``Ordering`` for a detection audit: an image's lines from its detections."""
+
+    def results(self, row: AuditRow, outcome: RowOutcome) -> list[ResultRow]:
+        try:
+            return image_lines(row, outcome, self.label, self.write_heatmap)
+        except OnnxcamError as exc:  # a backend's outcome this audit cannot read
+            return image_lines(row, RowOutcome.failed(row.index, exc), self.label,
+                               self.write_heatmap)
 
 
 def class_scores_of(outcome: RowOutcome, info: BundleInfo) -> np.ndarray:

@@ -124,6 +124,8 @@ class Summary:
     # results.csv rows of their exemplars, by index.
     clusters: dict[str, Any] = field(default_factory=dict)
     cluster_rows: dict[int, ResultRow] = field(default_factory=dict)
+    # A detection audit's objects no detection matched, the first ones in order.
+    misses: list[ResultRow] = field(default_factory=list)
 
     def flagged_cases(self, label: str) -> list[ResultRow]:
         """What to show for a flagged class: its right answers from the wrong place, or
