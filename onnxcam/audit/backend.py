@@ -283,8 +283,10 @@ def explain_findings(explainer: Explainer, rows: list[AuditRow], batch: np.ndarr
             height, width = outcome.image_size
             for found, m in zip(maps, np.flatnonzero(images == position)):
                 detection = detections[m]
-                found.detection = replace(detection, box=in_image(detection.box, info, height,
-                                                                  width))
+                # Rounded as a worker's record rounds it, so both match alike.
+                box = in_image(detection.box, info, height, width)
+                found.detection = replace(detection, box=(
+                    round(box[0], 2), round(box[1], 2), round(box[2], 2), round(box[3], 2)))
         if row.objects is not None:
             outcome.logits = None  # a detector's [K, A]: its maps' detections say enough
             outcome.maps = maps

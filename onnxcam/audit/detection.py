@@ -169,7 +169,7 @@ def summarize_detections(results: Path, thresholds: Thresholds, classes: list[st
                          worst: int = WORST) -> Summary:
     """summary.json's figures from a detection audit's results.csv, in one pass."""
     counts = {label: ClassCounts() for label in classes}
-    images: dict[str, bool] = {}  # row -> whether any of its lines ran
+    failed: dict[str, bool] = {}  # row -> whether its image failed (not just an object)
     error_codes: dict[str, int] = {}
     lowest, confident = Worst(worst), Worst(worst)
     by_class: dict[str, Worst] = {}
@@ -177,7 +177,7 @@ def summarize_detections(results: Path, thresholds: Thresholds, classes: list[st
     for index, row in enumerate(read_results(results)):
         row["index"] = str(index)
         ok = row["status"] == "ok"
-        images[row["row"]] = images.get(row["row"], False) or ok
+        failed[row["row"]] = failed.get(row["row"], False) or (not ok and not row["kind"])
         if not ok:
             code = (row.get("error") or "error").split(":", 1)[0]
             error_codes[code] = error_codes.get(code, 0) + 1
@@ -215,7 +215,7 @@ def summarize_detections(results: Path, thresholds: Thresholds, classes: list[st
     totals = {key: sum(figures[key] for figures in per_class.values())
               for key in ("objects", "detections", "matched", "misses", "false_detections")}
     data = {
-        "n": len(images), "errors": sum(not ran for ran in images.values()),
+        "n": len(failed), "errors": sum(failed.values()),
         "error_codes": dict(sorted(error_codes.items(), key=lambda item: -item[1])),
         "accuracy": None, **totals, "form": FORM, "match_iou": MATCH_IOU,
         "per_class": per_class, "flags": flags, "notes": notes,

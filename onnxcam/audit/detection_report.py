@@ -21,7 +21,6 @@ from onnxcam.audit.report import (
     THUMBNAIL,
     _advice,
     _flags,
-    _heading,
     _number,
     _plot,
     outline,
@@ -72,6 +71,16 @@ def write_detection_report(summary: Summary, path: Path, out: Path) -> None:
         "</body></html>\n",
     ]
     atomic_write(path, "".join(parts).encode("utf-8"))
+
+
+def _heading(data: dict[str, Any]) -> str:
+    bundle = data.get("bundle", {})
+    return (f"<h1>onnxcam detection audit</h1><div class='meta'>{data['n']} images, "
+            f"{data['errors']} errors · {data['objects']} objects, {data['detections']} "
+            f"detections: {data['matched']} matched, {data['misses']} missed, "
+            f"{data['false_detections']} false · method "
+            f"{html.escape(str(data.get('method', '')))}, every detection explained for its "
+            f"class · layer {html.escape(str(bundle.get('target_layer', '')))}</div>")
 
 
 def _table(data: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 
 from onnxcam.audit.backend import AuditRow, ExplainSettings, MapOutcome, RowOutcome
 from onnxcam.bundle import read_bundle
+from onnxcam.engine.detections import Detection
 from onnxcam.errors import AuditError
 from onnxcam.worker.client import celery_status, job_records, submit
 from onnxcam.worker.settings import Settings, load_settings
@@ -66,7 +67,8 @@ class DistributedBackend:
         """One job, an image entry per row with its targets (None: the top-1). A
         single-label chunk's message stays as it was, without a threshold."""
         steps = settings.steps if settings.faithfulness else 0
-        threshold = settings.threshold if any(row.multi for row in rows) else None
+        threshold = (settings.threshold if any(row.multi and row.objects is None for row in rows)
+                     else None)
         job = submit(self.sha, [row.image for row in rows], settings.method, targets,
                      chunk_size=len(rows), settings=self.settings, faithfulness_steps=steps,
                      threshold=threshold)
@@ -88,6 +90,11 @@ class DistributedBackend:
             return RowOutcome(row.index, error_code=code, error=message)
         height, width = first["image_size"]
         outcome = RowOutcome(row.index, image_size=(int(height), int(width)))
+        if row.objects is not None:  # a detector's: a row per detection, no image scores
+            outcome.maps = [MapOutcome(int(r["class"]), self._raw(r), r["files"]["raw"],
+                                       detection=detection_of(r))
+                            for r in records if "files" in r]
+            return outcome
         try:
             outcome.logits, outcome.scores = record_scores(first, self.info.num_classes)
         except AuditError as exc:
@@ -113,10 +120,20 @@ class DistributedBackend:
 def job_targets(row: AuditRow, settings: ExplainSettings) -> Any:
     """A row's entry in the job message's ``targets``: a single-label row's class (None:
     the top-1), a multi row's list (its findings' classes, or all-positive)."""
+    if row.objects is not None:
+        return None  # a detection bundle's: every detection
     if row.multi:
         return settings.targets(row)
     target = settings.target(row)
     return None if target < 0 else target
+
+
+def detection_of(row: dict[str, Any]) -> Detection:
+    """A detection's row of a worker's record as a ``Detection``, its box in the image's
+    own pixels."""
+    x0, y0, x1, y1 = (float(v) for v in row["box"])
+    return Detection((x0, y0, x1, y1), float(row["score"]), int(row["class"]),
+                     str(row["label"]), int(row["anchor"]), int(row["rank"]))
 
 
 def error_of(record: dict[str, Any]) -> tuple[str, str]:
