@@ -340,3 +340,20 @@ def test_over_two_workers_the_numbers_are_the_local_ones(
 
 
 NUMBERS = {"energy_in_box", "heatmap", "score"}
+
+
+def test_a_resumed_detection_audit_gives_the_same_file(tiny_bundle: Path, tmp_path: Path
+                                                       ) -> None:
+    """Cut after the first image's lines and half a line of the next: --resume runs the
+    rest and writes what one run writes."""
+    source = coco(tmp_path)
+    backend = LocalBackend(Explainer(tiny_bundle, device="cpu"))
+    run_audit(source, tmp_path / "whole", backend)
+    whole = (tmp_path / "whole" / "results.csv").read_text()
+    lines = whole.splitlines(keepends=True)
+    first = [line for line in lines[1:] if line.rstrip().endswith(",0")]
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "results.csv").write_text("".join(lines[:1 + len(first)])
+                                                  + lines[-1][:7])
+    run_audit(source, tmp_path / "cut", backend, AuditOptions(resume=True))
+    assert (tmp_path / "cut" / "results.csv").read_text() == whole
