@@ -610,8 +610,9 @@ def audit(
 ) -> None:
     """Audit where the classifier MODEL looks over SOURCE: a CSV manifest (one label,
     several as 'labels', or a 'segmentation' mask of class ids per row), a folder of
-    class subfolders, a COCO instances JSON or a folder of Pascal VOC XML files.
-    Writes results.csv, summary.json and report.html to --out."""
+    class subfolders, a COCO instances JSON or a folder of Pascal VOC XML files; for a
+    detection bundle, a COCO JSON or VOC folder whose objects each detection is matched
+    to. Writes results.csv, summary.json and report.html to --out."""
     from onnxcam.audit import AuditOptions, ExplainSettings, Thresholds, run_audit
     from onnxcam.audit.advice import advice_lines
     from onnxcam.audit.manifest import read_label_map
