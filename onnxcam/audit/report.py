@@ -138,8 +138,6 @@ def _heading(data: dict[str, Any]) -> str:
 FORMS = {
     "multi-label": " · multi-label: one row per (image, label) pair, each label's map "
                    "measured in its own box",
-    "detection": " · detection: a line per detection and per missed object, each matched "
-                 "detection's map measured in its object's box",
     "segmentation": " · segmentation: a row per (image, class in its mask), each class's "
                     "map measured in its own pixels (energy in mask)",
 }
