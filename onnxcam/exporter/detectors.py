@@ -91,17 +91,20 @@ def find_detection(model: onnx.ModelProto, layers: list[LayerInfo], props: dict[
 
 def concatenated_parts(graph: onnx.GraphProto, output: str,
                        shapes: dict[str, tuple[int | None, ...]]) -> tuple[str, str]:
-    """(scores, boxes) where ``output`` is Concat([boxes of 4 rows, scores], axis 1), as
-    ultralytics writes it; ("", "") otherwise. Taking the scores from before the Concat
-    keeps the box branch out of the head, and out of its backward pass."""
+    """(scores, boxes) where ``output`` is a Concat on axis 1 of box rows (4 in all)
+    then the scores, as ultralytics writes it ([boxes, scores]); boxes is "" where the
+    box rows come in several parts (the output is sliced for them then). ("", "") for
+    any other output. Taking the scores from before the Concat keeps the box branch
+    out of the head, and out of its backward pass."""
     node = producers(graph).get(output)
-    if node is None or node.op_type != "Concat" or len(node.input) != 2:
+    if node is None or node.op_type != "Concat" or len(node.input) < 2:
         return "", ""
     axis = next((a.i for a in node.attribute if a.name == "axis"), None)
-    first = shapes.get(node.input[0], ())
-    if axis not in (1, -2) or len(first) != 3 or first[1] != BOX_ROWS:
+    parts = [shapes.get(name, ()) for name in node.input[:-1]]
+    if axis not in (1, -2) or any(len(part) != 3 or part[1] is None for part in parts) or \
+            sum(part[1] or 0 for part in parts) != BOX_ROWS:
         return "", ""
-    return node.input[1], node.input[0]
+    return node.input[-1], node.input[0] if len(parts) == 1 else ""
 
 
 def default_layers(graph: onnx.GraphProto, layers: list[LayerInfo]) -> tuple[str, ...]:

@@ -70,6 +70,9 @@ def test_a_yolo_export_becomes_an_anchors_bundle(tiny: tuple[onnx.ModelProto, Pa
     assert tuple(info.labels) == LABELS  # the model's own names
     # The larger of the two maps the head reads.
     assert info.target_layer == "/model.0/act/Mul"
+    # The scores are found before the Concat whether the box rows come in one part or
+    # two, so each level's stack is found and gets its local head.
+    assert [(level.first, level.local) for level in info.levels] == [(0, True), (256, True)]
     assert info.batch_size == 0 and info.head_inputs
     assert info.resize == RESIZE_LETTERBOX  # as ultralytics' predict feeds it
 

@@ -39,6 +39,7 @@ def expose_detections(draft: Draft) -> bool:
     scores, boxes = detection.scores, detection.boxes
     if not scores:  # the model's output itself, sliced on axis 1
         scores = rows(b, detection.output, BOX_ROWS, 2**62)
+    if not boxes:
         boxes = rows(b, detection.output, 0, BOX_ROWS)
     exposed.input[0] = scores
     add_boxes(b, boxes)
