@@ -235,6 +235,23 @@ def test_the_planted_shortcut_is_flagged_and_only_it(planted_audit: tuple[Path, 
 
 @pytest.mark.slow
 @pytest.mark.torch
+def test_without_the_patch_the_discs_are_missed(planted_set: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    """The control, which Grad-CAM takes no part in: the same test scenes with no patch
+    beside the discs. The detector then finds none of them, and every other object as
+    before: the patch is what it finds discs by, the shortcut the audit flags."""
+    bundle, _ = planted_set
+    pixels, objects = planted.scenes(60, seed=2, patch_with=None)
+    source = planted.write_coco(tmp_path / "no_patch", pixels, objects)
+    out = tmp_path / "no_patch_audit"
+    cli_audit(source, bundle, out)
+    figures = json.loads((out / "summary.json").read_text())["per_class"]
+    assert figures["disc"]["objects"] >= 20 and figures["disc"]["recall"] <= 0.1
+    assert min(figures["square"]["recall"], figures["diamond"]["recall"]) >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.torch
 def test_the_disc_detections_rest_on_the_patch(planted_set: tuple[Path, Path],
                                                tmp_path: Path) -> None:
     """Where the flagged evidence is: at the default layer the patch's influence is
