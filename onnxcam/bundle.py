@@ -44,13 +44,22 @@ OUTPUT_INPUT_GRADIENTS = "input_gradients"
 OUTPUT_GUIDED_INPUT_GRADIENTS = "guided_input_gradients"  # guided backprop's ReLU rule
 # A detector's boxes before suppression, [N, A, 4]: x0, y0, x1, y1 in input pixels.
 OUTPUT_BOXES = "boxes"
+# A detector that decodes its own detections (``output = detections``): its final boxes
+# [1, D, 4] (x0, y0, x1, y1 in input pixels), scores [1, D], int64 labels [1, D], and
+# each one's entry of the flattened logits it was picked from, int64 [1, D].
+OUTPUT_DETECTION_BOXES = "detection_boxes"
+OUTPUT_DETECTION_SCORES = "detection_scores"
+OUTPUT_DETECTION_LABELS = "detection_labels"
+OUTPUT_DETECTION_SOURCE = "detection_source"
+DECODED_OUTPUTS = (OUTPUT_DETECTION_BOXES, OUTPUT_DETECTION_SCORES, OUTPUT_DETECTION_LABELS,
+                   OUTPUT_DETECTION_SOURCE)
 INPUT_GRADIENT_OUTPUTS = (OUTPUT_INPUT_GRADIENTS, OUTPUT_GUIDED_INPUT_GRADIENTS)
 # The per-layer outputs; the first layer has them unsuffixed, layer i > 0 as ``cam.i``.
 LAYER_OUTPUTS = (OUTPUT_ACTIVATIONS, OUTPUT_GRADIENTS, OUTPUT_WEIGHTS, OUTPUT_CAM)
 RESERVED_NAMES = (
     INPUT_IMAGE, INPUT_TARGET, INPUT_TARGET_WEIGHTS, OUTPUT_LOGITS, OUTPUT_ACTIVATIONS,
     OUTPUT_GRADIENTS, OUTPUT_CAM, OUTPUT_WEIGHTS, OUTPUT_INPUT_GRADIENTS,
-    OUTPUT_GUIDED_INPUT_GRADIENTS, OUTPUT_BOXES,
+    OUTPUT_GUIDED_INPUT_GRADIENTS, OUTPUT_BOXES, *DECODED_OUTPUTS,
 )
 
 # Metadata keys.
@@ -112,7 +121,10 @@ HEADS = (HEAD_SOFTMAX, HEAD_SIGMOID, HEAD_NONE)
 # What the logits are: [N, K] class scores; a segmenter's [N, K, h, w] per pixel; a
 # detector's [N, K, A] per anchor (box) before suppression, with ``boxes`` beside them.
 OUTPUT_CLASSES, OUTPUT_PIXELS, OUTPUT_ANCHORS = "classes", "pixels", "anchors"
-OUTPUT_KINDS = (OUTPUT_CLASSES, OUTPUT_PIXELS, OUTPUT_ANCHORS)
+# A detector that decodes (and suppresses) in its own graph, as torchvision's do.
+OUTPUT_DETECTIONS = "detections"
+OUTPUT_KINDS = (OUTPUT_CLASSES, OUTPUT_PIXELS, OUTPUT_ANCHORS, OUTPUT_DETECTIONS)
+DETECTOR_OUTPUTS = (OUTPUT_ANCHORS, OUTPUT_DETECTIONS)
 # How callers bring an image to the bundle's size: stretched by one of Pillow's filters,
 # or letterboxed as ultralytics' predict does (aspect kept by half-pixel bilinear as
 # cv2.resize, centred, grey 114 around it).
@@ -287,6 +299,11 @@ class BundleInfo:
     def has_gradients(self) -> bool:
         """True when the bundle exposes full gradient maps, not just fd channel weights."""
         return self.gradient == "analytic"
+
+    @property
+    def detector(self) -> bool:
+        """Whether the rows are detections (``anchors`` or ``detections`` logits)."""
+        return self.output in DETECTOR_OUTPUTS
 
     @property
     def grey(self) -> bool:
@@ -506,7 +523,7 @@ def read_bundle(source: str | Path | bytes) -> Bundle:
     if outside:
         raise BundleError(f"{name}: the bundle keeps tensor data outside its file (at "
                           f"{outside!r}); a bundle carries its weights inside, so it is refused")
-    check_ops(model, name)
+    check_ops(model, name, info.output == OUTPUT_DETECTIONS)
     if info.output == OUTPUT_ANCHORS:
         check_detector(model, info.num_classes, name)
     image = next(i for i in model.graph.input if i.name == INPUT_IMAGE)

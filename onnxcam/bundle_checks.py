@@ -47,6 +47,9 @@ ALLOWED_OPS = frozenset({
     "Upsample", "Where", "Xor",
 })
 ALLOWED_DOMAINS = ("", "ai.onnx")
+# A detector that decodes its own detections (``output = detections``) suppresses them in
+# its graph; its candidates are bounded there (TopK), at the bundle's fixed image size.
+DETECTION_OPS = frozenset({"NonMaxSuppression"})
 
 # Bytes per element by ONNX TensorProto type; strings and unknown types count 0.
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8,
@@ -73,13 +76,15 @@ def nodes(graph: Any) -> Iterator[Any]:
         yield from each.node
 
 
-def check_ops(model: Any, name: str = "bundle") -> None:
-    """Refuse a model with an op outside ``ALLOWED_OPS`` (subgraphs included), naming it."""
+def check_ops(model: Any, name: str = "bundle", detector: bool = False) -> None:
+    """Refuse a model with an op outside ``ALLOWED_OPS`` (subgraphs included), naming it;
+    a ``detector`` that decodes its own detections may also use ``DETECTION_OPS``."""
+    allowed = ALLOWED_OPS | DETECTION_OPS if detector else ALLOWED_OPS
     for node in nodes(model.graph):
         if node.domain not in ALLOWED_DOMAINS:
             raise BundleError(f"{name}: op {node.domain}.{node.op_type} (node {node.name!r}) "
                               "is from a domain bundles may not use")
-        if node.op_type not in ALLOWED_OPS:
+        if node.op_type not in allowed:
             raise BundleError(f"{name}: op {node.op_type} (node {node.name!r}) is not one "
                               "bundles may use")
 

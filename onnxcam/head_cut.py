@@ -14,6 +14,7 @@ import onnx
 from onnx import helper
 
 from onnxcam.bundle import (
+    DECODED_OUTPUTS,
     INPUT_IMAGE,
     OUTPUT_BOXES,
     OUTPUT_CAM,
@@ -101,10 +102,11 @@ def extract(model: onnx.ModelProto, inputs: Mapping[str, int], outputs: Iterable
 
 def trunk_outputs(graph: onnx.GraphProto, head_inputs: Sequence[HeadInput]) -> list[str]:
     """The trunk's outputs: the logits, a detector's boxes (which the engine suppresses
-    before choosing targets), every layer's activations and the head's inputs."""
+    before choosing targets) or decoded detections, every layer's activations and the
+    head's inputs."""
     names = [o.name for o in graph.output]
     activations = [name for name in names if is_activation_output(name)]
-    boxes = [OUTPUT_BOXES] if OUTPUT_BOXES in names else []
+    boxes = [name for name in (OUTPUT_BOXES, *DECODED_OUTPUTS) if name in names]
     boundary = [h.name for h in head_inputs if h.name != SEED]
     return list(dict.fromkeys([OUTPUT_LOGITS, *boxes, *activations, *boundary]))
 

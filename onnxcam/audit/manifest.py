@@ -40,7 +40,7 @@ from onnxcam.audit.datasets import (
 )
 from onnxcam.audit.metrics import box_region, mask_region
 from onnxcam.audit.regions import union_region
-from onnxcam.bundle import OUTPUT_ANCHORS, BundleInfo
+from onnxcam.bundle import BundleInfo
 from onnxcam.engine.images import DEFAULT_LIMITS, decode, file_suffixes
 from onnxcam.errors import BadRowError, ManifestError, OnnxcamError
 
@@ -146,7 +146,7 @@ def read_manifest(source: Path, info: BundleInfo,
     """The rows of ``source`` in order; unusable rows come as ``RowProblem``s.
     ``label_map`` applies to COCO and VOC sources. A detection bundle's rows are the
     data set's images, each with its objects (``read_scene_rows``)."""
-    if info.output == OUTPUT_ANCHORS:
+    if info.detector:
         return read_scene_rows(source, info, label_map)
     if is_coco(source) or is_voc(source):
         return _read_dataset(_dataset_rows(source, label_map), Labels(info))

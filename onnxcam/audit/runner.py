@@ -49,7 +49,7 @@ from onnxcam.audit.metrics import energy_in_box, pointing_hit
 from onnxcam.audit.report import write_report
 from onnxcam.audit.results import COLUMNS, MULTI_COLUMNS, ResultRow, ResultsWriter
 from onnxcam.audit.summary import Summary, Thresholds, summarize
-from onnxcam.bundle import HEAD_SIGMOID, OUTPUT_ANCHORS, OUTPUT_PIXELS, BundleInfo
+from onnxcam.bundle import HEAD_SIGMOID, OUTPUT_PIXELS, BundleInfo
 from onnxcam.engine.explainer import method_for
 from onnxcam.engine.maps import heatmaps
 from onnxcam.engine.outputs import npy_bytes
@@ -92,7 +92,7 @@ def run_audit(
     """
     settings = options.settings
     _check(backend, options)
-    if backend.info.output == OUTPUT_ANCHORS:
+    if backend.info.detector:
         return _run_detection_audit(source, out, backend, options, progress)
     total = count_rows(source, options.label_map)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """A detector's detections from its bundle's raw output, chosen as ultralytics' predict
-chooses them (``targets.detection_rows`` makes them target rows).
+chooses them (``targets.detection_rows`` makes them target rows); or, from a detector
+that decodes its own (``output = detections``), the graph's (``decoded``).
 
 Per anchor its best class; scores over ``CONFIDENCE``; at most ``MAX_CANDIDATES`` by
 score; class-aware NMS at IoU ``IOU``; at most ``max_detections`` per image.
@@ -111,6 +112,17 @@ def detect(logits: np.ndarray, boxes: np.ndarray, info: BundleInfo,
     return [Detection(corners(np.clip(boxes[a], 0, size)), float(scores[a]), int(classes[a]),
                       info.label(int(classes[a])), int(a), rank)
             for rank, a in enumerate(kept)]
+
+
+def decoded(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, sources: np.ndarray,
+            info: BundleInfo, max_detections: int = MAX_DETECTIONS) -> list[Detection]:
+    """One image's detections as its graph made them ([D, 4], [D], [D], [D]), in the
+    model's order (best first) and at most ``max_detections``: each one's anchor is its
+    source entry's (s div K) in the bundle's logits [K, A]; its class, the label."""
+    return [Detection(corners(boxes[rank]), float(scores[rank]), int(labels[rank]),
+                      info.label(int(labels[rank])), int(sources[rank]) // info.num_classes,
+                      rank)
+            for rank in range(min(len(scores), max_detections))]
 
 
 def in_image(box: tuple[float, float, float, float], info: BundleInfo, height: int,

@@ -20,14 +20,15 @@ import numpy as np
 import onnx
 
 from onnxcam.bundle import (
+    DECODED_OUTPUTS,
     INPUT_IMAGE,
     INPUT_TARGET,
     INPUT_TARGET_WEIGHTS,
     LAYER_OUTPUTS,
     OUTPUT_ACTIVATIONS,
-    OUTPUT_ANCHORS,
     OUTPUT_BOXES,
     OUTPUT_CAM,
+    OUTPUT_DETECTIONS,
     OUTPUT_LOGITS,
     OUTPUT_PIXELS,
     OUTPUT_WEIGHTS,
@@ -37,7 +38,7 @@ from onnxcam.bundle import (
     read_bundle,
 )
 from onnxcam.bundle_checks import check_memory
-from onnxcam.engine.detections import MAX_DETECTIONS, Detection, check_outputs
+from onnxcam.engine.detections import MAX_DETECTIONS, Detection, check_outputs, decoded
 from onnxcam.engine.images import (
     DEFAULT_LIMITS,
     Limits,
@@ -65,9 +66,11 @@ from onnxcam.engine.targets import (
     DEFAULT_THRESHOLD,
     Row,
     Target,
+    check_max_detections,
     class_scores,
     detection_rows,
     parse_targets,
+    picked_rows,
     plain,
     resolve,
     seeds,
@@ -309,7 +312,7 @@ class Explainer:
                                      if isinstance(targets, np.ndarray) else targets)
         batch = np.ascontiguousarray(batch)
         options = options or MethodOptions()
-        if self.info.output == OUTPUT_ANCHORS:
+        if self.info.detector:
             result = self._run_detections(batch, items, cam, options, first_index, tell,
                                           max_detections)
         elif plain(items, self.info):
@@ -402,23 +405,33 @@ class Explainer:
                         options: MethodOptions, first_index: int,
                         tell: Callable[[float], None], max_detections: int) -> BatchResult:
         """A detector: its detections from one run (the trunk's, where the bundle is cut
-        and the method reads the layers alone), then a row per detection the targets
-        pick: through the levels' local heads, through the part after the layers, or
-        else the whole bundle once per row. A bundle explained per level then keeps each
-        row's map at its own level's layer (``levels``)."""
-        local = has_local_heads(self.info) and cam.reads_layers_only()
-        cut = self.sessions.can_cut and cam.reads_layers_only() and not local
-        if cut:
-            values = self._run_trunk(batch)
+        and the method reads the layers alone; chosen by onnxcam from an anchors bundle's
+        raw output, or the graph's own), then a row per detection the targets pick:
+        through the levels' local heads, through the part after the layers, or else the
+        whole bundle once per row. A bundle explained per level then keeps each row's
+        map at its own level's layer (``levels``)."""
+        decoding = self.info.output == OUTPUT_DETECTIONS
+        local = has_local_heads(self.info) and cam.reads_layers_only() and not decoding
+        cut = self.sessions.can_cut and cam.reads_layers_only() and not local \
+            and not decoding
+        if decoding:
+            check_max_detections(max_detections)
+            logits, found = self._decoded(batch, max_detections)
+            values = {OUTPUT_LOGITS: logits}
+            rows = picked_rows(items, found)
         else:
-            names = [OUTPUT_LOGITS, OUTPUT_BOXES, *(
-                [e.output(OUTPUT_ACTIVATIONS) for e in self.info.layers] if local else [])]
-            values = dict(zip(names, self.sessions.run(names, {
-                INPUT_IMAGE: batch, INPUT_TARGET: np.full(len(batch), -1, np.int64)})))
-        logits = values[OUTPUT_LOGITS]
-        check_outputs(logits, values[OUTPUT_BOXES], self.info)
-        check_coverage(self.info, logits.shape[-1])
-        rows = detection_rows(items, logits, values[OUTPUT_BOXES], self.info, max_detections)
+            if cut:
+                values = self._run_trunk(batch)
+            else:
+                names = [OUTPUT_LOGITS, OUTPUT_BOXES, *(
+                    [e.output(OUTPUT_ACTIVATIONS) for e in self.info.layers] if local else [])]
+                values = dict(zip(names, self.sessions.run(names, {
+                    INPUT_IMAGE: batch, INPUT_TARGET: np.full(len(batch), -1, np.int64)})))
+            logits = values[OUTPUT_LOGITS]
+            check_outputs(logits, values[OUTPUT_BOXES], self.info)
+            check_coverage(self.info, logits.shape[-1])
+            rows = detection_rows(items, logits, values[OUTPUT_BOXES], self.info,
+                                  max_detections)
         if not rows:
             result = self._no_rows(cam, logits)
         elif local:
@@ -464,6 +477,20 @@ class Explainer:
                 raw[mine] = resize_maps(cam.explain_layer(context).raw, *raw.shape[1:])
         return BatchResult(raw, values[OUTPUT_LOGITS][index], classes, {}, None, index,
                            [r.name for r in rows])
+
+    def _decoded(self, batch: np.ndarray, max_detections: int
+                 ) -> tuple[np.ndarray, list[list[Detection]]]:
+        """A detector that decodes its own: every image's logits [N, K, A] and its
+        detections, the graph's, run one image at a time (their counts differ)."""
+        names = [OUTPUT_LOGITS, *DECODED_OUTPUTS]
+        logits, found = [], []
+        for image in batch:
+            values = dict(zip(names, self.sessions.run(names, {
+                INPUT_IMAGE: image[None], INPUT_TARGET: np.full(1, -1, np.int64)})))
+            logits.append(values[OUTPUT_LOGITS])
+            boxes, scores, labels, sources = (values[name][0] for name in DECODED_OUTPUTS)
+            found.append(decoded(boxes, scores, labels, sources, self.info, max_detections))
+        return np.concatenate(logits), found
 
     def _run_repeated(self, batch: np.ndarray, items: list[list[Target]], cam: Method,
                       options: MethodOptions, first_index: int,

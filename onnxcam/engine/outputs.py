@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from onnxcam.bundle import OUTPUT_ANCHORS, RESIZE_LETTERBOX, BundleInfo
+from onnxcam.bundle import RESIZE_LETTERBOX, BundleInfo
 from onnxcam.engine.detections import Detection, in_image
 from onnxcam.engine.explainer import Explainer, Explanation
 from onnxcam.engine.images import load_image, placement, resize
@@ -386,7 +386,7 @@ def _explain_chunk(
             continue
         assert explanation is not None
         rows = np.flatnonzero(explanation.image_index == position_of[i]).tolist()
-        detector = explanation.info.output == OUTPUT_ANCHORS
+        detector = explanation.info.detector
         if not rows:
             yield ImageResult(path, {"image": path, "detections" if detector else "targets": [],
                                      "files": []})

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxcam.bundle import OUTPUT_ANCHORS, OUTPUT_PIXELS, BundleInfo
+from onnxcam.bundle import OUTPUT_PIXELS, BundleInfo
 from onnxcam.engine.detections import MAX_DETECTIONS, Detection, detect
 from onnxcam.errors import BadTargetError
 from onnxcam.scores import probabilities
@@ -104,7 +104,7 @@ def checked(target: Any, info: BundleInfo) -> list[Target]:
     if not is_target(target):
         raise BadTargetError(f"{clipped(repr(target))} is not a target (a class number or "
                              "label, 'all-positive', 'top:k', Contrast, Region or Weighting)")
-    if info.output == OUTPUT_ANCHORS:
+    if info.detector:
         return [detection_target(target, info)]
     if isinstance(target, str) and target not in info.labels:  # a label wins, as numbers do
         top = TOP.match(target)
@@ -224,13 +224,22 @@ def detection_rows(items: list[list[Target]], logits: np.ndarray, boxes: np.ndar
                    info: BundleInfo, max_detections: int = MAX_DETECTIONS) -> list[Row]:
     """A detector's rows: per image, each detection its targets pick (every one for -1,
     the k best for ``top:k``, a class's), in that order and each once."""
+    check_max_detections(max_detections)
+    return picked_rows(items, [detect(logits[image], boxes[image], info, max_detections)
+                           for image in range(len(items))])
+
+
+def check_max_detections(max_detections: int) -> None:
     if not 1 <= max_detections <= MAX_TARGETS_PER_IMAGE:
         raise BadTargetError(f"max_detections must be 1 to {MAX_TARGETS_PER_IMAGE}, "
                              f"not {max_detections}")
+
+
+def picked_rows(items: list[list[Target]], found: list[list[Detection]]) -> list[Row]:
+    """Per image, a row for each of its detections ``found`` that its targets pick."""
     rows: list[Row] = []
     for image, targets in enumerate(items):
-        found = detect(logits[image], boxes[image], info, max_detections)
-        chosen = {d.rank: d for target in targets for d in picked(target, found)}
+        chosen = {d.rank: d for target in targets for d in picked(target, found[image])}
         rows += [Row(image, d.cls, d.name, detection=d) for d in chosen.values()]
     return rows
 

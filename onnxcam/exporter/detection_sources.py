@@ -16,17 +16,19 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxcam.bundle import OUTPUT_DETECTION_SOURCE
 from onnxcam.graph import GraphBuilder, producers
 
 # Ops that move score values without computing new ones: their twin on int64
 # positions moves the positions the same way.
 MOVES = frozenset({"Gather", "GatherND", "GatherElements", "Reshape", "Squeeze", "Unsqueeze",
                    "Flatten", "Identity", "Slice", "Transpose", "Expand"})
-DETECTION_SOURCE = "detection_source"
+DETECTION_SOURCE = OUTPUT_DETECTION_SOURCE
 
 
-def trace_sources(graph: onnx.GraphProto, scores: str) -> list[str]:
-    """Add the int64 output ``detection_source`` [D]: each entry of ``scores`` (the
+def trace_sources(graph: onnx.GraphProto, scores: str, output: str = DETECTION_SOURCE
+                  ) -> list[str]:
+    """Add the int64 output ``output`` [D]: each entry of ``scores`` (the
     final detections' scores) as its position in the tensors it is picked from, each
     flattened and all concatenated in the returned order (those tensors' names).
 
@@ -61,11 +63,10 @@ def trace_sources(graph: onnx.GraphProto, scores: str) -> list[str]:
             starts.append(name)
         return twins[name]
 
-    b.nodes.append(helper.make_node("Identity", [twin(scores)], [DETECTION_SOURCE],
+    b.nodes.append(helper.make_node("Identity", [twin(scores)], [output],
                                     name="onnxcam/detection_source"))
     b.commit()
-    graph.output.append(helper.make_tensor_value_info(DETECTION_SOURCE, onnx.TensorProto.INT64,
-                                                      [None]))
+    graph.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.INT64, [None]))
     return starts
 
 

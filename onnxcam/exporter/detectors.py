@@ -22,7 +22,8 @@ BOX_ROWS = 4  # cx, cy, w, h, before the class scores on axis 1
 
 @dataclass(frozen=True)
 class Detection:
-    """Where a detector's class scores [N, K, A] and boxes [N, 4, A] (cx, cy, w, h) are.
+    """Where a detector's class scores [N, K, A] and boxes [N, 4, A] (cx, cy, w, h) are,
+    or (``decoded``) the final detections of one that decodes its own.
 
     ``scores`` and ``boxes`` name the tensors the model concatenates into its output,
     or are empty where the output is to be sliced instead. ``layers`` are the default
@@ -38,6 +39,9 @@ class Detection:
     boxes: str = ""
     layers: tuple[str, ...] = ()
     resize: str = "bilinear"
+    # A detector that decodes its own detections: the tensors that become the bundle's
+    # ``DECODED_OUTPUTS`` (boxes, scores, labels, sources; each with a batch axis of 1).
+    decoded: tuple[str, ...] = ()
 
 
 def ultralytics_metadata(model: onnx.ModelProto) -> dict[str, str] | None:

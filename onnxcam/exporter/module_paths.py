@@ -91,16 +91,17 @@ def dynamo_scope(value: str) -> str:
 def legacy_scope(name: str) -> str:
     """The module path in a TorchScript exporter's node name.
 
-    Each folder adds one attribute to its parent's path but is written as the module's
-    unqualified name, so a folder of k atoms replaces the parent's last k - 1:
-    ``layer3.0`` + ``downsample.0`` is ``layer3.0.downsample.0``, ``features`` +
-    ``features.7`` is ``features.7``.
+    A folder is written as the module's path from its parent's scope, and repeats the
+    atoms it shares with the end of the parent's path: ``layer3.0`` + ``downsample.0``
+    is ``layer3.0.downsample.0``, ``features`` + ``features.7`` is ``features.7``. A
+    module reached through a container that is never called (a ``ModuleList``) repeats
+    nothing: ``backbone`` + ``features.1`` is ``backbone.features.1`` (torchvision's SSD).
     """
     atoms: list[str] = []
     for folder in name.split("/")[1:-1]:
         part = folder.split(".")
-        keep = max(len(atoms) + 1 - len(part), 0)
-        atoms = atoms[:keep] + part
+        shared = next((k for k in range(len(part) - 1, 0, -1) if atoms[-k:] == part[:k]), 0)
+        atoms = atoms[:len(atoms) - shared] + part
     return ".".join(atoms)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxcam.bundle import OUTPUT_ANCHORS, BundleInfo
+from onnxcam.bundle import BundleInfo
 from onnxcam.engine.images import Limits, decode, decoding
 from onnxcam.engine.targets import (
     ALL_POSITIVE,
@@ -53,7 +53,7 @@ def _checked(item: Any, info: BundleInfo,
         # As before words existed: -1 is no class (not top-1), and a label, even one
         # spelt "top:3", is the bundle's class.
         return [info.class_index(item)]
-    if isinstance(item, dict) and info.output == OUTPUT_ANCHORS:
+    if isinstance(item, dict) and info.detector:
         # Contrasts, regions and weightings: refused before a region's mask is read.
         raise BadTargetError(f"{clipped(repr(item))}: a detection bundle explains "
                              "detections; give a class (its detections), 'top:k' (the k "

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from onnxcam.bundle import OUTPUT_ANCHORS, OUTPUT_PIXELS, RESIZE_LETTERBOX, BundleInfo
+from onnxcam.bundle import OUTPUT_PIXELS, RESIZE_LETTERBOX, BundleInfo
 from onnxcam.engine.detections import MAX_DETECTIONS, Detection
 from onnxcam.engine.explainer import DEFAULT_BATCH, Explainer, Explanation
 from onnxcam.engine.images import RESAMPLING, Limits, decode, decoding, resize, to_array
@@ -195,7 +195,7 @@ def run_job(spec: JobSpec, store: Store, models: ModelCache, settings: Settings,
     started = time.perf_counter()
     explainer = models.get(spec.bundle)
     explainer.method(spec.method)
-    if spec.faithfulness_steps and explainer.info.output == OUTPUT_ANCHORS:
+    if spec.faithfulness_steps and explainer.info.detector:
         raise MalformedJobError("faithfulness_steps: deletion and insertion AUCs score a "
                                 "class of the whole image; a detection bundle has none")
     batch = DEFAULT_BATCH[explainer.device]
@@ -380,7 +380,7 @@ def _explain(explainer: Explainer, spec: JobSpec, decoded: _Decoded) -> _Explain
         ([i for i in plain if wanted[i][0] != TOP_1], "classes"),
         ([i for i in indices if not one_class(wanted[i])], "lists"),
     ]
-    if explainer.info.output == OUTPUT_ANCHORS:
+    if explainer.info.detector:
         groups = [(indices, "lists")]
     explained = _Explained({}, [])
     for group, kind in groups:
@@ -419,7 +419,7 @@ def _explain_group(explainer: Explainer, spec: JobSpec, decoded: _Decoded, group
                                     max_detections=max_detections, **spec.options)
     aucs = (_faithfulness(explainer, images, explanation, spec.faithfulness_steps)
             if spec.faithfulness_steps else [None] * len(explanation.targets))
-    detector = explanation.info.output == OUTPUT_ANCHORS
+    detector = explanation.info.detector
     found = {index: _Image([], part, detector)
              for index, part in zip(group, _score_parts(explanation))}
     assert explanation.image_index is not None  # set by Explanation itself
@@ -435,7 +435,7 @@ def _score_parts(explanation: Explanation) -> list[dict[str, Any]]:
     share of the image's pixels (a classifier's are its logits through its head)."""
     logits = explanation.image_logits
     assert logits is not None  # set by Explanation itself
-    if explanation.info.output == OUTPUT_ANCHORS:  # per anchor: out, as a segmenter's per pixel
+    if explanation.info.detector:  # per anchor: out, as a segmenter's per pixel
         return [{"logits": None} for _ in logits]
     tops = explanation.image_top(TOP_K)
     if explanation.info.output == OUTPUT_PIXELS:

@@ -16,7 +16,7 @@ from onnx import helper
 
 from onnxcam.bundle import PREFIX, BundleInfo
 from onnxcam.errors import BundleError, OnnxcamError, UnsupportedModelError
-from onnxcam.exporter.batch import BATCH_SYMBOL, free_batch, static_batch
+from onnxcam.exporter.batch import BATCH_SYMBOL, BatchPlan, free_batch, static_batch
 from onnxcam.exporter.detectors import BOX_ROWS, Detection, find_detection, ultralytics_metadata
 from onnxcam.exporter.frontends import (
     OutputShape,
@@ -40,6 +40,12 @@ from onnxcam.exporter.layers import (
 )
 from onnxcam.exporter.module_paths import TORCH_PRODUCER, module_outputs, paths_by_tensor
 from onnxcam.exporter.shapes import lean_session, run_with_outputs
+from onnxcam.exporter.torchvision_detectors import (
+    add_batch_axis,
+    decoded_outputs,
+    expose_decoded,
+    torchvision_detection,
+)
 from onnxcam.exporter.transformer_graph import (
     TokenGrids,
     attention_tensors,
@@ -339,9 +345,12 @@ def prepare(
         name, loaded = str(path), load_proto(path)
     refuse_bundle(loaded, name)
     ultralytics = ultralytics_metadata(loaded)
+    decoded = None if ultralytics is not None else decoded_outputs(loaded)
     fit_ir_version(loaded, name)
     model = upgrade_opset(loaded, max(opset, 17))
     toposort(model.graph)
+    if decoded is not None:
+        add_batch_axis(model)
     found, height, width, channels = fix_input(model, layout, input_size)
     input_name = real_inputs(model.graph)[0].name
 
@@ -349,6 +358,10 @@ def prepare(
         nhwc = np.random.default_rng(count).uniform(0, 1, (count, height, width, channels))
         return to_layout(nhwc.astype(np.float32), found)
 
+    if decoded is not None:
+        with runtime_errors(name):
+            return prepare_decoded(model, decoded, input_name, found, height, width,
+                                   channels, samples(1))
     with runtime_errors(name):
         plan = free_batch(model, samples)
         sample = samples(plan.fixed or 1)
@@ -365,6 +378,24 @@ def prepare(
     pixels = check_layers_output(plan.model.graph, layers, found)
     return Prepared(plan.model, input_name, found, height, width, channels, layers, plan.fixed,
                     plan.brief, pixels)
+
+
+# A graph with a rank-3 image input holds no batch axis to free (torchvision's detectors).
+NO_BATCH_AXIS = "the model reads one image, with no batch axis"
+
+
+def prepare_decoded(model: onnx.ModelProto, outputs: tuple[str, str, str], input_name: str,
+                    layout: Layout, height: int, width: int, channels: int,
+                    sample: np.ndarray) -> Prepared:
+    """A detector that decodes its own detections (``torchvision_detectors``), its input
+    given a batch axis of 1: its logits exposed, its layers listed, the batch fixed at 1."""
+    classes, decoded = expose_decoded(model, outputs, lambda: {input_name: sample})
+    layers = list_layers(model, input_name, sample)
+    detection = torchvision_detection(model, layers, classes, decoded)
+    plan = BatchPlan(model, 1, (), NO_BATCH_AXIS, "no batch axis")
+    return Prepared(plan.model, input_name, layout, height, width, channels,
+                    with_default(layers, *detection.layers), plan.fixed, plan.brief,
+                    detection=detection)
 
 
 def load(
@@ -391,8 +422,8 @@ def load(
         # Each image among copies of itself at a fixed batch, as verify runs the bundle.
         (logits,) = run_each_in_copies(session.run, [output], feeds, ready.batch_size) \
             if ready.batch_size else session.run([output], feeds)
-        if ready.detection is not None:  # the bundle's logits are the class rows
-            logits = logits[:, BOX_ROWS:]
+        if ready.detection is not None and not ready.detection.decoded:
+            logits = logits[:, BOX_ROWS:]  # the bundle's logits are the class rows
         return Reference(logits=logits)
 
     return SourceModel(
@@ -423,9 +454,11 @@ def detector_layer(detection: Detection) -> list[str]:
     the output pools) means nothing for a detection head, so a graph whose names do
     not show them is refused."""
     if not detection.layers:
+        example = ("the backbone's last block" if detection.decoded
+                   else "the neck's stride-8 output")
         raise UnsupportedModelError(
             "cannot tell which maps the detector's head reads (its node names carry no "
-            "module paths); pass --layer, e.g. the neck's stride-8 output")
+            f"module paths); pass --layer, e.g. {example}")
     return list(detection.layers)
 
 

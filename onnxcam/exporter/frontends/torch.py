@@ -6,7 +6,9 @@ dynamic batch axis. That exporter traces any module that runs in eager mode
 ``dynamic_shapes`` spelled per model), and it names each node after the module
 path that made it (``/layer4/layer4.1/relu_1/Relu``), so layers can be asked for
 as users know them: ``layer4.1``, ``features.7``. The ONNX file then takes the
-ONNX frontend's road. torch is imported here only, and only when this module is used.
+ONNX frontend's road. torchvision's detectors are exported as their users export
+them, one image in a list (``torchvision_detectors``). torch is imported here only,
+and only when this module is used.
 """
 
 from __future__ import annotations
@@ -66,20 +68,30 @@ def to_onnx(module: Any, example: Any, opset: int = 17,
 
     Precondition: ``module`` is in eval mode; ``example`` is a 4-D float tensor.
     """
-    torch = _import_torch()
     batch_axes = {name: {0: "N"} for name in (INPUT_NAME, *outputs)}
+    return exported(module, (example,), input_names=[INPUT_NAME], output_names=list(outputs),
+                    dynamic_axes=batch_axes, opset_version=opset)
+
+
+def exported(module: Any, args: tuple[Any, ...], **options: Any) -> onnx.ModelProto:
+    """``torch.onnx.export(module, args, dynamo=False, **options)``, read back."""
+    torch = _import_torch()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         # The exporter warns about tracing at length; none of it concerns the result.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             try:
-                torch.onnx.export(module, (example,), str(path), dynamo=False,
-                                  input_names=[INPUT_NAME], output_names=list(outputs),
-                                  dynamic_axes=batch_axes, opset_version=opset)
+                torch.onnx.export(module, args, str(path), dynamo=False, **options)
             except Exception as exc:
                 raise UnsupportedModelError(f"torch.onnx.export failed: {exc}") from exc
         return onnx.load(str(path))
+
+
+def is_torchvision_detector(module: Any) -> bool:
+    """Whether ``module`` is one of torchvision's detectors (Faster R-CNN, RetinaNet,
+    FCOS, SSD), which take a list of [C, H, W] images and resize them themselves."""
+    return type(getattr(module, "transform", None)).__name__ == "GeneralizedRCNNTransform"
 
 
 def module_outputs(module: Any, paths: Sequence[str], example: Any) -> dict[str, np.ndarray]:
@@ -182,6 +194,14 @@ def _load_evaluating(module: Any, example: Any, layer: str | Sequence[str] | Non
                      opset: int, logits: str | None) -> SourceModel:
     from onnxcam.exporter.frontends import onnx as onnx_frontend
 
+    if is_torchvision_detector(module):
+        # Exported as its users export it: one [C, H, W] image in a list, the legacy
+        # exporter (torch's dynamo exporter fails inside its batched NMS); the ONNX
+        # frontend finds its layers by module path itself.
+        model = exported(module, ([example[0]],), opset_version=max(opset, 17))
+        source = onnx_frontend.load(model, layer, None, None, opset, logits)
+        source.source_format = "torch"
+        return source
     model = to_onnx(module, example, max(opset, 17), output_names(module, example))
     paths = [layer] if isinstance(layer, str) else list(layer or [])
     by_path = tensors_for(model, module, paths, example) if paths else {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from onnxcam.bundle import OUTPUT_ANCHORS, OUTPUT_PIXELS
+from onnxcam.bundle import OUTPUT_ANCHORS, OUTPUT_DETECTIONS, OUTPUT_PIXELS
 from onnxcam.errors import ExportError, UnsupportedOpError
 from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.head import unsupported_ops
@@ -68,7 +68,8 @@ def try_analytic(draft: Draft) -> bool:
 
 # Logits with more than a class axis, what each is, for the error an fd export gets.
 DENSE = {OUTPUT_PIXELS: "a segmenter (logits [N, K, h, w])",
-         OUTPUT_ANCHORS: "a detector (logits [N, K, anchors])"}
+         OUTPUT_ANCHORS: "a detector (logits [N, K, anchors])",
+         OUTPUT_DETECTIONS: "a detector (logits [1, K, anchors])"}
 
 
 def differentiate_dense(draft: Draft) -> bool:

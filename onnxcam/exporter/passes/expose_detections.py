@@ -1,13 +1,14 @@
 """A detector's ``logits``: its class scores per anchor [N, K, A], before suppression; and
-``boxes`` [N, A, 4] beside them, x0, y0, x1, y1 in input pixels."""
+``boxes`` [N, A, 4] beside them, x0, y0, x1, y1 in input pixels; or, for a detector
+that decodes its own, its final detections beside them (``bundle.DECODED_OUTPUTS``)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from onnx import helper
+from onnx import TensorProto, helper
 
-from onnxcam.bundle import HEAD_NONE, OUTPUT_BOXES, OUTPUT_LOGITS
+from onnxcam.bundle import DECODED_OUTPUTS, HEAD_NONE, OUTPUT_BOXES, OUTPUT_LOGITS
 from onnxcam.errors import ExportError
 from onnxcam.exporter.detectors import BOX_ROWS
 from onnxcam.exporter.draft import Draft
@@ -37,12 +38,15 @@ def expose_detections(draft: Draft) -> bool:
     exposed = producers(graph)[OUTPUT_LOGITS]
     b = GraphBuilder(graph, "onnxcam/detections")
     scores, boxes = detection.scores, detection.boxes
-    if not scores:  # the model's output itself, sliced on axis 1
-        scores = rows(b, detection.output, BOX_ROWS, 2**62)
-    if not boxes:
-        boxes = rows(b, detection.output, 0, BOX_ROWS)
+    if detection.decoded:  # logits made by the frontend; the detections are the model's
+        add_decoded(b, detection.decoded)
+    else:
+        if not scores:  # the model's output itself, sliced on axis 1
+            scores = rows(b, detection.output, BOX_ROWS, 2**62)
+        if not boxes:
+            boxes = rows(b, detection.output, 0, BOX_ROWS)
+        add_boxes(b, boxes)
     exposed.input[0] = scores
-    add_boxes(b, boxes)
     b.commit()
     logits = next(o for o in graph.output if o.name == OUTPUT_LOGITS)
     logits.CopyFrom(float_output(OUTPUT_LOGITS, 3))
@@ -50,6 +54,17 @@ def expose_detections(draft: Draft) -> bool:
     if not draft.options.labels:
         draft.options = dataclasses.replace(draft.options, labels=detection.labels)
     return True
+
+
+def add_decoded(b: GraphBuilder, tensors: tuple[str, ...]) -> None:
+    """The outputs ``DECODED_OUTPUTS``, copies of ``tensors`` in that order: boxes
+    float [N, D, 4], scores float [N, D], labels and sources int64 [N, D]."""
+    kinds = (TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64)
+    for tensor, name, kind in zip(tensors, DECODED_OUTPUTS, kinds, strict=True):
+        b.nodes.append(helper.make_node("Identity", [tensor], [name],
+                                        name=f"onnxcam/decoded/{name}"))
+        dims: list[str | int] = ["N", "D", 4] if name == DECODED_OUTPUTS[0] else ["N", "D"]
+        b.graph.output.append(helper.make_tensor_value_info(name, kind, dims))
 
 
 def rows(b: GraphBuilder, tensor: str, start: int, end: int) -> str:

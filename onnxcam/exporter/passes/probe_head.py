@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from onnxcam.bundle import OUTPUT_ANCHORS, OUTPUT_CLASSES, OUTPUT_LOGITS, OUTPUT_PIXELS
+from onnxcam.bundle import (
+    OUTPUT_ANCHORS,
+    OUTPUT_CLASSES,
+    OUTPUT_DETECTIONS,
+    OUTPUT_LOGITS,
+    OUTPUT_PIXELS,
+)
 from onnxcam.errors import ExportError, UnsupportedModelError
 from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.head import head_tensors
@@ -14,7 +20,8 @@ from onnxcam.words import plural
 def probe_head(draft: Draft) -> bool:
     """Record ``draft.shapes`` (every head tensor; the whole body when input gradients
     are wanted), ``draft.num_classes`` and ``draft.output`` (a segmenter's logits
-    [N, K, h, w] hold pixels, a detector's [N, K, A] anchors); refuse a labels file of
+    [N, K, h, w] hold pixels, a detector's [N, K, A] anchors, or for one that decodes
+    its own detections ``detections``); refuse a labels file of
     another length.
 
     An analysis: the graph is left as it is, so this returns False. Preconditions:
@@ -26,7 +33,7 @@ def probe_head(draft: Draft) -> bool:
                                 draft.width, draft.channels, draft.batch_size)
     logits = draft.shapes[source_of(graph, OUTPUT_LOGITS)]
     if draft.detection is not None and logits.rank == 3:
-        draft.output = OUTPUT_ANCHORS
+        draft.output = OUTPUT_DETECTIONS if draft.detection.decoded else OUTPUT_ANCHORS
     elif logits.rank not in (2, 4):
         raise UnsupportedModelError(
             f"the classifier output has shape {list(logits.dims)}; expected [N, K], or "

@@ -15,10 +15,15 @@ import numpy as np
 import onnx
 
 from onnxcam.bundle import (
+    DECODED_OUTPUTS,
     INPUT_IMAGE,
     INPUT_TARGET,
     OUTPUT_ACTIVATIONS,
     OUTPUT_CAM,
+    OUTPUT_DETECTION_LABELS,
+    OUTPUT_DETECTION_SCORES,
+    OUTPUT_DETECTION_SOURCE,
+    OUTPUT_DETECTIONS,
     OUTPUT_GRADIENTS,
     OUTPUT_INPUT_GRADIENTS,
     OUTPUT_LOGITS,
@@ -33,7 +38,7 @@ from onnxcam.exporter.shapes import lean_session, random_images
 from onnxcam.exporter.verify.float64_head import Float64Head, class_scores, float64_head
 from onnxcam.graph import source_of
 from onnxcam.layout import ActivationLayout, Layout, TokenGrid
-from onnxcam.runtime import run_each_in_copies
+from onnxcam.runtime import RunFn, run_each_in_copies
 from onnxcam.scores import softmax
 
 log = logging.getLogger(__name__)
@@ -165,7 +170,9 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
     """
     images = random_images(PROBE_BATCH, info.height, info.width, info.channels, seed=7)
     session = lean_session(bundle)  # its weights once: verify holds the source too
-    names = [o.name for o in session.get_outputs()]
+    names = [o.name for o in session.get_outputs() if o.name not in DECODED_OUTPUTS]
+    if info.output == OUTPUT_DETECTIONS:
+        sources_check(session.run, images)
     targets = probe_targets(info.num_classes)
     feeds = {INPUT_IMAGE: images, INPUT_TARGET: targets}
     # A fixed-batch bundle runs each image among copies of itself: where its graph mixes
@@ -222,6 +229,28 @@ def verify_bundle(bundle: onnx.ModelProto, info: BundleInfo, source: SourceModel
     if report.constant_logits:
         log.warning(CONSTANT_LOGITS_WARNING)
     return report
+
+
+def sources_check(run: RunFn, images: np.ndarray) -> None:
+    """A detector that decodes its own, run on each image alone (its detections'
+    counts differ): each detection's source entry of the logits (class s mod K, anchor
+    s div K) holds its score, bit for bit, and its class is the detection's label; else
+    the traced picking is not the model's."""
+    names = [OUTPUT_LOGITS, OUTPUT_DETECTION_SCORES, OUTPUT_DETECTION_LABELS,
+             OUTPUT_DETECTION_SOURCE]
+    checked = 0
+    for image in images:
+        logits, scores, labels, sources = run(names, {
+            INPUT_IMAGE: image[None], INPUT_TARGET: np.full(1, -1, np.int64)})
+        classes, anchors = sources[0] % logits.shape[1], sources[0] // logits.shape[1]
+        wrong = (logits[0, classes, anchors] != scores[0]) | (classes != labels[0])
+        if wrong.any():
+            raise VerificationError(
+                f"{int(wrong.sum())} of {wrong.size} detections are not the logits entry "
+                "their traced source names (the score or the class differs): the graph "
+                "picks its detections in a way onnxcam does not follow")
+        checked += wrong.size
+    log.info("verification: %d detections' sources hold their scores", checked)
 
 
 def logits_are_constant(logits: np.ndarray) -> bool:
