@@ -374,3 +374,42 @@ def test_a_resumed_detection_audit_gives_the_same_file(tiny_bundle: Path, tmp_pa
                                                   + lines[-1][:7])
     run_audit(source, tmp_path / "cut", backend, AuditOptions(resume=True))
     assert (tmp_path / "cut" / "results.csv").read_text() == whole
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_a_torchvision_detector_is_audited(tmp_path: Path) -> None:
+    """A bundle that decodes its own detections (SSDlite): an image whose objects are its
+    two best detections (boxes as the model draws them) and one box it does not find;
+    both are matched, at IoU 1, and the third is a miss."""
+    pytest.importorskip("torchvision")
+    import torchvision_detectors as tv
+
+    detector = tv.build("ssdlite320_mobilenet_v3_large", tmp_path)
+    bundle = tmp_path / "ssd.cam.onnx"
+    classes = onnxcam.export(detector.path, bundle, verify=False).info.num_classes
+    # COCO's category names are matched to the bundle's labels, which --labels gives.
+    onnxcam.export(detector.path, bundle, labels=[f"thing{k}" for k in range(classes)])
+    found = Explainer(bundle, device="cpu").explain(detector.image[None]).detections
+    best = [d for d in found if d.cls != found[0].cls][:1] + found[:1]
+    Image.fromarray(detector.image).save(tmp_path / "0.png")
+    height, width = detector.image.shape[:2]
+    boxes = [[d.box[0], d.box[1], d.box[2] - d.box[0], d.box[3] - d.box[1]] for d in best]
+    absent = next(k for k in range(1, 91) if k not in {d.cls for d in found})
+    boxes.append([1.0, 1.0, 6.0, 6.0])
+    kinds = [d.cls for d in best] + [absent]
+    coco = {"images": [{"id": 1, "file_name": "0.png", "height": height, "width": width}],
+            "annotations": [{"id": i + 1, "image_id": 1, "category_id": kind, "bbox": box,
+                             "area": box[2] * box[3], "iscrowd": 0}
+                            for i, (kind, box) in enumerate(zip(kinds, boxes))],
+            "categories": [{"id": kind, "name": f"thing{kind}"}
+                           for kind in sorted(set(kinds))]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    cli_audit(tmp_path / "instances.json", bundle, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["objects"], summary["matched"], summary["misses"]) == (3, 2, 1)
+    assert summary["detections"] == len(found)
+    matched = [line for line in results(out) if line["kind"] == "match"]
+    assert sorted(float(line["iou"]) for line in matched) == pytest.approx([1.0, 1.0],
+                                                                           abs=1e-3)

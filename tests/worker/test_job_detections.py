@@ -259,3 +259,30 @@ def test_hostile_detection_bundles_end_the_job(bundle: Path, images: list[Path],
         run(spec_for(store, fewer, images[:1], [None], job="job-fewer"), store,
             images[0].parent)
 
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_a_torchvision_detector_job(tmp_path: Path, store: Store) -> None:
+    """A bundle that decodes its own detections (SSDlite, as its users export it) in a
+    job: a row per detection, ranked as the model ranks them, its map the in-process
+    engine's, its box the model's own (the image is the bundle's size: no resizing)."""
+    pytest.importorskip("torchvision")
+    import torchvision_detectors as tv
+
+    name = "ssdlite320_mobilenet_v3_large"
+    detector = tv.build(name, tmp_path)
+    bundle = tmp_path / "ssd.cam.onnx"
+    onnxcam.export(detector.path, bundle)
+    path = tmp_path / "ssd.png"
+    Image.fromarray(detector.image).save(path)
+    rows = run(spec_for(store, bundle, [path], ["top:3"], max_detections=5), store, tmp_path)
+    want = Explainer(bundle, device="cpu").explain(str(path), targets="top:3",
+                                                   max_detections=5)
+    assert len(rows) == len(want.detections) == 3
+    for position, (row, found) in enumerate(zip(rows, want.detections)):
+        assert (row["rank"], row["anchor"], row["class"]) == (position, found.anchor,
+                                                              found.cls)
+        assert row["score"] == pytest.approx(found.score, rel=1e-6)
+        assert_close(row["box"], np.array(found.box), 1e-2, "box")
+        assert_close(stored(store, row, "raw"), want.raw[position], 1e-6, "raw map")
