@@ -138,6 +138,9 @@ def _run_detection_audit(source: Path, out: Path, backend: Backend, options: Aud
     if options.settings.faithfulness:
         raise AuditError("--faithfulness does not apply to a detection bundle (its AUCs are "
                          "of a class's probability over the whole image)")
+    if options.settings.explain != "label" or options.settings.threshold != DEFAULT_THRESHOLD:
+        raise AuditError("--explain and --threshold do not apply to a detection bundle: every "
+                         "detection is explained for its own class, as the model picked it")
     total = check_categories(source, backend.info, options.label_map)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS

@@ -22,11 +22,17 @@ from tiny_detectors import tiny_yolo
 
 import onnxcam
 from onnxcam.audit import AuditOptions, LocalBackend, run_audit
-from onnxcam.audit.backend import AuditRow, GroundTruth, MapOutcome, RowOutcome
+from onnxcam.audit.backend import (
+    AuditRow,
+    ExplainSettings,
+    GroundTruth,
+    MapOutcome,
+    RowOutcome,
+)
 from onnxcam.audit.detection import image_lines, match
 from onnxcam.engine import Explainer
 from onnxcam.engine.detections import Detection
-from onnxcam.errors import ManifestError
+from onnxcam.errors import AuditError, ManifestError
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("cat", "dog", "owl")
@@ -149,6 +155,18 @@ def test_categories_that_are_not_the_labels_stop_the_audit(tiny_bundle: Path,
     mapped = AuditOptions(label_map={"person": "cat", "bicycle": "dog"})
     summary = run_audit(source, tmp_path / "mapped", backend, mapped)
     assert summary.data["n"] == 3 and summary.data["form"] == "detection"
+
+
+@pytest.mark.parametrize("settings", [ExplainSettings(explain="pred"),
+                                      ExplainSettings(threshold=0.3),
+                                      ExplainSettings(faithfulness=True)])
+def test_settings_that_do_not_apply_to_detections_are_refused(
+        tiny_bundle: Path, tmp_path: Path, settings: ExplainSettings) -> None:
+    source = coco(tmp_path, names=("cat", "dog", "owl"))
+    backend = LocalBackend(Explainer(tiny_bundle, device="cpu"))
+    with pytest.raises(AuditError, match="do(es)? not apply to a detection bundle"):
+        run_audit(source, tmp_path / "out", backend, AuditOptions(settings=settings))
+    assert not (tmp_path / "out" / "results.csv").exists()
 
 
 def test_a_broken_image_and_a_box_outside_fail_their_lines_alone(tiny_bundle: Path,
