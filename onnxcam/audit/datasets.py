@@ -55,16 +55,11 @@ def read_coco(source: Path) -> Iterator[Annotated]:
     categories by name), then any annotation whose image has no entry."""
     data = _load_coco(source)
     categories = _coco_categories(data["categories"])
-    images: list[tuple[Any, Annotated]] = []  # (image id, or None when broken; its row)
-    paths: dict[Any, str] = {}
-    for position, image in enumerate(data["images"]):
-        try:
-            image_id, path = _coco_image(image, position, source, paths)
-        except BadRowError as exc:
-            images.append((None, Annotated(f"images[{position}]", problem=str(exc))))
-            continue
-        paths[image_id] = path
-        images.append((image_id, Annotated(path)))
+    entries = _coco_images(data["images"], source)
+    # (image id, or None when broken; its row)
+    images = [(image_id, Annotated(path, problem=problem))
+              for image_id, path, problem in entries]
+    paths = {image_id: path for image_id, path, _ in entries if image_id is not None}
     objects: dict[Any, dict[Any, Annotated]] = {}  # image id -> category id -> row
     orphans: dict[str, Annotated] = {}
     for annotation in data["annotations"]:
@@ -78,6 +73,22 @@ def read_coco(source: Path) -> Iterator[Annotated]:
         found = objects.get(image_id) if image_id is not None else None
         yield from sorted(found.values(), key=lambda row: row.category) if found else [entry]
     yield from orphans.values()
+
+
+def _coco_images(images: list[Any], source: Path) -> list[tuple[Any, str, str]]:
+    """Each entry of a COCO file's ``images``, in order: (its id, its path, "") or,
+    when it is broken, (None, where it is in the file, why)."""
+    entries: list[tuple[Any, str, str]] = []
+    paths: dict[Any, str] = {}
+    for position, image in enumerate(images):
+        try:
+            image_id, path = _coco_image(image, position, source, paths)
+        except BadRowError as exc:
+            entries.append((None, f"images[{position}]", str(exc)))
+            continue
+        paths[image_id] = path
+        entries.append((image_id, path, ""))
+    return entries
 
 
 def _load_coco(source: Path) -> dict[str, Any]:
@@ -254,18 +265,9 @@ def read_scenes(source: Path) -> Iterator[Scene]:
 def _coco_scenes(source: Path) -> Iterator[Scene]:
     data = _load_coco(source)
     categories = _coco_categories(data["categories"])
-    scenes: list[tuple[Any, Scene]] = []
-    paths: dict[Any, str] = {}
-    by_id: dict[Any, Scene] = {}
-    for position, image in enumerate(data["images"]):
-        try:
-            image_id, path = _coco_image(image, position, source, paths)
-        except BadRowError as exc:
-            scenes.append((None, Scene(f"images[{position}]", problem=str(exc))))
-            continue
-        paths[image_id] = path
-        by_id[image_id] = Scene(path)
-        scenes.append((image_id, by_id[image_id]))
+    scenes = [(image_id, Scene(path, problem=problem))
+              for image_id, path, problem in _coco_images(data["images"], source)]
+    by_id = {image_id: scene for image_id, scene in scenes if image_id is not None}
     orphans: dict[str, Scene] = {}
     for annotation in data["annotations"]:
         name = f"annotation {_id_of(annotation)}"

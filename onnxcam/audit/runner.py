@@ -95,11 +95,7 @@ def run_audit(
     if backend.info.detector:
         return _run_detection_audit(source, out, backend, options, progress)
     total = count_rows(source, options.label_map)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / RESULTS
-    if path.exists() and not options.resume:
-        raise AuditError(f"{path} exists: pass --resume to carry on with it, or choose "
-                         "another --out")
+    path = _results_path(out, options.resume)
     form = manifest_form(source)
     resume = results_file.resume if form == SINGLE else results_file.resume_lines
     done = resume(path, _images(source, backend, options.label_map)) if options.resume else 0
@@ -131,6 +127,16 @@ def run_audit(
     return summary
 
 
+def _results_path(out: Path, resume: bool) -> Path:
+    """``out``'s results file, ``out`` made; refused when it exists and not ``resume``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    if path.exists() and not resume:
+        raise AuditError(f"{path} exists: pass --resume to carry on with it, or choose "
+                         "another --out")
+    return path
+
+
 def _run_detection_audit(source: Path, out: Path, backend: Backend, options: AuditOptions,
                          progress: Progress | None) -> Summary:
     """``run_audit`` for a detection bundle: a line per detection and per missed object
@@ -142,11 +148,7 @@ def _run_detection_audit(source: Path, out: Path, backend: Backend, options: Aud
         raise AuditError("--explain and --threshold do not apply to a detection bundle: every "
                          "detection is explained for its own class, as the model picked it")
     total = check_categories(source, backend.info, options.label_map)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / RESULTS
-    if path.exists() and not options.resume:
-        raise AuditError(f"{path} exists: pass --resume to carry on with it, or choose "
-                         "another --out")
+    path = _results_path(out, options.resume)
     done = results_file.resume_lines(path, _images(source, backend, options.label_map),
                                      DETECTION_COLUMNS) if options.resume else 0
     progress = progress or Progress(total, done=done)
