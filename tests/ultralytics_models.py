@@ -135,6 +135,18 @@ def export_onnx(yolo: Any, path: Path, size: int = SIZE, dynamic: bool = False) 
     return path
 
 
+def export_bundle(yolo: Any, name: str, folder: Path, dynamic: bool) -> Path:
+    """The detection bundle of ``yolo``: ultralytics' own ONNX export, then onnxcam's
+    (``dynamic=True`` leaves height and width open too: the size is given)."""
+    import onnxcam
+
+    source = export_onnx(yolo, folder / f"{name}.onnx", dynamic=dynamic)
+    bundle = folder / f"{name}.cam.onnx"
+    size = {"input_size": (SIZE, SIZE)} if dynamic else {}
+    onnxcam.export(source, bundle, preprocess="unit", **size)
+    return bundle
+
+
 def grad_cam(model: Any, layer: str, image: np.ndarray, pairs: Sequence[tuple[int, int]]
              ) -> np.ndarray:
     """Grad-CAM by hand, in float64 torch autograd: each (class, anchor) pair's score

@@ -7,12 +7,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from checks import chromium, screenshot
 from PIL import Image
 
 pytestmark = pytest.mark.tf
@@ -121,11 +120,6 @@ def test_the_tagged_images_form_their_own_cluster(tag_audit: tuple[Path, np.ndar
     assert summary["per_class"]["disc"]["accuracy"] >= 0.8
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") \
-        or shutil.which("google-chrome")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(chromium() is None, reason="no headless Chromium")
 def test_the_minority_strategy_shows_in_the_report(tag_audit: tuple[Path, np.ndarray],
@@ -136,11 +130,7 @@ def test_the_minority_strategy_shows_in_the_report(tag_audit: tuple[Path, np.nda
     assert "<script" not in page and "http://" not in page.replace(
         "http://www.w3.org/2000/svg", "")
     picture = tmp_path / "report.png"
-    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-                    "--disable-background-networking", f"--screenshot={picture}",
-                    "--window-size=1200,6000", (out / "report.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    pixels = np.asarray(Image.open(picture).convert("RGB")).astype(np.int16)
+    pixels = screenshot(out / "report.html", picture, 1200, 6000).astype(np.int16)
     red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
 
     def near(colour: tuple[int, int, int]) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shortcut_detector as planted
+from checks import chromium, screenshot
 from PIL import Image
 from service import free_port, service_env, start_redis, start_worker
 from tiny_detectors import tiny_yolo
@@ -308,11 +308,6 @@ def patch_share(out: Path, label: str) -> float:
     return float(np.mean(shares))
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") \
-        or shutil.which("google-chrome")
-
-
 @pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.skipif(chromium() is None, reason="no headless Chromium")
@@ -326,11 +321,7 @@ def test_the_report_shows_the_flag_and_the_galleries(planted_audit: tuple[Path, 
     assert "<script" not in page and "http://" not in page.replace(
         "http://www.w3.org/2000/svg", "")
     picture = tmp_path / "report.png"
-    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-                    "--disable-background-networking", f"--screenshot={picture}",
-                    "--window-size=1200,4000", (out / "report.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    pixels = np.asarray(Image.open(picture).convert("RGB")).astype(np.int16)
+    pixels = screenshot(out / "report.html", picture, 1200, 4000).astype(np.int16)
 
     def near(colour: tuple[int, int, int]) -> int:
         return int((np.abs(pixels - colour) < 12).all(axis=-1).sum())

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from checks import chromium, screenshot
 from click.testing import CliRunner
 from PIL import Image
 
@@ -150,11 +149,6 @@ def test_an_empty_map_is_left_out_of_its_sides_energy_as_in_the_summary(
         assert owl["energy_in_box_mean"][side] == summary["energy_in_box_mean"]
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") \
-        or shutil.which("google-chrome")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(chromium() is None, reason="no headless Chromium")
 def test_diff_html_shows_the_direction_and_renders(tmp_path: Path) -> None:
@@ -175,11 +169,7 @@ def test_diff_html_shows_the_direction_and_renders(tmp_path: Path) -> None:
     assert ".up { color: #1f7a3d" in page and ".down { color: #b11c1c" in page
     assert "border: 2px solid #2f8a4c" in page  # the improvement's green box
     picture = tmp_path / "diff.png"
-    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-                    "--disable-background-networking", f"--screenshot={picture}",
-                    "--window-size=1200,900", (out / "diff.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    pixels = np.asarray(Image.open(picture).convert("RGB")).astype(np.int16)
+    pixels = screenshot(out / "diff.html", picture, 1200, 900).astype(np.int16)
     assert pixels.shape == (900, 1200, 3)
     near = {name: (np.abs(pixels - colour).max(axis=-1) < 25).sum() for name, colour in (
         ("red border", (200, 30, 30)), ("green border", (47, 138, 76)))}

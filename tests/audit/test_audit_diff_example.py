@@ -7,15 +7,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import shutil
-import subprocess
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from checks import chromium, screenshot
 from click.testing import CliRunner
-from PIL import Image
 
 from onnxcam.cli import main
 
@@ -110,11 +108,6 @@ def test_the_other_way_round_bus_improved_and_car_regressed(audits: tuple[Path, 
     assert "improved: bus: energy in box up" in result.stdout
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") \
-        or shutil.which("google-chrome")
-
-
 @pytest.mark.skipif(chromium() is None, reason="no headless Chromium")
 def test_diff_html_renders_in_headless_chromium(audits: tuple[Path, Path],
                                                 tmp_path: Path) -> None:
@@ -122,11 +115,7 @@ def test_diff_html_renders_in_headless_chromium(audits: tuple[Path, Path],
     out = tmp_path / "diff"
     CliRunner().invoke(main, ["audit-diff", str(control), str(shortcut), "--out", str(out)])
     picture = tmp_path / "diff.png"
-    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-                    "--disable-background-networking", f"--screenshot={picture}",
-                    "--window-size=1200,1600", (out / "diff.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    pixels = np.asarray(Image.open(picture).convert("RGB")).astype(np.int16)
+    pixels = screenshot(out / "diff.html", picture, 1200, 1600).astype(np.int16)
     assert pixels.shape == (1600, 1200, 3)
     assert pixels.std() > 20, "the page rendered blank"
     red, green, blue = pixels[:400, ..., 0], pixels[:400, ..., 1], pixels[:400, ..., 2]

@@ -4,12 +4,11 @@ and every (image, label) line equal to the single-label audit of the same pair."
 from __future__ import annotations
 
 import csv
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from checks import chromium, screenshot
 from conftest import LABELS, write_manifest
 from PIL import Image
 
@@ -225,11 +224,6 @@ def test_pred_explains_the_classes_over_the_threshold(
             assert line["label"] == (line["explained"] if listed else "")
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") \
-        or shutil.which("google-chrome")
-
-
 @pytest.mark.skipif(chromium() is None, reason="no headless Chromium")
 def test_reports_render_per_label_rows(tmp_path: Path, image_folder: Path,
                                        audit_explainer: Explainer) -> None:
@@ -238,11 +232,7 @@ def test_reports_render_per_label_rows(tmp_path: Path, image_folder: Path,
     page = (tmp_path / "multi" / "report.html").read_text()
     assert "(image, label) pairs" in page
     picture = tmp_path / "report.png"
-    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-                    "--disable-background-networking", f"--screenshot={picture}",
-                    "--window-size=1000,3000", (tmp_path / "multi" / "report.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    pixels = np.asarray(Image.open(picture).convert("RGB"))
+    pixels = screenshot(tmp_path / "multi" / "report.html", picture, 1000, 3000)
     assert pixels.shape[:2] == (3000, 1000) and pixels.std() > 10
 
 

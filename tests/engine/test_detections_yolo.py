@@ -37,12 +37,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     """(name, the torch model, its bundle)."""
     name, dynamic = request.param
     yolo, model = um.build(name)
-    folder = tmp_path_factory.mktemp(name)
-    source = um.export_onnx(yolo, folder / f"{name}.onnx", dynamic=dynamic)
-    path = folder / f"{name}.cam.onnx"
-    size = {"input_size": (um.SIZE, um.SIZE)} if dynamic else {}
-    onnxcam.export(source, path, preprocess="unit", **size)
-    return name, model, path
+    return name, model, um.export_bundle(yolo, name, tmp_path_factory.mktemp(name), dynamic)
 
 
 def test_every_detection_matches_ultralytics_and_grad_cam_by_hand(

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-import onnxcam
 from onnxcam.bundle import (
     HEAD_NONE,
     INPUT_IMAGE,
@@ -53,13 +52,7 @@ def yolo_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     """(name, the torch model, its bundle), exported by ultralytics then onnxcam."""
     name, dynamic = request.param
     yolo, model = um.build(name)
-    folder = tmp_path_factory.mktemp(name)
-    source = um.export_onnx(yolo, folder / f"{name}.onnx", dynamic=dynamic)
-    bundle = folder / f"{name}.cam.onnx"
-    # dynamic=True leaves height and width open too.
-    size = {"input_size": (um.SIZE, um.SIZE)} if dynamic else {}
-    onnxcam.export(source, bundle, preprocess="unit", **size)
-    return name, model, bundle
+    return name, model, um.export_bundle(yolo, name, tmp_path_factory.mktemp(name), dynamic)
 
 
 def run_rows(bundle: Path, image: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:

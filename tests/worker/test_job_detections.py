@@ -15,7 +15,7 @@ import pytest
 from checks import assert_close
 from hostile_bundles import detector_output_reshaped, with_metadata
 from PIL import Image
-from test_job_targets import documented_keys
+from test_job_targets import documented_keys, run, stored
 from tiny_detectors import LABELS, SIZE, tiny_yolo
 
 import onnxcam
@@ -23,9 +23,8 @@ from onnxcam.bundle import read_bundle_info
 from onnxcam.engine import Explainer, detections
 from onnxcam.engine.targets import TOP_1
 from onnxcam.errors import BadTargetError, BundleError, MalformedJobError
-from onnxcam.worker.client import download, job_records
+from onnxcam.worker.client import download
 from onnxcam.worker.image_targets import image_targets
-from onnxcam.worker.jobs import ModelCache, run_job
 from onnxcam.worker.message import ImageRef, JobSpec, parse_job
 from onnxcam.worker.records import DETECTIONS, detection_file_names, is_detection, record_rows
 from onnxcam.worker.settings import load_settings
@@ -71,22 +70,12 @@ def store(tmp_path: Path) -> Store:
     return Store(str(tmp_path / "store"))
 
 
-def run(spec: JobSpec, store: Store, roots: Path) -> list[dict[str, Any]]:
-    settings = load_settings(store_url=store.url, allowed_roots=str(roots), device="cpu")
-    run_job(spec, store, ModelCache(store, 2, "cpu"), settings)
-    return job_records(spec.job_id, store)
-
-
 def spec_for(store: Store, bundle: Path | bytes, images: list[Path], targets: list[Any],
              max_detections: int | None = None, job: str = "job-1", **extra: Any) -> JobSpec:
     sha = store.put_bundle(bundle if isinstance(bundle, bytes) else bundle.read_bytes())
     refs = [ImageRef(path.name, path=str(path)) for path in images]
     return JobSpec(job, sha, refs, "gradcam", targets, max_detections=max_detections,
                    **extra)
-
-
-def stored(store: Store, row: dict[str, Any], kind: str) -> np.ndarray:
-    return np.load(io.BytesIO(store.get(store.owns(row["files"][kind]))))
 
 
 # -- pure functions ---------------------------------------------------------------------
