@@ -119,7 +119,8 @@ GARBAGE = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
 HUGE = st.sampled_from([2**64, -(2**63), 10**100, 1e308, float("inf"), -1, 0])
 
 
-JOB_FIELDS = ["v", "bundle", "method", "images", "targets", "options", "faithfulness_steps"]
+JOB_FIELDS = ["v", "bundle", "method", "images", "targets", "options", "faithfulness_steps",
+              "max_detections"]
 
 
 def jobs(sha: str, sources: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[Any]:
@@ -136,6 +137,7 @@ def jobs(sha: str, sources: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrat
                                                     "evil"]),
                                    st.one_of(st.integers(-3, 8), HUGE, SCALARS), max_size=2),
         "faithfulness_steps": st.one_of(st.integers(-2, 5), HUGE, SCALARS),
+        "max_detections": st.one_of(st.integers(-2, 1002), HUGE, SCALARS),
     })
 
     def broken_field(job: dict[str, Any], field: str, value: Any, remove: bool) -> Any:
