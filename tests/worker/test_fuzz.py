@@ -30,6 +30,7 @@ from PIL import Image
 from poison import QUEUE, b64json, envelope
 from service import free_port, redis_url, service_env, settings_for, start_worker, wait_for
 
+import onnxcam
 from onnxcam.worker.client import _app, submit
 from onnxcam.worker.store import Store
 
@@ -401,7 +402,8 @@ BUNDLE_VALUES = st.one_of(st.text(max_size=12), st.integers(-5, 20).map(str),
                                                           '"type": 1}]']))
 
 
-def bundle_mutations(bundle: Path) -> st.SearchStrategy[tuple[str, bytes]]:
+def bundle_mutations(bundle: Path, values: st.SearchStrategy[str] = BUNDLE_VALUES,
+                     keys: list[str] | None = None) -> st.SearchStrategy[tuple[str, bytes]]:
     """A good bundle changed in one way an attacker could: a metadata value, an op's
     type or domain, a weight moved outside the file, the image input's dims, a tensor
     sized from constants or from the pixels, or the file's bytes cut or flipped."""
@@ -435,7 +437,7 @@ def bundle_mutations(bundle: Path) -> st.SearchStrategy[tuple[str, bytes]]:
 
     return st.one_of(
         st.builds(lambda key, value: ("metadata", with_metadata(bundle, **{key: value})),
-                  st.sampled_from(BUNDLE_KEYS), BUNDLE_VALUES),
+                  st.sampled_from(keys or BUNDLE_KEYS), values),
         st.builds(op, st.integers(0, 100),
                   st.sampled_from(["", "NoSuchOp", "ImageDecoder", "RandomNormalLike",
                                    "StringSplit", "SequenceEmpty"]),
@@ -474,12 +476,34 @@ def test_fuzzed_bundles(bundle_deployment: Any) -> None:
     that fits gives the good bundle's own logits. The worker serves a good job after
     all of them, with no traceback in its log."""
     deployment, own = bundle_deployment
+    fuzz_bundles(deployment, own, deployment["bundle"], BUNDLE_VALUES)
+
+
+DETECTOR_VALUES = st.one_of(BUNDLE_VALUES, st.sampled_from([
+    "anchors", "detections", '[{"layer": 0, "first": 0, "height": 16, "width": 16, '
+    '"radius": 32, "local": true}]', '[{"layer": 9, "first": 0, "height": 1, "width": 1, '
+    '"radius": 0, "local": false}]']))
+
+
+def test_fuzzed_detection_bundles(bundle_deployment: Any, tmp_path: Path) -> None:
+    """The same for a detection bundle (tiny YOLO, with levels and local heads), its
+    metadata drawn from detector values too (levels, output kinds)."""
+    from tiny_detectors import tiny_yolo
+
+    deployment, own = bundle_deployment
+    bundle = tmp_path / "tiny.cam.onnx"
+    onnxcam.export(tiny_yolo(), bundle, preprocess="unit")
+    fuzz_bundles(deployment, own, bundle, DETECTOR_VALUES, ["levels"])
+
+
+def fuzz_bundles(deployment: dict[str, Any], own: Any, bundle: Path,
+                 values: st.SearchStrategy[str], keys: list[str] | None = None) -> None:
     store = deployment["store"]
-    reference = submit(deployment["bundle"], [deployment["roots"] / "good.png"],
+    reference = submit(bundle, [deployment["roots"] / "good.png"],
                        settings=deployment["settings"]).wait(timeout=JOB_SECONDS)[0]
 
     @FUZZ
-    @given(mutation=bundle_mutations(deployment["bundle"]))
+    @given(mutation=bundle_mutations(bundle, values, [*BUNDLE_KEYS, *(keys or [])]))
     def check(mutation: tuple[str, bytes]) -> None:
         kind, data = mutation
         message = {"v": 1, "bundle": store.put_bundle(data), "method": "gradcam",
