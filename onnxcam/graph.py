@@ -316,7 +316,7 @@ def forward_reachable(
     """
     reached = {start}
     for node in graph.node:
-        if not differentiable_only and any(i in reached for i in node.input if i):
+        if not differentiable_only and any(i in reached for i in read_by(node)):
             reached.update(o for o in node.output if o)
         elif carries_gradient(node) and any(i in reached for i in node.input if i):
             reached.update(o for o in node.output[:1] if o)
@@ -330,8 +330,15 @@ def backward_reachable(graph: onnx.GraphProto, targets: Iterable[str]) -> set[st
     needed = set(targets)
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
-            needed.update(i for i in node.input if i)
+            needed.update(read_by(node))
     return needed
+
+
+def read_by(node: onnx.NodeProto) -> set[str]:
+    """The tensors ``node`` reads: its inputs and what its subgraphs (an If's
+    branches, a Loop's body) read from the outer scope."""
+    read = {i for i in node.input if i}
+    return read | outer_references(node) if node.attribute else read
 
 
 def on_path(
@@ -357,6 +364,48 @@ def head_nodes(
     tensors = on_path(graph, starts, end, differentiable_only)
     return [n for n in graph.node
             if any(o in tensors for o in n.output) and any(i in tensors for i in n.input)]
+
+
+def op_types(graph: onnx.GraphProto) -> set[str]:
+    """The ops of ``graph`` and of the graphs inside its nodes."""
+    return {op for node in graph.node for op in node_ops(node)}
+
+
+def node_ops(node: onnx.NodeProto) -> set[str]:
+    """``node``'s op and those of the graphs inside it (an If's branches: the legacy
+    exporter puts torchvision's NonMaxSuppression in one)."""
+    found = {node.op_type}
+    for attribute in node.attribute:
+        for inner in [attribute.g, *attribute.graphs]:
+            found |= op_types(inner)
+    return found
+
+
+# Ops whose output's size depends on the values they read.
+DATA_SIZED = frozenset({"NonZero", "NonMaxSuppression", "Compress", "Unique"})
+
+
+def sized_by_data(graph: onnx.GraphProto, tensor: str) -> bool:
+    """Whether ``tensor`` is computed from an op whose output's size depends on values
+    (its count of rows then changes from image to image): one of ``DATA_SIZED``, or a
+    branch op holding one."""
+    made = producers(graph)
+    for name in backward_reachable(graph, [tensor]):
+        node = made.get(name)
+        if node is not None and node_ops(node) & DATA_SIZED:
+            return True
+    return False
+
+
+def data_sized_tensors(graph: onnx.GraphProto) -> set[str]:
+    """The tensors computed from the output of an op of ``DATA_SIZED`` (or of a branch
+    op holding one): those whose sizes may change with the values (the
+    proposals of a two-stage detector). Graph must be sorted."""
+    reached: set[str] = set()
+    for node in graph.node:
+        if node_ops(node) & DATA_SIZED or reached & read_by(node):
+            reached.update(o for o in node.output if o)
+    return reached
 
 
 def toposort(graph: onnx.GraphProto) -> None:

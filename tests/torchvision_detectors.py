@@ -28,7 +28,9 @@ FAMILIES: dict[str, tuple[dict[str, Any], str, str]] = {
     # SSDlite's near-uniform softmax scores pass its threshold (0.001) by the hundred.
     "ssdlite320_mobilenet_v3_large": ({"score_thresh": 0.5}, "", "backbone.features.1"),
     "fasterrcnn_mobilenet_v3_large_320_fpn": (
-        {"min_size": 160, "max_size": 224}, "roi_heads.box_predictor.cls_score",
+        {"min_size": 160, "max_size": 224, "box_score_thresh": 0.5,
+         "rpn_pre_nms_top_n_test": 1000, "rpn_post_nms_top_n_test": 1000},
+        "roi_heads.box_predictor.cls_score",
         "backbone.body.16"),
     "retinanet_resnet50_fpn": ({"min_size": 128, "max_size": 160},
                                "head.classification_head.cls_logits", "backbone.body.layer4"),

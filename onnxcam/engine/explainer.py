@@ -75,8 +75,8 @@ from onnxcam.engine.targets import (
     resolve,
     seeds,
 )
-from onnxcam.errors import BadTargetError
-from onnxcam.runtime import resolve_device
+from onnxcam.errors import BadImageError, BadTargetError
+from onnxcam.runtime import out_of_memory, resolve_device
 from onnxcam.scores import probabilities
 
 log = logging.getLogger(__name__)
@@ -485,8 +485,17 @@ class Explainer:
         names = [OUTPUT_LOGITS, *DECODED_OUTPUTS]
         logits, found = [], []
         for image in batch:
-            values = dict(zip(names, self.sessions.run(names, {
-                INPUT_IMAGE: image[None], INPUT_TARGET: np.full(1, -1, np.int64)})))
+            try:
+                values = dict(zip(names, self.sessions.forward(names, image)))
+            except Exception as exc:
+                if out_of_memory(exc):
+                    raise
+                # torchvision's legacy two-stage exports reshape [0, -1] when the RPN
+                # keeps no proposal, and onnxruntime refuses that.
+                raise BadImageError(
+                    "the detector's own graph cannot run on this image (onnxruntime: "
+                    f"{str(exc).splitlines()[0][:300]}); a two-stage detector's export "
+                    "fails so where its RPN keeps no proposal") from exc
             logits.append(values[OUTPUT_LOGITS])
             boxes, scores, labels, sources = (values[name][0] for name in DECODED_OUTPUTS)
             found.append(decoded(boxes, scores, labels, sources, self.info, max_detections))

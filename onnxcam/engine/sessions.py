@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 
 from onnxcam.bundle import (
+    INPUT_IMAGE,
+    INPUT_TARGET,
     OUTPUT_LOGITS,
     BundleInfo,
     Level,
@@ -116,6 +118,7 @@ class Sessions:
         self._splits: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self._at_layers: tuple[Any, Any] | None = None
         self._local: dict[int, Any] = {}
+        self._forward: dict[tuple[str, ...], Any] = {}
         if info.batch_size:
             log.info("%s runs at batch size %d only: images go through it in chunks of %d, "
                      "the last one padded", name, info.batch_size, info.batch_size)
@@ -183,6 +186,22 @@ class Sessions:
                             [crop_gradients(level.layer)])
             self._local[level.layer] = self._make(model)
         return self._local[level.layer]
+
+    def forward(self, names: list[str], image: np.ndarray) -> list[np.ndarray]:
+        """The forward outputs ``names`` for one image, from a session kept to the
+        forward pass: a detector's decoding run needs no gradients, and an image
+        without proposals has none its backward pass can size."""
+        key = tuple(names)
+        if key not in self._forward:
+            model = keep_outputs(self._model(), names)
+            read = {i for node in model.graph.node for i in node.input}
+            for unread in [i for i in model.graph.input if i.name not in read]:
+                model.graph.input.remove(unread)  # target_weights: its default is gone
+            self._forward[key] = self._make(model)
+        session = self._forward[key]
+        feeds = {INPUT_IMAGE: image[None], INPUT_TARGET: np.full(1, -1, np.int64)}
+        wanted = {i.name for i in session.get_inputs()}
+        return list(session.run(names, {k: v for k, v in feeds.items() if k in wanted}))
 
     def _model(self) -> onnx.ModelProto:
         data = self._source if isinstance(self._source, bytes) else read_bundle(self._source).data

@@ -74,20 +74,27 @@ def chosen_class(b: GraphBuilder, logits: str) -> str:
     return b.op("Where", [negative, top1, INPUT_TARGET])
 
 
-def add_weights_input(graph: onnx.GraphProto, dims: Sequence[int]) -> None:
-    """Add ``target_weights``: float32 with the logits' non-batch ``dims``, and an
-    initializer of batch 0 as its default, so that feeds without it still run."""
+def add_weights_input(graph: onnx.GraphProto, dims: Sequence[int],
+                      by_data: Sequence[bool] = ()) -> None:
+    """Add ``target_weights``: float32 with the logits' non-batch ``dims`` (an axis
+    sized ``by_data``, a detector's proposals, named ``R`` and 0 in the default), and
+    an initializer of batch 0 as its default, so that feeds without it still run."""
     if any(i.name == INPUT_TARGET_WEIGHTS for i in graph.input):
         return
+    free = list(by_data) or [False] * len(dims)
     rest = [int(d) for d in dims[1:]]
     graph.input.append(helper.make_tensor_value_info(
-        INPUT_TARGET_WEIGHTS, onnx.TensorProto.FLOAT, ["M", *rest]))
-    graph.initializer.append(numpy_helper.from_array(np.zeros([0, *rest], np.float32),
-                                                     INPUT_TARGET_WEIGHTS))
+        INPUT_TARGET_WEIGHTS, onnx.TensorProto.FLOAT,
+        ["M", *("R" if sized else d for d, sized in zip(rest, free[1:]))]))
+    graph.initializer.append(numpy_helper.from_array(
+        np.zeros([0, *(0 if sized else d for d, sized in zip(rest, free[1:]))], np.float32),
+        INPUT_TARGET_WEIGHTS))
 
 
-def target_seed(b: GraphBuilder, logits: str, dims: Sequence[int], opset: int) -> str:
-    """``SEED``, the backward pass's cotangent of ``logits`` (shaped ``dims`` at batch 1):
+def target_seed(b: GraphBuilder, logits: str, dims: Sequence[int], opset: int,
+                by_data: Sequence[bool] = ()) -> str:
+    """``SEED``, the backward pass's cotangent of ``logits`` (shaped ``dims`` at batch 1,
+    the axes ``by_data`` sized at run time):
     ``target_weights`` when fed, else one_hot(target) over the class axis, the same at
     every pixel of a per-pixel output; -1 picks the class with the highest score (per
     pixel outputs: summed over the pixels). Made once; later calls return it.
@@ -98,7 +105,7 @@ def target_seed(b: GraphBuilder, logits: str, dims: Sequence[int], opset: int) -
     if any(SEED in node.output for node in [*b.graph.node, *b.nodes]):
         return SEED
     add_target_input(b.graph)
-    add_weights_input(b.graph, dims)
+    add_weights_input(b.graph, dims, by_data)
     rank = len(dims)
     scores = logits if rank == 2 else reduce(b, "ReduceSum", logits, range(2, rank), False,
                                              opset)
@@ -108,6 +115,17 @@ def target_seed(b: GraphBuilder, logits: str, dims: Sequence[int], opset: int) -
     if rank > 2:
         pixels = b.op("Unsqueeze", [rows, b.const(list(range(2, rank)), "pixel_axes")])
         rows = b.op("Expand", [pixels, b.op("Shape", [logits])])
+    if any(by_data):
+        flat = b.const([-1], "flat")
+        stacked = b.op("Concat", [b.op("Reshape", [INPUT_TARGET_WEIGHTS, flat]),
+                                  b.op("Reshape", [rows, flat])], axis=0)
+        count = b.op("ReduceProd", [b.op("Shape", [rows])], keepdims=1)
+        # allowzero: an image without proposals has logits [1, K, 0].
+        b.nodes.append(helper.make_node("Reshape", [
+            b.op("Slice", [stacked, b.const([0], "zero"), count, b.const([0], "axis0")]),
+            b.op("Shape", [rows])], [SEED], name=SEED, **({"allowzero": 1} if opset >= 14
+                                                           else {})))
+        return SEED
     stacked = b.op("Concat", [INPUT_TARGET_WEIGHTS, rows], axis=0)
     batch = b.op("Slice", [b.op("Shape", [logits]), b.const([0], "zero"), b.const([1], "one")])
     b.nodes.append(helper.make_node("Slice", [stacked, b.const([0], "zero"), batch,

@@ -18,7 +18,13 @@ from onnx import numpy_helper
 from onnxcam.bundle import INPUT_IMAGE
 from onnxcam.errors import UnsupportedModelError
 from onnxcam.exporter.vjp.context import TensorShape
-from onnxcam.graph import LARGE_TENSOR_BYTES, constant_tensors, shell_of, tensor_bytes
+from onnxcam.graph import (
+    LARGE_TENSOR_BYTES,
+    constant_tensors,
+    data_sized_tensors,
+    shell_of,
+    tensor_bytes,
+)
 from onnxcam.runtime import cpu_session
 
 
@@ -161,3 +167,29 @@ def probe_shapes(
         shapes[name] = TensorShape(tuple(int(d) for d in one),
                                    tuple(a != b for a, b in zip(one, two)))
     return shapes
+
+
+def mark_data_sized(model: onnx.ModelProto, shapes: dict[str, TensorShape]
+                    ) -> dict[str, TensorShape]:
+    """``shapes`` with the axes whose size follows the values marked as growing, as a
+    batch axis is: the proposals of a two-stage detector, counted by a NonZero or a
+    NonMaxSuppression, so the gradients read those sizes at run time. Such an axis
+    is one that ONNX's shape inference (propagating values) cannot size, of a tensor
+    computed from a data-sized op (``data_sized_tensors``). Graph must be sorted."""
+    sized = data_sized_tensors(model.graph) & set(shapes)
+    if not sized:
+        return shapes
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    known = {info.name: info.type.tensor_type.shape for info in
+             [*inferred.graph.value_info, *inferred.graph.output]}
+    marked = dict(shapes)
+    for name in sized:
+        shape, dims = shapes[name], known.get(name)
+        if dims is None or len(dims.dim) != shape.rank:
+            unknown = [True] * shape.rank
+        else:
+            unknown = [not dim.HasField("dim_value") for dim in dims.dim]
+        marked[name] = TensorShape(
+            shape.dims, tuple(grows or free for grows, free in zip(shape.batched, unknown)),
+            tuple(unknown))
+    return marked

@@ -25,7 +25,7 @@ from onnxcam.exporter.detection_sources import trace_sources
 from onnxcam.exporter.detectors import Detection
 from onnxcam.exporter.layers import LayerInfo
 from onnxcam.exporter.shapes import run_with_outputs
-from onnxcam.graph import GraphBuilder, backward_reachable, producers, real_inputs
+from onnxcam.graph import GraphBuilder, op_types, real_inputs
 
 log = logging.getLogger(__name__)
 
@@ -56,37 +56,6 @@ def decoded_outputs(model: onnx.ModelProto) -> tuple[str, str, str] | None:
     if boxes is None or scores is None or labels is None:
         return None
     return boxes, scores, labels
-
-
-def op_types(graph: onnx.GraphProto) -> set[str]:
-    """The ops of ``graph`` and of the graphs inside its nodes."""
-    return {op for node in graph.node for op in node_ops(node)}
-
-
-def node_ops(node: onnx.NodeProto) -> set[str]:
-    """``node``'s op and those of the graphs inside it (an If's branches: the legacy
-    exporter puts torchvision's NonMaxSuppression in one)."""
-    found = {node.op_type}
-    for attribute in node.attribute:
-        for inner in [attribute.g, *attribute.graphs]:
-            found |= op_types(inner)
-    return found
-
-
-# Ops whose output's size depends on the values they read.
-DATA_SIZED = frozenset({"NonZero", "NonMaxSuppression", "Compress", "Unique"})
-
-
-def sized_by_data(graph: onnx.GraphProto, tensor: str) -> bool:
-    """Whether ``tensor`` is computed from an op whose output's size depends on values
-    (its count of rows then changes from image to image): one of ``DATA_SIZED``, or a
-    branch op holding one."""
-    made = producers(graph)
-    for name in backward_reachable(graph, [tensor]):
-        node = made.get(name)
-        if node is not None and node_ops(node) & DATA_SIZED:
-            return True
-    return False
 
 
 def add_batch_axis(model: onnx.ModelProto) -> str:
@@ -123,13 +92,6 @@ def expose_decoded(model: onnx.ModelProto, outputs: tuple[str, str, str],
     graph = model.graph
     boxes, scores, labels = outputs
     starts = trace_sources(graph, scores, SOURCES_FLAT)
-    sized = [start for start in starts if sized_by_data(graph, start)]
-    if sized:
-        raise UnsupportedModelError(
-            f"the detector's class scores ({', '.join(sized)}) are computed per proposal, "
-            "and how many proposals there are depends on the image (a two-stage detector, "
-            "such as Faster R-CNN): onnxcam explains detectors whose scores come per "
-            "anchor (SSD, RetinaNet, FCOS) and cannot explain this one yet")
     shapes = {name: value.shape for name, value in
               run_with_outputs(model, starts, sample(), lean=True).items()}
     classes = {shape[-1] if shape else 0 for shape in shapes.values()}

@@ -84,7 +84,7 @@ def add_gradients(draft: Draft) -> bool:
     b = GraphBuilder(graph, "onnxcam/grad")
     ctx = VjpContext(b, draft.shapes, initializer_values(graph), opset_version(draft.model),
                      on_path(graph, starts, end), whole_body=bool(model_input))
-    seed = target_seed(b, end, draft.shapes[end].dims, ctx.opset)
+    seed = target_seed(b, end, draft.shapes[end].dims, ctx.opset, draft.shapes[end].by_data)
     gradients = backpropagate(ctx, head_nodes(graph, starts, end), end, seed, starts)
     for index, gradient in enumerate(gradients[: len(layer_tensors(graph))]):
         name = layer_output(OUTPUT_GRADIENTS, index)
@@ -115,7 +115,7 @@ def add_guided_gradients(draft: Draft) -> bool:
     b = GraphBuilder(graph, "onnxcam/guided")
     ctx = VjpContext(b, draft.shapes, initializer_values(graph), opset_version(draft.model),
                      on_path(graph, [model_input], end), guided=True, whole_body=True)
-    seed = target_seed(b, end, draft.shapes[end].dims, ctx.opset)
+    seed = target_seed(b, end, draft.shapes[end].dims, ctx.opset, draft.shapes[end].by_data)
     (gradient,) = backpropagate(ctx, head_nodes(graph, model_input, end), end, seed,
                                 [model_input])
     add_input_gradient(b, gradient, OUTPUT_GUIDED_INPUT_GRADIENTS, draft.layout)

@@ -12,7 +12,7 @@ from onnxcam.bundle import (
 from onnxcam.errors import ExportError, UnsupportedModelError
 from onnxcam.exporter.draft import Draft
 from onnxcam.exporter.head import head_tensors
-from onnxcam.exporter.shapes import probe_shapes
+from onnxcam.exporter.shapes import mark_data_sized, probe_shapes
 from onnxcam.graph import source_of
 from onnxcam.words import plural
 
@@ -29,8 +29,9 @@ def probe_head(draft: Draft) -> bool:
     """
     graph = draft.graph
     start = draft.model_input if draft.options.whole_body else ""
-    draft.shapes = probe_shapes(draft.model, head_tensors(graph, start), draft.height,
-                                draft.width, draft.channels, draft.batch_size)
+    draft.shapes = mark_data_sized(draft.model, probe_shapes(
+        draft.model, head_tensors(graph, start), draft.height, draft.width, draft.channels,
+        draft.batch_size))
     logits = draft.shapes[source_of(graph, OUTPUT_LOGITS)]
     if draft.detection is not None and logits.rank == 3:
         draft.output = OUTPUT_DETECTIONS if draft.detection.decoded else OUTPUT_ANCHORS

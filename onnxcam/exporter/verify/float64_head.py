@@ -18,7 +18,7 @@ from onnxcam.bundle import (
 )
 from onnxcam.exporter.shapes import OutputRunner
 from onnxcam.exporter.verify.kernels import REFERENCE_OPS
-from onnxcam.graph import constant_tensors, head_nodes, source_of
+from onnxcam.graph import carries_gradient, constant_tensors, head_nodes, read_by, source_of
 
 # A float64 head run takes as many moved starts as fit this budget, counting each
 # start's intermediates at HEAD_GROWTH times its own size: the reference evaluator
@@ -97,9 +97,9 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
     graph = bundle.graph
     start = start or source_of(graph, OUTPUT_ACTIVATIONS)
     end = source_of(graph, OUTPUT_LOGITS)
-    inside = head_nodes(graph, start, end, differentiable_only=False)
+    inside = without_held(head_nodes(graph, start, end, differentiable_only=False), end)
     made_inside = {o for n in inside for o in n.output}
-    read = {i for n in inside for i in n.input if i and i not in made_inside and i != start}
+    read = {i for n in inside for i in read_by(n) if i not in made_inside and i != start}
     constant = constant_tensors(graph)
     # Nodes are told apart by their first output (protobuf wrappers have no stable id).
     wanted = {n.output[0] for n in inside} | constant_producers(graph, read & constant)
@@ -146,6 +146,32 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
         per_image[start] = per_image[start][:1]
     return Float64Head(evaluator, start, batched, invariant, fixed, values, parameters,
                        batch_size)
+
+
+# Inputs that a gradient rule holds constant, by op: RoiAlign's boxes and batch
+# indices (``vjp/roi_align``: torchvision detaches its proposals). The float64 head
+# feeds them as the bundle computed them, so that its differences hold them too.
+HELD_INPUTS = {"RoiAlign": (1, 2)}
+
+
+def without_held(nodes: list[onnx.NodeProto], end: str) -> list[onnx.NodeProto]:
+    """The ``nodes`` that ``end`` reads other than through a held input
+    (``HELD_INPUTS``) where the head has one. What the boxes are picked by then is
+    held too: ops that carry no gradient (NonZero, Shape, an If's NonMaxSuppression)
+    are read from outside, not computed. Precondition: sorted."""
+    if not any(node.op_type in HELD_INPUTS for node in nodes):
+        return nodes
+    needed = {end}
+    kept = []
+    for node in reversed(nodes):
+        if not any(o in needed for o in node.output) or not carries_gradient(node) \
+                or node.op_type in ("If", "Loop"):
+            continue
+        kept.append(node)
+        held = HELD_INPUTS.get(node.op_type, ())
+        needed.update(i for position, i in enumerate(node.input)
+                      if i and position not in held)
+    return kept[::-1]
 
 
 # A float32 weight at least this large stays float32 in the float64 head.

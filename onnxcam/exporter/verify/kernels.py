@@ -247,5 +247,84 @@ class DilatedConv(Conv):
 
 
 DilatedConv.__name__ = "Conv"
+
+
+class SeparableRoiAlign(OpRun):
+    """RoiAlign (mode avg) as the ONNX spec defines it, vectorized: onnx's reference
+    loops over every roi, channel, bin and sampling point in Python (minutes for a
+    Faster R-CNN head). Bilinear sampling on a box's grid is separable: each bin is
+    a [H] weighting along y times a [W] one along x, applied to the roi's map."""
+
+    op_domain = ""
+
+    def _run(self, X, rois, batch_indices, coordinate_transformation_mode=None, mode=None,
+             output_height=None, output_width=None, sampling_ratio=None, spatial_scale=None):
+        if mode not in (None, "avg", b"avg"):
+            raise NotImplementedError("RoiAlign mode max")
+        half = coordinate_transformation_mode in (None, "half_pixel", b"half_pixel")
+        out_h, out_w = output_height or 1, output_width or 1
+        scale, ratio = 1.0 if spatial_scale is None else spatial_scale, sampling_ratio or 0
+        y = np.zeros((len(rois), X.shape[1], out_h, out_w), X.dtype)
+        for r, (roi, n) in enumerate(zip(rois.astype(np.float64), batch_indices)):
+            start_x, start_y, end_x, end_y = roi * scale - (0.5 if half else 0.0)
+            along_y = _bin_weights(start_y, end_y, out_h, X.shape[2], ratio, half)
+            along_x = _bin_weights(start_x, end_x, out_w, X.shape[3], ratio, half)
+            y[r] = np.einsum("ph,chw,qw->cpq", along_y, X[int(n)], along_x, optimize=True)
+        return (y,)
+
+
+SeparableRoiAlign.__name__ = "RoiAlign"
+
+
+def _bin_weights(start: float, end: float, bins: int, size: int, ratio: int,
+                 half_pixel: bool) -> np.ndarray:
+    """[bins, size]: each bin's average of bilinear weights over its sampling points
+    along one axis (zero for points outside [-1, size])."""
+    extent = end - start if half_pixel else max(end - start, 1.0)
+    step = extent / bins
+    samples = ratio if ratio > 0 else max(int(math.ceil(extent / bins)), 1)
+    weights = np.zeros((bins, size))
+    for b in range(bins):
+        for i in range(samples):
+            point = start + b * step + (i + 0.5) * step / samples
+            if point < -1.0 or point > size:
+                continue
+            point = max(point, 0.0)
+            low = int(point)
+            if low >= size - 1:
+                low = high = size - 1
+                point = float(low)
+            else:
+                high = low + 1
+            weights[b, low] += (1 - (point - low)) / samples
+            weights[b, high] += (point - low) / samples
+    return weights
+
+
+class IndexedScatterElements(OpRun):
+    """ScatterElements (reductions none and add) by numpy indexing: onnx's reference
+    walks every element in Python (two minutes a run for the scatter that puts a
+    Faster R-CNN's per-level RoiAlign rows back in order)."""
+
+    op_domain = ""
+
+    def _run(self, data, indices, updates, axis=None, reduction=None):
+        if reduction not in (None, "none", b"none", "add", b"add"):
+            raise NotImplementedError(f"ScatterElements reduction {reduction!r}")
+        axis = (axis or 0) % data.ndim
+        indices = np.where(indices < 0, indices + data.shape[axis], indices)
+        out = data.copy()
+        where = tuple(indices if a == axis else np.arange(n).reshape(
+            [-1 if b == a else 1 for b in range(indices.ndim)]) for a, n in
+            enumerate(indices.shape))
+        if reduction in ("add", b"add"):
+            np.add.at(out, where, updates)
+        else:
+            out[where] = updates
+        return (out,)
+
+
+IndexedScatterElements.__name__ = "ScatterElements"
 REFERENCE_OPS = [ChannelLRN, CeilMaxPool, WindowAveragePool, ExactErf, ExactGelu,
-                 ExactLayerNormalization, FlatMatMul, WeightGemm, DilatedConv]
+                 ExactLayerNormalization, FlatMatMul, WeightGemm, DilatedConv,
+                 SeparableRoiAlign, IndexedScatterElements]

@@ -21,14 +21,24 @@ def string_attr(node: onnx.NodeProto, name: str, default: str) -> str:
 
 @dataclass(frozen=True)
 class TensorShape:
-    """A probed shape: sizes at batch 1, and which axes grow with the batch."""
+    """A probed shape: sizes at batch 1, and which axes grow with the batch.
+
+    An axis sized by the values (``by_data``: a two-stage detector's proposals, in a
+    bundle of one image) is marked as growing too, so that rules read its size at
+    run time; but it holds no samples, so rules may mix along it.
+    """
 
     dims: tuple[int, ...]
     batched: tuple[bool, ...]
+    by_data: tuple[bool, ...] = ()
 
     @property
     def rank(self) -> int:
         return len(self.dims)
+
+    def holds_samples(self, axis: int) -> bool:
+        """Whether ``axis`` is the batch's: an op along it would mix the samples."""
+        return self.batched[axis] and not (self.by_data and self.by_data[axis])
 
 
 class VjpContext:

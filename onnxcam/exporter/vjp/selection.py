@@ -16,7 +16,7 @@ def _axis(ctx: VjpContext, node: onnx.NodeProto, default: int) -> int:
     """The op's axis, refused where it is the batch axis (that would mix samples)."""
     shape = ctx.shape(node.input[0])
     axis = int(attrs(node).get("axis", default)) % shape.rank
-    if shape.batched[axis]:
+    if shape.holds_samples(axis):
         raise NotImplementedError(f"{node.op_type} along the batch axis")
     return axis
 
