@@ -330,15 +330,20 @@ def backward_reachable(graph: onnx.GraphProto, targets: Iterable[str]) -> set[st
     needed = set(targets)
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
-            needed.update(read_by(node))
+            needed.update(i for i in read_by(node) if i)
     return needed
 
 
-def read_by(node: onnx.NodeProto) -> set[str]:
-    """The tensors ``node`` reads: its inputs and what its subgraphs (an If's
-    branches, a Loop's body) read from the outer scope."""
-    read = {i for i in node.input if i}
-    return read | outer_references(node) if node.attribute else read
+# The standard ops whose attributes hold graphs.
+WITH_SUBGRAPHS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
+def read_by(node: onnx.NodeProto) -> Sequence[str]:
+    """The tensors ``node`` reads: its inputs (an optional one left out is "") and
+    what its subgraphs (an If's branches, a Loop's body) read from the outer scope."""
+    if node.op_type not in WITH_SUBGRAPHS:
+        return node.input
+    return sorted({i for i in node.input if i} | outer_references(node))
 
 
 def on_path(
@@ -403,7 +408,7 @@ def data_sized_tensors(graph: onnx.GraphProto) -> set[str]:
     proposals of a two-stage detector). Graph must be sorted."""
     reached: set[str] = set()
     for node in graph.node:
-        if node_ops(node) & DATA_SIZED or reached & read_by(node):
+        if node_ops(node) & DATA_SIZED or any(i in reached for i in read_by(node)):
             reached.update(o for o in node.output if o)
     return reached
 

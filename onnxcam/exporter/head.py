@@ -120,11 +120,12 @@ def target_seed(b: GraphBuilder, logits: str, dims: Sequence[int], opset: int,
         stacked = b.op("Concat", [b.op("Reshape", [INPUT_TARGET_WEIGHTS, flat]),
                                   b.op("Reshape", [rows, flat])], axis=0)
         count = b.op("ReduceProd", [b.op("Shape", [rows])], keepdims=1)
-        # allowzero: an image without proposals has logits [1, K, 0].
-        b.nodes.append(helper.make_node("Reshape", [
+        seed = helper.make_node("Reshape", [
             b.op("Slice", [stacked, b.const([0], "zero"), count, b.const([0], "axis0")]),
-            b.op("Shape", [rows])], [SEED], name=SEED, **({"allowzero": 1} if opset >= 14
-                                                           else {})))
+            b.op("Shape", [rows])], [SEED], name=SEED)
+        if opset >= 14:  # an image without proposals has logits [1, K, 0]
+            seed.attribute.append(helper.make_attribute("allowzero", 1))
+        b.nodes.append(seed)
         return SEED
     stacked = b.op("Concat", [INPUT_TARGET_WEIGHTS, rows], axis=0)
     batch = b.op("Slice", [b.op("Shape", [logits]), b.const([0], "zero"), b.const([1], "one")])

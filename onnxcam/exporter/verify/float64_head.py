@@ -99,7 +99,7 @@ def float64_head(bundle: onnx.ModelProto, images: np.ndarray, chosen: np.ndarray
     end = source_of(graph, OUTPUT_LOGITS)
     inside = without_held(head_nodes(graph, start, end, differentiable_only=False), end)
     made_inside = {o for n in inside for o in n.output}
-    read = {i for n in inside for i in read_by(n) if i not in made_inside and i != start}
+    read = {i for n in inside for i in read_by(n) if i and i not in made_inside and i != start}
     constant = constant_tensors(graph)
     # Nodes are told apart by their first output (protobuf wrappers have no stable id).
     wanted = {n.output[0] for n in inside} | constant_producers(graph, read & constant)
