@@ -380,6 +380,8 @@ def node_ops(node: onnx.NodeProto) -> set[str]:
     """``node``'s op and those of the graphs inside it (an If's branches: the legacy
     exporter puts torchvision's NonMaxSuppression in one)."""
     found = {node.op_type}
+    if node.op_type not in WITH_SUBGRAPHS:
+        return found
     for attribute in node.attribute:
         for inner in [attribute.g, *attribute.graphs]:
             found |= op_types(inner)

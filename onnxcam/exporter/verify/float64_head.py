@@ -18,7 +18,14 @@ from onnxcam.bundle import (
 )
 from onnxcam.exporter.shapes import OutputRunner
 from onnxcam.exporter.verify.kernels import REFERENCE_OPS
-from onnxcam.graph import carries_gradient, constant_tensors, head_nodes, read_by, source_of
+from onnxcam.graph import (
+    WITH_SUBGRAPHS,
+    carries_gradient,
+    constant_tensors,
+    head_nodes,
+    read_by,
+    source_of,
+)
 
 # A float64 head run takes as many moved starts as fit this budget, counting each
 # start's intermediates at HEAD_GROWTH times its own size: the reference evaluator
@@ -165,7 +172,7 @@ def without_held(nodes: list[onnx.NodeProto], end: str) -> list[onnx.NodeProto]:
     kept = []
     for node in reversed(nodes):
         if not any(o in needed for o in node.output) or not carries_gradient(node) \
-                or node.op_type in ("If", "Loop"):
+                or node.op_type in WITH_SUBGRAPHS:
             continue
         kept.append(node)
         held = HELD_INPUTS.get(node.op_type, ())
