@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -854,6 +855,23 @@ BODY_FORMS = [name for name, case in CASES.items()
 @pytest.mark.parametrize("name", BODY_FORMS)
 def test_whole_body_form_matches_numerical_vjp(name: str) -> None:
     check(CASES[name], whole_body=True)
+
+
+@pytest.mark.parametrize("op,x,slope", [
+    # A confident score: float32 rounds sigmoid(x) to 1 past x = 17, and y (1 - y) to 0.
+    ("Sigmoid", np.array([[17.5, 20.0, 25.0, -20.0, 0.5]]),
+     lambda x: np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x))) ** 2),
+    # tanh rounds to +-1 past 9, and 1 - y^2 to 0.
+    ("Tanh", np.array([[9.5, 11.0, 14.0, -12.0, 0.5]]), lambda x: 1 / np.cosh(x) ** 2),
+])
+def test_saturated_slopes_keep_their_precision(op: str, x: np.ndarray, slope: Any) -> None:
+    """Where the output rounds to its bound in float32, the derivative is still each
+    element's, to float32's relative precision (hand-worked in float64), not 0."""
+    case = unary(op, x.astype(np.float32))
+    gy = np.ones_like(case.inputs["x"])
+    got = analytic(case, {"y": gy}, batch=1)["x"].astype(np.float64)
+    want = slope(case.inputs["x"].astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_whole_body_conv_is_a_conv_at_stride_one() -> None:
