@@ -390,7 +390,8 @@ def test_a_resumed_detection_audit_gives_the_same_file(tiny_bundle: Path, tmp_pa
 def test_a_torchvision_detector_is_audited(tmp_path: Path) -> None:
     """A bundle that decodes its own detections (SSDlite): an image whose objects are its
     two best detections (boxes as the model draws them) and one box it does not find;
-    both are matched, at IoU 1, and the third is a miss."""
+    both are matched, at IoU 1, and the third is a miss. Over a real worker, the same
+    lines and numbers."""
     pytest.importorskip("torchvision")
     import torchvision_detectors as tv
 
@@ -418,6 +419,28 @@ def test_a_torchvision_detector_is_audited(tmp_path: Path) -> None:
     cli_audit(tmp_path / "instances.json", bundle, out)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["objects"], summary["matched"], summary["misses"]) == (3, 2, 1)
+
+    redis = start_redis(tmp_path, free_port())
+    env = service_env(f"redis://127.0.0.1:{redis.port}/0", tmp_path / "store", tmp_path)
+    worker = start_worker("w1", env, tmp_path)
+    try:
+        worker.wait_ready()
+        cli_audit(tmp_path / "instances.json", bundle, tmp_path / "remote", "--broker",
+                  env["ONNXCAM_BROKER_URL"], env=env)
+    finally:
+        worker.stop()
+        redis.stop()
+    assert "succeeded" in worker.text(), "the worker did nothing"
+    mine, theirs = results(out), results(tmp_path / "remote")
+    assert len(mine) == len(theirs) > 3  # a line per detection and per miss
+    for a, b in zip(mine, theirs):
+        assert {k: v for k, v in a.items() if k not in NUMBERS} == \
+            {k: v for k, v in b.items() if k not in NUMBERS}
+        for key in NUMBERS - {"heatmap"}:
+            if a[key] or b[key]:
+                assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
+    remote = json.loads((tmp_path / "remote" / "summary.json").read_text())
+    assert remote["per_class"] == summary["per_class"]
     assert summary["detections"] == len(found)
     matched = [line for line in results(out) if line["kind"] == "match"]
     assert sorted(float(line["iou"]) for line in matched) == pytest.approx([1.0, 1.0],
