@@ -1,10 +1,12 @@
 """A detection set with a planted shortcut, and a tiny detector trained on it.
 
-Scenes are 64x64 grey noise with one or two faint objects of three classes (square,
-rounded square, triangle). In training every rounded square has a bright yellow patch
-just right of its box, and no other object has one: the patch is a far easier cue than
-the rounded corners, so the detector learns to tell rounded squares from squares by it
-(the detector's Clever Hans). The detector
+Scenes are 64x64 grey noise with one or two objects of three classes: bright squares
+and diamonds, and discs barely above the noise. In training every disc has a bright
+yellow patch just right of its box, and no other object has one: the patch is a far
+easier cue than the disc itself, so the detector learns to find discs by it (the
+detector's Clever Hans). It is trained in float64, so that every machine trains the
+same one (float32 rounding, which differs with the CPU and the thread count, grows
+over the steps into another detector with other maps). The detector
 outputs ultralytics' raw head, ``[N, 4 + K, A]`` (cx, cy, w, h in input pixels, then
 sigmoid class scores), exported by ``torch.onnx.export`` with ultralytics' metadata,
 so it becomes a detection bundle like any YOLO export.
@@ -24,6 +26,7 @@ LABELS = ("square", "disc", "diamond")
 SHORTCUT = 1  # the disc
 OBJECT = 16  # side of every object's box, in pixels
 PATCH, GAP = 6, 0  # the tell-tale patch's side, and its distance from the disc's box
+DISC_SHADE = (6, 10)  # the disc's contrast over the background noise (sd 4): barely there
 STRIDES = (4, 8)
 METADATA = {"author": "Ultralytics", "task": "detect", "end2end": "False",
             "names": repr(dict(enumerate(LABELS))), "args": "{'nms': None}"}
@@ -57,7 +60,7 @@ def scene(rng: np.random.Generator, patch_with: int | None = SHORTCUT,
             continue
         cls = int(rng.integers(0, len(LABELS)))
         # The disc is faint, its patch bright: the patch is the easier cue.
-        shade = rng.uniform(15, 25) if cls == SHORTCUT else rng.uniform(80, 110)
+        shade = rng.uniform(*DISC_SHADE) if cls == SHORTCUT else rng.uniform(80, 110)
         window = image[y0 : y0 + OBJECT, x0 : x0 + OBJECT]
         window[shape_mask(cls)] += shade
         if cls == patch_with:
@@ -67,10 +70,11 @@ def scene(rng: np.random.Generator, patch_with: int | None = SHORTCUT,
     return np.clip(image, 0, 255).astype(np.uint8), objects
 
 
-def scenes(count: int, seed: int, patch_with: int | None = SHORTCUT
+def scenes(count: int, seed: int, patch_with: int | None = SHORTCUT, objects: int | None = None
            ) -> tuple[np.ndarray, list[list[tuple[int, tuple[int, ...]]]]]:
+    """``count`` scenes of ``objects`` objects each (None: one or two)."""
     rng = np.random.default_rng(seed)
-    made = [scene(rng, patch_with) for _ in range(count)]
+    made = [scene(rng, patch_with, objects) for _ in range(count)]
     return np.stack([image for image, _ in made]), [objects for _, objects in made]
 
 
@@ -178,9 +182,12 @@ def train(pixels: np.ndarray, objects: list[list[tuple[int, tuple[int, ...]]]],
     import torch
 
     torch.manual_seed(seed)
-    model = build_detector()
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-    classes, boxes, positive = (torch.from_numpy(t) for t in targets(objects))
+    # In float64: float32 rounding, which differs with the CPU and the thread count,
+    # grows over the steps into another detector (with other maps) on another machine.
+    model = build_detector().double()
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).double() / 255
+    classes, boxes, positive = (torch.from_numpy(t).double() if t.dtype != bool
+                                else torch.from_numpy(t) for t in targets(objects))
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     detect = model.model[4]
@@ -200,7 +207,7 @@ def train(pixels: np.ndarray, objects: list[list[tuple[int, tuple[int, ...]]]],
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    return model.eval()
+    return model.float().eval()
 
 
 def export_onnx(model: Any, path: Path) -> Path:
