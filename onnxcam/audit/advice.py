@@ -58,6 +58,15 @@ RULES: dict[str, Rule] = {
         "look at those images (see results.csv): what they share (background, lighting, "
         "pose, size) is probably missing from the {label} training images; add such "
         "images and re-audit"),
+    # A detection audit's empty maps are of objects the detector found.
+    "empty_detections": Rule(
+        "empty maps",
+        "{count} {label} detection map(s) are empty: the detector found these objects, "
+        "yet their Grad-CAM sums below zero everywhere on the layer, so the maps do not "
+        "say where it looked",
+        "open those detections (see results.csv), explain them with a method that keeps "
+        "each place's own gradient (--method hirescam) or at another --layer, and "
+        "re-audit"),
     "cluster": Rule(
         "a cluster explained by the background",
         "{count} {label} images (cluster {cluster}) are explained by the background while "
@@ -80,7 +89,8 @@ def advise(data: dict[str, Any]) -> list[dict[str, Any]]:
     for label, figures in data["per_class"].items():
         empty = figures.get("empty_maps", 0)
         if empty and empty >= EMPTY_SHARE * figures["boxes"]:
-            advice.append(_advice("empty", label, count=empty))
+            advice.append(_advice("empty", label, count=empty,
+                                  text="empty_detections" if detection else "empty"))
     for note in data.get("notes", []):
         advice.append(_advice("not_judged", note["class"]))
     for label, entry in data.get("clusters", {}).get("per_class", {}).items():
@@ -97,8 +107,10 @@ def _flag_rule(flag: dict[str, Any]) -> str:
     return "missed" if accuracy is not None and accuracy < MOSTLY_RIGHT else "background"
 
 
-def _advice(rule: str, label: str, **values: Any) -> dict[str, Any]:
-    found = RULES[rule]
+def _advice(rule: str, label: str, text: str = "", **values: Any) -> dict[str, Any]:
+    """One piece of advice: ``rule`` names it in summary.json; ``text`` picks other
+    words for it (the rule's own by default)."""
+    found = RULES[text or rule]
     return {"class": label, "rule": rule, "finding": found.finding,
             "meaning": found.meaning.format(label=label, **values),
             "try": found.action.format(label=label, **values)}

@@ -73,6 +73,13 @@ def test_an_empty_map_is_counted_apart_not_as_attention_outside(tmp_path: Path) 
     assert (advice["rule"], advice["meaning"]) == (
         "empty", "4 bus map(s) are empty: the model found no evidence for bus anywhere "
         "in those images")
+    # In a detection audit the same rule names maps of objects the detector found.
+    [advice] = advise({**summary.data, "form": "detection"})
+    assert (advice["rule"], advice["meaning"]) == (
+        "empty", "4 bus detection map(s) are empty: the detector found these objects, "
+        "yet their Grad-CAM sums below zero everywhere on the layer, so the maps do not "
+        "say where it looked")
+    assert "--method hirescam" in advice["try"]
 
 
 def test_a_class_of_mostly_empty_maps_is_not_judged(tmp_path: Path) -> None:
