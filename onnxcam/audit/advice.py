@@ -90,7 +90,7 @@ def advise(data: dict[str, Any]) -> list[dict[str, Any]]:
         empty = figures.get("empty_maps", 0)
         if empty and empty >= EMPTY_SHARE * figures["boxes"]:
             advice.append(_advice("empty", label, count=empty,
-                                  text="empty_detections" if detection else "empty"))
+                                  text="empty_detections" if detection else ""))
     for note in data.get("notes", []):
         advice.append(_advice("not_judged", note["class"]))
     for label, entry in data.get("clusters", {}).get("per_class", {}).items():

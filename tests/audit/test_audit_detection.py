@@ -364,12 +364,7 @@ def test_over_two_workers_the_numbers_are_the_local_ones(
     assert all("succeeded" in worker.text() for worker in workers), "a worker did nothing"
     mine, theirs = results(local), results(tmp_path / "remote")
     assert len(mine) == len(theirs)
-    for a, b in zip(mine, theirs):
-        assert {k: v for k, v in a.items() if k not in NUMBERS} == \
-            {k: v for k, v in b.items() if k not in NUMBERS}
-        for key in NUMBERS - {"heatmap"}:
-            if a[key] or b[key]:
-                assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
+    assert_same_lines(mine, theirs)
     local_summary, remote_summary = (json.loads((out / "summary.json").read_text())
                                      for out in (local, tmp_path / "remote"))
     assert remote_summary["flags"] == local_summary["flags"]
@@ -377,6 +372,16 @@ def test_over_two_workers_the_numbers_are_the_local_ones(
 
 
 NUMBERS = {"energy_in_box", "heatmap", "score"}
+
+
+def assert_same_lines(mine: list[dict[str, str]], theirs: list[dict[str, str]]) -> None:
+    """Two runs' results.csv lines: the same words, the same numbers to 1e-4."""
+    for a, b in zip(mine, theirs):
+        assert {k: v for k, v in a.items() if k not in NUMBERS} == \
+            {k: v for k, v in b.items() if k not in NUMBERS}
+        for key in NUMBERS - {"heatmap"}:
+            if a[key] or b[key]:
+                assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
 
 
 def test_a_resumed_detection_audit_gives_the_same_file(tiny_bundle: Path, tmp_path: Path
@@ -444,12 +449,7 @@ def test_a_torchvision_detector_is_audited(tmp_path: Path) -> None:
     assert "succeeded" in worker.text(), "the worker did nothing"
     mine, theirs = results(out), results(tmp_path / "remote")
     assert len(mine) == len(theirs) > 3  # a line per detection and per miss
-    for a, b in zip(mine, theirs):
-        assert {k: v for k, v in a.items() if k not in NUMBERS} == \
-            {k: v for k, v in b.items() if k not in NUMBERS}
-        for key in NUMBERS - {"heatmap"}:
-            if a[key] or b[key]:
-                assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
+    assert_same_lines(mine, theirs)
     remote = json.loads((tmp_path / "remote" / "summary.json").read_text())
     assert remote["per_class"] == summary["per_class"]
     assert summary["detections"] == len(found)
