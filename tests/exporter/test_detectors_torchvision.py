@@ -9,11 +9,19 @@ other detection has that very box (SSD's classes of one anchor share one), so th
 detections compared are those with a box of their own, and the reference runs one
 image at a time on the torch model's own boxes. The models are calibrated as
 ``tests/torchvision_detectors.py`` says.
+
+The reference torch model starts from the tensor the exported graph feeds its first
+convolution (``graph_fed``): the legacy export's resizing and normalising differ from
+torch's own by about 1e-5, and a detector's score gradient can magnify that (one Faster
+R-CNN detection of the test image: 1.8e-2 from torch fed its own resizing, 1.6e-5 fed
+the graph's). ``test_the_graph_feeds_the_backbone_what_torch_does`` bounds that gap.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torchvision_detectors as tv
-from cam_references import assert_normalised_maps_match, ref_normalize
+from cam_references import assert_normalised_maps_match
 from click.testing import CliRunner
 from PIL import Image
 
@@ -38,12 +46,7 @@ pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 MAP_TOLERANCE = 2e-3
 COMPARED = 5  # detections per model held against pytorch-grad-cam
-# Faster R-CNN: one detection in ten of the test image is 1.8e-2 from pytorch-grad-cam
-# (2% in raw gradient from torch's float64 autograd, even given the bundle's own
-# proposals, while torch's float32 is 2e-5 from it; the cause is open). Of its
-# compared maps, this share must be within MAP_TOLERANCE, all within OUTLIER_TOLERANCE.
-WITHIN_SHARE = 0.8
-OUTLIER_TOLERANCE = 5e-2
+FED_TOLERANCE = 3e-5  # the graph's first convolution's input from torch's own
 CANCELLING = 100.0  # the most a compared map's channel terms may exceed the map
 
 
@@ -62,9 +65,48 @@ def make_case(name: str, folder: Path) -> Case:
     bundle = folder / f"{name}.cam.onnx"
     export(detector.path, bundle)  # its size is the image it was exported on
     explanation = Explainer(bundle, device="cpu").explain(detector.image[None])
-    with torch.no_grad():
+    with torch.no_grad(), graph_fed(detector, detector.image):
         (reference,) = detector.model([tv.as_tensor(detector.image)])
     return Case(detector, bundle, explanation, reference)
+
+
+def first_convolution(detector: tv.Detector) -> tuple[Any, str]:
+    """The torch model's first convolution and the name of its input in the export."""
+    import onnx
+    import torch
+
+    module = next(m for m in detector.model.modules() if isinstance(m, torch.nn.Conv2d))
+    graph = onnx.load(str(detector.path))
+    return module, next(n.input[0] for n in graph.graph.node if n.op_type == "Conv")
+
+
+def graph_input(detector: tv.Detector, image: np.ndarray) -> np.ndarray:
+    """What the exported graph feeds its first convolution for ``image``."""
+    import onnx
+    import onnxruntime as ort
+
+    _, name = first_convolution(detector)
+    graph = onnx.load(str(detector.path))
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
+    session = ort.InferenceSession(graph.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (fed,) = session.run([name], {session.get_inputs()[0].name: tv.as_tensor(image).numpy()})
+    return np.asarray(fed)
+
+
+@contextmanager
+def graph_fed(detector: tv.Detector, image: np.ndarray) -> Iterator[None]:
+    """The torch model, while open, fed at its first convolution what the exported
+    graph feeds it for ``image`` (whatever image the model is given)."""
+    import torch
+
+    module, _ = first_convolution(detector)
+    fed = torch.from_numpy(graph_input(detector, image))
+    hook = module.register_forward_pre_hook(lambda _m, _inputs: (fed.clone(),))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 FASTER_RCNN = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -105,7 +147,8 @@ def pgc_raw(detector: tv.Detector, label: int, box: np.ndarray,
 
     model = detector.model
     image = detector.image if image is None else image
-    with Raw(model=model, target_layers=[model.get_submodule(detector.layer)]) as cam:
+    with Raw(model=model, target_layers=[model.get_submodule(detector.layer)]) as cam, \
+            graph_fed(detector, image):
         cam(tv.as_tensor(image)[None], targets=[FasterRCNNBoxScoreTarget([label], [box])])
         top = float(cam.raw.max())
         return cam.raw[0].astype(np.float64), float(cam.terms.max()) / top if top else 0.0
@@ -154,21 +197,26 @@ def test_detections_are_the_models_own(case: Case) -> None:
 
 def test_each_detection_matches_pytorch_grad_cam(case: Case) -> None:
     rows, want = compared_maps(case.detector, case.reference)
-    if case.detector.name == FASTER_RCNN:
-        assert_mostly_match(case.explanation.raw[rows], np.stack(want), FASTER_RCNN)
-    else:
-        assert_normalised_maps_match(case.explanation.raw[rows], np.stack(want),
-                                     MAP_TOLERANCE, case.detector.name)
+    assert_normalised_maps_match(case.explanation.raw[rows], np.stack(want), MAP_TOLERANCE,
+                                 case.detector.name)
 
 
-def assert_mostly_match(got: np.ndarray, want: np.ndarray, what: str) -> None:
-    """``WITHIN_SHARE`` of the normalised maps within ``MAP_TOLERANCE``, all within
-    ``OUTLIER_TOLERANCE``, most expected maps not flat."""
-    error = np.abs(ref_normalize(got.astype(np.float64)) - ref_normalize(want)).max(axis=(1, 2))
-    print(f"\nmap errors {what}: {np.array2string(error, precision=1)}")
-    assert (error <= MAP_TOLERANCE).mean() >= WITHIN_SHARE, (what, error)
-    assert error.max() <= OUTLIER_TOLERANCE, (what, error)
-    assert (want.max(axis=(1, 2)) > 0).mean() >= 0.5, f"{what}: most expected maps are flat"
+def test_the_graph_feeds_the_backbone_what_torch_does(case: Case) -> None:
+    """The reference's one liberty (``graph_fed``): the legacy export's resizing and
+    normalising give the first convolution torch's own input within rounding."""
+    import torch
+
+    module, _ = first_convolution(case.detector)
+    seen: list[np.ndarray] = []
+    hook = module.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].numpy()))
+    try:
+        with torch.no_grad():
+            case.detector.model([tv.as_tensor(case.detector.image)])
+    finally:
+        hook.remove()
+    fed = graph_input(case.detector, case.detector.image)
+    assert seen[0].shape == fed.shape
+    assert np.abs(seen[0] - fed).max() <= FED_TOLERANCE
 
 
 def test_faster_rcnn_explains_an_image_with_another_count_of_proposals(case: Case) -> None:
@@ -186,13 +234,14 @@ def test_faster_rcnn_explains_an_image_with_another_count_of_proposals(case: Cas
             proposals, _ = model.rpn(batch, model.backbone(batch.tensors))
         counts.append(len(proposals[0]))
     assert counts[0] != counts[1], counts
-    with torch.no_grad():
+    with torch.no_grad(), graph_fed(case.detector, OTHER_IMAGE):
         (reference,) = model([tv.as_tensor(OTHER_IMAGE)])
     found = Explainer(case.bundle, device="cpu").explain(OTHER_IMAGE[None])
     assert found.logits.shape[0] == len(found.detections) == len(reference["scores"]) > 0
     assert [d.cls for d in found.detections] == reference["labels"].tolist()
     rows, want = compared_maps(case.detector, reference, OTHER_IMAGE)
-    assert_mostly_match(found.raw[rows], np.stack(want), f"{FASTER_RCNN}, a second image")
+    assert_normalised_maps_match(found.raw[rows], np.stack(want), MAP_TOLERANCE,
+                                 f"{FASTER_RCNN}, a second image")
 
 
 def test_an_image_without_proposals_fails_alone_and_clearly(case: Case, tmp_path: Path
