@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass, field, replace
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from onnxcam.engine.maps import resize_maps
 from onnxcam.engine.methods import Method, MethodContext, MethodOptions, method_for
 from onnxcam.engine.model_access import ModelAccess
 from onnxcam.engine.prefetch import prefetched
-from onnxcam.engine.sessions import Sessions
+from onnxcam.engine.sessions import SeedCut, Sessions
 from onnxcam.engine.targets import (
     DEFAULT_THRESHOLD,
     Row,
@@ -207,6 +207,29 @@ class BatchResult:
     def names(self, info: BundleInfo) -> list[str]:
         return (self.target_names if self.target_names is not None
                 else [info.label(int(t)) for t in self.targets])
+
+
+def own_graph(run: Callable[[], list[np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+    """A detector's own graph's outputs ``names`` for one image, by ``run``; an image it
+    cannot run on is a ``BadImageError``."""
+    try:
+        return dict(zip(names, run()))
+    except Exception as exc:
+        if out_of_memory(exc):
+            raise
+        # torchvision's legacy two-stage exports reshape [0, -1] when the RPN keeps no
+        # proposal, and onnxruntime refuses that.
+        raise BadImageError(
+            "the detector's own graph cannot run on this image (onnxruntime: "
+            f"{str(exc).splitlines()[0][:300]}); a two-stage detector's export "
+            "fails so where its RPN keeps no proposal") from exc
+
+
+def graph_detections(values: dict[str, np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One image's boxes, scores, labels and sources from its decoded outputs."""
+    boxes, scores, labels, sources = (values[name][0] for name in DECODED_OUTPUTS)
+    return boxes, scores, labels, sources
 
 
 class Explainer:
@@ -414,7 +437,13 @@ class Explainer:
         local = has_local_heads(self.info) and cam.reads_layers_only() and not decoding
         cut = self.sessions.can_cut and cam.reads_layers_only() and not local \
             and not decoding
-        if decoding:
+        at_seed = self.sessions.at_seed() if decoding and cam.reads_layers_only() else None
+        result: BatchResult | None = None
+        if at_seed is not None:
+            check_max_detections(max_detections)
+            logits, rows, result = self._run_at_seed(at_seed, batch, items, cam, options,
+                                                     first_index, max_detections)
+        elif decoding:
             check_max_detections(max_detections)
             logits, found = self._decoded(batch, max_detections)
             values = {OUTPUT_LOGITS: logits}
@@ -432,7 +461,9 @@ class Explainer:
             check_coverage(self.info, logits.shape[-1])
             rows = detection_rows(items, logits, values[OUTPUT_BOXES], self.info,
                                   max_detections)
-        if not rows:
+        if result is not None:
+            pass
+        elif not rows:
             result = self._no_rows(cam, logits)
         elif local:
             result = self._run_levels(batch, rows, values, cam, options, first_index)
@@ -485,21 +516,54 @@ class Explainer:
         names = [OUTPUT_LOGITS, *DECODED_OUTPUTS]
         logits, found = [], []
         for image in batch:
-            try:
-                values = dict(zip(names, self.sessions.forward(names, image)))
-            except Exception as exc:
-                if out_of_memory(exc):
-                    raise
-                # torchvision's legacy two-stage exports reshape [0, -1] when the RPN
-                # keeps no proposal, and onnxruntime refuses that.
-                raise BadImageError(
-                    "the detector's own graph cannot run on this image (onnxruntime: "
-                    f"{str(exc).splitlines()[0][:300]}); a two-stage detector's export "
-                    "fails so where its RPN keeps no proposal") from exc
+            values = own_graph(partial(self.sessions.forward, names, image), names)
             logits.append(values[OUTPUT_LOGITS])
-            boxes, scores, labels, sources = (values[name][0] for name in DECODED_OUTPUTS)
-            found.append(decoded(boxes, scores, labels, sources, self.info, max_detections))
+            found.append(decoded(*graph_detections(values), self.info, max_detections))
         return np.concatenate(logits), found
+
+    def _run_at_seed(self, cut: SeedCut, batch: np.ndarray, items: list[list[Target]],
+                     cam: Method, options: MethodOptions, first_index: int,
+                     max_detections: int) -> tuple[np.ndarray, list[Row], BatchResult]:
+        """A detector that decodes its own, for a method that reads the layers alone:
+        each image's forward pass once (its detections, its activations and every
+        tensor the backward pass reads), then the backward pass alone once per
+        detection its targets pick. The logits, the rows and their maps."""
+        wanted = [name for name in cam.output_names(self.info)
+                  if name.partition(".")[0] in LAYER_OUTPUTS]
+        backward = [name for name in wanted if name in cut.targets]
+        forward = [name for name in wanted if name not in cut.targets]
+        names = list(dict.fromkeys([OUTPUT_LOGITS, *DECODED_OUTPUTS, *forward, *cut.boundary]))
+        logits: list[np.ndarray] = []
+        rows: list[Row] = []
+        outputs: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+        for position, image in enumerate(batch):
+            values = own_graph(partial(cut.forward.run, names, {INPUT_IMAGE: image[None]}),
+                               names)
+            logits.append(values[OUTPUT_LOGITS])
+            found = decoded(*graph_detections(values), self.info, max_detections)
+            mine = [replace(r, image=position) for r in picked_rows([items[position]],
+                                                                    [found])]
+            for row in mine:
+                feeds = {name: values[name] for name in cut.boundary}
+                feeds[SEED] = seeds([row], values[OUTPUT_LOGITS])
+                for name, value in zip(backward, cut.backward.run(backward, feeds)):
+                    outputs[name].append(value)
+                for name in forward:
+                    outputs[name].append(values[name])
+            rows += mine
+        joined = np.concatenate(logits)
+        if not rows:
+            return joined, rows, self._no_rows(cam, joined)
+        index = np.array([r.image for r in rows])
+        context = MethodContext({**{name: np.concatenate(v) for name, v in outputs.items()},
+                                 OUTPUT_LOGITS: joined[index]},
+                                self.info, np.array([r.cls for r in rows], np.int64),
+                                ModelAccess(self.sessions, batch[index]), options, first_index,
+                                self._layout(), None, index)
+        result = cam.explain(context)
+        return joined, rows, BatchResult(result.raw, joined[index], context.targets,
+                                         result.layer_maps, result.signed, index,
+                                         [r.name for r in rows], image_logits=joined)
 
     def _run_repeated(self, batch: np.ndarray, items: list[list[Target]], cam: Method,
                       options: MethodOptions, first_index: int,

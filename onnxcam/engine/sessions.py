@@ -8,6 +8,8 @@ that needs no whole-network gradient gets a session pruned of them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +17,21 @@ import numpy as np
 import onnx
 
 from onnxcam.bundle import (
+    DECODED_OUTPUTS,
     INPUT_IMAGE,
     INPUT_TARGET,
     OUTPUT_LOGITS,
+    SEED,
     BundleInfo,
     Level,
     crop_gradients,
     crop_inputs,
+    is_activation_output,
     read_bundle,
 )
 from onnxcam.errors import BundleError
 from onnxcam.graph import prune_unused
-from onnxcam.head_cut import extract, split_at_layers
+from onnxcam.head_cut import extract, head_boundary, split_at_layers, target_outputs
 from onnxcam.runtime import make_session, out_of_memory, run_in_chunks
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,49 @@ def split_at_model_input(
     front = extract(model, {}, [info.model_input])
     back = extract(model, {info.model_input: onnx.TensorProto.FLOAT}, list(outputs))
     return front, back
+
+
+# onnxruntime's names of the element types a forward pass may hand the backward one.
+ELEMENT_TYPES = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(double)": onnx.TensorProto.DOUBLE,
+                 "tensor(int64)": onnx.TensorProto.INT64, "tensor(int32)": onnx.TensorProto.INT32,
+                 "tensor(bool)": onnx.TensorProto.BOOL, "tensor(uint8)": onnx.TensorProto.UINT8}
+
+
+@dataclass(frozen=True)
+class SeedCut:
+    """A bundle cut at its seed: ``forward`` maps ``image`` to the logits, the decoded
+    detections, the activations and ``boundary``, every tensor the backward pass reads;
+    ``backward`` maps ``boundary`` and ``SEED`` to the target outputs (``target_outputs``)."""
+
+    forward: Any
+    backward: Any
+    boundary: tuple[str, ...]
+    targets: tuple[str, ...]
+
+
+def cut_at_seed(model: onnx.ModelProto, make: Callable[[onnx.ModelProto], Any]
+                ) -> SeedCut | None:
+    """``model`` cut between its forward pass and its backward pass, sessions made by
+    ``make``; None where the backward pass reads anything but forward tensors and the
+    seed (the image, the target), or hands over a type this does not know. Exact:
+    the same nodes on the same tensors. Graph must be sorted."""
+    graph = model.graph
+    names = [o.name for o in graph.output]
+    boundary = tuple(name for name in head_boundary(graph, []) if name != SEED)
+    given = [OUTPUT_LOGITS, *(n for n in names if n in DECODED_OUTPUTS or is_activation_output(n))]
+    forward = extract(model, {}, dict.fromkeys([*given, *boundary]))
+    if [i.name for i in forward.graph.input] != [INPUT_IMAGE]:
+        return None
+    forward_session = make(forward)
+    types = {o.name: ELEMENT_TYPES.get(o.type) for o in forward_session.get_outputs()}
+    if any(types[name] is None for name in boundary):
+        return None
+    targets = tuple(target_outputs(graph))
+    backward = extract(model, {SEED: onnx.TensorProto.FLOAT,
+                               **{name: int(types[name] or 0) for name in boundary}}, targets)
+    if len(backward.graph.input) != len(boundary) + 1:
+        return None
+    return SeedCut(forward_session, make(backward), boundary, targets)
 
 
 class FixedBatchSession:
@@ -119,6 +167,7 @@ class Sessions:
         self._at_layers: tuple[Any, Any] | None = None
         self._local: dict[int, Any] = {}
         self._forward: dict[tuple[str, ...], Any] = {}
+        self._at_seed: list[SeedCut | None] = []
         if info.batch_size:
             log.info("%s runs at batch size %d only: images go through it in chunks of %d, "
                      "the last one padded", name, info.batch_size, info.batch_size)
@@ -186,6 +235,21 @@ class Sessions:
                             [crop_gradients(level.layer)])
             self._local[level.layer] = self._make(model)
         return self._local[level.layer]
+
+    def at_seed(self) -> SeedCut | None:
+        """The bundle cut between its forward and backward passes (``cut_at_seed``),
+        built once; None where it cannot be."""
+        if not self._at_seed:
+            log.debug("cutting the bundle at its seed for many detections per image")
+            try:
+                cut = cut_at_seed(self._model(), self._make)
+            except BundleError:
+                cut = None
+            if cut is None:
+                log.info("the bundle cannot be cut at its seed: each detection runs the "
+                         "whole bundle")
+            self._at_seed.append(cut)
+        return self._at_seed[0]
 
     def forward(self, names: list[str], image: np.ndarray) -> list[np.ndarray]:
         """The forward outputs ``names`` for one image, from a session kept to the

@@ -1,6 +1,7 @@
 """The sessions an Explainer holds and the model access methods get: pruning a graph to
-some outputs, the split at the model input, masked scores and gradients at moved
-inputs, each checked with numbers against numpy or the unsplit bundle."""
+some outputs, the split at the model input, the cut at the seed, masked scores and
+gradients at moved inputs, each checked with numbers against numpy or the unsplit
+bundle."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import pytest
 from cam_references import source_outputs
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcam.bundle import read_bundle
+from onnxcam.bundle import SEED, read_bundle
 from onnxcam.engine.model_access import ModelAccess
-from onnxcam.engine.sessions import Sessions, keep_outputs, split_at_model_input
+from onnxcam.engine.sessions import Sessions, cut_at_seed, keep_outputs, split_at_model_input
 from onnxcam.exporter import export
 from onnxcam.exporter.preprocess import preprocess_numpy
 
@@ -116,6 +117,42 @@ def test_sessions_run_pruned_of_the_gradients_nobody_asked_for(sessions: Session
     got = sessions.run(["logits", "input_gradients"], {"image": IMAGES, "target": TARGETS})
     for value, want in zip(got, whole(bundle, ["logits", "input_gradients"])):
         np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-7)
+
+
+def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_the_seed_cut_halves_compose_to_the_bundle(bundle: Path) -> None:
+    """The forward pass once, then the backward pass from its tensors and a seed, give
+    the whole bundle's gradients, weights and cam for the target the seed picks."""
+    cut = cut_at_seed(onnx.load(str(bundle)), make_session)
+    assert cut is not None and cut.targets == ("gradients", "weights", "cam")
+    names = list(dict.fromkeys(["logits", "activations", *cut.boundary]))
+    values = dict(zip(names, cut.forward.run(names, {"image": IMAGES})))
+    seed = np.eye(5, dtype=np.float32)[TARGETS]
+    got = cut.backward.run(list(cut.targets), {**{n: values[n] for n in cut.boundary},
+                                               SEED: seed})
+    for value, want in zip([values["logits"], *got],
+                           whole(bundle, ["logits", *cut.targets])):
+        assert value.shape == want.shape
+        np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-7)
+
+
+def test_no_seed_cut_where_the_backward_pass_reads_the_target(bundle: Path) -> None:
+    """A backward pass that reads the target other than through the seed cannot take
+    the forward pass's tensors, computed without one: no cut (each target then runs
+    the whole bundle)."""
+    model = onnx.load(str(bundle))
+    (maker,) = [node for node in model.graph.node if "cam" in node.output]
+    maker.output[list(maker.output).index("cam")] = "cam_before"
+    model.graph.node.extend([
+        helper.make_node("Cast", ["target"], ["target_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["target_float", "zero"], ["nothing"]),
+        helper.make_node("Add", ["cam_before", "nothing"], ["cam"])])
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), "zero"))
+    assert cut_at_seed(model, make_session) is None
+    assert cut_at_seed(onnx.load(str(bundle)), make_session) is not None
 
 
 # ------------------------------------------------------------------------------ model access

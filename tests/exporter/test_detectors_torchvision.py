@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,31 @@ def test_each_detection_matches_pytorch_grad_cam(case: Case) -> None:
     rows, want = compared_maps(case.detector, case.reference)
     assert_normalised_maps_match(case.explanation.raw[rows], np.stack(want), MAP_TOLERANCE,
                                  case.detector.name)
+
+
+class Counted:
+    """A session whose runs are counted."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.runs = session, 0
+
+    def run(self, *args: Any) -> Any:
+        self.runs += 1
+        return self.session.run(*args)
+
+
+def test_an_image_runs_forward_once_and_backward_per_detection(case: Case) -> None:
+    """The bundle cut at its seed: the forward pass once for the image, then the
+    backward pass alone once per detection, giving the maps held against
+    pytorch-grad-cam above."""
+    explainer = Explainer(case.bundle, device="cpu")
+    cut = explainer.sessions.at_seed()
+    assert cut is not None
+    counted = replace(cut, forward=Counted(cut.forward), backward=Counted(cut.backward))
+    explainer.sessions.at_seed = lambda: counted  # type: ignore[method-assign]
+    got = explainer.explain(case.detector.image[None])
+    assert (counted.forward.runs, counted.backward.runs) == (1, len(got.detections))
+    np.testing.assert_array_equal(got.raw, case.explanation.raw)
 
 
 def test_the_graph_feeds_the_backbone_what_torch_does(case: Case) -> None:
