@@ -33,6 +33,8 @@ def screenshot(page: Path, picture: Path, width: int, height: int) -> np.ndarray
 
     subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
                     "--disable-background-networking", f"--screenshot={picture}",
+                    # its own profile: two test processes may render at once
+                    f"--user-data-dir={picture.parent / (picture.stem + '-chromium')}",
                     f"--window-size={width},{height}", page.as_uri()],
                    check=True, capture_output=True, timeout=120)
     return np.asarray(Image.open(picture).convert("RGB"))

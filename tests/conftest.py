@@ -37,6 +37,43 @@ def _pristine_pillow_open() -> None:
     Image.open = _PILLOW_OPEN
 
 
+_WORKER_REDIS: list[Any] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2``), each worker process its own redis-server: the
+    worker tests number their databases by module, and two modules of one number run
+    at once in two processes would empty each other's queues."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    binary = shutil.which("redis-server")
+    if not os.environ.get("PYTEST_XDIST_WORKER") or "REDIS_TEST_PORT" in os.environ \
+            or binary is None:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    _WORKER_REDIS.append(subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+         "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.05)
+    os.environ["REDIS_TEST_PORT"] = str(port)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for process in _WORKER_REDIS:
+        process.terminate()
+        process.wait(10)
+
+
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)  # so tests can ``import models`` under any import mode
