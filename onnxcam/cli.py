@@ -224,7 +224,8 @@ def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder for heatmaps and overlays.")
 @click.option("--method", default="gradcam", show_default=True,
-              help="gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, scorecam; "
+              help="gradcam, gradcam++, xgradcam, layercam, hirescam, gradcam-elementwise, "
+                   "eigencam, eigengradcam, fem, scorecam; "
                    "with input gradients: saliency, smoothgrad, integrated-gradients; with "
                    "--guided: guided-backprop, guided-gradcam.")
 @target_options

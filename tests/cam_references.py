@@ -111,12 +111,23 @@ def ref_eigen_projection(acts: np.ndarray) -> np.ndarray:
     return np.array(projections)
 
 
+def ref_gradcam_elementwise(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    return relu(relu(grads * acts).sum(axis=1))
+
+
+def ref_fem(acts: np.ndarray, k: float = 2.0) -> np.ndarray:
+    """FEM: each channel weighted by the share of its map over mean + k std."""
+    cutoff = acts.mean(axis=(2, 3)) + k * acts.std(axis=(2, 3))
+    return cam_of((acts > cutoff[:, :, None, None]).mean(axis=(2, 3)), acts)
+
+
 GRADIENT_REFS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "gradcam": ref_gradcam,
     "gradcam++": ref_gradcam_pp,
     "xgradcam": ref_xgradcam,
     "layercam": ref_layercam,
     "hirescam": ref_hirescam,
+    "gradcam-elementwise": ref_gradcam_elementwise,
 }
 
 

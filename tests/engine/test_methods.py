@@ -25,6 +25,7 @@ from cam_references import (
     assert_maps_close,
     bundle_outputs,
     ref_eigen_projection,
+    ref_fem,
     ref_gradcam,
     ref_normalize,
     ref_resize_half_pixel,
@@ -37,12 +38,15 @@ from onnxcam.engine import Explainer, Explanation
 from onnxcam.engine.methods import METHODS as METHODS_BY_NAME
 from onnxcam.engine.methods import ChannelWeightCam, MethodContext
 from onnxcam.engine.methods import scorecam as scorecam_module
+from onnxcam.engine.methods.fem import FEM
+from onnxcam.engine.methods.gradcam_elementwise import GradCAMElementWise
 from onnxcam.engine.methods.gradcam_plus_plus import GradCAMPlusPlus
 from onnxcam.engine.methods.xgradcam import XGradCAM
 from onnxcam.exporter import export
 from onnxcam.exporter.preprocess import preprocess_numpy
 
-METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam"]
+METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise",
+           "eigencam", "eigengradcam", "fem", "scorecam"]
 TARGETS = np.array([0, 3, 1, 4], np.int64)  # mixed classes, one per image; both models have 5
 BATCH = len(TARGETS)
 
@@ -156,6 +160,30 @@ def test_eigencam_matches_first_principal_component_up_to_sign(case: Case) -> No
         best = int(np.argmin(errors))
         assert float(candidates[best].max()) > 0
         assert_maps_close(got[n][None], candidates[best][None], rtol=1e-4)
+
+
+def test_eigengradcam_matches_first_principal_component_of_the_product_up_to_sign(
+        case: Case) -> None:
+    acts, grads = case.outputs["activations"], case.outputs["gradients"]
+    projection = ref_eigen_projection(grads * acts)
+    got = case.explain("eigengradcam").raw
+    assert got.shape == projection.shape and got.dtype == np.float32
+    for n in range(BATCH):  # each image's component has the sign its SVD gives it
+        candidates = [relu(projection[n]), relu(-projection[n])]
+        best = int(np.argmin([float(np.abs(got[n] - c).max()) for c in candidates]))
+        assert float(candidates[best].max()) > 0
+        assert_maps_close(got[n][None], candidates[best][None], rtol=1e-4)
+    other = case.explainer.explain(case.images, (TARGETS + 1) % 5, method="eigengradcam")
+    assert not np.allclose(other.raw, got)  # unlike Eigen-CAM, the target matters
+
+
+def test_fem_matches_its_definition_and_ignores_the_target(case: Case) -> None:
+    want = ref_fem(case.outputs["activations"])
+    got = case.explain("fem").raw
+    assert float(want.max()) > 0
+    assert_maps_close(got, want)
+    other = case.explainer.explain(case.images, (TARGETS + 1) % 5, method="fem").raw
+    np.testing.assert_array_equal(other, got)
 
 
 def test_eigencam_ignores_the_target(case: Case) -> None:
@@ -307,10 +335,23 @@ def sum_to_one(values: np.ndarray, axis: int = -1) -> np.ndarray:
     return values / values.sum(axis=axis, keepdims=True)
 
 
+def broken_elementwise(self: Any, context: MethodContext) -> np.ndarray:
+    """Grad-CAM element-wise with its negative products kept (HiResCAM)."""
+    return (context.gradients * context.activations).sum(axis=1)
+
+
+def broken_fem(self: Any, context: MethodContext) -> np.ndarray:
+    """FEM thresholding each channel at its mean alone."""
+    acts = context.activations
+    return (acts > acts.mean(axis=(2, 3), keepdims=True)).mean(axis=(2, 3))
+
+
 # method -> (what to patch, its attribute, the broken stand-in)
 MUTATIONS: dict[str, tuple[Any, str, Callable[..., np.ndarray]]] = {
     "gradcam++": (GradCAMPlusPlus, "weights", broken_gradcam_pp),
     "xgradcam": (XGradCAM, "weights", broken_xgradcam),
+    "gradcam-elementwise": (GradCAMElementWise, "cam", broken_elementwise),
+    "fem": (FEM, "weights", broken_fem),
     "scorecam": (scorecam_module, "softmax", sum_to_one),
 }
 
@@ -319,6 +360,8 @@ def reference(case: Case, method: str) -> np.ndarray:
     acts = case.outputs["activations"]
     if method == "scorecam":
         return ref_scorecam(acts, case.model_input(), case.layout, TARGETS, case.source_logits)
+    if method == "fem":
+        return ref_fem(acts)
     return GRADIENT_REFS[method](acts, case.outputs["gradients"])
 
 

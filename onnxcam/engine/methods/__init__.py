@@ -14,7 +14,10 @@ from onnxcam.engine.methods.base import (
     SampledGradientMethod,
 )
 from onnxcam.engine.methods.eigencam import EigenCAM
+from onnxcam.engine.methods.eigengradcam import EigenGradCAM
+from onnxcam.engine.methods.fem import FEM
 from onnxcam.engine.methods.gradcam import GradCAM
+from onnxcam.engine.methods.gradcam_elementwise import GradCAMElementWise
 from onnxcam.engine.methods.gradcam_plus_plus import GradCAMPlusPlus
 from onnxcam.engine.methods.guided_backprop import GuidedBackprop
 from onnxcam.engine.methods.guided_gradcam import GuidedGradCAM
@@ -30,8 +33,9 @@ from onnxcam.words import clipped
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, EigenCAM, ScoreCAM,
-                Saliency, SmoothGrad, GuidedBackprop, GuidedGradCAM, IntegratedGradients)
+    for cls in (GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, GradCAMElementWise,
+                EigenCAM, EigenGradCAM, FEM, ScoreCAM, Saliency, SmoothGrad, GuidedBackprop,
+                GuidedGradCAM, IntegratedGradients)
 }
 # The export flag that adds each whole-network output, for error messages.
 EXPORT_FLAGS = {OUTPUT_INPUT_GRADIENTS: "--input-gradients",
