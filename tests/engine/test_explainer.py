@@ -21,6 +21,7 @@ from cam_references import (
     assert_maps_close,
     bundle_outputs,
     ref_eigen_projection,
+    ref_fem,
     ref_gradcam,
     ref_scorecam,
     relu,
@@ -44,7 +45,8 @@ from onnxcam.exporter.preprocess import preprocess_numpy
 
 LABELS = models.CNN_LABELS
 GREY_SIZE = (20, 24)  # H, W of the 1-channel ONNX model: not square, on purpose
-GRADIENT_MAP_METHODS = ["gradcam++", "xgradcam", "layercam", "hirescam"]
+GRADIENT_MAP_METHODS = ["gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise",
+                        "eigengradcam"]
 
 
 # ------------------------------------------------------------------------------ models
@@ -489,6 +491,8 @@ def method_reference(method: str, explainer: Explainer, bundle: Path, source: on
     activations, model_input, source_logits = source_model(explainer, source, images)
     if method == "scorecam":
         return ref_scorecam(activations, model_input, "nchw", targets, source_logits)
+    if method == "fem":
+        return ref_fem(activations)
     return ref_eigen_projection(activations)
 
 
@@ -510,8 +514,8 @@ def test_every_method_matches_its_formula_on_grey_and_rgb(
     bundle: Path = request.getfixturevalue(f"{name}_bundle")
     images = np.stack([resized(p, explainer) for p in image_files[:3]])
     targets = np.array([1, 0, 3], np.int64)
-    for method in ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam",
-                   "scorecam"]:
+    for method in ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam",
+                   "gradcam-elementwise", "eigencam", "fem", "scorecam"]:
         result = explainer.explain(image_files[:3], targets, method=method)
         check_shapes(result, explainer, 3)
         assert result.method == method
@@ -550,7 +554,7 @@ def test_fd_bundle_refuses_gradient_map_methods(fd: Explainer, image_files: list
     check_shapes(fd.explain(image_files[:2]), fd, 2)  # and it still works
 
 
-@pytest.mark.parametrize("method", ["eigencam", "scorecam"])
+@pytest.mark.parametrize("method", ["eigencam", "fem", "scorecam"])
 def test_fd_bundle_runs_gradient_free_methods(fd: Explainer, fd_bundle: Path, rgb: Explainer,
                                               sources: dict[str, onnx.ModelProto],
                                               image_files: list[Path], method: str) -> None:
