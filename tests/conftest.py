@@ -43,7 +43,8 @@ _WORKER_REDIS: list[Any] = []
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``-n 2``), each worker process its own redis-server: the
     worker tests number their databases by module, and two modules of one number run
-    at once in two processes would empty each other's queues."""
+    at once in two processes would empty each other's queues. Started first, so that
+    it is over a minute old by the time most tests use it (``service.redis_url``)."""
     import shutil
     import socket
     import subprocess
