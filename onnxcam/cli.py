@@ -196,7 +196,10 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True,
                      help="integrated-gradients: steps from the zero baseline."),
         click.option("--seed", type=int, default=MethodOptions.seed, show_default=True,
-                     help="smoothgrad: noise seed."),
+                     help="smoothgrad: noise seed; randomcam: weights seed."),
+        click.option("--eigen-smooth", is_flag=True,
+                     help="CAM methods: the first principal component of the channel terms "
+                          "instead of their sum (pytorch-grad-cam's eigen_smooth)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -225,7 +228,7 @@ def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Folder for heatmaps and overlays.")
 @click.option("--method", default="gradcam", show_default=True,
               help="gradcam, gradcam++, xgradcam, layercam, hirescam, gradcam-elementwise, "
-                   "eigencam, eigengradcam, fem, scorecam; "
+                   "eigencam, eigengradcam, fem, kpca-cam, randomcam, scorecam; "
                    "with input gradients: saliency, smoothgrad, integrated-gradients; with "
                    "--guided: guided-backprop, guided-gradcam.")
 @target_options
@@ -258,7 +261,8 @@ def explain(
     contrasts: tuple[str, ...], mask: Path | None, threshold: float, max_detections: int,
     with_raw: bool,
     formats: str, batch_size: int | None, device: str, as_json: bool, samples: int,
-    noise: float, steps: int, seed: int, alpha: float, colormap: str, layers_strip: bool,
+    noise: float, steps: int, seed: int, eigen_smooth: bool, alpha: float, colormap: str,
+    layers_strip: bool,
 ) -> None:
     """Explain IMAGE files with BUNDLE; write DIR/<stem>.npy and DIR/<stem>.png.
 
@@ -277,7 +281,8 @@ def explain(
     target = asked_targets(explainer, targets, contrasts, mask)
     failures = 0
     options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed,
-               "threshold": threshold, "max_detections": max_detections}
+               "eigen_smooth": eigen_smooth, "threshold": threshold,
+               "max_detections": max_detections}
     # Silent for quick runs; a line on stderr once a run takes more than two seconds.
     progress = Progress(len(images), unit="images", delay=PROGRESS_DELAY)
     for result in explain_files(explainer, list(images), out, method, target,
@@ -381,14 +386,17 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None, events:
 def submit(bundle: Path, images: tuple[str, ...], method: str, targets: tuple[str, ...],
            contrasts: tuple[str, ...], threshold: float | None, max_detections: int | None,
            chunk_size: int | None, samples: int, noise: float, steps: int,
-           seed: int) -> None:
+           seed: int, eigen_smooth: bool) -> None:
     """Queue explain jobs; print their ids, one per line (and on stderr, where to)."""
     from onnxcam.worker.client import endpoints
     from onnxcam.worker.client import submit as submit_jobs
     from onnxcam.worker.settings import load_settings
 
     settings = load_settings()
-    options = {"samples": samples, "noise": noise, "steps": steps, "seed": seed}
+    options: dict[str, Any] = {"samples": samples, "noise": noise, "steps": steps,
+                               "seed": seed}
+    if eigen_smooth:  # jobs from an onnxcam without the option stay as they were
+        options["eigen_smooth"] = True
     asked = submitted_targets(bundle, targets, contrasts)
     every = asked if not isinstance(asked, list) else [asked] * len(images)
     job = submit_jobs(bundle, list(images), method, every, chunk_size=chunk_size,

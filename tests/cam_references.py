@@ -77,18 +77,26 @@ def ref_gradcam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return cam_of(grads.mean(axis=(2, 3)), acts)
 
 
-def ref_gradcam_pp(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+def ref_gradcam_pp_weights(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
     g2 = grads**2
     g3 = g2 * grads
     sums = acts.sum(axis=(2, 3))[:, :, None, None]
     aij = g2 / (2 * g2 + sums * g3 + 1e-6)
     aij = np.where(grads != 0, aij, 0.0)
-    return cam_of((relu(grads) * aij).sum(axis=(2, 3)), acts)
+    return (relu(grads) * aij).sum(axis=(2, 3))
+
+
+def ref_gradcam_pp(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    return cam_of(ref_gradcam_pp_weights(acts, grads), acts)
+
+
+def ref_xgradcam_weights(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    sums = acts.sum(axis=(2, 3))[:, :, None, None]
+    return (grads * acts / (sums + 1e-7)).sum(axis=(2, 3))
 
 
 def ref_xgradcam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    sums = acts.sum(axis=(2, 3))[:, :, None, None]
-    return cam_of((grads * acts / (sums + 1e-7)).sum(axis=(2, 3)), acts)
+    return cam_of(ref_xgradcam_weights(acts, grads), acts)
 
 
 def ref_layercam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
@@ -119,6 +127,34 @@ def ref_fem(acts: np.ndarray, k: float = 2.0) -> np.ndarray:
     """FEM: each channel weighted by the share of its map over mean + k std."""
     cutoff = acts.mean(axis=(2, 3)) + k * acts.std(axis=(2, 3))
     return cam_of((acts > cutoff[:, :, None, None]).mean(axis=(2, 3)), acts)
+
+
+def ref_kpca(acts: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's get_2d_projection_kernel with its defaults: scikit-learn's
+    KernelPCA (sigmoid kernel, one component) of each image's centred positions,
+    before the ReLU."""
+    from sklearn.decomposition import KernelPCA
+
+    maps = []
+    for a in acts:
+        c, h, w = a.shape
+        samples = a.reshape(c, -1).T
+        samples = samples - samples.mean(axis=0)
+        maps.append(KernelPCA(n_components=1, kernel="sigmoid").fit_transform(samples)
+                    .reshape(h, w))
+    return np.array(maps)
+
+
+# pytorch-grad-cam's channel terms of each method eigen_smooth applies to: the map is
+# their sum, or with eigen_smooth their first principal component (get_2d_projection).
+EIGEN_TERMS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "gradcam": lambda a, g: g.mean(axis=(2, 3))[:, :, None, None] * a,
+    "gradcam++": lambda a, g: ref_gradcam_pp_weights(a, g)[:, :, None, None] * a,
+    "xgradcam": lambda a, g: ref_xgradcam_weights(a, g)[:, :, None, None] * a,
+    "layercam": lambda a, g: relu(g) * a,
+    "hirescam": lambda a, g: g * a,
+    "gradcam-elementwise": lambda a, g: relu(g * a),
+}
 
 
 GRADIENT_REFS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {

@@ -277,6 +277,7 @@ class Explainer:
         noise: float = MethodOptions.noise,
         steps: int = MethodOptions.steps,
         seed: int = MethodOptions.seed,
+        eigen_smooth: bool = MethodOptions.eigen_smooth,
         threshold: float = DEFAULT_THRESHOLD,
         max_detections: int = MAX_DETECTIONS,
         progress: Callable[[float], None] | None = None,
@@ -288,7 +289,9 @@ class Explainer:
         ``"all-positive"`` (classes whose probability is over ``threshold``),
         ``"top:k"``, ``Contrast``, ``Region`` or ``Weighting``. The result has a row per
         image and target. ``samples`` and ``noise`` tune smoothgrad, ``steps``
-        integrated-gradients. ``progress`` is told how many images are done as they
+        integrated-gradients, ``seed`` smoothgrad's noise and randomcam's weights;
+        ``eigen_smooth`` makes a CAM method's map the first principal component of its
+        channel terms (pytorch-grad-cam's). ``progress`` is told how many images are done as they
         finish, in fractions inside an image for the slow methods (Score-CAM).
 
         A detection bundle's rows are detections (``Explanation.detections``), picked as
@@ -296,8 +299,8 @@ class Explainer:
         ``max_detections`` per image: None explains every one, a class its detections,
         ``"top:k"`` the k best.
         """
-        cam = self.method(method)
-        options = MethodOptions(samples, noise, steps, seed)
+        cam = method_for(self.info, method, eigen_smooth)
+        options = MethodOptions(samples, noise, steps, seed, eigen_smooth)
         images = as_image_list(images)
         wanted = parse_targets(targets, len(images), self.info)
         results = [self.run_batch(batch, wanted[start : start + len(batch)], cam, options, start,

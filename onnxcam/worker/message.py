@@ -142,15 +142,21 @@ def parse_max_detections(value: Any) -> int | None:
     return value
 
 
-# The sampling methods' knobs a job may set, with the values each accepts.
+# The methods' knobs a job may set, with the values each accepts.
 OPTION_RANGES = {"samples": (1, 1000), "steps": (1, 1000), "noise": (0.0, 100.0),
                  "seed": (0, 2**32 - 1)}
+OPTION_FLAGS = ("eigen_smooth",)
 
 
 def parse_options(options: Any) -> dict[str, Any]:
-    if not isinstance(options, Mapping) or not set(options) <= set(OPTION_RANGES):
-        raise MalformedJobError(f"options may set only {', '.join(sorted(OPTION_RANGES))}")
+    known = {*OPTION_RANGES, *OPTION_FLAGS}
+    if not isinstance(options, Mapping) or not set(options) <= known:
+        raise MalformedJobError(f"options may set only {', '.join(sorted(known))}")
     for name, value in options.items():
+        if name in OPTION_FLAGS:
+            if not isinstance(value, bool):
+                raise MalformedJobError(f"option {name} must be true or false")
+            continue
         low, high = OPTION_RANGES[name]
         integral = name != "noise"
         if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)) \

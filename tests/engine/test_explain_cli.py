@@ -291,6 +291,25 @@ def test_gradient_methods_write_maps_at_the_images_size(
     assert np.load(out / f"{path.stem}.npy").shape == SIZES["wide"]
 
 
+@pytest.mark.parametrize("method", ["gradcam", "hirescam"])
+def test_eigen_smooth_flag(tmp_path: Path, gradient_bundle: Path, images: dict[str, Path],
+                           method: str) -> None:
+    out = tmp_path / "out"
+    path = images["wide"]
+    result = run(gradient_bundle, path, "--out", out, "--method", method, "--eigen-smooth",
+                 "--raw")
+    assert result.exit_code == 0, result.output
+    explainer = Explainer(gradient_bundle, device="cpu")
+    want = explainer.explain([path], method=method, eigen_smooth=True).raw[0]
+    np.testing.assert_allclose(np.load(out / f"{path.stem}.raw.npy"), want, rtol=1e-5,
+                               atol=1e-7)
+    assert not np.allclose(want, explainer.explain([path], method=method).raw[0])
+    refused = run(gradient_bundle, path, "--out", out, "--method", "saliency",
+                  "--eigen-smooth")
+    assert refused.exit_code != 0 and "eigen_smooth applies to the CAM methods" in \
+        refused.output
+
+
 def test_layers_strip(tmp_path: Path, gradient_bundle: Path, images: dict[str, Path]) -> None:
     from onnxcam.engine.images import resize
     from onnxcam.engine.maps import overlay

@@ -23,6 +23,7 @@ from cam_references import (
     ref_eigen_projection,
     ref_fem,
     ref_gradcam,
+    ref_kpca,
     ref_scorecam,
     relu,
     source_outputs,
@@ -493,6 +494,8 @@ def method_reference(method: str, explainer: Explainer, bundle: Path, source: on
         return ref_scorecam(activations, model_input, "nchw", targets, source_logits)
     if method == "fem":
         return ref_fem(activations)
+    if method == "kpca-cam":
+        return relu(ref_kpca(activations))
     return ref_eigen_projection(activations)
 
 
@@ -515,7 +518,7 @@ def test_every_method_matches_its_formula_on_grey_and_rgb(
     images = np.stack([resized(p, explainer) for p in image_files[:3]])
     targets = np.array([1, 0, 3], np.int64)
     for method in ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam",
-                   "gradcam-elementwise", "eigencam", "fem", "scorecam"]:
+                   "gradcam-elementwise", "eigencam", "fem", "kpca-cam", "scorecam"]:
         result = explainer.explain(image_files[:3], targets, method=method)
         check_shapes(result, explainer, 3)
         assert result.method == method
@@ -554,7 +557,7 @@ def test_fd_bundle_refuses_gradient_map_methods(fd: Explainer, image_files: list
     check_shapes(fd.explain(image_files[:2]), fd, 2)  # and it still works
 
 
-@pytest.mark.parametrize("method", ["eigencam", "fem", "scorecam"])
+@pytest.mark.parametrize("method", ["eigencam", "fem", "kpca-cam", "scorecam"])
 def test_fd_bundle_runs_gradient_free_methods(fd: Explainer, fd_bundle: Path, rgb: Explainer,
                                               sources: dict[str, onnx.ModelProto],
                                               image_files: list[Path], method: str) -> None:

@@ -21,12 +21,14 @@ import numpy as np
 import onnx
 import pytest
 from cam_references import (
+    EIGEN_TERMS,
     GRADIENT_REFS,
     assert_maps_close,
     bundle_outputs,
     ref_eigen_projection,
     ref_fem,
     ref_gradcam,
+    ref_kpca,
     ref_normalize,
     ref_resize_half_pixel,
     ref_scorecam,
@@ -42,11 +44,12 @@ from onnxcam.engine.methods.fem import FEM
 from onnxcam.engine.methods.gradcam_elementwise import GradCAMElementWise
 from onnxcam.engine.methods.gradcam_plus_plus import GradCAMPlusPlus
 from onnxcam.engine.methods.xgradcam import XGradCAM
+from onnxcam.errors import BadMethodError
 from onnxcam.exporter import export
 from onnxcam.exporter.preprocess import preprocess_numpy
 
 METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise",
-           "eigencam", "eigengradcam", "fem", "scorecam"]
+           "eigencam", "eigengradcam", "fem", "kpca-cam", "randomcam", "scorecam"]
 TARGETS = np.array([0, 3, 1, 4], np.int64)  # mixed classes, one per image; both models have 5
 BATCH = len(TARGETS)
 
@@ -184,6 +187,75 @@ def test_fem_matches_its_definition_and_ignores_the_target(case: Case) -> None:
     assert_maps_close(got, want)
     other = case.explainer.explain(case.images, (TARGETS + 1) % 5, method="fem").raw
     np.testing.assert_array_equal(other, got)
+
+
+def test_kpca_cam_matches_scikit_learns_kernel_pca(case: Case) -> None:
+    """Its sign is scikit-learn's (the largest entry positive), so no choice is left."""
+    want = relu(ref_kpca(case.outputs["activations"]))
+    got = case.explain("kpca-cam").raw
+    assert float(want.max()) > 0
+    assert_maps_close(got, want)
+    other = case.explainer.explain(case.images, (TARGETS + 1) % 5, method="kpca-cam").raw
+    np.testing.assert_array_equal(other, got)
+
+
+def test_randomcam_weighs_channels_by_each_images_own_draw(case: Case) -> None:
+    """Image i's weights: default_rng([seed, i]).uniform(-1, 1, C), whatever the
+    batching; another seed draws others."""
+    acts = case.outputs["activations"]
+    weights = np.stack([np.random.default_rng([0, i]).uniform(-1, 1, acts.shape[1])
+                        for i in range(BATCH)])
+    want = relu(np.einsum("nc,nchw->nhw", weights, acts))
+    got = case.explain("randomcam").raw
+    assert float(want.max()) > 0
+    assert_maps_close(got, want)
+    one_by_one = case.explainer.explain(case.images, TARGETS, method="randomcam", batch_size=1)
+    np.testing.assert_allclose(one_by_one.raw, got, rtol=1e-6)
+    reseeded = case.explainer.explain(case.images, TARGETS, method="randomcam", seed=1)
+    assert not np.allclose(reseeded.raw, got)
+
+
+@pytest.mark.parametrize("method", list(EIGEN_TERMS))
+def test_eigen_smooth_is_the_first_component_of_the_channel_terms(case: Case,
+                                                                 method: str) -> None:
+    terms = EIGEN_TERMS[method](case.outputs["activations"], case.outputs["gradients"])
+    projection = ref_eigen_projection(terms)
+    got = case.explainer.explain(case.images, TARGETS, method=method, eigen_smooth=True).raw
+    assert not np.allclose(got, case.explain(method).raw)
+    for n in range(BATCH):  # each image's component has the sign its SVD gives it
+        candidates = [relu(projection[n]), relu(-projection[n])]
+        best = int(np.argmin([float(np.abs(got[n] - c).max()) for c in candidates]))
+        assert float(candidates[best].max()) > 0
+        assert_maps_close(got[n][None], candidates[best][None], rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["eigencam", "eigengradcam", "fem", "kpca-cam"])
+def test_eigen_smooth_leaves_the_methods_that_ignore_it(case: Case, method: str) -> None:
+    """As pytorch-grad-cam's classes of these methods ignore it."""
+    smoothed = case.explainer.explain(case.images, TARGETS, method=method, eigen_smooth=True)
+    np.testing.assert_array_equal(smoothed.raw, case.explain(method).raw)
+
+
+def uncentred_component(maps: np.ndarray) -> np.ndarray:
+    """The first principal axis of the positions taken without centring them."""
+    n, c, h, w = maps.shape
+    samples = maps.reshape(n, c, h * w).transpose(0, 2, 1)
+    _, _, vt = np.linalg.svd(samples, full_matrices=True)
+    return np.einsum("npc,nc->np", samples, vt[:, 0, :]).reshape(n, h, w)
+
+
+def test_a_broken_eigen_smooth_fails_its_reference(onnx_case: Case,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eigen_smooth comparison above can fail: project without centring."""
+    monkeypatch.setattr("onnxcam.engine.methods.base.first_component", uncentred_component)
+    with pytest.raises(AssertionError, match="max error"):
+        test_eigen_smooth_is_the_first_component_of_the_channel_terms(onnx_case, "layercam")
+
+
+def test_eigen_smooth_is_refused_for_gradient_methods(onnx_case: Case) -> None:
+    with pytest.raises(BadMethodError, match="eigen_smooth applies to the CAM methods"):
+        onnx_case.explainer.explain(onnx_case.images, TARGETS, method="saliency",
+                                    eigen_smooth=True)
 
 
 def test_eigencam_ignores_the_target(case: Case) -> None:

@@ -27,9 +27,11 @@ MAP_TOLERANCE = 2e-3  # max |difference| of the min-max normalised maps
 # onnxcam's name -> pytorch-grad-cam's class
 METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam": "XGradCAM",
            "layercam": "LayerCAM", "hirescam": "HiResCAM",
-           "gradcam-elementwise": "GradCAMElementWise", "fem": "FEM",
+           "gradcam-elementwise": "GradCAMElementWise", "fem": "FEM", "kpca-cam": "KPCA_CAM",
            "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM"}
 SIGNED = {"eigencam", "eigengradcam"}
+SMOOTHABLE = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam",
+              "gradcam-elementwise"]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,10 @@ def resnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Explainer, np
     return model, Explainer(bundle, device="cpu"), models.photos(SIZE)[:len(TARGETS)]
 
 
-def pgc_cam(method: str, model: Any, images: np.ndarray) -> np.ndarray:
+def pgc_cam(method: str, model: Any, images: np.ndarray, eigen_smooth: bool = False
+            ) -> np.ndarray:
     """pytorch-grad-cam's map at the layer, before its resizing (after its ReLU but for
-    the signed methods)."""
+    the signed methods and with ``eigen_smooth``)."""
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -59,8 +62,8 @@ def pgc_cam(method: str, model: Any, images: np.ndarray) -> np.ndarray:
 
     with Raw(model=model, target_layers=[model.get_submodule(LAYER)]) as cam:
         cam(input_tensor=zoo.torch_input(images),
-            targets=[ClassifierOutputTarget(t) for t in TARGETS])
-        return cam.raw if method in SIGNED else relu(cam.raw)
+            targets=[ClassifierOutputTarget(t) for t in TARGETS], eigen_smooth=eigen_smooth)
+        return cam.raw if method in SIGNED or eigen_smooth else relu(cam.raw)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -69,9 +72,25 @@ def test_each_method_matches_pytorch_grad_cam(resnet: tuple[Any, Explainer, np.n
     model, explainer, images = resnet
     got = explainer.explain(images, TARGETS, method=method).raw
     want = pgc_cam(method, model, images)
-    if method in SIGNED:  # each image's component as its own SVD signs it
-        want = np.stack([min((relu(s * w) for s in (1, -1)),
-                             key=lambda c, g=g: float(np.abs(zoo.normalise(g[None])
-                                                             - zoo.normalise(c[None])).max()))
-                         for g, w in zip(got, want)])
+    if method in SIGNED:
+        want = signed_as(got, want)
     assert_normalised_maps_match(got, want, MAP_TOLERANCE, method)
+
+
+@pytest.mark.parametrize("method", SMOOTHABLE)
+def test_eigen_smooth_matches_pytorch_grad_cam(resnet: tuple[Any, Explainer, np.ndarray],
+                                               method: str) -> None:
+    model, explainer, images = resnet
+    got = explainer.explain(images, TARGETS, method=method, eigen_smooth=True).raw
+    want = signed_as(got, pgc_cam(method, model, images, eigen_smooth=True))
+    assert_normalised_maps_match(got, want, MAP_TOLERANCE, f"{method}, eigen_smooth")
+
+
+def signed_as(got: np.ndarray, projections: np.ndarray) -> np.ndarray:
+    """Each image's projection, after the ReLU, with the sign that its own SVD gave the
+    map ``got`` (each side's SVD picks its own)."""
+    def error(ours: np.ndarray, theirs: np.ndarray) -> float:
+        return float(np.abs(zoo.normalise(ours[None]) - zoo.normalise(theirs[None])).max())
+
+    return np.stack([min((relu(sign * p) for sign in (1, -1)), key=lambda c, g=g: error(g, c))
+                     for g, p in zip(got, projections)])

@@ -94,7 +94,7 @@ def test_message_round_trip(images: dict[str, Path]) -> None:
     refs = [ImageRef("a.png", path=str(images["a.png"])), ImageRef("u", uri="s3://b/k.png"),
             ImageRef("i", data=b"\x89PNG")]
     spec = JobSpec("id-7", "f" * 64, refs, "layercam", [None, 3, 0], 8,
-                   {"samples": 4, "noise": 0.2, "steps": 16, "seed": 3})
+                   {"samples": 4, "noise": 0.2, "steps": 16, "seed": 3, "eigen_smooth": True})
     message = json.loads(json.dumps(spec.to_message()))  # JSON only, as on the wire
     assert parse_job(message, "id-7") == spec
     assert "data" not in json.dumps(spec.request_record())
@@ -122,6 +122,8 @@ def test_message_round_trip(images: dict[str, Path]) -> None:
       "options": {"noise": "loud"}}, "noise must be a number"),
     ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
       "options": {"threads": 64}}, "options may set only"),
+    ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
+      "options": {"eigen_smooth": 1}}, "eigen_smooth must be true or false"),
     ({"v": 1, "bundle": "x", "method": "gradcam", "images": [{"path": "a"}],
       "faithfulness_steps": -1}, "faithfulness_steps"),
 ])
@@ -551,6 +553,21 @@ def test_sampling_options_reach_the_engine(folder: Path, store: Store, settings,
     assert_close(raw, expected.raw[0], 1e-6, "smoothgrad with the job's options")
     default = explainer.explain(str(images["a.png"]), method="smoothgrad")
     assert np.abs(default.raw[0] - expected.raw[0]).max() > 1e-3  # the options mattered
+
+
+def test_eigen_smooth_reaches_the_engine(folder: Path, store: Store, settings,
+                                        images: dict[str, Path], cnn_source: Path) -> None:
+    bundle = export(cnn_source, folder / "cnn.eigen.onnx", labels=LABELS).path.read_bytes()
+    sha = store.put_bundle(bundle)
+    spec = JobSpec("job-eigen", sha, [ImageRef("a.png", path=str(images["a.png"]))],
+                   "layercam", [None], 0, {"eigen_smooth": True})
+    run_job(spec, store, ModelCache(store, 1, "cpu"), settings)
+    raw = np.load(io.BytesIO(store.get("jobs/job-eigen/00000.raw.npy")))
+    explainer = Explainer(bundle, device="cpu")
+    expected = explainer.explain(str(images["a.png"]), method="layercam", eigen_smooth=True)
+    assert_close(raw, expected.raw[0], 1e-6, "layercam with eigen_smooth")
+    plain = explainer.explain(str(images["a.png"]), method="layercam")
+    assert np.abs(plain.raw[0] - expected.raw[0]).max() > 1e-6  # the option mattered
 
 
 @pytest.mark.parametrize("channels", [1, 3])

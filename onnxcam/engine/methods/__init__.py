@@ -16,14 +16,16 @@ from onnxcam.engine.methods.base import (
 from onnxcam.engine.methods.eigencam import EigenCAM
 from onnxcam.engine.methods.eigengradcam import EigenGradCAM
 from onnxcam.engine.methods.fem import FEM
-from onnxcam.engine.methods.gradcam import GradCAM
+from onnxcam.engine.methods.gradcam import EigenSmoothedGradCAM, GradCAM
 from onnxcam.engine.methods.gradcam_elementwise import GradCAMElementWise
 from onnxcam.engine.methods.gradcam_plus_plus import GradCAMPlusPlus
 from onnxcam.engine.methods.guided_backprop import GuidedBackprop
 from onnxcam.engine.methods.guided_gradcam import GuidedGradCAM
 from onnxcam.engine.methods.hirescam import HiResCAM
 from onnxcam.engine.methods.integrated_gradients import IntegratedGradients
+from onnxcam.engine.methods.kpca_cam import KPCACAM
 from onnxcam.engine.methods.layercam import LayerCAM
+from onnxcam.engine.methods.random_cam import RandomCAM
 from onnxcam.engine.methods.saliency import Saliency
 from onnxcam.engine.methods.scorecam import ScoreCAM
 from onnxcam.engine.methods.smoothgrad import SmoothGrad
@@ -34,8 +36,8 @@ from onnxcam.words import clipped
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, GradCAMElementWise,
-                EigenCAM, EigenGradCAM, FEM, ScoreCAM, Saliency, SmoothGrad, GuidedBackprop,
-                GuidedGradCAM, IntegratedGradients)
+                EigenCAM, EigenGradCAM, FEM, KPCACAM, RandomCAM, ScoreCAM, Saliency,
+                SmoothGrad, GuidedBackprop, GuidedGradCAM, IntegratedGradients)
 }
 # The export flag that adds each whole-network output, for error messages.
 EXPORT_FLAGS = {OUTPUT_INPUT_GRADIENTS: "--input-gradients",
@@ -51,9 +53,15 @@ def get_method(name: str) -> Method:
         ) from None
 
 
-def method_for(info: BundleInfo, name: str) -> Method:
-    """The method ``name``, if bundles like ``info`` can run it."""
+def method_for(info: BundleInfo, name: str, eigen_smooth: bool = False) -> Method:
+    """The method ``name``, if bundles like ``info`` can run it (and, with
+    ``eigen_smooth``, if it is a CAM method)."""
     method = get_method(name)
+    if eigen_smooth:
+        if not isinstance(method, CamMethod):
+            raise BadMethodError(f"eigen_smooth applies to the CAM methods, not to {name}")
+        if isinstance(method, GradCAM):
+            method = EigenSmoothedGradCAM()
     if method.needs_gradient_map and not info.has_gradients:
         raise BadMethodError(
             f"{name} needs the full gradient map; this bundle was exported with "

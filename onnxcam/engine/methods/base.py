@@ -36,6 +36,7 @@ from onnxcam.bundle import (
     BundleInfo,
     LayerEntry,
 )
+from onnxcam.engine.methods.projections import first_component
 from onnxcam.engine.model_access import ModelAccess
 from onnxcam.layout import ActivationLayout, Layout
 
@@ -47,7 +48,10 @@ class MethodOptions:
     samples: int = 25  # SmoothGrad: noisy copies per image
     noise: float = 0.15  # SmoothGrad: noise std over (max - min) of the model input
     steps: int = 32  # integrated gradients: points on the path from the baseline
-    seed: int = 0  # SmoothGrad: image i's noise comes from default_rng([seed, i])
+    # SmoothGrad's noise and Random-CAM's weights: image i's from default_rng([seed, i])
+    seed: int = 0
+    # The CAM methods: the first principal component of the channel terms, not their sum.
+    eigen_smooth: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,14 +167,28 @@ class Method:
 
 
 class CamMethod(Method):
-    """A map at layer resolution: override ``cam``; the base applies the ReLU."""
+    """A map at layer resolution: override ``cam``, and ``terms`` where ``eigen_smooth``
+    applies (``smoothable``); the base applies the ReLU."""
+
+    # Whether ``eigen_smooth`` changes the map: not for the methods whose
+    # pytorch-grad-cam class ignores it (the projections, FEM).
+    smoothable: ClassVar[bool] = True
 
     def cam(self, context: MethodContext) -> np.ndarray:
         """[N, h, w] before the ReLU."""
         raise NotImplementedError
 
+    def terms(self, context: MethodContext) -> np.ndarray:
+        """[N, C, h, w]: the channel terms whose sum is ``cam``."""
+        raise NotImplementedError
+
     def explain_layer(self, context: MethodContext) -> MethodResult:
-        return MethodResult(np.maximum(self.cam(context), 0).astype(np.float32))
+        if context.options.eigen_smooth and self.smoothable:
+            terms = self.terms(context).astype(np.float64)
+            cam = first_component(np.nan_to_num(terms, nan=0.0))
+        else:
+            cam = self.cam(context)
+        return MethodResult(np.maximum(cam, 0).astype(np.float32))
 
 
 class ChannelWeightCam(CamMethod):
@@ -183,6 +201,9 @@ class ChannelWeightCam(CamMethod):
     def cam(self, context: MethodContext) -> np.ndarray:
         # Plain einsum loops, not BLAS (see ``worker.maps.resize_maps``).
         return np.einsum("nk,nkhw->nhw", self.weights(context), context.activations)
+
+    def terms(self, context: MethodContext) -> np.ndarray:
+        return self.weights(context)[:, :, None, None] * context.activations
 
 
 class GradientMethod(Method):

@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 
 from onnxcam.engine.methods.base import CamMethod, MethodContext
-from onnxcam.engine.methods.eigencam import first_component
+from onnxcam.engine.methods.projections import first_component
 
 
 class EigenGradCAM(CamMethod):
     name = "eigengradcam"
+    smoothable = False
 
     def cam(self, context: MethodContext) -> np.ndarray:
         product = context.gradients.astype(np.float64) * context.activations

@@ -16,6 +16,7 @@ class FEM(ChannelWeightCam):
     name = "fem"
     outputs = (OUTPUT_ACTIVATIONS,)
     needs_gradient_map = False
+    smoothable = False  # pytorch-grad-cam's FEM ignores eigen_smooth
 
     def weights(self, context: MethodContext) -> np.ndarray:
         acts = context.activations

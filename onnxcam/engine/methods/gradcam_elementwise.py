@@ -12,4 +12,7 @@ class GradCAMElementWise(CamMethod):
     name = "gradcam-elementwise"
 
     def cam(self, context: MethodContext) -> np.ndarray:
-        return np.maximum(context.gradients * context.activations, 0).sum(axis=1)
+        return self.terms(context).sum(axis=1)
+
+    def terms(self, context: MethodContext) -> np.ndarray:
+        return np.maximum(context.gradients * context.activations, 0)

@@ -11,4 +11,7 @@ class HiResCAM(CamMethod):
     name = "hirescam"
 
     def cam(self, context: MethodContext) -> np.ndarray:
-        return (context.gradients * context.activations).sum(axis=1)
+        return self.terms(context).sum(axis=1)
+
+    def terms(self, context: MethodContext) -> np.ndarray:
+        return context.gradients * context.activations

@@ -11,4 +11,7 @@ class LayerCAM(CamMethod):
     name = "layercam"
 
     def cam(self, context: MethodContext) -> np.ndarray:
-        return (np.maximum(context.gradients, 0) * context.activations).sum(axis=1)
+        return self.terms(context).sum(axis=1)
+
+    def terms(self, context: MethodContext) -> np.ndarray:
+        return np.maximum(context.gradients, 0) * context.activations
