@@ -331,8 +331,10 @@ def test_onnx_gradients_match_the_head_analytically(onnx_case: Case) -> None:
     np.testing.assert_allclose(grads, want, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.tf
-def test_keras_gradcam_matches_gradient_tape(keras_case: Case) -> None:
+@pytest.fixture(scope="module")
+def keras_tape(keras_case: Case) -> dict[str, np.ndarray]:
+    """TF GradientTape's activations and gradients at the bundle's layer (NCHW), and
+    the logits, for the keras case's images and targets: the Keras model itself."""
     import keras
     import tensorflow as tf
 
@@ -351,16 +353,64 @@ def test_keras_gradcam_matches_gradient_tape(keras_case: Case) -> None:
         grads = tape.gradient(score, acts)
     finally:
         head.activation = saved
-    acts = np.asarray(acts, np.float64)  # NHWC
-    grads = np.asarray(grads, np.float64)
-    want = relu((grads.mean(axis=(1, 2))[:, None, None, :] * acts).sum(axis=-1))
+    return {"activations": np.asarray(acts, np.float64).transpose(0, 3, 1, 2),
+            "gradients": np.asarray(grads, np.float64).transpose(0, 3, 1, 2),
+            "logits": np.asarray(logits, np.float64)}
+
+
+@pytest.mark.tf
+def test_keras_gradcam_matches_gradient_tape(keras_case: Case,
+                                             keras_tape: dict[str, np.ndarray]) -> None:
+    acts, grads = keras_tape["activations"], keras_tape["gradients"]
+    want = ref_gradcam(acts, grads)
     assert float(want.max()) > 0
     got = keras_case.explain("gradcam")
     assert_maps_close(got.raw, want, rtol=1e-4)
-    np.testing.assert_allclose(got.logits, np.asarray(logits), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.logits, keras_tape["logits"], rtol=1e-4, atol=1e-4)
     # the bundle's full gradient map is the tape's too
-    assert_maps_close(keras_case.outputs["gradients"].transpose(0, 2, 3, 1).reshape(BATCH, -1)
-                      [:, None], grads.reshape(BATCH, -1)[:, None], rtol=1e-4)
+    assert_maps_close(keras_case.outputs["gradients"].reshape(BATCH, -1)[:, None],
+                      grads.reshape(BATCH, -1)[:, None], rtol=1e-4)
+
+
+def tape_reference(method: str, acts: np.ndarray, grads: np.ndarray,
+                   eigen_smooth: bool = False) -> tuple[np.ndarray, bool]:
+    """A method's map from the tape's activations and gradients, and whether it is a
+    projection (signed as its SVD gives it: the map is one of its two ReLUs)."""
+    if eigen_smooth:
+        return ref_eigen_projection(EIGEN_TERMS[method](acts, grads)), True
+    if method in GRADIENT_REFS:
+        return GRADIENT_REFS[method](acts, grads), False
+    if method == "fem":
+        return ref_fem(acts), False
+    if method == "kpca-cam":
+        return relu(ref_kpca(acts)), False
+    if method == "eigengradcam":
+        return ref_eigen_projection(grads * acts), True
+    return ref_eigen_projection(acts), True  # eigencam
+
+
+TAPE_METHODS = [*GRADIENT_REFS, "fem", "kpca-cam", "eigencam", "eigengradcam",
+                *(f"{m}+eigen" for m in EIGEN_TERMS)]
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("method", TAPE_METHODS)
+def test_keras_methods_match_their_definitions_on_gradient_tape(
+        keras_case: Case, keras_tape: dict[str, np.ndarray], method: str) -> None:
+    """Every CAM method that reads the layer, on the Keras model's own activations and
+    GradientTape's gradients (``+eigen``: with eigen_smooth)."""
+    name, _, smooth = method.partition("+")
+    want, signed = tape_reference(name, keras_tape["activations"], keras_tape["gradients"],
+                                  bool(smooth))
+    got = keras_case.explainer.explain(keras_case.images, TARGETS, method=name,
+                                       eigen_smooth=bool(smooth)).raw
+    chosen = []
+    for n in range(BATCH):
+        candidates = [relu(want[n]), relu(-want[n])] if signed else [want[n]]
+        chosen.append(candidates[int(np.argmin([float(np.abs(got[n] - c).max())
+                                                for c in candidates]))])
+    assert float(np.max(chosen)) > 0, f"{method}: every reference map is flat"
+    assert_maps_close(got, np.stack(chosen), rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------ the hooks
