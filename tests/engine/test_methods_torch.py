@@ -1,12 +1,17 @@
 """Every CAM method that reads the layer against pytorch-grad-cam's own class of the same
-name, on a torchvision ResNet-18 (``models.torch_findings``: 10 classes, random weights
-perturbed, BatchNorm calibrated, its head spread on the photos) exported at a free
-batch by the legacy exporter, at ``layer4.1`` (4x4 at 128x128), for a different class
-per photo. pytorch-grad-cam's map is taken after its ReLU and before its resizing;
-Eigen-CAM's and Eigen-Grad-CAM's before the ReLU, since each SVD picks its own sign."""
+name, with and without eigen_smooth, on two torchvision models with random weights,
+perturbed: a ResNet-18 with a 10-class head spread on the photos
+(``models.torch_findings``; at ``layer4.1``, 4x4 at 128x128, a different class per
+photo) and a ViT-B/16 at 64x64 (``zoo``; at the last block's ``ln_1``, its tokens
+reshaped to a 4x4 grid by pytorch-grad-cam's usual transform, each image's most
+telling class). Each exported at a free batch by the legacy exporter.
+pytorch-grad-cam's map is taken after its ReLU and before its resizing; the
+projections' (Eigen-CAM, Eigen-Grad-CAM, eigen_smooth) before the ReLU, since each
+SVD picks its own sign."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import models
@@ -34,19 +39,38 @@ SMOOTHABLE = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam",
               "gradcam-elementwise"]
 
 
-@pytest.fixture(scope="module")
-def resnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Explainer, np.ndarray]:
-    model = models.torch_findings("resnet18", SIZE)
-    entry = zoo.ZooModel("resnet18", lambda: model, SIZE, LAYER)
-    folder = tmp_path_factory.mktemp("methods_torch")
-    source = zoo.export_torch(entry, model, "dynamic", folder / "resnet18.onnx")
-    bundle = folder / "resnet18.cam.onnx"
-    export(source, bundle, preprocess="torch", layer=LAYER)
-    return model, Explainer(bundle, device="cpu"), models.photos(SIZE)[:len(TARGETS)]
+@dataclass
+class Case:
+    model: Any
+    explainer: Explainer
+    images: np.ndarray
+    targets: list[int]
+    layer: str
+    reshape: Any  # pytorch-grad-cam's reshape_transform, or None
 
 
-def pgc_cam(method: str, model: Any, images: np.ndarray, eigen_smooth: bool = False
-            ) -> np.ndarray:
+@pytest.fixture(scope="module", params=["resnet18", "vit_b_16"])
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Case:
+    folder = tmp_path_factory.mktemp(f"methods_{request.param}")
+    if request.param == "resnet18":
+        model = models.torch_findings("resnet18", SIZE)
+        entry = zoo.ZooModel("resnet18", lambda: model, SIZE, LAYER)
+        images, targets = models.photos(SIZE)[:len(TARGETS)], TARGETS
+    else:
+        entry = zoo.ZOO[request.param]
+        model = entry.model()
+        images = zoo.images(entry.size)
+        targets = list(zoo.telling_targets(entry, model, images))
+    source = zoo.export_torch(entry, model, "dynamic", folder / f"{entry.name}.onnx")
+    example = zoo.torch_input(zoo.images(entry.size, 1, seed=99))
+    bundle = folder / f"{entry.name}.cam.onnx"
+    export(source, bundle, preprocess="torch",
+           layer=zoo.onnx_layer_name(source, model, entry.layer, example))
+    return Case(model, Explainer(bundle, device="cpu"), images, targets, entry.layer,
+                entry.reshape_transform())
+
+
+def pgc_cam(method: str, case: Case, eigen_smooth: bool = False) -> np.ndarray:
     """pytorch-grad-cam's map at the layer, before its resizing (after its ReLU but for
     the signed methods and with ``eigen_smooth``)."""
     import pytorch_grad_cam
@@ -60,29 +84,27 @@ def pgc_cam(method: str, model: Any, images: np.ndarray, eigen_smooth: bool = Fa
             self.raw = np.asarray(cam, np.float64)
             return cam
 
-    with Raw(model=model, target_layers=[model.get_submodule(LAYER)]) as cam:
-        cam(input_tensor=zoo.torch_input(images),
-            targets=[ClassifierOutputTarget(t) for t in TARGETS], eigen_smooth=eigen_smooth)
+    with Raw(model=case.model, target_layers=[case.model.get_submodule(case.layer)],
+             reshape_transform=case.reshape) as cam:
+        cam(input_tensor=zoo.torch_input(case.images),
+            targets=[ClassifierOutputTarget(t) for t in case.targets], eigen_smooth=eigen_smooth)
         return cam.raw if method in SIGNED or eigen_smooth else relu(cam.raw)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_each_method_matches_pytorch_grad_cam(resnet: tuple[Any, Explainer, np.ndarray],
-                                              method: str) -> None:
-    model, explainer, images = resnet
-    got = explainer.explain(images, TARGETS, method=method).raw
-    want = pgc_cam(method, model, images)
+def test_each_method_matches_pytorch_grad_cam(case: Case, method: str) -> None:
+    got = case.explainer.explain(case.images, case.targets, method=method).raw
+    want = pgc_cam(method, case)
     if method in SIGNED:
         want = signed_as(got, want)
     assert_normalised_maps_match(got, want, MAP_TOLERANCE, method)
 
 
 @pytest.mark.parametrize("method", SMOOTHABLE)
-def test_eigen_smooth_matches_pytorch_grad_cam(resnet: tuple[Any, Explainer, np.ndarray],
-                                               method: str) -> None:
-    model, explainer, images = resnet
-    got = explainer.explain(images, TARGETS, method=method, eigen_smooth=True).raw
-    want = signed_as(got, pgc_cam(method, model, images, eigen_smooth=True))
+def test_eigen_smooth_matches_pytorch_grad_cam(case: Case, method: str) -> None:
+    got = case.explainer.explain(case.images, case.targets, method=method,
+                                 eigen_smooth=True).raw
+    want = signed_as(got, pgc_cam(method, case, eigen_smooth=True))
     assert_normalised_maps_match(got, want, MAP_TOLERANCE, f"{method}, eigen_smooth")
 
 
