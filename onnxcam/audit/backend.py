@@ -18,7 +18,7 @@ import numpy as np
 
 from onnxcam.audit.regions import Shape
 from onnxcam.bundle import BundleInfo
-from onnxcam.engine.detections import Detection, in_image
+from onnxcam.engine.detections import Detection, in_image, joined_logits
 from onnxcam.engine.explainer import DEFAULT_BATCH, Explainer
 from onnxcam.engine.faithfulness import DEFAULT_STEPS, deletion_insertion_auc
 from onnxcam.engine.images import Limits, decode, load_image, read_bytes, resize
@@ -266,7 +266,8 @@ def explain_findings(explainer: Explainer, rows: list[AuditRow], batch: np.ndarr
     targets = np.concatenate([p.targets for p in parts]).astype(np.int64)
     images = np.concatenate([p.images() for p in parts]).astype(np.int64)
     # Every image's, rows or none: one all-positive found nothing in still shows its pred.
-    image_logits = np.concatenate([p.image_logits for p in parts])
+    image_logits = joined_logits([p.logits if p.image_logits is None else p.image_logits
+                                  for p in parts])
     detections = [d for p in parts for d in p.detections or []]  # a detector's, per map
     faithfulness: list[dict[str, float] | None] = [None] * len(raw)
     if settings.faithfulness and len(raw):

@@ -125,6 +125,16 @@ def decoded(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, sources: 
             for rank in range(min(len(scores), max_detections))]
 
 
+def joined_logits(parts: list[np.ndarray]) -> np.ndarray:
+    """Several runs' logits along their first axis. A detector whose anchors are its
+    proposals (Faster R-CNN: as many as its RPN keeps for each image) gives runs of
+    other widths: the narrower are padded with NaN to the widest."""
+    width = max(part.shape[-1] for part in parts)
+    return np.concatenate([part if part.shape[-1] == width else np.pad(
+        part.astype(np.float32), [(0, 0)] * (part.ndim - 1) + [(0, width - part.shape[-1])],
+        constant_values=np.nan) for part in parts])
+
+
 def in_image(box: tuple[float, float, float, float], info: BundleInfo, height: int,
              width: int) -> tuple[float, float, float, float]:
     """A box in the bundle's input pixels as a box in the pixels of a height x width

@@ -38,7 +38,13 @@ from onnxcam.bundle import (
     read_bundle,
 )
 from onnxcam.bundle_checks import check_memory
-from onnxcam.engine.detections import MAX_DETECTIONS, Detection, check_outputs, decoded
+from onnxcam.engine.detections import (
+    MAX_DETECTIONS,
+    Detection,
+    check_outputs,
+    decoded,
+    joined_logits,
+)
 from onnxcam.engine.images import (
     DEFAULT_LIMITS,
     Limits,
@@ -522,7 +528,7 @@ class Explainer:
             values = own_graph(partial(self.sessions.forward, names, image), names)
             logits.append(values[OUTPUT_LOGITS])
             found.append(decoded(*graph_detections(values), self.info, max_detections))
-        return np.concatenate(logits), found
+        return joined_logits(logits), found
 
     def _run_at_seed(self, cut: SeedCut, batch: np.ndarray, items: list[list[Target]],
                      cam: Method, options: MethodOptions, first_index: int,
@@ -554,7 +560,7 @@ class Explainer:
                 for name in forward:
                     outputs[name].append(values[name])
             rows += mine
-        joined = np.concatenate(logits)
+        joined = joined_logits(logits)
         if not rows:
             return joined, rows, self._no_rows(cam, joined)
         index = np.array([r.image for r in rows])
@@ -647,6 +653,7 @@ class Explainer:
             input_gradients=signed,
             image_index=joined([r.images() for r in results], 0).astype(np.int64),
             target_names=[name for r in results for name in r.names(info)],
-            image_logits=joined(image_logits, 0, info.num_classes),
+            image_logits=joined_logits(image_logits) if image_logits else
+            np.zeros((0, info.num_classes), np.float32),
             detections=[d for r in results for d in r.detections or []],
         )

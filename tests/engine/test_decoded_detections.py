@@ -13,7 +13,7 @@ import pytest
 
 from onnxcam import BadTargetError, Contrast, Region, Weighting
 from onnxcam.bundle import OUTPUT_DETECTIONS, BundleInfo
-from onnxcam.engine.detections import decoded
+from onnxcam.engine.detections import decoded, joined_logits
 from onnxcam.engine.targets import parse_targets, picked_rows, seeds
 from onnxcam.errors import VerificationError
 from onnxcam.exporter.verify.checks import sources_check
@@ -55,6 +55,18 @@ def test_each_row_is_seeded_at_its_source() -> None:
 def test_other_targets_are_refused(target: object) -> None:
     with pytest.raises(BadTargetError, match="detection bundle"):
         parse_targets(target, 1, INFO)
+
+
+def test_logits_of_other_widths_are_joined_padded_with_nan() -> None:
+    """Faster R-CNN's anchors are its proposals, as many as each image's RPN keeps."""
+    narrow = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
+    wide = np.arange(10, dtype=np.float32).reshape(1, 2, 5)
+    joined = joined_logits([narrow, wide, narrow])
+    assert joined.shape == (3, 2, 5)
+    np.testing.assert_array_equal(joined[0, :, :3], narrow[0])
+    assert np.isnan(joined[0, :, 3:]).all() and np.isnan(joined[2, :, 3:]).all()
+    np.testing.assert_array_equal(joined[1], wide[0])
+    np.testing.assert_array_equal(joined_logits([wide, wide]), np.concatenate([wide, wide]))
 
 
 def test_metadata_round_trips() -> None:

@@ -267,6 +267,21 @@ def test_faster_rcnn_explains_an_image_with_another_count_of_proposals(case: Cas
     rows, want = compared_maps(case.detector, reference, OTHER_IMAGE)
     assert_normalised_maps_match(found.raw[rows], np.stack(want), MAP_TOLERANCE,
                                  f"{FASTER_RCNN}, a second image")
+    # Both images in one call: the same rows; every image's logits as wide as the
+    # widest, the narrower padded with NaN.
+    both = Explainer(case.bundle, device="cpu").explain(np.stack([case.detector.image,
+                                                                  OTHER_IMAGE]))
+    first = case.explanation
+    np.testing.assert_array_equal(both.raw, np.concatenate([first.raw, found.raw]))
+    assert [d.name for d in both.detections] == [d.name for d in (*first.detections,
+                                                                  *found.detections)]
+    alone = (first.image_logits, found.image_logits)
+    widths = [logits.shape[-1] for logits in alone]
+    assert widths[0] != widths[1]
+    assert both.image_logits.shape == (2, first.image_logits.shape[1], max(widths))
+    for image, (logits, width) in enumerate(zip(alone, widths)):
+        np.testing.assert_array_equal(both.image_logits[image, :, :width], logits[0])
+        assert np.isnan(both.image_logits[image, :, width:]).all()
 
 
 def test_an_image_without_proposals_fails_alone_and_clearly(case: Case, tmp_path: Path
