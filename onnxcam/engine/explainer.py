@@ -424,9 +424,16 @@ class Explainer:
             chunks.append(head.run(from_head, feeds))
         outputs = {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(from_head)}
         outputs.update({name: values[name][index] for name in wanted if name in values})
-        outputs[OUTPUT_LOGITS] = logits[index]
+        return self._explain_rows(batch, rows, outputs, logits, cam, options, first_index)
+
+    def _explain_rows(self, batch: np.ndarray, rows: list[Row], outputs: dict[str, np.ndarray],
+                      logits: np.ndarray, cam: Method, options: MethodOptions,
+                      first_index: int) -> BatchResult:
+        """The method on ``outputs``, a row per target, ``logits`` every image's."""
+        index = np.array([r.image for r in rows])
         # No seeds in the context: methods that read the layers alone never read them.
-        context = MethodContext(outputs, self.info, np.array([r.cls for r in rows], np.int64),
+        context = MethodContext({**outputs, OUTPUT_LOGITS: logits[index]}, self.info,
+                                np.array([r.cls for r in rows], np.int64),
                                 ModelAccess(self.sessions, batch[index]), options, first_index,
                                 self._layout(), None, index)
         result = cam.explain(context)
@@ -563,16 +570,9 @@ class Explainer:
         joined = joined_logits(logits)
         if not rows:
             return joined, rows, self._no_rows(cam, joined)
-        index = np.array([r.image for r in rows])
-        context = MethodContext({**{name: np.concatenate(v) for name, v in outputs.items()},
-                                 OUTPUT_LOGITS: joined[index]},
-                                self.info, np.array([r.cls for r in rows], np.int64),
-                                ModelAccess(self.sessions, batch[index]), options, first_index,
-                                self._layout(), None, index)
-        result = cam.explain(context)
-        return joined, rows, BatchResult(result.raw, joined[index], context.targets,
-                                         result.layer_maps, result.signed, index,
-                                         [r.name for r in rows], image_logits=joined)
+        return joined, rows, self._explain_rows(
+            batch, rows, {name: np.concatenate(v) for name, v in outputs.items()}, joined, cam,
+            options, first_index)
 
     def _run_repeated(self, batch: np.ndarray, items: list[list[Target]], cam: Method,
                       options: MethodOptions, first_index: int,
