@@ -29,6 +29,16 @@ def assert_maps_close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-4) -> 
         assert err <= rtol * scale, f"image {n}: max error {err:.3g} vs scale {scale:.3g}"
 
 
+def assert_projection_close(got: np.ndarray, projection: np.ndarray) -> None:
+    """A projection's sign is its SVD's choice: each map must match the ReLU of one of
+    its two signs."""
+    for n in range(len(got)):
+        candidates = [relu(projection[n]), relu(-projection[n])]
+        best = int(np.argmin([float(np.abs(got[n] - c).max()) for c in candidates]))
+        assert float(candidates[best].max()) > 0
+        assert_maps_close(got[n][None], candidates[best][None], rtol=1e-4)
+
+
 def assert_normalised_maps_match(got: np.ndarray, want: np.ndarray, tolerance: float,
                                  what: str) -> None:
     """Min-max normalised maps (``ref_normalize``) within ``tolerance``, and a good

@@ -24,6 +24,7 @@ from cam_references import (
     EIGEN_TERMS,
     GRADIENT_REFS,
     assert_maps_close,
+    assert_projection_close,
     bundle_outputs,
     ref_eigen_projection,
     ref_fem,
@@ -157,12 +158,7 @@ def test_eigencam_matches_first_principal_component_up_to_sign(case: Case) -> No
     projection = ref_eigen_projection(case.outputs["activations"])
     got = case.explain("eigencam").raw
     assert got.shape == projection.shape and got.dtype == np.float32
-    for n in range(BATCH):
-        candidates = [relu(projection[n]), relu(-projection[n])]
-        errors = [float(np.abs(got[n] - c).max()) for c in candidates]
-        best = int(np.argmin(errors))
-        assert float(candidates[best].max()) > 0
-        assert_maps_close(got[n][None], candidates[best][None], rtol=1e-4)
+    assert_projection_close(got, projection)
 
 
 def test_eigengradcam_matches_first_principal_component_of_the_product_up_to_sign(
@@ -171,11 +167,7 @@ def test_eigengradcam_matches_first_principal_component_of_the_product_up_to_sig
     projection = ref_eigen_projection(grads * acts)
     got = case.explain("eigengradcam").raw
     assert got.shape == projection.shape and got.dtype == np.float32
-    for n in range(BATCH):  # each image's component has the sign its SVD gives it
-        candidates = [relu(projection[n]), relu(-projection[n])]
-        best = int(np.argmin([float(np.abs(got[n] - c).max()) for c in candidates]))
-        assert float(candidates[best].max()) > 0
-        assert_maps_close(got[n][None], candidates[best][None], rtol=1e-4)
+    assert_projection_close(got, projection)  # each image's sign is its SVD's
     other = case.explainer.explain(case.images, (TARGETS + 1) % 5, method="eigengradcam")
     assert not np.allclose(other.raw, got)  # unlike Eigen-CAM, the target matters
 
@@ -222,11 +214,7 @@ def test_eigen_smooth_is_the_first_component_of_the_channel_terms(case: Case,
     projection = ref_eigen_projection(terms)
     got = case.explainer.explain(case.images, TARGETS, method=method, eigen_smooth=True).raw
     assert not np.allclose(got, case.explain(method).raw)
-    for n in range(BATCH):  # each image's component has the sign its SVD gives it
-        candidates = [relu(projection[n]), relu(-projection[n])]
-        best = int(np.argmin([float(np.abs(got[n] - c).max()) for c in candidates]))
-        assert float(candidates[best].max()) > 0
-        assert_maps_close(got[n][None], candidates[best][None], rtol=1e-4)
+    assert_projection_close(got, projection)  # each image's sign is its SVD's
 
 
 @pytest.mark.parametrize("method", ["eigencam", "eigengradcam", "fem", "kpca-cam"])
